@@ -71,8 +71,10 @@ pub enum Field {
 }
 
 /// Why a reading was rejected. A rejected reading is kept and reported, never forwarded as a value.
+///
+/// Serialize-only: the reason names point at static text, and the wire carries them as strings.
 #[derive(Debug, Clone, Copy, PartialEq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(tag = "reason", rename_all = "snake_case"))]
 pub enum Rejection {
     /// The record carries no concentration (GLS flag b1 clear).
@@ -146,7 +148,7 @@ pub enum Censor {
 
 /// What happens to a reading.
 #[derive(Debug, Clone, Copy, PartialEq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(tag = "outcome", rename_all = "snake_case"))]
 pub enum Outcome {
     /// A good reading.
