@@ -19,7 +19,9 @@ pub enum DecodeError {
     #[error("invalid hex: {0}")]
     Hex(&'static str),
     /// `CHAR` names no characteristic this tool knows.
-    #[error("unknown characteristic {0:?} (try 2A18, 2A34, 2A51, 2A52, 2A35, 2A36, 2A49, 2A08, 2A2B, 2A19, 2A23-2A29, sfloat, float)")]
+    #[error(
+        "unknown characteristic {0:?} (try 2A18, 2A34, 2A51, 2A52, 2A35, 2A36, 2A49, 2A08, 2A2B, 2A19, 2A23-2A29, sfloat, float)"
+    )]
     UnknownCharacteristic(String),
     /// The codec refused the value.
     #[error("{0}")]
@@ -33,8 +35,14 @@ pub enum DecodeError {
 /// [`DecodeError::Hex`] for an odd number of digits or a non-hex character.
 pub fn parse_hex(s: &str) -> Result<Vec<u8>, DecodeError> {
     let s = s.trim();
-    let s = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")).unwrap_or(s);
-    let digits: Vec<u8> = s.bytes().filter(|b| !matches!(b, b' ' | b':' | b'-')).collect();
+    let s = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    let digits: Vec<u8> = s
+        .bytes()
+        .filter(|b| !matches!(b, b' ' | b':' | b'-'))
+        .collect();
     if digits.len() % 2 != 0 {
         return Err(DecodeError::Hex("odd number of hex digits"));
     }
@@ -62,18 +70,28 @@ pub fn decode(characteristic: &str, hex: &str) -> Result<Value, DecodeError> {
     let b = bytes.as_slice();
     let v = match ch {
         "sfloat" => {
-            let arr: [u8; 2] = b.try_into().map_err(|_| CodecError::DecodeTruncated { need: 2, got: b.len() })?;
+            let arr: [u8; 2] = b.try_into().map_err(|_| CodecError::DecodeTruncated {
+                need: 2,
+                got: b.len(),
+            })?;
             let s = SFloat::from_le_bytes(arr);
             number(s.0, format!("0x{:04X}", s.to_raw()))
         }
         "float" => {
-            let arr: [u8; 4] = b.try_into().map_err(|_| CodecError::DecodeTruncated { need: 4, got: b.len() })?;
+            let arr: [u8; 4] = b.try_into().map_err(|_| CodecError::DecodeTruncated {
+                need: 4,
+                got: b.len(),
+            })?;
             let f = Float::from_le_bytes(arr);
             number(f.0, format!("0x{:08X}", f.to_raw()))
         }
         "2a08" => json!({ "date_time": DateTime::parse(b)?.to_string() }),
         "2a2b" => current_time(&CurrentTime::parse(b)?),
-        _ => return Err(DecodeError::UnknownCharacteristic(characteristic.to_string())),
+        _ => {
+            return Err(DecodeError::UnknownCharacteristic(
+                characteristic.to_string(),
+            ));
+        }
     };
     Ok(v)
 }
@@ -88,7 +106,10 @@ fn number(n: Number, raw: String) -> Value {
             m.insert("exponent".into(), json!(exponent));
         }
         _ => {
-            m.insert("value".into(), json!(n.special_name().unwrap_or("reserved")));
+            m.insert(
+                "value".into(),
+                json!(n.special_name().unwrap_or("reserved")),
+            );
         }
     }
     m.insert("raw".into(), json!(raw));
@@ -114,7 +135,16 @@ fn sfloat(s: SFloat) -> Value {
     }
 }
 
-const DAY_NAMES: [&str; 8] = ["unknown", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+const DAY_NAMES: [&str; 8] = [
+    "unknown",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
 
 fn current_time(ct: &CurrentTime) -> Value {
     let mut m = Map::new();
@@ -125,7 +155,10 @@ fn current_time(ct: &CurrentTime) -> Value {
     }
     m.insert("fractions256".into(), json!(ct.fractions256));
     m.insert("adjust_reason".into(), json!(ct.adjust_reason));
-    m.insert("adjust_reason_bits".into(), json!(ct.adjust_reason_names().collect::<Vec<_>>()));
+    m.insert(
+        "adjust_reason_bits".into(),
+        json!(ct.adjust_reason_names().collect::<Vec<_>>()),
+    );
     Value::Object(m)
 }
 
@@ -135,7 +168,10 @@ mod tests {
 
     #[test]
     fn hex_tolerates_capture_tool_separators() {
-        assert_eq!(parse_hex("0x1E-8A 00:58").unwrap(), [0x1E, 0x8A, 0x00, 0x58]);
+        assert_eq!(
+            parse_hex("0x1E-8A 00:58").unwrap(),
+            [0x1E, 0x8A, 0x00, 0x58]
+        );
         assert_eq!(parse_hex("").unwrap(), Vec::<u8>::new());
         assert!(parse_hex("1E8").is_err());
         assert!(parse_hex("zz").is_err());
@@ -146,6 +182,13 @@ mod tests {
         assert_eq!(decode("sfloat", "FF07").unwrap()["value"], "NaN");
         assert_eq!(decode("float", "02008000").unwrap()["value"], "-INF");
         let v = decode("sfloat", "65F0").unwrap();
-        assert_eq!((v["value"].as_f64(), v["mantissa"].as_i64(), v["exponent"].as_i64()), (Some(10.1), Some(101), Some(-1)));
+        assert_eq!(
+            (
+                v["value"].as_f64(),
+                v["mantissa"].as_i64(),
+                v["exponent"].as_i64()
+            ),
+            (Some(10.1), Some(101), Some(-1))
+        );
     }
 }

@@ -33,7 +33,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Decode { characteristic, hex } => match gateway::decode::decode(&characteristic, &hex) {
+        Command::Decode {
+            characteristic,
+            hex,
+        } => match gateway::decode::decode(&characteristic, &hex) {
             Ok(json) => {
                 println!("{json}");
                 ExitCode::SUCCESS

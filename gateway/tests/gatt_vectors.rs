@@ -44,7 +44,10 @@ fn close(a: f64, b: f64) -> bool {
 /// Bit numbers written in an annotation such as "sample size insufficient (bit2)" or "strip type error (4)".
 fn bit_number(label: &str) -> Option<u32> {
     let open = label.rfind('(')?;
-    let inner = label.get(open + 1..)?.trim_end_matches(')').trim_start_matches("bit");
+    let inner = label
+        .get(open + 1..)?
+        .trim_end_matches(')')
+        .trim_start_matches("bit");
     inner.parse().ok()
 }
 
@@ -52,7 +55,10 @@ fn bit_number(label: &str) -> Option<u32> {
 fn same_name(a: &str, b: &str) -> bool {
     let norm = |s: &str| -> String {
         let s = s.split('(').next().unwrap_or(s);
-        s.chars().filter(|c| c.is_alphanumeric()).collect::<String>().to_lowercase()
+        s.chars()
+            .filter(|c| c.is_alphanumeric())
+            .collect::<String>()
+            .to_lowercase()
     };
     let (a, b) = (norm(a), norm(b));
     let alias = |s: &str| match s {
@@ -63,20 +69,33 @@ fn same_name(a: &str, b: &str) -> bool {
     !a.is_empty() && !b.is_empty() && (a.contains(&b) || b.contains(&a))
 }
 
-fn check_bits(key: &str, want: &Value, got: &Map<String, Value>, raw_key: &str) -> Result<(), String> {
+fn check_bits(
+    key: &str,
+    want: &Value,
+    got: &Map<String, Value>,
+    raw_key: &str,
+) -> Result<(), String> {
     let want = want.as_array().ok_or(format!("{key}: not an array"))?;
-    let raw = got.get(raw_key).and_then(Value::as_u64).ok_or(format!("{key}: no {raw_key} in output"))?;
+    let raw = got
+        .get(raw_key)
+        .and_then(Value::as_u64)
+        .ok_or(format!("{key}: no {raw_key} in output"))?;
     let names: Vec<String> = got
         .get("bits")
         .or_else(|| got.get(key))
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     for w in want {
         let w = w.as_str().ok_or(format!("{key}: entry not a string"))?;
         if let Some(range) = w.split("3-4=").nth(1) {
             // "pulse rate … (3-4=10)": the two-bit pulse-rate-range field.
-            let bits = u64::from_str_radix(range.trim_end_matches(')'), 2).map_err(|e| e.to_string())?;
+            let bits =
+                u64::from_str_radix(range.trim_end_matches(')'), 2).map_err(|e| e.to_string())?;
             if (raw >> 3) & 0b11 != bits {
                 return Err(format!("{key}: pulse-rate range {w} but raw 0x{raw:04X}"));
             }
@@ -99,12 +118,20 @@ fn check_key(key: &str, want: &Value, got: &Map<String, Value>) -> Result<(), St
         "special" => {
             let v = got.get("value").and_then(Value::as_str).unwrap_or("");
             let w = want.as_str().unwrap_or("");
-            if v.eq_ignore_ascii_case(w) { Ok(()) } else { Err(format!("special {w} but value {v:?}")) }
+            if v.eq_ignore_ascii_case(w) {
+                Ok(())
+            } else {
+                Err(format!("special {w} but value {v:?}"))
+            }
         }
         "raw" if want.is_string() => {
             let w = want.as_str().unwrap_or("");
             let v = g.and_then(Value::as_str).unwrap_or("");
-            if v.eq_ignore_ascii_case(w) { Ok(()) } else { Err(format!("raw {w} but {v:?}")) }
+            if v.eq_ignore_ascii_case(w) {
+                Ok(())
+            } else {
+                Err(format!("raw {w} but {v:?}"))
+            }
         }
         // Date Time with unknown date fields: printed as 0000-00-00.
         "year" | "month" | "day" if want.is_null() => {
@@ -115,12 +142,20 @@ fn check_key(key: &str, want: &Value, got: &Map<String, Value>) -> Result<(), St
                 _ => (8, 2),
             };
             let field = dt.get(start..start + len).unwrap_or("?");
-            if field.chars().all(|c| c == '0') { Ok(()) } else { Err(format!("{key} unknown but {dt}")) }
+            if field.chars().all(|c| c == '0') {
+                Ok(())
+            } else {
+                Err(format!("{key} unknown but {dt}"))
+            }
         }
         "time" => {
             let dt = got.get("date_time").and_then(Value::as_str).unwrap_or("");
             let w = want.as_str().unwrap_or("");
-            if dt.ends_with(&format!("T{w}")) { Ok(()) } else { Err(format!("time {w} but {dt}")) }
+            if dt.ends_with(&format!("T{w}")) {
+                Ok(())
+            } else {
+                Err(format!("time {w} but {dt}"))
+            }
         }
         "error" => Ok(()),
         // Human annotations of bit sets.
@@ -134,33 +169,68 @@ fn check_key(key: &str, want: &Value, got: &Map<String, Value>) -> Result<(), St
             check_bits(key, want, got, raw_key)
         }
         "mg_per_dL" => {
-            let c = got.get("concentration").and_then(|c| c.get("value")).and_then(num).ok_or("no concentration")?;
+            let c = got
+                .get("concentration")
+                .and_then(|c| c.get("value"))
+                .and_then(num)
+                .ok_or("no concentration")?;
             let w = num(want).ok_or("mg_per_dL not a number")?;
-            if close(c * 1e5, w) { Ok(()) } else { Err(format!("{w} mg/dL but {c} kg/L")) }
+            if close(c * 1e5, w) {
+                Ok(())
+            } else {
+                Err(format!("{w} mg/dL but {c} kg/L"))
+            }
         }
         "defined_bits" => {
-            let n = got.get("bits").and_then(Value::as_array).map_or(0, Vec::len);
-            if n == 11 { Ok(()) } else { Err(format!("all 11 defined bits expected, got {n}")) }
+            let n = got
+                .get("bits")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            if n == 11 {
+                Ok(())
+            } else {
+                Err(format!("all 11 defined bits expected, got {n}"))
+            }
         }
         "reserved_bits_ignored" => {
-            let v = got.get("reserved_bits").and_then(Value::as_str).unwrap_or("");
+            let v = got
+                .get("reserved_bits")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             let w = want.as_str().unwrap_or("");
-            if v.eq_ignore_ascii_case(w) { Ok(()) } else { Err(format!("reserved bits {w} but {v:?}")) }
+            if v.eq_ignore_ascii_case(w) {
+                Ok(())
+            } else {
+                Err(format!("reserved bits {w} but {v:?}"))
+            }
         }
         "pulse_rate_range" => {
             let v = g.and_then(Value::as_str).unwrap_or("");
             let w = want.as_str().unwrap_or("");
-            if same_name(v, w) { Ok(()) } else { Err(format!("pulse_rate_range {w} but {v:?}")) }
+            if same_name(v, w) {
+                Ok(())
+            } else {
+                Err(format!("pulse_rate_range {w} but {v:?}"))
+            }
         }
         "all_optional_fields" => {
-            let extra: Vec<_> = got.keys().filter(|k| !["sequence_number", "trailing_bytes"].contains(&k.as_str())).collect();
-            if extra.is_empty() { Ok(()) } else { Err(format!("no optional field expected, got {extra:?}")) }
+            let extra: Vec<_> = got
+                .keys()
+                .filter(|k| !["sequence_number", "trailing_bytes"].contains(&k.as_str()))
+                .collect();
+            if extra.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("no optional field expected, got {extra:?}"))
+            }
         }
         // The vendor meaning of a reserved code is quirk data, not the spec decoder's business: the decoder
         // must report the code as reserved, which `meal_reserved` checks.
         "vendor_meaning" => Ok(()),
         k if k.ends_with("_name") => {
-            let v = g.and_then(Value::as_str).ok_or(format!("no {k} in output"))?;
+            let v = g
+                .and_then(Value::as_str)
+                .ok_or(format!("no {k} in output"))?;
             let w = want.as_str().unwrap_or("");
             if same_name(v, w) || (w == ">=" && v.contains("greater than or equal")) {
                 Ok(())
@@ -178,8 +248,15 @@ fn compare(path: &str, want: &Value, got: Option<&Value>) -> Result<(), String> 
         (Value::Null, Some(g)) => Err(format!("{path}: expected absent, got {g}")),
         (_, None) => Err(format!("{path}: missing, expected {want}")),
         (Value::Number(w), Some(g)) => {
-            let (w, gv) = (w.as_f64().unwrap_or(f64::NAN), g.as_f64().ok_or(format!("{path}: {g} is not a number"))?);
-            if close(w, gv) { Ok(()) } else { Err(format!("{path}: expected {w}, got {gv}")) }
+            let (w, gv) = (
+                w.as_f64().unwrap_or(f64::NAN),
+                g.as_f64().ok_or(format!("{path}: {g} is not a number"))?,
+            );
+            if close(w, gv) {
+                Ok(())
+            } else {
+                Err(format!("{path}: expected {w}, got {gv}"))
+            }
         }
         (Value::Object(w), Some(Value::Object(g))) => {
             for (k, v) in w {
@@ -192,7 +269,11 @@ fn compare(path: &str, want: &Value, got: Option<&Value>) -> Result<(), String> 
             Ok(())
         }
         // A bare special where the output has an object: `"concentration": "NaN"`.
-        (Value::String(w), Some(Value::Object(g))) => compare(&format!("{path}.value"), &Value::String(w.clone()), g.get("value")),
+        (Value::String(w), Some(Value::Object(g))) => compare(
+            &format!("{path}.value"),
+            &Value::String(w.clone()),
+            g.get("value"),
+        ),
         (w, Some(g)) if w == g => Ok(()),
         (w, Some(g)) => Err(format!("{path}: expected {w}, got {g}")),
     }
@@ -210,7 +291,8 @@ fn every_vector_decodes_as_its_source_says() {
         let (success, stdout, stderr) = decode_cli(&ch, hex);
         if kind == "invalid" {
             let lines: Vec<_> = stderr.lines().collect();
-            if success || lines.len() != 1 || !lines[0].starts_with("error: ") || !stdout.is_empty() {
+            if success || lines.len() != 1 || !lines[0].starts_with("error: ") || !stdout.is_empty()
+            {
                 failures.push(format!("{label}: expected one error line and exit 1, got success={success} stdout={stdout:?} stderr={stderr:?}"));
             } else {
                 errors += 1;
@@ -241,7 +323,12 @@ fn every_vector_decodes_as_its_source_says() {
         }
     }
     println!("{ok} vectors decoded as expected, {errors} invalid vectors rejected");
-    assert!(failures.is_empty(), "{} vector(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} vector(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// The `decode` contract's two examples from the protocol issue.
@@ -261,12 +348,19 @@ fn decode_contract_examples() {
     let (ok, out, err) = decode_cli("2A35", "0302");
     assert!(!ok);
     assert!(out.is_empty());
-    assert!(err.starts_with("error: ") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.starts_with("error: ") && err.lines().count() == 1,
+        "{err}"
+    );
 }
 
 #[test]
 fn bad_hex_and_unknown_characteristic_are_clear_errors() {
-    for (ch, hex, needle) in [("2A35", "1E8", "odd"), ("2A35", "zz", "hex"), ("2AFF", "00", "characteristic")] {
+    for (ch, hex, needle) in [
+        ("2A35", "1E8", "odd"),
+        ("2A35", "zz", "hex"),
+        ("2AFF", "00", "characteristic"),
+    ] {
         let (ok, _, err) = decode_cli(ch, hex);
         assert!(!ok, "{ch} {hex}");
         assert!(err.to_lowercase().contains(needle), "{ch} {hex}: {err}");

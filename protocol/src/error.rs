@@ -50,13 +50,17 @@ impl fmt::Display for Error {
                 write!(f, "too short ({got} bytes, need {need})")
             }
             Error::DecodeOutOfRange { field, value } => write!(f, "{field} {value} out of range"),
-            Error::DecodeBadOperand => f.write_str("operand does not fit the op code, operator or filter type"),
+            Error::DecodeBadOperand => {
+                f.write_str("operand does not fit the op code, operator or filter type")
+            }
             Error::DecodeBadResponseOperator(op) => {
                 write!(f, "response operator must be 0x00 (null), got 0x{op:02X}")
             }
             Error::DecodeBadCountSize(n) => write!(f, "unsupported count size ({n} bytes)"),
             Error::DecodeNotUtf8 => f.write_str("text is not UTF-8"),
-            Error::EncodeBufferFull { need } => write!(f, "output buffer too small (need {need} bytes)"),
+            Error::EncodeBufferFull { need } => {
+                write!(f, "output buffer too small (need {need} bytes)")
+            }
             Error::EncodeUnrepresentable => f.write_str("value cannot be represented on the wire"),
         }
     }

@@ -12,8 +12,8 @@ use crate::Error;
 /// Exact powers of ten as `f64` (10^0 ..= 10^22 are exactly representable), so that `101 × 10^-1` is
 /// computed as `101 / 10` and yields the `f64` nearest to 10.1, not `101 × 0.1`.
 const POW10: [f64; 23] = [
-    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17,
-    1e18, 1e19, 1e20, 1e21, 1e22,
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
 ];
 
 /// `mantissa × 10^exponent` for any `i8` exponent, as exactly as `f64` allows.
@@ -277,7 +277,13 @@ mod tests {
     #[test]
     fn sfloat_negative_exponent() {
         let s = SFloat::from_le_bytes([0x65, 0xF0]);
-        assert_eq!(s.0, Number::Finite { mantissa: 101, exponent: -1 });
+        assert_eq!(
+            s.0,
+            Number::Finite {
+                mantissa: 101,
+                exponent: -1
+            }
+        );
         assert_eq!(s.value(), Some(10.1));
         assert_eq!(s.to_le_bytes(), [0x65, 0xF0]);
     }
@@ -317,14 +323,26 @@ mod tests {
     #[test]
     fn sfloat_from_f64_at_profile_resolution() {
         let s = SFloat::from_f64(0.00126, -5).unwrap();
-        assert_eq!(s.0, Number::Finite { mantissa: 126, exponent: -5 });
+        assert_eq!(
+            s.0,
+            Number::Finite {
+                mantissa: 126,
+                exponent: -5
+            }
+        );
         assert_eq!(s.to_le_bytes(), [0x7E, 0xB0]);
     }
 
     #[test]
     fn float_sign_extension() {
         let f = Float::from_le_bytes([0xFF, 0x02, 0xFD, 0x04]);
-        assert_eq!(f.0, Number::Finite { mantissa: -195_841, exponent: 4 });
+        assert_eq!(
+            f.0,
+            Number::Finite {
+                mantissa: -195_841,
+                exponent: 4
+            }
+        );
         assert_eq!(f.to_le_bytes(), [0xFF, 0x02, 0xFD, 0x04]);
     }
 

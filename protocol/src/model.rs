@@ -72,7 +72,14 @@ pub struct Glucose {
 impl Glucose {
     /// From a GLS concentration: `mol_per_l` is the unit flag (b2).
     pub fn from_wire(raw: SFloat, mol_per_l: bool) -> Glucose {
-        Glucose { raw, unit: if mol_per_l { GlucoseUnit::MmolPerL } else { GlucoseUnit::MgPerDl } }
+        Glucose {
+            raw,
+            unit: if mol_per_l {
+                GlucoseUnit::MmolPerL
+            } else {
+                GlucoseUnit::MgPerDl
+            },
+        }
     }
 
     /// The value in the native unit, exactly: the wire's decimal exponent is shifted (kg/L → mg/dL is
@@ -84,9 +91,11 @@ impl Glucose {
             GlucoseUnit::MmolPerL => 3,
         };
         match self.raw.0 {
-            Number::Finite { mantissa, exponent } => {
-                Number::Finite { mantissa, exponent: exponent.saturating_add(shift) }.value()
+            Number::Finite { mantissa, exponent } => Number::Finite {
+                mantissa,
+                exponent: exponent.saturating_add(shift),
             }
+            .value(),
             _ => None,
         }
     }
@@ -318,16 +327,29 @@ mod tests {
 
     #[test]
     fn kpa_to_mmhg() {
-        let p = Pressure { raw: SFloat::new(189, -1).unwrap(), unit: PressureUnit::KPa };
+        let p = Pressure {
+            raw: SFloat::new(189, -1).unwrap(),
+            unit: PressureUnit::KPa,
+        };
         assert!((p.mmhg().unwrap() - 18.9 * 7.50062).abs() < 1e-9);
-        let nan = Pressure { raw: SFloat::NAN, unit: PressureUnit::MmHg };
+        let nan = Pressure {
+            raw: SFloat::NAN,
+            unit: PressureUnit::MmHg,
+        };
         assert_eq!(nan.mmhg(), None);
     }
 
     fn rec(seq: u16) -> GlucoseRecord {
         GlucoseRecord {
             sequence_number: seq,
-            base_time: DateTime { year: 2024, month: 1, day: 1, hours: 8, minutes: 0, seconds: 0 },
+            base_time: DateTime {
+                year: 2024,
+                month: 1,
+                day: 1,
+                hours: 8,
+                minutes: 0,
+                seconds: 0,
+            },
             time_offset_min: Some(-5),
             concentration: None,
             sample_type: None,
@@ -339,7 +361,10 @@ mod tests {
 
     #[test]
     fn device_time_applies_offset_but_not_overrun() {
-        assert_eq!(rec(1).device_time().unwrap().to_string(), "2024-01-01T07:55:00");
+        assert_eq!(
+            rec(1).device_time().unwrap().to_string(),
+            "2024-01-01T07:55:00"
+        );
         let mut r = rec(1);
         r.time_offset_min = Some(i16::MAX);
         assert_eq!(r.device_time().unwrap().to_string(), "2024-01-01T08:00:00");
@@ -349,8 +374,14 @@ mod tests {
     fn joiner_joins_by_sequence_and_reports_orphans() {
         let mut j = ContextJoiner::new();
         assert_eq!(j.measurement(rec(1), true), (None, None));
-        let ctx = GlucoseContextInfo { meal: Some(3), ..Default::default() };
-        assert_eq!(j.context(2, ctx), Err(JoinError::OrphanContext { sequence_number: 2 }));
+        let ctx = GlucoseContextInfo {
+            meal: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(
+            j.context(2, ctx),
+            Err(JoinError::OrphanContext { sequence_number: 2 })
+        );
         let joined = j.context(1, ctx).unwrap();
         assert_eq!(joined.context.unwrap().meal, Some(3));
         // A measurement whose context never comes is released by the next one, without a context.

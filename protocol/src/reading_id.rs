@@ -37,7 +37,10 @@ struct Name {
 
 impl Name {
     fn new(tag: &[u8], device: &str) -> Name {
-        let mut n = Name { buf: [0; 128], len: 0 };
+        let mut n = Name {
+            buf: [0; 128],
+            len: 0,
+        };
         n.put(tag);
         let d = device.as_bytes();
         let d = d.get(..MAX_DEVICE_ID).unwrap_or(d);
@@ -97,9 +100,18 @@ pub fn blood_pressure(device: &str, r: &BpIdentity) -> Uuid {
         }
         None => n.put(&[0]),
     }
-    n.put(&[u8::from(r.user_id.is_some()), r.user_id.unwrap_or(0), u8::from(r.kpa)]);
+    n.put(&[
+        u8::from(r.user_id.is_some()),
+        r.user_id.unwrap_or(0),
+        u8::from(r.kpa),
+    ]);
     // Values are normalised before hashing so that 1200×10^-1 and 120×10^0 are one reading.
-    for v in [Some(r.systolic), Some(r.diastolic), Some(r.mean_arterial_pressure), r.pulse_rate] {
+    for v in [
+        Some(r.systolic),
+        Some(r.diastolic),
+        Some(r.mean_arterial_pressure),
+        r.pulse_rate,
+    ] {
         n.put(&normalised(v));
     }
     n.uuid()
@@ -111,7 +123,10 @@ fn normalised(v: Option<SFloat>) -> [u8; 3] {
     use crate::ieee11073::Number;
     match v {
         None => [0, 0, 0],
-        Some(SFloat(Number::Finite { mut mantissa, mut exponent })) => {
+        Some(SFloat(Number::Finite {
+            mut mantissa,
+            mut exponent,
+        })) => {
             if mantissa == 0 {
                 exponent = 0;
             }
@@ -136,7 +151,14 @@ mod tests {
 
     fn bp() -> BpIdentity {
         BpIdentity {
-            timestamp: Some(DateTime { year: 2024, month: 6, day: 15, hours: 17, minutes: 17, seconds: 27 }),
+            timestamp: Some(DateTime {
+                year: 2024,
+                month: 6,
+                day: 15,
+                hours: 17,
+                minutes: 17,
+                seconds: 27,
+            }),
             user_id: Some(1),
             kpa: false,
             systolic: SFloat::new(124, 0).unwrap(),

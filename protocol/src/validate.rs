@@ -36,7 +36,8 @@ pub const FUTURE_SKEW_S: i64 = 300;
 
 /// GLS sensor-status bits that mean the device failed to measure (CLINICAL.md §3.1 "device-error bits"):
 /// malfunction, sample size, strip insertion, strip type, temperature high/low, read interrupted, fault.
-pub const GLUCOSE_DEVICE_ERROR_BITS: u16 = 0x0002 | 0x0004 | 0x0008 | 0x0010 | 0x0080 | 0x0100 | 0x0200 | 0x0400;
+pub const GLUCOSE_DEVICE_ERROR_BITS: u16 =
+    0x0002 | 0x0004 | 0x0008 | 0x0010 | 0x0080 | 0x0100 | 0x0200 | 0x0400;
 /// GLS sensor status bit 5: result higher than the device can process (HI).
 pub const GLUCOSE_HIGH_BIT: u16 = 0x0020;
 /// GLS sensor status bit 6: result lower than the device can process (LO).
@@ -122,15 +123,31 @@ impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Rejection::NoConcentration => f.write_str("record carries no concentration"),
-            Rejection::NoValue { field, special } => write!(f, "{field:?} is {special} (no result)"),
-            Rejection::DeviceError { bits } => write!(f, "device reported a measurement error (status 0x{bits:04X})"),
-            Rejection::OutOfRange { field, value, min, max } => {
+            Rejection::NoValue { field, special } => {
+                write!(f, "{field:?} is {special} (no result)")
+            }
+            Rejection::DeviceError { bits } => write!(
+                f,
+                "device reported a measurement error (status 0x{bits:04X})"
+            ),
+            Rejection::OutOfRange {
+                field,
+                value,
+                min,
+                max,
+            } => {
                 write!(f, "{field:?} {value} outside plausible range {min}..={max}")
             }
             Rejection::SystolicNotAboveDiastolic => f.write_str("systolic not above diastolic"),
-            Rejection::PulsePressureTooNarrow { mmhg } => write!(f, "pulse pressure {mmhg} mmHg too narrow"),
-            Rejection::MeanArterialPressureOutsideRange => f.write_str("mean arterial pressure outside diastolic..systolic"),
-            Rejection::TimeInFuture { seconds } => write!(f, "time stamp {seconds} s in the future"),
+            Rejection::PulsePressureTooNarrow { mmhg } => {
+                write!(f, "pulse pressure {mmhg} mmHg too narrow")
+            }
+            Rejection::MeanArterialPressureOutsideRange => {
+                f.write_str("mean arterial pressure outside diastolic..systolic")
+            }
+            Rejection::TimeInFuture { seconds } => {
+                write!(f, "time stamp {seconds} s in the future")
+            }
         }
     }
 }
@@ -174,7 +191,10 @@ pub enum Outcome {
 impl Outcome {
     /// `true` for a reading that belongs in the patient's record (valid, low quality or censored).
     pub fn is_patient_reading(&self) -> bool {
-        matches!(self, Outcome::Valid | Outcome::LowQuality | Outcome::Censored { .. })
+        matches!(
+            self,
+            Outcome::Valid | Outcome::LowQuality | Outcome::Censored { .. }
+        )
     }
 }
 
@@ -232,7 +252,11 @@ impl Flags {
 
     /// The names of the set flags.
     pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
-        Self::NAMES.iter().enumerate().filter(move |(i, _)| self.0 & (1 << i) != 0).map(|(_, n)| *n)
+        Self::NAMES
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| self.0 & (1 << i) != 0)
+            .map(|(_, n)| *n)
     }
 }
 
@@ -286,9 +310,11 @@ pub struct Verdict {
 pub fn validate(m: &Measurement, rx: &Reception) -> Verdict {
     let mut flags = Flags::default();
     let (device_time, time_fault) = match m {
-        Measurement::Glucose(g) => {
-            (g.device_time(), g.sensor_status.is_some_and(|s| s & GLUCOSE_TIME_FAULT_BIT != 0))
-        }
+        Measurement::Glucose(g) => (
+            g.device_time(),
+            g.sensor_status
+                .is_some_and(|s| s & GLUCOSE_TIME_FAULT_BIT != 0),
+        ),
         Measurement::BloodPressure(b) => (b.timestamp.filter(DateTime::is_complete), false),
     };
     let time = time_verdict(device_time, time_fault, rx);
@@ -302,10 +328,16 @@ pub fn validate(m: &Measurement, rx: &Reception) -> Verdict {
     if let (Some(t), true) = (time.corrected_utc, outcome.is_patient_reading()) {
         let ahead = t - rx.received_utc;
         if ahead > FUTURE_SKEW_S {
-            outcome = Outcome::Rejected { rejection: Rejection::TimeInFuture { seconds: ahead } };
+            outcome = Outcome::Rejected {
+                rejection: Rejection::TimeInFuture { seconds: ahead },
+            };
         }
     }
-    Verdict { outcome, flags, time }
+    Verdict {
+        outcome,
+        flags,
+        time,
+    }
 }
 
 fn time_verdict(device_time: Option<DateTime>, time_fault: bool, rx: &Reception) -> TimeVerdict {
@@ -323,7 +355,11 @@ fn time_verdict(device_time: Option<DateTime>, time_fault: bool, rx: &Reception)
     } else {
         None
     };
-    TimeVerdict { device_time, corrected_utc, doubt }
+    TimeVerdict {
+        device_time,
+        corrected_utc,
+        doubt,
+    }
 }
 
 fn reject(rejection: Rejection) -> Outcome {
@@ -338,7 +374,9 @@ fn glucose(g: &GlucoseRecord, flags: &mut Flags) -> Outcome {
     if status & 0xF000 != 0 {
         flags.insert(Flags::RESERVED_STATUS_BITS);
     }
-    if g.sample_type == Some(SAMPLE_TYPE_CONTROL) || g.sample_location == Some(SAMPLE_LOCATION_CONTROL) {
+    if g.sample_type == Some(SAMPLE_TYPE_CONTROL)
+        || g.sample_location == Some(SAMPLE_LOCATION_CONTROL)
+    {
         return Outcome::ControlSolution;
     }
     let errors = status & GLUCOSE_DEVICE_ERROR_BITS;
@@ -347,23 +385,35 @@ fn glucose(g: &GlucoseRecord, flags: &mut Flags) -> Outcome {
     }
     // LO / HI first: a meter may send NaN or its range limit with them, and the patient saw "LO" / "HI".
     if status & GLUCOSE_LOW_BIT != 0 {
-        return Outcome::Censored { censor: Censor::Low };
+        return Outcome::Censored {
+            censor: Censor::Low,
+        };
     }
     if status & GLUCOSE_HIGH_BIT != 0 {
-        return Outcome::Censored { censor: Censor::High };
+        return Outcome::Censored {
+            censor: Censor::High,
+        };
     }
     let Some(c) = g.concentration else {
         return reject(Rejection::NoConcentration);
     };
     let Some(v) = c.native() else {
-        return reject(Rejection::NoValue { field: Field::Glucose, special: c.raw.0.special_name().unwrap_or("?") });
+        return reject(Rejection::NoValue {
+            field: Field::Glucose,
+            special: c.raw.0.special_name().unwrap_or("?"),
+        });
     };
     let (min, max) = match c.unit {
         GlucoseUnit::MgPerDl => GLUCOSE_MG_DL,
         GlucoseUnit::MmolPerL => GLUCOSE_MMOL_L,
     };
     if !(min..=max).contains(&v) {
-        return reject(Rejection::OutOfRange { field: Field::Glucose, value: v, min, max });
+        return reject(Rejection::OutOfRange {
+            field: Field::Glucose,
+            value: v,
+            min,
+            max,
+        });
     }
     Outcome::Valid
 }
@@ -392,11 +442,22 @@ fn blood_pressure(b: &BloodPressureRecord, flags: &mut Flags) -> Outcome {
         } else {
             (Field::Diastolic, b.diastolic.raw.0)
         };
-        return reject(Rejection::NoValue { field, special: n.special_name().unwrap_or("?") });
+        return reject(Rejection::NoValue {
+            field,
+            special: n.special_name().unwrap_or("?"),
+        });
     };
-    for (field, v, (min, max)) in [(Field::Systolic, sys, SYSTOLIC_MMHG), (Field::Diastolic, dia, DIASTOLIC_MMHG)] {
+    for (field, v, (min, max)) in [
+        (Field::Systolic, sys, SYSTOLIC_MMHG),
+        (Field::Diastolic, dia, DIASTOLIC_MMHG),
+    ] {
         if !(min..=max).contains(&v) {
-            return reject(Rejection::OutOfRange { field, value: v, min, max });
+            return reject(Rejection::OutOfRange {
+                field,
+                value: v,
+                min,
+                max,
+            });
         }
     }
     if sys <= dia {
@@ -422,7 +483,12 @@ fn blood_pressure(b: &BloodPressureRecord, flags: &mut Flags) -> Outcome {
         match p.value() {
             None => {} // a cuff without a pulse result still measured pressure
             Some(bpm) if !(PULSE_BPM.0..=PULSE_BPM.1).contains(&bpm) => {
-                return reject(Rejection::OutOfRange { field: Field::Pulse, value: bpm, min: PULSE_BPM.0, max: PULSE_BPM.1 });
+                return reject(Rejection::OutOfRange {
+                    field: Field::Pulse,
+                    value: bpm,
+                    min: PULSE_BPM.0,
+                    max: PULSE_BPM.1,
+                });
             }
             Some(bpm) if !(PULSE_TYPICAL_BPM.0..=PULSE_TYPICAL_BPM.1).contains(&bpm) => {
                 flags.insert(Flags::PULSE_ATYPICAL);
@@ -430,9 +496,12 @@ fn blood_pressure(b: &BloodPressureRecord, flags: &mut Flags) -> Outcome {
             Some(_) => {}
         }
     }
-    if status & BP_LOW_QUALITY_BITS != 0 { Outcome::LowQuality } else { Outcome::Valid }
+    if status & BP_LOW_QUALITY_BITS != 0 {
+        Outcome::LowQuality
+    } else {
+        Outcome::Valid
+    }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -440,11 +509,21 @@ mod tests {
     use crate::ieee11073::SFloat;
     use crate::model::{Glucose, Pressure, PressureUnit};
 
-    const RX: Reception = Reception { received_utc: 1_718_471_847 + 600, clock_offset_s: Some(0) };
+    const RX: Reception = Reception {
+        received_utc: 1_718_471_847 + 600,
+        clock_offset_s: Some(0),
+    };
 
     fn time() -> DateTime {
         // 2024-06-15T17:17:27, ten minutes before RX.
-        DateTime { year: 2024, month: 6, day: 15, hours: 17, minutes: 17, seconds: 27 }
+        DateTime {
+            year: 2024,
+            month: 6,
+            day: 15,
+            hours: 17,
+            minutes: 17,
+            seconds: 27,
+        }
     }
 
     fn glu(m: i32, e: i8, mol: bool, status: Option<u16>) -> Measurement {
@@ -461,7 +540,10 @@ mod tests {
     }
 
     fn bp(sys: i32, dia: i32, map: i32, pulse: Option<i32>, status: Option<u16>) -> Measurement {
-        let p = |v| Pressure { raw: SFloat::new(v, 0).unwrap(), unit: PressureUnit::MmHg };
+        let p = |v| Pressure {
+            raw: SFloat::new(v, 0).unwrap(),
+            unit: PressureUnit::MmHg,
+        };
         Measurement::BloodPressure(BloodPressureRecord {
             systolic: p(sys),
             diastolic: p(dia),
@@ -495,7 +577,15 @@ mod tests {
             let o = outcome(&glu(m, e, mol, None));
             assert_eq!(o == Outcome::Valid, ok, "{m}e{e} mol={mol}: {o:?}");
             if !ok {
-                assert!(matches!(o, Outcome::Rejected { rejection: Rejection::OutOfRange { field: Field::Glucose, .. } }));
+                assert!(matches!(
+                    o,
+                    Outcome::Rejected {
+                        rejection: Rejection::OutOfRange {
+                            field: Field::Glucose,
+                            ..
+                        }
+                    }
+                ));
             }
         }
     }
@@ -503,7 +593,9 @@ mod tests {
     /// CLINICAL.md §3.1: control solution (type 10 or location 4) is excluded whatever its value.
     #[test]
     fn control_solution_is_excluded() {
-        let Measurement::Glucose(mut g) = glu(126, -5, false, None) else { unreachable!() };
+        let Measurement::Glucose(mut g) = glu(126, -5, false, None) else {
+            unreachable!()
+        };
         g.sample_type = Some(SAMPLE_TYPE_CONTROL);
         assert_eq!(outcome(&Measurement::Glucose(g)), Outcome::ControlSolution);
         g.sample_type = Some(1);
@@ -514,8 +606,18 @@ mod tests {
     /// LO is bit 6 and HI bit 5 (Wireshark packet-btatt.c; Nordic's library swaps them).
     #[test]
     fn lo_hi_are_censored_not_swapped() {
-        assert_eq!(outcome(&glu(20, -5, false, Some(0x0040))), Outcome::Censored { censor: Censor::Low });
-        assert_eq!(outcome(&glu(600, -5, false, Some(0x0020))), Outcome::Censored { censor: Censor::High });
+        assert_eq!(
+            outcome(&glu(20, -5, false, Some(0x0040))),
+            Outcome::Censored {
+                censor: Censor::Low
+            }
+        );
+        assert_eq!(
+            outcome(&glu(600, -5, false, Some(0x0020))),
+            Outcome::Censored {
+                censor: Censor::High
+            }
+        );
     }
 
     #[test]
@@ -527,7 +629,9 @@ mod tests {
             }
             assert_eq!(
                 outcome(&glu(100, -5, false, Some(b))),
-                Outcome::Rejected { rejection: Rejection::DeviceError { bits: b } },
+                Outcome::Rejected {
+                    rejection: Rejection::DeviceError { bits: b }
+                },
                 "bit {bit}"
             );
         }
@@ -546,43 +650,145 @@ mod tests {
 
     #[test]
     fn special_values_reject_with_their_name() {
-        let Measurement::Glucose(mut g) = glu(100, -5, false, None) else { unreachable!() };
-        for (raw, name) in [(0x07FF, "NaN"), (0x0800, "NRes"), (0x07FE, "+INF"), (0x0802, "-INF"), (0x0801, "reserved")] {
+        let Measurement::Glucose(mut g) = glu(100, -5, false, None) else {
+            unreachable!()
+        };
+        for (raw, name) in [
+            (0x07FF, "NaN"),
+            (0x0800, "NRes"),
+            (0x07FE, "+INF"),
+            (0x0802, "-INF"),
+            (0x0801, "reserved"),
+        ] {
             g.concentration = Some(Glucose::from_wire(SFloat::from_raw(raw), false));
             assert_eq!(
                 outcome(&Measurement::Glucose(g)),
-                Outcome::Rejected { rejection: Rejection::NoValue { field: Field::Glucose, special: name } }
+                Outcome::Rejected {
+                    rejection: Rejection::NoValue {
+                        field: Field::Glucose,
+                        special: name
+                    }
+                }
             );
         }
         g.concentration = None;
-        assert_eq!(outcome(&Measurement::Glucose(g)), Outcome::Rejected { rejection: Rejection::NoConcentration });
+        assert_eq!(
+            outcome(&Measurement::Glucose(g)),
+            Outcome::Rejected {
+                rejection: Rejection::NoConcentration
+            }
+        );
     }
 
     /// CLINICAL.md §3.2 hard windows: SBP 50–300, DBP 20–200, pulse 25–250; SBP > DBP; PP ≥ 10; DBP ≤ MAP ≤ SBP.
     #[test]
     fn bp_plausibility_table() {
         use Rejection::*;
-        let cases: [(i32, i32, i32, Option<i32>, Option<Rejection>); 14] = [
+        // (systolic, diastolic, MAP, pulse, expected rejection)
+        type Case = (i32, i32, i32, Option<i32>, Option<Rejection>);
+        let cases: [Case; 14] = [
             (120, 80, 93, Some(70), None),
             (50, 20, 30, Some(70), None),
-            (49, 20, 30, Some(70), Some(OutOfRange { field: Field::Systolic, value: 49.0, min: 50.0, max: 300.0 })),
+            (
+                49,
+                20,
+                30,
+                Some(70),
+                Some(OutOfRange {
+                    field: Field::Systolic,
+                    value: 49.0,
+                    min: 50.0,
+                    max: 300.0,
+                }),
+            ),
             (300, 200, 233, Some(70), None),
-            (301, 80, 100, Some(70), Some(OutOfRange { field: Field::Systolic, value: 301.0, min: 50.0, max: 300.0 })),
-            (120, 19, 50, Some(70), Some(OutOfRange { field: Field::Diastolic, value: 19.0, min: 20.0, max: 200.0 })),
-            (210, 201, 205, Some(70), Some(OutOfRange { field: Field::Diastolic, value: 201.0, min: 20.0, max: 200.0 })),
+            (
+                301,
+                80,
+                100,
+                Some(70),
+                Some(OutOfRange {
+                    field: Field::Systolic,
+                    value: 301.0,
+                    min: 50.0,
+                    max: 300.0,
+                }),
+            ),
+            (
+                120,
+                19,
+                50,
+                Some(70),
+                Some(OutOfRange {
+                    field: Field::Diastolic,
+                    value: 19.0,
+                    min: 20.0,
+                    max: 200.0,
+                }),
+            ),
+            (
+                210,
+                201,
+                205,
+                Some(70),
+                Some(OutOfRange {
+                    field: Field::Diastolic,
+                    value: 201.0,
+                    min: 20.0,
+                    max: 200.0,
+                }),
+            ),
             (80, 80, 80, Some(70), Some(SystolicNotAboveDiastolic)),
             (80, 90, 85, Some(70), Some(SystolicNotAboveDiastolic)),
-            (89, 80, 83, Some(70), Some(PulsePressureTooNarrow { mmhg: 9.0 })),
+            (
+                89,
+                80,
+                83,
+                Some(70),
+                Some(PulsePressureTooNarrow { mmhg: 9.0 }),
+            ),
             (90, 80, 83, Some(70), None),
-            (120, 80, 121, Some(70), Some(MeanArterialPressureOutsideRange)),
-            (120, 80, 93, Some(24), Some(OutOfRange { field: Field::Pulse, value: 24.0, min: 25.0, max: 250.0 })),
-            (120, 80, 93, Some(251), Some(OutOfRange { field: Field::Pulse, value: 251.0, min: 25.0, max: 250.0 })),
+            (
+                120,
+                80,
+                121,
+                Some(70),
+                Some(MeanArterialPressureOutsideRange),
+            ),
+            (
+                120,
+                80,
+                93,
+                Some(24),
+                Some(OutOfRange {
+                    field: Field::Pulse,
+                    value: 24.0,
+                    min: 25.0,
+                    max: 250.0,
+                }),
+            ),
+            (
+                120,
+                80,
+                93,
+                Some(251),
+                Some(OutOfRange {
+                    field: Field::Pulse,
+                    value: 251.0,
+                    min: 25.0,
+                    max: 250.0,
+                }),
+            ),
         ];
         for (s, d, m, p, want) in cases {
             let got = outcome(&bp(s, d, m, p, None));
             match want {
                 None => assert_eq!(got, Outcome::Valid, "{s}/{d} map {m} pulse {p:?}"),
-                Some(r) => assert_eq!(got, Outcome::Rejected { rejection: r }, "{s}/{d} map {m} pulse {p:?}"),
+                Some(r) => assert_eq!(
+                    got,
+                    Outcome::Rejected { rejection: r },
+                    "{s}/{d} map {m} pulse {p:?}"
+                ),
             }
         }
     }
@@ -591,8 +797,17 @@ mod tests {
     fn bp_soft_checks_only_flag() {
         let v = validate(&bp(250, 100, 120, Some(35), Some(0x0004)), &RX);
         assert_eq!(v.outcome, Outcome::Valid);
-        for f in [Flags::WIDE_PULSE_PRESSURE, Flags::MAP_INCONSISTENT, Flags::PULSE_ATYPICAL, Flags::IRREGULAR_PULSE] {
-            assert!(v.flags.contains(f), "{:?}", v.flags.names().collect::<Vec<_>>());
+        for f in [
+            Flags::WIDE_PULSE_PRESSURE,
+            Flags::MAP_INCONSISTENT,
+            Flags::PULSE_ATYPICAL,
+            Flags::IRREGULAR_PULSE,
+        ] {
+            assert!(
+                v.flags.contains(f),
+                "{:?}",
+                v.flags.names().collect::<Vec<_>>()
+            );
         }
     }
 
@@ -606,42 +821,80 @@ mod tests {
     #[test]
     fn bp_status_bits_make_low_quality() {
         for bit in [0x0001, 0x0002, 0x0020] {
-            assert_eq!(outcome(&bp(120, 80, 93, Some(70), Some(bit))), Outcome::LowQuality);
+            assert_eq!(
+                outcome(&bp(120, 80, 93, Some(70), Some(bit))),
+                Outcome::LowQuality
+            );
         }
-        assert_eq!(outcome(&bp(120, 80, 93, Some(70), Some(0x0004))), Outcome::Valid);
+        assert_eq!(
+            outcome(&bp(120, 80, 93, Some(70), Some(0x0004))),
+            Outcome::Valid
+        );
     }
 
     /// derdilla #80: a failed measurement ("Err") arrives as all-NaN with status 0.
     #[test]
     fn all_nan_bp_is_rejected_as_no_value() {
-        let Measurement::BloodPressure(mut b) = bp(120, 80, 93, None, None) else { unreachable!() };
+        let Measurement::BloodPressure(mut b) = bp(120, 80, 93, None, None) else {
+            unreachable!()
+        };
         b.systolic.raw = SFloat::NAN;
         b.diastolic.raw = SFloat::NAN;
         assert_eq!(
             outcome(&Measurement::BloodPressure(b)),
-            Outcome::Rejected { rejection: Rejection::NoValue { field: Field::Systolic, special: "NaN" } }
+            Outcome::Rejected {
+                rejection: Rejection::NoValue {
+                    field: Field::Systolic,
+                    special: "NaN"
+                }
+            }
         );
     }
 
     /// Promise 5: corrected = device time − measured offset; a meter 7 minutes fast is corrected.
     #[test]
     fn corrected_time_uses_the_measured_offset() {
-        let rx = Reception { received_utc: RX.received_utc, clock_offset_s: Some(420) };
+        let rx = Reception {
+            received_utc: RX.received_utc,
+            clock_offset_s: Some(420),
+        };
         let v = validate(&bp(120, 80, 93, Some(70), None), &rx);
-        assert_eq!(v.time.corrected_utc, Some(time().to_epoch_seconds().unwrap() - 420));
+        assert_eq!(
+            v.time.corrected_utc,
+            Some(time().to_epoch_seconds().unwrap() - 420)
+        );
         assert_eq!(v.time.doubt, None);
-        let unread = Reception { received_utc: RX.received_utc, clock_offset_s: None };
+        let unread = Reception {
+            received_utc: RX.received_utc,
+            clock_offset_s: None,
+        };
         let v = validate(&bp(120, 80, 93, Some(70), None), &unread);
-        assert_eq!((v.time.corrected_utc, v.time.doubt), (None, Some(TimeDoubt::ClockNotRead)));
+        assert_eq!(
+            (v.time.corrected_utc, v.time.doubt),
+            (None, Some(TimeDoubt::ClockNotRead))
+        );
     }
 
     #[test]
     fn future_time_is_rejected_beyond_skew() {
         let t = time().to_epoch_seconds().unwrap();
-        let ok = Reception { received_utc: t - FUTURE_SKEW_S, clock_offset_s: Some(0) };
+        let ok = Reception {
+            received_utc: t - FUTURE_SKEW_S,
+            clock_offset_s: Some(0),
+        };
         assert_eq!(outcome_at(&ok), Outcome::Valid);
-        let bad = Reception { received_utc: t - FUTURE_SKEW_S - 1, clock_offset_s: Some(0) };
-        assert_eq!(outcome_at(&bad), Outcome::Rejected { rejection: Rejection::TimeInFuture { seconds: FUTURE_SKEW_S + 1 } });
+        let bad = Reception {
+            received_utc: t - FUTURE_SKEW_S - 1,
+            clock_offset_s: Some(0),
+        };
+        assert_eq!(
+            outcome_at(&bad),
+            Outcome::Rejected {
+                rejection: Rejection::TimeInFuture {
+                    seconds: FUTURE_SKEW_S + 1
+                }
+            }
+        );
     }
 
     fn outcome_at(rx: &Reception) -> Outcome {

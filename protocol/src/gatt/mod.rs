@@ -78,7 +78,10 @@ impl<'a> Reader<'a> {
     /// When `buf` is shorter than `need`.
     pub fn require(&self, need: usize) -> Result<(), Error> {
         if self.buf.len() < need {
-            Err(Error::DecodeTruncated { need, got: self.buf.len() })
+            Err(Error::DecodeTruncated {
+                need,
+                got: self.buf.len(),
+            })
         } else {
             Ok(())
         }
@@ -89,8 +92,14 @@ impl<'a> Reader<'a> {
     /// # Errors
     /// When fewer than `n` remain.
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], Error> {
-        let end = self.pos.checked_add(n).ok_or(Error::DecodeTruncated { need: usize::MAX, got: self.buf.len() })?;
-        let s = self.buf.get(self.pos..end).ok_or(Error::DecodeTruncated { need: end, got: self.buf.len() })?;
+        let end = self.pos.checked_add(n).ok_or(Error::DecodeTruncated {
+            need: usize::MAX,
+            got: self.buf.len(),
+        })?;
+        let s = self.buf.get(self.pos..end).ok_or(Error::DecodeTruncated {
+            need: end,
+            got: self.buf.len(),
+        })?;
         self.pos = end;
         Ok(s)
     }
@@ -190,8 +199,14 @@ impl<'a> Writer<'a> {
     /// # Errors
     /// [`Error::EncodeBufferFull`] past the end of the buffer.
     pub fn put(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        let end = self.pos.checked_add(bytes.len()).ok_or(Error::EncodeBufferFull { need: usize::MAX })?;
-        let dst = self.buf.get_mut(self.pos..end).ok_or(Error::EncodeBufferFull { need: end })?;
+        let end = self
+            .pos
+            .checked_add(bytes.len())
+            .ok_or(Error::EncodeBufferFull { need: usize::MAX })?;
+        let dst = self
+            .buf
+            .get_mut(self.pos..end)
+            .ok_or(Error::EncodeBufferFull { need: end })?;
         dst.copy_from_slice(bytes);
         self.pos = end;
         Ok(())

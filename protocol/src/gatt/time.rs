@@ -85,10 +85,17 @@ impl DateTime {
     /// Seconds since 1970-01-01T00:00:00 reading the fields as UTC, or `None` when the date is incomplete
     /// or not a real calendar day (31 February).
     pub fn to_epoch_seconds(&self) -> Option<i64> {
-        if !self.is_complete() || self.check().is_err() || self.day > days_in_month(self.year, self.month) {
+        if !self.is_complete()
+            || self.check().is_err()
+            || self.day > days_in_month(self.year, self.month)
+        {
             return None;
         }
-        let days = days_from_civil(i64::from(self.year), u32::from(self.month), u32::from(self.day));
+        let days = days_from_civil(
+            i64::from(self.year),
+            u32::from(self.month),
+            u32::from(self.day),
+        );
         Some(
             days * 86_400
                 + i64::from(self.hours) * 3600
@@ -102,7 +109,9 @@ impl DateTime {
         let days = secs.div_euclid(86_400);
         let tod = secs.rem_euclid(86_400);
         let (y, m, d) = civil_from_days(days);
-        let year = u16::try_from(y).ok().filter(|y| (1582..=9999).contains(y))?;
+        let year = u16::try_from(y)
+            .ok()
+            .filter(|y| (1582..=9999).contains(y))?;
         Some(DateTime {
             year,
             month: m as u8,
@@ -243,9 +252,17 @@ impl<'a> Codec<'a> for CurrentTime {
         let date_time = DateTime::read(&mut r)?;
         let day_of_week = r.u8()?;
         if day_of_week > 7 {
-            return Err(Error::DecodeOutOfRange { field: "day_of_week", value: day_of_week.into() });
+            return Err(Error::DecodeOutOfRange {
+                field: "day_of_week",
+                value: day_of_week.into(),
+            });
         }
-        Ok(CurrentTime { date_time, day_of_week, fractions256: r.u8()?, adjust_reason: r.u8()? })
+        Ok(CurrentTime {
+            date_time,
+            day_of_week,
+            fractions256: r.u8()?,
+            adjust_reason: r.u8()?,
+        })
     }
 
     fn buffer_len(&self) -> usize {
@@ -282,27 +299,67 @@ mod tests {
     #[test]
     fn date_time_rejects_out_of_range_fields() {
         let e = DateTime::parse(&[0xE9, 0x07, 13, 1, 0, 0, 0]).unwrap_err();
-        assert_eq!(e, Error::DecodeOutOfRange { field: "month", value: 13 });
+        assert_eq!(
+            e,
+            Error::DecodeOutOfRange {
+                field: "month",
+                value: 13
+            }
+        );
         assert!(DateTime::parse(&[0xE9, 0x07, 1, 1, 24, 0, 0]).is_err());
     }
 
     #[test]
     fn epoch_round_trip_and_offset() {
-        let dt = DateTime { year: 2019, month: 2, day: 27, hours: 11, minutes: 10, seconds: 30 };
+        let dt = DateTime {
+            year: 2019,
+            month: 2,
+            day: 27,
+            hours: 11,
+            minutes: 10,
+            seconds: 30,
+        };
         assert_eq!(dt.to_epoch_seconds(), Some(1_551_265_830));
         assert_eq!(DateTime::from_epoch_seconds(1_551_265_830), Some(dt));
         let earlier = dt.add_minutes(-5).unwrap();
         assert_eq!(earlier.to_string(), "2019-02-27T11:05:30");
         // Across a leap day and a year end.
-        let ny = DateTime { year: 2024, month: 12, day: 31, hours: 23, minutes: 59, seconds: 0 };
-        assert_eq!(ny.add_minutes(1).unwrap().to_string(), "2025-01-01T00:00:00");
-        let leap = DateTime { year: 2024, month: 2, day: 28, hours: 12, minutes: 0, seconds: 0 };
-        assert_eq!(leap.add_minutes(24 * 60).unwrap().to_string(), "2024-02-29T12:00:00");
+        let ny = DateTime {
+            year: 2024,
+            month: 12,
+            day: 31,
+            hours: 23,
+            minutes: 59,
+            seconds: 0,
+        };
+        assert_eq!(
+            ny.add_minutes(1).unwrap().to_string(),
+            "2025-01-01T00:00:00"
+        );
+        let leap = DateTime {
+            year: 2024,
+            month: 2,
+            day: 28,
+            hours: 12,
+            minutes: 0,
+            seconds: 0,
+        };
+        assert_eq!(
+            leap.add_minutes(24 * 60).unwrap().to_string(),
+            "2024-02-29T12:00:00"
+        );
     }
 
     #[test]
     fn impossible_calendar_day_has_no_instant() {
-        let dt = DateTime { year: 2023, month: 2, day: 31, hours: 0, minutes: 0, seconds: 0 };
+        let dt = DateTime {
+            year: 2023,
+            month: 2,
+            day: 31,
+            hours: 0,
+            minutes: 0,
+            seconds: 0,
+        };
         assert_eq!(dt.to_epoch_seconds(), None);
     }
 
@@ -314,13 +371,22 @@ mod tests {
         assert_eq!(ct.day_of_week, 7);
         assert_eq!(ct.fractions256, 255);
         let names: Vec<_> = ct.adjust_reason_names().collect();
-        assert_eq!(names, ["external reference time update", "change of time zone"]);
+        assert_eq!(
+            names,
+            ["external reference time update", "change of time zone"]
+        );
         assert_eq!(ct.to_vec(), bytes);
     }
 
     #[test]
     fn current_time_rejects_day_of_week_8() {
         let e = CurrentTime::parse(&[0xE9, 0x07, 1, 1, 0, 0, 0, 8, 0, 0]).unwrap_err();
-        assert_eq!(e, Error::DecodeOutOfRange { field: "day_of_week", value: 8 });
+        assert_eq!(
+            e,
+            Error::DecodeOutOfRange {
+                field: "day_of_week",
+                value: 8
+            }
+        );
     }
 }
