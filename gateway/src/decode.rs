@@ -8,6 +8,16 @@
 
 use protocol::Error as CodecError;
 use protocol::gatt::Codec;
+use protocol::gatt::battery::BatteryLevel;
+use protocol::gatt::bp::{
+    BloodPressureFeature, BloodPressureMeasurement, IntermediateCuffPressure, MeasurementStatus,
+};
+use protocol::gatt::device_info::{
+    FirmwareRevision, HardwareRevision, ManufacturerName, ModelNumber, SerialNumber,
+    SoftwareRevision, SystemId,
+};
+use protocol::gatt::glucose::{GlucoseContext, GlucoseFeature, GlucoseMeasurement};
+use protocol::gatt::racp::{Operand, Operator, Racp};
 use protocol::gatt::time::{CurrentTime, DateTime};
 use protocol::ieee11073::{Float, Number, SFloat};
 use serde_json::{Map, Value, json};
@@ -87,6 +97,40 @@ pub fn decode(characteristic: &str, hex: &str) -> Result<Value, DecodeError> {
         }
         "2a08" => json!({ "date_time": DateTime::parse(b)?.to_string() }),
         "2a2b" => current_time(&CurrentTime::parse(b)?),
+        "2a18" => glucose_measurement(&GlucoseMeasurement::parse(b)?),
+        "2a34" => glucose_context(&GlucoseContext::parse(b)?),
+        "2a51" => {
+            let f = GlucoseFeature::parse(b)?;
+            let mut m = feature(f.0, f.names(), f.reserved_bits());
+            m.insert(
+                "multiple_bond".into(),
+                json!(f.contains(GlucoseFeature::MULTIPLE_BOND)),
+            );
+            Value::Object(m)
+        }
+        "2a52" => racp(&Racp::parse(b)?),
+        "2a35" => blood_pressure(&BloodPressureMeasurement::parse(b)?),
+        "2a36" => cuff_pressure(&IntermediateCuffPressure::parse(b)?),
+        "2a49" => {
+            let f = BloodPressureFeature::parse(b)?;
+            let mut m = feature(f.0, f.names(), f.reserved());
+            m.insert(
+                "multiple_bonds".into(),
+                json!(f.contains(BloodPressureFeature::MULTIPLE_BONDS)),
+            );
+            Value::Object(m)
+        }
+        "2a19" => json!({ "battery_level": BatteryLevel::parse(b)?.percent() }),
+        "2a23" => {
+            let id = SystemId::parse(b)?;
+            json!({ "manufacturer_id": format!("0x{:010X}", id.manufacturer_id), "oui": format!("0x{:06X}", id.oui) })
+        }
+        "2a24" => text(ModelNumber::parse(b)?.as_str(), "model_number"),
+        "2a25" => text(SerialNumber::parse(b)?.as_str(), "serial_number"),
+        "2a26" => text(FirmwareRevision::parse(b)?.as_str(), "firmware_revision"),
+        "2a27" => text(HardwareRevision::parse(b)?.as_str(), "hardware_revision"),
+        "2a28" => text(SoftwareRevision::parse(b)?.as_str(), "software_revision"),
+        "2a29" => text(ManufacturerName::parse(b)?.as_str(), "manufacturer_name"),
         _ => {
             return Err(DecodeError::UnknownCharacteristic(
                 characteristic.to_string(),
@@ -133,6 +177,270 @@ fn sfloat(s: SFloat) -> Value {
         Some(v) => json!(v),
         None => json!(s.0.special_name().unwrap_or("reserved")),
     }
+}
+
+fn text(value: &str, key: &str) -> Value {
+    json!({ key: value })
+}
+
+/// Inserts `key` (the code), `key_name` (its specification name) or `key_reserved: true`.
+fn code(m: &mut Map<String, Value>, key: &str, value: u8, name: Option<&str>) {
+    m.insert(key.into(), json!(value));
+    match name {
+        Some(n) => m.insert(format!("{key}_name"), json!(n)),
+        None => m.insert(format!("{key}_reserved"), json!(true)),
+    };
+}
+
+fn trailing(m: &mut Map<String, Value>, rest: &[u8]) {
+    if !rest.is_empty() {
+        m.insert("trailing_bytes".into(), json!(rest.len()));
+    }
+}
+
+fn feature<'a>(
+    raw: u16,
+    names: impl Iterator<Item = &'a str>,
+    reserved: u16,
+) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("raw".into(), json!(raw));
+    m.insert("bits".into(), json!(names.collect::<Vec<_>>()));
+    if reserved != 0 {
+        m.insert("reserved_bits".into(), json!(format!("0x{reserved:04X}")));
+    }
+    m
+}
+
+fn glucose_measurement(g: &GlucoseMeasurement<'_>) -> Value {
+    let mut m = Map::new();
+    m.insert("sequence_number".into(), json!(g.sequence_number));
+    m.insert("base_time".into(), json!(g.base_time.to_string()));
+    if let Some(o) = g.time_offset_min {
+        m.insert("time_offset_min".into(), json!(o));
+        if let Some(t) = g.user_facing_time() {
+            m.insert("user_facing_time".into(), json!(t.to_string()));
+        }
+    }
+    if let Some(c) = &g.concentration {
+        m.insert("concentration".into(), quantity(c.value, c.unit.symbol()));
+        code(&mut m, "type", c.sample_type.0, c.sample_type.name());
+        code(
+            &mut m,
+            "sample_location",
+            c.sample_location.0,
+            c.sample_location.name(),
+        );
+    }
+    if let Some(st) = g.sensor_status {
+        m.insert("sensor_status".into(), json!(st.0));
+        m.insert(
+            "sensor_status_bits".into(),
+            json!(st.names().collect::<Vec<_>>()),
+        );
+        if st.reserved_bits() != 0 {
+            m.insert(
+                "sensor_status_reserved_bits".into(),
+                json!(format!("0x{:04X}", st.reserved_bits())),
+            );
+        }
+    }
+    m.insert("context_follows".into(), json!(g.context_follows));
+    if g.reserved_flags() != 0 {
+        m.insert(
+            "reserved_flags".into(),
+            json!(format!("0x{:02X}", g.reserved_flags())),
+        );
+    }
+    trailing(&mut m, g.trailing);
+    Value::Object(m)
+}
+
+fn glucose_context(c: &GlucoseContext<'_>) -> Value {
+    let mut m = Map::new();
+    m.insert("sequence_number".into(), json!(c.sequence_number));
+    if let Some(x) = c.extended_flags {
+        m.insert("extended_flags".into(), json!(x));
+    }
+    if let Some(carb) = &c.carbohydrate {
+        code(&mut m, "carbohydrate_id", carb.id.0, carb.id.name());
+        m.insert("carbohydrate".into(), quantity(carb.value, "kg"));
+    }
+    if let Some(meal) = c.meal {
+        code(&mut m, "meal", meal.0, meal.name());
+    }
+    if let Some(th) = &c.tester_health {
+        code(&mut m, "tester", th.tester.0, th.tester.name());
+        code(&mut m, "health", th.health.0, th.health.name());
+    }
+    if let Some(e) = &c.exercise {
+        m.insert("exercise_duration_s".into(), json!(e.duration_s));
+        m.insert("exercise_intensity_pct".into(), json!(e.intensity_pct));
+    }
+    if let Some(med) = &c.medication {
+        code(&mut m, "medication_id", med.id.0, med.id.name());
+        m.insert("medication".into(), quantity(med.value, med.unit.symbol()));
+    }
+    if let Some(h) = c.hba1c {
+        m.insert("hba1c_pct".into(), sfloat(h));
+    }
+    trailing(&mut m, c.trailing);
+    Value::Object(m)
+}
+
+fn racp(r: &Racp<'_>) -> Value {
+    let mut m = Map::new();
+    let op = r.op_code();
+    m.insert("op_code".into(), json!(op.0));
+    if let Some(n) = op.name() {
+        m.insert("op_code_name".into(), json!(n));
+    }
+    let operator = r.operator();
+    m.insert("operator".into(), json!(operator.0));
+    if let Some(n) = operator.name() {
+        m.insert("operator_name".into(), json!(n));
+    }
+    match r {
+        Racp::Request { operand, .. } => {
+            if let Some(ft) = operand.filter_type() {
+                m.insert("filter_type".into(), json!(ft.0));
+                if let Some(n) = ft.name() {
+                    m.insert("filter_type_name".into(), json!(n));
+                }
+            }
+            // A single bound is the minimum for ">=" and the maximum for "<=" (GLS v1.0 §3.4.3.1).
+            let single = if operator == Operator::LESS_THAN_OR_EQUAL {
+                "max"
+            } else {
+                "min"
+            };
+            match operand {
+                Operand::None => {}
+                Operand::Sequence(v) => {
+                    m.insert(single.into(), json!(v));
+                }
+                Operand::SequenceRange { min, max } => {
+                    m.insert("min".into(), json!(min));
+                    m.insert("max".into(), json!(max));
+                }
+                Operand::Time(t) => {
+                    m.insert(single.into(), json!(t.to_string()));
+                }
+                Operand::TimeRange { min, max } => {
+                    m.insert("min".into(), json!(min.to_string()));
+                    m.insert("max".into(), json!(max.to_string()));
+                }
+                Operand::Raw(raw) => {
+                    // An operand that does not fit its filter type: shown, so the user sees what was sent.
+                    m.insert("operand_raw".into(), json!(hex_string(raw)));
+                }
+            }
+            if let Err(code) = r.check_request() {
+                m.insert(
+                    "sensor_would_answer".into(),
+                    json!(code.name().unwrap_or("reserved")),
+                );
+            }
+        }
+        Racp::NumberOfRecords { count, size } => {
+            m.insert("number_of_records".into(), json!(count));
+            m.insert("operand_size".into(), json!(size));
+        }
+        Racp::ResponseCode {
+            request_op_code,
+            response,
+        } => {
+            m.insert("request_op_code".into(), json!(request_op_code.0));
+            m.insert("response_code".into(), json!(response.0));
+            if let Some(n) = response.name() {
+                m.insert("response_code_name".into(), json!(n));
+            }
+        }
+    }
+    Value::Object(m)
+}
+
+fn hex_string(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02X}")).collect()
+}
+
+/// The fields 2A35 and 2A36 share after their pressures.
+fn bp_common(
+    m: &mut Map<String, Value>,
+    timestamp: Option<DateTime>,
+    pulse: Option<SFloat>,
+    user_id: Option<u8>,
+    status: Option<MeasurementStatus>,
+    rest: &[u8],
+) {
+    if let Some(t) = timestamp {
+        m.insert("timestamp".into(), json!(t.to_string()));
+    }
+    if let Some(p) = pulse {
+        m.insert("pulse_rate_bpm".into(), sfloat(p));
+    }
+    if let Some(u) = user_id {
+        m.insert("user_id".into(), json!(u));
+        if u == protocol::gatt::bp::USER_ID_UNKNOWN {
+            m.insert("user_id_name".into(), json!("unknown user"));
+        }
+    }
+    if let Some(st) = status {
+        m.insert("measurement_status".into(), json!(st.0));
+        m.insert("status_bits".into(), json!(st.names().collect::<Vec<_>>()));
+        m.insert(
+            "pulse_rate_range".into(),
+            json!(st.pulse_rate_range().name()),
+        );
+        if st.reserved() != 0 {
+            m.insert(
+                "measurement_status_reserved_bits".into(),
+                json!(format!("0x{:04X}", st.reserved())),
+            );
+        }
+    }
+    trailing(m, rest);
+}
+
+fn blood_pressure(b: &BloodPressureMeasurement<'_>) -> Value {
+    let mut m = Map::new();
+    m.insert("unit".into(), json!(b.unit.name()));
+    m.insert("systolic".into(), sfloat(b.systolic));
+    m.insert("diastolic".into(), sfloat(b.diastolic));
+    m.insert(
+        "mean_arterial_pressure".into(),
+        sfloat(b.mean_arterial_pressure),
+    );
+    bp_common(
+        &mut m,
+        b.timestamp,
+        b.pulse_rate,
+        b.user_id,
+        b.measurement_status,
+        b.trailing,
+    );
+    if b.reserved_flags() != 0 {
+        m.insert(
+            "reserved_flags".into(),
+            json!(format!("0x{:02X}", b.reserved_flags())),
+        );
+    }
+    Value::Object(m)
+}
+
+fn cuff_pressure(c: &IntermediateCuffPressure<'_>) -> Value {
+    let mut m = Map::new();
+    m.insert("unit".into(), json!(c.unit.name()));
+    m.insert("cuff_pressure".into(), sfloat(c.cuff_pressure));
+    bp_common(
+        &mut m,
+        c.timestamp,
+        c.pulse_rate,
+        c.user_id,
+        c.measurement_status,
+        c.trailing,
+    );
+    Value::Object(m)
 }
 
 const DAY_NAMES: [&str; 8] = [

@@ -1,0 +1,14 @@
+//! Fuzzes the Device Information strings (2A24; 2A25-2A29 share the codec) decoder: no input may panic, and a value that decodes must encode and decode to itself.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use protocol::gatt::Codec;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(value) = protocol::gatt::device_info::ModelNumber::parse(data) {
+        let bytes = value.to_vec();
+        let again = protocol::gatt::device_info::ModelNumber::parse(&bytes)
+            .expect("an encoded value decodes");
+        assert_eq!(again.to_vec(), bytes, "encoding is stable");
+    }
+});

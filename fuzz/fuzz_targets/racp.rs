@@ -1,0 +1,13 @@
+//! Fuzzes the Record Access Control Point (2A52) decoder: no input may panic, and a value that decodes must encode and decode to itself.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use protocol::gatt::Codec;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(value) = protocol::gatt::racp::Racp::parse(data) {
+        let bytes = value.to_vec();
+        let again = protocol::gatt::racp::Racp::parse(&bytes).expect("an encoded value decodes");
+        assert_eq!(again.to_vec(), bytes, "encoding is stable");
+    }
+});
