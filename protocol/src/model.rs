@@ -6,6 +6,8 @@
 //! [`MG_PER_DL_PER_MMOL_PER_L`] and [`MMHG_PER_KPA`]. Nothing is rounded here; rounding is for display.
 //! Thresholds are compared in the native unit (CLINICAL.md §3.4 rule 3), so no value ever round-trips.
 
+use crate::gatt::bp::BloodPressureMeasurement;
+use crate::gatt::glucose::{ConcentrationUnit, GlucoseContext, GlucoseMeasurement, MedicationUnit};
 use crate::gatt::time::DateTime;
 use crate::ieee11073::{Number, SFloat};
 
@@ -233,6 +235,88 @@ pub enum Measurement {
     BloodPressure(BloodPressureRecord),
 }
 
+/// `raw × 10^shift`, computed on the exponent so that decimal values stay exact (kg → g is +3).
+fn shifted(raw: SFloat, shift: i8) -> Option<f64> {
+    match raw.0 {
+        Number::Finite { mantissa, exponent } => Number::Finite {
+            mantissa,
+            exponent: exponent.saturating_add(shift),
+        }
+        .value(),
+        _ => None,
+    }
+}
+
+impl GlucoseContextInfo {
+    /// The context fields of a Glucose Measurement Context value (GLS v1.0 §3.2), amounts converted to the
+    /// units people use: carbohydrate in grams, medication in mg (kg on the wire) or mL (L on the wire).
+    pub fn from_gatt(c: &GlucoseContext<'_>) -> GlucoseContextInfo {
+        GlucoseContextInfo {
+            meal: c.meal.map(|m| m.0),
+            tester: c.tester_health.map(|t| t.tester.0),
+            health: c.tester_health.map(|t| t.health.0),
+            carbohydrate: c.carbohydrate.map(|k| (k.id.0, shifted(k.value, 3))),
+            exercise: c.exercise.map(|e| (e.duration_s, e.intensity_pct)),
+            medication: c.medication.map(|m| {
+                let litres = m.unit == MedicationUnit::L;
+                (m.id.0, shifted(m.value, if litres { 3 } else { 6 }), litres)
+            }),
+            hba1c_pct: c.hba1c.and_then(|h| h.value()),
+        }
+    }
+}
+
+impl GlucoseRecord {
+    /// The record a Glucose Measurement value describes, without context (join it with [`ContextJoiner`]).
+    pub fn from_gatt(g: &GlucoseMeasurement<'_>) -> GlucoseRecord {
+        GlucoseRecord {
+            sequence_number: g.sequence_number,
+            base_time: g.base_time,
+            time_offset_min: g.time_offset_min,
+            concentration: g
+                .concentration
+                .map(|c| Glucose::from_wire(c.value, c.unit == ConcentrationUnit::MolPerL)),
+            sample_type: g.concentration.map(|c| c.sample_type.0),
+            sample_location: g.concentration.map(|c| c.sample_location.0),
+            sensor_status: g.sensor_status.map(|s| s.0),
+            context: None,
+        }
+    }
+}
+
+impl BloodPressureRecord {
+    /// The reading a Blood Pressure Measurement value describes.
+    pub fn from_gatt(b: &BloodPressureMeasurement<'_>) -> BloodPressureRecord {
+        let unit = match b.unit {
+            crate::gatt::bp::PressureUnit::MmHg => PressureUnit::MmHg,
+            crate::gatt::bp::PressureUnit::KPa => PressureUnit::KPa,
+        };
+        let p = |raw| Pressure { raw, unit };
+        BloodPressureRecord {
+            systolic: p(b.systolic),
+            diastolic: p(b.diastolic),
+            mean_arterial_pressure: p(b.mean_arterial_pressure),
+            timestamp: b.timestamp,
+            pulse_rate: b.pulse_rate,
+            user_id: b.user_id,
+            measurement_status: b.measurement_status.map(|s| s.0),
+        }
+    }
+
+    /// The values that identify this reading for [`crate::reading_id::blood_pressure`].
+    pub fn identity(&self) -> crate::reading_id::BpIdentity {
+        crate::reading_id::BpIdentity {
+            timestamp: self.timestamp,
+            user_id: self.user_id,
+            kpa: self.systolic.unit == PressureUnit::KPa,
+            systolic: self.systolic.raw,
+            diastolic: self.diastolic.raw,
+            mean_arterial_pressure: self.mean_arterial_pressure.raw,
+            pulse_rate: self.pulse_rate,
+        }
+    }
+}
+
 /// What went wrong joining a context to its measurement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JoinError {
@@ -323,6 +407,18 @@ mod tests {
         assert!((mmol.mg_per_dl().unwrap() - 70.2624).abs() < 1e-9);
         let mg = Glucose::from_wire(SFloat::new(70, -5).unwrap(), false);
         assert!((mg.mmol_per_l().unwrap() - 3.8854).abs() < 1e-4);
+    }
+
+    /// GLS.TS CN/BV resolutions: carbohydrate at exponent −3 (grams), medication in kg at −6 (mg).
+    #[test]
+    fn context_amounts_in_people_units() {
+        use crate::gatt::Codec;
+        let bytes = [0x13, 0x05, 0x00, 0x01, 0x5A, 0xD0, 0x02, 0x01, 0x0F, 0xA0];
+        let c = GlucoseContext::parse(&bytes).unwrap();
+        let info = GlucoseContextInfo::from_gatt(&c);
+        assert_eq!(info.carbohydrate, Some((1, Some(90.0)))); // 90 × 10^-3 kg = 90 g
+        assert_eq!(info.meal, Some(2));
+        assert_eq!(info.medication, Some((1, Some(15.0), false))); // 15 × 10^-6 kg = 15 mg
     }
 
     #[test]
