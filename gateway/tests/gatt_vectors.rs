@@ -65,10 +65,6 @@ fn decode_cli(ch: &str, hex: &str) -> (bool, String, String) {
     )
 }
 
-fn num(v: &Value) -> Option<f64> {
-    v.as_f64()
-}
-
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1e-12)
 }

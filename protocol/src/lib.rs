@@ -16,6 +16,7 @@
 //!   derived with one conversion constant each.
 //! - [`validate`] — CLINICAL.md §3 plausibility and device-status checks; the verdict says *why*.
 //! - [`reading_id`] — deterministic reading ids (DESIGN.md promise 3).
+//! - `wire` (features `alloc` + `serde`) — the MQTT contract v1: topics and the JSON payload types.
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -29,5 +30,7 @@ pub mod ieee11073;
 pub mod model;
 pub mod reading_id;
 pub mod validate;
+#[cfg(all(feature = "alloc", feature = "serde"))]
+pub mod wire;
 
 pub use error::Error;
