@@ -1,8 +1,12 @@
-//! The `gateway` command line. `anyhow`-free: each subcommand reports its own error and exit code.
+//! The `gateway` command line: `run`, `demo`, `decode`. Each subcommand reports its own error on stderr
+//! (`error: …`) and exits non-zero; nothing is started when the configuration is bad.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 
 /// Home-monitoring health gateway: Bluetooth glucometers and blood-pressure cuffs to MQTT.
 #[derive(Debug, Parser)]
@@ -14,6 +18,22 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the gateway from a TOML configuration (see gateway/config.example.toml).
+    Run {
+        /// The configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Everything on one machine: an embedded broker, simulated devices, the real pipeline and journal in
+    /// a temporary directory, and a viewer printing each delivered reading.
+    Demo {
+        /// Stop after this many seconds and print a summary (default: until Ctrl-C).
+        #[arg(long = "for", value_name = "SECONDS")]
+        for_seconds: Option<u64>,
+        /// Do not print each delivered message.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Decode one characteristic value, as captured with nRF Connect or btmon, and print it as JSON.
     ///
     /// CHAR is the 16-bit UUID in hex (2A18 glucose, 2A34 glucose context, 2A51 glucose feature, 2A52 RACP,
@@ -30,21 +50,84 @@ enum Command {
     },
 }
 
+/// Cancels `token` on Ctrl-C / SIGTERM, or after `limit`.
+fn stop_on_signal(token: CancellationToken, limit: Option<Duration>) {
+    tokio::spawn(async move {
+        let term = async {
+            #[cfg(unix)]
+            if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                s.recv().await;
+                return;
+            }
+            std::future::pending::<()>().await;
+        };
+        let timer = async {
+            match limit {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+            _ = timer => {}
+        }
+        token.cancel();
+    });
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Decode {
-            characteristic,
-            hex,
-        } => match gateway::decode::decode(&characteristic, &hex) {
+    let result: Result<(), String> = match cli.command {
+        Command::Decode { characteristic, hex } => match gateway::decode::decode(&characteristic, &hex) {
             Ok(json) => {
                 println!("{json}");
-                ExitCode::SUCCESS
+                Ok(())
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
+            Err(e) => Err(e.to_string()),
         },
+        Command::Run { config } => (|| {
+            let config = gateway::config::Config::load(&config).map_err(|e| e.to_string())?;
+            gateway::telemetry::init_logs(config.raw.telemetry.json_logs, "info");
+            runtime()?.block_on(async {
+                let stop = CancellationToken::new();
+                stop_on_signal(stop.clone(), None);
+                let s = gateway::app::run(config, stop).await.map_err(|e| e.to_string())?;
+                tracing::info!(accepted = s.accepted, delivered = s.delivered, pending = s.journal_depth, "stopped");
+                Ok(())
+            })
+        })(),
+        Command::Demo { for_seconds, quiet } => (|| {
+            // The demo's output is the viewer's lines; logs only for what goes wrong.
+            gateway::telemetry::init_logs(false, "warn");
+            runtime()?.block_on(async {
+                let stop = CancellationToken::new();
+                stop_on_signal(stop.clone(), for_seconds.map(Duration::from_secs));
+                let s = gateway::demo::run(stop, quiet).await.map_err(|e| e.to_string())?;
+                println!(
+                    "summary: accepted {} readings, delivered {} messages, rejected {}, unattributed {}, \
+                     {} still in the journal; the viewer saw {} readings and {} events",
+                    s.run.accepted,
+                    s.run.delivered,
+                    s.run.rejected,
+                    s.run.unattributed,
+                    s.run.journal_depth,
+                    s.readings_seen,
+                    s.events_seen
+                );
+                Ok(())
+            })
+        })(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

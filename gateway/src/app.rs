@@ -1,0 +1,247 @@
+//! The gateway assembled: sources → pipeline → journal → uplink, with a graceful, ordered shutdown.
+//!
+//! `run(config, shutdown)` is the whole daemon (STYLE.md practice 10): it opens the journal and reports
+//! what recovery found, starts the journal writer, the uplink and one task per device, and when `shutdown`
+//! fires stops in the order that loses nothing — device sessions first (their records are either fsynced
+//! or still in the devices), then the writer, then the uplink, which waits briefly for outstanding PUBACKs
+//! (what is not acked stays in the journal for the next start).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protocol::wire::{StatusMessage, Topics};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, SimKind, SimulatedSection};
+use crate::journal::{Journal, JournalConfig, Recovery};
+use crate::pipeline::{Bindings, Counters, Pipeline, writer};
+use crate::sources::collector::{self, CollectorConfig, DeviceRef};
+use crate::sources::simulator::cuff::{CuffConfig, SimCuff};
+use crate::sources::simulator::glucometer::{GlucometerConfig, SimGlucometer};
+use crate::sources::simulator::{SimDevice, SimLink, unix_now};
+use crate::uplink::{self, UplinkConfig, UplinkStats};
+
+/// Why the gateway could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The uplink settings are unusable (nothing was started).
+    #[error("mqtt: {0}")]
+    Uplink(#[from] uplink::ConfigError),
+    /// The journal could not be opened (nothing was started).
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
+    /// A thread or listener could not be started.
+    #[error("cannot start: {0}")]
+    Start(String),
+    /// The uplink stopped with an error (the journal keeps everything not acked).
+    #[error("uplink: {0}")]
+    UplinkFailed(#[from] uplink::UplinkError),
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    /// Patient readings accepted into the journal.
+    pub accepted: u64,
+    /// Rejected and excluded readings (journaled as events).
+    pub rejected: u64,
+    /// Readings of unbound devices (journaled as events).
+    pub unattributed: u64,
+    /// Records the broker PUBACKed (readings and events).
+    pub delivered: u64,
+    /// Records still in the journal at exit.
+    pub journal_depth: u64,
+    /// What journal recovery found at start.
+    pub recovery: Recovery,
+    /// The uplink's own counts.
+    pub uplink: UplinkStats,
+}
+
+/// The uplink settings a config describes.
+pub fn uplink_config(config: &Config, topics: &Topics) -> Result<UplinkConfig, RunError> {
+    let raw = &config.raw;
+    let gw = &raw.gateway_id;
+    let mut u = UplinkConfig::new(
+        raw.mqtt.broker.clone(),
+        raw.mqtt.client_id.clone().unwrap_or_else(|| format!("phg-{gw}")),
+        topics.status(),
+    );
+    u.mqtt_version = config.mqtt_version;
+    u.inflight = raw.mqtt.inflight;
+    u.keep_alive = config.keep_alive;
+    u.allow_plaintext = raw.mqtt.allow_plaintext;
+    u.username = raw.mqtt.username.clone();
+    u.password = config.password.clone().map(uplink::Secret::new);
+    u.tls = raw.mqtt.tls.as_ref().map(|t| uplink::TlsFiles {
+        ca: t.ca.clone(),
+        client_cert: t.client_cert.clone(),
+        client_key: t.client_key.clone(),
+    });
+    let online = StatusMessage::online(gw, Some(env!("CARGO_PKG_VERSION")));
+    let offline = StatusMessage::offline(gw);
+    u.online_payload = serde_json::to_vec(&online).map_err(|e| RunError::Start(e.to_string()))?;
+    u.offline_payload = serde_json::to_vec(&offline).map_err(|e| RunError::Start(e.to_string()))?;
+    Ok(u)
+}
+
+/// The topics a config describes.
+pub fn topics(config: &Config) -> Topics {
+    match &config.raw.mqtt.topic_root {
+        Some(root) => Topics::new(root),
+        None => Topics::for_gateway(&config.raw.gateway_id),
+    }
+}
+
+/// Builds a simulated device from its config section, with its stored records.
+pub fn simulated_device(s: &SimulatedSection, now: i64, seed: u64) -> Result<SimDevice, RunError> {
+    let start = |e: crate::sources::simulator::SimError| RunError::Start(format!("simulated device {}: {e}", s.id));
+    Ok(match s.kind {
+        SimKind::Glucometer => {
+            let mut cfg = GlucometerConfig::new(s.id.clone());
+            cfg.clock_offset_s = s.clock_offset_s;
+            if s.unit.as_deref() == Some("mmol/L") {
+                cfg.unit = protocol::model::GlucoseUnit::MmolPerL;
+            }
+            let mut g = SimGlucometer::new(cfg);
+            g.generate(s.stored, now, seed).map_err(start)?;
+            SimDevice::glucometer(g)
+        }
+        SimKind::Cuff => {
+            let mut cfg = CuffConfig::new(s.id.clone());
+            cfg.clock_offset_s = s.clock_offset_s;
+            if !s.users.is_empty() {
+                cfg.users = s.users.clone();
+            }
+            let mut c = SimCuff::new(cfg);
+            c.generate(s.stored, now, seed).map_err(start)?;
+            SimDevice::cuff(c)
+        }
+    })
+}
+
+/// One simulated device's life: a new measurement now and then, a session every `connect_every_s`.
+async fn simulated_device_task(
+    s: SimulatedSection,
+    device: SimDevice,
+    pipeline: Pipeline,
+    collector_cfg: CollectorConfig,
+    shutdown: CancellationToken,
+) {
+    let dref = DeviceRef { id: s.id.clone(), model: None };
+    let mut connect = tokio::time::interval(Duration::from_secs(s.connect_every_s));
+    let measure_every = Duration::from_secs(s.measure_every_s.max(1));
+    let mut measure = tokio::time::interval_at(tokio::time::Instant::now() + measure_every, measure_every);
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = measure.tick(), if s.measure_every_s > 0 => {
+                n += 1;
+                let now = unix_now();
+                let _ = device.with_glucometer(|g| g.generate(1, now, n));
+                let _ = device.with_cuff(|c| c.generate(1, now, n));
+            }
+            _ = connect.tick() => {
+                let mut link = SimLink::connect(&device);
+                let mut sink = pipeline.session();
+                let session = async {
+                    match s.kind {
+                        SimKind::Glucometer => collector::glucose_session(&mut link, &mut sink, &dref, &collector_cfg).await,
+                        SimKind::Cuff => collector::blood_pressure_session(&mut link, &mut sink, &dref, &collector_cfg).await,
+                    }
+                };
+                // A session is not interrupted by shutdown mid-transfer: it ends at the device's pace, bounded
+                // by the collector's own timers, so every value it handed over is fsynced or refused.
+                match session.await {
+                    Ok(report) => tracing::debug!(device = %s.id, ?report, "session ended"),
+                    Err(e) => tracing::warn!(device = %s.id, error = %e, "session failed; the device keeps its records"),
+                }
+                use crate::sources::GattLink;
+                link.disconnect().await;
+            }
+        }
+    }
+}
+
+/// Runs the gateway until `shutdown` is cancelled.
+///
+/// # Errors
+/// [`RunError`]: at start (nothing started), or the uplink's fatal error.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSummary, RunError> {
+    let topics = topics(&config);
+    // Everything that can be checked is checked before anything starts.
+    let uplink_cfg = uplink_config(&config, &topics)?.validate()?;
+    let raw = &config.raw;
+    let mut jcfg = JournalConfig::new(raw.journal.dir.clone());
+    jcfg.max_bytes = raw.journal.max_bytes;
+    jcfg.max_records = raw.journal.max_records;
+    let (journal, recovery) = Journal::open(jcfg)?;
+    if recovery.is_clean() {
+        tracing::info!(pending = recovery.records, "journal opened");
+    } else {
+        tracing::warn!(
+            pending = recovery.records,
+            torn_bytes = recovery.torn_bytes,
+            corrupt_frames = recovery.corrupt_frames,
+            missing_records = recovery.missing_records,
+            "journal recovered from damage"
+        );
+    }
+    let journal = Arc::new(Mutex::new(journal));
+    let appended = Arc::new(Notify::new());
+    let (writer, writer_thread) =
+        writer::spawn(journal.clone(), appended.clone(), 1024).map_err(|e| RunError::Start(e.to_string()))?;
+    let mut bindings = Bindings::default();
+    for b in &raw.bindings {
+        bindings.bind(&b.device, b.user_id, &b.patient);
+    }
+    let counters = Arc::new(Counters::default());
+    let pipeline = Pipeline {
+        gateway_id: raw.gateway_id.clone(),
+        topics: topics.clone(),
+        bindings: Arc::new(bindings),
+        journal: journal.clone(),
+        writer,
+        counters: counters.clone(),
+    };
+
+    let uplink_stop = CancellationToken::new();
+    let uplink_task = tokio::spawn(uplink::run_checked(uplink_cfg, journal.clone(), appended.clone(), uplink_stop.clone()));
+    let telemetry = crate::telemetry::spawn_exporter(&config, journal.clone(), counters.clone(), shutdown.clone());
+
+    let devices = TaskTracker::new();
+    let collector_cfg = CollectorConfig { bp_idle: Duration::from_secs(2), ..CollectorConfig::default() };
+    for (i, s) in raw.simulated.iter().enumerate() {
+        let device = simulated_device(s, unix_now(), i as u64 + 1)?;
+        devices.spawn(simulated_device_task(s.clone(), device, pipeline.clone(), collector_cfg, shutdown.clone()));
+    }
+    devices.close();
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: finishing device sessions");
+    devices.wait().await;
+    // Dropping the last writer handle ends the writer thread after its queue is committed.
+    drop(pipeline);
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    uplink_stop.cancel();
+    let uplink = match uplink_task.await {
+        Ok(r) => r?,
+        Err(e) => return Err(RunError::Start(format!("uplink task: {e}"))),
+    };
+    if let Some(t) = telemetry {
+        t.abort();
+    }
+    let journal_depth = journal.lock().unwrap_or_else(|p| p.into_inner()).depth();
+    Ok(RunSummary {
+        accepted: counters.accepted.load(Ordering::Relaxed),
+        rejected: counters.rejected.load(Ordering::Relaxed),
+        unattributed: counters.unattributed.load(Ordering::Relaxed),
+        delivered: uplink.delivered,
+        journal_depth,
+        recovery,
+        uplink,
+    })
+}

@@ -1,0 +1,361 @@
+//! `gateway run --config FILE`: the TOML configuration, checked before anything starts.
+//!
+//! Two layers (ripgrep's low/high split, STYLE.md practice 14): [`RawConfig`] is what the file says, with
+//! `deny_unknown_fields` everywhere so a misspelt key is an error naming the key and its line; [`Config`]
+//! is the checked result. Every field is documented in `gateway/config.example.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use crate::uplink::MqttVersion;
+
+/// Why a configuration cannot be used. Nothing has been started when this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has an unknown / missing / mistyped key (the message names it and
+    /// its line).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{path}: {key}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The offending key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// `[mqtt]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSection {
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub broker: String,
+    /// Protocol version: "5" (default) or "3.1.1".
+    #[serde(default = "default_version")]
+    pub version: String,
+    /// Client id; default `phg-{gateway_id}`.
+    pub client_id: Option<String>,
+    /// Topic root; default `phg/v1/{gateway_id}`.
+    pub topic_root: Option<String>,
+    /// QoS 1 messages in flight at once.
+    #[serde(default = "default_inflight")]
+    pub inflight: u16,
+    /// Keep-alive, seconds.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_s: u64,
+    /// Allow `mqtt://` (no TLS) to a host that is not loopback.
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    /// User name.
+    pub username: Option<String>,
+    /// Password file (its first line; keeps the secret out of the config).
+    pub password_file: Option<PathBuf>,
+    /// `[mqtt.tls]`.
+    pub tls: Option<TlsSection>,
+}
+
+fn default_version() -> String {
+    "5".to_owned()
+}
+
+const fn default_inflight() -> u16 {
+    100
+}
+
+const fn default_keep_alive() -> u64 {
+    30
+}
+
+/// `[mqtt.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// CA certificate(s), PEM.
+    pub ca: PathBuf,
+    /// Client certificate, PEM (with `client_key`).
+    pub client_cert: Option<PathBuf>,
+    /// Client key, PEM.
+    pub client_key: Option<PathBuf>,
+}
+
+/// `[journal]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalSection {
+    /// Directory (created 0700).
+    pub dir: PathBuf,
+    /// Bound on pending bytes; when reached the gateway stops downloading (devices keep their records).
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// Bound on pending records.
+    #[serde(default = "default_max_records")]
+    pub max_records: u64,
+}
+
+const fn default_max_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+
+const fn default_max_records() -> u64 {
+    1_000_000
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// Log lines as JSON (for journald / a log shipper) instead of text.
+    #[serde(default)]
+    pub json_logs: bool,
+    /// Serve Prometheus metrics on this address (e.g. "127.0.0.1:9464"); off when absent.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// `[[bindings]]`: a device (or one user of a multi-user cuff) → a pseudonymous patient id.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingSection {
+    /// Device id (the Bluetooth address, or a simulated device's id).
+    pub device: String,
+    /// BLS user id, for a cuff with several users; absent = every user.
+    pub user_id: Option<u8>,
+    /// Pseudonymous patient id — never a name or a national id.
+    pub patient: String,
+}
+
+/// Kind of simulated device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SimKind {
+    /// A GLS glucometer with RACP.
+    Glucometer,
+    /// A BLS cuff.
+    Cuff,
+}
+
+/// `[[simulated]]`: a device served by the in-process simulator, so a gateway can be exercised without a
+/// radio.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatedSection {
+    /// Glucometer or cuff.
+    pub kind: SimKind,
+    /// Device id.
+    pub id: String,
+    /// Records stored in the device at start.
+    #[serde(default)]
+    pub stored: usize,
+    /// A new measurement every this many seconds (0 = none).
+    #[serde(default)]
+    pub measure_every_s: u64,
+    /// Reconnect (a new session) every this many seconds.
+    #[serde(default = "default_connect_every")]
+    pub connect_every_s: u64,
+    /// Device clock minus real time, seconds.
+    #[serde(default)]
+    pub clock_offset_s: i64,
+    /// Glucometer unit: "mg/dL" (default) or "mmol/L".
+    pub unit: Option<String>,
+    /// Cuff users (BLS user ids).
+    #[serde(default)]
+    pub users: Vec<u8>,
+}
+
+const fn default_connect_every() -> u64 {
+    10
+}
+
+/// The file, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// This gateway's id (a topic level: letters, digits, `-`, `_`, `.`).
+    pub gateway_id: String,
+    /// `[mqtt]`.
+    pub mqtt: MqttSection,
+    /// `[journal]`.
+    pub journal: JournalSection,
+    /// `[telemetry]`.
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
+    /// `[[bindings]]`.
+    #[serde(default)]
+    pub bindings: Vec<BindingSection>,
+    /// `[[simulated]]`.
+    #[serde(default)]
+    pub simulated: Vec<SimulatedSection>,
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// As written, every value checked.
+    pub raw: RawConfig,
+    /// The MQTT version `mqtt.version` names.
+    pub mqtt_version: MqttVersion,
+    /// Keep-alive.
+    pub keep_alive: Duration,
+    /// The MQTT password, read from `password_file`.
+    pub password: Option<String>,
+}
+
+impl Config {
+    /// Reads and checks a file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, the key and what is wrong.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks TOML text (`path` is for messages).
+    ///
+    /// # Errors
+    /// [`ConfigError`].
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        let invalid = |key: &str, reason: &str| ConfigError::Invalid { path: path.to_owned(), key: key.to_owned(), reason: reason.to_owned() };
+        if !protocol::wire::is_valid_topic_level(&raw.gateway_id) {
+            return Err(invalid("gateway_id", "must be a non-empty MQTT topic level (no '/', '+', '#')"));
+        }
+        let b = &raw.mqtt.broker;
+        if !(b.starts_with("mqtt://") || b.starts_with("mqtts://")) {
+            return Err(invalid("mqtt.broker", "must start with mqtt:// or mqtts://"));
+        }
+        let mqtt_version = match raw.mqtt.version.as_str() {
+            "5" => MqttVersion::V5,
+            "3.1.1" => MqttVersion::V311,
+            _ => return Err(invalid("mqtt.version", "must be \"5\" or \"3.1.1\"")),
+        };
+        if raw.mqtt.inflight == 0 {
+            return Err(invalid("mqtt.inflight", "must be at least 1"));
+        }
+        if raw.mqtt.keep_alive_s < 5 {
+            return Err(invalid("mqtt.keep_alive_s", "must be at least 5 seconds"));
+        }
+        if let Some(tls) = &raw.mqtt.tls {
+            if tls.client_cert.is_some() != tls.client_key.is_some() {
+                return Err(invalid("mqtt.tls", "client_cert and client_key go together"));
+            }
+        }
+        if raw.journal.max_bytes < 64 * 1024 {
+            return Err(invalid("journal.max_bytes", "must be at least 65536"));
+        }
+        if raw.journal.max_records == 0 {
+            return Err(invalid("journal.max_records", "must be at least 1"));
+        }
+        for (i, bnd) in raw.bindings.iter().enumerate() {
+            if !protocol::wire::is_valid_pseudonym(&bnd.patient) {
+                return Err(invalid(
+                    &format!("bindings[{i}].patient"),
+                    "must be a pseudonymous id (letters, digits, '._:-'; no names or national ids)",
+                ));
+            }
+            if bnd.device.is_empty() {
+                return Err(invalid(&format!("bindings[{i}].device"), "is empty"));
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, s) in raw.simulated.iter().enumerate() {
+            if s.id.is_empty() || !ids.insert(s.id.clone()) {
+                return Err(invalid(&format!("simulated[{i}].id"), "must be non-empty and unique"));
+            }
+            if let Some(u) = &s.unit {
+                if u != "mg/dL" && u != "mmol/L" {
+                    return Err(invalid(&format!("simulated[{i}].unit"), "must be \"mg/dL\" or \"mmol/L\""));
+                }
+            }
+            if s.connect_every_s == 0 {
+                return Err(invalid(&format!("simulated[{i}].connect_every_s"), "must be at least 1"));
+            }
+        }
+        let password = match &raw.mqtt.password_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| invalid("mqtt.password_file", &e.to_string()))?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        Ok(Config { mqtt_version, keep_alive: Duration::from_secs(raw.mqtt.keep_alive_s), raw, password })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+gateway_id = "gw-1"
+[mqtt]
+broker = "mqtt://127.0.0.1:1883"
+[journal]
+dir = "/tmp/j"
+[[bindings]]
+device = "meter-1"
+patient = "p-001"
+"#;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn good_config_has_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.raw.mqtt.inflight, 100);
+        assert_eq!(c.mqtt_version, MqttVersion::V5);
+        assert_eq!(c.raw.journal.max_bytes, 256 * 1024 * 1024);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = GOOD.replace("[journal]\n", "[journal]\nmax_bites = 5\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("max_bites"), "{e}");
+        assert!(e.contains("line 7"), "{e}");
+    }
+
+    #[test]
+    fn a_name_as_patient_id_is_refused() {
+        let e = parse(&GOOD.replace("p-001", "Jane Doe")).unwrap_err().to_string();
+        assert!(e.contains("bindings[0].patient"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (from, to, key) in [
+            ("mqtt://127.0.0.1:1883", "http://x", "mqtt.broker"),
+            ("gw-1", "gw/1", "gateway_id"),
+            ("[journal]\n", "[journal]\nmax_bytes = 10\n", "journal.max_bytes"),
+        ] {
+            let e = parse(&GOOD.replace(from, to)).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+}

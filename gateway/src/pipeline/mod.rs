@@ -1,0 +1,299 @@
+//! The pipeline: decode → validate → attribute → reading id → journal.
+//!
+//! One [`SessionSink`] per device session implements the collectors' [`RecordSink`]. It decodes each value
+//! with the `protocol` codecs, joins glucose contexts to their measurements by sequence number, validates
+//! (CLINICAL.md §3), attributes the reading to a pseudonymous patient through the [`Bindings`], and hands the
+//! message to the journal writer ([`writer`]). Nothing is dropped silently:
+//!
+//! | what | where it goes |
+//! |---|---|
+//! | a valid, low-quality or censored reading of a bound device | `…/readings` |
+//! | a rejected reading, a control-solution test | an event on `…/events` (journaled) |
+//! | a reading of a device (or cuff user) bound to no patient | an `unattributed` event (journaled) |
+//! | a value that does not decode | a `decode_failed` event (journaled) |
+//!
+//! Each record carries the device's record number as `device_seq` (GLS sequence number; for a cuff, its
+//! time stamp in seconds), which is the journal's per-device cursor: the collector's "last accepted" is
+//! whatever the journal has fsynced, so it cannot run ahead of acceptance (DESIGN.md promise 4). Cuffs that
+//! dump their whole memory on every subscribe are kept from doubling readings the same way: a reading
+//! whose time stamp is not after the cursor of its device and user was accepted before and is skipped.
+
+pub mod writer;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use protocol::gatt::Codec;
+use protocol::gatt::bp::BloodPressureMeasurement;
+use protocol::gatt::glucose::{GlucoseContext, GlucoseMeasurement};
+use protocol::model::{BloodPressureRecord, ContextJoiner, GlucoseContextInfo, GlucoseRecord, Measurement};
+use protocol::validate::{Reception, validate};
+use protocol::wire::{self, Event, EventMessage, ReadingMessage, Topics};
+use tokio::sync::oneshot;
+
+use crate::journal::{Journal, NewRecord};
+use crate::sources::collector::{RecordSink, SessionInfo, SinkError};
+use crate::sources::uuid;
+use writer::{Outcome, Refusal, WriterHandle};
+
+/// Device (and cuff user) → pseudonymous patient id.
+#[derive(Debug, Clone, Default)]
+pub struct Bindings {
+    map: HashMap<(String, Option<u8>), String>,
+}
+
+impl Bindings {
+    /// Binds `device` (for every user, or one BLS `user_id`) to `patient`.
+    pub fn bind(&mut self, device: &str, user_id: Option<u8>, patient: &str) {
+        self.map.insert((device.to_owned(), user_id), patient.to_owned());
+    }
+
+    /// The patient a reading belongs to: the binding for its user if there is one, else for the device.
+    pub fn patient(&self, device: &str, user_id: Option<u8>) -> Option<&str> {
+        user_id
+            .and_then(|u| self.map.get(&(device.to_owned(), Some(u))))
+            .or_else(|| self.map.get(&(device.to_owned(), None)))
+            .map(String::as_str)
+    }
+}
+
+/// Pipeline counters (also exported to Prometheus by the telemetry module).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Patient readings accepted into the journal.
+    pub accepted: AtomicU64,
+    /// Readings rejected or excluded (control solution), journaled as events.
+    pub rejected: AtomicU64,
+    /// Readings of unbound devices, journaled as events.
+    pub unattributed: AtomicU64,
+    /// Values that did not decode.
+    pub decode_failed: AtomicU64,
+    /// Cuff readings skipped because they were accepted in an earlier session.
+    pub already_accepted: AtomicU64,
+    /// Records the journal refused (full); the devices keep them.
+    pub refused: AtomicU64,
+}
+
+/// What every session of a gateway shares.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// The gateway id (on every message).
+    pub gateway_id: String,
+    /// The topics.
+    pub topics: Topics,
+    /// Device bindings.
+    pub bindings: Arc<Bindings>,
+    /// The journal (read for cursors; written only through `writer`).
+    pub journal: Arc<Mutex<Journal>>,
+    /// The journal writer.
+    pub writer: WriterHandle,
+    /// Counters.
+    pub counters: Arc<Counters>,
+}
+
+impl Pipeline {
+    /// A sink for one device session.
+    pub fn session(&self) -> SessionSink {
+        SessionSink {
+            pipeline: self.clone(),
+            joiner: ContextJoiner::new(),
+            in_flight: Vec::new(),
+            refused: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// The journal cursor key of a reading: the device, and for a multi-user cuff the user too (each user's
+/// readings are a separate series in the cuff's memory).
+pub fn cursor_key(device: &str, m: &Measurement) -> String {
+    match m {
+        Measurement::BloodPressure(BloodPressureRecord { user_id: Some(u), .. }) => format!("{device}#user{u}"),
+        _ => device.to_owned(),
+    }
+}
+
+/// The pipeline side of one device session.
+#[derive(Debug)]
+pub struct SessionSink {
+    pipeline: Pipeline,
+    joiner: ContextJoiner,
+    in_flight: Vec<(Kind, oneshot::Receiver<Outcome>)>,
+    refused: Arc<AtomicBool>,
+}
+
+/// What a journaled record is, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Reading,
+    Rejected,
+    Unattributed,
+    DecodeFailed,
+}
+
+impl SessionSink {
+    fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+        // Short, await-free critical sections only (a cursor read); see writer.rs for the poison rationale.
+        self.pipeline.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn submit(&mut self, kind: Kind, record: NewRecord) -> Result<(), SinkError> {
+        if self.refused.load(Ordering::Acquire) {
+            return Err(SinkError::Full);
+        }
+        let rx = self
+            .pipeline
+            .writer
+            .submit(record, self.refused.clone())
+            .await
+            .map_err(|e| SinkError::Unavailable(e.to_string()))?;
+        self.in_flight.push((kind, rx));
+        // Collect outcomes already decided, so a full journal stops the download promptly.
+        self.settle(false).await
+    }
+
+    /// Collects the outcomes of submitted records: all of them (`wait`), or those already known.
+    async fn settle(&mut self, wait: bool) -> Result<(), SinkError> {
+        let mut result = Ok(());
+        let mut still = Vec::new();
+        for (kind, mut rx) in self.in_flight.drain(..) {
+            let outcome = if wait {
+                rx.await.unwrap_or(Err(Refusal::Failed("journal writer stopped".into())))
+            } else {
+                match rx.try_recv() {
+                    Ok(o) => o,
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        still.push((kind, rx));
+                        continue;
+                    }
+                    Err(oneshot::error::TryRecvError::Closed) => Err(Refusal::Failed("journal writer stopped".into())),
+                }
+            };
+            let c = &self.pipeline.counters;
+            match outcome {
+                Ok(_) => {
+                    let counter = match kind {
+                        Kind::Reading => &c.accepted,
+                        Kind::Rejected => &c.rejected,
+                        Kind::Unattributed => &c.unattributed,
+                        Kind::DecodeFailed => &c.decode_failed,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(Refusal::Full) => {
+                    c.refused.fetch_add(1, Ordering::Relaxed);
+                    result = Err(SinkError::Full);
+                }
+                Err(Refusal::Failed(e)) => {
+                    c.refused.fetch_add(1, Ordering::Relaxed);
+                    if result.is_ok() {
+                        result = Err(SinkError::Unavailable(e));
+                    }
+                }
+            }
+        }
+        self.in_flight = still;
+        result
+    }
+
+    /// Validates, attributes and journals one complete measurement.
+    async fn measurement(&mut self, session: &SessionInfo, m: Measurement, received_utc: i64) -> Result<(), SinkError> {
+        let device = &session.device.id;
+        let key = cursor_key(device, &m);
+        let device_seq = match &m {
+            Measurement::Glucose(g) => Some(u64::from(g.sequence_number)),
+            // A cuff has no record number: its time stamp orders its memory. Without one, only the reading
+            // id (pending in the journal) keeps a re-dumped reading from doubling.
+            Measurement::BloodPressure(b) => b.timestamp.and_then(|t| t.to_epoch_seconds()).and_then(|s| u64::try_from(s).ok()),
+        };
+        if let (Measurement::BloodPressure(_), Some(seq)) = (&m, device_seq) {
+            if self.journal().cursor(&key).is_some_and(|c| seq <= c) {
+                self.pipeline.counters.already_accepted.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+        let rx = Reception { received_utc, clock_offset_s: session.clock_offset_s };
+        let verdict = validate(&m, &rx);
+        let user_id = match &m {
+            Measurement::BloodPressure(b) => b.user_id,
+            Measurement::Glucose(_) => None,
+        };
+        let patient = self.pipeline.bindings.patient(device, user_id).map(str::to_owned);
+        let gateway = self.pipeline.gateway_id.clone();
+        let reading_id = wire::reading_id_of(device, &m).to_string();
+        let (kind, topic, payload) = if let Some(event) = Event::for_excluded(device, patient.as_deref(), &m, &verdict) {
+            tracing::info!(device = %device, reading_id = %reading_id, "reading excluded from the patient record");
+            (Kind::Rejected, self.pipeline.topics.events(), event_json(&gateway, received_utc, event)?)
+        } else if let Some(patient) = patient {
+            let dref = wire::DeviceRef { id: device.clone(), model: session.device.model.clone(), user_id: None };
+            let msg = ReadingMessage::new(&gateway, &patient, dref, &m, &verdict, &rx)
+                .map_err(|e| SinkError::Unavailable(format!("cannot build the reading message: {e}")))?;
+            let payload = serde_json::to_vec(&msg).map_err(|e| SinkError::Unavailable(e.to_string()))?;
+            (Kind::Reading, self.pipeline.topics.readings(), payload)
+        } else {
+            tracing::info!(device = %device, reading_id = %reading_id, "reading of an unbound device held as unattributed");
+            let event = Event::unattributed(device, &m);
+            (Kind::Unattributed, self.pipeline.topics.events(), event_json(&gateway, received_utc, event)?)
+        };
+        self.submit(kind, NewRecord { device: key, device_seq, reading_id, topic, payload }).await
+    }
+}
+
+fn event_json(gateway: &str, time_utc: i64, event: Event) -> Result<Vec<u8>, SinkError> {
+    let msg = EventMessage::new(gateway, time_utc, event).map_err(|e| SinkError::Unavailable(e.to_string()))?;
+    serde_json::to_vec(&msg).map_err(|e| SinkError::Unavailable(e.to_string()))
+}
+
+impl RecordSink for SessionSink {
+    fn cursor(&self, key: &str) -> Option<u64> {
+        self.journal().cursor(key)
+    }
+
+    async fn value(&mut self, session: &SessionInfo, uuid: u16, bytes: &[u8], received_utc: i64) -> Result<(), SinkError> {
+        let device = &session.device.id;
+        let decoded: Result<Vec<Measurement>, protocol::Error> = match uuid {
+            uuid::GLUCOSE_MEASUREMENT => GlucoseMeasurement::parse(bytes).map(|g| {
+                let (previous, now) = self.joiner.measurement(GlucoseRecord::from_gatt(&g), g.context_follows);
+                previous.into_iter().chain(now).map(Measurement::Glucose).collect()
+            }),
+            uuid::GLUCOSE_CONTEXT => GlucoseContext::parse(bytes).map(|c| {
+                match self.joiner.context(c.sequence_number, GlucoseContextInfo::from_gatt(&c)) {
+                    Ok(joined) => vec![Measurement::Glucose(joined)],
+                    Err(e) => {
+                        // GLP: an out-of-sequence context has no measurement to join; the measurement it
+                        // belonged to (if any) was already accepted without it.
+                        tracing::warn!(device = %device, ?e, "context without its measurement");
+                        Vec::new()
+                    }
+                }
+            }),
+            uuid::BP_MEASUREMENT => BloodPressureMeasurement::parse(bytes)
+                .map(|b| vec![Measurement::BloodPressure(BloodPressureRecord::from_gatt(&b))]),
+            _ => Ok(Vec::new()),
+        };
+        match decoded {
+            Ok(ms) => {
+                for m in ms {
+                    self.measurement(session, m, received_utc).await?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(device = %device, characteristic = format_args!("{uuid:04X}"), error = %e, "value did not decode");
+                let gateway = self.pipeline.gateway_id.clone();
+                let payload = event_json(&gateway, received_utc, Event::decode_failed(device, uuid, bytes, &e))?;
+                // The event's id is derived from the bytes so that a re-sent bad value is one event.
+                let reading_id = format!("decode-failed:{device}:{uuid:04X}:{}", wire::to_hex(bytes));
+                let record = NewRecord { device: device.clone(), device_seq: None, reading_id, topic: self.pipeline.topics.events(), payload };
+                self.submit(Kind::DecodeFailed, record).await
+            }
+        }
+    }
+
+    async fn end_of_transfer(&mut self, session: &SessionInfo) -> Result<(), SinkError> {
+        if let Some(held) = self.joiner.finish() {
+            self.measurement(session, Measurement::Glucose(held), crate::sources::collector::now_utc()).await?;
+        }
+        self.settle(true).await
+    }
+}

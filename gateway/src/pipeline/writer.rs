@@ -1,0 +1,156 @@
+//! The journal writer: one thread that owns every append, so that appends from all device sessions are
+//! group-committed — under load up to [`MAX_BATCH`] records share one write and one fdatasync; when idle a
+//! single record is committed at once (one fsync per reading).
+//!
+//! A session hands records over through a bounded channel (backpressure reaches the device: a glucometer
+//! keeps its records) and learns the outcome through a oneshot. Once a record of a session is refused
+//! (journal full), every later record of that session is refused too, without trying: otherwise a later
+//! record could be accepted and advance the device's cursor past the refused one, which would then never be
+//! downloaded again (DESIGN.md promise 4).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::journal::{Journal, NewRecord};
+
+/// Records per group commit (the figure the storage measurements in TOOLCHAIN.md were taken at).
+pub const MAX_BATCH: usize = 64;
+
+/// What a submitter learns about its record.
+pub type Outcome = Result<u64, Refusal>;
+
+/// Why a record was not accepted. The device still has it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The journal is at its bound (or an earlier record of the same session was refused).
+    #[error("journal full")]
+    Full,
+    /// The journal failed (I/O); the message says how. Nothing of this record was accepted.
+    #[error("journal error: {0}")]
+    Failed(String),
+}
+
+struct Request {
+    record: NewRecord,
+    /// Set once a record of this session is refused.
+    session_refused: Arc<AtomicBool>,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// The submitting side, cloned into every session.
+#[derive(Debug, Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request").field("reading_id", &self.record.reading_id).finish_non_exhaustive()
+    }
+}
+
+impl WriterHandle {
+    /// Hands a record to the writer; the returned receiver yields its journal seq once it is fsynced.
+    /// Waits while the writer's queue is full (backpressure).
+    ///
+    /// # Errors
+    /// [`Refusal::Failed`] when the writer has stopped (shutdown).
+    pub async fn submit(
+        &self,
+        record: NewRecord,
+        session_refused: Arc<AtomicBool>,
+    ) -> Result<oneshot::Receiver<Outcome>, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request { record, session_refused, reply })
+            .await
+            .map_err(|_| Refusal::Failed("journal writer stopped".into()))?;
+        Ok(rx)
+    }
+}
+
+/// Starts the writer thread. `appended` is notified after every commit (the uplink waits on it).
+/// The thread ends when every [`WriterHandle`] is dropped.
+///
+/// # Errors
+/// When the OS refuses a new thread.
+pub fn spawn(
+    journal: Arc<Mutex<Journal>>,
+    appended: Arc<Notify>,
+    queue: usize,
+) -> std::io::Result<(WriterHandle, std::thread::JoinHandle<()>)> {
+    let (tx, mut rx) = mpsc::channel::<Request>(queue.max(1));
+    let thread = std::thread::Builder::new().name("journal-writer".into()).spawn(move || {
+        let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            commit(&journal, &mut batch);
+            appended.notify_one();
+        }
+    })?;
+    Ok((WriterHandle { tx }, thread))
+}
+
+/// Appends a batch: the records of sessions already refused are refused; the rest go in one append. If
+/// the journal is full for the whole batch, records are tried one at a time so that those that fit are
+/// accepted, and the first refusal of a session refuses the rest of it.
+fn commit(journal: &Mutex<Journal>, batch: &mut Vec<Request>) {
+    // A poisoned lock means a thread panicked mid-append; the journal's own recovery rules (CRC framing)
+    // keep the file consistent, so carrying on with the inner value is safe.
+    let mut j = journal.lock().unwrap_or_else(|p| p.into_inner());
+    let mut live: Vec<Request> = Vec::with_capacity(batch.len());
+    for r in batch.drain(..) {
+        if r.session_refused.load(Ordering::Acquire) {
+            let _ = r.reply.send(Err(Refusal::Full));
+        } else {
+            live.push(r);
+        }
+    }
+    if live.is_empty() {
+        return;
+    }
+    let records: Vec<NewRecord> = live.iter().map(|r| r.record.clone()).collect();
+    match j.append(&records) {
+        Ok(seqs) => {
+            for (r, seq) in live.into_iter().zip(seqs) {
+                let _ = r.reply.send(Ok(seq));
+            }
+        }
+        Err(e) if e.is_full() => {
+            for r in live {
+                if r.session_refused.load(Ordering::Acquire) {
+                    let _ = r.reply.send(Err(Refusal::Full));
+                    continue;
+                }
+                match j.append(std::slice::from_ref(&r.record)) {
+                    Ok(seqs) => {
+                        let _ = r.reply.send(seqs.first().copied().ok_or(Refusal::Failed("no seq".into())));
+                    }
+                    Err(e) if e.is_full() => {
+                        r.session_refused.store(true, Ordering::Release);
+                        let _ = r.reply.send(Err(Refusal::Full));
+                    }
+                    Err(e) => {
+                        r.session_refused.store(true, Ordering::Release);
+                        let _ = r.reply.send(Err(Refusal::Failed(e.to_string())));
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "journal append failed; the devices keep their records");
+            for r in live {
+                r.session_refused.store(true, Ordering::Release);
+                let _ = r.reply.send(Err(Refusal::Failed(e.to_string())));
+            }
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The profiles' collector roles over a [`GattLink`]: GLP (glucose) and BLP (blood pressure).
+//!
+//! The collector moves bytes and keeps the profiles' rules; it does not decode readings (beyond the RACP
+//! answers it must understand) — it hands every value to a [`RecordSink`], the pipeline.
+//!
+//! GLP rules kept here (GATT.md, GLS/GLP v1.0, GLP.TS 1.0.7):
+//! - enable 2A18 / 2A34 notifications and RACP indications **before** any RACP write, else the meter
+//!   answers ATT 0x81; on 0x81 the collector re-subscribes once and retries (the session recovers);
+//! - read the device clock (Current Time, or Date Time where a meter keeps it there) and record the
+//!   coincident time stamp, so every reading carries the measured offset (DESIGN.md promise 5);
+//! - first contact asks for all records, afterwards for records ≥ last accepted + 1 — the cursor is the
+//!   journal's, so it only ever covers accepted records (promise 4);
+//! - the 30 s RACP timer restarts on every 2A18 / 2A34 notification and stops at the response code; on
+//!   time-out the set is incomplete and the next session resumes (GLP.TS SPE/BI-04);
+//! - when the sink refuses a value (journal full), the collector aborts the procedure and stops: the meter
+//!   keeps its records and the next session asks again from the cursor.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use protocol::gatt::Codec;
+use protocol::gatt::racp::{OpCode, Racp, ResponseCode};
+use protocol::gatt::time::{CurrentTime, DateTime};
+
+use super::{GattLink, LinkError, att, uuid};
+
+/// What a collector needs to know about the device it talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRef {
+    /// Stable device identity (BLE address, or the simulator's id): part of every reading id.
+    pub id: String,
+    /// Model name, from Device Information, when known.
+    pub model: Option<String>,
+}
+
+/// Facts of one connection, passed with every value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// The device.
+    pub device: DeviceRef,
+    /// Device clock − gateway clock (seconds, device time read as UTC) measured at this connection, when the
+    /// device's clock could be read.
+    pub clock_offset_s: Option<i64>,
+}
+
+/// Why the sink refused a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinkError {
+    /// The journal is at its bound: stop downloading; the device keeps its records.
+    #[error("journal full")]
+    Full,
+    /// The gateway is shutting down or the journal failed; the session ends, nothing is advanced.
+    #[error("pipeline unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The pipeline, as a collector sees it.
+pub trait RecordSink: Send {
+    /// The last accepted device record sequence number for `key` (a device, or a device + user).
+    fn cursor(&self, key: &str) -> Option<u64>;
+
+    /// One characteristic value received at `received_utc` (seconds). May return before the value is
+    /// durable; [`RecordSink::end_of_transfer`] waits for that.
+    fn value(
+        &mut self,
+        session: &SessionInfo,
+        uuid: u16,
+        bytes: &[u8],
+        received_utc: i64,
+    ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+
+    /// The transfer ended (response code, time-out, disconnect): release held state (a measurement whose
+    /// context never came) and wait until everything handed over is accepted or refused.
+    fn end_of_transfer(
+        &mut self,
+        session: &SessionInfo,
+    ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// Collector timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CollectorConfig {
+    /// GLP's RACP timer: 30 s, restarted by every measurement or context notification.
+    pub racp_timeout: Duration,
+    /// A BP cuff has no end-of-transfer marker: the session ends after this long without an indication.
+    pub bp_idle: Duration,
+    /// Delay before each CCCD write (Beurer BM85 ignores a CCCD write right after discovery: 50–100 ms,
+    /// derdilla PR #729).
+    pub cccd_delay: Duration,
+}
+
+impl Default for CollectorConfig {
+    fn default() -> Self {
+        CollectorConfig {
+            racp_timeout: Duration::from_secs(30),
+            bp_idle: Duration::from_secs(10),
+            cccd_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// The device said the transfer is complete (RACP success / no records found; a cuff went quiet).
+    Complete,
+    /// No response in time, or the link dropped: an incomplete set; the next session resumes at the cursor.
+    Incomplete,
+    /// The journal is full: the procedure was aborted; the device keeps its records.
+    JournalFull,
+}
+
+/// A session's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionReport {
+    /// How it ended.
+    pub completion: Completion,
+    /// Values handed to the sink.
+    pub values: usize,
+    /// The clock offset measured, if any.
+    pub clock_offset_s: Option<i64>,
+}
+
+/// Why a session failed before or during the transfer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// The device requires a bonded, encrypted link (ATT insufficient authentication / encryption).
+    #[error("device requires pairing (ATT 0x{0:02X})")]
+    NeedsPairing(u8),
+    /// The link failed at `stage`.
+    #[error("{stage}: {source}")]
+    Link {
+        /// What the collector was doing.
+        stage: &'static str,
+        /// The link's error.
+        source: LinkError,
+    },
+    /// The device answered RACP with an error response code.
+    #[error("RACP answered {0}")]
+    Racp(&'static str),
+    /// The sink failed for another reason than a full journal.
+    #[error(transparent)]
+    Sink(SinkError),
+}
+
+fn link_err(stage: &'static str) -> impl FnOnce(LinkError) -> SessionError {
+    move |source| match source {
+        LinkError::Att(code @ (att::INSUFFICIENT_AUTHENTICATION | att::INSUFFICIENT_ENCRYPTION)) => {
+            SessionError::NeedsPairing(code)
+        }
+        source => SessionError::Link { stage, source },
+    }
+}
+
+/// The gateway clock, seconds since the Unix epoch (UTC).
+pub fn now_utc() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Reads the device clock (Current Time, else Date Time) and returns device − gateway, seconds.
+///
+/// A clock that cannot be read, or reads as an incomplete date, gives `None`: its readings are then
+/// flagged "clock not read" by validation rather than corrected with a guess.
+pub async fn measure_clock_offset<L: GattLink>(link: &mut L) -> Option<i64> {
+    let device = if link.has(uuid::CURRENT_TIME) {
+        let bytes = link.read(uuid::CURRENT_TIME).await.ok()?;
+        CurrentTime::parse(&bytes).ok()?.date_time
+    } else if link.has(uuid::DATE_TIME) {
+        // Roche Accu-Chek Aviva Connect keeps its clock in Date Time inside the glucose service (GATT.md).
+        let bytes = link.read(uuid::DATE_TIME).await.ok()?;
+        DateTime::parse(&bytes).ok()?
+    } else {
+        return None;
+    };
+    // The coincident time stamp: the gateway clock read as close to the device's answer as we can.
+    let gateway = now_utc();
+    Some(device.to_epoch_seconds()? - gateway)
+}
+
+async fn subscribe_all<L: GattLink>(link: &mut L, uuids: &[u16], cfg: &CollectorConfig) -> Result<(), SessionError> {
+    for &u in uuids {
+        if !link.has(u) {
+            continue;
+        }
+        if !cfg.cccd_delay.is_zero() {
+            tokio::time::sleep(cfg.cccd_delay).await;
+        }
+        link.subscribe(u).await.map_err(link_err("subscribe"))?;
+    }
+    Ok(())
+}
+
+/// Runs the GLP collector: downloads every record after the sink's cursor for `device`.
+///
+/// # Errors
+/// [`SessionError`] when the device needs pairing, the link fails before the transfer starts, or RACP is
+/// refused. A link that drops during the transfer is not an error: the report says `Incomplete`.
+pub async fn glucose_session<L: GattLink, S: RecordSink>(
+    link: &mut L,
+    sink: &mut S,
+    device: &DeviceRef,
+    cfg: &CollectorConfig,
+) -> Result<SessionReport, SessionError> {
+    if !link.has(uuid::GLUCOSE_MEASUREMENT) || !link.has(uuid::RACP) {
+        return Err(SessionError::Link { stage: "discovery", source: LinkError::Missing(uuid::RACP) });
+    }
+    let cccds = [uuid::GLUCOSE_MEASUREMENT, uuid::GLUCOSE_CONTEXT, uuid::RACP];
+    subscribe_all(link, &cccds, cfg).await?;
+    if link.has(uuid::GLUCOSE_FEATURE) {
+        // Read for the device record; a meter that fails this read can still be downloaded.
+        let _ = link.read(uuid::GLUCOSE_FEATURE).await;
+    }
+    let clock_offset_s = measure_clock_offset(link).await;
+    let session = SessionInfo { device: device.clone(), clock_offset_s };
+
+    // First contact: everything. Afterwards: records >= last accepted + 1 (RACP >= is inclusive).
+    let request = match sink.cursor(&device.id) {
+        None => Racp::report_all(),
+        Some(last) => match u16::try_from(last + 1) {
+            Ok(next) => Racp::report_from(next),
+            // GLS sequence numbers never roll over: past 0xFFFF there is nothing new to ask for.
+            Err(_) => return Ok(SessionReport { completion: Completion::Complete, values: 0, clock_offset_s }),
+        },
+    };
+    let bytes = request.to_vec();
+    match link.write(uuid::RACP, &bytes).await {
+        Ok(()) => {}
+        Err(LinkError::Att(att::CCCD_IMPROPERLY_CONFIGURED)) => {
+            // The meter did not take our CCCD writes (or forgot them): configure again and retry once.
+            tracing::warn!(device = %device.id, "RACP refused with 0x81 (CCCD improperly configured); re-subscribing");
+            subscribe_all(link, &cccds, cfg).await?;
+            link.write(uuid::RACP, &bytes).await.map_err(link_err("racp write"))?;
+        }
+        Err(e) => return Err(link_err("racp write")(e)),
+    }
+
+    let mut values = 0usize;
+    let completion = loop {
+        let next = match tokio::time::timeout(cfg.racp_timeout, link.next_notification()).await {
+            Err(_) => {
+                tracing::warn!(device = %device.id, "RACP timer expired: incomplete set, resuming next session");
+                break Completion::Incomplete;
+            }
+            Ok(None) => break Completion::Incomplete,
+            Ok(Some(n)) => n,
+        };
+        match next.uuid {
+            uuid::GLUCOSE_MEASUREMENT | uuid::GLUCOSE_CONTEXT => {
+                values += 1;
+                match sink.value(&session, next.uuid, &next.value, now_utc()).await {
+                    Ok(()) => {}
+                    Err(SinkError::Full) => {
+                        // Stop the meter sending more; what it sent after this stays in its memory.
+                        let _ = link.write(uuid::RACP, &Racp::abort().to_vec()).await;
+                        break Completion::JournalFull;
+                    }
+                    Err(e) => return Err(SessionError::Sink(e)),
+                }
+            }
+            uuid::RACP => match Racp::parse(&next.value) {
+                Ok(Racp::ResponseCode { request_op_code, response })
+                    if request_op_code == OpCode::REPORT_STORED_RECORDS =>
+                {
+                    if response == ResponseCode::SUCCESS || response == ResponseCode::NO_RECORDS_FOUND {
+                        break Completion::Complete;
+                    }
+                    let _ = sink.end_of_transfer(&session).await;
+                    return Err(SessionError::Racp(response.name().unwrap_or("a reserved response code")));
+                }
+                // Other indications (an abort's answer, a stray count) do not end a report.
+                _ => {}
+            },
+            _ => {}
+        }
+    };
+    match sink.end_of_transfer(&session).await {
+        Ok(()) => {}
+        Err(SinkError::Full) => {
+            return Ok(SessionReport { completion: Completion::JournalFull, values, clock_offset_s });
+        }
+        Err(e) => return Err(SessionError::Sink(e)),
+    }
+    Ok(SessionReport { completion, values, clock_offset_s })
+}
+
+/// Runs the BLP collector: subscribes to measurements (a cuff may dump its memory now) and passes every
+/// indication to the sink until the cuff goes quiet for [`CollectorConfig::bp_idle`] or disconnects.
+///
+/// # Errors
+/// [`SessionError`] when the cuff needs pairing or the link fails before the transfer.
+pub async fn blood_pressure_session<L: GattLink, S: RecordSink>(
+    link: &mut L,
+    sink: &mut S,
+    device: &DeviceRef,
+    cfg: &CollectorConfig,
+) -> Result<SessionReport, SessionError> {
+    if !link.has(uuid::BP_MEASUREMENT) {
+        return Err(SessionError::Link { stage: "discovery", source: LinkError::Missing(uuid::BP_MEASUREMENT) });
+    }
+    // Read the clock before subscribing: cuffs that dump on subscribe start sending at once.
+    let clock_offset_s = measure_clock_offset(link).await;
+    let session = SessionInfo { device: device.clone(), clock_offset_s };
+    subscribe_all(link, &[uuid::INTERMEDIATE_CUFF_PRESSURE, uuid::BP_MEASUREMENT], cfg).await?;
+    let mut values = 0usize;
+    let completion = loop {
+        let next = match tokio::time::timeout(cfg.bp_idle, link.next_notification()).await {
+            Err(_) => break Completion::Complete,
+            // Some cuffs treat disconnect as "transfer complete" (vital-ios GATTMeterWithNoRACP).
+            Ok(None) => break Completion::Complete,
+            Ok(Some(n)) => n,
+        };
+        if next.uuid != uuid::BP_MEASUREMENT {
+            continue; // live cuff pressure is for a display, not the record
+        }
+        values += 1;
+        match sink.value(&session, next.uuid, &next.value, now_utc()).await {
+            Ok(()) => {}
+            Err(SinkError::Full) => break Completion::JournalFull,
+            Err(e) => return Err(SessionError::Sink(e)),
+        }
+    };
+    match sink.end_of_transfer(&session).await {
+        Ok(()) => Ok(SessionReport { completion, values, clock_offset_s }),
+        Err(SinkError::Full) => Ok(SessionReport { completion: Completion::JournalFull, values, clock_offset_s }),
+        Err(e) => Err(SessionError::Sink(e)),
+    }
+}

@@ -1,0 +1,64 @@
+//! Telemetry: tracing logs (text or JSON) and a Prometheus endpoint.
+//!
+//! Privacy (DESIGN.md promise 8): logs at info level carry ids, topics and counts, never reading values;
+//! values appear at debug level at most.
+//!
+//! Metrics (all `phg_`): `journal_depth` (gauge), `readings_accepted_total`, `readings_rejected_total`,
+//! `readings_unattributed_total`, `journal_refused_total` (counters, from the pipeline), and from the uplink
+//! `readings_delivered_total`, `mqtt_reconnects_total`, `publish_latency_seconds`, `inflight`.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::Config;
+use crate::journal::Journal;
+use crate::pipeline::Counters;
+
+/// Installs the log subscriber: `RUST_LOG` filters (default `default_filter`), JSON lines when `json`.
+/// The embedded broker's own chatter is kept at warnings.
+pub fn init_logs(json: bool, default_filter: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default_filter},rumqttd=warn")));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second init (tests, demo after run) is harmless: the first subscriber stays.
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// Starts the Prometheus endpoint when the config asks for one, and a task that copies the pipeline's
+/// counters and the journal depth into it once a second.
+pub fn spawn_exporter(
+    config: &Config,
+    journal: Arc<Mutex<Journal>>,
+    counters: Arc<Counters>,
+    shutdown: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let addr = config.raw.telemetry.metrics_listen?;
+    if let Err(e) = metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(addr).install() {
+        tracing::warn!(error = %e, %addr, "metrics endpoint not started; the gateway runs on without it");
+        return None;
+    }
+    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let depth = journal.lock().unwrap_or_else(|p| p.into_inner()).depth();
+            metrics::gauge!("phg_journal_depth").set(depth as f64);
+            for (name, c) in [
+                ("phg_readings_accepted_total", &counters.accepted),
+                ("phg_readings_rejected_total", &counters.rejected),
+                ("phg_readings_unattributed_total", &counters.unattributed),
+                ("phg_journal_refused_total", &counters.refused),
+            ] {
+                metrics::counter!(name).absolute(c.load(Ordering::Relaxed));
+            }
+        }
+    }))
+}
