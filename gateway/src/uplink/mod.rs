@@ -1,0 +1,572 @@
+//! The uplink: journal → MQTT (QoS 1) → broker, and the only task that drives rumqttc's event loop.
+//!
+//! # What it promises
+//!
+//! - **A record leaves the journal only after the broker PUBACKed it** (DESIGN promise 2, STYLE
+//!   practice 8). rumqttc's `publish()` does not return the packet id, so every publish handed over is
+//!   queued, `Event::Outgoing(Outgoing::Publish(pkid))` pins the oldest queued one to `pkid`, and
+//!   `Incoming::PubAck(pkid)` acks that record's journal seq. An MQTT 5 PUBACK with a failure reason code
+//!   (e.g. *not authorized*) is not an ack: the record stays.
+//! - **The journal is the source of truth, not rumqttc's session.** On any connection loss the uplink
+//!   discards rumqttc's retransmission queue, the requests still in its channel and its packet-id state
+//!   (see [`client`]), and after the next CONNACK republishes every unacked record from the oldest, in
+//!   journal order — so the order per device holds, and a record sent twice carries the same reading id
+//!   (harmless by design, promise 3). Sessions are clean (`clean_session` / `clean_start`): the broker
+//!   keeps nothing for us either.
+//! - **Bounded in flight.** At most [`UplinkConfig::inflight`] records are handed over and not yet
+//!   PUBACKed. New records are picked up when the pipeline calls [`Notify::notify_one`] after an append
+//!   (and, as a safety net, every few seconds).
+//! - **Reconnects with capped exponential backoff and full jitter** (rumqttc has none): the delay bound
+//!   doubles from `backoff_min` to `backoff_max` per failed attempt, and resets once a connection has
+//!   delivered a record or held for `backoff_max` (not merely because the status message got through:
+//!   a broker that accepts connections but refuses or drops the readings is not hammered).
+//! - **Status.** The last will is the retained offline payload on `status_topic`; every CONNACK is
+//!   followed by the retained online payload; a clean shutdown publishes the offline payload itself
+//!   (the broker does not send the will after a DISCONNECT).
+//! - **Graceful shutdown.** When `shutdown` fires, no new records are handed over; the uplink waits up to
+//!   `shutdown_grace` for the outstanding PUBACKs, acks what came back, and disconnects. What is still
+//!   unacked stays in the journal for the next start.
+//! - **Privacy.** Payloads are never logged; logs carry topic, seq and packet id only.
+//!
+//! # Metrics (through the `metrics` facade)
+//!
+//! | name | kind | meaning |
+//! |---|---|---|
+//! | `phg_readings_delivered_total` | counter | records PUBACKed by the broker |
+//! | `phg_mqtt_reconnects_total` | counter | sessions re-established after a loss |
+//! | `phg_publish_latency_seconds` | histogram | publish written → PUBACK |
+//! | `phg_inflight` | gauge | records handed over and not yet PUBACKed |
+//! | `phg_publish_refused_total` | counter | MQTT 5 PUBACKs with a failure reason code |
+//! | `phg_journal_ack_errors_total` | counter | journal acks that failed (the records will be resent) |
+//!
+//! # Layout
+//!
+//! - [`config`] — [`UplinkConfig`] and its validation.
+//! - `window` — the pure correlation state (packet id → journal seq) and the backoff formula.
+//! - `client` — rumqttc's MQTT 3.1.1 and 5 clients behind one face.
+
+mod client;
+pub mod config;
+mod window;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+pub use config::{CheckedUplinkConfig, ConfigError, MqttVersion, Secret, TlsFiles, UplinkConfig};
+
+use crate::journal::{Journal, JournalError, Record};
+use client::{Driver, HandOver, LinkError, Publisher, Signal};
+use window::{Item, Window, backoff_delay};
+
+/// How often the journal is looked at even without a wake-up (a missed `notify_one` costs at most this).
+const RECHECK_EVERY: Duration = Duration::from_secs(2);
+/// Acks are written to the journal in batches (one `fdatasync` each): when this many PUBACKs are
+/// waiting, or [`ACK_LINGER`] after the first of them.
+const ACK_BATCH: usize = 64;
+/// See [`ACK_BATCH`]. Short: a PUBACKed record that is not yet acked in the journal is sent again after
+/// a crash.
+const ACK_LINGER: Duration = Duration::from_millis(10);
+/// How long a clean disconnect may take after the shutdown grace.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(1);
+
+/// Why the uplink stopped. Connection problems are never among them: those are retried forever.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UplinkError {
+    /// The configuration was refused; nothing was connected. Fix the named setting.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The journal is poisoned (a failed `fdatasync`): it must be reopened before anything more can be
+    /// acked. Unacked records stay in it and are sent after the restart.
+    #[error("uplink stopped: {0}")]
+    Journal(#[source] JournalError),
+    /// The journal's mutex was poisoned by a panic elsewhere. Nothing was acked that was not PUBACKed.
+    #[error("uplink stopped: the journal lock was poisoned by a panic in another task")]
+    JournalLockPoisoned,
+    /// A blocking journal call panicked.
+    #[error("uplink stopped: a journal call panicked")]
+    JournalTaskPanicked,
+}
+
+/// What one [`run`] did, for the caller's log and for tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UplinkStats {
+    /// Record publishes handed to the MQTT client (first sends and republishes after a reconnect).
+    pub published: u64,
+    /// Records PUBACKed by the broker (a republished record counts again if PUBACKed again).
+    pub delivered: u64,
+    /// Sessions established (CONNACKs).
+    pub connections: u64,
+    /// Connections lost (or dropped on purpose after a refused publish).
+    pub connection_losses: u64,
+    /// MQTT 5 PUBACKs that refused a record.
+    pub refused: u64,
+    /// Records handed over but not PUBACKed when the uplink stopped (they stay in the journal).
+    pub unacked_at_exit: u64,
+}
+
+/// Runs the uplink until `shutdown` is cancelled (then drains, see the module doc) or a fatal error.
+///
+/// `journal` is shared with the pipeline; every call into it runs on a blocking thread under the lock,
+/// briefly (`pending` reads memory; `ack` writes one frame and `fdatasync`s). `wake` is notified by the
+/// pipeline after each append.
+///
+/// # Errors
+///
+/// [`UplinkError`]: an invalid configuration (before connecting) or a journal that can no longer ack.
+/// Broker and network failures are not errors: they are logged and retried with backoff.
+pub async fn run(
+    cfg: UplinkConfig,
+    journal: Arc<Mutex<Journal>>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> Result<UplinkStats, UplinkError> {
+    let cfg = cfg.validate()?;
+    run_checked(cfg, journal, wake, shutdown).await
+}
+
+/// [`run`] with a configuration that was already validated.
+///
+/// # Errors
+///
+/// As [`run`], minus the configuration errors.
+pub async fn run_checked(
+    cfg: CheckedUplinkConfig,
+    journal: Arc<Mutex<Journal>>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> Result<UplinkStats, UplinkError> {
+    describe_metrics();
+    let (publisher, mut driver) = client::build(&cfg);
+    info!(
+        host = %cfg.host,
+        port = cfg.port,
+        tls = cfg.tls.is_some(),
+        version = ?cfg.mqtt_version,
+        client_id = %cfg.client_id,
+        "uplink starting"
+    );
+    let mut uplink = Uplink {
+        cfg,
+        journal,
+        wake,
+        shutdown,
+        publisher,
+        window: Window::default(),
+        to_ack: Vec::new(),
+        ack_due: None,
+        connected: false,
+        connected_at: None,
+        drain_deadline: None,
+        maybe_more: true,
+        next_recheck: Instant::now() + RECHECK_EVERY,
+        attempt: 0,
+        stats: UplinkStats::default(),
+    };
+    let result = uplink.run(&mut driver).await;
+    metrics::gauge!("phg_inflight").set(0.0);
+    result
+}
+
+fn describe_metrics() {
+    metrics::describe_counter!("phg_readings_delivered_total", "Records PUBACKed by the MQTT broker.");
+    metrics::describe_counter!("phg_mqtt_reconnects_total", "MQTT sessions re-established after a loss.");
+    metrics::describe_histogram!(
+        "phg_publish_latency_seconds",
+        metrics::Unit::Seconds,
+        "Time from a publish being written to its PUBACK."
+    );
+    metrics::describe_gauge!("phg_inflight", "Records handed to the MQTT client and not yet PUBACKed.");
+    metrics::describe_counter!("phg_publish_refused_total", "MQTT 5 PUBACKs with a failure reason code.");
+    metrics::describe_counter!("phg_journal_ack_errors_total", "Journal acks that failed.");
+}
+
+/// What ended one wait on the event loop.
+enum Step {
+    /// The event loop yielded.
+    Polled(Result<Signal, LinkError>),
+    /// Stop now: shutdown while not connected, or the shutdown grace ran out.
+    Stop,
+}
+
+/// Whether the connection is still wanted after a signal.
+enum Flow {
+    Continue,
+    /// Drop the session and start over from the journal (a refused publish, a correlation fault).
+    Reconnect(String),
+}
+
+struct Uplink {
+    cfg: CheckedUplinkConfig,
+    journal: Arc<Mutex<Journal>>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+    publisher: Publisher,
+    window: Window,
+    /// Seqs PUBACKed and not yet acked in the journal.
+    to_ack: Vec<u64>,
+    /// When `to_ack` must be written at the latest.
+    ack_due: Option<Instant>,
+    /// A CONNACK was seen and the connection has not failed since.
+    connected: bool,
+    /// When the current connection's CONNACK came.
+    connected_at: Option<Instant>,
+    /// Set when shutdown began: stop waiting for PUBACKs at this instant.
+    drain_deadline: Option<Instant>,
+    /// The journal may hold records after the window's cursor (cleared when a read came back short).
+    maybe_more: bool,
+    next_recheck: Instant,
+    /// Failed connection attempts since a record was last PUBACKed or a connection last held for
+    /// `backoff_max`.
+    attempt: u32,
+    stats: UplinkStats,
+}
+
+impl Uplink {
+    async fn run(&mut self, driver: &mut Driver) -> Result<UplinkStats, UplinkError> {
+        loop {
+            match self.next_step(driver).await? {
+                Step::Stop => break,
+                Step::Polled(Ok(signal)) => {
+                    if let Flow::Reconnect(why) = self.on_signal(signal).await? {
+                        warn!(reason = %why, "uplink dropping the MQTT session; unacked records will be republished");
+                        self.lose_connection(driver).await?;
+                        if self.drain_deadline.is_some() || !self.back_off().await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+                Step::Polled(Err(e)) => {
+                    if self.connected {
+                        warn!(error = %e, unacked = self.window.records(), "uplink connection lost");
+                    } else {
+                        warn!(error = %e, attempt = self.attempt, "uplink cannot connect to the broker");
+                    }
+                    self.lose_connection(driver).await?;
+                    if self.drain_deadline.is_some() || !self.back_off().await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            if self.drain_deadline.is_some() && self.window.is_empty() {
+                break;
+            }
+            self.fill().await?;
+        }
+        self.finish(driver).await
+    }
+
+    /// Waits for the next event-loop event, serving wake-ups, ack flushes and shutdown meanwhile.
+    ///
+    /// The `poll` future lives across those other branches and is only dropped when it completes or
+    /// the uplink stops: rumqttc takes a request off its channel before writing it, so a poll cancelled
+    /// mid-write could lose a publish it already counted as sent.
+    async fn next_step(&mut self, driver: &mut Driver) -> Result<Step, UplinkError> {
+        let poll = driver.poll();
+        tokio::pin!(poll);
+        loop {
+            let draining = self.drain_deadline.is_some();
+            let drain_deadline = self.drain_deadline.unwrap_or_else(Instant::now);
+            let ack_due = self.ack_due.unwrap_or_else(Instant::now);
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled(), if !draining => {
+                    self.begin_drain();
+                    if !self.connected {
+                        return Ok(Step::Stop);
+                    }
+                }
+                _ = sleep_until(drain_deadline), if draining => return Ok(Step::Stop),
+                res = &mut poll => return Ok(Step::Polled(res)),
+                _ = sleep_until(ack_due), if self.ack_due.is_some() => self.flush_acks().await?,
+                _ = self.wake.notified(), if self.connected && !draining => {
+                    self.maybe_more = true;
+                    self.fill().await?;
+                }
+                _ = sleep_until(self.next_recheck), if self.connected && !draining => {
+                    self.next_recheck = Instant::now() + RECHECK_EVERY;
+                    self.maybe_more = true;
+                    self.fill().await?;
+                }
+            }
+        }
+    }
+
+    async fn on_signal(&mut self, signal: Signal) -> Result<Flow, UplinkError> {
+        match signal {
+            Signal::ConnAck => {
+                self.connected = true;
+                self.connected_at = Some(Instant::now());
+                self.stats.connections += 1;
+                if self.stats.connections > 1 {
+                    metrics::counter!("phg_mqtt_reconnects_total").increment(1);
+                }
+                info!(host = %self.cfg.host, port = self.cfg.port, "uplink connected");
+                self.window.reset();
+                self.maybe_more = true;
+                // Status first: the CRM sees "online" before the backlog.
+                self.publish_status(true);
+                Ok(Flow::Continue)
+            }
+            Signal::Sent(pkid) => match self.window.sent(pkid, std::time::Instant::now()) {
+                Ok(Item::Record(seq)) => {
+                    debug!(seq, pkid, "record published");
+                    Ok(Flow::Continue)
+                }
+                Ok(Item::Status) => Ok(Flow::Continue),
+                Err(e) => {
+                    error!(error = %e, "uplink lost track of packet ids");
+                    Ok(Flow::Reconnect(e.to_string()))
+                }
+            },
+            Signal::Acked(pkid) => {
+                self.on_puback(pkid).await?;
+                Ok(Flow::Continue)
+            }
+            Signal::Refused { pkid, reason } => match self.on_refused(pkid, &reason) {
+                // Later records of the same device may already be accepted; starting over from the
+                // journal keeps the oldest-first order and retries with backoff.
+                Some(seq) => Ok(Flow::Reconnect(format!("broker refused seq {seq}: {reason}"))),
+                None => Ok(Flow::Continue),
+            },
+            Signal::Disconnected | Signal::Other => Ok(Flow::Continue),
+        }
+    }
+
+    async fn on_puback(&mut self, pkid: u16) -> Result<(), UplinkError> {
+        match self.window.acked(pkid, std::time::Instant::now()) {
+            Some((Item::Record(seq), latency)) => {
+                debug!(seq, pkid, "record PUBACKed");
+                self.attempt = 0;
+                self.stats.delivered += 1;
+                metrics::counter!("phg_readings_delivered_total").increment(1);
+                metrics::histogram!("phg_publish_latency_seconds").record(latency.as_secs_f64());
+                self.set_inflight_gauge();
+                self.to_ack.push(seq);
+                if self.to_ack.len() >= ACK_BATCH {
+                    self.flush_acks().await?;
+                } else if self.ack_due.is_none() {
+                    self.ack_due = Some(Instant::now() + ACK_LINGER);
+                }
+            }
+            // Not a reset of the backoff: a broker that takes the status but refuses or drops every
+            // reading must not be hammered.
+            Some((Item::Status, _)) => {}
+            None => debug!(pkid, "PUBACK for a packet id not in flight (ignored)"),
+        }
+        Ok(())
+    }
+
+    /// An MQTT 5 PUBACK with a failure reason: the message was not taken. Returns the record's seq (it
+    /// stays in the journal), or `None` for the status message or an unknown packet id.
+    fn on_refused(&mut self, pkid: u16, reason: &str) -> Option<u64> {
+        match self.window.acked(pkid, std::time::Instant::now()) {
+            Some((Item::Record(seq), _)) => {
+                self.stats.refused += 1;
+                metrics::counter!("phg_publish_refused_total").increment(1);
+                error!(seq, pkid, reason, "broker refused a record; it stays in the journal");
+                Some(seq)
+            }
+            Some((Item::Status, _)) => {
+                warn!(pkid, reason, topic = %self.cfg.status_topic, "broker refused the status message");
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Hands records to the client until the window is full or the journal has no more.
+    async fn fill(&mut self) -> Result<(), UplinkError> {
+        if !self.connected || self.drain_deadline.is_some() || !self.maybe_more {
+            return Ok(());
+        }
+        let window = usize::from(self.cfg.inflight);
+        let room = window.saturating_sub(self.window.records());
+        // Read in batches of at least a quarter window while records are in flight: one journal call
+        // per PUBACK would be a thread hop per record.
+        if room == 0 || (self.window.records() > 0 && room < (window / 4).max(1)) {
+            return Ok(());
+        }
+        let after = self.window.cursor();
+        let records = self.with_journal(move |j| Ok(j.pending(after, room))).await?;
+        if records.len() < room {
+            self.maybe_more = false;
+        }
+        for Record { seq, topic, payload, .. } in records {
+            match self.publisher.publish(&topic, payload, false) {
+                Ok(()) => {
+                    self.window.handed(Item::Record(seq));
+                    self.stats.published += 1;
+                }
+                Err(HandOver::InvalidTopic) => {
+                    // Cannot be published, must not be dropped: it stays in the journal (visible in
+                    // its depth) and is skipped for this connection.
+                    error!(seq, topic = %topic, "record has an invalid MQTT topic; it stays in the journal");
+                    self.window.skip(seq);
+                }
+                Err(HandOver::ChannelFull) => {
+                    warn!(seq, "MQTT client channel full; retrying later");
+                    self.maybe_more = true;
+                    break;
+                }
+            }
+        }
+        self.set_inflight_gauge();
+        Ok(())
+    }
+
+    fn publish_status(&mut self, online: bool) {
+        let payload =
+            if online { self.cfg.online_payload.clone() } else { self.cfg.offline_payload.clone() };
+        match self.publisher.publish(&self.cfg.status_topic, payload, true) {
+            Ok(()) => self.window.handed(Item::Status),
+            Err(e) => warn!(?e, online, "could not hand over the status message"),
+        }
+    }
+
+    fn begin_drain(&mut self) {
+        let deadline = Instant::now() + self.cfg.shutdown_grace;
+        self.drain_deadline = Some(deadline);
+        info!(unacked = self.window.records(), "uplink shutting down; waiting for outstanding PUBACKs");
+        if self.connected {
+            // The broker sends no will after a clean DISCONNECT: say "offline" ourselves.
+            self.publish_status(false);
+        }
+    }
+
+    /// The connection is gone (or dropped on purpose): salvage the PUBACKs rumqttc had already read,
+    /// forget the session, and write the acks so the republish does not resend what the broker has.
+    async fn lose_connection(&mut self, driver: &mut Driver) -> Result<(), UplinkError> {
+        let now = std::time::Instant::now();
+        for signal in driver.reset(self.cfg.inflight) {
+            match signal {
+                Signal::Sent(pkid) => {
+                    if self.window.sent(pkid, now).is_err() {
+                        // The correlation is being thrown away anyway; stop salvaging.
+                        break;
+                    }
+                }
+                Signal::Acked(pkid) => self.on_puback(pkid).await?,
+                Signal::Refused { pkid, reason } => {
+                    let _ = self.on_refused(pkid, &reason);
+                }
+                Signal::ConnAck | Signal::Disconnected | Signal::Other => {}
+            }
+        }
+        if self.connected {
+            self.stats.connection_losses += 1;
+        }
+        // A connection that held for a while was healthy whatever it carried (an idle gateway delivers
+        // nothing): the next reconnect starts from the shortest delay.
+        if self.connected_at.is_some_and(|t| t.elapsed() >= self.cfg.backoff_max) {
+            self.attempt = 0;
+        }
+        self.connected_at = None;
+        self.connected = false;
+        self.window.reset();
+        self.set_inflight_gauge();
+        self.flush_acks().await
+    }
+
+    /// Sleeps before the next connection attempt. Returns `false` if shutdown came first.
+    async fn back_off(&mut self) -> bool {
+        let delay = backoff_delay(
+            self.attempt,
+            self.cfg.backoff_min,
+            self.cfg.backoff_max,
+            rand::random::<f64>(),
+        );
+        self.attempt = self.attempt.saturating_add(1);
+        debug!(delay_ms = delay.as_millis() as u64, attempt = self.attempt, "uplink reconnect backoff");
+        tokio::select! {
+            _ = sleep(delay) => true,
+            _ = self.shutdown.cancelled() => false,
+        }
+    }
+
+    /// Writes the PUBACKed seqs to the journal. A failure keeps them for the next try (the records stay
+    /// pending and would be resent after a reconnect: a duplicate, never a loss); a poisoned journal
+    /// stops the uplink.
+    async fn flush_acks(&mut self) -> Result<(), UplinkError> {
+        self.ack_due = None;
+        if self.to_ack.is_empty() {
+            return Ok(());
+        }
+        let mut seqs = std::mem::take(&mut self.to_ack);
+        seqs.sort_unstable();
+        seqs.dedup();
+        let batch = seqs.clone();
+        match self.with_journal(move |j| j.ack(&batch)).await {
+            Ok(()) => Ok(()),
+            Err(UplinkError::Journal(e)) if !matches!(e, JournalError::Poisoned { .. }) => {
+                metrics::counter!("phg_journal_ack_errors_total").increment(1);
+                warn!(error = %e, records = seqs.len(), "journal ack failed; will retry");
+                self.to_ack = seqs;
+                self.ack_due = Some(Instant::now() + ACK_LINGER.max(Duration::from_millis(500)));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs `f` on the journal on a blocking thread (the lock may be held by an append's `fdatasync`).
+    async fn with_journal<T, F>(&self, f: F) -> Result<T, UplinkError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Journal) -> Result<T, JournalError> + Send + 'static,
+    {
+        let journal = Arc::clone(&self.journal);
+        let joined = tokio::task::spawn_blocking(move || {
+            // The lock is held only for this one call: no await inside (std Mutex by design).
+            let mut guard = journal.lock().map_err(|_| UplinkError::JournalLockPoisoned)?;
+            f(&mut guard).map_err(UplinkError::Journal)
+        })
+        .await;
+        joined.map_err(|_| UplinkError::JournalTaskPanicked)?
+    }
+
+    fn set_inflight_gauge(&self) {
+        metrics::gauge!("phg_inflight").set(self.window.records() as f64);
+    }
+
+    /// Acks what came back, says goodbye if still connected, and reports.
+    async fn finish(&mut self, driver: &mut Driver) -> Result<UplinkStats, UplinkError> {
+        if self.connected && self.publisher.disconnect() {
+            // Drive the loop until the DISCONNECT is written (or the connection fails, or time is up);
+            // PUBACKs that still arrive meanwhile are acked like any other.
+            let until = Instant::now() + DISCONNECT_WAIT;
+            loop {
+                match tokio::time::timeout_at(until, driver.poll()).await {
+                    Ok(Ok(Signal::Acked(pkid))) => self.on_puback(pkid).await?,
+                    Ok(Ok(Signal::Sent(pkid))) => {
+                        let _ = self.window.sent(pkid, std::time::Instant::now());
+                    }
+                    Ok(Ok(Signal::Disconnected)) | Ok(Err(_)) | Err(_) => break,
+                    Ok(Ok(_)) => {}
+                }
+            }
+        }
+        self.flush_acks().await?;
+        self.connected = false;
+        self.stats.unacked_at_exit = self.window.records() as u64;
+        if self.stats.unacked_at_exit > 0 {
+            warn!(
+                unacked = self.stats.unacked_at_exit,
+                "uplink stopping with records not PUBACKed; they stay in the journal"
+            );
+        }
+        info!(
+            delivered = self.stats.delivered,
+            connections = self.stats.connections,
+            "uplink stopped"
+        );
+        Ok(self.stats.clone())
+    }
+}
