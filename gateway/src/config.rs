@@ -325,6 +325,16 @@ patient = "p-001"
         Config::parse(s, Path::new("test.toml"))
     }
 
+    /// The documented example is a valid configuration (so the documentation cannot drift from the code).
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../config.example.toml");
+        // TLS files are read when connecting, not when parsing, so the example's paths need not exist.
+        let c = parse(text).unwrap();
+        assert_eq!(c.raw.simulated.len(), 2);
+        assert_eq!(c.raw.bindings[1].user_id, Some(1));
+    }
+
     #[test]
     fn good_config_has_defaults() {
         let c = parse(GOOD).unwrap();
@@ -338,7 +348,7 @@ patient = "p-001"
         let text = GOOD.replace("[journal]\n", "[journal]\nmax_bites = 5\n");
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("max_bites"), "{e}");
-        assert!(e.contains("line 7"), "{e}");
+        assert!(e.contains("line 6"), "{e}");
     }
 
     #[test]
