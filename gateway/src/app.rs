@@ -128,6 +128,7 @@ async fn simulated_device_task(
     device: SimDevice,
     pipeline: Pipeline,
     collector_cfg: CollectorConfig,
+    appended: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     let dref = DeviceRef { id: s.id.clone(), model: None };
@@ -141,8 +142,9 @@ async fn simulated_device_task(
             _ = measure.tick(), if s.measure_every_s > 0 => {
                 n += 1;
                 let now = unix_now();
-                let _ = device.with_glucometer(|g| g.generate(1, now, n));
-                let _ = device.with_cuff(|c| c.generate(1, now, n));
+                // A reading taken now (a cuff that is connected indicates it at once).
+                let _ = device.with_glucometer(|g| g.measure_random(now, n, &Default::default()));
+                let _ = device.with_cuff(|c| c.measure_random(now, n, &Default::default()));
             }
             _ = connect.tick() => {
                 let mut link = SimLink::connect(&device);
@@ -156,6 +158,10 @@ async fn simulated_device_task(
                 // A session is not interrupted by shutdown mid-transfer: it ends at the device's pace, bounded
                 // by the collector's own timers, so every value it handed over is fsynced or refused.
                 match session.await {
+                    Ok(report) if report.completion == collector::Completion::JournalFull => {
+                        tracing::warn!(device = %s.id, "journal full: download stopped; the device keeps its records");
+                        pipeline.journal_full_notice(&s.id, unix_now(), &appended);
+                    }
                     Ok(report) => tracing::debug!(device = %s.id, ?report, "session ended"),
                     Err(e) => tracing::warn!(device = %s.id, error = %e, "session failed; the device keeps its records"),
                 }
@@ -216,7 +222,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     let collector_cfg = CollectorConfig { bp_idle: Duration::from_secs(2), ..CollectorConfig::default() };
     for (i, s) in raw.simulated.iter().enumerate() {
         let device = simulated_device(s, unix_now(), i as u64 + 1)?;
-        devices.spawn(simulated_device_task(s.clone(), device, pipeline.clone(), collector_cfg, shutdown.clone()));
+        devices.spawn(simulated_device_task(
+            s.clone(),
+            device,
+            pipeline.clone(),
+            collector_cfg,
+            appended.clone(),
+            shutdown.clone(),
+        ));
     }
     devices.close();
 

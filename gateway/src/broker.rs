@@ -82,7 +82,10 @@ impl EmbeddedBroker {
     ///
     /// [`BrokerError`]: a non-loopback address, no free port, or a listener that never came up.
     pub fn start(bind: SocketAddr) -> Result<Self, BrokerError> {
-        Self::start_with(BrokerListeners { v4: Some(bind), v5: None })
+        Self::start_with(BrokerListeners {
+            v4: Some(bind),
+            v5: None,
+        })
     }
 
     /// Starts the given listeners and waits until each accepts connections.
@@ -130,7 +133,11 @@ impl EmbeddedBroker {
             wait_until_accepting(*addr)?;
         }
         info!(v4 = ?v4, v5 = ?v5, "embedded MQTT broker (rumqttd) listening");
-        Ok(Self { v4, v5, _thread: thread })
+        Ok(Self {
+            v4,
+            v5,
+            _thread: thread,
+        })
     }
 
     /// The MQTT 3.1.1 listener's address, if started.
@@ -145,7 +152,11 @@ impl EmbeddedBroker {
 
     /// `mqtt://host:port` of the MQTT 3.1.1 listener (or the MQTT 5 one if that is the only one).
     pub fn url(&self) -> String {
-        let addr = self.v4.or(self.v5).map(|a| a.to_string()).unwrap_or_default();
+        let addr = self
+            .v4
+            .or(self.v5)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         format!("mqtt://{addr}")
     }
 }
@@ -177,8 +188,11 @@ fn reserve(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
         return Ok(addr);
     }
     // rumqttd cannot report the port it bound: take one now and hand it over.
-    let listener = TcpListener::bind(addr).map_err(|source| BrokerError::Reserve { addr, source })?;
-    listener.local_addr().map_err(|source| BrokerError::Reserve { addr, source })
+    let listener =
+        TcpListener::bind(addr).map_err(|source| BrokerError::Reserve { addr, source })?;
+    listener
+        .local_addr()
+        .map_err(|source| BrokerError::Reserve { addr, source })
 }
 
 fn wait_until_accepting(addr: SocketAddr) -> Result<(), BrokerError> {

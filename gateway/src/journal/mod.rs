@@ -205,6 +205,11 @@ const TMP_SUFFIX: &str = ".log.tmp";
 /// Digits of a segment id in its file name.
 const SEGMENT_ID_DIGITS: usize = 20;
 
+/// Bytes beyond `max_bytes` that [`Journal::append_notice`] may use.
+pub const NOTICE_RESERVE_BYTES: u64 = 64 * 1024;
+/// Records beyond `max_records` that [`Journal::append_notice`] may use.
+pub const NOTICE_RESERVE_RECORDS: u64 = 64;
+
 /// Where the journal lives and how much it may hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JournalConfig {
@@ -647,6 +652,25 @@ impl Journal {
     /// - [`JournalError::Io`] — nothing is accepted (a partial write is cut off again).
     /// - [`JournalError::Poisoned`] — reopen the journal.
     pub fn append(&mut self, batch: &[NewRecord]) -> Result<Vec<u64>, JournalError> {
+        self.append_within(batch, 0, 0)
+    }
+
+    /// Appends notices about the journal itself (the "journal full" event) into a small reserve beyond the
+    /// bounds ([`NOTICE_RESERVE_BYTES`], [`NOTICE_RESERVE_RECORDS`]), so that the reason downloading stopped
+    /// reaches the CRM even though readings no longer fit. Otherwise as [`append`](Self::append).
+    ///
+    /// # Errors
+    /// As [`append`](Self::append), with the bounds raised by the reserve.
+    pub fn append_notice(&mut self, batch: &[NewRecord]) -> Result<Vec<u64>, JournalError> {
+        self.append_within(batch, NOTICE_RESERVE_BYTES, NOTICE_RESERVE_RECORDS)
+    }
+
+    fn append_within(
+        &mut self,
+        batch: &[NewRecord],
+        extra_bytes: u64,
+        extra_records: u64,
+    ) -> Result<Vec<u64>, JournalError> {
         self.check_poisoned()?;
         let record_cap = (frame::MAX_RECORD_FRAME as u64).min(self.cfg.max_bytes);
         let mut sizes = Vec::with_capacity(batch.len());
@@ -709,8 +733,8 @@ impl Journal {
             return Ok(seqs);
         }
         let depth = self.depth();
-        if self.pending_bytes.saturating_add(new_bytes) > self.cfg.max_bytes
-            || depth.saturating_add(new_count) > self.cfg.max_records
+        if self.pending_bytes.saturating_add(new_bytes) > self.cfg.max_bytes.saturating_add(extra_bytes)
+            || depth.saturating_add(new_count) > self.cfg.max_records.saturating_add(extra_records)
         {
             return Err(JournalError::Full {
                 pending_bytes: self.pending_bytes,

@@ -319,6 +319,35 @@ fn full_bound_rejects_without_writing_then_accepts_after_ack() {
     j.append(&[rec("m", 3, "c")]).unwrap();
 }
 
+/// When readings no longer fit, the notice that says so still does — into a bounded reserve.
+#[test]
+fn a_full_journal_still_takes_its_notice_within_the_reserve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = JournalConfig {
+        max_records: 2,
+        ..cfg(tmp.path())
+    };
+    let (mut j, _) = open(&c);
+    j.append(&[rec("m", 1, "a"), rec("m", 2, "b")]).unwrap();
+    assert!(j.append(&[rec("m", 3, "c")]).unwrap_err().is_full());
+    let notice = NewRecord {
+        device_seq: None,
+        ..rec("m", 0, "journal-full:m")
+    };
+    assert_eq!(j.append_notice(std::slice::from_ref(&notice)).unwrap(), vec![3]);
+    assert_eq!(j.cursor("m"), Some(2), "a notice never advances the cursor");
+    let many: Vec<NewRecord> = (0..NOTICE_RESERVE_RECORDS)
+        .map(|i| NewRecord {
+            device_seq: None,
+            ..rec("m", 0, &format!("n{i}"))
+        })
+        .collect();
+    assert!(
+        j.append_notice(&many).unwrap_err().is_full(),
+        "the reserve is bounded"
+    );
+}
+
 #[test]
 fn invalid_records_and_configs_are_refused() {
     let tmp = tempfile::tempdir().unwrap();

@@ -93,6 +93,29 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// Journals (into the journal's notice reserve) and wakes the uplink with a `journal_full` event: the
+    /// download from `device` stopped and the device keeps its records. One event per device and minute
+    /// while it stays pending, so a stuck journal does not flood the CRM.
+    pub fn journal_full_notice(&self, device: &str, now_utc: i64, wake: &tokio::sync::Notify) {
+        let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let event = Event::JournalFull { depth: j.depth(), max: j.config().max_records, device: Some(device.to_owned()) };
+        let payload = match event_json(&self.gateway_id, now_utc, event) {
+            Ok(p) => p,
+            Err(e) => return tracing::error!(error = %e, "cannot build the journal_full event"),
+        };
+        let record = NewRecord {
+            device: device.to_owned(),
+            device_seq: None,
+            reading_id: format!("journal-full:{device}:{}", now_utc.div_euclid(60)),
+            topic: self.topics.events(),
+            payload,
+        };
+        match j.append_notice(std::slice::from_ref(&record)) {
+            Ok(_) => wake.notify_one(),
+            Err(e) => tracing::error!(error = %e, device, "journal full: even its notice did not fit"),
+        }
+    }
+
     /// A sink for one device session.
     pub fn session(&self) -> SessionSink {
         SessionSink {

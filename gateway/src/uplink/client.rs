@@ -107,7 +107,10 @@ impl fmt::Debug for Driver {
 /// never holds a request, and the larger id range makes a collision (a broker acking out of order)
 /// need an id to stay unacked while twice the window went by.
 fn rumqttc_inflight(inflight: u16) -> u16 {
-    inflight.saturating_add(2).saturating_mul(2).min(u16::MAX - 1)
+    inflight
+        .saturating_add(2)
+        .saturating_mul(2)
+        .min(u16::MAX - 1)
 }
 
 /// Channel capacity: the window, the two status publishes and a DISCONNECT always fit, so a
@@ -138,10 +141,17 @@ pub(crate) fn build(cfg: &CheckedUplinkConfig) -> (Publisher, Driver) {
                     true,
                 ));
             if let Some(user) = &cfg.username {
-                o.set_credentials(user, cfg.password.as_ref().map(|p| p.expose()).unwrap_or(""));
+                o.set_credentials(
+                    user,
+                    cfg.password.as_ref().map(|p| p.expose()).unwrap_or(""),
+                );
             }
             if let Some(tls) = &cfg.tls {
-                o.set_transport(rumqttc::Transport::tls(tls.ca.clone(), tls.client_auth.clone(), None));
+                o.set_transport(rumqttc::Transport::tls(
+                    tls.ca.clone(),
+                    tls.client_auth.clone(),
+                    None,
+                ));
             }
             let (client, mut eventloop) = rumqttc::AsyncClient::new(o, cap);
             eventloop.set_network_options(net);
@@ -172,10 +182,17 @@ pub(crate) fn build(cfg: &CheckedUplinkConfig) -> (Publisher, Driver) {
                 .set_network_options(net)
                 .set_last_will(will);
             if let Some(user) = &cfg.username {
-                o.set_credentials(user, cfg.password.as_ref().map(|p| p.expose()).unwrap_or(""));
+                o.set_credentials(
+                    user,
+                    cfg.password.as_ref().map(|p| p.expose()).unwrap_or(""),
+                );
             }
             if let Some(tls) = &cfg.tls {
-                o.set_transport(rumqttc::Transport::tls(tls.ca.clone(), tls.client_auth.clone(), None));
+                o.set_transport(rumqttc::Transport::tls(
+                    tls.ca.clone(),
+                    tls.client_auth.clone(),
+                    None,
+                ));
             }
             let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, cap);
             (Publisher::V5(client), Driver::V5(Box::new(eventloop)))
@@ -186,7 +203,12 @@ pub(crate) fn build(cfg: &CheckedUplinkConfig) -> (Publisher, Driver) {
 impl Publisher {
     /// Hands a QoS 1 publish to the event loop without waiting (the uplink task is also the one that
     /// polls the event loop, so waiting for channel room here could deadlock).
-    pub(crate) fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), HandOver> {
+    pub(crate) fn publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<(), HandOver> {
         // Checked here so that a bad topic is told apart from a full channel (rumqttc reports both as
         // `ClientError::TryRequest`).
         if topic.is_empty() || !rumqttc::valid_topic(topic) {
@@ -278,7 +300,10 @@ fn signal_v5(event: rumqttc::v5::Event) -> Signal {
         Event::Incoming(Packet::PubAck(ack)) => match ack.reason {
             // "No matching subscribers" is a success: the broker took the message (MQTT 5 §3.4.2.1).
             PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Signal::Acked(ack.pkid),
-            reason => Signal::Refused { pkid: ack.pkid, reason: format!("{reason:?}") },
+            reason => Signal::Refused {
+                pkid: ack.pkid,
+                reason: format!("{reason:?}"),
+            },
         },
         Event::Outgoing(Outgoing::Publish(pkid)) => Signal::Sent(pkid),
         Event::Outgoing(Outgoing::Disconnect) => Signal::Disconnected,
@@ -306,8 +331,14 @@ mod tests {
                 properties: None,
             }))
         };
-        assert_eq!(signal_v5(ack(mqtt5::PubAckReason::Success)), Signal::Acked(3));
-        assert_eq!(signal_v5(ack(mqtt5::PubAckReason::NoMatchingSubscribers)), Signal::Acked(3));
+        assert_eq!(
+            signal_v5(ack(mqtt5::PubAckReason::Success)),
+            Signal::Acked(3)
+        );
+        assert_eq!(
+            signal_v5(ack(mqtt5::PubAckReason::NoMatchingSubscribers)),
+            Signal::Acked(3)
+        );
         assert!(matches!(
             signal_v5(ack(mqtt5::PubAckReason::NotAuthorized)),
             Signal::Refused { pkid: 3, .. }

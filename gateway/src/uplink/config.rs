@@ -150,14 +150,19 @@ impl UplinkConfig {
             return Err(ConfigError::ZeroInflight);
         }
         // rumqttc's MQTT 5 options assert keep_alive >= 5 s; the wire field is u16 seconds.
-        if self.keep_alive < Duration::from_secs(5) || self.keep_alive.as_secs() > u64::from(u16::MAX) {
+        if self.keep_alive < Duration::from_secs(5)
+            || self.keep_alive.as_secs() > u64::from(u16::MAX)
+        {
             return Err(ConfigError::KeepAlive(self.keep_alive));
         }
         if self.connect_timeout < Duration::from_secs(1) {
             return Err(ConfigError::ConnectTimeout(self.connect_timeout));
         }
         if self.backoff_min.is_zero() || self.backoff_max < self.backoff_min {
-            return Err(ConfigError::Backoff { min: self.backoff_min, max: self.backoff_max });
+            return Err(ConfigError::Backoff {
+                min: self.backoff_min,
+                max: self.backoff_max,
+            });
         }
         if self.status_topic.is_empty() || !rumqttc::valid_topic(&self.status_topic) {
             return Err(ConfigError::StatusTopic(self.status_topic.clone()));
@@ -172,7 +177,9 @@ impl UplinkConfig {
             (true, Some(files)) => Some(read_tls(files)?),
             (false, None) => {
                 if !self.allow_plaintext && !is_loopback(&endpoint.host) {
-                    return Err(ConfigError::PlaintextRefused { host: endpoint.host });
+                    return Err(ConfigError::PlaintextRefused {
+                        host: endpoint.host,
+                    });
                 }
                 None
             }
@@ -221,7 +228,9 @@ pub enum ConfigError {
         host: String,
     },
     /// `mqtts://` without `tls.ca`.
-    #[error("uplink.tls: mqtts:// needs uplink.tls.ca, the CA certificate that signs the broker's certificate")]
+    #[error(
+        "uplink.tls: mqtts:// needs uplink.tls.ca, the CA certificate that signs the broker's certificate"
+    )]
     MqttsWithoutCa,
     /// TLS files with an `mqtt://` URL: the operator meant TLS but the URL says plaintext.
     #[error("uplink.tls is set but uplink.broker is mqtt:// (plaintext); use mqtts://")]
@@ -247,7 +256,9 @@ pub enum ConfigError {
         what: &'static str,
     },
     /// `client_id` is empty.
-    #[error("uplink.client_id must not be empty (the broker keys the last will and the session on it)")]
+    #[error(
+        "uplink.client_id must not be empty (the broker keys the last will and the session on it)"
+    )]
     EmptyClientId,
     /// `client_id` does not fit an MQTT string.
     #[error("uplink.client_id is longer than 65535 bytes")]
@@ -340,7 +351,10 @@ struct Endpoint {
 }
 
 fn parse_broker_url(url: &str) -> Result<Endpoint, ConfigError> {
-    let bad = |why| ConfigError::BrokerUrl { url: url.to_owned(), why };
+    let bad = |why| ConfigError::BrokerUrl {
+        url: url.to_owned(),
+        why,
+    };
     let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtt://") {
         (false, rest)
     } else if let Some(rest) = url.strip_prefix("mqtts://") {
@@ -355,10 +369,15 @@ fn parse_broker_url(url: &str) -> Result<Endpoint, ConfigError> {
         return Err(bad("only host and port are allowed"));
     }
     let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (host, after) = v6.split_once(']').ok_or_else(|| bad("unclosed [ in IPv6 host"))?;
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| bad("unclosed [ in IPv6 host"))?;
         match after {
             "" => (host, None),
-            p => (host, Some(p.strip_prefix(':').ok_or_else(|| bad("junk after ]"))?)),
+            p => (
+                host,
+                Some(p.strip_prefix(':').ok_or_else(|| bad("junk after ]"))?),
+            ),
         }
     } else {
         match rest.split_once(':') {
@@ -382,7 +401,11 @@ fn parse_broker_url(url: &str) -> Result<Endpoint, ConfigError> {
             Ok(p) => p,
         },
     };
-    Ok(Endpoint { tls, host: host.to_owned(), port })
+    Ok(Endpoint {
+        tls,
+        host: host.to_owned(),
+        port,
+    })
 }
 
 /// Loopback means the bytes never leave the box: `localhost` or a loopback address.
@@ -393,7 +416,10 @@ fn is_loopback(host: &str) -> bool {
 
 fn read_tls(files: &TlsFiles) -> Result<TlsMaterial, ConfigError> {
     let read = |path: &PathBuf| {
-        std::fs::read(path).map_err(|source| ConfigError::TlsFile { path: path.clone(), source })
+        std::fs::read(path).map_err(|source| ConfigError::TlsFile {
+            path: path.clone(),
+            source,
+        })
     };
     let ca = read(&files.ca)?;
     require_pem(&files.ca, &ca, "CERTIFICATE")?;
@@ -413,13 +439,24 @@ fn read_tls(files: &TlsFiles) -> Result<TlsMaterial, ConfigError> {
 
 /// A cheap early check that a file is PEM of the right kind (rumqttc parses it fully at connect time;
 /// this turns "wrong file" into a start-up error instead of a reconnect loop).
-fn require_pem(path: &std::path::Path, bytes: &[u8], what: &'static str) -> Result<(), ConfigError> {
+fn require_pem(
+    path: &std::path::Path,
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<(), ConfigError> {
     let text = String::from_utf8_lossy(bytes);
     // "PRIVATE KEY" also matches "RSA PRIVATE KEY" and "EC PRIVATE KEY" (PKCS#1, SEC1).
     let found = text
         .lines()
         .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(&format!("{what}-----")));
-    if found { Ok(()) } else { Err(ConfigError::TlsPem { path: path.to_owned(), what }) }
+    if found {
+        Ok(())
+    } else {
+        Err(ConfigError::TlsPem {
+            path: path.to_owned(),
+            what,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -432,7 +469,12 @@ mod tests {
 
     #[test]
     fn uplink_config_loopback_plaintext_is_fine() {
-        for url in ["mqtt://127.0.0.1:1883", "mqtt://localhost", "mqtt://[::1]:1884", "mqtt://127.0.0.2/"] {
+        for url in [
+            "mqtt://127.0.0.1:1883",
+            "mqtt://localhost",
+            "mqtt://[::1]:1884",
+            "mqtt://127.0.0.2/",
+        ] {
             let c = cfg(url).validate().unwrap_or_else(|e| panic!("{url}: {e}"));
             assert!(!c.is_tls());
         }
@@ -444,9 +486,16 @@ mod tests {
 
     #[test]
     fn uplink_config_plaintext_to_remote_host_is_refused_naming_the_setting() {
-        for url in ["mqtt://broker.example.com:1883", "mqtt://10.0.0.5", "mqtt://[2001:db8::1]:1883"] {
+        for url in [
+            "mqtt://broker.example.com:1883",
+            "mqtt://10.0.0.5",
+            "mqtt://[2001:db8::1]:1883",
+        ] {
             let err = cfg(url).validate().unwrap_err();
-            assert!(matches!(err, ConfigError::PlaintextRefused { .. }), "{url}: {err}");
+            assert!(
+                matches!(err, ConfigError::PlaintextRefused { .. }),
+                "{url}: {err}"
+            );
             assert!(err.to_string().contains("allow_plaintext"), "{err}");
         }
         let mut c = cfg("mqtt://broker.example.com:1883");
@@ -467,39 +516,80 @@ mod tests {
             "mqtt://[::1",
             "h:1883",
         ] {
-            assert!(matches!(cfg(url).validate(), Err(ConfigError::BrokerUrl { .. })), "{url}");
+            assert!(
+                matches!(cfg(url).validate(), Err(ConfigError::BrokerUrl { .. })),
+                "{url}"
+            );
         }
     }
 
     #[test]
     fn uplink_config_tls_rules() {
-        assert!(matches!(cfg("mqtts://h").validate(), Err(ConfigError::MqttsWithoutCa)));
+        assert!(matches!(
+            cfg("mqtts://h").validate(),
+            Err(ConfigError::MqttsWithoutCa)
+        ));
         let mut c = cfg("mqtt://127.0.0.1");
-        c.tls = Some(TlsFiles { ca: "/nonexistent".into(), client_cert: None, client_key: None });
+        c.tls = Some(TlsFiles {
+            ca: "/nonexistent".into(),
+            client_cert: None,
+            client_key: None,
+        });
         assert!(matches!(c.validate(), Err(ConfigError::TlsWithPlainUrl)));
 
         let dir = std::env::temp_dir().join(format!("phg-uplink-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ca = dir.join("ca.pem");
-        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
         let key = dir.join("key.pem");
-        std::fs::write(&key, "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n").unwrap();
+        std::fs::write(
+            &key,
+            "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n",
+        )
+        .unwrap();
         let junk = dir.join("junk.pem");
         std::fs::write(&junk, "hello").unwrap();
 
         let mut c = cfg("mqtts://broker.example.com");
-        c.tls = Some(TlsFiles { ca: ca.clone(), client_cert: None, client_key: None });
+        c.tls = Some(TlsFiles {
+            ca: ca.clone(),
+            client_cert: None,
+            client_key: None,
+        });
         let checked = c.validate().unwrap();
         assert!(checked.is_tls());
         assert_eq!(checked.port(), 8883);
 
-        c.tls = Some(TlsFiles { ca: ca.clone(), client_cert: Some(ca.clone()), client_key: None });
-        assert!(matches!(c.validate(), Err(ConfigError::ClientCertWithoutKey)));
-        c.tls = Some(TlsFiles { ca: ca.clone(), client_cert: Some(ca.clone()), client_key: Some(key) });
+        c.tls = Some(TlsFiles {
+            ca: ca.clone(),
+            client_cert: Some(ca.clone()),
+            client_key: None,
+        });
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::ClientCertWithoutKey)
+        ));
+        c.tls = Some(TlsFiles {
+            ca: ca.clone(),
+            client_cert: Some(ca.clone()),
+            client_key: Some(key),
+        });
         c.validate().unwrap();
-        c.tls = Some(TlsFiles { ca: junk, client_cert: None, client_key: None });
+        c.tls = Some(TlsFiles {
+            ca: junk,
+            client_cert: None,
+            client_key: None,
+        });
         assert!(matches!(c.validate(), Err(ConfigError::TlsPem { .. })));
-        c.tls = Some(TlsFiles { ca: dir.join("missing.pem"), client_cert: None, client_key: None });
+        c.tls = Some(TlsFiles {
+            ca: dir.join("missing.pem"),
+            client_cert: None,
+            client_key: None,
+        });
         assert!(matches!(c.validate(), Err(ConfigError::TlsFile { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -524,7 +614,10 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::EmptyClientId)));
         let mut c = cfg("mqtt://127.0.0.1");
         c.password = Some(Secret::new("pw"));
-        assert!(matches!(c.validate(), Err(ConfigError::PasswordWithoutUsername)));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::PasswordWithoutUsername)
+        ));
     }
 
     #[test]

@@ -9,9 +9,9 @@
 //!   (e.g. *not authorized*) is not an ack: the record stays.
 //! - **The journal is the source of truth, not rumqttc's session.** On any connection loss the uplink
 //!   discards rumqttc's retransmission queue, the requests still in its channel and its packet-id state
-//!   (see [`client`]), and after the next CONNACK republishes every unacked record from the oldest, in
-//!   journal order — so the order per device holds, and a record sent twice carries the same reading id
-//!   (harmless by design, promise 3). Sessions are clean (`clean_session` / `clean_start`): the broker
+//!   (see the `client` module), and after the next CONNACK republishes every unacked record from the
+//!   oldest, in journal order — so the order per device holds, and a record sent twice carries the same
+//!   reading id (harmless by design, promise 3). Sessions are clean (`clean_session` / `clean_start`): the broker
 //!   keeps nothing for us either.
 //! - **Bounded in flight.** At most [`UplinkConfig::inflight`] records are handed over and not yet
 //!   PUBACKed. New records are picked up when the pipeline calls [`Notify::notify_one`] after an append
@@ -174,15 +174,27 @@ pub async fn run_checked(
 }
 
 fn describe_metrics() {
-    metrics::describe_counter!("phg_readings_delivered_total", "Records PUBACKed by the MQTT broker.");
-    metrics::describe_counter!("phg_mqtt_reconnects_total", "MQTT sessions re-established after a loss.");
+    metrics::describe_counter!(
+        "phg_readings_delivered_total",
+        "Records PUBACKed by the MQTT broker."
+    );
+    metrics::describe_counter!(
+        "phg_mqtt_reconnects_total",
+        "MQTT sessions re-established after a loss."
+    );
     metrics::describe_histogram!(
         "phg_publish_latency_seconds",
         metrics::Unit::Seconds,
         "Time from a publish being written to its PUBACK."
     );
-    metrics::describe_gauge!("phg_inflight", "Records handed to the MQTT client and not yet PUBACKed.");
-    metrics::describe_counter!("phg_publish_refused_total", "MQTT 5 PUBACKs with a failure reason code.");
+    metrics::describe_gauge!(
+        "phg_inflight",
+        "Records handed to the MQTT client and not yet PUBACKed."
+    );
+    metrics::describe_counter!(
+        "phg_publish_refused_total",
+        "MQTT 5 PUBACKs with a failure reason code."
+    );
     metrics::describe_counter!("phg_journal_ack_errors_total", "Journal acks that failed.");
 }
 
@@ -279,7 +291,9 @@ impl Uplink {
                 biased;
                 _ = self.shutdown.cancelled(), if !draining => {
                     self.begin_drain();
-                    if !self.connected {
+                    // Nothing to wait for (not connected, or not even the offline status could be
+                    // handed over): stop now rather than at the grace deadline.
+                    if !self.connected || self.window.is_empty() {
                         return Ok(Step::Stop);
                     }
                 }
@@ -333,7 +347,9 @@ impl Uplink {
             Signal::Refused { pkid, reason } => match self.on_refused(pkid, &reason) {
                 // Later records of the same device may already be accepted; starting over from the
                 // journal keeps the oldest-first order and retries with backoff.
-                Some(seq) => Ok(Flow::Reconnect(format!("broker refused seq {seq}: {reason}"))),
+                Some(seq) => Ok(Flow::Reconnect(format!(
+                    "broker refused seq {seq}: {reason}"
+                ))),
                 None => Ok(Flow::Continue),
             },
             Signal::Disconnected | Signal::Other => Ok(Flow::Continue),
@@ -371,7 +387,10 @@ impl Uplink {
             Some((Item::Record(seq), _)) => {
                 self.stats.refused += 1;
                 metrics::counter!("phg_publish_refused_total").increment(1);
-                error!(seq, pkid, reason, "broker refused a record; it stays in the journal");
+                error!(
+                    seq,
+                    pkid, reason, "broker refused a record; it stays in the journal"
+                );
                 Some(seq)
             }
             Some((Item::Status, _)) => {
@@ -395,11 +414,19 @@ impl Uplink {
             return Ok(());
         }
         let after = self.window.cursor();
-        let records = self.with_journal(move |j| Ok(j.pending(after, room))).await?;
+        let records = self
+            .with_journal(move |j| Ok(j.pending(after, room)))
+            .await?;
         if records.len() < room {
             self.maybe_more = false;
         }
-        for Record { seq, topic, payload, .. } in records {
+        for Record {
+            seq,
+            topic,
+            payload,
+            ..
+        } in records
+        {
             match self.publisher.publish(&topic, payload, false) {
                 Ok(()) => {
                     self.window.handed(Item::Record(seq));
@@ -423,9 +450,15 @@ impl Uplink {
     }
 
     fn publish_status(&mut self, online: bool) {
-        let payload =
-            if online { self.cfg.online_payload.clone() } else { self.cfg.offline_payload.clone() };
-        match self.publisher.publish(&self.cfg.status_topic, payload, true) {
+        let payload = if online {
+            self.cfg.online_payload.clone()
+        } else {
+            self.cfg.offline_payload.clone()
+        };
+        match self
+            .publisher
+            .publish(&self.cfg.status_topic, payload, true)
+        {
             Ok(()) => self.window.handed(Item::Status),
             Err(e) => warn!(?e, online, "could not hand over the status message"),
         }
@@ -434,7 +467,10 @@ impl Uplink {
     fn begin_drain(&mut self) {
         let deadline = Instant::now() + self.cfg.shutdown_grace;
         self.drain_deadline = Some(deadline);
-        info!(unacked = self.window.records(), "uplink shutting down; waiting for outstanding PUBACKs");
+        info!(
+            unacked = self.window.records(),
+            "uplink shutting down; waiting for outstanding PUBACKs"
+        );
         if self.connected {
             // The broker sends no will after a clean DISCONNECT: say "offline" ourselves.
             self.publish_status(false);
@@ -465,7 +501,10 @@ impl Uplink {
         }
         // A connection that held for a while was healthy whatever it carried (an idle gateway delivers
         // nothing): the next reconnect starts from the shortest delay.
-        if self.connected_at.is_some_and(|t| t.elapsed() >= self.cfg.backoff_max) {
+        if self
+            .connected_at
+            .is_some_and(|t| t.elapsed() >= self.cfg.backoff_max)
+        {
             self.attempt = 0;
         }
         self.connected_at = None;
@@ -484,7 +523,11 @@ impl Uplink {
             rand::random::<f64>(),
         );
         self.attempt = self.attempt.saturating_add(1);
-        debug!(delay_ms = delay.as_millis() as u64, attempt = self.attempt, "uplink reconnect backoff");
+        debug!(
+            delay_ms = delay.as_millis() as u64,
+            attempt = self.attempt,
+            "uplink reconnect backoff"
+        );
         tokio::select! {
             _ = sleep(delay) => true,
             _ = self.shutdown.cancelled() => false,
@@ -525,7 +568,9 @@ impl Uplink {
         let journal = Arc::clone(&self.journal);
         let joined = tokio::task::spawn_blocking(move || {
             // The lock is held only for this one call: no await inside (std Mutex by design).
-            let mut guard = journal.lock().map_err(|_| UplinkError::JournalLockPoisoned)?;
+            let mut guard = journal
+                .lock()
+                .map_err(|_| UplinkError::JournalLockPoisoned)?;
             f(&mut guard).map_err(UplinkError::Journal)
         })
         .await;

@@ -73,7 +73,10 @@ impl Window {
         if self.on_wire.contains_key(&pkid) {
             return Err(CorrelationError::PkidInUse(pkid));
         }
-        let item = self.queued.pop_front().ok_or(CorrelationError::NothingQueued(pkid))?;
+        let item = self
+            .queued
+            .pop_front()
+            .ok_or(CorrelationError::NothingQueued(pkid))?;
         self.on_wire.insert(pkid, (item, now));
         Ok(item)
     }
@@ -137,8 +140,15 @@ mod tests {
         assert_eq!(w.sent(3, t0), Ok(Item::Record(9)));
         // Out-of-order acks are fine: each pkid maps to its own record.
         let later = t0 + Duration::from_millis(5);
-        assert_eq!(w.acked(3, later), Some((Item::Record(9), Duration::from_millis(5))));
-        assert_eq!(w.acked(3, later), None, "a second PUBACK for the same pkid acks nothing");
+        assert_eq!(
+            w.acked(3, later),
+            Some((Item::Record(9), Duration::from_millis(5)))
+        );
+        assert_eq!(
+            w.acked(3, later),
+            None,
+            "a second PUBACK for the same pkid acks nothing"
+        );
         assert_eq!(w.acked(1, later).map(|a| a.0), Some(Item::Status));
         assert_eq!(w.records(), 1);
         assert!(!w.is_empty());
@@ -180,7 +190,11 @@ mod tests {
         w.skip(5);
         assert_eq!(w.cursor(), Some(5));
         w.reset();
-        assert_eq!(w.cursor(), None, "after a reconnect the journal is read from the oldest again");
+        assert_eq!(
+            w.cursor(),
+            None,
+            "after a reconnect the journal is read from the oldest again"
+        );
         assert!(w.is_empty());
         assert_eq!(w.records(), 0);
     }
@@ -197,6 +211,10 @@ mod tests {
         assert_eq!(backoff_delay(u32::MAX, min, max, 1.0), max, "no overflow");
         assert_eq!(backoff_delay(3, min, max, 0.0), Duration::ZERO);
         assert_eq!(backoff_delay(3, min, max, 0.5), Duration::from_millis(400));
-        assert_eq!(backoff_delay(3, min, max, 7.0), Duration::from_millis(800), "unit is clamped");
+        assert_eq!(
+            backoff_delay(3, min, max, 7.0),
+            Duration::from_millis(800),
+            "unit is clamped"
+        );
     }
 }

@@ -292,16 +292,6 @@ impl SimCuff {
         } else {
             self.config.users.clone()
         };
-        let baselines: Vec<(i32, i32, i32)> = users
-            .iter()
-            .map(|_| {
-                (
-                    rng.random_range(112..=138),
-                    rng.random_range(70..=85),
-                    rng.random_range(60..=80),
-                )
-            })
-            .collect();
         let statuses = apportion(
             n,
             &[
@@ -337,19 +327,41 @@ impl SimCuff {
         }
         times.sort_unstable();
         for ((t, u), status) in times.into_iter().zip(statuses) {
-            let (sys_base, dia_base, pulse_base) =
-                baselines.get(u).copied().unwrap_or((125, 80, 70));
-            let dia = (dia_base + rng.random_range(-7..=7)).clamp(65, 95);
-            let sys = (sys_base + rng.random_range(-10..=10))
-                .clamp(105, 150)
-                .max(dia + 25);
-            let pulse = (pulse_base + rng.random_range(-8..=8)).clamp(55, 90);
             let user = users.get(u).copied().unwrap_or(USER_ID_UNKNOWN);
-            // All three are within 55..=150 by the clamps above.
-            let reading = self.reading(t, user, sys as u16, dia as u16, pulse as u16, status)?;
+            let (sys, dia, pulse) = typical_values(user, &mut rng);
+            let reading = self.reading(t, user, sys, dia, pulse, status)?;
             self.readings.push(reading);
         }
         Ok(())
+    }
+
+    /// Takes one realistic reading at `now` for a user picked at random, deterministic for a `seed`, and
+    /// sends it if connected, as [`Self::measure`] does (a "live" reading for the demo). The values follow
+    /// the same per-user baseline as [`Self::generate_with`]; each `mix` fraction is the probability of
+    /// that status. Returns how many notifications were queued.
+    ///
+    /// # Errors
+    /// As [`Self::measure`].
+    pub fn measure_random(&mut self, now: i64, seed: u64, mix: &BpMix) -> Result<usize, SimError> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let user = if self.config.users.is_empty() {
+            USER_ID_UNKNOWN
+        } else {
+            let i = rng.random_range(0..self.config.users.len());
+            self.config.users.get(i).copied().unwrap_or(USER_ID_UNKNOWN)
+        };
+        let (sys, dia, pulse) = typical_values(user, &mut rng);
+        let mut status = MeasurementStatus::default();
+        for (bit, p) in [
+            (MeasurementStatus::BODY_MOVEMENT, mix.body_movement),
+            (MeasurementStatus::IRREGULAR_PULSE, mix.irregular_pulse),
+            (MeasurementStatus::CUFF_TOO_LOOSE, mix.cuff_too_loose),
+        ] {
+            if rng.random_bool(p.clamp(0.0, 1.0)) {
+                status = MeasurementStatus(status.0 | bit.0);
+            }
+        }
+        self.measure(user, sys, dia, pulse, status, now)
     }
 
     /// A reading in wire form, validated; not stored.
@@ -541,4 +553,27 @@ impl SimCuff {
     pub fn has_output(&self) -> bool {
         !self.server.outbox.is_empty()
     }
+}
+
+/// Systolic, diastolic (mmHg) and pulse (bpm) for one reading of `user`: around the user's own baseline
+/// (derived from the user id, so it is the same in every batch), within 105–150 / 65–95 mmHg, pulse
+/// pressure at least 25, pulse 55–90.
+fn typical_values(user: u8, rng: &mut StdRng) -> (u16, u16, u16) {
+    let mut own = StdRng::seed_from_u64(u64::from(user));
+    let (sys_base, dia_base, pulse_base): (u16, u16, u16) = (
+        own.random_range(112..=138),
+        own.random_range(70..=85),
+        own.random_range(60..=80),
+    );
+    let dia = (dia_base + rng.random_range(0..=14))
+        .saturating_sub(7)
+        .clamp(65, 95);
+    let sys = (sys_base + rng.random_range(0..=20))
+        .saturating_sub(10)
+        .clamp(105, 150)
+        .max(dia + 25);
+    let pulse = (pulse_base + rng.random_range(0..=16))
+        .saturating_sub(8)
+        .clamp(55, 90);
+    (sys, dia, pulse)
 }

@@ -484,6 +484,47 @@ impl SimGlucometer {
         Ok(())
     }
 
+    /// Takes one realistic reading at `now`, deterministic for a `seed` (a "live" reading for the demo): the
+    /// meal context follows the time of day of the device clock, and each `mix` fraction is the probability
+    /// of that kind. Stored, not sent (GLS sends records only through the RACP). Returns its sequence
+    /// number.
+    ///
+    /// # Errors
+    /// As [`Self::add_sample`].
+    pub fn measure_random(
+        &mut self,
+        now: i64,
+        seed: u64,
+        mix: &GlucoseMix,
+    ) -> Result<u16, SimError> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let draw: f64 = rng.random_range(0.0..1.0);
+        let mut acc = 0.0;
+        let mut kind = Kind::Normal;
+        for (k, p) in [
+            (Kind::Lo, mix.lo),
+            (Kind::Hi, mix.hi),
+            (Kind::OutOfRange, mix.out_of_range),
+            (Kind::Control, mix.control_solution),
+            (Kind::DeviceError, mix.device_error),
+        ] {
+            acc += p.clamp(0.0, 1.0);
+            if draw < acc {
+                kind = k;
+                break;
+            }
+        }
+        let hour = self.user_facing_clock(now).rem_euclid(86_400) / 3600;
+        let meal = match hour {
+            4..=10 => Meal::FASTING,
+            11..=12 => Meal::PREPRANDIAL,
+            13..=18 => Meal::POSTPRANDIAL,
+            _ => Meal::BEDTIME,
+        };
+        let sample = self.generated_sample(kind, meal, &mut rng);
+        self.add_sample(now, sample)
+    }
+
     fn generated_sample(&self, kind: Kind, meal: Meal, rng: &mut StdRng) -> GlucoseSample {
         let mut context = RecordContext {
             meal: Some(meal),

@@ -383,13 +383,13 @@ fn racp_error_responses() {
         (
             "01030105",
             "06000105",
-            "BI-04 sequence operand one octet short",
+            "BI-04 sequence-number operand one octet short",
         ),
-        ("0103020000", "06000105", "BI-04 Date Time operand short"),
+        ("0103020000", "06000105", "BI-05 Date Time operand short"),
         ("010101", "06000105", "an operand after 'all'"),
         ("0103", "06000105", "'>=' without an operand"),
         ("01040103000100", "06000105", "a range with min > max"),
-        ("0103030000", "06000109", "BI-05/06 reserved filter type"),
+        ("0103030000", "06000109", "BI-06 reserved filter type"),
     ];
     for (request, response, why) in cases {
         assert_eq!(run(&mut g, &hex(request)), (vec![], hex(response)), "{why}");
@@ -1475,4 +1475,49 @@ fn link_is_send() {
     send(&link.read(uuid::BP_FEATURE));
     send(&link.write(uuid::CURRENT_TIME, &[]));
     send(&device);
+}
+
+/// One "live" random reading at `now`: the glucometer stores it (meal from the time of day); the cuff
+/// stores and sends it, for one of its users, with the user's usual values.
+#[test]
+fn measure_random_takes_one_reading_now() {
+    let mut g = ready(GlucometerConfig::new("g"));
+    assert_eq!(g.measure_random(NOW, 1, &GlucoseMix::default()), Ok(0));
+    let r = g.records()[0];
+    assert_eq!(r.base_time.to_epoch_seconds(), Some(NOW));
+    assert_eq!(
+        r.context.and_then(|c| c.meal),
+        Some(Meal::POSTPRANDIAL),
+        "17:17"
+    );
+    assert!(!g.has_output(), "GLS sends records only through the RACP");
+    let control = GlucoseMix {
+        control_solution: 1.0,
+        ..GlucoseMix::default()
+    };
+    g.measure_random(NOW + 60, 2, &control).unwrap();
+    assert_eq!(g.records()[1].sample_type, SampleType::CONTROL_SOLUTION);
+    assert_eq!(
+        glucose_outcomes(&mut g),
+        [Outcome::Valid, Outcome::ControlSolution]
+    );
+
+    let mut c = SimCuff::new(CuffConfig {
+        users: vec![3, 4],
+        ..CuffConfig::new("c")
+    });
+    c.connect();
+    c.subscribe(uuid::BP_MEASUREMENT).unwrap();
+    let moving = BpMix {
+        body_movement: 1.0,
+        ..BpMix::default()
+    };
+    assert_eq!(c.measure_random(NOW, 8, &moving), Ok(1));
+    let out = drain_cuff(&mut c);
+    let m = bp(&out[0]);
+    assert!(matches!(m.user_id, Some(3 | 4)));
+    assert_eq!(m.measurement_status, Some(MeasurementStatus::BODY_MOVEMENT));
+    assert_eq!(m.timestamp.unwrap().to_epoch_seconds(), Some(NOW));
+    let sys = m.systolic.value().unwrap();
+    assert!((105.0..=150.0).contains(&sys));
 }
