@@ -66,7 +66,10 @@ pub fn uplink_config(config: &Config, topics: &Topics) -> Result<UplinkConfig, R
     let gw = &raw.gateway_id;
     let mut u = UplinkConfig::new(
         raw.mqtt.broker.clone(),
-        raw.mqtt.client_id.clone().unwrap_or_else(|| format!("phg-{gw}")),
+        raw.mqtt
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("phg-{gw}")),
         topics.status(),
     );
     u.mqtt_version = config.mqtt_version;
@@ -97,7 +100,9 @@ pub fn topics(config: &Config) -> Topics {
 
 /// Builds a simulated device from its config section, with its stored records.
 pub fn simulated_device(s: &SimulatedSection, now: i64, seed: u64) -> Result<SimDevice, RunError> {
-    let start = |e: crate::sources::simulator::SimError| RunError::Start(format!("simulated device {}: {e}", s.id));
+    let start = |e: crate::sources::simulator::SimError| {
+        RunError::Start(format!("simulated device {}: {e}", s.id))
+    };
     Ok(match s.kind {
         SimKind::Glucometer => {
             let mut cfg = GlucometerConfig::new(s.id.clone());
@@ -131,10 +136,14 @@ async fn simulated_device_task(
     appended: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let dref = DeviceRef { id: s.id.clone(), model: None };
+    let dref = DeviceRef {
+        id: s.id.clone(),
+        model: None,
+    };
     let mut connect = tokio::time::interval(Duration::from_secs(s.connect_every_s));
     let measure_every = Duration::from_secs(s.measure_every_s.max(1));
-    let mut measure = tokio::time::interval_at(tokio::time::Instant::now() + measure_every, measure_every);
+    let mut measure =
+        tokio::time::interval_at(tokio::time::Instant::now() + measure_every, measure_every);
     let mut n: u64 = 0;
     loop {
         tokio::select! {
@@ -198,8 +207,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     }
     let journal = Arc::new(Mutex::new(journal));
     let appended = Arc::new(Notify::new());
-    let (writer, writer_thread) =
-        writer::spawn(journal.clone(), appended.clone(), 1024).map_err(|e| RunError::Start(e.to_string()))?;
+    let (writer, writer_thread) = writer::spawn(journal.clone(), appended.clone(), 1024)
+        .map_err(|e| RunError::Start(e.to_string()))?;
     let mut bindings = Bindings::default();
     for b in &raw.bindings {
         bindings.bind(&b.device, b.user_id, &b.patient);
@@ -215,11 +224,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     };
 
     let uplink_stop = CancellationToken::new();
-    let uplink_task = tokio::spawn(uplink::run_checked(uplink_cfg, journal.clone(), appended.clone(), uplink_stop.clone()));
-    let telemetry = crate::telemetry::spawn_exporter(&config, journal.clone(), counters.clone(), shutdown.clone());
+    let uplink_task = tokio::spawn(uplink::run_checked(
+        uplink_cfg,
+        journal.clone(),
+        appended.clone(),
+        uplink_stop.clone(),
+    ));
+    let telemetry = crate::telemetry::spawn_exporter(
+        &config,
+        journal.clone(),
+        counters.clone(),
+        shutdown.clone(),
+    );
 
     let devices = TaskTracker::new();
-    let collector_cfg = CollectorConfig { bp_idle: Duration::from_secs(2), ..CollectorConfig::default() };
+    let collector_cfg = CollectorConfig {
+        bp_idle: Duration::from_secs(2),
+        ..CollectorConfig::default()
+    };
     for (i, s) in raw.simulated.iter().enumerate() {
         let device = simulated_device(s, unix_now(), i as u64 + 1)?;
         devices.spawn(simulated_device_task(

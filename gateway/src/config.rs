@@ -225,7 +225,10 @@ impl Config {
     /// # Errors
     /// [`ConfigError`] naming the file, the key and what is wrong.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Config::parse(&text, path)
     }
 
@@ -234,15 +237,27 @@ impl Config {
     /// # Errors
     /// [`ConfigError`].
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
-        let invalid = |key: &str, reason: &str| ConfigError::Invalid { path: path.to_owned(), key: key.to_owned(), reason: reason.to_owned() };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |key: &str, reason: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            reason: reason.to_owned(),
+        };
         if !protocol::wire::is_valid_topic_level(&raw.gateway_id) {
-            return Err(invalid("gateway_id", "must be a non-empty MQTT topic level (no '/', '+', '#')"));
+            return Err(invalid(
+                "gateway_id",
+                "must be a non-empty MQTT topic level (no '/', '+', '#')",
+            ));
         }
         let b = &raw.mqtt.broker;
         if !(b.starts_with("mqtt://") || b.starts_with("mqtts://")) {
-            return Err(invalid("mqtt.broker", "must start with mqtt:// or mqtts://"));
+            return Err(invalid(
+                "mqtt.broker",
+                "must start with mqtt:// or mqtts://",
+            ));
         }
         let mqtt_version = match raw.mqtt.version.as_str() {
             "5" => MqttVersion::V5,
@@ -257,7 +272,10 @@ impl Config {
         }
         if let Some(tls) = &raw.mqtt.tls {
             if tls.client_cert.is_some() != tls.client_key.is_some() {
-                return Err(invalid("mqtt.tls", "client_cert and client_key go together"));
+                return Err(invalid(
+                    "mqtt.tls",
+                    "client_cert and client_key go together",
+                ));
             }
         }
         if raw.journal.max_bytes < 64 * 1024 {
@@ -280,15 +298,24 @@ impl Config {
         let mut ids = std::collections::HashSet::new();
         for (i, s) in raw.simulated.iter().enumerate() {
             if s.id.is_empty() || !ids.insert(s.id.clone()) {
-                return Err(invalid(&format!("simulated[{i}].id"), "must be non-empty and unique"));
+                return Err(invalid(
+                    &format!("simulated[{i}].id"),
+                    "must be non-empty and unique",
+                ));
             }
             if let Some(u) = &s.unit {
                 if u != "mg/dL" && u != "mmol/L" {
-                    return Err(invalid(&format!("simulated[{i}].unit"), "must be \"mg/dL\" or \"mmol/L\""));
+                    return Err(invalid(
+                        &format!("simulated[{i}].unit"),
+                        "must be \"mg/dL\" or \"mmol/L\"",
+                    ));
                 }
             }
             if s.connect_every_s == 0 {
-                return Err(invalid(&format!("simulated[{i}].connect_every_s"), "must be at least 1"));
+                return Err(invalid(
+                    &format!("simulated[{i}].connect_every_s"),
+                    "must be at least 1",
+                ));
             }
         }
         let password = match &raw.mqtt.password_file {
@@ -302,7 +329,12 @@ impl Config {
             ),
             None => None,
         };
-        Ok(Config { mqtt_version, keep_alive: Duration::from_secs(raw.mqtt.keep_alive_s), raw, password })
+        Ok(Config {
+            mqtt_version,
+            keep_alive: Duration::from_secs(raw.mqtt.keep_alive_s),
+            raw,
+            password,
+        })
     }
 }
 
@@ -353,7 +385,9 @@ patient = "p-001"
 
     #[test]
     fn a_name_as_patient_id_is_refused() {
-        let e = parse(&GOOD.replace("p-001", "Jane Doe")).unwrap_err().to_string();
+        let e = parse(&GOOD.replace("p-001", "Jane Doe"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bindings[0].patient"), "{e}");
     }
 
@@ -362,7 +396,11 @@ patient = "p-001"
         for (from, to, key) in [
             ("mqtt://127.0.0.1:1883", "http://x", "mqtt.broker"),
             ("gw-1", "gw/1", "gateway_id"),
-            ("[journal]\n", "[journal]\nmax_bytes = 10\n", "journal.max_bytes"),
+            (
+                "[journal]\n",
+                "[journal]\nmax_bytes = 10\n",
+                "journal.max_bytes",
+            ),
         ] {
             let e = parse(&GOOD.replace(from, to)).unwrap_err().to_string();
             assert!(e.contains(key), "{key}: {e}");

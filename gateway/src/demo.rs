@@ -101,11 +101,19 @@ pub fn describe(topic: &str, payload: &[u8]) -> String {
     let Ok(v) = serde_json::from_slice::<Value>(payload) else {
         return format!("{topic}: (not JSON, {} bytes)", payload.len());
     };
-    let s = |p: &str| v.pointer(p).and_then(Value::as_str).unwrap_or("?").to_owned();
+    let s = |p: &str| {
+        v.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_owned()
+    };
     let f = |p: &str| v.pointer(p).and_then(Value::as_f64);
     if topic.ends_with("/readings") {
         let what = match s("/kind").as_str() {
-            "glucose" => match (f("/glucose/value"), v.pointer("/glucose/censored").and_then(Value::as_str)) {
+            "glucose" => match (
+                f("/glucose/value"),
+                v.pointer("/glucose/censored").and_then(Value::as_str),
+            ) {
                 (_, Some(c)) => format!("glucose {}", if c == "low" { "LO" } else { "HI" }),
                 (Some(x), None) => {
                     let unit = s("/glucose/unit");
@@ -123,14 +131,33 @@ pub fn describe(topic: &str, payload: &[u8]) -> String {
                 f("/blood_pressure/systolic").unwrap_or(f64::NAN),
                 f("/blood_pressure/diastolic").unwrap_or(f64::NAN),
                 s("/blood_pressure/unit"),
-                f("/blood_pressure/pulse_bpm").map(|p| format!(", pulse {p}")).unwrap_or_default()
+                f("/blood_pressure/pulse_bpm")
+                    .map(|p| format!(", pulse {p}"))
+                    .unwrap_or_default()
             ),
         };
-        let time = v.pointer("/time/corrected").and_then(Value::as_str).map_or_else(|| s("/time/received"), str::to_owned);
-        format!("reading  {:<14} {:<16} {what:<40} at {time}  [{}]", s("/patient"), s("/device/id"), s("/quality"))
+        let time = v
+            .pointer("/time/corrected")
+            .and_then(Value::as_str)
+            .map_or_else(|| s("/time/received"), str::to_owned);
+        format!(
+            "reading  {:<14} {:<16} {what:<40} at {time}  [{}]",
+            s("/patient"),
+            s("/device/id"),
+            s("/quality")
+        )
     } else if topic.ends_with("/events") {
-        let detail = v.pointer("/event/reason").and_then(Value::as_str).map(|r| format!(": {r}")).unwrap_or_default();
-        format!("event    {:<14} {:<16} {}{detail}", "", s("/event/device"), s("/event/type"))
+        let detail = v
+            .pointer("/event/reason")
+            .and_then(Value::as_str)
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default();
+        format!(
+            "event    {:<14} {:<16} {}{detail}",
+            "",
+            s("/event/device"),
+            s("/event/type")
+        )
     } else if topic.ends_with("/status") {
         format!("status   gateway {} is {}", s("/gateway"), s("/state"))
     } else {
@@ -143,15 +170,28 @@ pub fn describe(topic: &str, payload: &[u8]) -> String {
 /// # Errors
 /// [`DemoError`] when the broker, the configuration or the gateway fails.
 pub async fn run(shutdown: CancellationToken, quiet: bool) -> Result<DemoSummary, DemoError> {
-    let broker = EmbeddedBroker::start("127.0.0.1:0".parse().map_err(|_| std::io::Error::other("address"))?)?;
+    let broker = EmbeddedBroker::start(
+        "127.0.0.1:0"
+            .parse()
+            .map_err(|_| std::io::Error::other("address"))?,
+    )?;
     let dir = std::env::temp_dir().join(format!("phg-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let config = Config::parse(&demo_config(&broker.url(), &dir.join("journal")), Path::new("(demo)"))?;
-    println!("demo: broker {} (embedded), journal {}", broker.url(), dir.join("journal").display());
+    let config = Config::parse(
+        &demo_config(&broker.url(), &dir.join("journal")),
+        Path::new("(demo)"),
+    )?;
+    println!(
+        "demo: broker {} (embedded), journal {}",
+        broker.url(),
+        dir.join("journal").display()
+    );
     println!("demo: Ctrl-C to stop");
 
     // The CRM side: a subscriber that prints what reaches the broker.
-    let addr = broker.v4_addr().ok_or_else(|| std::io::Error::other("broker has no 3.1.1 listener"))?;
+    let addr = broker
+        .v4_addr()
+        .ok_or_else(|| std::io::Error::other("broker has no 3.1.1 listener"))?;
     let mut opts = MqttOptions::new("phg-demo-viewer", addr.ip().to_string(), addr.port());
     opts.set_keep_alive(Duration::from_secs(30));
     let (client, mut events) = AsyncClient::new(opts, 256);
@@ -168,7 +208,9 @@ pub async fn run(shutdown: CancellationToken, quiet: bool) -> Result<DemoSummary
                 };
                 match ev {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let _ = client.subscribe(topic_filter.clone(), QoS::AtLeastOnce).await;
+                        let _ = client
+                            .subscribe(topic_filter.clone(), QoS::AtLeastOnce)
+                            .await;
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if p.topic.ends_with("/readings") {
@@ -194,5 +236,9 @@ pub async fn run(shutdown: CancellationToken, quiet: bool) -> Result<DemoSummary
     viewer_stop.cancel();
     let (readings_seen, events_seen) = viewer.await.unwrap_or((0, 0));
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(DemoSummary { run: run?, readings_seen, events_seen })
+    Ok(DemoSummary {
+        run: run?,
+        readings_seen,
+        events_seen,
+    })
 }

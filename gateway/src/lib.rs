@@ -9,13 +9,13 @@
 //! - [`journal`] — the durable outbox: a reading is *accepted* once it is here and fsynced.
 #![warn(missing_docs)]
 
+pub mod app;
+pub mod broker;
+pub mod config;
 pub mod decode;
 pub mod demo;
-pub mod config;
-pub mod app;
 pub mod journal;
 pub mod pipeline;
 pub mod sources;
 pub mod telemetry;
 pub mod uplink;
-pub mod broker;

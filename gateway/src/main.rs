@@ -55,7 +55,9 @@ fn stop_on_signal(token: CancellationToken, limit: Option<Duration>) {
     tokio::spawn(async move {
         let term = async {
             #[cfg(unix)]
-            if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            if let Ok(mut s) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
                 s.recv().await;
                 return;
             }
@@ -77,13 +79,19 @@ fn stop_on_signal(token: CancellationToken, limit: Option<Duration>) {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start the runtime: {e}"))
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: Result<(), String> = match cli.command {
-        Command::Decode { characteristic, hex } => match gateway::decode::decode(&characteristic, &hex) {
+        Command::Decode {
+            characteristic,
+            hex,
+        } => match gateway::decode::decode(&characteristic, &hex) {
             Ok(json) => {
                 println!("{json}");
                 Ok(())
@@ -96,8 +104,15 @@ fn main() -> ExitCode {
             runtime()?.block_on(async {
                 let stop = CancellationToken::new();
                 stop_on_signal(stop.clone(), None);
-                let s = gateway::app::run(config, stop).await.map_err(|e| e.to_string())?;
-                tracing::info!(accepted = s.accepted, delivered = s.delivered, pending = s.journal_depth, "stopped");
+                let s = gateway::app::run(config, stop)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(
+                    accepted = s.accepted,
+                    delivered = s.delivered,
+                    pending = s.journal_depth,
+                    "stopped"
+                );
                 Ok(())
             })
         })(),

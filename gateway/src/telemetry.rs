@@ -23,9 +23,15 @@ use crate::pipeline::Counters;
 pub fn init_logs(json: bool, default_filter: &str) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{default_filter},rumqttd=warn")));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second init (tests, demo after run) is harmless: the first subscriber stays.
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Starts the Prometheus endpoint when the config asks for one, and a task that copies the pipeline's
@@ -37,7 +43,10 @@ pub fn spawn_exporter(
     shutdown: CancellationToken,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let addr = config.raw.telemetry.metrics_listen?;
-    if let Err(e) = metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(addr).install() {
+    if let Err(e) = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+    {
         tracing::warn!(error = %e, %addr, "metrics endpoint not started; the gateway runs on without it");
         return None;
     }

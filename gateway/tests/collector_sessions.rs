@@ -5,6 +5,9 @@
 //! for any reason — a dropped link, a missing RACP response, a full journal — resumes at the first record
 //! not accepted, and nothing is lost or doubled.
 
+// Test set-up unwraps: a failure there is a broken test machine, and the panic says where.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,7 +49,11 @@ fn rig(max_records: u64) -> Rig {
         writer,
         counters: Arc::new(Counters::default()),
     };
-    Rig { _dir: dir, journal, pipeline }
+    Rig {
+        _dir: dir,
+        journal,
+        pipeline,
+    }
 }
 
 /// Journaled glucose sequence numbers → how many records carry each (must be 1).
@@ -68,14 +75,23 @@ fn meter(n: usize) -> SimDevice {
 }
 
 fn cfg() -> CollectorConfig {
-    CollectorConfig { racp_timeout: Duration::from_millis(300), bp_idle: Duration::from_millis(300), ..CollectorConfig::default() }
+    CollectorConfig {
+        racp_timeout: Duration::from_millis(300),
+        bp_idle: Duration::from_millis(300),
+        ..CollectorConfig::default()
+    }
 }
 
 async fn glucose(rig: &Rig, device: &SimDevice) -> Completion {
     let mut link = SimLink::connect(device);
     let mut sink = rig.pipeline.session();
-    let dref = DeviceRef { id: "meter".into(), model: None };
-    let report = glucose_session(&mut link, &mut sink, &dref, &cfg()).await.unwrap();
+    let dref = DeviceRef {
+        id: "meter".into(),
+        model: None,
+    };
+    let report = glucose_session(&mut link, &mut sink, &dref, &cfg())
+        .await
+        .unwrap();
     link.disconnect().await;
     report.completion
 }
@@ -90,12 +106,24 @@ async fn first_contact_downloads_all_then_only_new_records() {
     assert!(seen.values().all(|&n| n == 1));
     assert_eq!(rig.journal.lock().unwrap().cursor("meter"), Some(299));
 
-    device.with_glucometer(|g| g.generate(5, unix_now(), 8)).unwrap().unwrap();
+    device
+        .with_glucometer(|g| g.generate(5, unix_now(), 8))
+        .unwrap()
+        .unwrap();
     assert_eq!(glucose(&rig, &device).await, Completion::Complete);
     let seen = journaled_sequences(&rig.journal);
     assert_eq!(seen.len(), 305);
-    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), (0..305).collect::<Vec<_>>());
-    assert_eq!(rig.pipeline.counters.accepted.load(std::sync::atomic::Ordering::Relaxed), 305);
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (0..305).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        rig.pipeline
+            .counters
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        305
+    );
 }
 
 /// The link drops at record 150: the next session resumes at the first record not accepted.
@@ -104,15 +132,25 @@ async fn a_dropped_link_resumes_at_the_cursor_without_loss_or_doubles() {
     let rig = rig(100_000);
     let device = meter(300);
     device
-        .with_glucometer(|g| g.set_faults(GlucometerFaults { drop_link_after_records: Some(150), skip_response: false }))
+        .with_glucometer(|g| {
+            g.set_faults(GlucometerFaults {
+                drop_link_after_records: Some(150),
+                skip_response: false,
+            })
+        })
         .unwrap();
     assert_eq!(glucose(&rig, &device).await, Completion::Incomplete);
     let seen = journaled_sequences(&rig.journal);
     assert_eq!(seen.len(), 150, "everything before the drop is accepted");
-    device.with_glucometer(|g| g.set_faults(GlucometerFaults::default())).unwrap();
+    device
+        .with_glucometer(|g| g.set_faults(GlucometerFaults::default()))
+        .unwrap();
     assert_eq!(glucose(&rig, &device).await, Completion::Complete);
     let seen = journaled_sequences(&rig.journal);
-    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), (0..300).collect::<Vec<_>>());
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (0..300).collect::<Vec<_>>()
+    );
     assert!(seen.values().all(|&n| n == 1), "no record twice");
 }
 
@@ -123,12 +161,22 @@ async fn a_missing_response_code_times_out_and_the_next_session_completes() {
     let rig = rig(100_000);
     let device = meter(20);
     device
-        .with_glucometer(|g| g.set_faults(GlucometerFaults { drop_link_after_records: None, skip_response: true }))
+        .with_glucometer(|g| {
+            g.set_faults(GlucometerFaults {
+                drop_link_after_records: None,
+                skip_response: true,
+            })
+        })
         .unwrap();
     assert_eq!(glucose(&rig, &device).await, Completion::Incomplete);
     assert_eq!(journaled_sequences(&rig.journal).len(), 20);
-    device.with_glucometer(|g| g.set_faults(GlucometerFaults::default())).unwrap();
-    device.with_glucometer(|g| g.generate(2, unix_now(), 9)).unwrap().unwrap();
+    device
+        .with_glucometer(|g| g.set_faults(GlucometerFaults::default()))
+        .unwrap();
+    device
+        .with_glucometer(|g| g.generate(2, unix_now(), 9))
+        .unwrap()
+        .unwrap();
     assert_eq!(glucose(&rig, &device).await, Completion::Complete);
     assert_eq!(journaled_sequences(&rig.journal).len(), 22);
 }
@@ -142,18 +190,29 @@ async fn a_full_journal_stops_the_download_and_the_meter_keeps_the_rest() {
     assert_eq!(glucose(&rig, &device).await, Completion::JournalFull);
     let first = journaled_sequences(&rig.journal);
     assert_eq!(first.len(), 40);
-    assert_eq!(first.keys().copied().collect::<Vec<_>>(), (0..40).collect::<Vec<_>>(), "a prefix, no gap");
+    assert_eq!(
+        first.keys().copied().collect::<Vec<_>>(),
+        (0..40).collect::<Vec<_>>(),
+        "a prefix, no gap"
+    );
     let mut delivered = BTreeMap::new();
     for _ in 0..5 {
         // What the uplink does after PUBACKs.
         let seqs: Vec<(u64, u64)> = {
             let j = rig.journal.lock().unwrap();
-            j.pending(None, usize::MAX).iter().map(|r| (r.seq, r.device_seq.unwrap_or(u64::MAX))).collect()
+            j.pending(None, usize::MAX)
+                .iter()
+                .map(|r| (r.seq, r.device_seq.unwrap_or(u64::MAX)))
+                .collect()
         };
         for (_, d) in &seqs {
             *delivered.entry(*d).or_insert(0) += 1;
         }
-        rig.journal.lock().unwrap().ack(&seqs.iter().map(|(s, _)| *s).collect::<Vec<_>>()).unwrap();
+        rig.journal
+            .lock()
+            .unwrap()
+            .ack(&seqs.iter().map(|(s, _)| *s).collect::<Vec<_>>())
+            .unwrap();
         if glucose(&rig, &device).await == Completion::Complete {
             break;
         }
@@ -162,7 +221,10 @@ async fn a_full_journal_stops_the_download_and_the_meter_keeps_the_rest() {
     for d in rest.keys() {
         *delivered.entry(*d).or_insert(0) += 1;
     }
-    assert_eq!(delivered.keys().copied().collect::<Vec<_>>(), (0..100).collect::<Vec<_>>());
+    assert_eq!(
+        delivered.keys().copied().collect::<Vec<_>>(),
+        (0..100).collect::<Vec<_>>()
+    );
     assert!(delivered.values().all(|&n| n == 1));
 }
 
@@ -177,11 +239,16 @@ async fn a_cuff_that_dumps_its_memory_produces_no_duplicates_across_sessions() {
     cuff.generate(10, unix_now(), 3).unwrap();
     let stored = cuff.readings().len();
     let device = SimDevice::cuff(cuff);
-    let dref = DeviceRef { id: "cuff".into(), model: None };
+    let dref = DeviceRef {
+        id: "cuff".into(),
+        model: None,
+    };
     for _ in 0..3 {
         let mut link = SimLink::connect(&device);
         let mut sink = rig.pipeline.session();
-        let report = blood_pressure_session(&mut link, &mut sink, &dref, &cfg()).await.unwrap();
+        let report = blood_pressure_session(&mut link, &mut sink, &dref, &cfg())
+            .await
+            .unwrap();
         assert_eq!(report.completion, Completion::Complete);
         link.disconnect().await;
     }

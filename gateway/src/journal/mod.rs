@@ -733,7 +733,8 @@ impl Journal {
             return Ok(seqs);
         }
         let depth = self.depth();
-        if self.pending_bytes.saturating_add(new_bytes) > self.cfg.max_bytes.saturating_add(extra_bytes)
+        if self.pending_bytes.saturating_add(new_bytes)
+            > self.cfg.max_bytes.saturating_add(extra_bytes)
             || depth.saturating_add(new_count) > self.cfg.max_records.saturating_add(extra_records)
         {
             return Err(JournalError::Full {

@@ -334,7 +334,10 @@ fn a_full_journal_still_takes_its_notice_within_the_reserve() {
         device_seq: None,
         ..rec("m", 0, "journal-full:m")
     };
-    assert_eq!(j.append_notice(std::slice::from_ref(&notice)).unwrap(), vec![3]);
+    assert_eq!(
+        j.append_notice(std::slice::from_ref(&notice)).unwrap(),
+        vec![3]
+    );
     assert_eq!(j.cursor("m"), Some(2), "a notice never advances the cursor");
     let many: Vec<NewRecord> = (0..NOTICE_RESERVE_RECORDS)
         .map(|i| NewRecord {

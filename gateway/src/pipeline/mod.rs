@@ -27,7 +27,9 @@ use std::sync::{Arc, Mutex};
 use protocol::gatt::Codec;
 use protocol::gatt::bp::BloodPressureMeasurement;
 use protocol::gatt::glucose::{GlucoseContext, GlucoseMeasurement};
-use protocol::model::{BloodPressureRecord, ContextJoiner, GlucoseContextInfo, GlucoseRecord, Measurement};
+use protocol::model::{
+    BloodPressureRecord, ContextJoiner, GlucoseContextInfo, GlucoseRecord, Measurement,
+};
 use protocol::validate::{Reception, validate};
 use protocol::wire::{self, Event, EventMessage, ReadingMessage, Topics};
 use tokio::sync::oneshot;
@@ -46,7 +48,8 @@ pub struct Bindings {
 impl Bindings {
     /// Binds `device` (for every user, or one BLS `user_id`) to `patient`.
     pub fn bind(&mut self, device: &str, user_id: Option<u8>, patient: &str) {
-        self.map.insert((device.to_owned(), user_id), patient.to_owned());
+        self.map
+            .insert((device.to_owned(), user_id), patient.to_owned());
     }
 
     /// The patient a reading belongs to: the binding for its user if there is one, else for the device.
@@ -98,7 +101,11 @@ impl Pipeline {
     /// while it stays pending, so a stuck journal does not flood the CRM.
     pub fn journal_full_notice(&self, device: &str, now_utc: i64, wake: &tokio::sync::Notify) {
         let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        let event = Event::JournalFull { depth: j.depth(), max: j.config().max_records, device: Some(device.to_owned()) };
+        let event = Event::JournalFull {
+            depth: j.depth(),
+            max: j.config().max_records,
+            device: Some(device.to_owned()),
+        };
         let payload = match event_json(&self.gateway_id, now_utc, event) {
             Ok(p) => p,
             Err(e) => return tracing::error!(error = %e, "cannot build the journal_full event"),
@@ -112,7 +119,9 @@ impl Pipeline {
         };
         match j.append_notice(std::slice::from_ref(&record)) {
             Ok(_) => wake.notify_one(),
-            Err(e) => tracing::error!(error = %e, device, "journal full: even its notice did not fit"),
+            Err(e) => {
+                tracing::error!(error = %e, device, "journal full: even its notice did not fit")
+            }
         }
     }
 
@@ -131,7 +140,9 @@ impl Pipeline {
 /// readings are a separate series in the cuff's memory).
 pub fn cursor_key(device: &str, m: &Measurement) -> String {
     match m {
-        Measurement::BloodPressure(BloodPressureRecord { user_id: Some(u), .. }) => format!("{device}#user{u}"),
+        Measurement::BloodPressure(BloodPressureRecord {
+            user_id: Some(u), ..
+        }) => format!("{device}#user{u}"),
         _ => device.to_owned(),
     }
 }
@@ -157,7 +168,10 @@ enum Kind {
 impl SessionSink {
     fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
         // Short, await-free critical sections only (a cursor read); see writer.rs for the poison rationale.
-        self.pipeline.journal.lock().unwrap_or_else(|p| p.into_inner())
+        self.pipeline
+            .journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     async fn submit(&mut self, kind: Kind, record: NewRecord) -> Result<(), SinkError> {
@@ -181,7 +195,8 @@ impl SessionSink {
         let mut still = Vec::new();
         for (kind, mut rx) in self.in_flight.drain(..) {
             let outcome = if wait {
-                rx.await.unwrap_or(Err(Refusal::Failed("journal writer stopped".into())))
+                rx.await
+                    .unwrap_or(Err(Refusal::Failed("journal writer stopped".into())))
             } else {
                 match rx.try_recv() {
                     Ok(o) => o,
@@ -189,7 +204,9 @@ impl SessionSink {
                         still.push((kind, rx));
                         continue;
                     }
-                    Err(oneshot::error::TryRecvError::Closed) => Err(Refusal::Failed("journal writer stopped".into())),
+                    Err(oneshot::error::TryRecvError::Closed) => {
+                        Err(Refusal::Failed("journal writer stopped".into()))
+                    }
                 }
             };
             let c = &self.pipeline.counters;
@@ -220,50 +237,96 @@ impl SessionSink {
     }
 
     /// Validates, attributes and journals one complete measurement.
-    async fn measurement(&mut self, session: &SessionInfo, m: Measurement, received_utc: i64) -> Result<(), SinkError> {
+    async fn measurement(
+        &mut self,
+        session: &SessionInfo,
+        m: Measurement,
+        received_utc: i64,
+    ) -> Result<(), SinkError> {
         let device = &session.device.id;
         let key = cursor_key(device, &m);
         let device_seq = match &m {
             Measurement::Glucose(g) => Some(u64::from(g.sequence_number)),
             // A cuff has no record number: its time stamp orders its memory. Without one, only the reading
             // id (pending in the journal) keeps a re-dumped reading from doubling.
-            Measurement::BloodPressure(b) => b.timestamp.and_then(|t| t.to_epoch_seconds()).and_then(|s| u64::try_from(s).ok()),
+            Measurement::BloodPressure(b) => b
+                .timestamp
+                .and_then(|t| t.to_epoch_seconds())
+                .and_then(|s| u64::try_from(s).ok()),
         };
         if let (Measurement::BloodPressure(_), Some(seq)) = (&m, device_seq) {
             if self.journal().cursor(&key).is_some_and(|c| seq <= c) {
-                self.pipeline.counters.already_accepted.fetch_add(1, Ordering::Relaxed);
+                self.pipeline
+                    .counters
+                    .already_accepted
+                    .fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
         }
-        let rx = Reception { received_utc, clock_offset_s: session.clock_offset_s };
+        let rx = Reception {
+            received_utc,
+            clock_offset_s: session.clock_offset_s,
+        };
         let verdict = validate(&m, &rx);
         let user_id = match &m {
             Measurement::BloodPressure(b) => b.user_id,
             Measurement::Glucose(_) => None,
         };
-        let patient = self.pipeline.bindings.patient(device, user_id).map(str::to_owned);
+        let patient = self
+            .pipeline
+            .bindings
+            .patient(device, user_id)
+            .map(str::to_owned);
         let gateway = self.pipeline.gateway_id.clone();
         let reading_id = wire::reading_id_of(device, &m).to_string();
-        let (kind, topic, payload) = if let Some(event) = Event::for_excluded(device, patient.as_deref(), &m, &verdict) {
+        let (kind, topic, payload) = if let Some(event) =
+            Event::for_excluded(device, patient.as_deref(), &m, &verdict)
+        {
             tracing::info!(device = %device, reading_id = %reading_id, "reading excluded from the patient record");
-            (Kind::Rejected, self.pipeline.topics.events(), event_json(&gateway, received_utc, event)?)
+            (
+                Kind::Rejected,
+                self.pipeline.topics.events(),
+                event_json(&gateway, received_utc, event)?,
+            )
         } else if let Some(patient) = patient {
-            let dref = wire::DeviceRef { id: device.clone(), model: session.device.model.clone(), user_id: None };
-            let msg = ReadingMessage::new(&gateway, &patient, dref, &m, &verdict, &rx)
-                .map_err(|e| SinkError::Unavailable(format!("cannot build the reading message: {e}")))?;
-            let payload = serde_json::to_vec(&msg).map_err(|e| SinkError::Unavailable(e.to_string()))?;
+            let dref = wire::DeviceRef {
+                id: device.clone(),
+                model: session.device.model.clone(),
+                user_id: None,
+            };
+            let msg =
+                ReadingMessage::new(&gateway, &patient, dref, &m, &verdict, &rx).map_err(|e| {
+                    SinkError::Unavailable(format!("cannot build the reading message: {e}"))
+                })?;
+            let payload =
+                serde_json::to_vec(&msg).map_err(|e| SinkError::Unavailable(e.to_string()))?;
             (Kind::Reading, self.pipeline.topics.readings(), payload)
         } else {
             tracing::info!(device = %device, reading_id = %reading_id, "reading of an unbound device held as unattributed");
             let event = Event::unattributed(device, &m);
-            (Kind::Unattributed, self.pipeline.topics.events(), event_json(&gateway, received_utc, event)?)
+            (
+                Kind::Unattributed,
+                self.pipeline.topics.events(),
+                event_json(&gateway, received_utc, event)?,
+            )
         };
-        self.submit(kind, NewRecord { device: key, device_seq, reading_id, topic, payload }).await
+        self.submit(
+            kind,
+            NewRecord {
+                device: key,
+                device_seq,
+                reading_id,
+                topic,
+                payload,
+            },
+        )
+        .await
     }
 }
 
 fn event_json(gateway: &str, time_utc: i64, event: Event) -> Result<Vec<u8>, SinkError> {
-    let msg = EventMessage::new(gateway, time_utc, event).map_err(|e| SinkError::Unavailable(e.to_string()))?;
+    let msg = EventMessage::new(gateway, time_utc, event)
+        .map_err(|e| SinkError::Unavailable(e.to_string()))?;
     serde_json::to_vec(&msg).map_err(|e| SinkError::Unavailable(e.to_string()))
 }
 
@@ -272,15 +335,30 @@ impl RecordSink for SessionSink {
         self.journal().cursor(key)
     }
 
-    async fn value(&mut self, session: &SessionInfo, uuid: u16, bytes: &[u8], received_utc: i64) -> Result<(), SinkError> {
+    async fn value(
+        &mut self,
+        session: &SessionInfo,
+        uuid: u16,
+        bytes: &[u8],
+        received_utc: i64,
+    ) -> Result<(), SinkError> {
         let device = &session.device.id;
         let decoded: Result<Vec<Measurement>, protocol::Error> = match uuid {
             uuid::GLUCOSE_MEASUREMENT => GlucoseMeasurement::parse(bytes).map(|g| {
-                let (previous, now) = self.joiner.measurement(GlucoseRecord::from_gatt(&g), g.context_follows);
-                previous.into_iter().chain(now).map(Measurement::Glucose).collect()
+                let (previous, now) = self
+                    .joiner
+                    .measurement(GlucoseRecord::from_gatt(&g), g.context_follows);
+                previous
+                    .into_iter()
+                    .chain(now)
+                    .map(Measurement::Glucose)
+                    .collect()
             }),
             uuid::GLUCOSE_CONTEXT => GlucoseContext::parse(bytes).map(|c| {
-                match self.joiner.context(c.sequence_number, GlucoseContextInfo::from_gatt(&c)) {
+                match self
+                    .joiner
+                    .context(c.sequence_number, GlucoseContextInfo::from_gatt(&c))
+                {
                     Ok(joined) => vec![Measurement::Glucose(joined)],
                     Err(e) => {
                         // GLP: an out-of-sequence context has no measurement to join; the measurement it
@@ -290,8 +368,11 @@ impl RecordSink for SessionSink {
                     }
                 }
             }),
-            uuid::BP_MEASUREMENT => BloodPressureMeasurement::parse(bytes)
-                .map(|b| vec![Measurement::BloodPressure(BloodPressureRecord::from_gatt(&b))]),
+            uuid::BP_MEASUREMENT => BloodPressureMeasurement::parse(bytes).map(|b| {
+                vec![Measurement::BloodPressure(BloodPressureRecord::from_gatt(
+                    &b,
+                ))]
+            }),
             _ => Ok(Vec::new()),
         };
         match decoded {
@@ -304,10 +385,21 @@ impl RecordSink for SessionSink {
             Err(e) => {
                 tracing::warn!(device = %device, characteristic = format_args!("{uuid:04X}"), error = %e, "value did not decode");
                 let gateway = self.pipeline.gateway_id.clone();
-                let payload = event_json(&gateway, received_utc, Event::decode_failed(device, uuid, bytes, &e))?;
+                let payload = event_json(
+                    &gateway,
+                    received_utc,
+                    Event::decode_failed(device, uuid, bytes, &e),
+                )?;
                 // The event's id is derived from the bytes so that a re-sent bad value is one event.
-                let reading_id = format!("decode-failed:{device}:{uuid:04X}:{}", wire::to_hex(bytes));
-                let record = NewRecord { device: device.clone(), device_seq: None, reading_id, topic: self.pipeline.topics.events(), payload };
+                let reading_id =
+                    format!("decode-failed:{device}:{uuid:04X}:{}", wire::to_hex(bytes));
+                let record = NewRecord {
+                    device: device.clone(),
+                    device_seq: None,
+                    reading_id,
+                    topic: self.pipeline.topics.events(),
+                    payload,
+                };
                 self.submit(Kind::DecodeFailed, record).await
             }
         }
@@ -315,7 +407,12 @@ impl RecordSink for SessionSink {
 
     async fn end_of_transfer(&mut self, session: &SessionInfo) -> Result<(), SinkError> {
         if let Some(held) = self.joiner.finish() {
-            self.measurement(session, Measurement::Glucose(held), crate::sources::collector::now_utc()).await?;
+            self.measurement(
+                session,
+                Measurement::Glucose(held),
+                crate::sources::collector::now_utc(),
+            )
+            .await?;
         }
         self.settle(true).await
     }

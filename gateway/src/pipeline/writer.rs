@@ -47,7 +47,9 @@ pub struct WriterHandle {
 
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Request").field("reading_id", &self.record.reading_id).finish_non_exhaustive()
+        f.debug_struct("Request")
+            .field("reading_id", &self.record.reading_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -64,7 +66,11 @@ impl WriterHandle {
     ) -> Result<oneshot::Receiver<Outcome>, Refusal> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request { record, session_refused, reply })
+            .send(Request {
+                record,
+                session_refused,
+                reply,
+            })
             .await
             .map_err(|_| Refusal::Failed("journal writer stopped".into()))?;
         Ok(rx)
@@ -82,20 +88,22 @@ pub fn spawn(
     queue: usize,
 ) -> std::io::Result<(WriterHandle, std::thread::JoinHandle<()>)> {
     let (tx, mut rx) = mpsc::channel::<Request>(queue.max(1));
-    let thread = std::thread::Builder::new().name("journal-writer".into()).spawn(move || {
-        let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
-        while let Some(first) = rx.blocking_recv() {
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
+    let thread = std::thread::Builder::new()
+        .name("journal-writer".into())
+        .spawn(move || {
+            let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
+            while let Some(first) = rx.blocking_recv() {
+                batch.push(first);
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
                 }
+                commit(&journal, &mut batch);
+                appended.notify_one();
             }
-            commit(&journal, &mut batch);
-            appended.notify_one();
-        }
-    })?;
+        })?;
     Ok((WriterHandle { tx }, thread))
 }
 
@@ -132,7 +140,11 @@ fn commit(journal: &Mutex<Journal>, batch: &mut Vec<Request>) {
                 }
                 match j.append(std::slice::from_ref(&r.record)) {
                     Ok(seqs) => {
-                        let _ = r.reply.send(seqs.first().copied().ok_or(Refusal::Failed("no seq".into())));
+                        let _ = r.reply.send(
+                            seqs.first()
+                                .copied()
+                                .ok_or(Refusal::Failed("no seq".into())),
+                        );
                     }
                     Err(e) if e.is_full() => {
                         r.session_refused.store(true, Ordering::Release);

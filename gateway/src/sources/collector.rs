@@ -144,16 +144,18 @@ pub enum SessionError {
 
 fn link_err(stage: &'static str) -> impl FnOnce(LinkError) -> SessionError {
     move |source| match source {
-        LinkError::Att(code @ (att::INSUFFICIENT_AUTHENTICATION | att::INSUFFICIENT_ENCRYPTION)) => {
-            SessionError::NeedsPairing(code)
-        }
+        LinkError::Att(
+            code @ (att::INSUFFICIENT_AUTHENTICATION | att::INSUFFICIENT_ENCRYPTION),
+        ) => SessionError::NeedsPairing(code),
         source => SessionError::Link { stage, source },
     }
 }
 
 /// The gateway clock, seconds since the Unix epoch (UTC).
 pub fn now_utc() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Reads the device clock (Current Time, else Date Time) and returns device − gateway, seconds.
@@ -176,7 +178,11 @@ pub async fn measure_clock_offset<L: GattLink>(link: &mut L) -> Option<i64> {
     Some(device.to_epoch_seconds()? - gateway)
 }
 
-async fn subscribe_all<L: GattLink>(link: &mut L, uuids: &[u16], cfg: &CollectorConfig) -> Result<(), SessionError> {
+async fn subscribe_all<L: GattLink>(
+    link: &mut L,
+    uuids: &[u16],
+    cfg: &CollectorConfig,
+) -> Result<(), SessionError> {
     for &u in uuids {
         if !link.has(u) {
             continue;
@@ -201,7 +207,10 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
     cfg: &CollectorConfig,
 ) -> Result<SessionReport, SessionError> {
     if !link.has(uuid::GLUCOSE_MEASUREMENT) || !link.has(uuid::RACP) {
-        return Err(SessionError::Link { stage: "discovery", source: LinkError::Missing(uuid::RACP) });
+        return Err(SessionError::Link {
+            stage: "discovery",
+            source: LinkError::Missing(uuid::RACP),
+        });
     }
     let cccds = [uuid::GLUCOSE_MEASUREMENT, uuid::GLUCOSE_CONTEXT, uuid::RACP];
     subscribe_all(link, &cccds, cfg).await?;
@@ -210,7 +219,10 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
         let _ = link.read(uuid::GLUCOSE_FEATURE).await;
     }
     let clock_offset_s = measure_clock_offset(link).await;
-    let session = SessionInfo { device: device.clone(), clock_offset_s };
+    let session = SessionInfo {
+        device: device.clone(),
+        clock_offset_s,
+    };
 
     // First contact: everything. Afterwards: records >= last accepted + 1 (RACP >= is inclusive).
     let request = match sink.cursor(&device.id) {
@@ -218,7 +230,13 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
         Some(last) => match u16::try_from(last + 1) {
             Ok(next) => Racp::report_from(next),
             // GLS sequence numbers never roll over: past 0xFFFF there is nothing new to ask for.
-            Err(_) => return Ok(SessionReport { completion: Completion::Complete, values: 0, clock_offset_s }),
+            Err(_) => {
+                return Ok(SessionReport {
+                    completion: Completion::Complete,
+                    values: 0,
+                    clock_offset_s,
+                });
+            }
         },
     };
     let bytes = request.to_vec();
@@ -228,7 +246,9 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
             // The meter did not take our CCCD writes (or forgot them): configure again and retry once.
             tracing::warn!(device = %device.id, "RACP refused with 0x81 (CCCD improperly configured); re-subscribing");
             subscribe_all(link, &cccds, cfg).await?;
-            link.write(uuid::RACP, &bytes).await.map_err(link_err("racp write"))?;
+            link.write(uuid::RACP, &bytes)
+                .await
+                .map_err(link_err("racp write"))?;
         }
         Err(e) => return Err(link_err("racp write")(e)),
     }
@@ -246,7 +266,10 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
         match next.uuid {
             uuid::GLUCOSE_MEASUREMENT | uuid::GLUCOSE_CONTEXT => {
                 values += 1;
-                match sink.value(&session, next.uuid, &next.value, now_utc()).await {
+                match sink
+                    .value(&session, next.uuid, &next.value, now_utc())
+                    .await
+                {
                     Ok(()) => {}
                     Err(SinkError::Full) => {
                         // Stop the meter sending more; what it sent after this stays in its memory.
@@ -257,14 +280,19 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
                 }
             }
             uuid::RACP => match Racp::parse(&next.value) {
-                Ok(Racp::ResponseCode { request_op_code, response })
-                    if request_op_code == OpCode::REPORT_STORED_RECORDS =>
-                {
-                    if response == ResponseCode::SUCCESS || response == ResponseCode::NO_RECORDS_FOUND {
+                Ok(Racp::ResponseCode {
+                    request_op_code,
+                    response,
+                }) if request_op_code == OpCode::REPORT_STORED_RECORDS => {
+                    if response == ResponseCode::SUCCESS
+                        || response == ResponseCode::NO_RECORDS_FOUND
+                    {
                         break Completion::Complete;
                     }
                     let _ = sink.end_of_transfer(&session).await;
-                    return Err(SessionError::Racp(response.name().unwrap_or("a reserved response code")));
+                    return Err(SessionError::Racp(
+                        response.name().unwrap_or("a reserved response code"),
+                    ));
                 }
                 // Other indications (an abort's answer, a stray count) do not end a report.
                 _ => {}
@@ -275,11 +303,19 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
     match sink.end_of_transfer(&session).await {
         Ok(()) => {}
         Err(SinkError::Full) => {
-            return Ok(SessionReport { completion: Completion::JournalFull, values, clock_offset_s });
+            return Ok(SessionReport {
+                completion: Completion::JournalFull,
+                values,
+                clock_offset_s,
+            });
         }
         Err(e) => return Err(SessionError::Sink(e)),
     }
-    Ok(SessionReport { completion, values, clock_offset_s })
+    Ok(SessionReport {
+        completion,
+        values,
+        clock_offset_s,
+    })
 }
 
 /// Runs the BLP collector: subscribes to measurements (a cuff may dump its memory now) and passes every
@@ -294,12 +330,23 @@ pub async fn blood_pressure_session<L: GattLink, S: RecordSink>(
     cfg: &CollectorConfig,
 ) -> Result<SessionReport, SessionError> {
     if !link.has(uuid::BP_MEASUREMENT) {
-        return Err(SessionError::Link { stage: "discovery", source: LinkError::Missing(uuid::BP_MEASUREMENT) });
+        return Err(SessionError::Link {
+            stage: "discovery",
+            source: LinkError::Missing(uuid::BP_MEASUREMENT),
+        });
     }
     // Read the clock before subscribing: cuffs that dump on subscribe start sending at once.
     let clock_offset_s = measure_clock_offset(link).await;
-    let session = SessionInfo { device: device.clone(), clock_offset_s };
-    subscribe_all(link, &[uuid::INTERMEDIATE_CUFF_PRESSURE, uuid::BP_MEASUREMENT], cfg).await?;
+    let session = SessionInfo {
+        device: device.clone(),
+        clock_offset_s,
+    };
+    subscribe_all(
+        link,
+        &[uuid::INTERMEDIATE_CUFF_PRESSURE, uuid::BP_MEASUREMENT],
+        cfg,
+    )
+    .await?;
     let mut values = 0usize;
     let completion = loop {
         let next = match tokio::time::timeout(cfg.bp_idle, link.next_notification()).await {
@@ -312,15 +359,26 @@ pub async fn blood_pressure_session<L: GattLink, S: RecordSink>(
             continue; // live cuff pressure is for a display, not the record
         }
         values += 1;
-        match sink.value(&session, next.uuid, &next.value, now_utc()).await {
+        match sink
+            .value(&session, next.uuid, &next.value, now_utc())
+            .await
+        {
             Ok(()) => {}
             Err(SinkError::Full) => break Completion::JournalFull,
             Err(e) => return Err(SessionError::Sink(e)),
         }
     };
     match sink.end_of_transfer(&session).await {
-        Ok(()) => Ok(SessionReport { completion, values, clock_offset_s }),
-        Err(SinkError::Full) => Ok(SessionReport { completion: Completion::JournalFull, values, clock_offset_s }),
+        Ok(()) => Ok(SessionReport {
+            completion,
+            values,
+            clock_offset_s,
+        }),
+        Err(SinkError::Full) => Ok(SessionReport {
+            completion: Completion::JournalFull,
+            values,
+            clock_offset_s,
+        }),
         Err(e) => Err(SessionError::Sink(e)),
     }
 }

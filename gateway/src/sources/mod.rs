@@ -94,7 +94,11 @@ pub trait GattLink: Send {
     fn read(&mut self, uuid: u16) -> impl Future<Output = Result<Vec<u8>, LinkError>> + Send;
 
     /// Writes a characteristic value (with response).
-    fn write(&mut self, uuid: u16, value: &[u8]) -> impl Future<Output = Result<(), LinkError>> + Send;
+    fn write(
+        &mut self,
+        uuid: u16,
+        value: &[u8],
+    ) -> impl Future<Output = Result<(), LinkError>> + Send;
 
     /// Enables notifications or indications (writes the CCCD).
     fn subscribe(&mut self, uuid: u16) -> impl Future<Output = Result<(), LinkError>> + Send;
