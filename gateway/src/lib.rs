@@ -2,20 +2,35 @@
 //!
 //! # Layout (follows the data)
 //!
-//! - [`decode`] — the `gateway decode` user tool: one characteristic value to JSON.
-//! - [`sources`] — where characteristic values come from (the simulator; BLE later) and the profiles'
-//!   collector roles that download them.
-//! - [`pipeline`] — decode, validate, attribute to a patient, reading id, hand to the journal writer.
-//! - [`journal`] — the durable outbox: a reading is *accepted* once it is here and fsynced.
+//! ```text
+//! device ──GATT bytes──▶ sources ──▶ pipeline ──▶ journal (fsync) ──▶ uplink ──QoS 1──▶ broker
+//! ```
+//!
+//! - [`sources`] — where characteristic values come from (the simulator now; BLE through btleplug later)
+//!   and the profiles' collector roles (GLP, BLP) that download them and keep the RACP rules.
+//! - [`pipeline`] — decode, validate, attribute to a patient, reading id, and the journal writer that
+//!   group-commits appends from every session.
+//! - [`journal`] — the durable outbox: a reading is *accepted* once it is here and fsynced, and leaves only
+//!   after the broker's PUBACK.
+//! - [`uplink`] — the one task that drives the MQTT client: publishes in journal order, acks on PUBACK,
+//!   reconnects with backoff, keeps the retained status and last will.
+//!
+//! Beside them: [`app`] assembles a gateway and shuts it down in order; [`config`] is `run`'s TOML;
+//! [`telemetry`] logs and metrics; [`broker`] the embedded MQTT broker for [`demo`]; [`decode`] the
+//! `gateway decode` user tool.
 #![warn(missing_docs)]
+
+pub mod sources;
+
+pub mod pipeline;
+
+pub mod journal;
+
+pub mod uplink;
 
 pub mod app;
 pub mod broker;
 pub mod config;
 pub mod decode;
 pub mod demo;
-pub mod journal;
-pub mod pipeline;
-pub mod sources;
 pub mod telemetry;
-pub mod uplink;
