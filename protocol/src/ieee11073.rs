@@ -354,4 +354,32 @@ mod tests {
         let f = Float::new(1, -128).unwrap();
         assert!(f.value().unwrap() > 0.0);
     }
+
+    /// Every one of the 65 536 SFLOAT words decodes and re-encodes to itself (exhaustive, not sampled).
+    #[test]
+    fn every_sfloat_word_round_trips() {
+        for raw in 0..=u16::MAX {
+            let s = SFloat::from_raw(raw);
+            assert_eq!(s.to_raw(), raw, "0x{raw:04X}");
+            assert_eq!(s.value().is_some(), s.0.is_finite());
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any FLOAT word decodes and re-encodes to itself.
+        #[test]
+        fn float_words_round_trip(raw in proptest::prelude::any::<u32>()) {
+            proptest::prop_assert_eq!(Float::from_raw(raw).to_raw(), raw);
+        }
+
+        /// A finite SFLOAT built from fields decodes to the same fields.
+        #[test]
+        fn sfloat_fields_round_trip(m in -2048i32..=2047, e in -8i8..=7) {
+            if let Ok(s) = SFloat::new(m, e) {
+                proptest::prop_assert_eq!(SFloat::from_raw(s.to_raw()).0, Number::Finite { mantissa: m, exponent: e });
+            }
+        }
+    }
 }

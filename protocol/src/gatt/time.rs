@@ -389,4 +389,26 @@ mod tests {
             }
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// No input panics either decoder; whatever decodes re-encodes to its defined octets.
+        #[test]
+        fn parse_is_total(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24)) {
+            if let Ok(dt) = DateTime::parse(&bytes) {
+                proptest::prop_assert_eq!(&dt.to_vec()[..], &bytes[..DateTime::LEN]);
+            }
+            if let Ok(ct) = CurrentTime::parse(&bytes) {
+                proptest::prop_assert_eq!(&ct.to_vec()[..], &bytes[..CurrentTime::LEN]);
+            }
+        }
+
+        /// Epoch seconds → date-time → epoch seconds is the identity over the years 1582..=9999.
+        #[test]
+        fn epoch_round_trip(secs in -12_212_553_600i64..=253_402_300_799) {
+            let dt = DateTime::from_epoch_seconds(secs).unwrap();
+            proptest::prop_assert_eq!(dt.to_epoch_seconds(), Some(secs));
+        }
+    }
 }
