@@ -98,15 +98,17 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(e.to_string()),
         },
-        Command::Run { config } => (|| {
-            let config = gateway::config::Config::load(&config).map_err(|e| e.to_string())?;
+        Command::Run { config: path } => (|| {
+            let config = gateway::config::Config::load(&path).map_err(|e| e.to_string())?;
             gateway::telemetry::init_logs(config.raw.telemetry.json_logs, "info");
             runtime()?.block_on(async {
                 let stop = CancellationToken::new();
                 stop_on_signal(stop.clone(), None);
-                let s = gateway::app::run(config, stop)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let s = gateway::app::run(config, stop).await.map_err(|e| match e {
+                    // Settings the file holds: named with the file, as the parser's errors are.
+                    gateway::app::RunError::Uplink(_) => format!("{}: {e}", path.display()),
+                    e => e.to_string(),
+                })?;
                 tracing::info!(
                     accepted = s.accepted,
                     delivered = s.delivered,
@@ -118,7 +120,8 @@ fn main() -> ExitCode {
         })(),
         Command::Demo { for_seconds, quiet } => (|| {
             // The demo's output is the viewer's lines; logs only for what goes wrong.
-            gateway::telemetry::init_logs(false, "warn");
+            // The embedded broker logs every disconnect as an error; in the demo that is noise.
+            gateway::telemetry::init_logs(false, "warn,rumqttd=off");
             runtime()?.block_on(async {
                 let stop = CancellationToken::new();
                 stop_on_signal(stop.clone(), for_seconds.map(Duration::from_secs));
