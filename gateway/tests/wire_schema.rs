@@ -42,11 +42,34 @@ fn schema_value(src: &str) -> Value {
     serde_json::from_str(src).expect("schema file is JSON")
 }
 
-fn validator(schema: &Value) -> Validator {
+/// A validator for `schema` that resolves references into `reading.schema.json` (the unattributed event's
+/// `reading`) to `reading`, registered under its `$id`: nothing is fetched, from files or the network.
+fn validator_with(schema: &Value, reading: &Value) -> Validator {
+    let id = reading["$id"]
+        .as_str()
+        .expect("the reading schema has an $id");
+    let registry = jsonschema::Registry::new()
+        .add(id, reading)
+        .expect("the reading schema's $id is a URI")
+        .prepare()
+        .expect("the reading schema registers");
     jsonschema::draft202012::options()
         .should_validate_formats(true)
+        .with_registry(&registry)
         .build(schema)
         .expect("schema compiles")
+}
+
+fn validator(schema: &Value) -> Validator {
+    validator_with(schema, &schema_value(READING_SCHEMA_SRC))
+}
+
+/// The strict form ([`strict`]) of the schema `schema_src`, the reading body it refers to strict as well.
+fn strict_validator(schema_src: &str) -> Validator {
+    validator_with(
+        &strict(&schema_value(schema_src)),
+        &strict(&schema_value(READING_SCHEMA_SRC)),
+    )
 }
 
 /// The schema with `additionalProperties: false` on every object schema that lists its properties: a payload
@@ -80,7 +103,7 @@ fn assert_valid(schema_src: &str, payload: &Value) {
     let schema = schema_value(schema_src);
     let errs = errors(&validator(&schema), payload);
     assert!(errs.is_empty(), "payload rejected:\n{payload:#}\n{errs:#?}");
-    let errs = errors(&validator(&strict(&schema)), payload);
+    let errs = errors(&strict_validator(schema_src), payload);
     assert!(
         errs.is_empty(),
         "payload carries fields the schema does not document:\n{payload:#}\n{errs:#?}"
@@ -285,6 +308,31 @@ fn excluded(device: &str, m: &Measurement, rx: &Reception) -> Value {
     event(Event::for_excluded(device, Some(PATIENT), m, &verdict).expect("an excluded reading"))
 }
 
+/// A kiosk cuff's user 2, bound to nobody: 131/84 mmHg, pulse 68.
+fn kiosk_bp_user_2() -> Measurement {
+    let mut b = bp_record(PressureUnit::MmHg, (131, 0), (84, 0), (99, 0));
+    b.user_id = Some(2);
+    Measurement::BloodPressure(b)
+}
+
+fn unattributed(device: &str, m: &Measurement) -> Value {
+    let verdict = validate(m, &rx());
+    event(
+        Event::unattributed(DeviceRef::new(device), m, &verdict, &rx()).expect("a patient reading"),
+    )
+}
+
+fn unattributed_bp() -> Value {
+    unattributed(CUFF, &kiosk_bp_user_2())
+}
+
+fn unattributed_glucose() -> Value {
+    unattributed(
+        METER,
+        &Measurement::Glucose(glucose_record(48, 112, -5, false)),
+    )
+}
+
 fn all_events() -> Vec<(&'static str, Value)> {
     let mut control = glucose_record(50, 110, -5, false);
     control.sample_type = Some(10);
@@ -345,7 +393,8 @@ fn all_events() -> Vec<(&'static str, Value)> {
             "control solution",
             excluded(METER, &Measurement::Glucose(control), &rx()),
         ),
-        ("unattributed", event(Event::unattributed(CUFF, &kiosk_bp))),
+        ("unattributed", unattributed_bp()),
+        ("unattributed glucose", unattributed_glucose()),
         (
             "journal full",
             event(Event::JournalFull {
@@ -542,9 +591,103 @@ fn events_carry_what_the_contract_promises() {
         by_name("control solution")["event"]["type"],
         "control_solution"
     );
-    assert_eq!(by_name("unattributed")["event"]["user_id"], 1);
+    assert_eq!(by_name("unattributed")["event"]["user_id"], 2);
     assert_eq!(by_name("decode failed")["event"]["hex"], "1b2a00");
     assert_eq!(by_name("decode failed")["event"]["characteristic"], "2A18");
+}
+
+/// An unattributed reading is held whole (DESIGN.md promise 6): the event carries the values, times, status
+/// and verdict under the id the reading will be published with, and envelope + held reading is a valid
+/// reading message once a patient is assigned.
+#[test]
+fn unattributed_events_hold_the_whole_reading() {
+    for (device, m, payload) in [
+        (CUFF, kiosk_bp_user_2(), unattributed_bp()),
+        (
+            METER,
+            Measurement::Glucose(glucose_record(48, 112, -5, false)),
+            unattributed_glucose(),
+        ),
+    ] {
+        let ev = &payload["event"];
+        assert_eq!(ev["type"], "unattributed");
+        // What the same measurement would have been, had its device been bound to a patient.
+        let as_reading = reading(device, &m, &rx());
+        assert_eq!(
+            ev["reading_id"], as_reading["id"],
+            "the same id as the reading"
+        );
+        assert_eq!(ev["device"], device);
+        assert_eq!(ev["kind"], as_reading["kind"]);
+        let mut body = as_reading.as_object().unwrap().clone();
+        for envelope in ["schema", "id", "gateway", "patient"] {
+            body.remove(envelope);
+        }
+        assert_eq!(
+            ev["reading"],
+            Value::Object(body),
+            "the whole reading, held"
+        );
+        // Assigned later: envelope + held reading is the reading message, and it validates.
+        let mut assigned = ev["reading"].clone();
+        assigned["schema"] = json!(READING_SCHEMA);
+        assigned["id"] = ev["reading_id"].clone();
+        assigned["gateway"] = payload["gateway"].clone();
+        assigned["patient"] = json!(PATIENT);
+        assert_eq!(assigned, as_reading);
+        assert_valid(READING_SCHEMA_SRC, &assigned);
+    }
+    let bp = unattributed_bp();
+    let held = &bp["event"]["reading"];
+    assert_eq!(bp["event"]["user_id"], 2);
+    assert_eq!(held["device"]["user_id"], 2);
+    assert_eq!(
+        bp["event"]["reading_id"],
+        protocol::wire::reading_id_of(CUFF, &kiosk_bp_user_2()).to_string()
+    );
+    assert_eq!(held["blood_pressure"]["systolic"], 131.0);
+    assert_eq!(held["blood_pressure"]["diastolic"], 84.0);
+    assert_eq!(held["blood_pressure"]["pulse_bpm"], 68.0);
+    assert_eq!(held["time"]["device"], "2024-06-15T07:45:00");
+    assert_eq!(held["time"]["corrected"], "2024-06-15T05:42:00Z");
+    assert_eq!(held["status"]["measurement_status"], 0);
+    assert_eq!(held["quality"], "valid");
+    let g = unattributed_glucose();
+    assert_eq!(g["event"]["reading"]["glucose"]["mg_per_dl"], 112.0);
+    assert_eq!(g["event"]["reading"]["sequence_number"], 48);
+    assert!(g["event"].get("user_id").is_none());
+}
+
+/// The reading message's schema is the envelope plus `$defs/reading_body` (which the unattributed event
+/// refers to): the two property lists, required lists and rules cannot drift apart.
+#[test]
+fn reading_schema_is_envelope_plus_body() {
+    let s = schema_value(READING_SCHEMA_SRC);
+    let body = &s["$defs"]["reading_body"];
+    let envelope = ["schema", "id", "gateway", "patient"];
+    let props = s["properties"].as_object().unwrap();
+    let body_props = body["properties"].as_object().unwrap();
+    let mut expected: Vec<&str> = envelope.to_vec();
+    expected.extend(body_props.keys().map(String::as_str));
+    let mut names: Vec<&str> = props.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(names, expected, "top-level properties = envelope + body");
+    for (name, def) in body_props {
+        assert_eq!(&props[name], def, "{name}: same definition");
+    }
+    let mut required: Vec<&Value> = s["required"].as_array().unwrap().iter().collect();
+    let mut expected: Vec<&Value> = body["required"].as_array().unwrap().iter().collect();
+    let envelope_json: Vec<Value> = envelope.iter().map(|e| json!(e)).collect();
+    expected.extend(envelope_json.iter());
+    required.sort_by_key(|v| v.to_string());
+    expected.sort_by_key(|v| v.to_string());
+    assert_eq!(required, expected, "required = envelope + body's required");
+    assert_eq!(s["allOf"], body["allOf"], "the same rules");
+    assert_eq!(
+        schema_value(EVENT_SCHEMA_SRC)["$defs"]["unattributed"]["properties"]["reading"]["$ref"],
+        "reading.schema.json#/$defs/reading_body"
+    );
 }
 
 #[test]
@@ -734,6 +877,11 @@ fn broken_events_are_rejected() {
         .find(|(n, _)| *n == "decode failed")
         .map(|(_, v)| v.clone())
         .unwrap();
+    let journal_full = events
+        .iter()
+        .find(|(n, _)| *n == "journal full")
+        .map(|(_, v)| v.clone())
+        .unwrap();
     let cases = [
         (
             without(rejected.clone(), "/event/reading_id"),
@@ -778,8 +926,56 @@ fn broken_events_are_rejected() {
             "characteristic not 4 hex digits",
         ),
         (
-            with(events[8].1.clone(), "/event/depth", json!(-1)),
+            with(journal_full, "/event/depth", json!(-1)),
             "negative journal depth",
+        ),
+        (
+            without(unattributed_bp(), "/event/reading"),
+            "unattributed without the reading it holds",
+        ),
+        (
+            with(unattributed_bp(), "/event/reading", json!({})),
+            "unattributed with an empty reading",
+        ),
+        (
+            without(unattributed_bp(), "/event/reading/blood_pressure"),
+            "held BP reading without its pressures",
+        ),
+        (
+            without(unattributed_bp(), "/event/reading/time"),
+            "held reading without its time",
+        ),
+        (
+            without(unattributed_bp(), "/event/reading/quality"),
+            "held reading without its verdict",
+        ),
+        (
+            with(
+                unattributed_bp(),
+                "/event/reading/quality",
+                json!("rejected"),
+            ),
+            "held reading with a rejected verdict",
+        ),
+        (
+            with(unattributed_bp(), "/event/reading/kind", json!("glucose")),
+            "held reading's kind disagrees with its values",
+        ),
+        (
+            with(unattributed_bp(), "/event/kind", json!("glucose")),
+            "event's kind disagrees with the held reading's",
+        ),
+        (
+            with(
+                unattributed_bp(),
+                "/event/reading/blood_pressure/unit",
+                json!("mmol/L"),
+            ),
+            "held reading with a glucose unit on pressure",
+        ),
+        (
+            without(unattributed_glucose(), "/event/reading/sequence_number"),
+            "held glucose reading without its sequence number",
         ),
     ];
     for (payload, why) in &cases {
@@ -831,7 +1027,7 @@ fn broken_status_is_rejected() {
 /// fails the strict form (while the open schema accepts it).
 #[test]
 fn undocumented_fields_fail_the_strict_check() {
-    let strict_reading = validator(&strict(&schema_value(READING_SCHEMA_SRC)));
+    let strict_reading = strict_validator(READING_SCHEMA_SRC);
     for (pointer, field) in ["", "/glucose", "/time", "/status", "/device"]
         .iter()
         .zip(["a", "b", "c", "d", "e"])
@@ -846,13 +1042,30 @@ fn undocumented_fields_fail_the_strict_check() {
             "{pointer}: undocumented field passed the strict check"
         );
     }
-    let strict_event = validator(&strict(&schema_value(EVENT_SCHEMA_SRC)));
+    let strict_event = strict_validator(EVENT_SCHEMA_SRC);
     let payload = with(
         all_events()[0].1.clone(),
         "/event/detail/undocumented",
         json!(1),
     );
     assert!(!strict_event.is_valid(&payload));
+    // The reading an unattributed event holds is checked as strictly as a reading message.
+    for pointer in [
+        "/event/undocumented",
+        "/event/reading/undocumented",
+        "/event/reading/blood_pressure/undocumented",
+        "/event/reading/time/undocumented",
+    ] {
+        let payload = with(unattributed_bp(), pointer, json!(1));
+        assert!(
+            validator(&schema_value(EVENT_SCHEMA_SRC)).is_valid(&payload),
+            "{pointer}: the open schema accepts added fields"
+        );
+        assert!(
+            !strict_event.is_valid(&payload),
+            "{pointer}: undocumented field passed the strict check"
+        );
+    }
 }
 
 /// A newer minor revision adds fields: the schema (like the Rust types) accepts them.
@@ -1013,4 +1226,12 @@ fn asyncapi_examples_validate() {
         }
     }
     assert!(checked >= 6);
+    // The unattributed example is exactly what the gateway sends for a kiosk cuff's unbound user 2.
+    let example = doc["components"]["messages"]["event"]["examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|ex| ex["name"] == "unattributed")
+        .expect("an unattributed example");
+    assert_eq!(example["payload"], unattributed_bp());
 }

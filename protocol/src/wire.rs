@@ -36,6 +36,7 @@
 //! readings.
 
 use alloc::borrow::ToOwned;
+use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -318,6 +319,9 @@ fn time_string(secs: i64) -> Result<String, WireError> {
 /// Only patient readings (valid, low quality, censored) are published here; control-solution tests and
 /// rejected readings are events. Unknown fields are ignored on reading (no `deny_unknown_fields`): newer
 /// minor revisions may add fields.
+///
+/// The envelope (schema, id, gateway, patient) is followed by the [`ReadingBody`], flattened: the JSON
+/// is one object, `{"schema":…,"id":…,"gateway":…,"patient":…,"device":…,"kind":…,…}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReadingMessage {
     /// [`READING_SCHEMA`].
@@ -329,6 +333,16 @@ pub struct ReadingMessage {
     pub gateway: String,
     /// The pseudonymous patient id (never a name or national id; see the module docs).
     pub patient: String,
+    /// What was measured, when, and the verdict: everything that does not depend on the patient.
+    #[serde(flatten)]
+    pub body: ReadingBody,
+}
+
+/// The patient-independent content of a reading: the device, the values, the times, the status and the
+/// verdict. A [`ReadingMessage`] is this plus its envelope; an [`Event::Unattributed`] carries it whole, so
+/// the journaled event is the durable copy of a reading held for staff to assign (DESIGN.md promise 6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadingBody {
     /// The device that measured.
     pub device: DeviceRef,
     /// Glucose or blood pressure; says which of `glucose` / `blood_pressure` is present.
@@ -668,32 +682,26 @@ fn outcome_code(o: &Outcome) -> &'static str {
     }
 }
 
-impl ReadingMessage {
-    /// The message for measurement `m` from `device`, validated into `verdict` at reception `rx` (the same
-    /// [`Reception`] given to [`crate::validate::validate`]), for the patient `patient` on `gateway`.
+impl ReadingBody {
+    /// The body for measurement `m` from `device`, validated into `verdict` at reception `rx` (the same
+    /// [`Reception`] given to [`crate::validate::validate`]).
     ///
-    /// The id is [`reading_id_of`]; the other unit, the corrected time and the flag names are derived here.
-    /// For a blood-pressure reading the record's BLS user id, when sent, replaces `device.user_id`.
+    /// The other unit, the corrected time and the flag names are derived here. For a blood-pressure
+    /// reading the record's BLS user id, when sent, replaces `device.user_id`.
     ///
     /// # Errors
     /// [`WireError::NotAPatientReading`] for a control-solution or rejected verdict (report it with
-    /// [`Event::for_excluded`]); [`WireError::InvalidPatientId`] when `patient` is not a pseudonym;
-    /// [`WireError::NoValue`] when the verdict does not fit the measurement; [`WireError::TimeOutOfRange`].
+    /// [`Event::for_excluded`]); [`WireError::NoValue`] when the verdict does not fit the measurement;
+    /// [`WireError::TimeOutOfRange`].
     pub fn new(
-        gateway: &str,
-        patient: &str,
         mut device: DeviceRef,
         m: &Measurement,
         verdict: &Verdict,
         rx: &Reception,
-    ) -> Result<ReadingMessage, WireError> {
+    ) -> Result<ReadingBody, WireError> {
         let quality = Quality::of(&verdict.outcome).ok_or(WireError::NotAPatientReading {
             outcome: outcome_code(&verdict.outcome),
         })?;
-        if !is_valid_pseudonym(patient) {
-            return Err(WireError::InvalidPatientId);
-        }
-        let id = reading_id_of(&device.id, m).to_string();
         let mut status = ReadingStatus {
             flags: verdict.flags.names().map(str::to_owned).collect(),
             ..ReadingStatus::default()
@@ -754,11 +762,7 @@ impl ReadingMessage {
                 status.measurement_status = b.measurement_status;
             }
         }
-        Ok(ReadingMessage {
-            schema: READING_SCHEMA.to_owned(),
-            id,
-            gateway: gateway.to_owned(),
-            patient: patient.to_owned(),
+        Ok(ReadingBody {
             device,
             kind: Kind::of(m),
             sequence_number,
@@ -768,6 +772,40 @@ impl ReadingMessage {
             time: ReadingTime::new(&verdict.time, rx)?,
             status,
             quality,
+        })
+    }
+}
+
+impl ReadingMessage {
+    /// The message for measurement `m` from `device`, validated into `verdict` at reception `rx` (the same
+    /// [`Reception`] given to [`crate::validate::validate`]), for the patient `patient` on `gateway`.
+    ///
+    /// The id is [`reading_id_of`]; the body is [`ReadingBody::new`] (for a blood-pressure reading the
+    /// record's BLS user id, when sent, replaces `device.user_id`).
+    ///
+    /// # Errors
+    /// [`WireError::NotAPatientReading`] for a control-solution or rejected verdict (report it with
+    /// [`Event::for_excluded`]); [`WireError::InvalidPatientId`] when `patient` is not a pseudonym;
+    /// [`WireError::NoValue`] when the verdict does not fit the measurement; [`WireError::TimeOutOfRange`].
+    pub fn new(
+        gateway: &str,
+        patient: &str,
+        device: DeviceRef,
+        m: &Measurement,
+        verdict: &Verdict,
+        rx: &Reception,
+    ) -> Result<ReadingMessage, WireError> {
+        let id = reading_id_of(&device.id, m).to_string();
+        let body = ReadingBody::new(device, m, verdict, rx)?;
+        if !is_valid_pseudonym(patient) {
+            return Err(WireError::InvalidPatientId);
+        }
+        Ok(ReadingMessage {
+            schema: READING_SCHEMA.to_owned(),
+            id,
+            gateway: gateway.to_owned(),
+            patient: patient.to_owned(),
+            body,
         })
     }
 }
@@ -837,17 +875,22 @@ pub enum Event {
         device: String,
     },
     /// A reading that no patient could be given (a kiosk reading with nobody checked in, an unbound BLS
-    /// user): held in the journal for staff to assign — never dropped, never guessed (promise 6).
+    /// user): held for staff to assign — never dropped, never guessed (promise 6). The event carries the
+    /// whole reading (`reading`), so the journaled event is its durable copy: once a patient is assigned it
+    /// becomes a [`ReadingMessage`] with this `reading_id` as its `id` and `reading` as its body.
     Unattributed {
         /// Its reading id (it will be published under this id once assigned).
         reading_id: String,
-        /// The device id.
+        /// The device id (`reading.device.id`).
         device: String,
         /// The BLS user id the cuff reported.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         user_id: Option<u8>,
-        /// Glucose or blood pressure.
+        /// Glucose or blood pressure (`reading.kind`).
         kind: Kind,
+        /// The reading held: values, times, status and verdict, as a reading message would carry them
+        /// (boxed: it is much larger than the other events; the JSON is the same).
+        reading: Box<ReadingBody>,
     },
     /// The journal is full: the gateway stopped downloading; the devices keep their records (promise 4)
     /// and are read again once the broker has taken the backlog.
@@ -1014,17 +1057,31 @@ impl Event {
         }
     }
 
-    /// The event for a reading held for staff to assign.
-    pub fn unattributed(device_id: &str, m: &Measurement) -> Event {
-        Event::Unattributed {
-            reading_id: reading_id_of(device_id, m).to_string(),
-            device: device_id.to_owned(),
+    /// The event for a reading held for staff to assign: measurement `m` from `device`, validated into
+    /// `verdict` at reception `rx`, with its whole [`ReadingBody`] (built as [`ReadingMessage::new`] builds
+    /// it) and the id the reading will be published under, [`reading_id_of`].
+    ///
+    /// # Errors
+    /// As [`ReadingBody::new`]: [`WireError::NotAPatientReading`] for a control-solution or rejected verdict
+    /// (report it with [`Event::for_excluded`]), [`WireError::NoValue`], [`WireError::TimeOutOfRange`].
+    pub fn unattributed(
+        device: DeviceRef,
+        m: &Measurement,
+        verdict: &Verdict,
+        rx: &Reception,
+    ) -> Result<Event, WireError> {
+        let reading_id = reading_id_of(&device.id, m).to_string();
+        let reading = ReadingBody::new(device, m, verdict, rx)?;
+        Ok(Event::Unattributed {
+            reading_id,
+            device: reading.device.id.clone(),
             user_id: match m {
                 Measurement::BloodPressure(b) => b.user_id,
                 Measurement::Glucose(_) => None,
             },
-            kind: Kind::of(m),
-        }
+            kind: reading.kind,
+            reading: Box::new(reading),
+        })
     }
 
     /// The event for a characteristic value (16-bit UUID `uuid`) that did not decode.
@@ -1196,24 +1253,27 @@ mod tests {
         assert_eq!(msg.schema, "phg.reading/1");
         assert_eq!(msg.id, reading_id::glucose(METER, 7).to_string());
         assert_eq!(msg.id, "20178b84-9cc1-5407-9253-b99b9ffbffec"); // reading_id's pinned answer
-        assert_eq!(msg.kind, Kind::Glucose);
-        assert_eq!(msg.sequence_number, Some(7));
-        let g = msg.glucose.unwrap();
+        assert_eq!(msg.body.kind, Kind::Glucose);
+        assert_eq!(msg.body.sequence_number, Some(7));
+        let g = msg.body.glucose.unwrap();
         assert_eq!(
             (g.value, g.unit, g.mg_per_dl),
             (Some(126.0), Some(GlucoseUnit::MgPerDl), Some(126.0))
         );
         assert_eq!(g.mmol_per_l, Some(126.0 / 18.016));
-        assert_eq!(msg.blood_pressure, None);
-        assert_eq!(msg.quality, Quality::Valid);
+        assert_eq!(msg.body.blood_pressure, None);
+        assert_eq!(msg.body.quality, Quality::Valid);
         // Meter 7 minutes fast: corrected = device time − 420 s.
-        assert_eq!(msg.time.device.as_deref(), Some("2024-06-15T17:17:27"));
-        assert_eq!(msg.time.received, "2024-06-15T17:27:27Z");
-        assert_eq!(msg.time.corrected.as_deref(), Some("2024-06-15T17:10:27Z"));
-        assert_eq!(msg.time.clock_offset_s, Some(420));
-        assert!(msg.time.trusted);
-        assert_eq!(msg.time.doubt, None);
-        assert!(msg.status.flags.is_empty());
+        assert_eq!(msg.body.time.device.as_deref(), Some("2024-06-15T17:17:27"));
+        assert_eq!(msg.body.time.received, "2024-06-15T17:27:27Z");
+        assert_eq!(
+            msg.body.time.corrected.as_deref(),
+            Some("2024-06-15T17:10:27Z")
+        );
+        assert_eq!(msg.body.time.clock_offset_s, Some(420));
+        assert!(msg.body.time.trusted);
+        assert_eq!(msg.body.time.doubt, None);
+        assert!(msg.body.status.flags.is_empty());
     }
 
     #[test]
@@ -1235,11 +1295,11 @@ mod tests {
             hba1c_pct: Some(6.8),
         });
         let msg = message(METER, &Measurement::Glucose(g), &rx).unwrap();
-        let v = msg.glucose.unwrap();
+        let v = msg.body.glucose.unwrap();
         assert_eq!(v.value, Some(3.9));
         assert_eq!(v.unit, Some(GlucoseUnit::MmolPerL));
         assert_eq!(v.mg_per_dl, Some(3.9 * MG_PER_DL_PER_MMOL_PER_L));
-        let c = msg.context.unwrap();
+        let c = msg.body.context.unwrap();
         assert_eq!(c.meal.as_deref(), Some("fasting"));
         assert_eq!(c.tester.as_deref(), Some("self"));
         assert_eq!(c.health.as_deref(), Some("not_available"));
@@ -1269,13 +1329,13 @@ mod tests {
         };
         g.concentration = None;
         let msg = message(METER, &Measurement::Glucose(g), &rx).unwrap();
-        assert_eq!(msg.quality, Quality::Censored);
-        let v = msg.glucose.unwrap();
+        assert_eq!(msg.body.quality, Quality::Censored);
+        let v = msg.body.glucose.unwrap();
         assert_eq!(
             (v.value, v.unit, v.censored),
             (None, None, Some(Censor::Low))
         );
-        assert_eq!(msg.status.sensor_status, Some(0x0040));
+        assert_eq!(msg.body.status.sensor_status, Some(0x0040));
     }
 
     #[test]
@@ -1287,8 +1347,8 @@ mod tests {
         let m = bp(PressureUnit::KPa, (160, -1), (107, -1), (125, -1), None);
         let msg = message(CUFF, &m, &rx).unwrap();
         assert_eq!(msg.id, reading_id_of(CUFF, &m).to_string());
-        assert_eq!(msg.device.user_id, Some(2));
-        let b = msg.blood_pressure.unwrap();
+        assert_eq!(msg.body.device.user_id, Some(2));
+        let b = msg.body.blood_pressure.unwrap();
         assert_eq!(
             (b.unit, b.systolic, b.diastolic),
             (PressureUnit::KPa, 16.0, 10.7)
@@ -1296,7 +1356,7 @@ mod tests {
         assert_eq!(b.systolic_mmhg, 16.0 * MMHG_PER_KPA);
         assert_eq!(b.map_mmhg, Some(12.5 * MMHG_PER_KPA));
         assert_eq!(b.pulse_bpm, Some(72.0));
-        assert_eq!(msg.sequence_number, None);
+        assert_eq!(msg.body.sequence_number, None);
     }
 
     #[test]
@@ -1311,7 +1371,7 @@ mod tests {
             &rx,
         )
         .unwrap();
-        let b = msg.blood_pressure.unwrap();
+        let b = msg.body.blood_pressure.unwrap();
         assert_eq!((b.mean_arterial_pressure, b.map_mmhg), (None, None));
     }
 
@@ -1333,9 +1393,9 @@ mod tests {
             &rx,
         )
         .unwrap();
-        assert_eq!(msg.quality, Quality::LowQuality);
-        assert_eq!(msg.status.measurement_status, Some(0x0001));
-        assert_eq!(msg.status.flags, ["body_movement"]);
+        assert_eq!(msg.body.quality, Quality::LowQuality);
+        assert_eq!(msg.body.status.measurement_status, Some(0x0001));
+        assert_eq!(msg.body.status.flags, ["body_movement"]);
     }
 
     #[test]
@@ -1345,10 +1405,10 @@ mod tests {
             clock_offset_s: None,
         };
         let msg = message(METER, &glucose(126, -5, false, None), &rx).unwrap();
-        assert_eq!(msg.time.corrected, None);
-        assert!(!msg.time.trusted);
-        assert_eq!(msg.time.doubt, Some(TimeDoubt::ClockNotRead));
-        assert_eq!(msg.status.flags, ["time_untrusted"]);
+        assert_eq!(msg.body.time.corrected, None);
+        assert!(!msg.body.time.trusted);
+        assert_eq!(msg.body.time.doubt, Some(TimeDoubt::ClockNotRead));
+        assert_eq!(msg.body.status.flags, ["time_untrusted"]);
     }
 
     #[test]
@@ -1498,6 +1558,138 @@ mod tests {
         let json = serde_json::to_value(&ev).unwrap();
         assert_eq!(json["event"]["type"], "journal_full");
         assert_eq!(serde_json::from_value::<EventMessage>(json).unwrap(), ev);
+    }
+
+    /// The body is flattened: the readings JSON keeps its one-object shape and field order, envelope first.
+    #[test]
+    fn reading_body_is_flattened_into_the_message() {
+        let rx = Reception {
+            received_utc: RX_UTC,
+            clock_offset_s: Some(420),
+        };
+        let msg = message(METER, &glucose(126, -5, false, None), &rx).unwrap();
+        let text = serde_json::to_string(&msg).unwrap();
+        let keys = [
+            "schema",
+            "id",
+            "gateway",
+            "patient",
+            "device",
+            "kind",
+            "sequence_number",
+            "glucose",
+            "time",
+            "status",
+            "quality",
+        ];
+        let at: Vec<usize> = keys
+            .iter()
+            .map(|k| text.find(&format!("\"{k}\":")).unwrap())
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{text}");
+        assert!(
+            text.starts_with(r#"{"schema":"phg.reading/1","id":"#),
+            "{text}"
+        );
+        let json = serde_json::to_value(&msg).unwrap();
+        assert!(json.get("body").is_none(), "no nested body object");
+        // The body alone is the message minus its envelope.
+        let mut envelope_free = json.as_object().unwrap().clone();
+        for k in ["schema", "id", "gateway", "patient"] {
+            envelope_free.remove(k);
+        }
+        assert_eq!(
+            serde_json::to_value(&msg.body).unwrap(),
+            serde_json::Value::Object(envelope_free)
+        );
+        // A newer minor revision's extra field, top level or in the body, is ignored.
+        let mut extended = json;
+        extended["firmware_hint"] = serde_json::json!({"x": 1});
+        extended["time"]["ntp_synchronised"] = serde_json::json!(true);
+        assert_eq!(
+            serde_json::from_value::<ReadingMessage>(extended).unwrap(),
+            msg
+        );
+    }
+
+    /// An unattributed reading is held whole: the event carries the body a reading message would carry,
+    /// under the id it would be published with.
+    #[test]
+    fn unattributed_event_holds_the_whole_reading() {
+        let rx = Reception {
+            received_utc: RX_UTC,
+            clock_offset_s: Some(0),
+        };
+        for (device, m) in [
+            (
+                CUFF,
+                bp(PressureUnit::MmHg, (131, 0), (84, 0), (99, 0), Some(0x0001)),
+            ),
+            (METER, glucose(126, -5, false, Some(0x0001))),
+        ] {
+            let v = validate(&m, &rx);
+            let msg = message(device, &m, &rx).unwrap();
+            let event = Event::unattributed(DeviceRef::new(device), &m, &v, &rx).unwrap();
+            let Event::Unattributed {
+                reading_id,
+                device: dev,
+                user_id,
+                kind,
+                reading,
+            } = &event
+            else {
+                panic!("not an unattributed event")
+            };
+            assert_eq!(*reading_id, msg.id);
+            assert_eq!(*reading_id, reading_id_of(device, &m).to_string());
+            assert_eq!(dev, device);
+            assert_eq!(*kind, Kind::of(&m));
+            assert_eq!(**reading, msg.body, "the same body as the reading message");
+            match &m {
+                Measurement::BloodPressure(_) => {
+                    assert_eq!(*user_id, Some(2));
+                    assert_eq!(reading.device.user_id, Some(2));
+                    assert_eq!(reading.blood_pressure.unwrap().systolic, 131.0);
+                    assert_eq!(reading.quality, Quality::LowQuality);
+                }
+                Measurement::Glucose(_) => {
+                    assert_eq!(*user_id, None);
+                    assert_eq!(reading.glucose.unwrap().mg_per_dl, Some(126.0));
+                    assert_eq!(reading.sequence_number, Some(7));
+                }
+            }
+            // Journaled as an event message, it reads back whole.
+            let em = EventMessage::new("gw-0001", RX_UTC, event.clone()).unwrap();
+            let json = serde_json::to_value(&em).unwrap();
+            assert_eq!(json["event"]["type"], "unattributed");
+            assert_eq!(
+                json["event"]["reading"],
+                serde_json::to_value(&msg.body).unwrap()
+            );
+            assert_eq!(serde_json::from_value::<EventMessage>(json).unwrap(), em);
+        }
+    }
+
+    #[test]
+    fn unattributed_is_only_for_patient_readings() {
+        let rx = Reception {
+            received_utc: RX_UTC,
+            clock_offset_s: Some(0),
+        };
+        let m = glucose(700, -5, false, None);
+        let v = validate(&m, &rx);
+        assert_eq!(
+            Event::unattributed(DeviceRef::new(METER), &m, &v, &rx),
+            Err(WireError::NotAPatientReading {
+                outcome: "rejected"
+            })
+        );
+        assert_eq!(
+            ReadingBody::new(DeviceRef::new(METER), &m, &v, &rx),
+            Err(WireError::NotAPatientReading {
+                outcome: "rejected"
+            })
+        );
     }
 
     /// A newer minor revision's extra fields do not break this version's reader.

@@ -9,7 +9,7 @@
 //! |---|---|
 //! | a valid, low-quality or censored reading of a bound device | `…/readings` |
 //! | a rejected reading, a control-solution test | an event on `…/events` (journaled) |
-//! | a reading of a device (or cuff user) bound to no patient | an `unattributed` event (journaled) |
+//! | a reading of a device (or cuff user) bound to no patient | an `unattributed` event holding the whole reading (journaled) |
 //! | a value that does not decode | a `decode_failed` event (journaled) |
 //!
 //! Each record carries the device's record number as `device_seq` (GLS sequence number; for a cuff, its
@@ -303,7 +303,15 @@ impl SessionSink {
             (Kind::Reading, self.pipeline.topics.readings(), payload)
         } else {
             tracing::info!(device = %device, reading_id = %reading_id, "reading of an unbound device held as unattributed");
-            let event = Event::unattributed(device, &m);
+            let dref = wire::DeviceRef {
+                id: device.clone(),
+                model: session.device.model.clone(),
+                user_id: None,
+            };
+            // The event carries the whole reading: the journaled event is its durable copy (promise 6).
+            let event = Event::unattributed(dref, &m, &verdict, &rx).map_err(|e| {
+                SinkError::Unavailable(format!("cannot build the unattributed event: {e}"))
+            })?;
             (
                 Kind::Unattributed,
                 self.pipeline.topics.events(),
