@@ -27,8 +27,9 @@ use crate::uplink::{self, UplinkConfig, UplinkStats};
 /// Why the gateway could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The uplink settings are unusable (nothing was started).
-    #[error("mqtt: {0}")]
+    /// The uplink settings are unusable (nothing was started). Shown with the configuration file's key
+    /// names: the uplink's `uplink.X` is `mqtt.X` in `[mqtt]`.
+    #[error("{}", .0.to_string().replace("uplink.", "mqtt."))]
     Uplink(#[from] uplink::ConfigError),
     /// The journal could not be opened (nothing was started).
     #[error(transparent)]
@@ -144,9 +145,16 @@ async fn simulated_device_task(
     let measure_every = Duration::from_secs(s.measure_every_s.max(1));
     let mut measure =
         tokio::time::interval_at(tokio::time::Instant::now() + measure_every, measure_every);
+    // Ticks missed during a session are not made up in a burst: that would store several measurements in
+    // the same second, which no real device takes, and a cuff's readings are ordered by their time stamp.
+    measure.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
     loop {
         tokio::select! {
+            // Shutdown first: `select!` otherwise picks a ready branch at random, and after a session longer
+            // than `connect_every_s` the interval has a tick ready at once, so a stopping gateway would start
+            // new sessions (a cuff's lasts `bp_idle`) with even odds, again and again, before it noticed.
+            biased;
             _ = shutdown.cancelled() => break,
             _ = measure.tick(), if s.measure_every_s > 0 => {
                 n += 1;

@@ -239,7 +239,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+            message: parse_message(text, &e),
         })?;
         let invalid = |key: &str, reason: &str| ConfigError::Invalid {
             path: path.to_owned(),
@@ -338,6 +338,21 @@ impl Config {
     }
 }
 
+/// The parser's message on one line, prefixed with where: `line L, column C: …`. toml's own rendering
+/// quotes the offending line over several lines, which a service's log (journald: one entry per line)
+/// tears apart; `gateway run` must fail with one `error:` line.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    match e.span().and_then(|s| text.get(..s.start)) {
+        Some(before) => {
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,6 +396,7 @@ patient = "p-001"
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("max_bites"), "{e}");
         assert!(e.contains("line 6"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
     }
 
     #[test]

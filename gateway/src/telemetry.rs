@@ -20,7 +20,8 @@ use crate::pipeline::Counters;
 
 /// Installs the log subscriber: `RUST_LOG` filters (default `default_filter`), JSON lines when `json`.
 pub fn init_logs(json: bool, default_filter: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

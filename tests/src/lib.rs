@@ -9,6 +9,7 @@
 //!   ([`Delivery`]: complete, in order per device, duplicates identical).
 
 mod broker;
+pub mod process;
 pub mod readings;
 mod subscriber;
 
