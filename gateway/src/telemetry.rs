@@ -22,8 +22,11 @@ use crate::pipeline::Counters;
 pub fn init_logs(json: bool, default_filter: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // Colour only on a terminal: under systemd, journald would store the escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     // A second init (tests, demo after run) is harmless: the first subscriber stays.
     let _ = if json {
