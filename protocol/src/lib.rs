@@ -16,6 +16,8 @@
 //!   derived with one conversion constant each.
 //! - [`validate`] — CLINICAL.md §3 plausibility and device-status checks; the verdict says *why*.
 //! - [`reading_id`] — deterministic reading ids (DESIGN.md promise 3).
+//! - `rules` (feature `alloc`; TOML rule files with `serde`) — the alert rule engine: rules as data with
+//!   guideline sources, patient overrides, confirmation, episodes, window rules (issue 5 part 1).
 //! - `wire` (features `alloc` + `serde`) — the MQTT contract v1: topics and the JSON payload types.
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 #![deny(unsafe_code)]
@@ -29,6 +31,8 @@ pub mod gatt;
 pub mod ieee11073;
 pub mod model;
 pub mod reading_id;
+#[cfg(feature = "alloc")]
+pub mod rules;
 pub mod validate;
 #[cfg(all(feature = "alloc", feature = "serde"))]
 pub mod wire;
