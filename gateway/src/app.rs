@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use protocol::wire::{StatusMessage, Topics};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, SimKind, SimulatedSection};
 use crate::journal::{Journal, JournalConfig, Recovery};
+use crate::pipeline::handoff::Handoff;
 use crate::pipeline::{Bindings, Counters, Pipeline, writer};
 use crate::sources::collector::{self, CollectorConfig, DeviceRef};
 use crate::sources::simulator::cuff::{CuffConfig, SimCuff};
@@ -134,7 +134,7 @@ async fn simulated_device_task(
     device: SimDevice,
     pipeline: Pipeline,
     collector_cfg: CollectorConfig,
-    appended: Arc<Notify>,
+    appended: Arc<Handoff>,
     shutdown: CancellationToken,
 ) {
     let dref = DeviceRef {
@@ -214,7 +214,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         );
     }
     let journal = Arc::new(Mutex::new(journal));
-    let appended = Arc::new(Notify::new());
+    let appended = Arc::new(Handoff::default());
     let (writer, writer_thread) = writer::spawn(journal.clone(), appended.clone(), 1024)
         .map_err(|e| RunError::Start(e.to_string()))?;
     let mut bindings = Bindings::default();

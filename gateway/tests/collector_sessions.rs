@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gateway::journal::{Journal, JournalConfig};
+use gateway::pipeline::handoff::Handoff;
 use gateway::pipeline::{Bindings, Counters, Pipeline, writer};
 use gateway::sources::GattLink;
 use gateway::sources::collector::{
@@ -22,7 +23,6 @@ use gateway::sources::simulator::cuff::{CuffConfig, SimCuff};
 use gateway::sources::simulator::glucometer::{GlucometerConfig, GlucometerFaults, SimGlucometer};
 use gateway::sources::simulator::{SimDevice, SimLink, unix_now};
 use protocol::wire::Topics;
-use tokio::sync::Notify;
 
 struct Rig {
     _dir: tempfile::TempDir,
@@ -36,7 +36,8 @@ fn rig(max_records: u64) -> Rig {
     cfg.max_records = max_records;
     let (journal, _) = Journal::open(cfg).unwrap();
     let journal = Arc::new(Mutex::new(journal));
-    let (writer, _thread) = writer::spawn(journal.clone(), Arc::new(Notify::new()), 64).unwrap();
+    let (writer, _thread) =
+        writer::spawn(journal.clone(), Arc::new(Handoff::default()), 64).unwrap();
     let mut bindings = Bindings::default();
     bindings.bind("meter", None, "p-0001");
     bindings.bind("cuff", Some(1), "p-0001");

@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gateway::journal::{Journal, JournalConfig, MAX_RECORDS_LIMIT};
+use gateway::pipeline::handoff::Handoff;
 use gateway::pipeline::{Bindings, Counters, Pipeline, writer};
 use gateway::sources::collector::{DeviceRef, RecordSink, SessionInfo};
 use gateway::sources::uuid::GLUCOSE_MEASUREMENT;
@@ -47,7 +48,7 @@ use protocol::gatt::time::DateTime;
 use protocol::ieee11073::SFloat;
 use protocol::model::{GlucoseRecord, Measurement};
 use protocol::wire::{StatusMessage, Topics};
-use tokio::sync::{Barrier, Notify};
+use tokio::sync::Barrier;
 use tokio_util::sync::CancellationToken;
 
 /// The gateway's in-flight window (`UplinkConfig::inflight` default), used for the raw ceiling too.
@@ -690,7 +691,7 @@ async fn start_gateway(
     jcfg.max_bytes = jcfg.max_bytes.max(cap.saturating_mul(4096));
     let (journal, _recovery) = Journal::open(jcfg).map_err(|e| format!("journal: {e}"))?;
     let journal = Arc::new(Mutex::new(journal));
-    let appended = Arc::new(Notify::new());
+    let appended = Arc::new(Handoff::default());
     let (writer, writer_thread) = writer::spawn(journal.clone(), appended.clone(), 1024)
         .map_err(|e| format!("writer: {e}"))?;
     let mut bindings = Bindings::default();

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gateway::journal::{Journal, JournalConfig, NewRecord};
+use gateway::pipeline::handoff::Handoff;
 use gateway::uplink::{self, MqttVersion, UplinkConfig, UplinkError, UplinkStats};
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -116,8 +116,8 @@ pub fn uplink_config(broker_url: &str, version: MqttVersion) -> UplinkConfig {
 /// An uplink task and its handles.
 #[derive(Debug)]
 pub struct RunningUplink {
-    /// Notify after appending.
-    pub wake: Arc<Notify>,
+    /// Wake the uplink after appending (`Handoff::wake`: it reads the journal).
+    pub wake: Arc<Handoff>,
     /// Cancel to shut it down gracefully.
     pub shutdown: CancellationToken,
     /// The task.
@@ -127,7 +127,7 @@ pub struct RunningUplink {
 impl RunningUplink {
     /// Spawns [`uplink::run`].
     pub fn spawn(cfg: UplinkConfig, journal: Arc<Mutex<Journal>>) -> Self {
-        let wake = Arc::new(Notify::new());
+        let wake = Arc::new(Handoff::default());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(uplink::run(
             cfg,

@@ -16,13 +16,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use gateway::pipeline::handoff::Handoff;
 use gateway::uplink::{self, ConfigError, MqttVersion, UplinkError};
 use phg_tests::readings::{
     self, OFFLINE, ONLINE, READINGS_TOPIC, STATUS_TOPIC, append_readings, depth, open_journal,
     uplink_config, wait_for_depth,
 };
 use phg_tests::{BrokerKind, Delivery, RunningUplink, Subscriber, TestBroker};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 const DEVICES: [&str; 3] = ["gls-0a01", "bpm-0b02", "gls-0c03"];
@@ -147,7 +147,7 @@ async fn broker_restart_mid_stream_loses_nothing_and_keeps_order_per_device() {
         tokio::task::spawn_blocking(move || {
             for n in 0..PER_DEVICE {
                 append_readings(&journal, &DEVICES, n, n + 1).unwrap();
-                wake.notify_one();
+                wake.wake();
                 std::thread::sleep(Duration::from_millis(5));
             }
         })
@@ -233,13 +233,13 @@ async fn readings_accepted_while_the_broker_is_down_wait_in_the_journal() {
 
     // Warm-up: one reading per device proves the session is up.
     append_readings(&journal, &DEVICES, 0, 1).unwrap();
-    up.wake.notify_one();
+    up.wake.wake();
     assert_eq!(sub.wait_for(3, Duration::from_secs(10)).await.len(), 3);
     assert!(wait_for_depth(&journal, 0, Duration::from_secs(5)).await);
 
     broker.stop().unwrap();
     append_readings(&journal, &DEVICES, 1, 68).unwrap();
-    up.wake.notify_one();
+    up.wake.wake();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         depth(&journal).unwrap(),
@@ -276,7 +276,7 @@ async fn plaintext_to_a_non_loopback_host_is_refused() {
     let err = uplink::run(
         cfg.clone(),
         Arc::clone(&journal),
-        Arc::new(Notify::new()),
+        Arc::new(Handoff::default()),
         CancellationToken::new(),
     )
     .await
@@ -302,7 +302,7 @@ async fn plaintext_to_a_non_loopback_host_is_refused() {
     let task = tokio::spawn(uplink::run(
         allowed,
         journal,
-        Arc::new(Notify::new()),
+        Arc::new(Handoff::default()),
         shutdown.clone(),
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -318,7 +318,7 @@ async fn plaintext_to_a_non_loopback_host_is_refused() {
 /// Waits for the uplink's session to be up: one reading delivered (it goes out after the online status).
 async fn prove_session(journal: &std::sync::Mutex<gateway::journal::Journal>, up: &RunningUplink) {
     append_readings(journal, &DEVICES[..1], 0, 1).unwrap();
-    up.wake.notify_one();
+    up.wake.wake();
     assert!(
         wait_for_depth(journal, 0, Duration::from_secs(10)).await,
         "uplink never delivered"
@@ -595,11 +595,11 @@ async fn uplink_metrics_are_exported() {
         Arc::clone(&journal),
     );
     append_readings(&journal, &DEVICES, 0, 5).unwrap();
-    up.wake.notify_one();
+    up.wake.wake();
     assert!(wait_for_depth(&journal, 0, Duration::from_secs(10)).await);
     broker.restart().unwrap();
     append_readings(&journal, &DEVICES, 5, 10).unwrap();
-    up.wake.notify_one();
+    up.wake.wake();
     assert!(wait_for_depth(&journal, 0, Duration::from_secs(10)).await);
     let stats = up.stop().await.unwrap().unwrap();
     assert!(stats.connections >= 2, "{stats:?}");

@@ -18,6 +18,7 @@
 //! dump their whole memory on every subscribe are kept from doubling readings the same way: a reading
 //! whose time stamp is not after the cursor of its device and user was accepted before and is skipped.
 
+pub mod handoff;
 pub mod writer;
 
 use std::collections::HashMap;
@@ -99,7 +100,7 @@ impl Pipeline {
     /// Journals (into the journal's notice reserve) and wakes the uplink with a `journal_full` event: the
     /// download from `device` stopped and the device keeps its records. One event per device and minute
     /// while it stays pending, so a stuck journal does not flood the CRM.
-    pub fn journal_full_notice(&self, device: &str, now_utc: i64, wake: &tokio::sync::Notify) {
+    pub fn journal_full_notice(&self, device: &str, now_utc: i64, wake: &handoff::Handoff) {
         let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
         let event = Event::JournalFull {
             depth: j.depth(),
@@ -118,7 +119,7 @@ impl Pipeline {
             payload,
         };
         match j.append_notice(std::slice::from_ref(&record)) {
-            Ok(_) => wake.notify_one(),
+            Ok(_) => wake.wake(),
             Err(e) => {
                 tracing::error!(error = %e, device, "journal full: even its notice did not fit")
             }

@@ -11,9 +11,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::journal::{Journal, NewRecord};
+use super::handoff::Handoff;
+use crate::journal::{Journal, NewRecord, Record};
 
 /// Records per group commit (the figure the storage measurements in TOOLCHAIN.md were taken at).
 pub const MAX_BATCH: usize = 64;
@@ -77,14 +78,14 @@ impl WriterHandle {
     }
 }
 
-/// Starts the writer thread. `appended` is notified after every commit (the uplink waits on it).
+/// Starts the writer thread. Every commit's records are offered to `handoff`, which wakes the uplink.
 /// The thread ends when every [`WriterHandle`] is dropped.
 ///
 /// # Errors
 /// When the OS refuses a new thread.
 pub fn spawn(
     journal: Arc<Mutex<Journal>>,
-    appended: Arc<Notify>,
+    handoff: Arc<Handoff>,
     queue: usize,
 ) -> std::io::Result<(WriterHandle, std::thread::JoinHandle<()>)> {
     let (tx, mut rx) = mpsc::channel::<Request>(queue.max(1));
@@ -100,8 +101,9 @@ pub fn spawn(
                         Err(_) => break,
                     }
                 }
-                commit(&journal, &mut batch);
-                appended.notify_one();
+                let committed = commit(&journal, &mut batch);
+                // Outside the journal lock: the uplink may be waiting for it.
+                handoff.push(committed);
             }
         })?;
     Ok((WriterHandle { tx }, thread))
@@ -109,8 +111,8 @@ pub fn spawn(
 
 /// Appends a batch: the records of sessions already refused are refused; the rest go in one append. If
 /// the journal is full for the whole batch, records are tried one at a time so that those that fit are
-/// accepted, and the first refusal of a session refuses the rest of it.
-fn commit(journal: &Mutex<Journal>, batch: &mut Vec<Request>) {
+/// accepted, and the first refusal of a session refuses the rest of it. Returns the records committed.
+fn commit(journal: &Mutex<Journal>, batch: &mut Vec<Request>) -> Vec<Record> {
     // A poisoned lock means a thread panicked mid-append; the journal's own recovery rules (CRC framing)
     // keep the file consistent, so carrying on with the inner value is safe.
     let mut j = journal.lock().unwrap_or_else(|p| p.into_inner());
@@ -122,14 +124,16 @@ fn commit(journal: &Mutex<Journal>, batch: &mut Vec<Request>) {
             live.push(r);
         }
     }
+    let mut committed = Vec::new();
     if live.is_empty() {
-        return;
+        return committed;
     }
     let records: Vec<NewRecord> = live.iter().map(|r| r.record.clone()).collect();
     match j.append(&records) {
         Ok(seqs) => {
-            for (r, seq) in live.into_iter().zip(seqs) {
+            for ((r, record), seq) in live.into_iter().zip(records).zip(seqs) {
                 let _ = r.reply.send(Ok(seq));
+                committed.push(committed_record(record, seq));
             }
         }
         Err(e) if e.is_full() => {
@@ -140,11 +144,11 @@ fn commit(journal: &Mutex<Journal>, batch: &mut Vec<Request>) {
                 }
                 match j.append(std::slice::from_ref(&r.record)) {
                     Ok(seqs) => {
-                        let _ = r.reply.send(
-                            seqs.first()
-                                .copied()
-                                .ok_or(Refusal::Failed("no seq".into())),
-                        );
+                        let seq = seqs.first().copied();
+                        let _ = r.reply.send(seq.ok_or(Refusal::Failed("no seq".into())));
+                        if let Some(seq) = seq {
+                            committed.push(committed_record(r.record, seq));
+                        }
                     }
                     Err(e) if e.is_full() => {
                         r.session_refused.store(true, Ordering::Release);
@@ -164,5 +168,17 @@ fn commit(journal: &Mutex<Journal>, batch: &mut Vec<Request>) {
                 let _ = r.reply.send(Err(Refusal::Failed(e.to_string())));
             }
         }
+    }
+    committed
+}
+
+fn committed_record(r: NewRecord, seq: u64) -> Record {
+    Record {
+        seq,
+        device: r.device,
+        device_seq: r.device_seq,
+        reading_id: r.reading_id,
+        topic: r.topic,
+        payload: r.payload,
     }
 }

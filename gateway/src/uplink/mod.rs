@@ -14,8 +14,12 @@
 //!   reading id (harmless by design, promise 3). Sessions are clean (`clean_session` / `clean_start`): the broker
 //!   keeps nothing for us either.
 //! - **Bounded in flight.** At most [`UplinkConfig::inflight`] records are handed over and not yet
-//!   PUBACKed. New records are picked up when the pipeline calls [`Notify::notify_one`] after an append
-//!   (and, as a safety net, every few seconds).
+//!   PUBACKed. New records come from the [`Handoff`] the journal writer fills after each commit, without
+//!   a journal read, when they follow on from what was handed over; otherwise (a gap, a reconnect, a
+//!   backlog) from the journal. As a safety net the journal is looked at every few seconds anyway.
+//! - **The event loop never waits for the disk.** Acks are written to the journal by a background
+//!   blocking task (one at a time, batching what came in meanwhile), so PUBACKs keep being read and
+//!   publishes keep being written while an `fdatasync` runs.
 //! - **Reconnects with capped exponential backoff and full jitter** (rumqttc has none): the delay bound
 //!   doubles from `backoff_min` to `backoff_max` per failed attempt, and resets once a connection has
 //!   delivered a record or held for `backoff_max` (not merely because the status message got through:
@@ -52,7 +56,7 @@ mod window;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -60,6 +64,7 @@ use tracing::{debug, error, info, warn};
 pub use config::{CheckedUplinkConfig, ConfigError, MqttVersion, Secret, TlsFiles, UplinkConfig};
 
 use crate::journal::{Journal, JournalError, Record};
+use crate::pipeline::handoff::Handoff;
 use client::{Driver, HandOver, LinkError, Publisher, Signal};
 use window::{Item, Window, backoff_delay};
 
@@ -113,8 +118,9 @@ pub struct UplinkStats {
 /// Runs the uplink until `shutdown` is cancelled (then drains, see the module doc) or a fatal error.
 ///
 /// `journal` is shared with the pipeline; every call into it runs on a blocking thread under the lock,
-/// briefly (`pending` reads memory; `ack` writes one frame and `fdatasync`s). `wake` is notified by the
-/// pipeline after each append.
+/// briefly (`pending` reads records; `ack` writes one frame and `fdatasync`s). `handoff` is filled (and
+/// the uplink woken) by the journal writer after each commit; an append that bypasses the writer calls
+/// [`Handoff::wake`].
 ///
 /// # Errors
 ///
@@ -123,11 +129,11 @@ pub struct UplinkStats {
 pub async fn run(
     cfg: UplinkConfig,
     journal: Arc<Mutex<Journal>>,
-    wake: Arc<Notify>,
+    handoff: Arc<Handoff>,
     shutdown: CancellationToken,
 ) -> Result<UplinkStats, UplinkError> {
     let cfg = cfg.validate()?;
-    run_checked(cfg, journal, wake, shutdown).await
+    run_checked(cfg, journal, handoff, shutdown).await
 }
 
 /// [`run`] with a configuration that was already validated.
@@ -138,7 +144,7 @@ pub async fn run(
 pub async fn run_checked(
     cfg: CheckedUplinkConfig,
     journal: Arc<Mutex<Journal>>,
-    wake: Arc<Notify>,
+    handoff: Arc<Handoff>,
     shutdown: CancellationToken,
 ) -> Result<UplinkStats, UplinkError> {
     describe_metrics();
@@ -154,11 +160,12 @@ pub async fn run_checked(
     let mut uplink = Uplink {
         cfg,
         journal,
-        wake,
+        handoff,
         shutdown,
         publisher,
         window: Window::default(),
         to_ack: Vec::new(),
+        ack_job: None,
         ack_due: None,
         connected: false,
         connected_at: None,
@@ -213,15 +220,33 @@ enum Flow {
     Reconnect(String),
 }
 
+/// A journal ack running on a blocking thread, and the seqs it covers (kept to retry them on failure).
+struct AckJob {
+    seqs: Vec<u64>,
+    handle: JoinHandle<Result<(), UplinkError>>,
+}
+
+/// Completes when the running ack job does; never, when there is none (a `select!` branch).
+async fn ack_job_done(
+    job: &mut Option<AckJob>,
+) -> Result<Result<(), UplinkError>, tokio::task::JoinError> {
+    match job {
+        Some(job) => (&mut job.handle).await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Uplink {
     cfg: CheckedUplinkConfig,
     journal: Arc<Mutex<Journal>>,
-    wake: Arc<Notify>,
+    handoff: Arc<Handoff>,
     shutdown: CancellationToken,
     publisher: Publisher,
     window: Window,
-    /// Seqs PUBACKed and not yet acked in the journal.
+    /// Seqs PUBACKed and not yet handed to an ack job.
     to_ack: Vec<u64>,
+    /// The journal ack being written in the background, if any.
+    ack_job: Option<AckJob>,
     /// When `to_ack` must be written at the latest.
     ack_due: Option<Instant>,
     /// A CONNACK was seen and the connection has not failed since.
@@ -300,9 +325,11 @@ impl Uplink {
                 }
                 _ = sleep_until(drain_deadline), if draining => return Ok(Step::Stop),
                 res = &mut poll => return Ok(Step::Polled(res)),
-                _ = sleep_until(ack_due), if self.ack_due.is_some() => self.flush_acks().await?,
-                _ = self.wake.notified(), if self.connected && !draining => {
-                    self.maybe_more = true;
+                done = ack_job_done(&mut self.ack_job) => self.on_ack_done(done)?,
+                _ = sleep_until(ack_due), if self.ack_due.is_some() && self.ack_job.is_none() => {
+                    self.start_ack_job();
+                }
+                _ = self.handoff.notified(), if self.connected && !draining => {
                     self.fill(false).await?;
                 }
                 _ = sleep_until(self.next_recheck), if self.connected && !draining => {
@@ -368,7 +395,7 @@ impl Uplink {
                 self.set_inflight_gauge();
                 self.to_ack.push(seq);
                 if self.to_ack.len() >= ACK_BATCH {
-                    self.flush_acks().await?;
+                    self.start_ack_job();
                 } else if self.ack_due.is_none() {
                     self.ack_due = Some(Instant::now() + ACK_LINGER);
                 }
@@ -402,30 +429,63 @@ impl Uplink {
         }
     }
 
-    /// Hands records to the client until the window is full or the journal has no more.
+    /// Hands records to the client until the window is full or there are no more: first those the
+    /// [`Handoff`] holds right after the cursor, then, when it says so (or a reconnect, a recheck or a
+    /// backlog does), from the journal.
     ///
     /// `more_buffered`: the event loop already holds further events (PUBACKs read in the same burst).
-    /// Only then may a small room wait for a quarter window: one journal call per PUBACK would be a
-    /// thread hop per record. Once the buffered events are used up, whatever room there is gets filled
-    /// at once: a link left silent with room in the window stalls — a broker with Nagle on (Mosquitto's
-    /// default) holds its next PUBACKs until our TCP ACK, which the kernel delays up to 40 ms when there
-    /// is nothing to send (measured: ~4 k records/s instead of ~40 k, bursts 40 ms apart).
+    /// Only then may a small room wait for a quarter window before a journal read: one journal call per
+    /// PUBACK would be a thread hop per record. Once the buffered events are used up, whatever room there
+    /// is gets filled at once: a link left silent with room in the window stalls — a broker with Nagle on
+    /// (Mosquitto's default) holds its next PUBACKs until our TCP ACK, which the kernel delays up to 40 ms
+    /// when there is nothing to send (measured: ~4 k records/s instead of ~40 k, bursts 40 ms apart).
     async fn fill(&mut self, more_buffered: bool) -> Result<(), UplinkError> {
-        if !self.connected || self.drain_deadline.is_some() || !self.maybe_more {
+        if !self.connected || self.drain_deadline.is_some() {
             return Ok(());
         }
         let window = usize::from(self.cfg.inflight);
-        let room = window.saturating_sub(self.window.records());
-        if room == 0 || (more_buffered && self.window.records() > 0 && room < (window / 4).max(1)) {
-            return Ok(());
+        loop {
+            let room = window.saturating_sub(self.window.records());
+            if room == 0 {
+                return Ok(());
+            }
+            if !self.maybe_more {
+                let taken = self.handoff.take(self.window.cursor(), room);
+                if taken.read_journal {
+                    self.maybe_more = true;
+                }
+                if !taken.records.is_empty() {
+                    if !self.hand_over(taken.records) {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                if !self.maybe_more {
+                    return Ok(());
+                }
+            }
+            if more_buffered && self.window.records() > 0 && room < (window / 4).max(1) {
+                return Ok(());
+            }
+            let after = self.window.cursor();
+            let records = self
+                .with_journal(move |j| Ok(j.pending(after, room)))
+                .await?;
+            let short = records.len() < room;
+            let empty = records.is_empty();
+            if short {
+                self.maybe_more = false;
+            }
+            if !self.hand_over(records) || empty {
+                return Ok(());
+            }
         }
-        let after = self.window.cursor();
-        let records = self
-            .with_journal(move |j| Ok(j.pending(after, room)))
-            .await?;
-        if records.len() < room {
-            self.maybe_more = false;
-        }
+    }
+
+    /// Hands records to the MQTT client in order. Returns `false` when the client's channel is full (the
+    /// rest stays in the journal and is read again).
+    fn hand_over(&mut self, records: Vec<Record>) -> bool {
+        let mut all = true;
         for Record {
             seq,
             topic,
@@ -447,12 +507,13 @@ impl Uplink {
                 Err(HandOver::ChannelFull) => {
                     warn!(seq, "MQTT client channel full; retrying later");
                     self.maybe_more = true;
+                    all = false;
                     break;
                 }
             }
         }
         self.set_inflight_gauge();
-        Ok(())
+        all
     }
 
     fn publish_status(&mut self, online: bool) {
@@ -540,29 +601,69 @@ impl Uplink {
         }
     }
 
-    /// Writes the PUBACKed seqs to the journal. A failure keeps them for the next try (the records stay
-    /// pending and would be resent after a reconnect: a duplicate, never a loss); a poisoned journal
-    /// stops the uplink.
-    async fn flush_acks(&mut self) -> Result<(), UplinkError> {
-        self.ack_due = None;
-        if self.to_ack.is_empty() {
-            return Ok(());
+    /// Starts writing the PUBACKed seqs to the journal in the background, unless a write is already
+    /// running (what comes in meanwhile goes in the next one).
+    fn start_ack_job(&mut self) {
+        if self.ack_job.is_some() || self.to_ack.is_empty() {
+            return;
         }
+        self.ack_due = None;
         let mut seqs = std::mem::take(&mut self.to_ack);
         seqs.sort_unstable();
         seqs.dedup();
         let batch = seqs.clone();
-        match self.with_journal(move |j| j.ack(&batch)).await {
-            Ok(()) => Ok(()),
+        let journal = Arc::clone(&self.journal);
+        let handle = tokio::task::spawn_blocking(move || {
+            let mut guard = journal
+                .lock()
+                .map_err(|_| UplinkError::JournalLockPoisoned)?;
+            guard.ack(&batch).map_err(UplinkError::Journal)
+        });
+        self.ack_job = Some(AckJob { seqs, handle });
+    }
+
+    /// The background ack finished. A failure keeps its seqs for the next try (the records stay pending
+    /// and would be resent after a reconnect: a duplicate, never a loss); a poisoned journal stops the
+    /// uplink. Acks that piled up meanwhile are written next, at once if a batch is full.
+    fn on_ack_done(
+        &mut self,
+        done: Result<Result<(), UplinkError>, tokio::task::JoinError>,
+    ) -> Result<(), UplinkError> {
+        let Some(job) = self.ack_job.take() else {
+            return Ok(());
+        };
+        match done.map_err(|_| UplinkError::JournalTaskPanicked)? {
+            Ok(()) => {}
             Err(UplinkError::Journal(e)) if !matches!(e, JournalError::Poisoned { .. }) => {
                 metrics::counter!("phg_journal_ack_errors_total").increment(1);
-                warn!(error = %e, records = seqs.len(), "journal ack failed; will retry");
-                self.to_ack = seqs;
+                warn!(error = %e, records = job.seqs.len(), "journal ack failed; will retry");
+                self.to_ack.extend(job.seqs);
                 self.ack_due = Some(Instant::now() + ACK_LINGER.max(Duration::from_millis(500)));
-                Ok(())
+                return Ok(());
             }
-            Err(e) => Err(e),
+            Err(e) => return Err(e),
         }
+        if self.to_ack.len() >= ACK_BATCH {
+            self.start_ack_job();
+        } else if !self.to_ack.is_empty() && self.ack_due.is_none() {
+            self.ack_due = Some(Instant::now() + ACK_LINGER);
+        }
+        Ok(())
+    }
+
+    /// Writes every PUBACKed seq to the journal and waits for it (before a republish, and at exit).
+    async fn flush_acks(&mut self) -> Result<(), UplinkError> {
+        for _ in 0..2 {
+            // The job already running, then one for what is left.
+            if self.ack_job.is_none() {
+                self.start_ack_job();
+            }
+            if let Some(job) = self.ack_job.as_mut() {
+                let done = (&mut job.handle).await;
+                self.on_ack_done(done)?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs `f` on the journal on a blocking thread (the lock may be held by an append's `fdatasync`).
