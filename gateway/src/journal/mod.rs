@@ -96,7 +96,11 @@
 //!   are ignored, never-issued seqs are refused), `fdatasync`s, forgets the records, and deletes the
 //!   segments — never the active one — that no longer hold a pending record (then `fsync`s the
 //!   directory). An ack never starts a segment: acks must get out even when a new segment cannot be
-//!   created (a full disk).
+//!   created (a full disk). `ack_unsynced` (what the uplink uses) skips the `fdatasync`: the frames ride
+//!   on the next append's, a roll's (a segment is never left behind unsynced) or an explicit `sync`.
+//!   An ack only ever prevents a resend, so a power cut that loses one costs a duplicate delivery, not a
+//!   reading, and one disk then sustains twice the appends-plus-acks. Like a torn multi-frame append,
+//!   an unsynced ack tail whose sectors landed out of order can read as corruption after a power cut.
 //! - A new segment is created as `<id>.log.tmp`, preallocated, given its checkpoint, `fdatasync`ed,
 //!   renamed to `<id>.log` and the directory `fsync`ed. A `.log` file therefore always starts with a
 //!   complete checkpoint, and a half-made segment is never mistaken for a real one.
@@ -416,6 +420,8 @@ pub struct Journal {
     active: Active,
     next_segment_id: u64,
     bytes_written: u64,
+    /// Ack frames were written without `fdatasync` since the active segment was last synced.
+    unsynced: bool,
     poisoned: Option<String>,
 }
 
@@ -624,6 +630,7 @@ impl Journal {
             next_segment_id: id.saturating_add(1),
             bytes_written: active.len,
             active,
+            unsynced: false,
             poisoned: None,
             cfg,
         };
@@ -763,7 +770,7 @@ impl Journal {
                 max: record_cap,
             })?;
         }
-        self.write_durably(&buf, true)?;
+        self.write_frames(&buf, true, true)?;
 
         // Durable: now, and only now, the records are accepted.
         let segment = self.active.id;
@@ -821,6 +828,55 @@ impl Journal {
     /// - [`JournalError::Io`] — nothing is acked; the records stay pending (and will be redelivered).
     /// - [`JournalError::Poisoned`] — reopen the journal.
     pub fn ack(&mut self, seqs: &[u64]) -> Result<(), JournalError> {
+        self.ack_with(seqs, true)
+    }
+
+    /// As [`ack`](Self::ack), but without the `fdatasync`: the Ack frames reach the disk with the next
+    /// append's (or [`sync`](Self::sync)'s, or a segment roll's) `fdatasync`, or with the kernel's own
+    /// writeback. Acks only ever prevent a resend, so the worst a power loss can do to unsynced ones is
+    /// a duplicate delivery (same reading id: harmless by design) — and the uplink saves one `fdatasync`
+    /// per batch of PUBACKs, which on one disk halves what appends and acks together can sustain.
+    /// A process crash loses nothing: the frames are in the page cache.
+    ///
+    /// # Errors
+    /// As [`ack`](Self::ack).
+    pub fn ack_unsynced(&mut self, seqs: &[u64]) -> Result<(), JournalError> {
+        self.ack_with(seqs, false)
+    }
+
+    /// `fdatasync`s the active segment if Ack frames were written without one since its last sync.
+    ///
+    /// # Errors
+    /// [`JournalError::Io`] (and the journal is poisoned, as for any failed `fdatasync`), or
+    /// [`JournalError::Poisoned`].
+    pub fn sync(&mut self) -> Result<(), JournalError> {
+        self.check_poisoned()?;
+        if !self.unsynced {
+            return Ok(());
+        }
+        self.sync_active()
+    }
+
+    /// Whether Ack frames were written since the active segment's last `fdatasync`.
+    pub fn has_unsynced_acks(&self) -> bool {
+        self.unsynced
+    }
+
+    fn sync_active(&mut self) -> Result<(), JournalError> {
+        if let Err(e) = self.active.file.sync_data() {
+            let err = JournalError::Io {
+                op: "fdatasync",
+                path: self.active.path.clone(),
+                source: e,
+            };
+            self.poison(&err);
+            return Err(err);
+        }
+        self.unsynced = false;
+        Ok(())
+    }
+
+    fn ack_with(&mut self, seqs: &[u64], sync: bool) -> Result<(), JournalError> {
         self.check_poisoned()?;
         let mut to_ack = BTreeSet::new();
         for &seq in seqs {
@@ -844,7 +900,7 @@ impl Journal {
                 reason: "ack frame over 64 MiB",
             }
         })?;
-        self.write_durably(&buf, false)?;
+        self.write_frames(&buf, false, sync)?;
 
         for seq in to_ack {
             let Some(p) = self.pending.remove(&seq) else {
@@ -914,9 +970,9 @@ impl Journal {
         self.poisoned = Some(err.to_string());
     }
 
-    /// Writes `buf` at the end of the active segment and fdatasyncs it, starting a new segment first if
-    /// `may_roll` and `buf` would take the active one past `segment_bytes`.
-    fn write_durably(&mut self, buf: &[u8], may_roll: bool) -> Result<(), JournalError> {
+    /// Writes `buf` at the end of the active segment and, if `sync`, fdatasyncs it, starting a new
+    /// segment first if `may_roll` and `buf` would take the active one past `segment_bytes`.
+    fn write_frames(&mut self, buf: &[u8], may_roll: bool, sync: bool) -> Result<(), JournalError> {
         let size = buf.len() as u64;
         if may_roll
             && self.active.len > self.active.base
@@ -947,14 +1003,10 @@ impl Journal {
             }
             return Err(err);
         }
-        if let Err(e) = self.active.file.sync_data() {
-            let err = JournalError::Io {
-                op: "fdatasync",
-                path: self.active.path.clone(),
-                source: e,
-            };
-            self.poison(&err);
-            return Err(err);
+        if sync {
+            self.sync_active()?;
+        } else {
+            self.unsynced = true;
         }
         self.active.len += size;
         self.bytes_written += size;
@@ -963,6 +1015,11 @@ impl Journal {
 
     /// Closes the active segment and starts the next one.
     fn roll(&mut self) -> Result<(), JournalError> {
+        // Recovery reads any bad frame in an earlier segment as corruption: no segment is left behind
+        // with unsynced frames.
+        if self.unsynced {
+            self.sync_active()?;
+        }
         let id = self.next_segment_id;
         self.next_segment_id = id.saturating_add(1);
         let checkpoint = checkpoint_frame(self.next_seq, &self.pending, &self.cursors)?;

@@ -1246,3 +1246,66 @@ fn journal_disk_bytes_per_record() {
         (j.bytes_written() - w1) as f64 / n
     );
 }
+
+#[test]
+fn unsynced_acks_survive_a_process_restart_and_are_synced_by_the_next_append_or_sync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cfg(tmp.path());
+    {
+        let (mut j, _) = open(&c);
+        j.append(&[rec("m", 1, "a"), rec("m", 2, "b"), rec("m", 3, "c")])
+            .unwrap();
+        j.ack_unsynced(&[1]).unwrap();
+        assert!(j.has_unsynced_acks());
+        // An append's fdatasync covers the ack frame written before it.
+        j.append(&[rec("m", 4, "d")]).unwrap();
+        assert!(!j.has_unsynced_acks());
+        j.ack_unsynced(&[2]).unwrap();
+        assert!(j.has_unsynced_acks());
+        j.sync().unwrap();
+        assert!(!j.has_unsynced_acks());
+        j.ack_unsynced(&[3]).unwrap();
+        // Dropped without a sync: a process crash; the frame is in the page cache.
+    }
+    let (j, r) = open(&c);
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!(ids(&j.pending(None, 10)), ["d"]);
+}
+
+#[test]
+fn a_failed_sync_of_unsynced_acks_poisons_and_a_roll_syncs_them_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path());
+    c.segment_bytes = 256;
+    let (mut j, _, faults) = open_faulty(&c);
+    j.append(&[rec("m", 1, "a")]).unwrap();
+    j.ack_unsynced(&[1]).unwrap();
+    let segments = j.segments();
+    // This append does not fit the small segment, so it rolls — and the roll must fdatasync the old
+    // segment's unsynced ack first: with syncs failing, that is the failure (and it poisons), rather
+    // than the new segment's creation (a clean failure).
+    faults.lock().unwrap().sync_fails = true;
+    let err = j
+        .append(&[rec("m", 2, "b"), rec("m", 3, "c"), rec("m", 4, "d")])
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            JournalError::Io {
+                op: "fdatasync",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(j.is_poisoned());
+    assert_eq!(j.segments(), segments, "no segment was created");
+    drop(j);
+
+    let (mut j, _, faults) = open_faulty(&c);
+    let seqs = j.append(&[rec("m", 5, "e")]).unwrap();
+    j.ack_unsynced(&seqs).unwrap();
+    faults.lock().unwrap().sync_fails = true;
+    assert!(matches!(j.sync(), Err(JournalError::Io { .. })));
+    assert!(j.is_poisoned());
+}

@@ -255,15 +255,6 @@ impl Driver {
         }
     }
 
-    /// Whether the event loop holds events already read or produced (e.g. PUBACKs of one burst) that
-    /// the next [`poll`](Self::poll) returns without waiting for the network.
-    pub(crate) fn has_buffered_events(&self) -> bool {
-        match self {
-            Self::V4(el) => !el.state.events.is_empty(),
-            Self::V5(el) => !el.state.events.is_empty(),
-        }
-    }
-
     /// Drops the connection and every bit of rumqttc's session state: the retransmission queue, the
     /// requests still in the channel, in-flight packet ids, a held collision. Returns the events that
     /// were read from the broker but not yet yielded (PUBACKs of the connection that just ended, still

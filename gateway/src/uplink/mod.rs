@@ -17,9 +17,10 @@
 //!   PUBACKed. New records come from the [`Handoff`] the journal writer fills after each commit, without
 //!   a journal read, when they follow on from what was handed over; otherwise (a gap, a reconnect, a
 //!   backlog) from the journal. As a safety net the journal is looked at every few seconds anyway.
-//! - **The event loop never waits for the disk.** Acks are written to the journal by a background
-//!   blocking task (one at a time, batching what came in meanwhile), so PUBACKs keep being read and
-//!   publishes keep being written while an `fdatasync` runs.
+//! - **The event loop never waits for the disk.** Journal reads (read ahead, [`READ_AHEAD`] records at a
+//!   time) and acks (batching what came in meanwhile) run as background blocking jobs, one of each at a
+//!   time, so PUBACKs keep being read and publishes keep being written while the journal's lock is held
+//!   through an `fdatasync`.
 //! - **Reconnects with capped exponential backoff and full jitter** (rumqttc has none): the delay bound
 //!   doubles from `backoff_min` to `backoff_max` per failed attempt, and resets once a connection has
 //!   delivered a record or held for `backoff_max` (not merely because the status message got through:
@@ -76,6 +77,12 @@ const ACK_BATCH: usize = 64;
 /// See [`ACK_BATCH`]. Short: a PUBACKed record that is not yet acked in the journal is sent again after
 /// a crash.
 const ACK_LINGER: Duration = Duration::from_millis(10);
+/// Acks are written without their own `fdatasync` ([`Journal::ack_unsynced`]: the next append's covers
+/// them); if no append came, they are synced this long after the first of them. Losing them to a power
+/// cut only means resending those records (same reading ids).
+const ACK_SYNC_AFTER: Duration = Duration::from_secs(1);
+/// Records read from the journal per background read; the next read starts when half are used.
+const READ_AHEAD: usize = 512;
 /// How long a clean disconnect may take after the shutdown grace.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(1);
 
@@ -166,6 +173,10 @@ pub async fn run_checked(
         window: Window::default(),
         to_ack: Vec::new(),
         ack_job: None,
+        sync_due: None,
+        read_ahead: std::collections::VecDeque::new(),
+        read_job: None,
+        connection_generation: 0,
         ack_due: None,
         connected: false,
         connected_at: None,
@@ -226,6 +237,23 @@ struct AckJob {
     handle: JoinHandle<Result<(), UplinkError>>,
 }
 
+/// A journal read running on a blocking thread.
+struct ReadJob {
+    /// The window it was started for (see `Uplink::connection_generation`).
+    generation: u64,
+    handle: JoinHandle<Result<Vec<Record>, UplinkError>>,
+}
+
+/// Completes when the running read job does; never, when there is none (a `select!` branch).
+async fn read_job_done(
+    job: &mut Option<ReadJob>,
+) -> Result<Result<Vec<Record>, UplinkError>, tokio::task::JoinError> {
+    match job {
+        Some(job) => (&mut job.handle).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Completes when the running ack job does; never, when there is none (a `select!` branch).
 async fn ack_job_done(
     job: &mut Option<AckJob>,
@@ -247,6 +275,14 @@ struct Uplink {
     to_ack: Vec<u64>,
     /// The journal ack being written in the background, if any.
     ack_job: Option<AckJob>,
+    /// When acks written without `fdatasync` are to be synced.
+    sync_due: Option<Instant>,
+    /// Records read from the journal and not yet handed over, in seq order, following the cursor.
+    read_ahead: std::collections::VecDeque<Record>,
+    /// The journal read running in the background, if any.
+    read_job: Option<ReadJob>,
+    /// Bumped whenever the window is reset: a read started before belongs to a forgotten cursor.
+    connection_generation: u64,
     /// When `to_ack` must be written at the latest.
     ack_due: Option<Instant>,
     /// A CONNACK was seen and the connection has not failed since.
@@ -295,8 +331,7 @@ impl Uplink {
             if self.drain_deadline.is_some() && self.window.is_empty() {
                 break;
             }
-            // Batch journal reads only while more events are already buffered (see `fill`).
-            self.fill(driver.has_buffered_events()).await?;
+            self.fill();
         }
         self.finish(driver).await
     }
@@ -313,6 +348,7 @@ impl Uplink {
             let draining = self.drain_deadline.is_some();
             let drain_deadline = self.drain_deadline.unwrap_or_else(Instant::now);
             let ack_due = self.ack_due.unwrap_or_else(Instant::now);
+            let sync_due = self.sync_due.unwrap_or_else(Instant::now);
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled(), if !draining => {
@@ -326,16 +362,21 @@ impl Uplink {
                 _ = sleep_until(drain_deadline), if draining => return Ok(Step::Stop),
                 res = &mut poll => return Ok(Step::Polled(res)),
                 done = ack_job_done(&mut self.ack_job) => self.on_ack_done(done)?,
+                done = read_job_done(&mut self.read_job) => {
+                    self.on_read_done(done)?;
+                    self.fill();
+                }
                 _ = sleep_until(ack_due), if self.ack_due.is_some() && self.ack_job.is_none() => {
                     self.start_ack_job();
                 }
-                _ = self.handoff.notified(), if self.connected && !draining => {
-                    self.fill(false).await?;
+                _ = sleep_until(sync_due), if self.sync_due.is_some() && self.ack_job.is_none() => {
+                    self.start_sync_job();
                 }
+                _ = self.handoff.notified(), if self.connected && !draining => self.fill(),
                 _ = sleep_until(self.next_recheck), if self.connected && !draining => {
                     self.next_recheck = Instant::now() + RECHECK_EVERY;
                     self.maybe_more = true;
-                    self.fill(false).await?;
+                    self.fill();
                 }
             }
         }
@@ -351,8 +392,7 @@ impl Uplink {
                     metrics::counter!("phg_mqtt_reconnects_total").increment(1);
                 }
                 info!(host = %self.cfg.host, port = self.cfg.port, "uplink connected");
-                self.window.reset();
-                self.maybe_more = true;
+                self.reset_window();
                 // Status first: the CRM sees "online" before the backlog.
                 self.publish_status(true);
                 Ok(Flow::Continue)
@@ -429,56 +469,123 @@ impl Uplink {
         }
     }
 
-    /// Hands records to the client until the window is full or there are no more: first those the
-    /// [`Handoff`] holds right after the cursor, then, when it says so (or a reconnect, a recheck or a
-    /// backlog does), from the journal.
+    /// Forgets the correlation and whatever was read ahead: the next fill starts over from the oldest
+    /// pending record in the journal.
+    fn reset_window(&mut self) {
+        self.window.reset();
+        self.read_ahead.clear();
+        self.connection_generation = self.connection_generation.wrapping_add(1);
+        self.maybe_more = true;
+    }
+
+    /// Hands records to the client until the window is full or there are no more at hand, and starts a
+    /// journal read when more may be there. Never waits.
     ///
-    /// `more_buffered`: the event loop already holds further events (PUBACKs read in the same burst).
-    /// Only then may a small room wait for a quarter window before a journal read: one journal call per
-    /// PUBACK would be a thread hop per record. Once the buffered events are used up, whatever room there
-    /// is gets filled at once: a link left silent with room in the window stalls — a broker with Nagle on
-    /// (Mosquitto's default) holds its next PUBACKs until our TCP ACK, which the kernel delays up to 40 ms
-    /// when there is nothing to send (measured: ~4 k records/s instead of ~40 k, bursts 40 ms apart).
-    async fn fill(&mut self, more_buffered: bool) -> Result<(), UplinkError> {
+    /// Sources, in order: what was read ahead from the journal; when the journal holds nothing beyond
+    /// that, the [`Handoff`]'s records right after the cursor (it says when the journal must be read
+    /// instead). Whatever room there is gets filled at once: a link left silent with room in the window
+    /// stalls — a broker with Nagle on (Mosquitto's default) holds its next PUBACKs until our TCP ACK,
+    /// which the kernel delays up to 40 ms when there is nothing to send (measured: ~4 k records/s
+    /// instead of ~40 k, bursts 40 ms apart).
+    fn fill(&mut self) {
         if !self.connected || self.drain_deadline.is_some() {
-            return Ok(());
+            return;
         }
         let window = usize::from(self.cfg.inflight);
         loop {
             let room = window.saturating_sub(self.window.records());
             if room == 0 {
-                return Ok(());
+                break;
             }
-            if !self.maybe_more {
-                let taken = self.handoff.take(self.window.cursor(), room);
-                if taken.read_journal {
-                    self.maybe_more = true;
-                }
-                if !taken.records.is_empty() {
-                    if !self.hand_over(taken.records) {
-                        return Ok(());
-                    }
-                    continue;
-                }
-                if !self.maybe_more {
-                    return Ok(());
+            if let Some(cursor) = self.window.cursor() {
+                while self.read_ahead.front().is_some_and(|r| r.seq <= cursor) {
+                    self.read_ahead.pop_front();
                 }
             }
-            if more_buffered && self.window.records() > 0 && room < (window / 4).max(1) {
-                return Ok(());
+            if !self.read_ahead.is_empty() {
+                let take = room.min(self.read_ahead.len());
+                let records: Vec<Record> = self.read_ahead.drain(..take).collect();
+                if !self.hand_over(records) {
+                    break;
+                }
+                continue;
             }
-            let after = self.window.cursor();
-            let records = self
-                .with_journal(move |j| Ok(j.pending(after, room)))
-                .await?;
-            let short = records.len() < room;
-            let empty = records.is_empty();
-            if short {
-                self.maybe_more = false;
+            if self.maybe_more {
+                break;
             }
-            if !self.hand_over(records) || empty {
-                return Ok(());
+            let taken = self.handoff.take(self.window.cursor(), room);
+            if taken.read_journal {
+                self.maybe_more = true;
             }
+            if taken.records.is_empty() || !self.hand_over(taken.records) {
+                break;
+            }
+        }
+        if self.maybe_more && self.read_ahead.len() < READ_AHEAD / 2 {
+            self.start_read_job();
+        }
+        self.set_inflight_gauge();
+    }
+
+    /// Starts reading the journal after the last record at hand, unless a read is running.
+    fn start_read_job(&mut self) {
+        if self.read_job.is_some() {
+            return;
+        }
+        let after = self
+            .read_ahead
+            .back()
+            .map(|r| r.seq)
+            .or(self.window.cursor());
+        let journal = Arc::clone(&self.journal);
+        let handle = tokio::task::spawn_blocking(move || {
+            let guard = journal
+                .lock()
+                .map_err(|_| UplinkError::JournalLockPoisoned)?;
+            Ok(guard.pending(after, READ_AHEAD))
+        });
+        self.read_job = Some(ReadJob {
+            generation: self.connection_generation,
+            handle,
+        });
+    }
+
+    /// The background read finished: keep what follows on from the records at hand.
+    fn on_read_done(
+        &mut self,
+        done: Result<Result<Vec<Record>, UplinkError>, tokio::task::JoinError>,
+    ) -> Result<(), UplinkError> {
+        let Some(job) = self.read_job.take() else {
+            return Ok(());
+        };
+        let result = done.map_err(|_| UplinkError::JournalTaskPanicked)?;
+        if job.generation != self.connection_generation {
+            // Read for a window that was reset since; the next fill reads again from the oldest.
+            return Ok(());
+        }
+        match result {
+            Ok(records) => {
+                if records.len() < READ_AHEAD {
+                    self.maybe_more = false;
+                }
+                let last = self
+                    .read_ahead
+                    .back()
+                    .map(|r| r.seq)
+                    .or(self.window.cursor());
+                self.read_ahead.extend(
+                    records
+                        .into_iter()
+                        .filter(|r| last.is_none_or(|l| r.seq > l)),
+                );
+                Ok(())
+            }
+            Err(UplinkError::Journal(e)) if !matches!(e, JournalError::Poisoned { .. }) => {
+                // Tried again at the next recheck.
+                error!(error = %e, "journal read failed; will retry");
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -506,6 +613,8 @@ impl Uplink {
                 }
                 Err(HandOver::ChannelFull) => {
                     warn!(seq, "MQTT client channel full; retrying later");
+                    // This record and those after it are read from the journal again.
+                    self.read_ahead.clear();
                     self.maybe_more = true;
                     all = false;
                     break;
@@ -576,7 +685,7 @@ impl Uplink {
         }
         self.connected_at = None;
         self.connected = false;
-        self.window.reset();
+        self.reset_window();
         self.set_inflight_gauge();
         self.flush_acks().await
     }
@@ -611,13 +720,32 @@ impl Uplink {
         let mut seqs = std::mem::take(&mut self.to_ack);
         seqs.sort_unstable();
         seqs.dedup();
+        self.spawn_ack_job(seqs);
+    }
+
+    /// Starts the `fdatasync` of acks written without one, unless an ack job is running.
+    fn start_sync_job(&mut self) {
+        if self.ack_job.is_some() {
+            return;
+        }
+        self.sync_due = None;
+        self.spawn_ack_job(Vec::new());
+    }
+
+    /// Acks `seqs` (without `fdatasync`), or with none, syncs the acks written so.
+    fn spawn_ack_job(&mut self, seqs: Vec<u64>) {
         let batch = seqs.clone();
         let journal = Arc::clone(&self.journal);
         let handle = tokio::task::spawn_blocking(move || {
             let mut guard = journal
                 .lock()
                 .map_err(|_| UplinkError::JournalLockPoisoned)?;
-            guard.ack(&batch).map_err(UplinkError::Journal)
+            let result = if batch.is_empty() {
+                guard.sync()
+            } else {
+                guard.ack_unsynced(&batch)
+            };
+            result.map_err(UplinkError::Journal)
         });
         self.ack_job = Some(AckJob { seqs, handle });
     }
@@ -643,6 +771,9 @@ impl Uplink {
             }
             Err(e) => return Err(e),
         }
+        if !job.seqs.is_empty() && self.sync_due.is_none() {
+            self.sync_due = Some(Instant::now() + ACK_SYNC_AFTER);
+        }
         if self.to_ack.len() >= ACK_BATCH {
             self.start_ack_job();
         } else if !self.to_ack.is_empty() && self.ack_due.is_none() {
@@ -664,24 +795,6 @@ impl Uplink {
             }
         }
         Ok(())
-    }
-
-    /// Runs `f` on the journal on a blocking thread (the lock may be held by an append's `fdatasync`).
-    async fn with_journal<T, F>(&self, f: F) -> Result<T, UplinkError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Journal) -> Result<T, JournalError> + Send + 'static,
-    {
-        let journal = Arc::clone(&self.journal);
-        let joined = tokio::task::spawn_blocking(move || {
-            // The lock is held only for this one call: no await inside (std Mutex by design).
-            let mut guard = journal
-                .lock()
-                .map_err(|_| UplinkError::JournalLockPoisoned)?;
-            f(&mut guard).map_err(UplinkError::Journal)
-        })
-        .await;
-        joined.map_err(|_| UplinkError::JournalTaskPanicked)?
     }
 
     fn set_inflight_gauge(&self) {
@@ -706,6 +819,13 @@ impl Uplink {
             }
         }
         self.flush_acks().await?;
+        // At exit the acks are made durable: a clean stop resends nothing.
+        self.start_sync_job();
+        if let Some(job) = self.ack_job.as_mut() {
+            let done = (&mut job.handle).await;
+            self.on_ack_done(done)?;
+        }
+        self.sync_due = None;
         self.connected = false;
         self.stats.unacked_at_exit = self.window.records() as u64;
         if self.stats.unacked_at_exit > 0 {
