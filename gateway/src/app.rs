@@ -14,7 +14,9 @@ use protocol::wire::{StatusMessage, Topics};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::alerts::EdgeAlerts;
 use crate::config::{Config, SimKind, SimulatedSection};
+use crate::journal::NewRecord;
 use crate::journal::{Journal, JournalConfig, Recovery};
 use crate::pipeline::handoff::Handoff;
 use crate::pipeline::{Bindings, Counters, Pipeline, writer};
@@ -49,6 +51,8 @@ pub struct RunSummary {
     pub accepted: u64,
     /// Rejected and excluded readings (journaled as events).
     pub rejected: u64,
+    /// Edge alert decisions journaled.
+    pub alerts: u64,
     /// Readings of unbound devices (journaled as events).
     pub unattributed: u64,
     /// Records the broker PUBACKed (readings and events).
@@ -189,6 +193,181 @@ async fn simulated_device_task(
     }
 }
 
+/// Journals records that are not part of a device session (alerts of the engine's clock, events about the
+/// configuration) and waits for the outcome. Returns how many were accepted.
+async fn journal_records(pipeline: &Pipeline, records: Vec<NewRecord>, what: &str) -> usize {
+    let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut accepted = 0;
+    for record in records {
+        let outcome = match pipeline.writer.submit(record, refused.clone()).await {
+            Ok(rx) => rx
+                .await
+                .unwrap_or(Err(writer::Refusal::Failed("writer stopped".into()))),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(_) => accepted += 1,
+            Err(e) => tracing::error!(error = %e, what, "could not journal"),
+        }
+    }
+    accepted
+}
+
+/// Advances the edge alert engine's clock: confirmation timeouts (a missing repeat never silences a
+/// critical or urgent alert), unacknowledged escalation, window rules.
+async fn alert_tick_task(
+    alerts: Arc<EdgeAlerts>,
+    pipeline: Pipeline,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                let records = alerts.on_tick(unix_now());
+                let n = journal_records(&pipeline, records, "alert").await;
+                pipeline.counters.alerts.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Applies the CRM's configuration (`…/config`, retained): a newer version is validated whole — device
+/// bindings and every patient's alert settings — and applied whole; an invalid one is rejected with a
+/// `config_rejected` event and the configuration in force stays. The same version again (the retained
+/// message after a reconnect) is ignored.
+async fn remote_config_task(
+    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    pipeline: Pipeline,
+    shutdown: CancellationToken,
+) {
+    let mut in_force: Option<u64> = None;
+    loop {
+        let payload = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            p = rx.recv() => match p { Some(p) => p, None => break },
+        };
+        match apply_remote_config(&pipeline, &payload, in_force) {
+            Ok(Some(version)) => in_force = Some(version),
+            Ok(None) => {}
+            Err((version, reason)) => {
+                tracing::warn!(?version, %reason, "configuration from the CRM rejected; the previous one stays");
+                let event = protocol::wire::Event::ConfigRejected { version, reason };
+                let payload = match protocol::wire::EventMessage::new(
+                    &pipeline.gateway_id,
+                    unix_now(),
+                    event,
+                )
+                .map_err(|e| e.to_string())
+                .and_then(|m| serde_json::to_vec(&m).map_err(|e| e.to_string()))
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot build the config_rejected event");
+                        continue;
+                    }
+                };
+                let record = NewRecord {
+                    device: format!("config:{}", pipeline.gateway_id),
+                    device_seq: None,
+                    reading_id: format!(
+                        "config-rejected:{}:{}",
+                        version.map_or_else(|| "none".to_owned(), |v| v.to_string()),
+                        protocol::wire::to_hex(&fingerprint(&payload))
+                    ),
+                    topic: pipeline.topics.events(),
+                    payload,
+                };
+                journal_records(&pipeline, vec![record], "config_rejected event").await;
+            }
+        }
+    }
+}
+
+/// A short fingerprint of a payload (FNV-1a 64): enough to give two different rejections of the same
+/// version different event ids, so neither is taken for a duplicate of the other.
+fn fingerprint(bytes: &[u8]) -> [u8; 8] {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.to_be_bytes()
+}
+
+/// Checks and applies one configuration message. `Ok(Some(v))`: version `v` is now in force;
+/// `Ok(None)`: the version in force again, nothing to do; `Err((version, reason))`: rejected.
+fn apply_remote_config(
+    pipeline: &Pipeline,
+    payload: &[u8],
+    in_force: Option<u64>,
+) -> Result<Option<u64>, (Option<u64>, String)> {
+    use protocol::wire::{CONFIG_SCHEMA, ConfigMessage, is_valid_pseudonym};
+    // The version first, so a rejection can name it even when the rest does not parse.
+    let version = serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|v| v.get("version").and_then(serde_json::Value::as_u64));
+    let msg: ConfigMessage = serde_json::from_slice(payload)
+        .map_err(|e| (version, format!("not a valid configuration message: {e}")))?;
+    let version = Some(msg.version);
+    if msg.schema != CONFIG_SCHEMA {
+        return Err((
+            version,
+            format!("schema `{}` is not {CONFIG_SCHEMA}", msg.schema),
+        ));
+    }
+    match in_force {
+        Some(v) if msg.version == v => return Ok(None),
+        Some(v) if msg.version < v => {
+            return Err((
+                version,
+                format!("version {} is older than version {v} in force", msg.version),
+            ));
+        }
+        _ => {}
+    }
+    let mut bindings = Bindings::default();
+    for (i, b) in msg.bindings.iter().enumerate() {
+        if b.device.is_empty() {
+            return Err((version, format!("bindings[{i}].device is empty")));
+        }
+        if !is_valid_pseudonym(&b.patient) {
+            return Err((
+                version,
+                format!("bindings[{i}].patient is not a pseudonymous id"),
+            ));
+        }
+        bindings.bind(&b.device, b.user_id, &b.patient);
+    }
+    for (i, p) in msg.patients.iter().enumerate() {
+        if !is_valid_pseudonym(&p.patient) {
+            return Err((
+                version,
+                format!("patients[{i}].patient is not a pseudonymous id"),
+            ));
+        }
+    }
+    if let Some(alerts) = &pipeline.alerts {
+        alerts
+            .set_patients(&msg.patients)
+            .map_err(|e| (version, e.to_string()))?;
+    }
+    let (n_bindings, n_patients) = (msg.bindings.len(), msg.patients.len());
+    pipeline.bindings.replace_with(bindings);
+    tracing::info!(
+        version = msg.version,
+        bindings = n_bindings,
+        patients = n_patients,
+        "configuration from the CRM applied"
+    );
+    Ok(Some(msg.version))
+}
+
 /// Runs the gateway until `shutdown` is cancelled.
 ///
 /// # Errors
@@ -196,8 +375,19 @@ async fn simulated_device_task(
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSummary, RunError> {
     let topics = topics(&config);
     // Everything that can be checked is checked before anything starts.
-    let uplink_cfg = uplink_config(&config, &topics)?.validate()?;
+    let (config_tx, config_rx) = tokio::sync::mpsc::channel(4);
+    let mut uplink_cfg = uplink_config(&config, &topics)?;
+    uplink_cfg.config_topic = Some(topics.config());
+    uplink_cfg.inbound = Some(config_tx);
+    let uplink_cfg = uplink_cfg.validate()?;
     let raw = &config.raw;
+    let alerts = match &config.alert_rules {
+        Some(rules) => Some(Arc::new(
+            EdgeAlerts::new(rules.clone(), Vec::new(), &raw.gateway_id, topics.clone())
+                .map_err(|e| RunError::Start(e.to_string()))?,
+        )),
+        None => None,
+    };
     let mut jcfg = JournalConfig::new(raw.journal.dir.clone());
     jcfg.max_bytes = raw.journal.max_bytes;
     jcfg.max_records = raw.journal.max_records;
@@ -229,6 +419,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         journal: journal.clone(),
         writer,
         counters: counters.clone(),
+        alerts: alerts.clone(),
     };
 
     let uplink_stop = CancellationToken::new();
@@ -261,6 +452,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
             shutdown.clone(),
         ));
     }
+    devices.spawn(remote_config_task(
+        config_rx,
+        pipeline.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(a) = alerts {
+        devices.spawn(alert_tick_task(
+            a,
+            pipeline.clone(),
+            Duration::from_secs(raw.alerts.tick_s),
+            shutdown.clone(),
+        ));
+    }
     devices.close();
 
     shutdown.cancelled().await;
@@ -282,6 +486,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         accepted: counters.accepted.load(Ordering::Relaxed),
         rejected: counters.rejected.load(Ordering::Relaxed),
         unattributed: counters.unattributed.load(Ordering::Relaxed),
+        alerts: counters.alerts.load(Ordering::Relaxed),
         delivered: uplink.delivered,
         journal_depth,
         recovery,

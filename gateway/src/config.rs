@@ -131,6 +131,38 @@ pub struct TelemetrySection {
     pub metrics_listen: Option<SocketAddr>,
 }
 
+/// `[alerts]`: the edge alert engine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsSection {
+    /// Evaluate accepted readings at the edge and publish alerts on `…/alerts` (default on).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// A rule file (TOML, the format of `protocol`'s default rules); absent: the built-in CLINICAL.md rules.
+    pub rules_file: Option<PathBuf>,
+    /// How often the engine's clock advances (confirmation timeouts, window rules), seconds.
+    #[serde(default = "default_tick_s")]
+    pub tick_s: u64,
+}
+
+impl Default for AlertsSection {
+    fn default() -> Self {
+        AlertsSection {
+            enabled: true,
+            rules_file: None,
+            tick_s: default_tick_s(),
+        }
+    }
+}
+
+const fn default_true() -> bool {
+    true
+}
+
+const fn default_tick_s() -> u64 {
+    60
+}
+
 /// `[[bindings]]`: a device (or one user of a multi-user cuff) → a pseudonymous patient id.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -198,6 +230,9 @@ pub struct RawConfig {
     /// `[telemetry]`.
     #[serde(default)]
     pub telemetry: TelemetrySection,
+    /// `[alerts]`.
+    #[serde(default)]
+    pub alerts: AlertsSection,
     /// `[[bindings]]`.
     #[serde(default)]
     pub bindings: Vec<BindingSection>,
@@ -217,6 +252,8 @@ pub struct Config {
     pub keep_alive: Duration,
     /// The MQTT password, read from `password_file`.
     pub password: Option<String>,
+    /// The edge alert rules (`[alerts]`), loaded and validated; `None` when alerts are off.
+    pub alert_rules: Option<protocol::rules::RuleSet>,
 }
 
 impl Config {
@@ -329,13 +366,37 @@ impl Config {
             ),
             None => None,
         };
+        if raw.alerts.tick_s == 0 {
+            return Err(invalid("alerts.tick_s", "must be at least 1"));
+        }
+        let alert_rules = if !raw.alerts.enabled {
+            None
+        } else if let Some(file) = &raw.alerts.rules_file {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| invalid("alerts.rules_file", &format!("{}: {e}", file.display())))?;
+            Some(
+                protocol::rules::RuleSet::from_toml(&text)
+                    .map_err(|e| invalid("alerts.rules_file", &one_line(&e.to_string())))?,
+            )
+        } else {
+            Some(
+                protocol::rules::RuleSet::default_rules()
+                    .map_err(|e| invalid("alerts", &format!("built-in rules: {e}")))?,
+            )
+        };
         Ok(Config {
             mqtt_version,
             keep_alive: Duration::from_secs(raw.mqtt.keep_alive_s),
             raw,
             password,
+            alert_rules,
         })
     }
+}
+
+/// `text` on one line (service logs take one entry per line).
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The parser's message on one line, prefixed with where: `line L, column C: …`. toml's own rendering

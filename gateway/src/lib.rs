@@ -15,6 +15,9 @@
 //! - [`uplink`] — the one task that drives the MQTT client: publishes in journal order, acks on PUBACK,
 //!   reconnects with backoff, keeps the retained status and last will.
 //!
+//! - [`alerts`] — the edge alert engine: evaluates each accepted reading, journals the alerts for the
+//!   `…/alerts` topic.
+//!
 //! Beside them: [`app`] assembles a gateway and shuts it down in order; [`config`] is `run`'s TOML;
 //! [`telemetry`] logs and metrics; [`broker`] the embedded MQTT broker for [`demo`]; [`decode`] the
 //! `gateway decode` user tool.
@@ -23,6 +26,8 @@
 pub mod sources;
 
 pub mod pipeline;
+
+pub mod alerts;
 
 pub mod journal;
 

@@ -49,6 +49,7 @@ fn rig(max_records: u64) -> Rig {
         journal: journal.clone(),
         writer,
         counters: Arc::new(Counters::default()),
+        alerts: None,
     };
     Rig {
         _dir: dir,

@@ -61,6 +61,10 @@ pub const READING_SCHEMA: &str = "phg.reading/1";
 pub const EVENT_SCHEMA: &str = "phg.event/1";
 /// The `schema` of a [`StatusMessage`].
 pub const STATUS_SCHEMA: &str = "phg.status/1";
+/// The `schema` of an [`AlertMessage`] (`…/alerts`).
+pub const ALERT_SCHEMA: &str = "phg.alert/1";
+/// The `schema` of a [`ConfigMessage`] (`…/config`, CRM → gateway).
+pub const CONFIG_SCHEMA: &str = "phg.config/1";
 /// The default topic prefix; the gateway id follows it ([`Topics::default_root`]).
 pub const DEFAULT_TOPIC_PREFIX: &str = "phg/v1";
 /// The longest pseudonymous patient id accepted ([`is_valid_pseudonym`]).
@@ -1175,6 +1179,73 @@ impl StatusMessage {
             ..StatusMessage::online(gateway, None)
         }
     }
+}
+
+/// An edge alert on `…/alerts`: what the gateway's rule engine decided about one alert (DESIGN.md
+/// "Alerts"). Ingest evaluates the same engine authoritatively; the edge copy serves the kiosk and the
+/// time the gateway is offline. The alert's `id` is deterministic (`{patient}/{rule_id}/{time}`), so the
+/// CRM can match the two.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertMessage {
+    /// [`ALERT_SCHEMA`].
+    pub schema: String,
+    /// The gateway id.
+    pub gateway: String,
+    /// When the engine decided, RFC 3339 UTC.
+    pub time: String,
+    /// The decision: `open`, `escalate`, `confirm`, `downgrade` or `close`, with the alert.
+    pub update: crate::rules::AlertAction,
+}
+
+impl AlertMessage {
+    /// `update` from `gateway` at `time_utc`.
+    ///
+    /// # Errors
+    /// [`WireError::TimeOutOfRange`] for a time outside the years 1582..=9999.
+    pub fn new(
+        gateway: &str,
+        time_utc: i64,
+        update: crate::rules::AlertAction,
+    ) -> Result<AlertMessage, WireError> {
+        Ok(AlertMessage {
+            schema: ALERT_SCHEMA.to_owned(),
+            gateway: gateway.to_owned(),
+            time: time_string(time_utc)?,
+            update,
+        })
+    }
+}
+
+/// The gateway's configuration from the CRM, on the retained `…/config` topic: device bindings and the
+/// patients' alert settings. Versioned: a gateway applies a version only if it is newer than the one in
+/// force, and only whole — an invalid configuration is rejected with a [`Event::ConfigRejected`] and
+/// the previous one stays.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigMessage {
+    /// [`CONFIG_SCHEMA`].
+    pub schema: String,
+    /// Increases with every change.
+    pub version: u64,
+    /// Which device (and cuff user) measures which patient. Replaces the gateway's bindings.
+    #[serde(default)]
+    pub bindings: Vec<ConfigBinding>,
+    /// Per-patient alert settings (profile, overrides with guard-rails).
+    #[serde(default)]
+    pub patients: Vec<crate::rules::PatientSettings>,
+}
+
+/// One device binding of a [`ConfigMessage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigBinding {
+    /// The device id.
+    pub device: String,
+    /// The cuff user (BLS user index); absent: every reading of the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<u8>,
+    /// The pseudonymous patient id.
+    pub patient: String,
 }
 
 #[cfg(test)]

@@ -707,6 +707,8 @@ async fn start_gateway(
         journal: journal.clone(),
         writer,
         counters: counters.clone(),
+        // Edge alerts off: the path is decode → validate → journal → publish → PUBACK → ack.
+        alerts: None,
     };
     // As app::uplink_config with a default config: MQTT 5 (3.1.1 for rumqttd), window 100.
     let mut u = UplinkConfig::new(broker.url(), client_id, topics.status());

@@ -1231,3 +1231,181 @@ async fn demo_runs_for_a_few_seconds_and_summarises() {
     );
     println!("demo: {summary} ({:?})", t0.elapsed());
 }
+
+/// Publishes `payload` retained at QoS 1 on `topic` (the CRM's side of `…/config`), waiting for the PUBACK.
+async fn publish_retained(broker: SocketAddr, topic: &str, payload: &str) {
+    let mut o = rumqttc::MqttOptions::new(
+        phg_tests::unique_id("crm"),
+        broker.ip().to_string(),
+        broker.port(),
+    );
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
+    client
+        .publish(
+            topic,
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            payload.as_bytes().to_vec(),
+        )
+        .await
+        .expect("queue the config publish");
+    let acked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break true,
+                Ok(_) => {}
+                Err(e) => panic!("publishing the config: {e}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(acked, Ok(true), "config PUBACKed");
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
+}
+
+/// A `phg.config/1` message binding `cuff` to `patient`, with `patient_settings` (JSON objects).
+fn crm_config(version: u64, cuff: &str, patient: &str, patient_settings: &str) -> String {
+    format!(
+        r#"{{"schema":"phg.config/1","version":{version},
+            "bindings":[{{"device":"{cuff}","patient":"{patient}"}}],
+            "patients":[{patient_settings}]}}"#
+    )
+}
+
+/// The edge alert engine and the CRM's configuration, end to end: a retained configuration binds a cuff
+/// and tightens a patient's threshold, so every reading raises an alert on `…/alerts`; an invalid
+/// configuration (a critical floor relaxed without a waiver) is rejected with an event and the one in
+/// force stays; a newer valid one rebinds the cuff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_alerts_follow_the_crm_configuration_and_a_bad_one_changes_nothing() {
+    phg_tests::init_tracing();
+    const GW: &str = "gw-e2e-alerts";
+    let broker = TestBroker::start().unwrap();
+    let config_topic = topic(GW, "config");
+    // Grade-2 threshold tightened to SBP >= 60 for this patient (tightening needs no waiver): every
+    // reading of the simulated cuff crosses it (the default, 160, is far above the simulator's values).
+    let tightened = r#"{"patient":"p-bp-a1","overrides":[{"rule_id":"BP_GRADE2","param":"sbp","mmhg":"60","set_by":"dr-test","reason":"end-to-end test"}]}"#;
+    publish_retained(
+        broker.addr(),
+        &config_topic,
+        &crm_config(1, "cuff-a", "p-bp-a1", tightened),
+    )
+    .await;
+
+    let mut sub = Subscriber::connect(broker.addr(), &format!("phg/v1/{GW}/#"))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let body = cuff("cuff-a", &[1], 0, "measure_every_s = 1");
+    let cfg = for_broker(
+        &broker,
+        config(GW, &broker.url(), &dir.path().join("journal"), "", &body),
+    );
+    let gw = GatewayProcess::run(&dir.path().join("gateway.toml"), &cfg).unwrap();
+    let applied = gw
+        .stderr()
+        .wait_for(
+            "configuration from the CRM applied",
+            0,
+            Duration::from_secs(15),
+        )
+        .await;
+    assert!(
+        applied.is_some(),
+        "config v1 applied; stderr:\n{}",
+        gw.stderr().text()
+    );
+
+    let alerts_of = |received: &[Received]| -> Vec<Value> {
+        received
+            .iter()
+            .filter(|r| r.topic == topic(GW, "alerts"))
+            .filter_map(|r| serde_json::from_slice(&r.payload).ok())
+            .collect()
+    };
+    // One episode: later readings over the threshold merge into it (CLINICAL.md §4.3), not new alerts.
+    let got = collect_until(&mut sub, Duration::from_secs(20), |r| {
+        !alerts_of(r).is_empty()
+    })
+    .await;
+    assert!(got, "alerts arrived; stderr:\n{}", gw.stderr().text());
+    let reading_ids: Vec<String> = readings(sub.received(), GW)
+        .iter()
+        .map(|r| r.id.clone())
+        .collect();
+    for a in alerts_of(sub.received()) {
+        assert_eq!(a["schema"], "phg.alert/1");
+        assert_eq!(a["update"]["patient"], "p-bp-a1");
+        assert_eq!(a["update"]["rule_id"], "BP_GRADE2");
+        assert_eq!(a["update"]["threshold"]["overridden"], true, "{a}");
+        let rid = a["update"]["reading_ids"][0]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            reading_ids.contains(&rid),
+            "the alert is about a published reading: {a}"
+        );
+    }
+
+    // Version 2 relaxes a critical floor without a waiver: rejected, with an event naming the version.
+    let relaxed = r#"{"patient":"p-bp-a1","overrides":[{"rule_id":"GLU_HYPO_L2","param":"value","mg_dl":"45","set_by":"dr-test","reason":"no waiver"}]}"#;
+    publish_retained(
+        broker.addr(),
+        &config_topic,
+        &crm_config(2, "cuff-a", "p-bp-other", relaxed),
+    )
+    .await;
+    let rejected = collect_until(&mut sub, Duration::from_secs(15), |r| {
+        events(r, GW).iter().any(|e| e["type"] == "config_rejected")
+    })
+    .await;
+    assert!(
+        rejected,
+        "config_rejected event; stderr:\n{}",
+        gw.stderr().text()
+    );
+    let ev = events(sub.received(), GW)
+        .into_iter()
+        .find(|e| e["type"] == "config_rejected")
+        .unwrap();
+    assert_eq!(ev["version"], 2);
+    assert!(
+        ev["reason"].as_str().unwrap_or_default().contains("waiver"),
+        "{ev}"
+    );
+    // The binding of version 1 stays: new readings still go to p-bp-a1, none to p-bp-other.
+    let before = readings(sub.received(), GW).len();
+    let more = collect_until(&mut sub, Duration::from_secs(15), |r| {
+        readings(r, GW).len() >= before + 2
+    })
+    .await;
+    assert!(more, "readings go on");
+    assert!(
+        readings(sub.received(), GW)
+            .iter()
+            .all(|r| r.patient == "p-bp-a1")
+    );
+
+    // Version 3, valid: the cuff is rebound.
+    publish_retained(
+        broker.addr(),
+        &config_topic,
+        &crm_config(3, "cuff-a", "p-bp-a2", r#"{"patient":"p-bp-a2"}"#),
+    )
+    .await;
+    let rebound = collect_until(&mut sub, Duration::from_secs(15), |r| {
+        readings(r, GW).iter().any(|x| x.patient == "p-bp-a2")
+    })
+    .await;
+    assert!(
+        rebound,
+        "readings follow the new binding; stderr:\n{}",
+        gw.stderr().text()
+    );
+
+    let exit = gw.terminate(Duration::from_secs(15)).await.unwrap();
+    assert_clean_exit(&exit);
+}

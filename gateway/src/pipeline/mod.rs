@@ -40,25 +40,46 @@ use crate::sources::collector::{RecordSink, SessionInfo, SinkError};
 use crate::sources::uuid;
 use writer::{Outcome, Refusal, WriterHandle};
 
-/// Device (and cuff user) → pseudonymous patient id.
-#[derive(Debug, Clone, Default)]
+/// Device (and cuff user) → pseudonymous patient id. Shared by every session and replaced whole when
+/// the CRM sends a new configuration (a reading is attributed with one version or the other, never a mix).
+#[derive(Debug, Default)]
 pub struct Bindings {
-    map: HashMap<(String, Option<u8>), String>,
+    map: std::sync::RwLock<HashMap<(String, Option<u8>), String>>,
 }
 
 impl Bindings {
     /// Binds `device` (for every user, or one BLS `user_id`) to `patient`.
     pub fn bind(&mut self, device: &str, user_id: Option<u8>, patient: &str) {
         self.map
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
             .insert((device.to_owned(), user_id), patient.to_owned());
     }
 
     /// The patient a reading belongs to: the binding for its user if there is one, else for the device.
-    pub fn patient(&self, device: &str, user_id: Option<u8>) -> Option<&str> {
+    pub fn patient(&self, device: &str, user_id: Option<u8>) -> Option<String> {
+        // A plain map, consistent after every statement: a poisoned lock still holds valid data.
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
         user_id
-            .and_then(|u| self.map.get(&(device.to_owned(), Some(u))))
-            .or_else(|| self.map.get(&(device.to_owned(), None)))
-            .map(String::as_str)
+            .and_then(|u| map.get(&(device.to_owned(), Some(u))))
+            .or_else(|| map.get(&(device.to_owned(), None)))
+            .cloned()
+    }
+
+    /// Replaces every binding with those of `other` (a new configuration from the CRM).
+    pub fn replace_with(&self, other: Bindings) {
+        let new = other.map.into_inner().unwrap_or_else(|p| p.into_inner());
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = new;
+    }
+
+    /// How many bindings there are.
+    pub fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -77,6 +98,8 @@ pub struct Counters {
     pub already_accepted: AtomicU64,
     /// Records the journal refused (full); the devices keep them.
     pub refused: AtomicU64,
+    /// Edge alert decisions journaled for `…/alerts`.
+    pub alerts: AtomicU64,
 }
 
 /// What every session of a gateway shares.
@@ -94,6 +117,8 @@ pub struct Pipeline {
     pub writer: WriterHandle,
     /// Counters.
     pub counters: Arc<Counters>,
+    /// The edge alert engine; `None`: alerts off.
+    pub alerts: Option<Arc<crate::alerts::EdgeAlerts>>,
 }
 
 impl Pipeline {
@@ -132,6 +157,7 @@ impl Pipeline {
             pipeline: self.clone(),
             joiner: ContextJoiner::new(),
             in_flight: Vec::new(),
+            alerts_due: Vec::new(),
             refused: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -153,8 +179,20 @@ pub fn cursor_key(device: &str, m: &Measurement) -> String {
 pub struct SessionSink {
     pipeline: Pipeline,
     joiner: ContextJoiner,
-    in_flight: Vec<(Kind, oneshot::Receiver<Outcome>)>,
+    in_flight: Vec<(Kind, oneshot::Receiver<Outcome>, Option<ToEvaluate>)>,
+    /// Alert records decided for accepted readings, not yet handed to the writer.
+    alerts_due: Vec<NewRecord>,
     refused: Arc<AtomicBool>,
+}
+
+/// What the alert engine needs of a reading, kept until the reading is accepted.
+#[derive(Debug)]
+struct ToEvaluate {
+    patient: String,
+    reading_id: String,
+    time_utc: i64,
+    measurement: Measurement,
+    verdict: protocol::validate::Verdict,
 }
 
 /// What a journaled record is, for the counters.
@@ -164,6 +202,7 @@ enum Kind {
     Rejected,
     Unattributed,
     DecodeFailed,
+    Alert,
 }
 
 impl SessionSink {
@@ -175,7 +214,24 @@ impl SessionSink {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn submit(&mut self, kind: Kind, record: NewRecord) -> Result<(), SinkError> {
+    async fn submit(
+        &mut self,
+        kind: Kind,
+        record: NewRecord,
+        evaluate: Option<ToEvaluate>,
+    ) -> Result<(), SinkError> {
+        self.hand_over(kind, record, evaluate).await?;
+        // Collect outcomes already decided, so a full journal stops the download promptly.
+        self.settle(false).await?;
+        self.submit_alerts().await
+    }
+
+    async fn hand_over(
+        &mut self,
+        kind: Kind,
+        record: NewRecord,
+        evaluate: Option<ToEvaluate>,
+    ) -> Result<(), SinkError> {
         if self.refused.load(Ordering::Acquire) {
             return Err(SinkError::Full);
         }
@@ -185,16 +241,45 @@ impl SessionSink {
             .submit(record, self.refused.clone())
             .await
             .map_err(|e| SinkError::Unavailable(e.to_string()))?;
-        self.in_flight.push((kind, rx));
-        // Collect outcomes already decided, so a full journal stops the download promptly.
-        self.settle(false).await
+        self.in_flight.push((kind, rx, evaluate));
+        Ok(())
+    }
+
+    /// Hands the alert records decided so far to the writer (behind the readings they are about).
+    async fn submit_alerts(&mut self) -> Result<(), SinkError> {
+        for record in std::mem::take(&mut self.alerts_due) {
+            self.hand_over(Kind::Alert, record, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Evaluates an accepted reading at the edge (DESIGN.md "Alerts": after acceptance, so a reading the
+    /// journal refused — which the device still has — is not evaluated twice).
+    fn evaluate(&mut self, e: ToEvaluate) {
+        let Some(alerts) = &self.pipeline.alerts else {
+            return;
+        };
+        let input = protocol::rules::ReadingInput {
+            patient: &e.patient,
+            reading_id: &e.reading_id,
+            time_utc: e.time_utc,
+            measurement: &e.measurement,
+            verdict: &e.verdict,
+            symptoms: protocol::rules::Symptoms::NONE,
+        };
+        let records = alerts.on_reading(&input, crate::sources::collector::now_utc());
+        if !records.is_empty() {
+            tracing::info!(patient = %e.patient, alerts = records.len(), "edge alert decisions");
+        }
+        self.alerts_due.extend(records);
     }
 
     /// Collects the outcomes of submitted records: all of them (`wait`), or those already known.
     async fn settle(&mut self, wait: bool) -> Result<(), SinkError> {
         let mut result = Ok(());
         let mut still = Vec::new();
-        for (kind, mut rx) in self.in_flight.drain(..) {
+        let in_flight = std::mem::take(&mut self.in_flight);
+        for (kind, mut rx, evaluate) in in_flight {
             let outcome = if wait {
                 rx.await
                     .unwrap_or(Err(Refusal::Failed("journal writer stopped".into())))
@@ -202,7 +287,7 @@ impl SessionSink {
                 match rx.try_recv() {
                     Ok(o) => o,
                     Err(oneshot::error::TryRecvError::Empty) => {
-                        still.push((kind, rx));
+                        still.push((kind, rx, evaluate));
                         continue;
                     }
                     Err(oneshot::error::TryRecvError::Closed) => {
@@ -218,8 +303,12 @@ impl SessionSink {
                         Kind::Rejected => &c.rejected,
                         Kind::Unattributed => &c.unattributed,
                         Kind::DecodeFailed => &c.decode_failed,
+                        Kind::Alert => &c.alerts,
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
+                    if let Some(e) = evaluate {
+                        self.evaluate(e);
+                    }
                 }
                 Err(Refusal::Full) => {
                     c.refused.fetch_add(1, Ordering::Relaxed);
@@ -233,7 +322,7 @@ impl SessionSink {
                 }
             }
         }
-        self.in_flight = still;
+        self.in_flight.extend(still);
         result
     }
 
@@ -273,13 +362,10 @@ impl SessionSink {
             Measurement::BloodPressure(b) => b.user_id,
             Measurement::Glucose(_) => None,
         };
-        let patient = self
-            .pipeline
-            .bindings
-            .patient(device, user_id)
-            .map(str::to_owned);
+        let patient = self.pipeline.bindings.patient(device, user_id);
         let gateway = self.pipeline.gateway_id.clone();
         let reading_id = wire::reading_id_of(device, &m).to_string();
+        let mut evaluate = None;
         let (kind, topic, payload) = if let Some(event) =
             Event::for_excluded(device, patient.as_deref(), &m, &verdict)
         {
@@ -301,6 +387,15 @@ impl SessionSink {
                 })?;
             let payload =
                 serde_json::to_vec(&msg).map_err(|e| SinkError::Unavailable(e.to_string()))?;
+            if self.pipeline.alerts.is_some() {
+                evaluate = Some(ToEvaluate {
+                    patient: patient.clone(),
+                    reading_id: reading_id.clone(),
+                    time_utc: verdict.time.corrected_utc.unwrap_or(received_utc),
+                    measurement: m,
+                    verdict,
+                });
+            }
             (Kind::Reading, self.pipeline.topics.readings(), payload)
         } else {
             tracing::info!(device = %device, reading_id = %reading_id, "reading of an unbound device held as unattributed");
@@ -328,6 +423,7 @@ impl SessionSink {
                 topic,
                 payload,
             },
+            evaluate,
         )
         .await
     }
@@ -409,7 +505,7 @@ impl RecordSink for SessionSink {
                     topic: self.pipeline.topics.events(),
                     payload,
                 };
-                self.submit(Kind::DecodeFailed, record).await
+                self.submit(Kind::DecodeFailed, record, None).await
             }
         }
     }
@@ -423,6 +519,9 @@ impl RecordSink for SessionSink {
             )
             .await?;
         }
+        self.settle(true).await?;
+        // The alerts of the last readings, decided as they were accepted.
+        self.submit_alerts().await?;
         self.settle(true).await
     }
 }

@@ -36,6 +36,13 @@ pub(crate) const CONTENT_TYPE: &str = "application/json";
 /// An event from the event loop, reduced to what the uplink acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Signal {
+    /// A message on a subscribed topic (the CRM's configuration).
+    Message {
+        /// Its topic.
+        topic: String,
+        /// Its payload.
+        payload: Vec<u8>,
+    },
     /// A session was established.
     ConnAck,
     /// `Outgoing::Publish(pkid)`: the oldest handed-over publish was written with this packet id.
@@ -201,6 +208,21 @@ pub(crate) fn build(cfg: &CheckedUplinkConfig) -> (Publisher, Driver) {
 }
 
 impl Publisher {
+    /// Asks for a QoS 1 subscription without waiting (see [`publish`](Self::publish)).
+    pub(crate) fn subscribe(&self, topic: &str) -> Result<(), HandOver> {
+        if topic.is_empty() || !rumqttc::valid_filter(topic) {
+            return Err(HandOver::InvalidTopic);
+        }
+        match self {
+            Self::V4(c) => c
+                .try_subscribe(topic, rumqttc::QoS::AtLeastOnce)
+                .map_err(|_| HandOver::ChannelFull),
+            Self::V5(c) => c
+                .try_subscribe(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                .map_err(|_| HandOver::ChannelFull),
+        }
+    }
+
     /// Hands a QoS 1 publish to the event loop without waiting (the uplink task is also the one that
     /// polls the event loop, so waiting for channel room here could deadlock).
     pub(crate) fn publish(
@@ -285,6 +307,10 @@ fn signal_v4(event: rumqttc::Event) -> Signal {
     match event {
         Event::Incoming(Packet::ConnAck(_)) => Signal::ConnAck,
         Event::Incoming(Packet::PubAck(ack)) => Signal::Acked(ack.pkid),
+        Event::Incoming(Packet::Publish(p)) => Signal::Message {
+            topic: p.topic,
+            payload: p.payload.to_vec(),
+        },
         Event::Outgoing(Outgoing::Publish(pkid)) => Signal::Sent(pkid),
         Event::Outgoing(Outgoing::Disconnect) => Signal::Disconnected,
         _ => Signal::Other,
@@ -297,6 +323,10 @@ fn signal_v5(event: rumqttc::v5::Event) -> Signal {
     use rumqttc::v5::Event;
     match event {
         Event::Incoming(Packet::ConnAck(_)) => Signal::ConnAck,
+        Event::Incoming(Packet::Publish(p)) => Signal::Message {
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload.to_vec(),
+        },
         Event::Incoming(Packet::PubAck(ack)) => match ack.reason {
             // "No matching subscribers" is a success: the broker took the message (MQTT 5 §3.4.2.1).
             PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Signal::Acked(ack.pkid),

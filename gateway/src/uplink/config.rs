@@ -103,6 +103,12 @@ pub struct UplinkConfig {
     pub shutdown_grace: Duration,
     /// TCP + TLS + CONNACK must complete within this (whole seconds, at least 1 s).
     pub connect_timeout: Duration,
+    /// Subscribe (QoS 1) to this topic after every CONNACK and pass each message's payload to `inbound`
+    /// — the CRM's retained configuration (`phg/v1/{gateway_id}/config`). `None`: no subscription.
+    pub config_topic: Option<String>,
+    /// Where the messages of `config_topic` go. A message that finds the channel full is dropped with a
+    /// warning: the configuration is retained, so the next connection brings it again.
+    pub inbound: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
 }
 
 impl UplinkConfig {
@@ -129,6 +135,8 @@ impl UplinkConfig {
             backoff_max: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
+            config_topic: None,
+            inbound: None,
         }
     }
 
@@ -170,6 +178,11 @@ impl UplinkConfig {
         if self.password.is_some() && self.username.is_none() {
             return Err(ConfigError::PasswordWithoutUsername);
         }
+        if let Some(t) = &self.config_topic {
+            if t.is_empty() || !rumqttc::valid_topic(t) {
+                return Err(ConfigError::ConfigTopic(t.clone()));
+            }
+        }
 
         let tls = match (endpoint.tls, &self.tls) {
             (false, Some(_)) => return Err(ConfigError::TlsWithPlainUrl),
@@ -202,6 +215,8 @@ impl UplinkConfig {
             backoff_max: self.backoff_max,
             shutdown_grace: self.shutdown_grace,
             connect_timeout_secs: self.connect_timeout.as_secs(),
+            config_topic: self.config_topic.clone(),
+            inbound: self.inbound.clone(),
         })
     }
 }
@@ -280,6 +295,9 @@ pub enum ConfigError {
         /// `backoff_max`.
         max: Duration,
     },
+    /// `config_topic` is empty or has wildcards.
+    #[error("uplink.config_topic `{0}` is not a valid topic name (empty, or has + or #)")]
+    ConfigTopic(String),
     /// `status_topic` is empty or has wildcards.
     #[error("uplink.status_topic `{0}` is not a valid topic name (empty, or has + or #)")]
     StatusTopic(String),
@@ -325,6 +343,8 @@ pub struct CheckedUplinkConfig {
     pub(crate) backoff_max: Duration,
     pub(crate) shutdown_grace: Duration,
     pub(crate) connect_timeout_secs: u64,
+    pub(crate) config_topic: Option<String>,
+    pub(crate) inbound: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
 }
 
 impl CheckedUplinkConfig {

@@ -395,6 +395,11 @@ impl Uplink {
                 self.reset_window();
                 // Status first: the CRM sees "online" before the backlog.
                 self.publish_status(true);
+                if let Some(topic) = self.cfg.config_topic.clone() {
+                    if let Err(e) = self.publisher.subscribe(&topic) {
+                        warn!(?e, topic = %topic, "could not subscribe to the configuration topic");
+                    }
+                }
                 Ok(Flow::Continue)
             }
             Signal::Sent(pkid) => match self.window.sent(pkid, std::time::Instant::now()) {
@@ -420,7 +425,24 @@ impl Uplink {
                 ))),
                 None => Ok(Flow::Continue),
             },
+            Signal::Message { topic, payload } => {
+                self.on_message(&topic, payload);
+                Ok(Flow::Continue)
+            }
             Signal::Disconnected | Signal::Other => Ok(Flow::Continue),
+        }
+    }
+
+    /// A message on the configuration topic: handed on, never waited for (the event loop is ours).
+    fn on_message(&self, topic: &str, payload: Vec<u8>) {
+        if self.cfg.config_topic.as_deref() != Some(topic) {
+            debug!(topic = %topic, "message on a topic not subscribed to (ignored)");
+            return;
+        }
+        if let Some(tx) = &self.cfg.inbound {
+            if tx.try_send(payload).is_err() {
+                warn!(topic = %topic, "configuration message dropped (the previous one is still being applied)");
+            }
         }
     }
 
@@ -669,6 +691,7 @@ impl Uplink {
                 Signal::Refused { pkid, reason } => {
                     let _ = self.on_refused(pkid, &reason);
                 }
+                Signal::Message { topic, payload } => self.on_message(&topic, payload),
                 Signal::ConnAck | Signal::Disconnected | Signal::Other => {}
             }
         }

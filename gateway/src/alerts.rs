@@ -1,0 +1,278 @@
+//! Edge alerts: the `protocol` rule engine run on the gateway (DESIGN.md "Alerts", issue 5 part 2).
+//!
+//! Ingest is authoritative; the edge copy is for the kiosk's instant feedback and for the hours a home
+//! gateway is offline. After a reading is **accepted** (fsynced in the journal) the session evaluates it
+//! here; every [`AlertAction`] becomes a record on `…/alerts`, journaled like a reading and published by the
+//! uplink. A clock tick ([`EdgeAlerts::on_tick`]) confirms pending alerts whose repeat never came (a
+//! missing repeat never silences a critical or urgent alert, CLINICAL.md §4.2) and runs the window rules.
+//!
+//! Patient settings (profile, overrides with guard-rails) come from the CRM's configuration
+//! ([`EdgeAlerts::set_patients`]): all of them are validated before any is applied.
+//!
+//! Not kept across restarts: the engine's state (open episodes, pending confirmations) lives in memory, so
+//! after a restart an ongoing episode may open again at the edge. Ingest, which persists its state, is
+//! the one the CRM trusts for episodes.
+
+use std::sync::Mutex;
+
+use protocol::rules::{
+    AlertAction, Engine, EngineState, OverrideError, PatientSettings, ReadingInput, RuleSet,
+};
+use protocol::wire::{AlertMessage, Topics};
+
+use crate::journal::NewRecord;
+
+/// The engine and where its alerts go.
+#[derive(Debug)]
+pub struct EdgeAlerts {
+    engine: Mutex<Engine>,
+    gateway_id: String,
+    topics: Topics,
+}
+
+impl EdgeAlerts {
+    /// An engine with `rules` and the `patients`' settings (every other patient on the rule file's
+    /// default profile until the CRM says otherwise).
+    ///
+    /// # Errors
+    /// The first invalid patient override.
+    pub fn new(
+        rules: RuleSet,
+        patients: Vec<PatientSettings>,
+        gateway_id: &str,
+        topics: Topics,
+    ) -> Result<EdgeAlerts, Box<OverrideError>> {
+        Ok(EdgeAlerts {
+            engine: Mutex::new(
+                Engine::with_state(rules, patients, EngineState::default()).map_err(Box::new)?,
+            ),
+            gateway_id: gateway_id.to_owned(),
+            topics,
+        })
+    }
+
+    fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+        // The engine's state is plain data updated per call; a panic mid-call would be a bug in the
+        // engine, and alerting on with the state as it is serves the patient better than stopping.
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Validates every patient's settings against the rules, then applies them all — or none: the first
+    /// invalid override is returned and nothing changes.
+    ///
+    /// # Errors
+    /// The first [`OverrideError`] (it names the rule and says why).
+    pub fn set_patients(&self, patients: &[PatientSettings]) -> Result<(), Box<OverrideError>> {
+        let mut engine = self.engine();
+        // Validate on a scratch engine first: `set_patient` applies one at a time.
+        let mut scratch = Engine::new(engine.rules().clone(), Vec::new()).map_err(Box::new)?;
+        for p in patients {
+            scratch.set_patient(p.clone()).map_err(Box::new)?;
+        }
+        for p in patients {
+            engine.set_patient(p.clone()).map_err(Box::new)?;
+        }
+        Ok(())
+    }
+
+    /// Evaluates an accepted reading; returns the alert records to journal.
+    pub fn on_reading(&self, input: &ReadingInput<'_>, now_utc: i64) -> Vec<NewRecord> {
+        let actions = self.engine().on_reading(input);
+        self.records(actions, now_utc)
+    }
+
+    /// Advances the engine's clock (confirmation timeouts, escalation, window rules); returns the alert
+    /// records to journal.
+    pub fn on_tick(&self, now_utc: i64) -> Vec<NewRecord> {
+        let actions = self.engine().on_tick(now_utc);
+        self.records(actions, now_utc)
+    }
+
+    fn records(&self, actions: Vec<AlertAction>, now_utc: i64) -> Vec<NewRecord> {
+        actions
+            .into_iter()
+            .filter_map(|action| self.record(action, now_utc))
+            .collect()
+    }
+
+    fn record(&self, action: AlertAction, now_utc: i64) -> Option<NewRecord> {
+        let alert = action.alert();
+        // One record per decision about an alert: the same decision journaled twice is one message.
+        let reading_id = format!(
+            "alert:{}:{}:{}:{}",
+            alert.id,
+            action_name(&action),
+            alert.severity.name(),
+            alert.updated_utc
+        );
+        let device = format!("alerts:{}", alert.patient);
+        let message = match AlertMessage::new(&self.gateway_id, now_utc, action) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build an alert message");
+                return None;
+            }
+        };
+        match serde_json::to_vec(&message) {
+            Ok(payload) => Some(NewRecord {
+                device,
+                device_seq: None,
+                reading_id,
+                topic: self.topics.alerts(),
+                payload,
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serialise an alert message");
+                None
+            }
+        }
+    }
+}
+
+fn action_name(action: &AlertAction) -> &'static str {
+    match action {
+        AlertAction::Open(_) => "open",
+        AlertAction::Escalate { .. } => "escalate",
+        AlertAction::Confirm { .. } => "confirm",
+        AlertAction::Downgrade { .. } => "downgrade",
+        AlertAction::Close { .. } => "close",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::ieee11073::SFloat;
+    use protocol::model::{BloodPressureRecord, Measurement, Pressure, PressureUnit};
+    use protocol::rules::{Dec, Override, Symptoms};
+    use protocol::validate::{Reception, validate};
+    use serde_json::Value;
+
+    const T0: i64 = 1_718_352_000; // 2024-06-14T08:00:00Z
+
+    fn alerts(patients: Vec<PatientSettings>) -> Result<EdgeAlerts, Box<OverrideError>> {
+        let rules = RuleSet::default_rules().expect("the default rules load");
+        EdgeAlerts::new(rules, patients, "gw-1", Topics::for_gateway("gw-1"))
+    }
+
+    fn cuff(sys: i32, dia: i32) -> Measurement {
+        let p = |v| Pressure {
+            raw: SFloat::new(v, 0).expect("SFLOAT"),
+            unit: PressureUnit::MmHg,
+        };
+        Measurement::BloodPressure(BloodPressureRecord {
+            systolic: p(sys),
+            diastolic: p(dia),
+            mean_arterial_pressure: p((sys + 2 * dia) / 3),
+            timestamp: None,
+            pulse_rate: Some(SFloat::new(70, 0).expect("SFLOAT")),
+            user_id: None,
+            measurement_status: None,
+        })
+    }
+
+    fn feed(a: &EdgeAlerts, patient: &str, id: &str, t: i64, m: &Measurement) -> Vec<NewRecord> {
+        let verdict = validate(
+            m,
+            &Reception {
+                received_utc: t,
+                clock_offset_s: None,
+            },
+        );
+        a.on_reading(
+            &ReadingInput {
+                patient,
+                reading_id: id,
+                time_utc: t,
+                measurement: m,
+                verdict: &verdict,
+                symptoms: Symptoms::NONE,
+            },
+            t,
+        )
+    }
+
+    fn payload(r: &NewRecord) -> Value {
+        serde_json::from_slice(&r.payload).expect("alert payload is JSON")
+    }
+
+    fn bp_low_relaxed_to(mmhg: i64, waiver: Option<&str>) -> PatientSettings {
+        let mut s = PatientSettings::new("p-1");
+        s.overrides.push(Override {
+            rule_id: "BP_LOW".into(),
+            param: Some("sbp".into()),
+            mmhg: Some(Dec::new(mmhg, 0)),
+            set_by: "dr-x".into(),
+            reason: "lives at 88/65".into(),
+            waiver: waiver.map(str::to_owned),
+            ..Override::default()
+        });
+        s
+    }
+
+    #[test]
+    fn a_bp_crisis_becomes_a_journaled_alert_on_the_alerts_topic() {
+        let a = alerts(Vec::new()).expect("engine");
+        let records = feed(&a, "p-1", "r-1", T0, &cuff(185, 125));
+        assert_eq!(records.len(), 1, "one decision about one alert");
+        let r = &records[0];
+        assert_eq!(r.topic, "phg/v1/gw-1/alerts");
+        assert_eq!(r.device, "alerts:p-1");
+        let v = payload(r);
+        assert_eq!(v["schema"], "phg.alert/1");
+        assert_eq!(v["gateway"], "gw-1");
+        assert_eq!(v["update"]["action"], "open");
+        assert_eq!(v["update"]["patient"], "p-1");
+        assert!(
+            v["update"]["rule_id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("BP_")),
+            "{v}"
+        );
+        assert_eq!(v["update"]["reading_ids"][0], "r-1");
+        // The threshold and its guideline source travel with it.
+        assert!(
+            v["update"]["source"]["cite"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+        );
+        // The record's dedup key is stable for the same decision.
+        assert!(r.reading_id.starts_with("alert:p-1/"), "{}", r.reading_id);
+    }
+
+    #[test]
+    fn a_normal_reading_raises_nothing() {
+        let a = alerts(Vec::new()).expect("engine");
+        assert!(feed(&a, "p-1", "r-1", T0, &cuff(118, 76)).is_empty());
+    }
+
+    #[test]
+    fn patient_settings_apply_whole_or_not_at_all() {
+        let a = alerts(Vec::new()).expect("engine");
+        // Default: 84/60 is below the BP_LOW threshold (< 90 mmHg).
+        assert!(!feed(&a, "p-1", "r-1", T0, &cuff(84, 60)).is_empty());
+
+        // A relaxed advisory threshold applies: 88 is no longer low for this patient.
+        let b = alerts(Vec::new()).expect("engine");
+        b.set_patients(&[bp_low_relaxed_to(85, None)])
+            .expect("relaxing an advisory threshold is allowed");
+        assert!(feed(&b, "p-1", "r-1", T0, &cuff(88, 65)).is_empty());
+
+        // A batch with one invalid settings (a critical floor relaxed without a waiver) changes nothing.
+        let mut bad = PatientSettings::new("p-2");
+        bad.overrides.push(Override {
+            rule_id: "GLU_HYPO_L2".into(),
+            param: Some("value".into()),
+            mg_dl: Some(Dec::new(45, 0)),
+            set_by: "dr-x".into(),
+            reason: "r".into(),
+            ..Override::default()
+        });
+        let err = b
+            .set_patients(&[bp_low_relaxed_to(70, None), bad])
+            .expect_err("a critical floor needs a waiver");
+        assert!(err.to_string().contains("waiver"), "{err}");
+        // p-1 keeps the 85 threshold (not 70): 84 is still low.
+        assert!(!feed(&b, "p-1", "r-2", T0 + 86_400, &cuff(84, 60)).is_empty());
+    }
+}
