@@ -1246,3 +1246,62 @@ fn journal_disk_bytes_per_record() {
         (j.bytes_written() - w1) as f64 / n
     );
 }
+
+/// The process's resident set and its peak, in KiB, from `/proc/self/status`.
+fn rss_kib() -> (u64, u64) {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Memory with 100 000 pending records of 600-byte payloads (UUID reading ids, as in production):
+/// prints the process RSS before, after appending, and after a reopen (recovery). Not an assertion —
+/// a measurement: `cargo test -p gateway journal_memory_with_100k_pending -- --ignored --nocapture`
+/// (run alone: other tests in the same process would share the RSS).
+#[test]
+#[ignore = "a measurement: prints RSS; run alone with --nocapture"]
+fn journal_memory_with_100k_pending() {
+    const N: u64 = 100_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let c = JournalConfig {
+        max_records: N,
+        max_bytes: 1 << 30,
+        ..JournalConfig::new(tmp.path().join("j"))
+    };
+    let (rss0, _) = rss_kib();
+    let (mut j, _) = open(&c);
+    let mut n = 0u64;
+    while n < N {
+        let batch: Vec<NewRecord> = (n..(n + 64).min(N))
+            .map(|i| NewRecord {
+                device: "meter-0001".into(),
+                device_seq: Some(i),
+                reading_id: format!("{:08x}-9cc1-5407-9253-{:012x}", i, i * 7919),
+                topic: TOPIC.into(),
+                payload: vec![b'x'; 600],
+            })
+            .collect();
+        n += batch.len() as u64;
+        j.append(&batch).unwrap();
+    }
+    assert_eq!(j.depth(), N);
+    let _ = j.pending(None, 1);
+    let (rss1, hwm1) = rss_kib();
+    println!(
+        "100k pending: RSS {rss0} KiB before, {rss1} KiB after appending (peak {hwm1} KiB); \
+         pending_bytes {} ({} B/record on disk)",
+        j.pending_bytes(),
+        j.pending_bytes() / N
+    );
+    drop(j);
+    let (j, r) = open(&c);
+    assert_eq!(r.records, N);
+    let (rss2, hwm2) = rss_kib();
+    println!("after reopen: RSS {rss2} KiB (peak {hwm2} KiB), depth {}", j.depth());
+}
