@@ -172,20 +172,23 @@
 
 mod error;
 mod frame;
+mod index;
 mod ranges;
 mod recovery;
 mod storage;
 #[cfg(test)]
 mod tests;
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::io;
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 pub use error::JournalError;
-use storage::{OsStorage, SegmentWriter, Storage};
+use index::{IdKey, PendingSet, Slot};
+use storage::{OsStorage, SegmentReader, SegmentWriter, Storage};
 
 /// Default [`JournalConfig::segment_bytes`]: 4 MiB.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 4 << 20;
@@ -353,16 +356,6 @@ pub enum DamageKind {
     },
 }
 
-/// A pending record and where it lives.
-#[derive(Debug, Clone)]
-struct Pending {
-    record: Record,
-    /// The segment holding its Append frame.
-    segment: u64,
-    /// Its encoded frame size (what counts against `max_bytes`).
-    bytes: u64,
-}
-
 /// The segment being appended to.
 #[derive(Debug)]
 struct Active {
@@ -393,7 +386,7 @@ struct Active {
 /// }])?;
 /// assert_eq!(journal.cursor("meter-1"), Some(17)); // the device may now forget record 17
 ///
-/// for record in journal.pending(None, 64) {
+/// for record in journal.pending(None, 64)? {
 ///     // publish QoS 1; after the PUBACK:
 ///     journal.ack(&[record.seq])?;
 /// }
@@ -406,11 +399,15 @@ pub struct Journal {
     storage: Box<dyn Storage>,
     /// Holds the directory's flock for as long as the journal lives.
     _lock: Box<dyn fmt::Debug + Send>,
-    pending: BTreeMap<u64, Pending>,
-    by_reading_id: HashMap<String, u64>,
+    /// Where each pending record's frame is on disk, and the dedup index of their reading ids (no
+    /// payloads: see the module doc, "In memory").
+    pending: PendingSet,
+    /// Read handles of the segments `pending` has read from, opened on first use and dropped when their
+    /// segment is deleted. A `Mutex` so that `pending` can take `&self` (the uplink and the pipeline
+    /// share the journal behind one lock; this one is never contended).
+    readers: Mutex<HashMap<u64, Box<dyn SegmentReader>>>,
     cursors: BTreeMap<String, u64>,
     next_seq: u64,
-    pending_bytes: u64,
     /// Every segment file, with the number of pending records whose Append it holds.
     segments: BTreeMap<u64, u64>,
     active: Active,
@@ -424,7 +421,7 @@ impl fmt::Debug for Journal {
         f.debug_struct("Journal")
             .field("dir", &self.cfg.dir)
             .field("depth", &self.pending.len())
-            .field("pending_bytes", &self.pending_bytes)
+            .field("pending_bytes", &self.pending.bytes())
             .field("next_seq", &self.next_seq)
             .field("segments", &self.segments.len())
             .field("active_segment", &self.active.id)
@@ -468,10 +465,10 @@ enum CreateFailure {
 /// Encodes the checkpoint for a segment created now.
 fn checkpoint_frame(
     next_seq: u64,
-    pending: &BTreeMap<u64, Pending>,
+    pending: &PendingSet,
     cursors: &BTreeMap<String, u64>,
 ) -> Result<Vec<u8>, JournalError> {
-    let ranges = ranges::collapse(pending.keys().copied());
+    let ranges = ranges::collapse(pending.seqs());
     let mut buf = Vec::new();
     // Unreachable with a valid configuration (MAX_RECORDS_LIMIT ranges take 16 MiB of the 64 MiB).
     frame::encode_checkpoint(&mut buf, next_seq, &ranges, cursors).map_err(|_| {
@@ -594,12 +591,8 @@ impl Journal {
 
         let recovered = recovery::recover(&*storage, &dir, &ids)?;
         let mut segments: BTreeMap<u64, u64> = ids.iter().map(|&id| (id, 0)).collect();
-        let mut by_reading_id = HashMap::with_capacity(recovered.pending.len());
-        for (&seq, p) in &recovered.pending {
-            *segments.entry(p.segment).or_insert(0) += 1;
-            by_reading_id
-                .entry(p.record.reading_id.clone())
-                .or_insert(seq);
+        for slot in recovered.pending.iter_after(None) {
+            *segments.entry(slot.segment).or_insert(0) += 1;
         }
 
         let id = ids.last().map_or(1, |&last| last.saturating_add(1));
@@ -615,9 +608,8 @@ impl Journal {
         let mut journal = Journal {
             storage,
             _lock: lock,
-            pending_bytes: report.pending_bytes,
             pending: recovered.pending,
-            by_reading_id,
+            readers: Mutex::new(HashMap::new()),
             cursors: recovered.cursors,
             next_seq: recovered.next_seq,
             segments,
@@ -711,10 +703,10 @@ impl Journal {
         let mut next = self.next_seq;
         let (mut new_bytes, mut new_count) = (0u64, 0u64);
         for (i, (r, &bytes)) in batch.iter().zip(&sizes).enumerate() {
-            if let Some(&seq) = self
-                .by_reading_id
-                .get(&r.reading_id)
-                .or_else(|| in_batch.get(r.reading_id.as_str()))
+            if let Some(seq) = self
+                .pending
+                .seq_of(&r.reading_id)
+                .or_else(|| in_batch.get(r.reading_id.as_str()).copied())
             {
                 seqs.push(seq);
                 continue;
@@ -733,12 +725,12 @@ impl Journal {
             return Ok(seqs);
         }
         let depth = self.depth();
-        if self.pending_bytes.saturating_add(new_bytes)
+        if self.pending.bytes().saturating_add(new_bytes)
             > self.cfg.max_bytes.saturating_add(extra_bytes)
             || depth.saturating_add(new_count) > self.cfg.max_records.saturating_add(extra_records)
         {
             return Err(JournalError::Full {
-                pending_bytes: self.pending_bytes,
+                pending_bytes: self.pending.bytes(),
                 max_bytes: self.cfg.max_bytes,
                 pending_records: depth,
                 max_records: self.cfg.max_records,
@@ -746,9 +738,12 @@ impl Journal {
         }
 
         let mut buf = Vec::with_capacity(usize::try_from(new_bytes).unwrap_or(0));
+        // Each new record's frame: (batch index, seq, offset in `buf`, frame length).
+        let mut frames: Vec<(usize, u64, u64, u32)> = Vec::with_capacity(new.len());
         for &(i, seq) in &new {
             let Some(r) = batch.get(i) else { continue };
-            frame::encode_append(
+            let at = buf.len() as u64;
+            let len = frame::encode_append(
                 &mut buf,
                 seq,
                 &r.device,
@@ -757,43 +752,38 @@ impl Journal {
                 &r.topic,
                 &r.payload,
             )
-            .map_err(|_| JournalError::RecordTooLarge {
+            .ok()
+            // The frame is at most MAX_RECORD_FRAME (checked above), far below u32::MAX.
+            .and_then(|len| u32::try_from(len).ok())
+            .ok_or(JournalError::RecordTooLarge {
                 index: i,
                 bytes: u64::MAX,
                 max: record_cap,
             })?;
+            debug_assert_eq!(sizes.get(i).copied(), Some(u64::from(len)));
+            frames.push((i, seq, at, len));
         }
-        self.write_durably(&buf, true)?;
+        let start = self.write_durably(&buf, true)?;
 
-        // Durable: now, and only now, the records are accepted.
+        // Durable: now, and only now, the records are accepted. Memory keeps where each frame is, not
+        // the record: `pending` reads it back from the segment.
         let segment = self.active.id;
-        for &(i, seq) in &new {
-            let (Some(r), Some(&bytes)) = (batch.get(i), sizes.get(i)) else {
-                continue;
-            };
+        for &(i, seq, at, len) in &frames {
+            let Some(r) = batch.get(i) else { continue };
             if let Some(ds) = r.device_seq {
                 let c = self.cursors.entry(r.device.clone()).or_insert(ds);
                 *c = (*c).max(ds);
             }
-            self.by_reading_id.insert(r.reading_id.clone(), seq);
-            let record = Record {
+            let slot = Slot {
                 seq,
-                device: r.device.clone(),
-                device_seq: r.device_seq,
-                reading_id: r.reading_id.clone(),
-                topic: r.topic.clone(),
-                payload: r.payload.clone(),
+                segment,
+                offset: start + at,
+                len,
+                key: IdKey::of(&r.reading_id),
             };
-            self.pending.insert(
-                seq,
-                Pending {
-                    record,
-                    segment,
-                    bytes,
-                },
-            );
-            self.pending_bytes += bytes;
-            *self.segments.entry(segment).or_insert(0) += 1;
+            if self.pending.insert(slot, &r.reading_id) {
+                *self.segments.entry(segment).or_insert(0) += 1;
+            }
         }
         self.next_seq = next;
         Ok(seqs)
@@ -801,12 +791,96 @@ impl Journal {
 
     /// Pending records in seq order, starting after seq `after` (`None`: from the oldest), at most
     /// `limit`.
-    pub fn pending(&self, after: Option<u64>, limit: usize) -> Vec<Record> {
-        let range = match after {
-            None => self.pending.range::<u64, _>(..),
-            Some(a) => self.pending.range((Bound::Excluded(a), Bound::Unbounded)),
+    ///
+    /// Each record is read back from its segment (one positioned read per record, normally served by
+    /// the page cache), its CRC checked and its frame decoded.
+    ///
+    /// # Errors
+    ///
+    /// - [`JournalError::Io`] — a segment could not be opened or read (the message names the segment
+    ///   and the offset); retry later.
+    /// - [`JournalError::DamagedRecord`] — a pending record's frame was damaged on disk after it was
+    ///   accepted. The record is never skipped: reopen the journal to have recovery report and drop
+    ///   what cannot be read.
+    pub fn pending(&self, after: Option<u64>, limit: usize) -> Result<Vec<Record>, JournalError> {
+        let mut readers = self
+            .readers
+            .lock()
+            // Only file handles live under this lock: a panic while it was held leaves nothing
+            // half-updated that matters.
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut out = Vec::with_capacity(limit.min(self.pending.len()));
+        let mut buf = Vec::new();
+        for slot in self.pending.iter_after(after).take(limit) {
+            out.push(self.read_record(&mut readers, slot, &mut buf)?);
+        }
+        Ok(out)
+    }
+
+    /// Reads, checks and decodes the Append frame `slot` points at.
+    fn read_record(
+        &self,
+        readers: &mut HashMap<u64, Box<dyn SegmentReader>>,
+        slot: &Slot,
+        buf: &mut Vec<u8>,
+    ) -> Result<Record, JournalError> {
+        let path = segment_path(&self.cfg.dir, slot.segment);
+        let reader = match readers.entry(slot.segment) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => {
+                v.insert(
+                    self.storage
+                        .open_reader(&path)
+                        .map_err(|e| JournalError::Io {
+                            op: "open segment for reading",
+                            path: path.clone(),
+                            source: e,
+                        })?,
+                )
+            }
         };
-        range.take(limit).map(|(_, p)| p.record.clone()).collect()
+        buf.clear();
+        buf.resize(slot.len as usize, 0);
+        reader
+            .read_exact_at(slot.offset, buf)
+            .map_err(|e| JournalError::Io {
+                op: "read a pending record",
+                path: path.clone(),
+                source: io::Error::new(
+                    e.kind(),
+                    format!("{} bytes at offset {}: {e}", slot.len, slot.offset),
+                ),
+            })?;
+        let damaged = |reason: String| JournalError::DamagedRecord {
+            segment: path.clone(),
+            offset: slot.offset,
+            seq: slot.seq,
+            reason,
+        };
+        let Some((header, kind_and_body)) = buf.split_at_checked(frame::HEADER_LEN) else {
+            return Err(damaged("shorter than a frame header".into()));
+        };
+        let header: &[u8; frame::HEADER_LEN] = header
+            .try_into()
+            .map_err(|_| damaged("shorter than a frame header".into()))?;
+        let (len, crc) = frame::parse_header(header);
+        if len as usize != kind_and_body.len() {
+            return Err(damaged(format!(
+                "frame length {len}, expected {}",
+                kind_and_body.len()
+            )));
+        }
+        if !frame::crc_matches(kind_and_body, crc) {
+            return Err(damaged("CRC mismatch".into()));
+        }
+        match frame::decode(kind_and_body) {
+            Ok(frame::Frame::Append(record)) if record.seq == slot.seq => Ok(record),
+            Ok(frame::Frame::Append(record)) => {
+                Err(damaged(format!("holds seq {} instead", record.seq)))
+            }
+            Ok(_) => Err(damaged("not an Append frame".into())),
+            Err(why) => Err(damaged(format!("undecodable: {why}"))),
+        }
     }
 
     /// Marks records delivered — call it only after the broker's PUBACK. Writes the Ack frames with one
@@ -830,7 +904,7 @@ impl Journal {
                     next_seq: self.next_seq,
                 });
             }
-            if self.pending.contains_key(&seq) {
+            if self.pending.contains(seq) {
                 to_ack.insert(seq);
             }
         }
@@ -847,14 +921,10 @@ impl Journal {
         self.write_durably(&buf, false)?;
 
         for seq in to_ack {
-            let Some(p) = self.pending.remove(&seq) else {
+            let Some(slot) = self.pending.remove(seq) else {
                 continue;
             };
-            self.pending_bytes = self.pending_bytes.saturating_sub(p.bytes);
-            if self.by_reading_id.get(&p.record.reading_id) == Some(&seq) {
-                self.by_reading_id.remove(&p.record.reading_id);
-            }
-            if let Some(live) = self.segments.get_mut(&p.segment) {
+            if let Some(live) = self.segments.get_mut(&slot.segment) {
                 *live = live.saturating_sub(1);
             }
         }
@@ -876,7 +946,7 @@ impl Journal {
 
     /// Encoded bytes of the pending records (what `max_bytes` bounds).
     pub fn pending_bytes(&self) -> u64 {
-        self.pending_bytes
+        self.pending.bytes()
     }
 
     /// Bytes this process has written to journal files (frames and checkpoints; not the file system's
@@ -915,8 +985,9 @@ impl Journal {
     }
 
     /// Writes `buf` at the end of the active segment and fdatasyncs it, starting a new segment first if
-    /// `may_roll` and `buf` would take the active one past `segment_bytes`.
-    fn write_durably(&mut self, buf: &[u8], may_roll: bool) -> Result<(), JournalError> {
+    /// `may_roll` and `buf` would take the active one past `segment_bytes`. Returns the offset `buf`
+    /// was written at (in the active segment, which the roll may have changed).
+    fn write_durably(&mut self, buf: &[u8], may_roll: bool) -> Result<u64, JournalError> {
         let size = buf.len() as u64;
         if may_roll
             && self.active.len > self.active.base
@@ -958,7 +1029,7 @@ impl Journal {
         }
         self.active.len += size;
         self.bytes_written += size;
-        Ok(())
+        Ok(offset)
     }
 
     /// Closes the active segment and starts the next one.
@@ -1002,7 +1073,13 @@ impl Journal {
             return;
         }
         let mut removed = false;
+        let readers = self
+            .readers
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
         for id in dead {
+            // Close our read handle first: the file's blocks are freed only when the last fd goes.
+            readers.remove(&id);
             let path = segment_path(&self.cfg.dir, id);
             match self.storage.remove(&path) {
                 Ok(()) => {

@@ -420,9 +420,7 @@ impl Uplink {
             return Ok(());
         }
         let after = self.window.cursor();
-        let records = self
-            .with_journal(move |j| Ok(j.pending(after, room)))
-            .await?;
+        let records = self.with_journal(move |j| j.pending(after, room)).await?;
         if records.len() < room {
             self.maybe_more = false;
         }
