@@ -1014,6 +1014,37 @@ fn records_read_back_byte_exact_across_rolls_and_reopen() {
 }
 
 #[test]
+fn a_batch_larger_than_one_read_span_reads_back_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cfg(tmp.path());
+    let (mut j, _) = open(&c);
+    // 12 frames of ~60 KB back to back: more than READ_SPAN, so `pending` splits them into runs.
+    let batch: Vec<NewRecord> = (0..12u64)
+        .map(|i| NewRecord {
+            payload: (0..60_000u64).map(|b| (b ^ i) as u8).collect(),
+            ..rec("m", i + 1, &format!("big-{i}"))
+        })
+        .collect();
+    let seqs = j.append(&batch).unwrap();
+    let want: Vec<Record> = seqs
+        .iter()
+        .zip(&batch)
+        .map(|(&s, r)| as_record(s, r))
+        .collect();
+    assert!(j.pending_bytes() > 2 * READ_SPAN);
+    assert_eq!(j.pending(None, 100).unwrap(), want);
+    assert_eq!(j.pending(Some(5), 3).unwrap(), want[5..8]);
+    // With holes (acked records) in the middle.
+    j.ack(&[3, 4, 9]).unwrap();
+    let holed: Vec<Record> = want
+        .iter()
+        .filter(|r| ![3, 4, 9].contains(&r.seq))
+        .cloned()
+        .collect();
+    assert_eq!(j.pending(None, 100).unwrap(), holed);
+}
+
+#[test]
 fn a_pending_record_damaged_on_disk_is_an_error_never_a_skip() {
     let tmp = tempfile::tempdir().unwrap();
     let c = cfg(tmp.path());
@@ -1109,13 +1140,17 @@ fn a_failed_read_is_an_io_error_and_the_next_read_works() {
     let c = cfg(tmp.path());
     let (mut j, _, faults) = open_faulty(&c);
     j.append(&[rec("m", 1, "a"), rec("m", 2, "b")]).unwrap();
+    // Both frames are read with one pread; when that fails, they are read again one by one.
     faults.lock().unwrap().read_fails = true;
-    let err = j.pending(None, 10).unwrap_err();
+    assert_eq!(ids(&j.pending(None, 10).unwrap()), ["a", "b"]);
+    // A single record has no second chance within the call.
+    faults.lock().unwrap().read_fails = true;
+    let err = j.pending(Some(1), 10).unwrap_err();
     assert!(
         matches!(
             &err,
             JournalError::Io {
-                op: "read a pending record",
+                op: "read pending records",
                 ..
             }
         ),
