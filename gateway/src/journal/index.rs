@@ -3,8 +3,9 @@
 //! [`super::Journal::pending`] reads them back from the segment files.
 //!
 //! Per pending record: one 48-byte [`Slot`] in a `VecDeque` sorted by seq, plus one 24-byte entry of
-//! the UUID dedup map (hashbrown: 16-byte key, 8-byte seq, 1 control byte). Both grow by doubling, so
-//! 100 000 records take ~10 MB at worst (~72 B/record before the growth slack).
+//! the UUID dedup map (hashbrown: 16-byte key, 8-byte seq, 1 control byte per bucket, at most 7/8
+//! full, a power of two of buckets). 100 000 records: 4.8 MB of slots (the deque's unused capacity is
+//! never touched, so not resident) plus 3.3 MB of map — ~8.1 MB, as measured.
 
 use std::collections::{HashMap, VecDeque};
 

@@ -28,8 +28,9 @@
 //! - **Bounded.** At most [`JournalConfig::max_records`] records and [`JournalConfig::max_bytes`] bytes
 //!   are pending. A record's size is its encoded frame (payload + ids + topic + 34–42 bytes of framing), so
 //!   the bound covers the payload bytes and the live part of the disk; memory is bounded through
-//!   `max_records` (see "In memory, on disk"). A batch that does not fit fails whole. Disk use is the pending bytes plus the acked records that share a segment with a pending one:
-//!   with in-order delivery, one or two segments.
+//!   `max_records` (see "In memory, on disk"). A batch that does not fit fails whole. Disk use is the
+//!   pending bytes plus the acked records that share a segment with a pending one: with in-order
+//!   delivery, one or two segments.
 //! - **One writer.** The directory is `flock`ed; a second `open` fails with [`JournalError::Locked`].
 //! - **Synchronous.** Every call does at most one `write` and one `fdatasync` (plus a segment roll); the
 //!   pipeline runs it on a blocking task and batches whatever is queued into one `append` (group commit,
@@ -60,11 +61,12 @@
 //! builds the same index while it replays and keeps no payloads either.
 //!
 //! Measured (`journal_memory_with_100k_pending`, `--ignored`; debug test binary on the 2-core build
-//! machine): 100 000 pending records of 600-byte payloads with UUID ids take ~8.1 MB of heap — ~81
-//! bytes a record, slot plus dedup entry plus the growth slack of both — and the test process's RSS goes
-//! from 7.3 to 21.3 MB, most of the rest being the pages of the test executable itself. A fresh process
-//! recovering that journal ends at the same figure. When every record was held in memory, the same test
-//! went from 6.9 to 118 MB.
+//! machine): 100 000 pending records of 600-byte payloads with UUID ids take ~8.1 MB of heap
+//! (anonymous RSS 1.2 → 9.3 MB) — ~81 bytes a record: the slot, the dedup entry and the map's slack —
+//! and the test process's whole RSS goes from ~7 to ~22 MB, the rest being pages of the (debug) test
+//! executable itself. A fresh process recovering that journal, and then reading every record back,
+//! ends at the same figures. When every record was held in memory, the same test went from 6.9 to
+//! 118 MB.
 //!
 //! # On disk
 //!
@@ -140,8 +142,9 @@
 //! Segments are replayed in id order, frame by frame, and every frame is classified:
 //!
 //! - **Valid** — CRC matches and the body decodes: applied. An Append adds its record to the index
-//!   (where its frame is and its id; not its payload) and raises the device's cursor; an Ack removes its seqs; a Checkpoint removes every seq below its `next_seq` that
-//!   it does not list as pending, and raises `next_seq` and the cursors.
+//!   (where its frame is and its id; not its payload) and raises the device's cursor; an Ack removes
+//!   its seqs; a Checkpoint removes every seq below its `next_seq` that it does not list as pending,
+//!   and raises `next_seq` and the cursors.
 //! - **Undecodable** — CRC matches but the kind is unknown or the body does not parse: its length is
 //!   trustworthy, so it is skipped and reading goes on; counted in [`Recovery::undecodable_frames`]. A
 //!   checkpoint of an unknown format version stops `open` with [`JournalError::UnsupportedFormat`] rather
@@ -431,7 +434,7 @@ pub struct Journal {
     /// Holds the directory's flock for as long as the journal lives.
     _lock: Box<dyn fmt::Debug + Send>,
     /// Where each pending record's frame is on disk, and the dedup index of their reading ids (no
-    /// payloads: see the module doc, "In memory").
+    /// payloads: see the module doc, "In memory, on disk").
     pending: PendingSet,
     /// Read handles of the segments `pending` has read from, opened on first use and dropped when their
     /// segment is deleted. A `Mutex` so that `pending` can take `&self` (the uplink and the pipeline

@@ -317,8 +317,17 @@ fn apply(
                 *c = (*c).max(ds);
             }
             missing.remove((seq, seq + 1));
-            // The scanner caps a frame at MAX_FRAME_LEN + header, far below u32::MAX.
+            // The scanner caps a frame at MAX_FRAME_LEN + header, far below u32::MAX; should that ever
+            // change, the record is reported, not dropped in silence.
             let Ok(len) = u32::try_from(len) else {
+                tracing::error!(segment = %path.display(), offset, seq, frame_bytes = len,
+                    "journal: an Append frame too large to index; skipping it");
+                st.report.undecodable_frames += 1;
+                st.report.damage.push(Damage {
+                    segment: path.to_owned(),
+                    offset,
+                    kind: DamageKind::Undecodable { frame_bytes: len },
+                });
                 return Ok(());
             };
             let slot = Slot {
