@@ -210,7 +210,7 @@ mod storage;
 #[cfg(test)]
 mod tests;
 
-use std::collections::hash_map::Entry;
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::io;
@@ -246,6 +246,10 @@ pub const NOTICE_RESERVE_RECORDS: u64 = 64;
 
 /// The most bytes [`Journal::pending`] reads with one `pread` (a run of frames that lie back to back).
 const READ_SPAN: u64 = 256 * 1024;
+
+/// The most segment read handles kept open. With the default segment size a full journal has ~17
+/// segments; a tiny `segment_bytes` could otherwise hold a descriptor for each of thousands.
+const MAX_OPEN_READERS: usize = 16;
 
 /// Where the journal lives and how much it may hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -437,9 +441,11 @@ pub struct Journal {
     /// payloads: see the module doc, "In memory, on disk").
     pending: PendingSet,
     /// Read handles of the segments `pending` has read from, opened on first use and dropped when their
-    /// segment is deleted. A `Mutex` so that `pending` can take `&self` (the uplink and the pipeline
-    /// share the journal behind one lock; this one is never contended).
-    readers: Mutex<HashMap<u64, Box<dyn SegmentReader>>>,
+    /// segment is deleted (at most [`MAX_OPEN_READERS`]: the oldest goes first — `pending` reads in
+    /// seq order, so that is the one it has finished with). A `Mutex` so that `pending` can take
+    /// `&self` (the uplink and the pipeline share the journal behind one lock; this one is never
+    /// contended).
+    readers: Mutex<BTreeMap<u64, Box<dyn SegmentReader>>>,
     cursors: BTreeMap<String, u64>,
     next_seq: u64,
     /// Every segment file, with the number of pending records whose Append it holds.
@@ -677,7 +683,7 @@ impl Journal {
             storage,
             _lock: lock,
             pending: recovered.pending,
-            readers: Mutex::new(HashMap::new()),
+            readers: Mutex::new(BTreeMap::new()),
             cursors: recovered.cursors,
             next_seq: recovered.next_seq,
             segments,
@@ -905,7 +911,7 @@ impl Journal {
     /// checks and decodes each, and appends the records to `out`.
     fn read_run(
         &self,
-        readers: &mut HashMap<u64, Box<dyn SegmentReader>>,
+        readers: &mut BTreeMap<u64, Box<dyn SegmentReader>>,
         run: &[Slot],
         end: u64,
         buf: &mut Vec<u8>,
@@ -915,6 +921,9 @@ impl Journal {
             return Ok(());
         };
         let path = segment_path(&self.cfg.dir, first.segment);
+        if readers.len() >= MAX_OPEN_READERS && !readers.contains_key(&first.segment) {
+            readers.pop_first();
+        }
         let reader = match readers.entry(first.segment) {
             Entry::Occupied(o) => o.into_mut(),
             Entry::Vacant(v) => {

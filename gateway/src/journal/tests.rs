@@ -985,12 +985,32 @@ fn records_read_back_byte_exact_across_rolls_and_reopen() {
         assert_eq!(got, want[want.len() - batch.len()..]);
         i += size;
     }
-    assert!(j.segments() > 10, "rolled: {} segments", j.segments());
+    assert!(
+        j.segments() > MAX_OPEN_READERS + 2,
+        "rolled: {} segments",
+        j.segments()
+    );
     assert_eq!(j.pending(None, usize::MAX).unwrap(), want);
+    // Reading every segment kept no more than the bound of read handles open.
+    assert_eq!(j.readers.lock().unwrap().len(), MAX_OPEN_READERS);
     // Ack every third record: the rest still read back exactly (and segments get deleted).
     let acked: Vec<u64> = want.iter().map(|r| r.seq).filter(|s| s % 3 == 0).collect();
     j.ack(&acked).unwrap();
     want.retain(|r| r.seq % 3 != 0);
+    assert_eq!(j.pending(None, usize::MAX).unwrap(), want);
+    // Acking everything in the oldest segments deletes them, and closes their read handles.
+    let oldest: Vec<u64> = want.iter().take(20).map(|r| r.seq).collect();
+    let segments_before = j.segments();
+    j.ack(&oldest).unwrap();
+    want.drain(..20);
+    assert!(j.segments() < segments_before);
+    assert!(
+        j.readers
+            .lock()
+            .unwrap()
+            .keys()
+            .all(|id| j.segments.contains_key(id))
+    );
     assert_eq!(j.pending(None, usize::MAX).unwrap(), want);
     let bytes = j.pending_bytes();
     drop(j);
