@@ -111,6 +111,7 @@ fn main() -> ExitCode {
                 })?;
                 tracing::info!(
                     accepted = s.accepted,
+                    alerts = s.alerts,
                     delivered = s.delivered,
                     pending = s.journal_depth,
                     "stopped"

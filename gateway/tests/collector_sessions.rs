@@ -62,7 +62,7 @@ fn rig(max_records: u64) -> Rig {
 fn journaled_sequences(journal: &Mutex<Journal>) -> BTreeMap<u64, usize> {
     let j = journal.lock().unwrap();
     let mut seen = BTreeMap::new();
-    for r in j.pending(None, usize::MAX) {
+    for r in j.pending(None, usize::MAX).unwrap() {
         if let Some(seq) = r.device_seq {
             *seen.entry(seq).or_insert(0) += 1;
         }
@@ -203,6 +203,7 @@ async fn a_full_journal_stops_the_download_and_the_meter_keeps_the_rest() {
         let seqs: Vec<(u64, u64)> = {
             let j = rig.journal.lock().unwrap();
             j.pending(None, usize::MAX)
+                .unwrap()
                 .iter()
                 .map(|r| (r.seq, r.device_seq.unwrap_or(u64::MAX)))
                 .collect()
@@ -255,7 +256,7 @@ async fn a_cuff_that_dumps_its_memory_produces_no_duplicates_across_sessions() {
         link.disconnect().await;
     }
     let j = rig.journal.lock().unwrap();
-    let pending = j.pending(None, usize::MAX);
+    let pending = j.pending(None, usize::MAX).unwrap();
     assert_eq!(pending.len(), stored, "each stored reading once");
     for r in &pending {
         let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();

@@ -818,10 +818,11 @@ fn watch_drain(
             }
             .push(waited);
             if d.sample.is_none() {
+                // A failed read leaves the sample for the next round.
                 d.sample = j
                     .pending(None, 1)
-                    .first()
-                    .map(|r| (r.topic.len(), r.payload.len()));
+                    .ok()
+                    .and_then(|p| p.first().map(|r| (r.topic.len(), r.payload.len())));
             }
             (j.depth(), j.pending_bytes())
         };
@@ -1130,7 +1131,11 @@ async fn gateway_latency(
         received.push(t_rx);
         lock(&accepted).push(t_acc);
         let seq = i as u64 + 1;
-        match lock(&gw.journal).pending(Some(seq - 1), 1).first() {
+        match lock(&gw.journal)
+            .pending(Some(seq - 1), 1)
+            .map_err(|e| format!("journal: {e}"))?
+            .first()
+        {
             Some(r) if r.seq == seq && &r.reading_id == id => {
                 payload.get_or_insert(r.payload.len());
             }
@@ -1251,7 +1256,14 @@ fn journal_ack_times(
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         let known = lock(accepted).len();
-        let oldest = lock(journal).pending(None, 1).first().map(|r| r.seq);
+        let oldest = match lock(journal).pending(None, 1) {
+            Ok(p) => p.first().map(|r| r.seq),
+            Err(e) => {
+                // Without the oldest pending seq no ack time can be told: stop with what we have.
+                eprintln!("journal: {e}");
+                return acked;
+            }
+        };
         let now = Instant::now();
         while resolved < known {
             let seq = resolved as u64 + 1;

@@ -294,6 +294,8 @@ impl Progress {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stopped {
     accepted: u64,
+    /// Edge alert decisions journaled (they are delivered too, on `…/alerts`).
+    alerts: u64,
     delivered: u64,
     pending: u64,
 }
@@ -311,6 +313,7 @@ fn stopped(exit: &Exit) -> Stopped {
     };
     Stopped {
         accepted: n("accepted"),
+        alerts: n("alerts"),
         delivered: n("delivered"),
         pending: n("pending"),
     }
@@ -440,7 +443,14 @@ async fn readings_arrive_once_per_id_in_order_per_device() {
     let s = stopped(&exit);
     assert_eq!(s.accepted, all as u64, "{s:?}");
     assert_eq!(s.pending, 0, "everything delivered before exit: {s:?}");
-    assert_eq!(s.delivered, all as u64, "{s:?}");
+    // Every reading, and every edge alert the simulated values raised (on `…/alerts`), exactly once.
+    let alert_messages = sub
+        .received()
+        .iter()
+        .filter(|r| r.topic == topic(GW, "alerts"))
+        .count() as u64;
+    assert_eq!(s.alerts, alert_messages, "{s:?}");
+    assert_eq!(s.delivered, all as u64 + s.alerts, "{s:?}");
     println!(
         "readings_arrive_once: {} readings ({STORED} glucose + {CUFF_STORED} BP) delivered once each in {first_done:?}; \
          broker {}; total {:?}",

@@ -123,6 +123,27 @@ pub enum JournalError {
         supported: u8,
     },
 
+    /// A pending record's Append frame no longer reads back as it was written: its header or CRC does
+    /// not match, it does not decode, or it is another record than the index says. The segment was
+    /// damaged after the record was accepted (a failing SD card, a stray write to the file).
+    ///
+    /// *State:* nothing changed; the record is still pending, and [`pending`](super::Journal::pending)
+    /// fails the same way for any range that includes it (it is never skipped silently). *Recoverable:*
+    /// not by retrying — reopen the journal: recovery reports the damage in its
+    /// [`Recovery`](super::Recovery) (corrupt frames, missing records) and carries on with what is
+    /// readable.
+    #[error("journal: pending record {seq} at offset {offset} of {} is damaged: {reason}", segment.display())]
+    DamagedRecord {
+        /// The segment file.
+        segment: PathBuf,
+        /// Byte offset of the frame in it.
+        offset: u64,
+        /// The record's seq.
+        seq: u64,
+        /// What does not match.
+        reason: String,
+    },
+
     /// The journal has issued every seq a `u64` can hold (not reachable in practice).
     ///
     /// *State:* nothing of the batch was written. *Recoverable:* no.
@@ -133,7 +154,7 @@ pub enum JournalError {
     /// failed — after which Linux may already have dropped the unwritten pages — or a failed write
     /// could not be cut off, or a new segment's directory entry could not be made durable).
     ///
-    /// *State:* every record accepted before the failure is on disk and still in memory;
+    /// *State:* every record accepted before the failure is on disk and still indexed;
     /// [`pending`](super::Journal::pending) keeps working, but `append` and `ack` refuse. *Recoverable:*
     /// yes — drop the journal and [`open`](super::Journal::open) it again; recovery reads back what the
     /// disk really holds.

@@ -1,15 +1,19 @@
 //! Recovery: replay every segment in order, classify each frame, cut a torn tail off the last segment,
 //! and report the damage (rules in the module doc).
+//!
+//! Replay builds the pending index directly: each Append is decoded (to check it and to learn its seq,
+//! reading id and cursor) and then only its location is kept — never its payload — so opening a full
+//! journal takes no more memory than running it.
 
 use std::collections::BTreeMap;
-use std::collections::btree_map::Entry;
 use std::io::{self, Read};
 use std::path::Path;
 
 use super::frame::{self, Checkpoint, DecodeError, Frame, HEADER_LEN, MAX_FRAME_LEN};
+use super::index::{IdKey, PendingSet, Slot};
 use super::ranges::RangeSet;
 use super::storage::Storage;
-use super::{Damage, DamageKind, JournalError, Pending, Recovery, segment_path};
+use super::{Damage, DamageKind, JournalError, Recovery, segment_path};
 
 /// What a scan found at one offset of a segment.
 #[derive(Debug)]
@@ -189,7 +193,7 @@ fn last_nonzero(base: u64, bytes: &[u8]) -> Option<u64> {
 /// The journal's state as read back from disk.
 #[derive(Debug, Default)]
 pub(super) struct Recovered {
-    pub pending: BTreeMap<u64, Pending>,
+    pub pending: PendingSet,
     pub cursors: BTreeMap<String, u64>,
     pub next_seq: u64,
     pub report: Recovery,
@@ -232,7 +236,7 @@ pub(super) fn recover(
                 Item::Frame {
                     len,
                     decoded: Ok(f),
-                } => apply(&mut st, &mut missing, &path, id, len, f)?,
+                } => apply(&mut st, &mut missing, &path, id, offset, len, f)?,
                 Item::Frame {
                     len,
                     decoded: Err(why),
@@ -288,17 +292,18 @@ pub(super) fn recover(
         );
     }
     st.report.records = st.pending.len() as u64;
-    st.report.pending_bytes = st.pending.values().map(|p| p.bytes).sum();
+    st.report.pending_bytes = st.pending.bytes();
     st.report.next_seq = st.next_seq;
     Ok(st)
 }
 
-/// Applies one valid frame of segment `segment`.
+/// Applies one valid frame of segment `segment`, `len` bytes at `offset`.
 fn apply(
     st: &mut Recovered,
     missing: &mut RangeSet,
     path: &Path,
     segment: u64,
+    offset: u64,
     len: u64,
     f: Frame,
 ) -> Result<(), JournalError> {
@@ -312,24 +317,36 @@ fn apply(
                 *c = (*c).max(ds);
             }
             missing.remove((seq, seq + 1));
-            match st.pending.entry(seq) {
-                Entry::Occupied(_) => {
-                    tracing::warn!(segment = %path.display(), seq, "journal: a second Append of one seq; keeping the first");
-                }
-                Entry::Vacant(v) => {
-                    v.insert(Pending {
-                        record,
-                        segment,
-                        bytes: len,
-                    });
-                }
+            // The scanner caps a frame at MAX_FRAME_LEN + header, far below u32::MAX; should that ever
+            // change, the record is reported, not dropped in silence.
+            let Ok(len) = u32::try_from(len) else {
+                tracing::error!(segment = %path.display(), offset, seq, frame_bytes = len,
+                    "journal: an Append frame too large to index; skipping it");
+                st.report.undecodable_frames += 1;
+                st.report.damage.push(Damage {
+                    segment: path.to_owned(),
+                    offset,
+                    kind: DamageKind::Undecodable { frame_bytes: len },
+                });
+                return Ok(());
+            };
+            let slot = Slot {
+                seq,
+                segment,
+                offset,
+                len,
+                key: IdKey::of(&record.reading_id),
+            };
+            if !st.pending.insert(slot, &record.reading_id) {
+                tracing::warn!(segment = %path.display(), seq, "journal: a second Append of one seq; keeping the first");
             }
+            // `record` (payload and all) is dropped here: only its location stays in memory.
         }
         Frame::Ack(ranges) => {
             for (s, e) in ranges {
-                let acked: Vec<u64> = st.pending.range(s..e).map(|(&k, _)| k).collect();
+                let acked: Vec<u64> = st.pending.seqs_in(s, e).collect();
                 for k in acked {
-                    st.pending.remove(&k);
+                    st.pending.remove(k);
                 }
                 missing.remove((s, e));
             }
@@ -365,18 +382,17 @@ fn apply_checkpoint(
     // Everything below the checkpoint's next_seq that it does not list as pending had been acked.
     let acked: Vec<u64> = st
         .pending
-        .range(..cp.next_seq)
-        .map(|(&k, _)| k)
+        .seqs_in(0, cp.next_seq)
         .filter(|&k| !in_cp(k))
         .collect();
     for k in acked {
-        st.pending.remove(&k);
+        st.pending.remove(k);
     }
     missing.retain_within(&RangeSet::from_ranges(cp.pending.clone()), cp.next_seq);
     // Listed as pending but no Append seen: lost, unless a later Ack or checkpoint says it was acked.
     for &(s, e) in &cp.pending {
         let mut at = s;
-        for (&k, _) in st.pending.range(s..e) {
+        for k in st.pending.seqs_in(s, e) {
             if k > at {
                 missing.insert((at, k));
             }

@@ -27,6 +27,13 @@ pub(super) trait SegmentWriter: Send + fmt::Debug {
     fn preallocate(&mut self, len: u64) -> io::Result<()>;
 }
 
+/// A segment file opened for positioned reads of pending records' frames. Shared reads (`&self`): no
+/// file cursor, so one handle serves any offset.
+pub(super) trait SegmentReader: Send + fmt::Debug {
+    /// Reads exactly `buf.len()` bytes at `offset` (`UnexpectedEof` if the file is shorter).
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
 /// The directory and file operations the journal needs.
 pub(super) trait Storage: Send + Sync + fmt::Debug {
     /// Creates `dir` (and parents) with mode `0700`, or tightens an existing one to `0700`.
@@ -38,6 +45,9 @@ pub(super) trait Storage: Send + Sync + fmt::Debug {
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     /// Opens a file for reading (tightening its mode to `0600` if it was wider); returns it and its length.
     fn open_read(&self, path: &Path) -> io::Result<(Box<dyn Read + Send>, u64)>;
+    /// Opens a segment for positioned reads. Its own file descriptor: reads see what the
+    /// [`SegmentWriter`] of the same file wrote (one page cache), flushed or not.
+    fn open_reader(&self, path: &Path) -> io::Result<Box<dyn SegmentReader>>;
     /// Cuts a file to `len` bytes and `fdatasync`s it.
     fn truncate(&self, path: &Path, len: u64) -> io::Result<()>;
     /// Creates a new file (`O_EXCL`, mode `0600`) for writing.
@@ -116,6 +126,10 @@ impl Storage for OsStorage {
         ))
     }
 
+    fn open_reader(&self, path: &Path) -> io::Result<Box<dyn SegmentReader>> {
+        Ok(Box::new(OsReader(File::open(path)?)))
+    }
+
     fn truncate(&self, path: &Path, len: u64) -> io::Result<()> {
         let file = OpenOptions::new().write(true).open(path)?;
         file.set_len(len)?;
@@ -168,6 +182,16 @@ impl SegmentWriter for OsSegment {
     }
 }
 
+/// A segment file opened for reading on the real file system.
+#[derive(Debug)]
+struct OsReader(File);
+
+impl SegmentReader for OsReader {
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        FileExt::read_exact_at(&self.0, buf, offset)
+    }
+}
+
 /// Fault injection for tests: wraps [`OsStorage`] and fails chosen operations.
 #[cfg(test)]
 pub(super) mod faulty {
@@ -185,6 +209,8 @@ pub(super) mod faulty {
         pub set_len_fails: bool,
         /// The next segment creation fails with `ENOSPC`.
         pub create_fails: bool,
+        /// The next positioned read of a segment fails with `EIO`.
+        pub read_fails: bool,
     }
 
     #[derive(Debug, Clone, Default)]
@@ -194,6 +220,21 @@ pub(super) mod faulty {
     struct FaultySegment {
         inner: Box<dyn SegmentWriter>,
         faults: Arc<Mutex<Faults>>,
+    }
+
+    #[derive(Debug)]
+    struct FaultyReader {
+        inner: Box<dyn SegmentReader>,
+        faults: Arc<Mutex<Faults>>,
+    }
+
+    impl SegmentReader for FaultyReader {
+        fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            if std::mem::take(&mut self.faults.lock().unwrap().read_fails) {
+                return Err(io::Error::other("injected EIO on pread"));
+            }
+            self.inner.read_exact_at(offset, buf)
+        }
     }
 
     fn enospc() -> io::Error {
@@ -212,6 +253,12 @@ pub(super) mod faulty {
         }
         fn open_read(&self, path: &Path) -> io::Result<(Box<dyn Read + Send>, u64)> {
             OsStorage.open_read(path)
+        }
+        fn open_reader(&self, path: &Path) -> io::Result<Box<dyn SegmentReader>> {
+            Ok(Box::new(FaultyReader {
+                inner: OsStorage.open_reader(path)?,
+                faults: self.0.clone(),
+            }))
         }
         fn truncate(&self, path: &Path, len: u64) -> io::Result<()> {
             OsStorage.truncate(path, len)

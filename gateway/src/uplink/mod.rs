@@ -83,6 +83,8 @@ const ACK_LINGER: Duration = Duration::from_millis(10);
 const ACK_SYNC_AFTER: Duration = Duration::from_secs(1);
 /// Records read from the journal per background read; the next read starts when half are used.
 const READ_AHEAD: usize = 512;
+/// After a failed journal read, the next one waits this long.
+const READ_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How long a clean disconnect may take after the shutdown grace.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(1);
 
@@ -176,6 +178,7 @@ pub async fn run_checked(
         sync_due: None,
         read_ahead: std::collections::VecDeque::new(),
         read_job: None,
+        read_retry_at: None,
         connection_generation: 0,
         ack_due: None,
         connected: false,
@@ -281,6 +284,8 @@ struct Uplink {
     read_ahead: std::collections::VecDeque<Record>,
     /// The journal read running in the background, if any.
     read_job: Option<ReadJob>,
+    /// After a failed read: no new one before this.
+    read_retry_at: Option<Instant>,
     /// Bumped whenever the window is reset: a read started before belongs to a forgotten cursor.
     connection_generation: u64,
     /// When `to_ack` must be written at the latest.
@@ -551,7 +556,7 @@ impl Uplink {
 
     /// Starts reading the journal after the last record at hand, unless a read is running.
     fn start_read_job(&mut self) {
-        if self.read_job.is_some() {
+        if self.read_job.is_some() || self.read_retry_at.is_some_and(|t| Instant::now() < t) {
             return;
         }
         let after = self
@@ -564,7 +569,9 @@ impl Uplink {
             let guard = journal
                 .lock()
                 .map_err(|_| UplinkError::JournalLockPoisoned)?;
-            Ok(guard.pending(after, READ_AHEAD))
+            guard
+                .pending(after, READ_AHEAD)
+                .map_err(UplinkError::Journal)
         });
         self.read_job = Some(ReadJob {
             generation: self.connection_generation,
@@ -603,8 +610,9 @@ impl Uplink {
                 Ok(())
             }
             Err(UplinkError::Journal(e)) if !matches!(e, JournalError::Poisoned { .. }) => {
-                // Tried again at the next recheck.
+                // The records stay in the journal; tried again shortly (not at every PUBACK).
                 error!(error = %e, "journal read failed; will retry");
+                self.read_retry_at = Some(Instant::now() + READ_RETRY_AFTER);
                 Ok(())
             }
             Err(e) => Err(e),
