@@ -444,6 +444,33 @@ patient = "p-001"
     }
 
     #[test]
+    fn alert_rules_are_loaded_and_checked_before_anything_starts() {
+        // Default: on, with the built-in CLINICAL.md rules.
+        let c = parse(GOOD).unwrap();
+        assert!(c.alert_rules.is_some());
+        let off = parse(&format!("{GOOD}[alerts]\nenabled = false\n")).unwrap();
+        assert!(off.alert_rules.is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let bad_rules = dir.path().join("rules.toml");
+        std::fs::write(&bad_rules, "version = 1\n[[rule]]\nid = \"X\"\n").unwrap();
+        for (section, key) in [
+            (
+                format!("[alerts]\nrules_file = {bad_rules:?}\n"),
+                "alerts.rules_file",
+            ),
+            (
+                "[alerts]\nrules_file = \"/nonexistent/rules.toml\"\n".to_owned(),
+                "alerts.rules_file",
+            ),
+            ("[alerts]\ntick_s = 0\n".to_owned(), "alerts.tick_s"),
+        ] {
+            let err = parse(&format!("{GOOD}{section}")).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
     fn good_config_has_defaults() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.raw.mqtt.inflight, 100);
