@@ -128,44 +128,48 @@ fn commit(journal: &Mutex<Journal>, batch: &mut Vec<Request>) -> Vec<Record> {
     if live.is_empty() {
         return committed;
     }
-    let records: Vec<NewRecord> = live.iter().map(|r| r.record.clone()).collect();
+    // Moved out, not cloned: a group commit is up to 64 payloads.
+    let (records, waiting): (Vec<NewRecord>, Vec<_>) = live
+        .into_iter()
+        .map(|r| (r.record, (r.session_refused, r.reply)))
+        .unzip();
     match j.append(&records) {
         Ok(seqs) => {
-            for ((r, record), seq) in live.into_iter().zip(records).zip(seqs) {
-                let _ = r.reply.send(Ok(seq));
+            for ((record, (_, reply)), seq) in records.into_iter().zip(waiting).zip(seqs) {
+                let _ = reply.send(Ok(seq));
                 committed.push(committed_record(record, seq));
             }
         }
         Err(e) if e.is_full() => {
-            for r in live {
-                if r.session_refused.load(Ordering::Acquire) {
-                    let _ = r.reply.send(Err(Refusal::Full));
+            for (record, (session_refused, reply)) in records.into_iter().zip(waiting) {
+                if session_refused.load(Ordering::Acquire) {
+                    let _ = reply.send(Err(Refusal::Full));
                     continue;
                 }
-                match j.append(std::slice::from_ref(&r.record)) {
+                match j.append(std::slice::from_ref(&record)) {
                     Ok(seqs) => {
                         let seq = seqs.first().copied();
-                        let _ = r.reply.send(seq.ok_or(Refusal::Failed("no seq".into())));
+                        let _ = reply.send(seq.ok_or(Refusal::Failed("no seq".into())));
                         if let Some(seq) = seq {
-                            committed.push(committed_record(r.record, seq));
+                            committed.push(committed_record(record, seq));
                         }
                     }
                     Err(e) if e.is_full() => {
-                        r.session_refused.store(true, Ordering::Release);
-                        let _ = r.reply.send(Err(Refusal::Full));
+                        session_refused.store(true, Ordering::Release);
+                        let _ = reply.send(Err(Refusal::Full));
                     }
                     Err(e) => {
-                        r.session_refused.store(true, Ordering::Release);
-                        let _ = r.reply.send(Err(Refusal::Failed(e.to_string())));
+                        session_refused.store(true, Ordering::Release);
+                        let _ = reply.send(Err(Refusal::Failed(e.to_string())));
                     }
                 }
             }
         }
         Err(e) => {
             tracing::error!(error = %e, "journal append failed; the devices keep their records");
-            for r in live {
-                r.session_refused.store(true, Ordering::Release);
-                let _ = r.reply.send(Err(Refusal::Failed(e.to_string())));
+            for (session_refused, reply) in waiting {
+                session_refused.store(true, Ordering::Release);
+                let _ = reply.send(Err(Refusal::Failed(e.to_string())));
             }
         }
     }
