@@ -280,6 +280,12 @@ impl SessionSink {
         let mut still = Vec::new();
         let in_flight = std::mem::take(&mut self.in_flight);
         for (kind, mut rx, evaluate) in in_flight {
+            // The writer answers a session's records in the order they were submitted: once one is
+            // undecided, so are those after it (not polling them keeps a 300-record download linear).
+            if !still.is_empty() {
+                still.push((kind, rx, evaluate));
+                continue;
+            }
             let outcome = if wait {
                 rx.await
                     .unwrap_or(Err(Refusal::Failed("journal writer stopped".into())))
