@@ -136,7 +136,9 @@ impl Rig {
 }
 
 async fn adapter() -> SelectedAdapter {
-    let manager = Manager::new().await.expect("btleplug manager on the private bus");
+    let manager = Manager::new()
+        .await
+        .expect("btleplug manager on the private bus");
     select_adapter(&manager, Some("hci0"))
         .await
         .expect("the fake adapter")
@@ -200,7 +202,10 @@ async fn pair_with_passkey_then_download_300_records_with_contexts() {
     let found = commands::scan_candidates(&a, &rig.store, Duration::from_millis(300))
         .await
         .unwrap();
-    let c = found.iter().find(|c| c.address == METER).expect("meter listed");
+    let c = found
+        .iter()
+        .find(|c| c.address == METER)
+        .expect("meter listed");
     assert_eq!(c.kind, DeviceKind::Glucometer);
     assert_eq!(c.name.as_deref(), Some("Meter 1"));
     assert!(c.rssi.is_some());
@@ -211,8 +216,14 @@ async fn pair_with_passkey_then_download_300_records_with_contexts() {
         patient: Some("p-0001".into()),
         users: BTreeMap::new(),
     };
-    let wrong = commands::pair_and_store(&cfg, &a, &rig.store, &req, Some(Arc::new(|_: &str| Some(111_111))))
-        .await;
+    let wrong = commands::pair_and_store(
+        &cfg,
+        &a,
+        &rig.store,
+        &req,
+        Some(Arc::new(|_: &str| Some(111_111))),
+    )
+    .await;
     assert!(wrong.is_err(), "a wrong passkey must not pair");
     assert!(rig.store.devices().unwrap().is_empty());
     assert!(!rig.fake.is_paired(METER));
@@ -236,7 +247,11 @@ async fn pair_with_passkey_then_download_300_records_with_contexts() {
     assert_eq!(paired.serial.as_deref(), Some("SN-meter"));
     assert_eq!(seen.lock().unwrap().len(), 1, "the agent was asked once");
     assert!(rig.fake.is_paired(METER));
-    assert!(rig.fake.calls_to(METER).contains(&"Trusted=true".to_owned()));
+    assert!(
+        rig.fake
+            .calls_to(METER)
+            .contains(&"Trusted=true".to_owned())
+    );
 
     let stop = CancellationToken::new();
     let status = BleStatusHandle::default();
@@ -257,14 +272,26 @@ async fn pair_with_passkey_then_download_300_records_with_contexts() {
     println!("300 records with contexts over btleplug/D-Bus in {took:?}");
 
     let records = rig.journaled();
-    assert_eq!(sequences(&records), (0..300).collect::<Vec<_>>(), "all once, in order");
+    assert_eq!(
+        sequences(&records),
+        (0..300).collect::<Vec<_>>(),
+        "all once, in order"
+    );
     for (_, seq, body) in &records {
         assert_eq!(body["patient"], "p-0001", "record {seq:?}");
         assert_eq!(body["sequence_number"].as_u64(), *seq);
-        assert!(body["context"]["meal"].is_string() || body["context"]["meal"].is_object() || body["context"]["meal"].is_number(),
-            "record {seq:?} carries its context: {}", body["context"]);
+        assert!(
+            body["context"]["meal"].is_string()
+                || body["context"]["meal"].is_object()
+                || body["context"]["meal"].is_number(),
+            "record {seq:?} carries its context: {}",
+            body["context"]
+        );
     }
-    assert_eq!(racp_writes(&rig.fake, METER).first().map(String::as_str), Some("WriteValue 2A52 0101 -> ok"));
+    assert_eq!(
+        racp_writes(&rig.fake, METER).first().map(String::as_str),
+        Some("WriteValue 2A52 0101 -> ok")
+    );
 }
 
 /// The link drops after record 150: the next session asks for records ≥ 150 (the first not accepted) and
@@ -312,5 +339,408 @@ async fn link_drop_at_record_150_resumes_at_first_record_not_accepted() {
             "WriteValue 2A52 0103019600 -> ok".to_owned()
         ]
     );
-    assert_eq!(sequences(&rig.journaled()), (0..300).collect::<Vec<_>>(), "nothing lost or doubled");
+    assert_eq!(
+        sequences(&rig.journaled()),
+        (0..300).collect::<Vec<_>>(),
+        "nothing lost or doubled"
+    );
+}
+
+/// A meter advertising the Glucose service that was not paired through the gateway is reported once and
+/// never connected, while an allow-listed cuff beside it is downloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpaired_glucose_meter_is_never_connected() {
+    let Some(rig) = rig().await else { return };
+    rig.fake
+        .add_device(FakeDevice::new(
+            STRANGER,
+            "Neighbour's meter",
+            meter(20, false),
+        ))
+        .await
+        .unwrap();
+    let mut cuff = SimCuff::new(CuffConfig::new("cuff"));
+    cuff.generate(3, unix_now(), 5).unwrap();
+    rig.fake
+        .add_device(FakeDevice::new(CUFF, "Cuff", SimDevice::cuff(cuff)))
+        .await
+        .unwrap();
+    rig.allow(CUFF, DeviceKind::Cuff, Some("p-0001"), &[]);
+
+    let stop = CancellationToken::new();
+    let status = BleStatusHandle::default();
+    let source = tokio::spawn(gateway::sources::ble::run(
+        rig.cfg(),
+        rig.pipeline(),
+        status.clone(),
+        stop.clone(),
+    ));
+    wait_until(
+        "the cuff downloaded twice and the stranger seen",
+        Duration::from_secs(20),
+        || {
+            let s = status.snapshot();
+            s.sessions_completed >= 2 && s.seen_unpaired.contains_key(STRANGER)
+        },
+    )
+    .await;
+    // Keep scanning a little longer: the stranger advertises every 100 ms all along.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    source.await.unwrap();
+
+    let s = status.snapshot();
+    assert_eq!(
+        s.seen_unpaired.len(),
+        1,
+        "reported once: {:?}",
+        s.seen_unpaired
+    );
+    assert_eq!(
+        s.seen_unpaired[STRANGER].name.as_deref(),
+        Some("Neighbour's meter")
+    );
+    let stranger_calls = rig.fake.calls_to(STRANGER);
+    assert!(
+        stranger_calls.is_empty(),
+        "the unpaired meter was touched: {stranger_calls:?}"
+    );
+    assert!(rig.fake.calls_to(CUFF).iter().any(|c| c == "Connect"));
+    assert!(rig.journaled().iter().all(|(k, _, _)| k.starts_with(CUFF)));
+    // The scan asked BlueZ for exactly the two health services.
+    let filter = rig
+        .fake
+        .calls()
+        .into_iter()
+        .find(|c| c.method.starts_with("SetDiscoveryFilter"))
+        .expect("a discovery filter");
+    assert!(
+        filter
+            .method
+            .contains("00001808-0000-1000-8000-00805f9b34fb")
+    );
+    assert!(
+        filter
+            .method
+            .contains("00001810-0000-1000-8000-00805f9b34fb")
+    );
+}
+
+/// A RACP write before the CCCDs are on is refused with ATT 0x81 through BlueZ (checked on a raw link);
+/// a meter that ignores the first CCCD writes (Beurer-style) makes the collector hit it, re-subscribe and
+/// finish the download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racp_before_cccds_gets_0x81_and_the_session_recovers() {
+    let Some(rig) = rig().await else { return };
+    let device = meter(40, false);
+    let mut fake = FakeDevice::new(METER, "Meter 1", device.clone());
+    fake.ignore_first_cccd_writes = true;
+    rig.fake.add_device(fake).await.unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let cfg = rig.cfg();
+    let a = adapter().await;
+
+    let mut link = BleLink::open(
+        &a.adapter,
+        peripheral(&a, METER).await,
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert!(link.has(uuid::RACP) && link.has(uuid::GLUCOSE_CONTEXT));
+    assert_eq!(
+        link.write(uuid::RACP, &[0x01, 0x01]).await,
+        Err(LinkError::Att(0x81))
+    );
+    link.disconnect().await;
+
+    let paired = rig.store.device(METER).unwrap().unwrap();
+    let report = session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &rig.pipeline(),
+        &cfg,
+    )
+    .await
+    .expect("the session recovers");
+    assert_eq!(report.completion, Completion::Complete);
+    let writes = racp_writes(&rig.fake, METER);
+    // The raw write, the collector's first (its CCCD writes were ignored), then after re-subscribing.
+    assert_eq!(writes.len(), 3, "{writes:?}");
+    assert!(
+        writes[..2].iter().all(|w| w.contains("ATT error: 0x81")),
+        "{writes:?}"
+    );
+    assert_eq!(writes[2], "WriteValue 2A52 0101 -> ok");
+    assert_eq!(sequences(&rig.journaled()), (0..40).collect::<Vec<_>>());
+}
+
+/// A meter in the allow-list that lost its bond answers the RACP write with Insufficient Authentication:
+/// the gateway asks BlueZ to pair. A meter that needs a passkey cannot be paired unattended: the session
+/// fails at "pairing" and the device's last failure says so; a "just works" meter is paired again and
+/// downloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbonded_racp_write_asks_for_pairing() {
+    let Some(rig) = rig().await else { return };
+    let pinned = meter(10, true);
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter 1", pinned).with_passkey(123_456))
+        .await
+        .unwrap();
+    let just_works = meter(10, true);
+    rig.fake
+        .add_device(FakeDevice::new(CUFF, "Meter 2", just_works))
+        .await
+        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    rig.allow(CUFF, DeviceKind::Glucometer, Some("p-0002"), &[]);
+    let cfg = rig.cfg();
+    let a = adapter().await;
+
+    // Through BlueZ the ATT error arrives as "Not paired", which the link reads as 0x05.
+    let mut link = BleLink::open(
+        &a.adapter,
+        peripheral(&a, METER).await,
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    for u in [uuid::GLUCOSE_MEASUREMENT, uuid::GLUCOSE_CONTEXT, uuid::RACP] {
+        link.subscribe(u).await.unwrap();
+    }
+    assert_eq!(
+        link.write(uuid::RACP, &[0x01, 0x01]).await,
+        Err(LinkError::Att(0x05))
+    );
+    link.disconnect().await;
+
+    // The supervisor records where it failed.
+    let stop = CancellationToken::new();
+    let status = BleStatusHandle::default();
+    let source = tokio::spawn(gateway::sources::ble::run(
+        cfg,
+        rig.pipeline(),
+        status.clone(),
+        stop.clone(),
+    ));
+    wait_until(
+        "a pairing failure and a re-paired download",
+        Duration::from_secs(20),
+        || {
+            let s = status.snapshot();
+            s.devices
+                .get(METER)
+                .is_some_and(|d| d.last_failure.is_some())
+                && s.devices
+                    .get(CUFF)
+                    .is_some_and(|d| d.last_success.is_some())
+        },
+    )
+    .await;
+    stop.cancel();
+    source.await.unwrap();
+
+    let s = status.snapshot();
+    let f = s.devices[METER].last_failure.clone().unwrap();
+    assert_eq!(f.stage, "pairing");
+    assert!(f.cause.contains("gateway pair"), "{}", f.cause);
+    assert!(f.rssi.is_some());
+    assert!(rig.fake.calls_to(METER).contains(&"Pair".to_owned()));
+    assert!(!rig.fake.is_paired(METER));
+    // What `gateway devices` shows comes from the store's status file.
+    let on_disk = rig.store.statuses().unwrap();
+    assert_eq!(
+        on_disk[METER]
+            .last_failure
+            .as_ref()
+            .map(|f| f.stage.as_str()),
+        Some("pairing")
+    );
+
+    assert!(
+        rig.fake.is_paired(CUFF),
+        "the just-works meter was paired again"
+    );
+    let second: Vec<u64> = rig
+        .journaled()
+        .iter()
+        .filter(|(k, _, _)| k == CUFF)
+        .filter_map(|(_, s, _)| *s)
+        .collect();
+    assert_eq!(second, (0..10).collect::<Vec<_>>());
+    assert!(rig.journaled().iter().all(|(k, _, _)| k != METER));
+}
+
+/// A cuff with two users: each reading lands on its user's patient. The cuff dumps its whole memory on
+/// every subscribe: a second session adds nothing, a third only the new readings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_user_cuff_that_dumps_on_subscribe() {
+    let Some(rig) = rig().await else { return };
+    let mut cfg_cuff = CuffConfig::new("cuff");
+    cfg_cuff.users = vec![1, 2];
+    let mut cuff = SimCuff::new(cfg_cuff);
+    cuff.generate(12, unix_now(), 9).unwrap();
+    let by_user: BTreeMap<u8, usize> = cuff.readings().iter().fold(BTreeMap::new(), |mut m, r| {
+        *m.entry(r.user_id.unwrap()).or_default() += 1;
+        m
+    });
+    assert_eq!(by_user.len(), 2, "the generator used both users");
+    let device = SimDevice::cuff(cuff);
+    rig.fake
+        .add_device(FakeDevice::new(CUFF, "Cuff", device.clone()))
+        .await
+        .unwrap();
+    rig.allow(
+        CUFF,
+        DeviceKind::Cuff,
+        None,
+        &[(1, "p-0001"), (2, "p-0002")],
+    );
+    let cfg = rig.cfg();
+    let a = adapter().await;
+    let paired = rig.store.device(CUFF).unwrap().unwrap();
+    let pipeline = rig.pipeline();
+
+    for _ in 0..2 {
+        let r = session_once(&a, peripheral(&a, CUFF).await, &paired, &pipeline, &cfg)
+            .await
+            .unwrap();
+        assert_eq!(r.values, 12, "the cuff dumps everything each time");
+    }
+    let records = rig.journaled();
+    assert_eq!(records.len(), 12, "no duplicates across sessions");
+    for (key, _, body) in &records {
+        let expected = if key.ends_with("#user1") {
+            "p-0001"
+        } else if key.ends_with("#user2") {
+            "p-0002"
+        } else {
+            panic!("reading without its user: {key}")
+        };
+        assert_eq!(body["patient"], expected);
+    }
+    for (u, n) in by_user {
+        let key = format!("{CUFF}#user{u}");
+        assert_eq!(records.iter().filter(|(k, _, _)| *k == key).count(), n);
+    }
+
+    // Two new readings, one per user, a minute apart.
+    let now = unix_now();
+    device
+        .with_cuff(|c| {
+            c.measure(1, 128, 84, 70, Default::default(), now + 60)
+                .unwrap();
+            c.measure(2, 141, 92, 77, Default::default(), now + 120)
+                .unwrap();
+        })
+        .unwrap();
+    session_once(&a, peripheral(&a, CUFF).await, &paired, &pipeline, &cfg)
+        .await
+        .unwrap();
+    assert_eq!(rig.journaled().len(), 14);
+}
+
+/// A meter whose clock runs 7 minutes fast: each reading carries the offset measured at the connection
+/// (+420 s) and a corrected time 7 minutes before its device time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meter_seven_minutes_fast_carries_offset_and_corrected_time() {
+    let Some(rig) = rig().await else { return };
+    let mut gcfg = GlucometerConfig::new("meter");
+    gcfg.clock_offset_s = 420;
+    let mut g = SimGlucometer::new(gcfg);
+    let taken = unix_now() - 3600;
+    g.add_record(taken, 104.0, Some(1)).unwrap();
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter 1", SimDevice::glucometer(g)))
+        .await
+        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let cfg = rig.cfg();
+    let a = adapter().await;
+    let paired = rig.store.device(METER).unwrap().unwrap();
+    let report = session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &rig.pipeline(),
+        &cfg,
+    )
+    .await
+    .unwrap();
+    let offset = report.clock_offset_s.expect("offset measured");
+    assert!((419..=421).contains(&offset), "measured {offset}");
+
+    let records = rig.journaled();
+    assert_eq!(records.len(), 1);
+    let time = &records[0].2["time"];
+    assert_eq!(time["clock_offset_s"].as_i64(), Some(offset));
+    let device_time = protocol::gatt::time::DateTime::from_epoch_seconds(taken + 420)
+        .unwrap()
+        .to_string();
+    assert_eq!(time["device"].as_str(), Some(device_time.as_str()));
+    let corrected = time["corrected"].as_str().expect("corrected time");
+    let expected =
+        protocol::gatt::time::DateTime::from_epoch_seconds(taken + 420 - offset).unwrap();
+    assert_eq!(corrected, format!("{expected}Z"));
+    assert_eq!(time["trusted"], true);
+}
+
+/// The adapter disappears (dongle pulled) while the gateway runs: it reports the adapter missing, keeps
+/// running, and when the adapter returns it scans again and downloads what the meter stored meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_disappears_and_returns() {
+    let Some(rig) = rig().await else { return };
+    let device = meter(5, false);
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter 1", device.clone()))
+        .await
+        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let stop = CancellationToken::new();
+    let status = BleStatusHandle::default();
+    let source = tokio::spawn(gateway::sources::ble::run(
+        rig.cfg(),
+        rig.pipeline(),
+        status.clone(),
+        stop.clone(),
+    ));
+    wait_until("the first download", Duration::from_secs(20), || {
+        rig.journaled().len() == 5
+    })
+    .await;
+    assert!(matches!(status.snapshot().adapter, AdapterState::Up { .. }));
+
+    rig.fake.remove_adapter().await.unwrap();
+    wait_until(
+        "the adapter reported missing",
+        Duration::from_secs(10),
+        || matches!(status.snapshot().adapter, AdapterState::Missing { .. }),
+    )
+    .await;
+    assert!(status.snapshot().adapter_losses >= 1);
+    device
+        .with_glucometer(|g| g.generate(3, unix_now(), 11))
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !source.is_finished(),
+        "the source carries on without an adapter"
+    );
+    assert_eq!(rig.journaled().len(), 5);
+
+    rig.fake.add_adapter().await.unwrap();
+    wait_until(
+        "the download after the adapter returned",
+        Duration::from_secs(20),
+        || rig.journaled().len() == 8,
+    )
+    .await;
+    assert!(matches!(status.snapshot().adapter, AdapterState::Up { .. }));
+    stop.cancel();
+    source.await.unwrap();
+    assert_eq!(sequences(&rig.journaled()), (0..8).collect::<Vec<_>>());
 }

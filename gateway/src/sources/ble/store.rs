@@ -108,12 +108,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 #[derive(Debug, Clone)]
 pub struct DeviceStore {
     dir: PathBuf,
+    /// Serialises this process's read-modify-write of the files (concurrent sessions record their
+    /// status at the same moment). A std mutex: held for one small file write, never across `.await`.
+    write: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl DeviceStore {
     /// The store in `dir` (created 0700 on the first write).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        DeviceStore { dir: dir.into() }
+        DeviceStore {
+            dir: dir.into(),
+            write: Default::default(),
+        }
     }
 
     fn devices_path(&self) -> PathBuf {
@@ -122,6 +128,12 @@ impl DeviceStore {
 
     fn status_path(&self) -> PathBuf {
         self.dir.join("device-status.json")
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The paired devices, by address. An absent file is an empty list.
@@ -145,6 +157,7 @@ impl DeviceStore {
     /// # Errors
     /// [`StoreError`] when the file cannot be read or written.
     pub fn put(&self, device: PairedDevice) -> Result<(), StoreError> {
+        let _guard = self.lock();
         let mut all = self.devices()?;
         all.insert(normalize_address(&device.address), device);
         write_json(&self.dir, &self.devices_path(), &all)
@@ -155,6 +168,7 @@ impl DeviceStore {
     /// # Errors
     /// [`StoreError`] when the file cannot be read or written.
     pub fn remove(&self, address: &str) -> Result<bool, StoreError> {
+        let _guard = self.lock();
         let mut all = self.devices()?;
         let had = all.remove(&normalize_address(address)).is_some();
         if had {
@@ -169,6 +183,7 @@ impl DeviceStore {
     /// [`StoreError::Unknown`] when the device is not paired; I/O errors.
     pub fn rebind(&self, address: &str, user: Option<u8>, patient: &str) -> Result<(), StoreError> {
         let key = normalize_address(address);
+        let _guard = self.lock();
         let mut all = self.devices()?;
         let d = all
             .get_mut(&key)
@@ -195,6 +210,7 @@ impl DeviceStore {
     /// # Errors
     /// I/O errors.
     pub fn put_status(&self, address: &str, status: &DeviceStatus) -> Result<(), StoreError> {
+        let _guard = self.lock();
         let mut all = self.statuses().unwrap_or_default();
         all.insert(normalize_address(address), status.clone());
         write_json(&self.dir, &self.status_path(), &all)
