@@ -118,7 +118,9 @@ fn start_bus() -> Option<PrivateBus> {
     )
     .expect("write the bus config");
     // The shell waits on its stdin, which is this process's pipe: when the test binary exits the pipe
-    // closes and the daemon is stopped, so no bus outlives its tests.
+    // closes and the daemon is stopped, so no bus outlives its tests. (The shell lives exactly as long as
+    // the test binary, so there is nothing to wait for.)
+    #[allow(clippy::zombie_processes)]
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(r#""$0" --config-file="$1" --nofork --print-address=1 & pid=$!; read _; kill $pid"#)

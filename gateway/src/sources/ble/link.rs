@@ -33,7 +33,7 @@ pub fn short_uuid(u: &uuid::Uuid) -> Option<u16> {
     let (d1, d2, d3, d4) = u.as_fields();
     let base =
         d2 == 0x0000 && d3 == 0x1000 && d4 == &[0x80, 0x00, 0x00, 0x80, 0x5f, 0x9b, 0x34, 0xfb];
-    (base && d1 <= 0xFFFF).then(|| d1 as u16)
+    if base { u16::try_from(d1).ok() } else { None }
 }
 
 /// Maps a btleplug error to what a collector can act on.

@@ -594,17 +594,16 @@ async fn consider(
     let Some(device) = allow.get(&address).cloned() else {
         if health {
             let mut st = shared.status.lock();
-            if !st.seen_unpaired.contains_key(&address) {
+            if let std::collections::btree_map::Entry::Vacant(v) =
+                st.seen_unpaired.entry(address.clone())
+            {
                 // No payload values here, and a device address is not patient data.
                 tracing::info!(device = %address, name = ?props.local_name, rssi = ?props.rssi,
                     "health device seen, not paired through the gateway: left alone (pair it with `gateway pair`)");
-                st.seen_unpaired.insert(
-                    address,
-                    SeenDevice {
-                        name: props.local_name.clone(),
-                        rssi: props.rssi,
-                    },
-                );
+                v.insert(SeenDevice {
+                    name: props.local_name.clone(),
+                    rssi: props.rssi,
+                });
             }
         }
         return;

@@ -174,7 +174,7 @@ mod tests {
         let captured = hex("133100E2070A060F2F325CFE7EB0FA");
         let before = GlucoseMeasurement::parse(&captured).expect("decodes");
         assert_eq!(before.time_offset_min, Some(-420));
-        let out = q.normalize(uuid::GLUCOSE_MEASUREMENT, captured);
+        let out = q.normalize(uuid::GLUCOSE_MEASUREMENT, captured.clone());
         let m = GlucoseMeasurement::parse(&out).expect("normalized value decodes");
         assert_eq!(m.sequence_number, 49);
         assert_eq!(m.time_offset_min, Some(0));
