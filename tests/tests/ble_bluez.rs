@@ -744,3 +744,116 @@ async fn adapter_disappears_and_returns() {
     source.await.unwrap();
     assert_eq!(sequences(&rig.journaled()), (0..8).collect::<Vec<_>>());
 }
+
+fn gateway_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(phg_tests::process::gateway_bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run the gateway binary")
+}
+
+/// `gateway pair` (with the passkey on the command line) against the fake BlueZ, then `gateway devices`:
+/// list, rebind a cuff user, unpair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_pair_and_devices_commands() {
+    let Some(rig) = rig().await else { return };
+    let mut cuff_cfg = CuffConfig::new("cuff");
+    cuff_cfg.users = vec![1, 2];
+    cuff_cfg.model = "BM85".into();
+    rig.fake
+        .add_device(
+            FakeDevice::new(CUFF, "BM85", SimDevice::cuff(SimCuff::new(cuff_cfg)))
+                .with_passkey(24_680),
+        )
+        .await
+        .unwrap();
+    let dir = rig.dir.path().join("ble").display().to_string();
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            gateway_cli(&a)
+        })
+    };
+    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+
+    let out = run(s(&[
+        "pair",
+        "--state-dir",
+        &dir,
+        "--scan-s",
+        "0",
+        "--address",
+        CUFF,
+        "--passkey",
+        "24680",
+        "--user",
+        "1=p-0001",
+        "--user",
+        "2=p-0002",
+    ]))
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("model BM85"), "{stdout}");
+    assert!(rig.fake.is_paired(CUFF));
+    let d = rig.store.device(CUFF).unwrap().expect("stored");
+    assert_eq!(d.kind, DeviceKind::Cuff);
+    assert_eq!(d.users.get(&2).map(String::as_str), Some("p-0002"));
+
+    // A patient name is refused before anything is touched.
+    let out = run(s(&[
+        "pair",
+        "--state-dir",
+        &dir,
+        "--scan-s",
+        "0",
+        "--address",
+        CUFF,
+        "--patient",
+        "Jane Doe",
+    ]))
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pseudonymous"));
+
+    let out = run(s(&[
+        "devices",
+        "--state-dir",
+        &dir,
+        "rebind",
+        CUFF,
+        "--user",
+        "2",
+        "--patient",
+        "p-0003",
+    ]))
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    let out = run(s(&["devices", "--state-dir", &dir])).await.unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        list.contains(CUFF) && list.contains("user 2 → p-0003"),
+        "{list}"
+    );
+    assert!(list.contains("no session yet"), "{list}");
+
+    let out = run(s(&["devices", "--state-dir", &dir, "unpair", CUFF]))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(rig.store.devices().unwrap().is_empty());
+    assert!(rig.fake.calls_to(CUFF).contains(&"RemoveDevice".to_owned()));
+    assert!(!rig.fake.is_paired(CUFF));
+}
