@@ -208,6 +208,12 @@ pub struct BleSection {
     /// After a complete session, leave the device alone this long, seconds.
     #[serde(default = "default_revisit")]
     pub revisit_after_s: u64,
+    /// Set a device's clock (Current Time) after a download when it is off by more than this many
+    /// seconds; absent: never write a device clock (readings always carry the measured offset).
+    pub set_clock_above_s: Option<u64>,
+    /// The zone the devices display, minutes east of UTC (default 0).
+    #[serde(default)]
+    pub device_zone_offset_min: i32,
 }
 
 const fn default_max_sessions() -> usize {
@@ -240,6 +246,8 @@ impl BleSection {
         c.retry_base = Duration::from_secs(self.retry_base_s);
         c.retry_max = Duration::from_secs(self.retry_max_s);
         c.revisit_after = Duration::from_secs(self.revisit_after_s);
+        c.clock_set_above = self.set_clock_above_s.map(Duration::from_secs);
+        c.device_zone_offset_min = self.device_zone_offset_min;
         c
     }
 }
@@ -393,6 +401,12 @@ impl Config {
                 return Err(invalid(
                     "ble.retry_base_s",
                     "must be at least 1 and not above retry_max_s",
+                ));
+            }
+            if !(-720..=840).contains(&ble.device_zone_offset_min) {
+                return Err(invalid(
+                    "ble.device_zone_offset_min",
+                    "must be a UTC offset in minutes (-720 to 840)",
                 ));
             }
         }

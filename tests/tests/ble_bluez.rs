@@ -686,6 +686,48 @@ async fn meter_seven_minutes_fast_carries_offset_and_corrected_time() {
         protocol::gatt::time::DateTime::from_epoch_seconds(taken + 420 - offset).unwrap();
     assert_eq!(corrected, format!("{expected}Z"));
     assert_eq!(time["trusted"], true);
+    // Clock setting is off by default: the meter's clock was not touched.
+    assert!(
+        !rig.fake
+            .calls_to(METER)
+            .iter()
+            .any(|c| c.starts_with("WriteValue 2A2B"))
+    );
+
+    // With a 2-minute bound the gateway sets the clock after the download; the next session measures ~0.
+    let mut cfg = cfg;
+    cfg.clock_set_above = Some(Duration::from_secs(120));
+    session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &rig.pipeline(),
+        &cfg,
+    )
+    .await
+    .unwrap();
+    assert!(
+        rig.fake
+            .calls_to(METER)
+            .iter()
+            .any(|c| c.starts_with("WriteValue 2A2B") && c.ends_with("-> ok"))
+    );
+    let again = session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &rig.pipeline(),
+        &cfg,
+    )
+    .await
+    .unwrap();
+    let offset = again.clock_offset_s.expect("offset measured");
+    assert!(offset.abs() <= 1, "after setting the clock: {offset}");
+    assert_eq!(
+        rig.journaled().len(),
+        1,
+        "no reading doubled by the extra sessions"
+    );
 }
 
 /// The adapter disappears (dongle pulled) while the gateway runs: it reports the adapter missing, keeps

@@ -271,3 +271,52 @@ impl GattLink for BleLink {
         let _ = tokio::time::timeout(self.op_timeout, self.peripheral.disconnect()).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// bluetoothd's answers for ATT errors (gatt-client.c `create_gatt_dbus_error`) map back to the codes
+    /// the collector acts on.
+    #[test]
+    fn bluez_errors_map_to_att_codes() {
+        assert_eq!(
+            dbus_error(
+                "org.bluez.Error.Failed",
+                "Operation failed with ATT error: 0x81"
+            ),
+            LinkError::Att(0x81)
+        );
+        assert_eq!(
+            dbus_error(
+                "org.bluez.Error.Failed",
+                "Operation failed with ATT error: 0x80"
+            ),
+            LinkError::Att(0x80)
+        );
+        assert_eq!(
+            dbus_error("org.bluez.Error.NotPermitted", "Not paired"),
+            LinkError::Att(0x05)
+        );
+        assert_eq!(
+            dbus_error("org.bluez.Error.NotPermitted", "Write not permitted"),
+            LinkError::Att(0x03)
+        );
+        assert_eq!(
+            dbus_error("org.bluez.Error.Failed", "Not connected"),
+            LinkError::Disconnected
+        );
+        assert_eq!(
+            dbus_error("org.freedesktop.DBus.Error.NoReply", "timeout"),
+            LinkError::Disconnected
+        );
+    }
+
+    #[test]
+    fn short_uuids_only_for_the_sig_base() {
+        let u = btleplug::api::bleuuid::uuid_from_u16(0x2A52);
+        assert_eq!(short_uuid(&u), Some(0x2A52));
+        let vendor = uuid::Uuid::from_u128(0xecbe3980_c9a2_11e1_b1bd_0002a5d5c51b);
+        assert_eq!(short_uuid(&vendor), None);
+    }
+}

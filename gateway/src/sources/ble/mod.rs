@@ -79,6 +79,12 @@ pub struct BleConfig {
     pub revisit_after: Duration,
     /// How often the adapter's presence is checked (and, while missing, looked for again).
     pub adapter_poll: Duration,
+    /// Set a device's clock through Current Time (0x2A2B) after a complete download when it is off by more
+    /// than this (after allowing for `device_zone_offset_min`); `None` never writes a device clock.
+    pub clock_set_above: Option<Duration>,
+    /// The zone the devices' clocks show, minutes east of UTC (devices keep local time): the time written
+    /// is gateway UTC + this, and drift is measured against it.
+    pub device_zone_offset_min: i32,
     /// Pair "just works" when a bonded device asks for authentication (a meter that lost its bond).
     pub repair_just_works: bool,
     /// The collectors' timing.
@@ -100,6 +106,8 @@ impl BleConfig {
             revisit_after: Duration::from_secs(300),
             adapter_poll: Duration::from_secs(5),
             repair_just_works: true,
+            clock_set_above: None,
+            device_zone_offset_min: 0,
             collector: CollectorConfig::default(),
         }
     }
@@ -317,8 +325,57 @@ pub async fn session_once(
         OpenError::Streams(c) => SessionFailure::new("connect", c),
     })?;
     let result = run_collector(&mut link, adapter, device, pipeline, cfg).await;
+    if let Ok(report) = &result {
+        // After the download, so every reading of this session carries the offset that was true for it.
+        if report.completion == Completion::Complete {
+            set_clock_if_drifted(&mut link, report.clock_offset_s, cfg, &device.address).await;
+        }
+    }
     link.disconnect().await;
     result
+}
+
+/// Writes the device clock through Current Time when it is off by more than `cfg.clock_set_above`
+/// (DESIGN.md promise 5 keeps the measured offset on every reading; this keeps the offset small).
+/// Returns whether a write was accepted. ATT 0x80 ("data field ignored", Omron HEM-6232T-E) counts as not
+/// set: the device keeps its clock and the next session measures it again.
+pub async fn set_clock_if_drifted<L: GattLink>(
+    link: &mut L,
+    measured_offset_s: Option<i64>,
+    cfg: &BleConfig,
+    device: &str,
+) -> bool {
+    let (Some(bound), Some(offset)) = (cfg.clock_set_above, measured_offset_s) else {
+        return false;
+    };
+    let zone = i64::from(cfg.device_zone_offset_min) * 60;
+    let drift = offset - zone;
+    if drift.unsigned_abs() <= bound.as_secs() || !link.has(uuid::CURRENT_TIME) {
+        return false;
+    }
+    let target = now_utc() + zone;
+    let Some(date_time) = protocol::gatt::time::DateTime::from_epoch_seconds(target) else {
+        return false;
+    };
+    let ct = protocol::gatt::time::CurrentTime {
+        date_time,
+        // 1970-01-01 was a Thursday; CTS counts Monday = 1 … Sunday = 7.
+        day_of_week: u8::try_from((target.div_euclid(86_400) + 3).rem_euclid(7) + 1).unwrap_or(0),
+        fractions256: 0,
+        // Bit 1: external reference time update.
+        adjust_reason: 0x02,
+    };
+    use protocol::gatt::Codec;
+    match link.write(uuid::CURRENT_TIME, &ct.to_vec()).await {
+        Ok(()) => {
+            tracing::info!(device = %device, drift_s = drift, "device clock set");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(device = %device, drift_s = drift, error = %e, "device clock could not be set; readings keep carrying the measured offset");
+            false
+        }
+    }
 }
 
 pub(crate) async fn read_string<L: GattLink>(link: &mut L, u: u16) -> Option<String> {
