@@ -899,3 +899,93 @@ async fn gateway_pair_and_devices_commands() {
     assert!(rig.fake.calls_to(CUFF).contains(&"RemoveDevice".to_owned()));
     assert!(!rig.fake.is_paired(CUFF));
 }
+
+/// Sessions are bounded (`max_sessions = 1`: two meters are never connected at once) and each has an
+/// overall deadline: a meter that never ends its RACP transfer is cut off at the deadline, recorded as the
+/// device's last failure, and retried — the other meter is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_bounded_and_a_wedged_one_hits_its_deadline() {
+    let Some(rig) = rig().await else { return };
+    let wedged = meter(5, false);
+    wedged
+        .with_glucometer(|g| {
+            g.set_faults(GlucometerFaults {
+                skip_response: true,
+                ..Default::default()
+            })
+        })
+        .unwrap();
+    rig.fake
+        .add_device(FakeDevice::new(STRANGER, "Wedged", wedged))
+        .await
+        .unwrap();
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter 1", meter(5, false)))
+        .await
+        .unwrap();
+    rig.allow(STRANGER, DeviceKind::Glucometer, Some("p-0002"), &[]);
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let mut cfg = rig.cfg();
+    cfg.max_sessions = 1;
+    cfg.session_deadline = Duration::from_millis(800);
+    cfg.collector.racp_timeout = Duration::from_secs(30);
+    let stop = CancellationToken::new();
+    let status = BleStatusHandle::default();
+    let source = tokio::spawn(gateway::sources::ble::run(
+        cfg,
+        rig.pipeline(),
+        status.clone(),
+        stop.clone(),
+    ));
+    wait_until(
+        "a deadline failure and the other meter served",
+        Duration::from_secs(20),
+        || {
+            let s = status.snapshot();
+            s.devices
+                .get(STRANGER)
+                .and_then(|d| d.last_failure.as_ref())
+                .is_some_and(|f| f.stage == "deadline")
+                && s.devices
+                    .get(METER)
+                    .is_some_and(|d| d.last_success.is_some())
+        },
+    )
+    .await;
+    stop.cancel();
+    source.await.unwrap();
+
+    // Never two connections at once.
+    let mut open: Option<String> = None;
+    for c in rig.fake.calls() {
+        match c.method.as_str() {
+            "Connect" => {
+                assert!(open.is_none(), "{} connected while {open:?} was", c.target);
+                open = Some(c.target.clone());
+            }
+            "Disconnect" => {
+                if open.as_deref() == Some(c.target.as_str()) {
+                    open = None;
+                }
+            }
+            _ => {}
+        }
+    }
+    // The wedged meter's records were sent and accepted; only its end marker never came.
+    let wedged_seqs: Vec<u64> = rig
+        .journaled()
+        .iter()
+        .filter(|(k, _, _)| k == STRANGER)
+        .filter_map(|(_, s, _)| *s)
+        .collect();
+    assert_eq!(wedged_seqs, (0..5).collect::<Vec<_>>());
+    assert_eq!(
+        sequences(
+            &rig.journaled()
+                .into_iter()
+                .filter(|(k, _, _)| k == METER)
+                .collect::<Vec<_>>()
+        ),
+        (0..5).collect::<Vec<_>>()
+    );
+}
