@@ -963,11 +963,7 @@ async fn sessions_are_bounded_and_a_wedged_one_hits_its_deadline() {
                 assert!(open.is_none(), "{} connected while {open:?} was", c.target);
                 open = Some(c.target.clone());
             }
-            "Disconnect" => {
-                if open.as_deref() == Some(c.target.as_str()) {
-                    open = None;
-                }
-            }
+            "Disconnect" if open.as_deref() == Some(c.target.as_str()) => open = None,
             _ => {}
         }
     }
