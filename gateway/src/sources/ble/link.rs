@@ -28,6 +28,9 @@ use crate::sources::{GattLink, LinkError, Notification};
 type Events = Pin<Box<dyn Stream<Item = CentralEvent> + Send>>;
 type Values = Pin<Box<dyn Stream<Item = ValueNotification> + Send>>;
 
+/// How long values may trail a disconnect event before the link is reported gone.
+const DRAIN_QUIET: Duration = Duration::from_millis(100);
+
 /// The 16-bit UUID of a Bluetooth-SIG-assigned 128-bit UUID (`0000xxxx-0000-1000-8000-00805f9b34fb`).
 pub fn short_uuid(u: &uuid::Uuid) -> Option<u16> {
     let (d1, d2, d3, d4) = u.as_fields();
@@ -105,6 +108,8 @@ pub struct BleLink {
     op_timeout: Duration,
     quirks: Quirks,
     closed: bool,
+    /// The device disconnected: values still arriving are handed out until the stream is quiet.
+    draining: bool,
 }
 
 impl std::fmt::Debug for BleLink {
@@ -168,6 +173,7 @@ impl BleLink {
             op_timeout,
             quirks: Quirks::default(),
             closed: false,
+            draining: false,
         })
     }
 
@@ -198,6 +204,25 @@ impl BleLink {
                 Err(mapped)
             }
             Err(_) => Err(LinkError::Timeout),
+        }
+    }
+
+    /// After a disconnect: the next value still in the stream, waiting at most [`DRAIN_QUIET`] for one.
+    async fn drain(&mut self) -> Option<Notification> {
+        loop {
+            match tokio::time::timeout(DRAIN_QUIET, self.values.next()).await {
+                Ok(Some(v)) => {
+                    let Some(uuid) = short_uuid(&v.uuid) else {
+                        continue;
+                    };
+                    let value = self.quirks.normalize(uuid, v.value);
+                    return Some(Notification { uuid, value });
+                }
+                Ok(None) | Err(_) => {
+                    self.draining = false;
+                    return None;
+                }
+            }
         }
     }
 
@@ -235,6 +260,9 @@ impl GattLink for BleLink {
     /// is reported (`biased`), so nothing the device sent before dropping the link is lost.
     async fn next_notification(&mut self) -> Option<Notification> {
         loop {
+            if self.draining {
+                return self.drain().await;
+            }
             if self.closed {
                 return None;
             }
@@ -253,8 +281,11 @@ impl GattLink for BleLink {
                 },
                 e = self.events.next() => match e {
                     Some(CentralEvent::DeviceDisconnected(id)) if id == self.id => {
+                        // The two streams are fed separately: values the device sent just before it
+                        // dropped the link may still be on their way. Hand those out first.
+                        self.draining = true;
                         self.closed = true;
-                        return None;
+                        return self.drain().await;
                     }
                     Some(_) => {}
                     None => {

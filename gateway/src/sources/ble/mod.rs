@@ -324,7 +324,16 @@ pub async fn session_once(
         OpenError::Discover(c) => SessionFailure::new("discover", c),
         OpenError::Streams(c) => SessionFailure::new("connect", c),
     })?;
-    let result = run_collector(&mut link, adapter, device, pipeline, cfg).await;
+    // The device's own binding from the allow-list, as it is now: a device paired or rebound while the
+    // gateway runs lands on the right patient from its next session on.
+    let mut pipeline = pipeline.clone();
+    let mut bindings = (*pipeline.bindings).clone();
+    bindings_of(
+        &BTreeMap::from([(device.address.clone(), device.clone())]),
+        &mut bindings,
+    );
+    pipeline.bindings = Arc::new(bindings);
+    let result = run_collector(&mut link, adapter, device, &pipeline, cfg).await;
     if let Ok(report) = &result {
         // After the download, so every reading of this session carries the offset that was true for it.
         if report.completion == Completion::Complete {
@@ -703,6 +712,13 @@ async fn supervised_session(
 ) {
     let cfg = &shared.cfg;
     let address = device.address.to_ascii_uppercase();
+    // The entry as stored now (a rebind since the allow-list was last read counts).
+    let device = &shared
+        .store
+        .device(&address)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| device.clone());
     tracing::info!(device = %address, "session starts");
     let outcome = tokio::time::timeout(
         cfg.session_deadline,
