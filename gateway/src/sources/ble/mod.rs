@@ -249,6 +249,49 @@ pub struct BleStatus {
     pub sessions_completed: u64,
 }
 
+impl BleStatus {
+    /// Fills the status topic's `adapter` and `devices` (DESIGN.md: "…/status: devices, adapter state")
+    /// for the allow-listed `devices`: when each was last read and its last failure (stage, cause, RSSI).
+    pub fn fill_status(
+        &self,
+        msg: &mut protocol::wire::StatusMessage,
+        devices: &BTreeMap<String, PairedDevice>,
+    ) {
+        msg.adapter = Some(match &self.adapter {
+            AdapterState::Unknown => "unknown".to_owned(),
+            AdapterState::Up { .. } => "powered".to_owned(),
+            AdapterState::Missing { .. } => "absent".to_owned(),
+        });
+        msg.devices = devices
+            .values()
+            .map(|d| {
+                let st = self
+                    .devices
+                    .get(&d.address.to_ascii_uppercase())
+                    .cloned()
+                    .unwrap_or_default();
+                protocol::wire::DeviceStatus {
+                    id: d.address.clone(),
+                    kind: match d.kind {
+                        DeviceKind::Glucometer => protocol::wire::Kind::Glucose,
+                        DeviceKind::Cuff => protocol::wire::Kind::BloodPressure,
+                    },
+                    last_seen: st.last_success.and_then(rfc3339),
+                    last_failure: st.last_failure.map(|f| match f.rssi {
+                        Some(r) => format!("{}: {} (RSSI {r} dBm)", f.stage, f.cause),
+                        None => format!("{}: {}", f.stage, f.cause),
+                    }),
+                }
+            })
+            .collect();
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ`.
+fn rfc3339(secs: i64) -> Option<String> {
+    protocol::gatt::time::DateTime::from_epoch_seconds(secs).map(|d| format!("{d}Z"))
+}
+
 /// A handle on the BLE source's status.
 #[derive(Debug, Clone, Default)]
 pub struct BleStatusHandle(Arc<Mutex<BleStatus>>);
@@ -798,4 +841,59 @@ async fn supervised_session(
 /// Where a session failed, as [`LinkError`] text (for tests and the CLI).
 pub fn describe(e: &LinkError) -> String {
     e.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The status topic shows the adapter and, per paired device, when it was last read and its last
+    /// failure with stage, cause and RSSI.
+    #[test]
+    fn status_topic_shows_adapter_and_last_failure() {
+        let mut status = BleStatus {
+            adapter: AdapterState::Missing {
+                cause: "no adapter".into(),
+            },
+            ..BleStatus::default()
+        };
+        status.devices.insert(
+            "AA:00:00:00:00:01".into(),
+            DeviceStatus {
+                last_failure: Some(Failure {
+                    stage: "connect".into(),
+                    cause: "timed out".into(),
+                    rssi: Some(-91),
+                    at: 0,
+                }),
+                last_success: Some(1_700_000_000),
+                consecutive_failures: 1,
+            },
+        );
+        let devices = BTreeMap::from([(
+            "AA:00:00:00:00:01".to_owned(),
+            PairedDevice {
+                address: "AA:00:00:00:00:01".into(),
+                kind: DeviceKind::Cuff,
+                name: None,
+                model: None,
+                manufacturer: None,
+                serial: None,
+                patient: Some("p-1".into()),
+                users: BTreeMap::new(),
+                paired_at: 0,
+            },
+        )]);
+        let mut msg = protocol::wire::StatusMessage::online("gw", None);
+        status.fill_status(&mut msg, &devices);
+        assert_eq!(msg.adapter.as_deref(), Some("absent"));
+        assert_eq!(msg.devices.len(), 1);
+        let d = &msg.devices[0];
+        assert_eq!(d.kind, protocol::wire::Kind::BloodPressure);
+        assert_eq!(d.last_seen.as_deref(), Some("2023-11-14T22:13:20Z"));
+        assert_eq!(
+            d.last_failure.as_deref(),
+            Some("connect: timed out (RSSI -91 dBm)")
+        );
+    }
 }
