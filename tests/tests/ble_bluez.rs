@@ -21,8 +21,8 @@ use gateway::sources::ble::commands::{self, PairRequest};
 use gateway::sources::ble::link::BleLink;
 use gateway::sources::ble::store::{DeviceKind, DeviceStore, PairedDevice};
 use gateway::sources::ble::{
-    AdapterState, BleConfig, BleStatusHandle, SelectedAdapter, bindings_of, select_adapter,
-    session_once,
+    AdapterState, BleConfig, BleError, BleStatusHandle, SelectedAdapter, bindings_of,
+    select_adapter, session_once,
 };
 use gateway::sources::collector::{CollectorConfig, Completion};
 use gateway::sources::simulator::cuff::{CuffConfig, SimCuff};
@@ -773,6 +773,11 @@ async fn adapter_disappears_and_returns() {
     )
     .await;
     assert!(status.snapshot().adapter_losses >= 1);
+    // What an operator sees: a clear error, naming what is (not) there.
+    let manager = Manager::new().await.unwrap();
+    let e = select_adapter(&manager, None).await.unwrap_err();
+    assert_eq!(e, BleError::NoAdapter);
+    assert!(e.to_string().contains("no Bluetooth adapter"), "{e}");
     device
         .with_glucometer(|g| g.generate(3, unix_now(), 11))
         .unwrap()
@@ -785,6 +790,18 @@ async fn adapter_disappears_and_returns() {
     assert_eq!(rig.journaled().len(), 5);
 
     rig.fake.add_adapter().await.unwrap();
+    let e = select_adapter(&manager, Some("hci7")).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "Bluetooth adapter \"hci7\" not found; present: hci0 ({})",
+            phg_tests::bluez::ADAPTER_ADDRESS
+        )
+    );
+    let by_address = select_adapter(&manager, Some(phg_tests::bluez::ADAPTER_ADDRESS))
+        .await
+        .unwrap();
+    assert_eq!(by_address.name, "hci0");
     wait_until(
         "the download after the adapter returned",
         Duration::from_secs(20),
