@@ -1012,3 +1012,53 @@ async fn sessions_are_bounded_and_a_wedged_one_hits_its_deadline() {
         (0..5).collect::<Vec<_>>()
     );
 }
+
+/// GLP.TS GLP/COL/SPE/BI-04: the meter sends its records but never the RACP response. The RACP timer
+/// (restarted by every notification) expires, the set counts as incomplete, and the next session asks
+/// for the records after the last accepted one — nothing doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_racp_response_times_out_and_the_next_session_resumes() {
+    let Some(rig) = rig().await else { return };
+    let device = meter(6, false);
+    device
+        .with_glucometer(|g| {
+            g.set_faults(GlucometerFaults {
+                skip_response: true,
+                ..Default::default()
+            })
+        })
+        .unwrap();
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter 1", device.clone()))
+        .await
+        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let mut cfg = rig.cfg();
+    cfg.collector.racp_timeout = Duration::from_millis(400);
+    let a = adapter().await;
+    let paired = rig.store.device(METER).unwrap().unwrap();
+    let pipeline = rig.pipeline();
+
+    let first = session_once(&a, peripheral(&a, METER).await, &paired, &pipeline, &cfg)
+        .await
+        .unwrap();
+    assert_eq!(first.completion, Completion::Incomplete);
+    assert_eq!(sequences(&rig.journaled()), (0..6).collect::<Vec<_>>());
+
+    device
+        .with_glucometer(|g| {
+            g.set_faults(GlucometerFaults::default());
+            g.generate(2, unix_now(), 3)
+        })
+        .unwrap()
+        .unwrap();
+    let second = session_once(&a, peripheral(&a, METER).await, &paired, &pipeline, &cfg)
+        .await
+        .unwrap();
+    assert_eq!(second.completion, Completion::Complete);
+    assert_eq!(
+        racp_writes(&rig.fake, METER).last().map(String::as_str),
+        Some("WriteValue 2A52 0103010600 -> ok")
+    );
+    assert_eq!(sequences(&rig.journaled()), (0..8).collect::<Vec<_>>());
+}
