@@ -226,6 +226,9 @@ pub struct FakeDevice {
     /// Fault: the first `StartNotify` of each characteristic is answered but ignored (a RACP write then
     /// gets ATT 0x81 from the model).
     pub ignore_first_cccd_writes: bool,
+    /// Fault: the first Glucose Measurement with this sequence number arrives truncated to 4 octets (a
+    /// value damaged on the way); a re-request gets it whole.
+    pub garble_once: Option<u16>,
 }
 
 impl FakeDevice {
@@ -238,6 +241,7 @@ impl FakeDevice {
             passkey: None,
             rssi: -60,
             ignore_first_cccd_writes: false,
+            garble_once: None,
         }
     }
 
@@ -912,10 +916,20 @@ async fn pump(
         .unwrap_or_default();
     while let Some(output) = device.next_output(connection).await {
         match output {
-            DeviceOutput::Notify(n) => {
+            DeviceOutput::Notify(mut n) => {
                 let Some(path) = chars.get(&n.uuid) else {
                     continue;
                 };
+                if n.uuid == uuid::GLUCOSE_MEASUREMENT {
+                    let mut st = inner.lock();
+                    if let Some(e) = st.devices.get_mut(&address) {
+                        let seq = n.value.get(1..3).map(|b| u16::from_le_bytes([b[0], b[1]]));
+                        if e.fake.garble_once.is_some() && seq == e.fake.garble_once {
+                            e.fake.garble_once = None;
+                            n.value.truncate(4);
+                        }
+                    }
+                }
                 if let Ok(iface) = server
                     .interface::<_, GattCharacteristic>(path.as_str())
                     .await

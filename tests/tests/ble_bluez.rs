@@ -1062,3 +1062,48 @@ async fn missing_racp_response_times_out_and_the_next_session_resumes() {
     );
     assert_eq!(sequences(&rig.journaled()), (0..8).collect::<Vec<_>>());
 }
+
+/// A measurement that arrives damaged is journaled as a `decode_failed` event and asked for again with
+/// `01 04 01 <seq> <seq>` once the report is complete; the re-sent record is accepted, so none is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_fails_to_decode_is_requested_again() {
+    let Some(rig) = rig().await else { return };
+    let mut fake = FakeDevice::new(METER, "Meter 1", meter(10, false));
+    fake.garble_once = Some(4);
+    rig.fake.add_device(fake).await.unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let cfg = rig.cfg();
+    let a = adapter().await;
+    let paired = rig.store.device(METER).unwrap().unwrap();
+    let report = session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &rig.pipeline(),
+        &cfg,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.completion, Completion::Complete);
+    assert_eq!(
+        racp_writes(&rig.fake, METER),
+        vec![
+            "WriteValue 2A52 0101 -> ok".to_owned(),
+            // Report records within 4..=4.
+            "WriteValue 2A52 01040104000400 -> ok".to_owned(),
+        ]
+    );
+    let records = rig.journaled();
+    let mut seqs = sequences(&records);
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (0..10).collect::<Vec<_>>(),
+        "each record once, the damaged one included"
+    );
+    let failed: Vec<_> = records
+        .iter()
+        .filter(|(_, s, body)| s.is_none() && body.to_string().contains("decode_failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "the damaged value is reported");
+}
