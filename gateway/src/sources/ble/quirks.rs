@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use protocol::gatt::Codec;
 use protocol::gatt::bp::{BloodPressureMeasurement, BpQuirks};
-use protocol::gatt::glucose::GlucoseMeasurement;
 
 use crate::sources::uuid;
 
@@ -23,8 +22,10 @@ pub struct Quirks {
     /// 50–100 ms fixes it, derdilla PR #729).
     pub cccd_delay_ms: u16,
     /// Glucose Base Time is UTC and the Time Offset is the zone offset (Contour Next One: −420 min in
-    /// PDT; LiamsGitHub README). The record is rewritten to Base Time + 0, so its user-facing time is the
-    /// UTC instant the meter recorded, and the zone offset is not applied twice.
+    /// PDT; LiamsGitHub README). That is GLS-conformant — user-facing time = Base Time + Time Offset =
+    /// local time — so values are passed on unchanged and the offset measured against the meter's local
+    /// clock corrects them to UTC; the flag records that the Base Time alone is already UTC (what a
+    /// collector that ignores the Time Offset would get wrong).
     pub glucose_base_time_utc: bool,
     /// Sequence numbers count down from the newest (TaiDoc Diamond Mini DM30b fw 1.2.4: sequence 0 is
     /// the newest record, no Current Time, no context; xDrip asks for `01 05` only). The "≥ last + 1"
@@ -52,16 +53,6 @@ impl Quirks {
                 match BloodPressureMeasurement::parse_with_quirks(&value, self.bp) {
                     Ok(m) => m.to_vec(),
                     Err(_) => value,
-                }
-            }
-            uuid::GLUCOSE_MEASUREMENT if self.glucose_base_time_utc => {
-                match GlucoseMeasurement::parse(&value) {
-                    Ok(m) if m.time_offset_min.is_some() => GlucoseMeasurement {
-                        time_offset_min: Some(0),
-                        ..m
-                    }
-                    .to_vec(),
-                    _ => value,
                 }
             }
             _ => value,
@@ -165,22 +156,31 @@ mod tests {
     }
 
     /// Contour Next One capture (vector `133100E2070A060F2F325CFE7EB0FA`): Base Time 2018-10-06 15:47:50
-    /// is UTC and the Time Offset −420 min is the zone. Normalized, the user-facing time is the UTC
-    /// instant, not 08:47:50.
+    /// is UTC and the Time Offset −420 min is the zone (PDT). The value passes unchanged; the meter's clock
+    /// reads local time, so the offset measured at the connection is −7 h, and the corrected time the
+    /// pipeline derives is the UTC instant 15:47:50 — not 08:47:50, and not 22:47:50.
     #[test]
     fn contour_base_time_is_utc() {
+        use protocol::gatt::glucose::GlucoseMeasurement;
+        use protocol::model::{GlucoseRecord, Measurement};
+        use protocol::validate::{Reception, validate};
         let q = lookup("Contour Next One");
         assert!(q.glucose_base_time_utc);
         let captured = hex("133100E2070A060F2F325CFE7EB0FA");
-        let before = GlucoseMeasurement::parse(&captured).expect("decodes");
-        assert_eq!(before.time_offset_min, Some(-420));
-        let out = q.normalize(uuid::GLUCOSE_MEASUREMENT, captured.clone());
-        let m = GlucoseMeasurement::parse(&out).expect("normalized value decodes");
-        assert_eq!(m.sequence_number, 49);
-        assert_eq!(m.time_offset_min, Some(0));
-        assert_eq!(m.base_time.to_string(), "2018-10-06T15:47:50");
-        assert_eq!(m.concentration, before.concentration);
-        assert_eq!(m.context_follows, before.context_follows);
+        assert_eq!(
+            q.normalize(uuid::GLUCOSE_MEASUREMENT, captured.clone()),
+            captured
+        );
+        let g = GlucoseMeasurement::parse(&captured).expect("decodes");
+        assert_eq!(g.time_offset_min, Some(-420));
+        let base_utc = g.base_time.to_epoch_seconds().expect("a full date");
+        let m = Measurement::Glucose(GlucoseRecord::from_gatt(&g));
+        let rx = Reception {
+            received_utc: base_utc + 60,
+            clock_offset_s: Some(-420 * 60),
+        };
+        let v = validate(&m, &rx);
+        assert_eq!(v.time.corrected_utc, Some(base_utc));
     }
 
     /// TaiDoc DM30b: reversed sequence numbers; the collector must not use the "≥ last + 1" cursor.
