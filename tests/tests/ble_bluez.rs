@@ -581,7 +581,19 @@ async fn unbonded_racp_write_asks_for_pairing() {
         .filter_map(|(_, s, _)| *s)
         .collect();
     assert_eq!(second, (0..10).collect::<Vec<_>>());
-    assert!(rig.journaled().iter().all(|(k, _, _)| k != METER));
+    assert!(
+        rig.journaled()
+            .iter()
+            .all(|(k, s, _)| k != METER || s.is_none()),
+        "no reading from the meter that could not be paired"
+    );
+    let events = device_errors(&rig.journaled());
+    assert!(
+        events
+            .iter()
+            .any(|(d, stage, _)| d == METER && stage == "pairing"),
+        "{events:?}"
+    );
 }
 
 /// A cuff with two users: each reading lands on its user's patient. The cuff dumps its whole memory on
@@ -760,7 +772,7 @@ async fn adapter_disappears_and_returns() {
         stop.clone(),
     ));
     wait_until("the first download", Duration::from_secs(20), || {
-        rig.journaled().len() == 5
+        sequences(&rig.journaled()).len() == 5
     })
     .await;
     assert!(matches!(status.snapshot().adapter, AdapterState::Up { .. }));
@@ -787,7 +799,7 @@ async fn adapter_disappears_and_returns() {
         !source.is_finished(),
         "the source carries on without an adapter"
     );
-    assert_eq!(rig.journaled().len(), 5);
+    assert_eq!(sequences(&rig.journaled()).len(), 5);
 
     rig.fake.add_adapter().await.unwrap();
     let e = select_adapter(&manager, Some("hci7")).await.unwrap_err();
@@ -805,13 +817,37 @@ async fn adapter_disappears_and_returns() {
     wait_until(
         "the download after the adapter returned",
         Duration::from_secs(20),
-        || rig.journaled().len() == 8,
+        || sequences(&rig.journaled()).len() == 8,
     )
     .await;
     assert!(matches!(status.snapshot().adapter, AdapterState::Up { .. }));
     stop.cancel();
     source.await.unwrap();
     assert_eq!(sequences(&rig.journaled()), (0..8).collect::<Vec<_>>());
+    // The loss went to the events topic too.
+    let events = device_errors(&rig.journaled());
+    assert!(
+        events.iter().any(|(_, stage, _)| stage == "adapter"),
+        "{events:?}"
+    );
+}
+
+/// `device_error` events journaled for the events topic: (device, stage, cause).
+fn device_errors(
+    records: &[(String, Option<u64>, serde_json::Value)],
+) -> Vec<(String, String, String)> {
+    records
+        .iter()
+        .filter(|(_, _, b)| b["event"]["type"] == "device_error")
+        .map(|(_, _, b)| {
+            let e = &b["event"];
+            (
+                e["device"].as_str().unwrap_or_default().to_owned(),
+                e["stage"].as_str().unwrap_or_default().to_owned(),
+                e["cause"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
 }
 
 fn gateway_cli(args: &[&str]) -> std::process::Output {

@@ -516,6 +516,46 @@ async fn run_collector(
     }
 }
 
+/// Journals a `device_error` event for the `…/events` topic (DESIGN.md promise 7: a dead adapter or an
+/// unreadable device is reported, and the rest keeps working). `device` is a device address or an adapter
+/// name; no payload values are in it. At most one event per device, stage and minute (its id), so a
+/// device failing in a loop does not flood the CRM. Best effort: a full journal drops the notice, not a
+/// reading.
+pub async fn report_device_error(pipeline: &Pipeline, device: &str, stage: &str, cause: &str) {
+    let now = now_utc();
+    let event = protocol::wire::Event::DeviceError {
+        device: device.to_owned(),
+        stage: stage.to_owned(),
+        cause: cause.to_owned(),
+    };
+    let payload = match protocol::wire::EventMessage::new(&pipeline.gateway_id, now, event)
+        .map_err(|e| e.to_string())
+        .and_then(|m| serde_json::to_vec(&m).map_err(|e| e.to_string()))
+    {
+        Ok(p) => p,
+        Err(e) => return tracing::error!(error = %e, "cannot build the device_error event"),
+    };
+    let record = crate::journal::NewRecord {
+        device: device.to_owned(),
+        device_seq: None,
+        reading_id: format!("device-error:{device}:{stage}:{}", now.div_euclid(60)),
+        topic: pipeline.topics.events(),
+        payload,
+    };
+    match pipeline
+        .writer
+        .submit(record, Arc::new(std::sync::atomic::AtomicBool::new(false)))
+        .await
+    {
+        Ok(rx) => {
+            if let Ok(Err(e)) = rx.await {
+                tracing::warn!(device, error = ?e, "device_error event not journaled");
+            }
+        }
+        Err(e) => tracing::warn!(device, error = ?e, "device_error event not journaled"),
+    }
+}
+
 /// Per-device scheduling: who has a session, and when each may be tried again.
 #[derive(Debug, Default)]
 struct Schedule {
@@ -582,14 +622,22 @@ pub async fn run(
             Ok(a) => a,
             Err(e) => {
                 let cause = e.to_string();
-                if reported.as_deref() != Some(cause.as_str()) {
+                let first = reported.as_deref() != Some(cause.as_str());
+                if first {
                     tracing::error!(error = %cause, "Bluetooth unavailable; looking again every {:?}", shared.cfg.adapter_poll);
-                    reported = Some(cause.clone());
                 }
                 if matches!(e, BleError::Bus(_)) {
                     manager = None;
                 }
-                shared.status.lock().adapter = AdapterState::Missing { cause };
+                let first = reported.as_deref() != Some(cause.as_str());
+                if first {
+                    let name = shared.cfg.adapter.as_deref().unwrap_or("adapter");
+                    report_device_error(&shared.pipeline, name, "adapter", &cause).await;
+                }
+                shared.status.lock().adapter = AdapterState::Missing {
+                    cause: cause.clone(),
+                };
+                reported = Some(cause);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(shared.cfg.adapter_poll) => continue,
@@ -609,6 +657,7 @@ pub async fn run(
             Err(e) => {
                 let cause = e.to_string();
                 tracing::error!(adapter = %adapter.name, error = %cause, "Bluetooth adapter lost; sessions end at their deadline, looking for it again");
+                report_device_error(&shared.pipeline, &adapter.name, "adapter", &cause).await;
                 let mut st = shared.status.lock();
                 st.adapter = AdapterState::Missing {
                     cause: cause.clone(),
@@ -791,9 +840,10 @@ async fn supervised_session(
         },
     };
     let now = now_utc();
-    let status = {
+    let (status, previous_stage) = {
         let mut st = shared.status.lock();
         let entry = st.devices.entry(address.clone()).or_default();
+        let previous_stage = entry.last_failure.as_ref().map(|f| f.stage.clone());
         match &failure {
             None => {
                 entry.last_failure = None;
@@ -814,8 +864,14 @@ async fn supervised_session(
         if failure.is_none() {
             st.sessions_completed += 1;
         }
-        entry
+        (entry, previous_stage)
     };
+    if let Some(f) = &failure {
+        let new_stage = previous_stage.as_deref() != Some(f.stage);
+        if status.consecutive_failures == 1 || new_stage {
+            report_device_error(&shared.pipeline, &address, f.stage, &f.cause).await;
+        }
+    }
     let wait = match &failure {
         None => {
             tracing::info!(device = %address, "session complete");
