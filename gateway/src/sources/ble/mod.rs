@@ -22,7 +22,8 @@
 //!   or `max_sessions` sessions are running (a semaphore; the device advertises again);
 //! - a session has an overall deadline (a wedged bluetoothd must not hang the gateway, hass-omron's
 //!   lesson); a failed or incomplete one is retried with exponential backoff, and its stage, cause and the
-//!   device's RSSI are kept as the device's last failure (`gateway devices`).
+//!   device's RSSI are kept as the device's last failure (`gateway devices`, [`BleStatus::fill_status`]
+//!   for the status topic) and the first failure of a streak is journaled as a `device_error` event.
 //!
 //! When the adapter disappears (USB dongle pulled, bluetoothd restarted) the supervisor reports it, lets
 //! running sessions end at their deadline, and goes back to looking for the adapter; when it returns
