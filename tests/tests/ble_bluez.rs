@@ -950,6 +950,61 @@ async fn gateway_pair_and_devices_commands() {
     );
     assert!(list.contains("no session yet"), "{list}");
 
+    // Interactive: the list shows name and RSSI, the operator picks one and types the PIN the meter shows.
+    let mut near = FakeDevice::new(METER, "Meter 1", meter(3, true)).with_passkey(135_790);
+    near.rssi = -40;
+    rig.fake.add_device(near).await.unwrap();
+    let dir2 = dir.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(phg_tests::process::gateway_bin())
+            .args([
+                "pair",
+                "--state-dir",
+                &dir2,
+                "--scan-s",
+                "1",
+                "--patient",
+                "p-0009",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run gateway pair");
+        // The strongest device is listed first: the meter at about -40 dBm.
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"1\n135790\n")
+            .expect("answer the prompts");
+        child.wait_with_output().expect("gateway pair ends")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = stdout.lines().next().unwrap_or_default();
+    assert!(
+        first.contains(METER) && first.contains("Meter 1") && first.contains("dBm"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("(paired here)"),
+        "the cuff is marked: {stdout}"
+    );
+    assert!(rig.fake.is_paired(METER));
+    assert_eq!(
+        rig.store.device(METER).unwrap().and_then(|d| d.patient),
+        Some("p-0009".to_owned())
+    );
+    assert!(rig.store.device(CUFF).unwrap().is_some());
+
     let out = run(s(&["devices", "--state-dir", &dir, "unpair", CUFF]))
         .await
         .unwrap();
@@ -958,7 +1013,7 @@ async fn gateway_pair_and_devices_commands() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(rig.store.devices().unwrap().is_empty());
+    assert!(rig.store.device(CUFF).unwrap().is_none());
     assert!(rig.fake.calls_to(CUFF).contains(&"RemoveDevice".to_owned()));
     assert!(!rig.fake.is_paired(CUFF));
 }

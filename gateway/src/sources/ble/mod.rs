@@ -895,11 +895,6 @@ async fn supervised_session(
     }
 }
 
-/// Where a session failed, as [`LinkError`] text (for tests and the CLI).
-pub fn describe(e: &LinkError) -> String {
-    e.to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
