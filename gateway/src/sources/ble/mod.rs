@@ -52,7 +52,7 @@ use tokio_util::task::TaskTracker;
 use super::collector::{
     self, CollectorConfig, Completion, DeviceRef, SessionError, SessionReport, now_utc,
 };
-use super::{BLOOD_PRESSURE_SERVICE, GLUCOSE_SERVICE, GattLink, LinkError, uuid};
+use super::{BLOOD_PRESSURE_SERVICE, GLUCOSE_SERVICE, GattLink, uuid};
 use crate::pipeline::{Bindings, Pipeline};
 use link::{BleLink, OpenError, short_uuid};
 use store::{DeviceKind, DeviceStatus, DeviceStore, Failure, PairedDevice};
