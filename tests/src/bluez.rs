@@ -74,7 +74,13 @@ pub fn system_bus() -> Option<&'static str> {
         .map(|b| b.address.as_str())
 }
 
+/// `dbus-daemon`: `PHG_DBUS_DAEMON` if set (an unusual install, or a path that does not exist to check
+/// the skip), else the Debian locations.
 fn dbus_daemon_path() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("PHG_DBUS_DAEMON") {
+        let p = std::path::PathBuf::from(p);
+        return p.exists().then_some(p);
+    }
     [
         "/usr/bin/dbus-daemon",
         "/bin/dbus-daemon",
