@@ -411,6 +411,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     for b in &raw.bindings {
         bindings.bind(&b.device, b.user_id, &b.patient);
     }
+    // Devices paired through `gateway pair` carry their own patient bindings (the allow-list).
+    if let Some(ble) = &raw.ble {
+        match crate::sources::ble::store::DeviceStore::new(ble.state_dir.clone()).devices() {
+            Ok(devices) => crate::sources::ble::bindings_of(&devices, &mut bindings),
+            Err(e) => tracing::error!(error = %e, "cannot read the paired-device store"),
+        }
+    }
     let counters = Arc::new(Counters::default());
     let pipeline = Pipeline {
         gateway_id: raw.gateway_id.clone(),
@@ -462,6 +469,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
             a,
             pipeline.clone(),
             Duration::from_secs(raw.alerts.tick_s),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(ble) = &raw.ble {
+        devices.spawn(crate::sources::ble::run(
+            ble.to_ble_config(),
+            pipeline.clone(),
+            crate::sources::ble::BleStatusHandle::default(),
             shutdown.clone(),
         ));
     }

@@ -217,6 +217,73 @@ const fn default_connect_every() -> u64 {
     10
 }
 
+/// `[ble]`: real Bluetooth LE devices through BlueZ (absent: no radio is used).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BleSection {
+    /// The adapter, by name (`hci0`) or address; default the first one BlueZ lists.
+    pub adapter: Option<String>,
+    /// Where the paired-device allow-list and the device status live (`gateway pair` writes here).
+    pub state_dir: PathBuf,
+    /// Sessions at once.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// A session's overall deadline, seconds (a wedged bluetoothd must not hang the gateway).
+    #[serde(default = "default_session_deadline")]
+    pub session_deadline_s: u64,
+    /// First retry after a failed session, seconds; doubles per failure up to `retry_max_s`.
+    #[serde(default = "default_retry_base")]
+    pub retry_base_s: u64,
+    /// Longest retry backoff, seconds.
+    #[serde(default = "default_retry_max")]
+    pub retry_max_s: u64,
+    /// After a complete session, leave the device alone this long, seconds.
+    #[serde(default = "default_revisit")]
+    pub revisit_after_s: u64,
+    /// Set a device's clock (Current Time) after a download when it is off by more than this many
+    /// seconds; absent: never write a device clock (readings always carry the measured offset).
+    pub set_clock_above_s: Option<u64>,
+    /// The zone the devices display, minutes east of UTC (default 0).
+    #[serde(default)]
+    pub device_zone_offset_min: i32,
+}
+
+const fn default_max_sessions() -> usize {
+    2
+}
+
+const fn default_session_deadline() -> u64 {
+    180
+}
+
+const fn default_retry_base() -> u64 {
+    5
+}
+
+const fn default_retry_max() -> u64 {
+    600
+}
+
+const fn default_revisit() -> u64 {
+    300
+}
+
+impl BleSection {
+    /// The BLE source's settings.
+    pub fn to_ble_config(&self) -> crate::sources::ble::BleConfig {
+        let mut c = crate::sources::ble::BleConfig::new(self.state_dir.clone());
+        c.adapter.clone_from(&self.adapter);
+        c.max_sessions = self.max_sessions;
+        c.session_deadline = Duration::from_secs(self.session_deadline_s);
+        c.retry_base = Duration::from_secs(self.retry_base_s);
+        c.retry_max = Duration::from_secs(self.retry_max_s);
+        c.revisit_after = Duration::from_secs(self.revisit_after_s);
+        c.clock_set_above = self.set_clock_above_s.map(Duration::from_secs);
+        c.device_zone_offset_min = self.device_zone_offset_min;
+        c
+    }
+}
+
 /// The file, as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -239,6 +306,8 @@ pub struct RawConfig {
     /// `[[simulated]]`.
     #[serde(default)]
     pub simulated: Vec<SimulatedSection>,
+    /// `[ble]`.
+    pub ble: Option<BleSection>,
 }
 
 /// A checked configuration.
@@ -355,6 +424,29 @@ impl Config {
                 ));
             }
         }
+        if let Some(ble) = &raw.ble {
+            if ble.max_sessions == 0 {
+                return Err(invalid("ble.max_sessions", "must be at least 1"));
+            }
+            if ble.session_deadline_s < 10 {
+                return Err(invalid(
+                    "ble.session_deadline_s",
+                    "must be at least 10 seconds",
+                ));
+            }
+            if ble.retry_base_s == 0 || ble.retry_max_s < ble.retry_base_s {
+                return Err(invalid(
+                    "ble.retry_base_s",
+                    "must be at least 1 and not above retry_max_s",
+                ));
+            }
+            if !(-720..=840).contains(&ble.device_zone_offset_min) {
+                return Err(invalid(
+                    "ble.device_zone_offset_min",
+                    "must be a UTC offset in minutes (-720 to 840)",
+                ));
+            }
+        }
         let password = match &raw.mqtt.password_file {
             Some(p) => Some(
                 std::fs::read_to_string(p)
@@ -441,6 +533,13 @@ patient = "p-001"
         let c = parse(text).unwrap();
         assert_eq!(c.raw.simulated.len(), 2);
         assert_eq!(c.raw.bindings[1].user_id, Some(1));
+        let ble = c
+            .raw
+            .ble
+            .expect("the example documents [ble]")
+            .to_ble_config();
+        assert_eq!(ble.adapter.as_deref(), Some("hci0"));
+        assert_eq!(ble.session_deadline, Duration::from_secs(180));
     }
 
     #[test]

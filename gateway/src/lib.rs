@@ -6,7 +6,7 @@
 //! device ──GATT bytes──▶ sources ──▶ pipeline ──▶ journal (fsync) ──▶ uplink ──QoS 1──▶ broker
 //! ```
 //!
-//! - [`sources`] — where characteristic values come from (the simulator now; BLE through btleplug later)
+//! - [`sources`] — where characteristic values come from (BLE through btleplug on BlueZ, the simulator)
 //!   and the profiles' collector roles (GLP, BLP) that download them and keep the RACP rules.
 //! - [`pipeline`] — decode, validate, attribute to a patient, reading id, and the journal writer that
 //!   group-commits appends from every session.

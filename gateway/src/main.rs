@@ -1,4 +1,4 @@
-//! The `gateway` command line: `run`, `demo`, `decode`. Each subcommand reports its own error on stderr
+//! The `gateway` command line: `run`, `demo`, `decode`, `pair`, `devices`. Each subcommand reports its own error on stderr
 //! (`error: …`) and exits non-zero; nothing is started when the configuration is bad.
 
 use std::path::PathBuf;
@@ -34,6 +34,46 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Pair a glucometer or cuff through BlueZ and add it to the allow-list with its patient binding.
+    ///
+    /// Scans for devices advertising the Glucose or Blood Pressure service, lists them with name and
+    /// RSSI, pairs the chosen one (`--address`, or the number typed at the prompt) with BlueZ's
+    /// Device1.Pair — a meter that shows a PIN asks for it here (or give `--passkey`) — marks it trusted,
+    /// reads its Device Information and stores it. Only devices paired this way are ever connected.
+    Pair {
+        /// The BLE state directory (`[ble] state_dir` of the configuration).
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+        /// The adapter (name such as hci0, or address); default the first.
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Scan this long before listing, seconds.
+        #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+        scan_s: u64,
+        /// Pair this device instead of asking.
+        #[arg(long, value_name = "ADDRESS")]
+        address: Option<String>,
+        /// The pseudonymous patient id every reading of the device goes to.
+        #[arg(long)]
+        patient: Option<String>,
+        /// A cuff user's patient: `--user 2=p-0002` (repeatable).
+        #[arg(long = "user", value_name = "ID=PATIENT")]
+        users: Vec<String>,
+        /// The passkey the device shows (otherwise asked for on the terminal when the device wants one).
+        #[arg(long)]
+        passkey: Option<u32>,
+    },
+    /// List the paired devices with their bindings and last session outcome; unpair or rebind one.
+    Devices {
+        /// The BLE state directory (`[ble] state_dir` of the configuration).
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+        /// The adapter, for unpair (default hci0).
+        #[arg(long, default_value = "hci0")]
+        adapter: String,
+        #[command(subcommand)]
+        action: Option<DevicesAction>,
+    },
     /// Decode one characteristic value, as captured with nRF Connect or btmon, and print it as JSON.
     ///
     /// CHAR is the 16-bit UUID in hex (2A18 glucose, 2A34 glucose context, 2A51 glucose feature, 2A52 RACP,
@@ -48,6 +88,215 @@ enum Command {
         #[arg(value_name = "HEX", allow_hyphen_values = true, default_value = "")]
         hex: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesAction {
+    /// List (the default).
+    List,
+    /// Remove from the allow-list and make BlueZ forget the bond.
+    Unpair {
+        /// The device address.
+        address: String,
+    },
+    /// Bind the device (or one cuff user) to another patient.
+    Rebind {
+        /// The device address.
+        address: String,
+        /// The pseudonymous patient id.
+        #[arg(long)]
+        patient: String,
+        /// Only this cuff user.
+        #[arg(long)]
+        user: Option<u8>,
+    },
+}
+
+fn check_patient(p: &str) -> Result<(), String> {
+    if protocol::wire::is_valid_pseudonym(p) {
+        Ok(())
+    } else {
+        Err(format!(
+            "patient {p:?} must be a pseudonymous id (letters, digits, '._:-'; no names or national ids)"
+        ))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pair(
+    state_dir: PathBuf,
+    adapter: Option<String>,
+    scan_s: u64,
+    address: Option<String>,
+    patient: Option<String>,
+    users: Vec<String>,
+    passkey: Option<u32>,
+) -> Result<(), String> {
+    use gateway::sources::ble::{self, commands, store::DeviceStore};
+    use std::io::{BufRead, Write};
+    if let Some(p) = &patient {
+        check_patient(p)?;
+    }
+    let mut user_map = std::collections::BTreeMap::new();
+    for u in &users {
+        let (id, p) = u
+            .split_once('=')
+            .ok_or_else(|| format!("--user {u:?}: expected ID=PATIENT"))?;
+        let id: u8 = id
+            .parse()
+            .map_err(|_| format!("--user {u:?}: the user id is a number 1-254"))?;
+        check_patient(p)?;
+        user_map.insert(id, p.to_owned());
+    }
+    let cfg = ble::BleConfig::new(state_dir.clone());
+    let store = DeviceStore::new(state_dir);
+    let manager = btleplug::platform::Manager::new()
+        .await
+        .map_err(|e| ble::BleError::Bus(e.to_string()).to_string())?;
+    let selected = ble::select_adapter(&manager, adapter.as_deref())
+        .await
+        .map_err(|e| e.to_string())?;
+    // BlueZ pairs only devices it has seen: scan first, even when the address is given.
+    eprintln!("scanning {scan_s} s on {} …", selected.name);
+    let found = commands::scan_candidates(&selected, &store, Duration::from_secs(scan_s))
+        .await
+        .map_err(|e| e.to_string())?;
+    let address = match address {
+        Some(a) => a,
+        None => {
+            if found.is_empty() {
+                return Err(
+                    "no glucometer or cuff in range (put the device in pairing mode and try again)"
+                        .into(),
+                );
+            }
+            for (i, c) in found.iter().enumerate() {
+                println!(
+                    "{:>2}  {}  {:<10}  {:<24}  {:>4} dBm{}",
+                    i + 1,
+                    c.address,
+                    format!("{:?}", c.kind).to_lowercase(),
+                    c.name.as_deref().unwrap_or("(no name)"),
+                    c.rssi.map_or("?".into(), |r| r.to_string()),
+                    if c.paired_here { "  (paired here)" } else { "" }
+                );
+            }
+            print!("pair which one? [1-{}] ", found.len());
+            let _ = std::io::stdout().flush();
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
+            let n: usize = line.trim().parse().map_err(|_| "not a number".to_owned())?;
+            found
+                .get(n.wrapping_sub(1))
+                .ok_or_else(|| "no such device".to_owned())?
+                .address
+                .clone()
+        }
+    };
+    let provider: gateway::sources::ble::pairing::PasskeyProvider = match passkey {
+        Some(p) => std::sync::Arc::new(move |_: &str| Some(p)),
+        None => std::sync::Arc::new(|_: &str| {
+            eprint!("enter the passkey the device shows: ");
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line).ok()?;
+            line.trim().parse().ok()
+        }),
+    };
+    let req = commands::PairRequest {
+        address,
+        patient,
+        users: user_map,
+    };
+    let d = commands::pair_and_store(&cfg, &selected, &store, &req, Some(provider))
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "paired {} ({}, model {}), bound to {}",
+        d.address,
+        format!("{:?}", d.kind).to_lowercase(),
+        d.model.as_deref().unwrap_or("unknown"),
+        describe_binding(&d)
+    );
+    Ok(())
+}
+
+fn describe_binding(d: &gateway::sources::ble::store::PairedDevice) -> String {
+    let mut parts: Vec<String> = d.patient.iter().cloned().collect();
+    parts.extend(d.users.iter().map(|(u, p)| format!("user {u} → {p}")));
+    if parts.is_empty() {
+        "nobody (readings are held as unattributed)".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+async fn devices(
+    state_dir: PathBuf,
+    adapter: String,
+    action: Option<DevicesAction>,
+) -> Result<(), String> {
+    use gateway::sources::ble::{commands, store::DeviceStore};
+    let store = DeviceStore::new(state_dir);
+    match action.unwrap_or(DevicesAction::List) {
+        DevicesAction::List => {
+            let devices = store.devices().map_err(|e| e.to_string())?;
+            let statuses = store.statuses().unwrap_or_default();
+            if devices.is_empty() {
+                println!("no paired devices (pair one with `gateway pair`)");
+            }
+            for d in devices.values() {
+                let st = statuses.get(&d.address).cloned().unwrap_or_default();
+                let last = match (&st.last_failure, st.last_success) {
+                    (Some(f), _) => format!(
+                        "last failure: {} — {} (RSSI {})",
+                        f.stage,
+                        f.cause,
+                        f.rssi.map_or("?".into(), |r| format!("{r} dBm"))
+                    ),
+                    (None, Some(_)) => "last session complete".into(),
+                    (None, None) => "no session yet".into(),
+                };
+                println!(
+                    "{}  {:<10}  {:<16}  {}  |  {}",
+                    d.address,
+                    format!("{:?}", d.kind).to_lowercase(),
+                    d.model.as_deref().unwrap_or("?"),
+                    describe_binding(d),
+                    last
+                );
+            }
+            Ok(())
+        }
+        DevicesAction::Unpair { address } => {
+            let bluez = commands::unpair(&adapter, &store, &address)
+                .await
+                .map_err(|e| e.to_string())?;
+            match bluez {
+                None => println!("unpaired {address}"),
+                Some(e) => println!(
+                    "removed {address} from the allow-list; BlueZ did not forget the bond: {e}"
+                ),
+            }
+            Ok(())
+        }
+        DevicesAction::Rebind {
+            address,
+            patient,
+            user,
+        } => {
+            check_patient(&patient)?;
+            store
+                .rebind(&address, user, &patient)
+                .map_err(|e| e.to_string())?;
+            println!(
+                "rebound {address} to {patient} (a running gateway picks it up at its next start)"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Cancels `token` on Ctrl-C / SIGTERM, or after `limit`.
@@ -98,6 +347,28 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(e.to_string()),
         },
+        Command::Pair {
+            state_dir,
+            adapter,
+            scan_s,
+            address,
+            patient,
+            users,
+            passkey,
+        } => (|| {
+            gateway::telemetry::init_logs(false, "warn");
+            runtime()?.block_on(pair(
+                state_dir, adapter, scan_s, address, patient, users, passkey,
+            ))
+        })(),
+        Command::Devices {
+            state_dir,
+            adapter,
+            action,
+        } => (|| {
+            gateway::telemetry::init_logs(false, "warn");
+            runtime()?.block_on(devices(state_dir, adapter, action))
+        })(),
         Command::Run { config: path } => (|| {
             let config = gateway::config::Config::load(&path).map_err(|e| e.to_string())?;
             gateway::telemetry::init_logs(config.raw.telemetry.json_logs, "info");

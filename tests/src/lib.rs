@@ -8,6 +8,7 @@
 //! - [`readings`] — readings with checkable ids, a spawned uplink, and the delivery analysis
 //!   ([`Delivery`]: complete, in order per device, duplicates identical).
 
+pub mod bluez;
 mod broker;
 pub mod process;
 pub mod readings;

@@ -47,6 +47,16 @@ pub struct Bindings {
     map: std::sync::RwLock<HashMap<(String, Option<u8>), String>>,
 }
 
+impl Clone for Bindings {
+    /// A snapshot: later changes to either are not seen by the other.
+    fn clone(&self) -> Self {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner()).clone();
+        Bindings {
+            map: std::sync::RwLock::new(map),
+        }
+    }
+}
+
 impl Bindings {
     /// Binds `device` (for every user, or one BLS `user_id`) to `patient`.
     pub fn bind(&mut self, device: &str, user_id: Option<u8>, patient: &str) {

@@ -12,12 +12,15 @@
 //!   journal's, so it only ever covers accepted records (promise 4);
 //! - the 30 s RACP timer restarts on every 2A18 / 2A34 notification and stops at the response code; on
 //!   time-out the set is incomplete and the next session resumes (GLP.TS SPE/BI-04);
+//! - a measurement that does not decode is asked for again once the report is complete
+//!   (`01 04 01 <seq> <seq>`): the cursor moves past it, so no later session would;
 //! - when the sink refuses a value (journal full), the collector aborts the procedure and stops: the meter
 //!   keeps its records and the next session asks again from the cursor.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use protocol::gatt::Codec;
+use protocol::gatt::glucose::GlucoseMeasurement;
 use protocol::gatt::racp::{OpCode, Racp, ResponseCode};
 use protocol::gatt::time::{CurrentTime, DateTime};
 
@@ -254,10 +257,64 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
     }
 
     let mut values = 0usize;
+    let mut undecodable = Vec::new();
+    let mut completion =
+        receive_report(link, sink, &session, cfg, &mut values, &mut undecodable).await?;
+    // GLP: a record that failed to decode is asked for again (`01 04 01 <seq> <seq>`), once each — the
+    // cursor will have moved past it, so a later session would not (GATT.md "RACP").
+    if completion == Completion::Complete {
+        undecodable.sort_unstable();
+        undecodable.dedup();
+        for seq in undecodable {
+            tracing::warn!(device = %device.id, seq, "record did not decode; asking for it again");
+            if link
+                .write(uuid::RACP, &Racp::report_range(seq, seq).to_vec())
+                .await
+                .is_err()
+            {
+                completion = Completion::Incomplete;
+                break;
+            }
+            let mut again = Vec::new();
+            completion = receive_report(link, sink, &session, cfg, &mut values, &mut again).await?;
+            if completion != Completion::Complete {
+                break;
+            }
+        }
+    }
+    match sink.end_of_transfer(&session).await {
+        Ok(()) => {}
+        Err(SinkError::Full) => {
+            return Ok(SessionReport {
+                completion: Completion::JournalFull,
+                values,
+                clock_offset_s,
+            });
+        }
+        Err(e) => return Err(SessionError::Sink(e)),
+    }
+    Ok(SessionReport {
+        completion,
+        values,
+        clock_offset_s,
+    })
+}
+
+/// Receives one report's notifications until its Response Code (or the RACP timer, or the link's end),
+/// handing every 2A18 / 2A34 value to the sink; notes the sequence numbers of 2A18 values that do not
+/// decode.
+async fn receive_report<L: GattLink, S: RecordSink>(
+    link: &mut L,
+    sink: &mut S,
+    session: &SessionInfo,
+    cfg: &CollectorConfig,
+    values: &mut usize,
+    undecodable: &mut Vec<u16>,
+) -> Result<Completion, SessionError> {
     let completion = loop {
         let next = match tokio::time::timeout(cfg.racp_timeout, link.next_notification()).await {
             Err(_) => {
-                tracing::warn!(device = %device.id, "RACP timer expired: incomplete set, resuming next session");
+                tracing::warn!(device = %session.device.id, "RACP timer expired: incomplete set, resuming next session");
                 break Completion::Incomplete;
             }
             Ok(None) => break Completion::Incomplete,
@@ -265,11 +322,15 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
         };
         match next.uuid {
             uuid::GLUCOSE_MEASUREMENT | uuid::GLUCOSE_CONTEXT => {
-                values += 1;
-                match sink
-                    .value(&session, next.uuid, &next.value, now_utc())
-                    .await
+                *values += 1;
+                if next.uuid == uuid::GLUCOSE_MEASUREMENT
+                    && GlucoseMeasurement::parse(&next.value).is_err()
                 {
+                    if let Some(&[lo, hi]) = next.value.get(1..3) {
+                        undecodable.push(u16::from_le_bytes([lo, hi]));
+                    }
+                }
+                match sink.value(session, next.uuid, &next.value, now_utc()).await {
                     Ok(()) => {}
                     Err(SinkError::Full) => {
                         // Stop the meter sending more; what it sent after this stays in its memory.
@@ -289,7 +350,7 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
                     {
                         break Completion::Complete;
                     }
-                    let _ = sink.end_of_transfer(&session).await;
+                    let _ = sink.end_of_transfer(session).await;
                     return Err(SessionError::Racp(
                         response.name().unwrap_or("a reserved response code"),
                     ));
@@ -300,22 +361,7 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
             _ => {}
         }
     };
-    match sink.end_of_transfer(&session).await {
-        Ok(()) => {}
-        Err(SinkError::Full) => {
-            return Ok(SessionReport {
-                completion: Completion::JournalFull,
-                values,
-                clock_offset_s,
-            });
-        }
-        Err(e) => return Err(SessionError::Sink(e)),
-    }
-    Ok(SessionReport {
-        completion,
-        values,
-        clock_offset_s,
-    })
+    Ok(completion)
 }
 
 /// Runs the BLP collector: subscribes to measurements (a cuff may dump its memory now) and passes every

@@ -6,6 +6,7 @@
 //! collector only moves bytes and keeps the profile's timing rules; decoding and everything after it is
 //! the pipeline's.
 
+pub mod ble;
 pub mod collector;
 pub mod simulator;
 

@@ -535,6 +535,27 @@ impl SimDevice {
     pub fn drop_connection(&self) {
         self.with(SimModel::disconnect);
     }
+
+    /// Waits for the model's next output on `connection` and takes it; `None` once `connection` is no
+    /// longer the device's connection. The hook for transports other than [`SimLink`] — the tests' fake
+    /// BlueZ service turns each output into a D-Bus `PropertiesChanged` signal. Cancel-safe: an output is
+    /// taken only in the same step that returns it.
+    pub async fn next_output(&self, connection: u64) -> Option<DeviceOutput> {
+        loop {
+            let mut notified = pin!(self.shared.wake.notified());
+            notified.as_mut().enable();
+            {
+                let mut m = self.lock();
+                if m.connection() != Some(connection) {
+                    return None;
+                }
+                if let Some(output) = m.poll_output() {
+                    return Some(output);
+                }
+            }
+            notified.await;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,951 @@
+//! The Bluetooth LE source: glucometers and cuffs through BlueZ (btleplug over D-Bus).
+//!
+//! # Layout
+//!
+//! - [`link`] — [`BleLink`](link::BleLink), the [`GattLink`](super::GattLink) over a btleplug peripheral;
+//!   the collectors ([`super::collector`]) run over it exactly as over the simulator.
+//! - [`store`] — the allow-list of devices paired through the gateway, their patient bindings and their
+//!   last session outcome.
+//! - [`pairing`] — `Device1.Pair` with an `Agent1` for the passkey, over zbus (btleplug cannot pair).
+//! - [`quirks`] — device quirks as data, keyed on the Device Information model.
+//! - this module — adapter selection, the scanner, the allow-list check, and the session supervisor.
+//!
+//! # The supervisor
+//!
+//! [`run`] finds the adapter (by name such as `hci0` or by address; a clear error and a retry every
+//! `adapter_poll` while there is none), scans for the Glucose (0x1808) and Blood Pressure (0x1810)
+//! services, and reacts to every advertisement:
+//!
+//! - a device **not** in the allow-list is reported once ("seen, not paired through the gateway") and
+//!   never connected (DESIGN.md promise 8);
+//! - an allow-listed device gets a session unless it already has one, its retry backoff has not passed,
+//!   or `max_sessions` sessions are running (a semaphore; the device advertises again);
+//! - a session has an overall deadline (a wedged bluetoothd must not hang the gateway, hass-omron's
+//!   lesson); a failed or incomplete one is retried with exponential backoff, and its stage, cause and the
+//!   device's RSSI are kept as the device's last failure (`gateway devices`, [`BleStatus::fill_status`]
+//!   for the status topic) and the first failure of a streak is journaled as a `device_error` event.
+//!
+//! When the adapter disappears (USB dongle pulled, bluetoothd restarted) the supervisor reports it, lets
+//! running sessions end at their deadline, and goes back to looking for the adapter; when it returns
+//! scanning resumes. What was accepted stays accepted; the devices keep the rest (promise 4).
+
+pub mod commands;
+pub mod link;
+pub mod pairing;
+pub mod quirks;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use btleplug::api::{Central, CentralEvent, Manager as _, Peripheral as _, ScanFilter};
+use btleplug::platform::{Adapter, Manager, Peripheral, PeripheralId};
+use futures_util::StreamExt;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::collector::{
+    self, CollectorConfig, Completion, DeviceRef, SessionError, SessionReport, now_utc,
+};
+use super::{BLOOD_PRESSURE_SERVICE, GLUCOSE_SERVICE, GattLink, uuid};
+use crate::pipeline::{Bindings, Pipeline};
+use link::{BleLink, OpenError, short_uuid};
+use store::{DeviceKind, DeviceStatus, DeviceStore, Failure, PairedDevice};
+
+/// The BLE source's settings (`[ble]` in the configuration).
+#[derive(Debug, Clone)]
+pub struct BleConfig {
+    /// The adapter, by name (`hci0`) or address; `None` takes the first one.
+    pub adapter: Option<String>,
+    /// Where the allow-list and the device status live.
+    pub store_dir: PathBuf,
+    /// Sessions at once.
+    pub max_sessions: usize,
+    /// A session's overall deadline: connect, discovery, transfer.
+    pub session_deadline: Duration,
+    /// One GATT operation's time-out.
+    pub op_timeout: Duration,
+    /// `Device1.Connect` until services are resolved.
+    pub connect_timeout: Duration,
+    /// First retry after a failed or incomplete session; doubles per failure up to `retry_max`.
+    pub retry_base: Duration,
+    /// The longest retry backoff.
+    pub retry_max: Duration,
+    /// After a complete session, leave the device alone this long.
+    pub revisit_after: Duration,
+    /// How often the adapter's presence is checked (and, while missing, looked for again).
+    pub adapter_poll: Duration,
+    /// Set a device's clock through Current Time (0x2A2B) after a complete download when it is off by more
+    /// than this (after allowing for `device_zone_offset_min`); `None` never writes a device clock.
+    pub clock_set_above: Option<Duration>,
+    /// The zone the devices' clocks show, minutes east of UTC (devices keep local time): the time written
+    /// is gateway UTC + this, and drift is measured against it.
+    pub device_zone_offset_min: i32,
+    /// Pair "just works" when a bonded device asks for authentication (a meter that lost its bond).
+    pub repair_just_works: bool,
+    /// The collectors' timing.
+    pub collector: CollectorConfig,
+}
+
+impl BleConfig {
+    /// Defaults for a daemon, with the store in `store_dir`.
+    pub fn new(store_dir: impl Into<PathBuf>) -> Self {
+        BleConfig {
+            adapter: None,
+            store_dir: store_dir.into(),
+            max_sessions: 2,
+            session_deadline: Duration::from_secs(180),
+            op_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(30),
+            retry_base: Duration::from_secs(5),
+            retry_max: Duration::from_secs(600),
+            revisit_after: Duration::from_secs(300),
+            adapter_poll: Duration::from_secs(5),
+            repair_just_works: true,
+            clock_set_above: None,
+            device_zone_offset_min: 0,
+            collector: CollectorConfig::default(),
+        }
+    }
+}
+
+/// Why the BLE source cannot use the radio. Each is reported and retried; none stops the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BleError {
+    /// The D-Bus system bus or bluetoothd is unreachable.
+    #[error("BlueZ unreachable on the system bus: {0}")]
+    Bus(String),
+    /// BlueZ has no adapter at all.
+    #[error("no Bluetooth adapter (is the dongle plugged in and bluetoothd running?)")]
+    NoAdapter,
+    /// The configured adapter is not among those present.
+    #[error("Bluetooth adapter {wanted:?} not found; present: {present}")]
+    AdapterNotFound {
+        /// The configured name or address.
+        wanted: String,
+        /// What is there.
+        present: String,
+    },
+    /// Scanning could not start.
+    #[error("cannot scan: {0}")]
+    Scan(String),
+}
+
+/// An adapter and its identity.
+#[derive(Debug, Clone)]
+pub struct SelectedAdapter {
+    /// The btleplug adapter.
+    pub adapter: Adapter,
+    /// Its BlueZ name (`hci0`).
+    pub name: String,
+    /// Its address, if known.
+    pub address: Option<String>,
+}
+
+/// Finds the adapter by name or address (`None`: the first).
+///
+/// # Errors
+/// [`BleError::Bus`], [`BleError::NoAdapter`], [`BleError::AdapterNotFound`].
+pub async fn select_adapter(
+    manager: &Manager,
+    wanted: Option<&str>,
+) -> Result<SelectedAdapter, BleError> {
+    let adapters = manager
+        .adapters()
+        .await
+        .map_err(|e| BleError::Bus(e.to_string()))?;
+    if adapters.is_empty() {
+        return Err(BleError::NoAdapter);
+    }
+    let mut present = Vec::new();
+    for adapter in adapters {
+        let Ok(info) = adapter.adapter_info().await else {
+            continue;
+        };
+        // "hci0 (usb:v1D6Bp0246d0542)"
+        let name = info.split_whitespace().next().unwrap_or("").to_owned();
+        let address = adapter
+            .adapter_address()
+            .await
+            .ok()
+            .flatten()
+            .map(|a| a.to_string().to_ascii_uppercase());
+        let matches = match wanted {
+            None => true,
+            Some(w) => {
+                w == name
+                    || address
+                        .as_deref()
+                        .is_some_and(|a| a.eq_ignore_ascii_case(&store::normalize_address(w)))
+            }
+        };
+        if matches {
+            return Ok(SelectedAdapter {
+                adapter,
+                name,
+                address,
+            });
+        }
+        present.push(match &address {
+            Some(a) => format!("{name} ({a})"),
+            None => name,
+        });
+    }
+    match wanted {
+        Some(w) => Err(BleError::AdapterNotFound {
+            wanted: w.to_owned(),
+            present: present.join(", "),
+        }),
+        None => Err(BleError::NoAdapter),
+    }
+}
+
+/// The adapter as the status topic and `gateway devices` show it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum AdapterState {
+    /// Not looked for yet.
+    #[default]
+    Unknown,
+    /// Present and scanning.
+    Up {
+        /// `hci0`.
+        name: String,
+    },
+    /// Missing or unusable; looked for again every `adapter_poll`.
+    Missing {
+        /// Why.
+        cause: String,
+    },
+}
+
+/// A device seen advertising a health service but not paired through the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SeenDevice {
+    /// The advertised name.
+    pub name: Option<String>,
+    /// RSSI when first seen.
+    pub rssi: Option<i16>,
+}
+
+/// What the BLE source reports (shared with the status topic and tests).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BleStatus {
+    /// The adapter.
+    pub adapter: AdapterState,
+    /// Times the adapter went away while in use.
+    pub adapter_losses: u32,
+    /// Devices seen but not allow-listed, by address (each reported once).
+    pub seen_unpaired: BTreeMap<String, SeenDevice>,
+    /// Each allow-listed device's session record, by address.
+    pub devices: BTreeMap<String, DeviceStatus>,
+    /// Sessions started.
+    pub sessions_started: u64,
+    /// Sessions that completed.
+    pub sessions_completed: u64,
+}
+
+impl BleStatus {
+    /// Fills the status topic's `adapter` and `devices` (DESIGN.md: "…/status: devices, adapter state")
+    /// for the allow-listed `devices`: when each was last read and its last failure (stage, cause, RSSI).
+    pub fn fill_status(
+        &self,
+        msg: &mut protocol::wire::StatusMessage,
+        devices: &BTreeMap<String, PairedDevice>,
+    ) {
+        msg.adapter = Some(match &self.adapter {
+            AdapterState::Unknown => "unknown".to_owned(),
+            AdapterState::Up { .. } => "powered".to_owned(),
+            AdapterState::Missing { .. } => "absent".to_owned(),
+        });
+        msg.devices = devices
+            .values()
+            .map(|d| {
+                let st = self
+                    .devices
+                    .get(&d.address.to_ascii_uppercase())
+                    .cloned()
+                    .unwrap_or_default();
+                protocol::wire::DeviceStatus {
+                    id: d.address.clone(),
+                    kind: match d.kind {
+                        DeviceKind::Glucometer => protocol::wire::Kind::Glucose,
+                        DeviceKind::Cuff => protocol::wire::Kind::BloodPressure,
+                    },
+                    last_seen: st.last_success.and_then(rfc3339),
+                    last_failure: st.last_failure.map(|f| match f.rssi {
+                        Some(r) => format!("{}: {} (RSSI {r} dBm)", f.stage, f.cause),
+                        None => format!("{}: {}", f.stage, f.cause),
+                    }),
+                }
+            })
+            .collect();
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ`.
+fn rfc3339(secs: i64) -> Option<String> {
+    protocol::gatt::time::DateTime::from_epoch_seconds(secs).map(|d| format!("{d}Z"))
+}
+
+/// A handle on the BLE source's status.
+#[derive(Debug, Clone, Default)]
+pub struct BleStatusHandle(Arc<Mutex<BleStatus>>);
+
+impl BleStatusHandle {
+    /// A copy of the status now.
+    pub fn snapshot(&self) -> BleStatus {
+        self.lock().clone()
+    }
+
+    /// Short, await-free critical sections only (std mutex).
+    fn lock(&self) -> std::sync::MutexGuard<'_, BleStatus> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The bindings the allow-list holds (device → patient, cuff user → patient), for the pipeline.
+pub fn bindings_of(devices: &BTreeMap<String, PairedDevice>, into: &mut Bindings) {
+    for d in devices.values() {
+        if let Some(p) = &d.patient {
+            into.bind(&d.address, None, p);
+        }
+        for (u, p) in &d.users {
+            into.bind(&d.address, Some(*u), p);
+        }
+    }
+}
+
+/// Where and why a session failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionFailure {
+    /// The stage.
+    pub stage: &'static str,
+    /// The cause.
+    pub cause: String,
+}
+
+impl SessionFailure {
+    fn new(stage: &'static str, cause: impl ToString) -> Self {
+        SessionFailure {
+            stage,
+            cause: cause.to_string(),
+        }
+    }
+}
+
+/// One session with one allow-listed device: connect, read Device Information, apply its quirks, run the
+/// GLP or BLP collector into the pipeline, disconnect. A device that asks for authentication is paired
+/// "just works" once and the collector run again, if `cfg.repair_just_works`; otherwise (or if that
+/// fails) the failure says it needs pairing.
+///
+/// # Errors
+/// [`SessionFailure`] with the stage it failed at. A transfer the device cut short is
+/// `Ok` with [`Completion::Incomplete`]: the next session resumes at the cursor.
+pub async fn session_once(
+    adapter: &SelectedAdapter,
+    peripheral: Peripheral,
+    device: &PairedDevice,
+    pipeline: &Pipeline,
+    cfg: &BleConfig,
+) -> Result<SessionReport, SessionFailure> {
+    let mut link = BleLink::open(
+        &adapter.adapter,
+        peripheral,
+        cfg.op_timeout,
+        cfg.connect_timeout,
+    )
+    .await
+    .map_err(|e| match e {
+        OpenError::Connect(c) => SessionFailure::new("connect", c),
+        OpenError::Discover(c) => SessionFailure::new("discover", c),
+        OpenError::Streams(c) => SessionFailure::new("connect", c),
+    })?;
+    // The device's own binding from the allow-list, as it is now: a device paired or rebound while the
+    // gateway runs lands on the right patient from its next session on.
+    let mut pipeline = pipeline.clone();
+    let mut bindings = (*pipeline.bindings).clone();
+    bindings_of(
+        &BTreeMap::from([(device.address.clone(), device.clone())]),
+        &mut bindings,
+    );
+    pipeline.bindings = Arc::new(bindings);
+    let result = run_collector(&mut link, adapter, device, &pipeline, cfg).await;
+    if let Ok(report) = &result {
+        // After the download, so every reading of this session carries the offset that was true for it.
+        if report.completion == Completion::Complete {
+            set_clock_if_drifted(&mut link, report.clock_offset_s, cfg, &device.address).await;
+        }
+    }
+    link.disconnect().await;
+    result
+}
+
+/// Writes the device clock through Current Time when it is off by more than `cfg.clock_set_above`
+/// (DESIGN.md promise 5 keeps the measured offset on every reading; this keeps the offset small).
+/// Returns whether a write was accepted. ATT 0x80 ("data field ignored", Omron HEM-6232T-E) counts as not
+/// set: the device keeps its clock and the next session measures it again.
+pub async fn set_clock_if_drifted<L: GattLink>(
+    link: &mut L,
+    measured_offset_s: Option<i64>,
+    cfg: &BleConfig,
+    device: &str,
+) -> bool {
+    let (Some(bound), Some(offset)) = (cfg.clock_set_above, measured_offset_s) else {
+        return false;
+    };
+    let zone = i64::from(cfg.device_zone_offset_min) * 60;
+    let drift = offset - zone;
+    if drift.unsigned_abs() <= bound.as_secs() || !link.has(uuid::CURRENT_TIME) {
+        return false;
+    }
+    let target = now_utc() + zone;
+    let Some(date_time) = protocol::gatt::time::DateTime::from_epoch_seconds(target) else {
+        return false;
+    };
+    let ct = protocol::gatt::time::CurrentTime {
+        date_time,
+        // 1970-01-01 was a Thursday; CTS counts Monday = 1 … Sunday = 7.
+        day_of_week: u8::try_from((target.div_euclid(86_400) + 3).rem_euclid(7) + 1).unwrap_or(0),
+        fractions256: 0,
+        // Bit 1: external reference time update.
+        adjust_reason: 0x02,
+    };
+    use protocol::gatt::Codec;
+    match link.write(uuid::CURRENT_TIME, &ct.to_vec()).await {
+        Ok(()) => {
+            tracing::info!(device = %device, drift_s = drift, "device clock set");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(device = %device, drift_s = drift, error = %e, "device clock could not be set; readings keep carrying the measured offset");
+            false
+        }
+    }
+}
+
+pub(crate) async fn read_string<L: GattLink>(link: &mut L, u: u16) -> Option<String> {
+    if !link.has(u) {
+        return None;
+    }
+    let bytes = link.read(u).await.ok()?;
+    let s = String::from_utf8_lossy(&bytes)
+        .trim_end_matches('\0')
+        .trim()
+        .to_owned();
+    (!s.is_empty()).then_some(s)
+}
+
+async fn run_collector(
+    link: &mut BleLink,
+    adapter: &SelectedAdapter,
+    device: &PairedDevice,
+    pipeline: &Pipeline,
+    cfg: &BleConfig,
+) -> Result<SessionReport, SessionFailure> {
+    let model = match &device.model {
+        Some(m) => Some(m.clone()),
+        None => read_string(link, uuid::MODEL_NUMBER).await,
+    };
+    let quirks = quirks::lookup(
+        model
+            .as_deref()
+            .or(device.name.as_deref())
+            .unwrap_or_default(),
+    );
+    link.set_quirks(quirks);
+    let mut ccfg = cfg.collector;
+    ccfg.cccd_delay = ccfg.cccd_delay.max(quirks.cccd_delay());
+    let dref = DeviceRef {
+        id: device.address.clone(),
+        model,
+    };
+    let mut repaired = false;
+    loop {
+        let mut sink = pipeline.session();
+        let r = match device.kind {
+            DeviceKind::Glucometer => {
+                collector::glucose_session(link, &mut sink, &dref, &ccfg).await
+            }
+            DeviceKind::Cuff => {
+                collector::blood_pressure_session(link, &mut sink, &dref, &ccfg).await
+            }
+        };
+        match r {
+            Ok(report) => return Ok(report),
+            Err(SessionError::NeedsPairing(code)) if !repaired && cfg.repair_just_works => {
+                // A device we paired has lost its bond (reset, battery change): ask BlueZ to pair again.
+                tracing::warn!(device = %device.address, code, "device asks for authentication; pairing again");
+                repaired = true;
+                let pairing = pairing::Pairing::connect()
+                    .await
+                    .map_err(|e| SessionFailure::new("pairing", e))?;
+                if let Err(e) = pairing
+                    .pair(&adapter.name, &device.address, None, cfg.op_timeout)
+                    .await
+                {
+                    return Err(SessionFailure::new(
+                        "pairing",
+                        format!(
+                            "device requires pairing (ATT 0x{code:02X}) and refused to pair without a \
+                             passkey ({e}); pair it again with `gateway pair`"
+                        ),
+                    ));
+                }
+            }
+            Err(SessionError::NeedsPairing(code)) => {
+                return Err(SessionFailure::new(
+                    "pairing",
+                    format!(
+                        "device requires pairing (ATT 0x{code:02X}); pair it again with `gateway pair`"
+                    ),
+                ));
+            }
+            Err(SessionError::Link { stage, source }) => {
+                return Err(SessionFailure::new(stage, source));
+            }
+            Err(e @ SessionError::Racp(_)) => return Err(SessionFailure::new("racp", e)),
+            Err(e @ SessionError::Sink(_)) => return Err(SessionFailure::new("pipeline", e)),
+        }
+    }
+}
+
+/// Journals a `device_error` event for the `…/events` topic (DESIGN.md promise 7: a dead adapter or an
+/// unreadable device is reported, and the rest keeps working). `device` is a device address or an adapter
+/// name; no payload values are in it. At most one event per device, stage and minute (its id), so a
+/// device failing in a loop does not flood the CRM. Best effort: a full journal drops the notice, not a
+/// reading.
+pub async fn report_device_error(pipeline: &Pipeline, device: &str, stage: &str, cause: &str) {
+    let now = now_utc();
+    let event = protocol::wire::Event::DeviceError {
+        device: device.to_owned(),
+        stage: stage.to_owned(),
+        cause: cause.to_owned(),
+    };
+    let payload = match protocol::wire::EventMessage::new(&pipeline.gateway_id, now, event)
+        .map_err(|e| e.to_string())
+        .and_then(|m| serde_json::to_vec(&m).map_err(|e| e.to_string()))
+    {
+        Ok(p) => p,
+        Err(e) => return tracing::error!(error = %e, "cannot build the device_error event"),
+    };
+    let record = crate::journal::NewRecord {
+        device: device.to_owned(),
+        device_seq: None,
+        reading_id: format!("device-error:{device}:{stage}:{}", now.div_euclid(60)),
+        topic: pipeline.topics.events(),
+        payload,
+    };
+    match pipeline
+        .writer
+        .submit(record, Arc::new(std::sync::atomic::AtomicBool::new(false)))
+        .await
+    {
+        Ok(rx) => {
+            if let Ok(Err(e)) = rx.await {
+                tracing::warn!(device, error = ?e, "device_error event not journaled");
+            }
+        }
+        Err(e) => tracing::warn!(device, error = ?e, "device_error event not journaled"),
+    }
+}
+
+/// Per-device scheduling: who has a session, and when each may be tried again.
+#[derive(Debug, Default)]
+struct Schedule {
+    busy: HashSet<String>,
+    not_before: HashMap<String, Instant>,
+}
+
+/// Everything a spawned session needs.
+#[derive(Clone)]
+struct Shared {
+    cfg: BleConfig,
+    pipeline: Pipeline,
+    status: BleStatusHandle,
+    store: DeviceStore,
+    /// Short, await-free critical sections only (std mutex).
+    schedule: Arc<Mutex<Schedule>>,
+    sessions: Arc<Semaphore>,
+    tracker: TaskTracker,
+}
+
+impl Shared {
+    fn schedule(&self) -> std::sync::MutexGuard<'_, Schedule> {
+        self.schedule
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Runs the BLE source until `shutdown`: see the module doc. Sessions running at shutdown end at their
+/// own pace (bounded by their deadline), so every value handed to the pipeline is accepted or refused.
+pub async fn run(
+    cfg: BleConfig,
+    pipeline: Pipeline,
+    status: BleStatusHandle,
+    shutdown: CancellationToken,
+) {
+    let shared = Shared {
+        sessions: Arc::new(Semaphore::new(cfg.max_sessions.max(1))),
+        store: DeviceStore::new(cfg.store_dir.clone()),
+        cfg,
+        pipeline,
+        status,
+        schedule: Arc::default(),
+        tracker: TaskTracker::new(),
+    };
+    let mut manager: Option<Manager> = None;
+    let mut reported: Option<String> = None;
+    while !shutdown.is_cancelled() {
+        let outcome = async {
+            if manager.is_none() {
+                manager = Some(
+                    Manager::new()
+                        .await
+                        .map_err(|e| BleError::Bus(e.to_string()))?,
+                );
+            }
+            let Some(m) = manager.as_ref() else {
+                return Err(BleError::NoAdapter);
+            };
+            select_adapter(m, shared.cfg.adapter.as_deref()).await
+        }
+        .await;
+        let adapter = match outcome {
+            Ok(a) => a,
+            Err(e) => {
+                let cause = e.to_string();
+                let first = reported.as_deref() != Some(cause.as_str());
+                if first {
+                    tracing::error!(error = %cause, "Bluetooth unavailable; looking again every {:?}", shared.cfg.adapter_poll);
+                }
+                if matches!(e, BleError::Bus(_)) {
+                    manager = None;
+                }
+                let first = reported.as_deref() != Some(cause.as_str());
+                if first {
+                    let name = shared.cfg.adapter.as_deref().unwrap_or("adapter");
+                    report_device_error(&shared.pipeline, name, "adapter", &cause).await;
+                }
+                shared.status.lock().adapter = AdapterState::Missing {
+                    cause: cause.clone(),
+                };
+                reported = Some(cause);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(shared.cfg.adapter_poll) => continue,
+                }
+            }
+        };
+        if reported.take().is_some() {
+            tracing::info!(adapter = %adapter.name, "Bluetooth adapter available again");
+        } else {
+            tracing::info!(adapter = %adapter.name, "Bluetooth adapter selected");
+        }
+        shared.status.lock().adapter = AdapterState::Up {
+            name: adapter.name.clone(),
+        };
+        match scan(&shared, &adapter, &shutdown).await {
+            Ok(()) => {}
+            Err(e) => {
+                let cause = e.to_string();
+                tracing::error!(adapter = %adapter.name, error = %cause, "Bluetooth adapter lost; sessions end at their deadline, looking for it again");
+                report_device_error(&shared.pipeline, &adapter.name, "adapter", &cause).await;
+                let mut st = shared.status.lock();
+                st.adapter = AdapterState::Missing {
+                    cause: cause.clone(),
+                };
+                st.adapter_losses += 1;
+                reported = Some(cause);
+            }
+        }
+    }
+    shared.tracker.close();
+    shared.tracker.wait().await;
+}
+
+/// Scans on `adapter` and starts sessions until shutdown (`Ok`) or until the adapter is gone (`Err`).
+async fn scan(
+    shared: &Shared,
+    adapter: &SelectedAdapter,
+    shutdown: &CancellationToken,
+) -> Result<(), BleError> {
+    let a = &adapter.adapter;
+    let mut events = a
+        .events()
+        .await
+        .map_err(|e| BleError::Scan(e.to_string()))?;
+    let filter = ScanFilter {
+        services: vec![
+            btleplug::api::bleuuid::uuid_from_u16(GLUCOSE_SERVICE),
+            btleplug::api::bleuuid::uuid_from_u16(BLOOD_PRESSURE_SERVICE),
+        ],
+    };
+    a.start_scan(filter)
+        .await
+        .map_err(|e| BleError::Scan(e.to_string()))?;
+    let mut allow = shared.store.devices().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot read the paired-device store; no device will be connected");
+        BTreeMap::new()
+    });
+    let mut check = tokio::time::interval(shared.cfg.adapter_poll);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = tokio::time::timeout(shared.cfg.op_timeout, a.stop_scan()).await;
+                return Ok(());
+            }
+            _ = check.tick() => {
+                // Still there? (bluetoothd removes the adapter object when the dongle goes.)
+                match tokio::time::timeout(shared.cfg.op_timeout, a.adapter_info()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(BleError::Scan(format!("adapter gone: {e}"))),
+                    Err(_) => return Err(BleError::Scan("adapter not answering".into())),
+                }
+                // `gateway pair` / `devices unpair` change the allow-list while the daemon runs.
+                match shared.store.devices() {
+                    Ok(d) => allow = d,
+                    Err(e) => tracing::error!(error = %e, "cannot read the paired-device store; keeping the previous allow-list"),
+                }
+            }
+            ev = events.next() => match ev {
+                None => return Err(BleError::Scan("event stream ended".into())),
+                Some(
+                    CentralEvent::DeviceDiscovered(id)
+                    | CentralEvent::DeviceUpdated(id)
+                    | CentralEvent::RssiUpdate { id, .. }
+                    | CentralEvent::ServicesAdvertisement { id, .. },
+                ) => consider(shared, adapter, &allow, id).await,
+                Some(_) => {}
+            },
+        }
+    }
+}
+
+/// An advertisement from `id`: start a session if it is allow-listed and due; report it once if not.
+async fn consider(
+    shared: &Shared,
+    adapter: &SelectedAdapter,
+    allow: &BTreeMap<String, PairedDevice>,
+    id: PeripheralId,
+) {
+    let Ok(peripheral) = adapter.adapter.peripheral(&id).await else {
+        return;
+    };
+    let Ok(Some(props)) = peripheral.properties().await else {
+        return;
+    };
+    let address = props.address.to_string().to_ascii_uppercase();
+    let health = props
+        .services
+        .iter()
+        .filter_map(short_uuid)
+        .any(|s| s == GLUCOSE_SERVICE || s == BLOOD_PRESSURE_SERVICE);
+    let Some(device) = allow.get(&address).cloned() else {
+        if health {
+            let mut st = shared.status.lock();
+            if let std::collections::btree_map::Entry::Vacant(v) =
+                st.seen_unpaired.entry(address.clone())
+            {
+                // No payload values here, and a device address is not patient data.
+                tracing::info!(device = %address, name = ?props.local_name, rssi = ?props.rssi,
+                    "health device seen, not paired through the gateway: left alone (pair it with `gateway pair`)");
+                v.insert(SeenDevice {
+                    name: props.local_name.clone(),
+                    rssi: props.rssi,
+                });
+            }
+        }
+        return;
+    };
+    {
+        let mut s = shared.schedule();
+        if s.busy.contains(&address)
+            || s.not_before
+                .get(&address)
+                .is_some_and(|t| *t > Instant::now())
+        {
+            return;
+        }
+        let Ok(permit) = shared.sessions.clone().try_acquire_owned() else {
+            return; // at the bound: the device will advertise again
+        };
+        s.busy.insert(address.clone());
+        let shared2 = shared.clone();
+        let adapter = adapter.clone();
+        let rssi = props.rssi;
+        shared.status.lock().sessions_started += 1;
+        shared.tracker.spawn(async move {
+            let _permit = permit;
+            supervised_session(&shared2, &adapter, peripheral, &device, rssi).await;
+            shared2
+                .schedule()
+                .busy
+                .remove(&device.address.to_ascii_uppercase());
+        });
+    }
+}
+
+/// One session under the deadline, then its bookkeeping: status, backoff, the status file.
+async fn supervised_session(
+    shared: &Shared,
+    adapter: &SelectedAdapter,
+    peripheral: Peripheral,
+    device: &PairedDevice,
+    rssi: Option<i16>,
+) {
+    let cfg = &shared.cfg;
+    let address = device.address.to_ascii_uppercase();
+    // The entry as stored now (a rebind since the allow-list was last read counts).
+    let device = &shared
+        .store
+        .device(&address)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| device.clone());
+    tracing::info!(device = %address, "session starts");
+    let outcome = tokio::time::timeout(
+        cfg.session_deadline,
+        session_once(adapter, peripheral.clone(), device, &shared.pipeline, cfg),
+    )
+    .await;
+    let failure = match outcome {
+        Err(_) => {
+            // The deadline cut the session: make sure the link is released.
+            let _ = tokio::time::timeout(cfg.op_timeout, peripheral.disconnect()).await;
+            Some(SessionFailure::new(
+                "deadline",
+                format!("session exceeded {:?}", cfg.session_deadline),
+            ))
+        }
+        Ok(Err(f)) => Some(f),
+        Ok(Ok(report)) => match report.completion {
+            Completion::Complete => None,
+            Completion::Incomplete => Some(SessionFailure::new(
+                "transfer",
+                "incomplete: link dropped or RACP timer expired; resuming at the first record not accepted",
+            )),
+            Completion::JournalFull => Some(SessionFailure::new(
+                "pipeline",
+                "journal full: download stopped, the device keeps its records",
+            )),
+        },
+    };
+    let now = now_utc();
+    let (status, previous_stage) = {
+        let mut st = shared.status.lock();
+        let entry = st.devices.entry(address.clone()).or_default();
+        let previous_stage = entry.last_failure.as_ref().map(|f| f.stage.clone());
+        match &failure {
+            None => {
+                entry.last_failure = None;
+                entry.last_success = Some(now);
+                entry.consecutive_failures = 0;
+            }
+            Some(f) => {
+                entry.last_failure = Some(Failure {
+                    stage: f.stage.to_owned(),
+                    cause: f.cause.clone(),
+                    rssi,
+                    at: now,
+                });
+                entry.consecutive_failures = entry.consecutive_failures.saturating_add(1);
+            }
+        }
+        let entry = entry.clone();
+        if failure.is_none() {
+            st.sessions_completed += 1;
+        }
+        (entry, previous_stage)
+    };
+    if let Some(f) = &failure {
+        let new_stage = previous_stage.as_deref() != Some(f.stage);
+        if status.consecutive_failures == 1 || new_stage {
+            report_device_error(&shared.pipeline, &address, f.stage, &f.cause).await;
+        }
+    }
+    let wait = match &failure {
+        None => {
+            tracing::info!(device = %address, "session complete");
+            cfg.revisit_after
+        }
+        Some(f) => {
+            tracing::warn!(device = %address, stage = f.stage, cause = %f.cause, rssi = ?rssi, "session failed; the device keeps its records");
+            let exp = status.consecutive_failures.saturating_sub(1).min(16);
+            cfg.retry_base
+                .saturating_mul(1u32 << exp)
+                .min(cfg.retry_max)
+        }
+    };
+    shared
+        .schedule()
+        .not_before
+        .insert(address.clone(), Instant::now() + wait);
+    if let Err(e) = shared.store.put_status(&address, &status) {
+        tracing::error!(error = %e, "cannot record the device status");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The status topic shows the adapter and, per paired device, when it was last read and its last
+    /// failure with stage, cause and RSSI.
+    #[test]
+    fn status_topic_shows_adapter_and_last_failure() {
+        let mut status = BleStatus {
+            adapter: AdapterState::Missing {
+                cause: "no adapter".into(),
+            },
+            ..BleStatus::default()
+        };
+        status.devices.insert(
+            "AA:00:00:00:00:01".into(),
+            DeviceStatus {
+                last_failure: Some(Failure {
+                    stage: "connect".into(),
+                    cause: "timed out".into(),
+                    rssi: Some(-91),
+                    at: 0,
+                }),
+                last_success: Some(1_700_000_000),
+                consecutive_failures: 1,
+            },
+        );
+        let devices = BTreeMap::from([(
+            "AA:00:00:00:00:01".to_owned(),
+            PairedDevice {
+                address: "AA:00:00:00:00:01".into(),
+                kind: DeviceKind::Cuff,
+                name: None,
+                model: None,
+                manufacturer: None,
+                serial: None,
+                patient: Some("p-1".into()),
+                users: BTreeMap::new(),
+                paired_at: 0,
+            },
+        )]);
+        let mut msg = protocol::wire::StatusMessage::online("gw", None);
+        status.fill_status(&mut msg, &devices);
+        assert_eq!(msg.adapter.as_deref(), Some("absent"));
+        assert_eq!(msg.devices.len(), 1);
+        let d = &msg.devices[0];
+        assert_eq!(d.kind, protocol::wire::Kind::BloodPressure);
+        assert_eq!(d.last_seen.as_deref(), Some("2023-11-14T22:13:20Z"));
+        assert_eq!(
+            d.last_failure.as_deref(),
+            Some("connect: timed out (RSSI -91 dBm)")
+        );
+    }
+}

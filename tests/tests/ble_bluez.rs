@@ -1,0 +1,1202 @@
+//! The BLE source through the unmodified btleplug stack (btleplug → bluez-async → libdbus) against our
+//! BlueZ-compatible D-Bus service (`phg_tests::bluez`) on a private `dbus-daemon`, with the simulator's
+//! device models answering GATT and the real pipeline and journal behind the collectors.
+//!
+//! One bus per test binary (libdbus reads `DBUS_SYSTEM_BUS_ADDRESS` once); the scenarios take turns on
+//! it (`SERIAL`), each with its own `org.bluez` owner. Without `dbus-daemon` every scenario prints
+//! "skipped" and returns.
+
+// Test set-up unwraps/expects: a failure there is a broken test machine, and the panic says where.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use btleplug::api::Peripheral as _;
+use btleplug::platform::Manager;
+use gateway::journal::{Journal, JournalConfig};
+use gateway::pipeline::handoff::Handoff;
+use gateway::pipeline::{Bindings, Counters, Pipeline, writer};
+use gateway::sources::ble::commands::{self, PairRequest};
+use gateway::sources::ble::link::BleLink;
+use gateway::sources::ble::store::{DeviceKind, DeviceStore, PairedDevice};
+use gateway::sources::ble::{
+    AdapterState, BleConfig, BleError, BleStatusHandle, SelectedAdapter, bindings_of,
+    select_adapter, session_once,
+};
+use gateway::sources::collector::{CollectorConfig, Completion};
+use gateway::sources::simulator::cuff::{CuffConfig, SimCuff};
+use gateway::sources::simulator::glucometer::{GlucometerConfig, GlucometerFaults, SimGlucometer};
+use gateway::sources::simulator::{SimDevice, unix_now};
+use gateway::sources::{GattLink, LinkError, uuid};
+use phg_tests::bluez::{FakeBluez, FakeDevice, system_bus};
+use protocol::wire::Topics;
+use tokio_util::sync::CancellationToken;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const METER: &str = "C0:26:DA:00:00:01";
+const CUFF: &str = "C0:26:DA:00:00:02";
+const STRANGER: &str = "C0:26:DA:00:00:99";
+
+/// The bus, the fake BlueZ, a journal, a store; `None` (after printing "skipped") without dbus-daemon.
+struct Rig {
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+    fake: FakeBluez,
+    dir: tempfile::TempDir,
+    journal: Arc<Mutex<Journal>>,
+    store: DeviceStore,
+}
+
+async fn rig() -> Option<Rig> {
+    phg_tests::init_tracing();
+    let Some(address) = system_bus() else {
+        println!("skipped: dbus-daemon not installed (CI installs it)");
+        return None;
+    };
+    let serial = SERIAL.lock().await;
+    let fake = FakeBluez::start(address).await.expect("fake org.bluez");
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _) = Journal::open(JournalConfig::new(dir.path().join("journal"))).unwrap();
+    let store = DeviceStore::new(dir.path().join("ble"));
+    Some(Rig {
+        _serial: serial,
+        fake,
+        journal: Arc::new(Mutex::new(journal)),
+        store,
+        dir,
+    })
+}
+
+impl Rig {
+    fn cfg(&self) -> BleConfig {
+        let mut c = BleConfig::new(self.dir.path().join("ble"));
+        c.session_deadline = Duration::from_secs(20);
+        c.op_timeout = Duration::from_secs(5);
+        c.connect_timeout = Duration::from_secs(5);
+        c.retry_base = Duration::from_millis(200);
+        c.retry_max = Duration::from_secs(1);
+        c.revisit_after = Duration::from_millis(300);
+        c.adapter_poll = Duration::from_millis(200);
+        c.collector = CollectorConfig {
+            racp_timeout: Duration::from_secs(3),
+            bp_idle: Duration::from_millis(400),
+            ..CollectorConfig::default()
+        };
+        c
+    }
+
+    /// A pipeline bound as the allow-list says.
+    fn pipeline(&self) -> Pipeline {
+        let mut bindings = Bindings::default();
+        bindings_of(&self.store.devices().unwrap(), &mut bindings);
+        let (writer, _thread) =
+            writer::spawn(self.journal.clone(), Arc::new(Handoff::default()), 64).unwrap();
+        Pipeline {
+            gateway_id: "gw".into(),
+            topics: Topics::for_gateway("gw"),
+            bindings: Arc::new(bindings),
+            journal: self.journal.clone(),
+            writer,
+            counters: Arc::new(Counters::default()),
+            alerts: None,
+        }
+    }
+
+    /// Journaled records: (cursor key, device_seq, payload JSON), in journal order.
+    fn journaled(&self) -> Vec<(String, Option<u64>, serde_json::Value)> {
+        let j = self.journal.lock().unwrap();
+        j.pending(None, usize::MAX)
+            .expect("read the journal")
+            .into_iter()
+            .map(|r| {
+                (
+                    r.device.clone(),
+                    r.device_seq,
+                    serde_json::from_slice(&r.payload).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn allow(&self, address: &str, kind: DeviceKind, patient: Option<&str>, users: &[(u8, &str)]) {
+        self.store
+            .put(PairedDevice {
+                address: address.into(),
+                kind,
+                name: None,
+                model: None,
+                manufacturer: None,
+                serial: None,
+                patient: patient.map(str::to_owned),
+                users: users.iter().map(|(u, p)| (*u, (*p).to_owned())).collect(),
+                paired_at: 0,
+            })
+            .unwrap();
+    }
+}
+
+async fn adapter() -> SelectedAdapter {
+    let manager = Manager::new()
+        .await
+        .expect("btleplug manager on the private bus");
+    select_adapter(&manager, Some("hci0"))
+        .await
+        .expect("the fake adapter")
+}
+
+async fn peripheral(a: &SelectedAdapter, address: &str) -> btleplug::platform::Peripheral {
+    use btleplug::api::Central as _;
+    for p in a.adapter.peripherals().await.unwrap() {
+        if p.address().to_string().eq_ignore_ascii_case(address) {
+            return p;
+        }
+    }
+    panic!("{address} not known to the adapter");
+}
+
+fn meter(n: usize, bonding: bool) -> SimDevice {
+    let mut cfg = GlucometerConfig::new("meter");
+    cfg.requires_bonding = bonding;
+    let mut g = SimGlucometer::new(cfg);
+    g.generate(n, unix_now(), 7).unwrap();
+    SimDevice::glucometer(g)
+}
+
+async fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Glucose sequence numbers journaled, in journal order.
+fn sequences(records: &[(String, Option<u64>, serde_json::Value)]) -> Vec<u64> {
+    records.iter().filter_map(|(_, s, _)| *s).collect()
+}
+
+fn racp_writes(fake: &FakeBluez, address: &str) -> Vec<String> {
+    fake.calls_to(address)
+        .into_iter()
+        .filter(|c| c.starts_with("WriteValue 2A52"))
+        .collect()
+}
+
+/// Pair a meter with a passkey through `gateway pair`'s code path (scan → `Device1.Pair` with our
+/// `Agent1` → trusted → Device Information → allow-list), then let the running source download 300
+/// stored records with contexts: each accepted once, in order, each with its context, on its patient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pair_with_passkey_then_download_300_records_with_contexts() {
+    let Some(rig) = rig().await else { return };
+    let device = meter(300, true);
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter 1", device.clone()).with_passkey(492_731))
+        .await
+        .unwrap();
+    let cfg = rig.cfg();
+    let a = adapter().await;
+    // Built before pairing, as in a running gateway: the binding comes from the allow-list per session.
+    let pipeline = rig.pipeline();
+
+    let found = commands::scan_candidates(&a, &rig.store, Duration::from_millis(300))
+        .await
+        .unwrap();
+    let c = found
+        .iter()
+        .find(|c| c.address == METER)
+        .expect("meter listed");
+    assert_eq!(c.kind, DeviceKind::Glucometer);
+    assert_eq!(c.name.as_deref(), Some("Meter 1"));
+    assert!(c.rssi.is_some());
+
+    // A wrong passkey: refused, nothing stored.
+    let req = PairRequest {
+        address: METER.to_lowercase(),
+        patient: Some("p-0001".into()),
+        users: BTreeMap::new(),
+    };
+    let wrong = commands::pair_and_store(
+        &cfg,
+        &a,
+        &rig.store,
+        &req,
+        Some(Arc::new(|_: &str| Some(111_111))),
+    )
+    .await;
+    assert!(wrong.is_err(), "a wrong passkey must not pair");
+    assert!(rig.store.devices().unwrap().is_empty());
+    assert!(!rig.fake.is_paired(METER));
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let paired = commands::pair_and_store(
+        &cfg,
+        &a,
+        &rig.store,
+        &req,
+        Some(Arc::new(move |dev: &str| {
+            seen2.lock().unwrap().push(dev.to_owned());
+            Some(492_731)
+        })),
+    )
+    .await
+    .expect("pairing with the right passkey");
+    assert_eq!(paired.address, METER);
+    assert_eq!(paired.model.as_deref(), Some("SimGluco 100"));
+    assert_eq!(paired.serial.as_deref(), Some("SN-meter"));
+    assert_eq!(seen.lock().unwrap().len(), 1, "the agent was asked once");
+    assert!(rig.fake.is_paired(METER));
+    assert!(
+        rig.fake
+            .calls_to(METER)
+            .contains(&"Trusted=true".to_owned())
+    );
+
+    let stop = CancellationToken::new();
+    let status = BleStatusHandle::default();
+    let source = tokio::spawn(gateway::sources::ble::run(
+        cfg,
+        pipeline,
+        status.clone(),
+        stop.clone(),
+    ));
+    let started = std::time::Instant::now();
+    wait_until("300 records", Duration::from_secs(30), || {
+        rig.journaled().len() >= 300 && status.snapshot().sessions_completed >= 1
+    })
+    .await;
+    let took = started.elapsed();
+    stop.cancel();
+    source.await.unwrap();
+    println!("300 records with contexts over btleplug/D-Bus in {took:?}");
+
+    let records = rig.journaled();
+    assert_eq!(
+        sequences(&records),
+        (0..300).collect::<Vec<_>>(),
+        "all once, in order"
+    );
+    for (_, seq, body) in &records {
+        assert_eq!(body["patient"], "p-0001", "record {seq:?}");
+        assert_eq!(body["sequence_number"].as_u64(), *seq);
+        assert!(
+            body["context"]["meal"].is_string()
+                || body["context"]["meal"].is_object()
+                || body["context"]["meal"].is_number(),
+            "record {seq:?} carries its context: {}",
+            body["context"]
+        );
+    }
+    assert_eq!(
+        racp_writes(&rig.fake, METER).first().map(String::as_str),
+        Some("WriteValue 2A52 0101 -> ok")
+    );
+}
+
+/// The link drops after record 150: the next session asks for records ≥ 150 (the first not accepted) and
+/// the journal ends with every record exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_drop_at_record_150_resumes_at_first_record_not_accepted() {
+    let Some(rig) = rig().await else { return };
+    let device = meter(300, false);
+    device
+        .with_glucometer(|g| {
+            g.set_faults(GlucometerFaults {
+                drop_link_after_records: Some(150),
+                ..Default::default()
+            })
+        })
+        .unwrap();
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter 1", device.clone()))
+        .await
+        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let cfg = rig.cfg();
+    let a = adapter().await;
+    let paired = rig.store.device(METER).unwrap().unwrap();
+    let pipeline = rig.pipeline();
+
+    let first = session_once(&a, peripheral(&a, METER).await, &paired, &pipeline, &cfg)
+        .await
+        .expect("first session");
+    assert_eq!(first.completion, Completion::Incomplete);
+    // The device sent 150 records before dropping the link; the gateway accepts a gap-free prefix of them
+    // (all 150 unless the radio lost the last ones with the link).
+    let accepted = sequences(&rig.journaled());
+    let k = accepted.len() as u64;
+    assert!((1..=150).contains(&k), "{k} accepted");
+    assert_eq!(accepted, (0..k).collect::<Vec<_>>());
+
+    device
+        .with_glucometer(|g| g.set_faults(GlucometerFaults::default()))
+        .unwrap();
+    let second = session_once(&a, peripheral(&a, METER).await, &paired, &pipeline, &cfg)
+        .await
+        .expect("second session");
+    assert_eq!(second.completion, Completion::Complete);
+    let [le_lo, le_hi] = u16::try_from(k).unwrap().to_le_bytes();
+    assert_eq!(
+        racp_writes(&rig.fake, METER),
+        vec![
+            "WriteValue 2A52 0101 -> ok".to_owned(),
+            // ≥ k: the first record not accepted.
+            format!("WriteValue 2A52 030301{le_lo:02X}{le_hi:02X} -> ok")
+                .replacen("0303", "0103", 1),
+        ]
+    );
+    println!("first session accepted {k} of the 150 sent; the second asked for >= {k}");
+    assert_eq!(
+        sequences(&rig.journaled()),
+        (0..300).collect::<Vec<_>>(),
+        "nothing lost or doubled"
+    );
+}
+
+/// A meter advertising the Glucose service that was not paired through the gateway is reported once and
+/// never connected, while an allow-listed cuff beside it is downloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpaired_glucose_meter_is_never_connected() {
+    let Some(rig) = rig().await else { return };
+    rig.fake
+        .add_device(FakeDevice::new(
+            STRANGER,
+            "Neighbour's meter",
+            meter(20, false),
+        ))
+        .await
+        .unwrap();
+    let mut cuff = SimCuff::new(CuffConfig::new("cuff"));
+    cuff.generate(3, unix_now(), 5).unwrap();
+    rig.fake
+        .add_device(FakeDevice::new(CUFF, "Cuff", SimDevice::cuff(cuff)))
+        .await
+        .unwrap();
+    rig.allow(CUFF, DeviceKind::Cuff, Some("p-0001"), &[]);
+
+    let stop = CancellationToken::new();
+    let status = BleStatusHandle::default();
+    let source = tokio::spawn(gateway::sources::ble::run(
+        rig.cfg(),
+        rig.pipeline(),
+        status.clone(),
+        stop.clone(),
+    ));
+    wait_until(
+        "the cuff downloaded twice and the stranger seen",
+        Duration::from_secs(20),
+        || {
+            let s = status.snapshot();
+            s.sessions_completed >= 2 && s.seen_unpaired.contains_key(STRANGER)
+        },
+    )
+    .await;
+    // Keep scanning a little longer: the stranger advertises every 100 ms all along.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    source.await.unwrap();
+
+    let s = status.snapshot();
+    assert_eq!(
+        s.seen_unpaired.len(),
+        1,
+        "reported once: {:?}",
+        s.seen_unpaired
+    );
+    assert_eq!(
+        s.seen_unpaired[STRANGER].name.as_deref(),
+        Some("Neighbour's meter")
+    );
+    let stranger_calls = rig.fake.calls_to(STRANGER);
+    assert!(
+        stranger_calls.is_empty(),
+        "the unpaired meter was touched: {stranger_calls:?}"
+    );
+    assert!(rig.fake.calls_to(CUFF).iter().any(|c| c == "Connect"));
+    assert!(rig.journaled().iter().all(|(k, _, _)| k.starts_with(CUFF)));
+    // The scan asked BlueZ for exactly the two health services.
+    let filter = rig
+        .fake
+        .calls()
+        .into_iter()
+        .find(|c| c.method.starts_with("SetDiscoveryFilter"))
+        .expect("a discovery filter");
+    assert!(
+        filter
+            .method
+            .contains("00001808-0000-1000-8000-00805f9b34fb")
+    );
+    assert!(
+        filter
+            .method
+            .contains("00001810-0000-1000-8000-00805f9b34fb")
+    );
+}
+
+/// A RACP write before the CCCDs are on is refused with ATT 0x81 through BlueZ (checked on a raw link);
+/// a meter that ignores the first CCCD writes (Beurer-style) makes the collector hit it, re-subscribe and
+/// finish the download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racp_before_cccds_gets_0x81_and_the_session_recovers() {
+    let Some(rig) = rig().await else { return };
+    let device = meter(40, false);
+    let mut fake = FakeDevice::new(METER, "Meter 1", device.clone());
+    fake.ignore_first_cccd_writes = true;
+    rig.fake.add_device(fake).await.unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let cfg = rig.cfg();
+    let a = adapter().await;
+
+    let mut link = BleLink::open(
+        &a.adapter,
+        peripheral(&a, METER).await,
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert!(link.has(uuid::RACP) && link.has(uuid::GLUCOSE_CONTEXT));
+    assert_eq!(
+        link.write(uuid::RACP, &[0x01, 0x01]).await,
+        Err(LinkError::Att(0x81))
+    );
+    link.disconnect().await;
+
+    let paired = rig.store.device(METER).unwrap().unwrap();
+    let report = session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &rig.pipeline(),
+        &cfg,
+    )
+    .await
+    .expect("the session recovers");
+    assert_eq!(report.completion, Completion::Complete);
+    let writes = racp_writes(&rig.fake, METER);
+    // The raw write, the collector's first (its CCCD writes were ignored), then after re-subscribing.
+    assert_eq!(writes.len(), 3, "{writes:?}");
+    assert!(
+        writes[..2].iter().all(|w| w.contains("ATT error: 0x81")),
+        "{writes:?}"
+    );
+    assert_eq!(writes[2], "WriteValue 2A52 0101 -> ok");
+    assert_eq!(sequences(&rig.journaled()), (0..40).collect::<Vec<_>>());
+}
+
+/// A meter in the allow-list that lost its bond answers the RACP write with Insufficient Authentication:
+/// the gateway asks BlueZ to pair. A meter that needs a passkey cannot be paired unattended: the session
+/// fails at "pairing" and the device's last failure says so; a "just works" meter is paired again and
+/// downloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbonded_racp_write_asks_for_pairing() {
+    let Some(rig) = rig().await else { return };
+    let pinned = meter(10, true);
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter 1", pinned).with_passkey(123_456))
+        .await
+        .unwrap();
+    let just_works = meter(10, true);
+    rig.fake
+        .add_device(FakeDevice::new(CUFF, "Meter 2", just_works))
+        .await
+        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    rig.allow(CUFF, DeviceKind::Glucometer, Some("p-0002"), &[]);
+    let cfg = rig.cfg();
+    let a = adapter().await;
+
+    // Through BlueZ the ATT error arrives as "Not paired", which the link reads as 0x05.
+    let mut link = BleLink::open(
+        &a.adapter,
+        peripheral(&a, METER).await,
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    for u in [uuid::GLUCOSE_MEASUREMENT, uuid::GLUCOSE_CONTEXT, uuid::RACP] {
+        link.subscribe(u).await.unwrap();
+    }
+    assert_eq!(
+        link.write(uuid::RACP, &[0x01, 0x01]).await,
+        Err(LinkError::Att(0x05))
+    );
+    link.disconnect().await;
+
+    // The supervisor records where it failed.
+    let stop = CancellationToken::new();
+    let status = BleStatusHandle::default();
+    let source = tokio::spawn(gateway::sources::ble::run(
+        cfg,
+        rig.pipeline(),
+        status.clone(),
+        stop.clone(),
+    ));
+    wait_until(
+        "a pairing failure and a re-paired download",
+        Duration::from_secs(20),
+        || {
+            let s = status.snapshot();
+            s.devices
+                .get(METER)
+                .is_some_and(|d| d.last_failure.is_some())
+                && s.devices
+                    .get(CUFF)
+                    .is_some_and(|d| d.last_success.is_some())
+        },
+    )
+    .await;
+    stop.cancel();
+    source.await.unwrap();
+
+    let s = status.snapshot();
+    let f = s.devices[METER].last_failure.clone().unwrap();
+    assert_eq!(f.stage, "pairing");
+    assert!(f.cause.contains("gateway pair"), "{}", f.cause);
+    assert!(f.rssi.is_some());
+    assert!(rig.fake.calls_to(METER).contains(&"Pair".to_owned()));
+    assert!(!rig.fake.is_paired(METER));
+    // What `gateway devices` shows comes from the store's status file.
+    let on_disk = rig.store.statuses().unwrap();
+    assert_eq!(
+        on_disk[METER]
+            .last_failure
+            .as_ref()
+            .map(|f| f.stage.as_str()),
+        Some("pairing")
+    );
+
+    assert!(
+        rig.fake.is_paired(CUFF),
+        "the just-works meter was paired again"
+    );
+    let second: Vec<u64> = rig
+        .journaled()
+        .iter()
+        .filter(|(k, _, _)| k == CUFF)
+        .filter_map(|(_, s, _)| *s)
+        .collect();
+    assert_eq!(second, (0..10).collect::<Vec<_>>());
+    assert!(
+        rig.journaled()
+            .iter()
+            .all(|(k, s, _)| k != METER || s.is_none()),
+        "no reading from the meter that could not be paired"
+    );
+    let events = device_errors(&rig.journaled());
+    assert!(
+        events
+            .iter()
+            .any(|(d, stage, _)| d == METER && stage == "pairing"),
+        "{events:?}"
+    );
+}
+
+/// A cuff with two users: each reading lands on its user's patient. The cuff dumps its whole memory on
+/// every subscribe: a second session adds nothing, a third only the new readings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_user_cuff_that_dumps_on_subscribe() {
+    let Some(rig) = rig().await else { return };
+    let mut cfg_cuff = CuffConfig::new("cuff");
+    cfg_cuff.users = vec![1, 2];
+    let mut cuff = SimCuff::new(cfg_cuff);
+    cuff.generate(12, unix_now(), 9).unwrap();
+    let by_user: BTreeMap<u8, usize> = cuff.readings().iter().fold(BTreeMap::new(), |mut m, r| {
+        *m.entry(r.user_id.unwrap()).or_default() += 1;
+        m
+    });
+    assert_eq!(by_user.len(), 2, "the generator used both users");
+    let device = SimDevice::cuff(cuff);
+    rig.fake
+        .add_device(FakeDevice::new(CUFF, "Cuff", device.clone()))
+        .await
+        .unwrap();
+    rig.allow(
+        CUFF,
+        DeviceKind::Cuff,
+        None,
+        &[(1, "p-0001"), (2, "p-0002")],
+    );
+    let cfg = rig.cfg();
+    let a = adapter().await;
+    let paired = rig.store.device(CUFF).unwrap().unwrap();
+    let pipeline = rig.pipeline();
+
+    for _ in 0..2 {
+        let r = session_once(&a, peripheral(&a, CUFF).await, &paired, &pipeline, &cfg)
+            .await
+            .unwrap();
+        assert_eq!(r.values, 12, "the cuff dumps everything each time");
+    }
+    let records = rig.journaled();
+    assert_eq!(records.len(), 12, "no duplicates across sessions");
+    for (key, _, body) in &records {
+        let expected = if key.ends_with("#user1") {
+            "p-0001"
+        } else if key.ends_with("#user2") {
+            "p-0002"
+        } else {
+            panic!("reading without its user: {key}")
+        };
+        assert_eq!(body["patient"], expected);
+    }
+    for (u, n) in by_user {
+        let key = format!("{CUFF}#user{u}");
+        assert_eq!(records.iter().filter(|(k, _, _)| *k == key).count(), n);
+    }
+
+    // Two new readings, one per user, a minute apart.
+    let now = unix_now();
+    device
+        .with_cuff(|c| {
+            c.measure(1, 128, 84, 70, Default::default(), now + 60)
+                .unwrap();
+            c.measure(2, 141, 92, 77, Default::default(), now + 120)
+                .unwrap();
+        })
+        .unwrap();
+    session_once(&a, peripheral(&a, CUFF).await, &paired, &pipeline, &cfg)
+        .await
+        .unwrap();
+    assert_eq!(rig.journaled().len(), 14);
+}
+
+/// A meter whose clock runs 7 minutes fast: each reading carries the offset measured at the connection
+/// (+420 s) and a corrected time 7 minutes before its device time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meter_seven_minutes_fast_carries_offset_and_corrected_time() {
+    let Some(rig) = rig().await else { return };
+    let mut gcfg = GlucometerConfig::new("meter");
+    gcfg.clock_offset_s = 420;
+    let mut g = SimGlucometer::new(gcfg);
+    let taken = unix_now() - 3600;
+    g.add_record(taken, 104.0, Some(1)).unwrap();
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter 1", SimDevice::glucometer(g)))
+        .await
+        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let cfg = rig.cfg();
+    let a = adapter().await;
+    let paired = rig.store.device(METER).unwrap().unwrap();
+    let report = session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &rig.pipeline(),
+        &cfg,
+    )
+    .await
+    .unwrap();
+    let offset = report.clock_offset_s.expect("offset measured");
+    assert!((419..=421).contains(&offset), "measured {offset}");
+
+    let records = rig.journaled();
+    assert_eq!(records.len(), 1);
+    let time = &records[0].2["time"];
+    assert_eq!(time["clock_offset_s"].as_i64(), Some(offset));
+    let device_time = protocol::gatt::time::DateTime::from_epoch_seconds(taken + 420)
+        .unwrap()
+        .to_string();
+    assert_eq!(time["device"].as_str(), Some(device_time.as_str()));
+    let corrected = time["corrected"].as_str().expect("corrected time");
+    let expected =
+        protocol::gatt::time::DateTime::from_epoch_seconds(taken + 420 - offset).unwrap();
+    assert_eq!(corrected, format!("{expected}Z"));
+    assert_eq!(time["trusted"], true);
+    // Clock setting is off by default: the meter's clock was not touched.
+    assert!(
+        !rig.fake
+            .calls_to(METER)
+            .iter()
+            .any(|c| c.starts_with("WriteValue 2A2B"))
+    );
+
+    // With a 2-minute bound the gateway sets the clock after the download; the next session measures ~0.
+    let mut cfg = cfg;
+    cfg.clock_set_above = Some(Duration::from_secs(120));
+    session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &rig.pipeline(),
+        &cfg,
+    )
+    .await
+    .unwrap();
+    assert!(
+        rig.fake
+            .calls_to(METER)
+            .iter()
+            .any(|c| c.starts_with("WriteValue 2A2B") && c.ends_with("-> ok"))
+    );
+    let again = session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &rig.pipeline(),
+        &cfg,
+    )
+    .await
+    .unwrap();
+    let offset = again.clock_offset_s.expect("offset measured");
+    assert!(offset.abs() <= 1, "after setting the clock: {offset}");
+    assert_eq!(
+        rig.journaled().len(),
+        1,
+        "no reading doubled by the extra sessions"
+    );
+}
+
+/// The adapter disappears (dongle pulled) while the gateway runs: it reports the adapter missing, keeps
+/// running, and when the adapter returns it scans again and downloads what the meter stored meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_disappears_and_returns() {
+    let Some(rig) = rig().await else { return };
+    let device = meter(5, false);
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter 1", device.clone()))
+        .await
+        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let stop = CancellationToken::new();
+    let status = BleStatusHandle::default();
+    let source = tokio::spawn(gateway::sources::ble::run(
+        rig.cfg(),
+        rig.pipeline(),
+        status.clone(),
+        stop.clone(),
+    ));
+    wait_until("the first download", Duration::from_secs(20), || {
+        sequences(&rig.journaled()).len() == 5
+    })
+    .await;
+    assert!(matches!(status.snapshot().adapter, AdapterState::Up { .. }));
+
+    rig.fake.remove_adapter().await.unwrap();
+    wait_until(
+        "the adapter reported missing",
+        Duration::from_secs(10),
+        || matches!(status.snapshot().adapter, AdapterState::Missing { .. }),
+    )
+    .await;
+    assert!(status.snapshot().adapter_losses >= 1);
+    // What an operator sees: a clear error, naming what is (not) there.
+    let manager = Manager::new().await.unwrap();
+    let e = select_adapter(&manager, None).await.unwrap_err();
+    assert_eq!(e, BleError::NoAdapter);
+    assert!(e.to_string().contains("no Bluetooth adapter"), "{e}");
+    device
+        .with_glucometer(|g| g.generate(3, unix_now(), 11))
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !source.is_finished(),
+        "the source carries on without an adapter"
+    );
+    assert_eq!(sequences(&rig.journaled()).len(), 5);
+
+    rig.fake.add_adapter().await.unwrap();
+    let e = select_adapter(&manager, Some("hci7")).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "Bluetooth adapter \"hci7\" not found; present: hci0 ({})",
+            phg_tests::bluez::ADAPTER_ADDRESS
+        )
+    );
+    let by_address = select_adapter(&manager, Some(phg_tests::bluez::ADAPTER_ADDRESS))
+        .await
+        .unwrap();
+    assert_eq!(by_address.name, "hci0");
+    wait_until(
+        "the download after the adapter returned",
+        Duration::from_secs(20),
+        || sequences(&rig.journaled()).len() == 8,
+    )
+    .await;
+    assert!(matches!(status.snapshot().adapter, AdapterState::Up { .. }));
+    stop.cancel();
+    source.await.unwrap();
+    assert_eq!(sequences(&rig.journaled()), (0..8).collect::<Vec<_>>());
+    // The loss went to the events topic too.
+    let events = device_errors(&rig.journaled());
+    assert!(
+        events.iter().any(|(_, stage, _)| stage == "adapter"),
+        "{events:?}"
+    );
+}
+
+/// `device_error` events journaled for the events topic: (device, stage, cause).
+fn device_errors(
+    records: &[(String, Option<u64>, serde_json::Value)],
+) -> Vec<(String, String, String)> {
+    records
+        .iter()
+        .filter(|(_, _, b)| b["event"]["type"] == "device_error")
+        .map(|(_, _, b)| {
+            let e = &b["event"];
+            (
+                e["device"].as_str().unwrap_or_default().to_owned(),
+                e["stage"].as_str().unwrap_or_default().to_owned(),
+                e["cause"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn gateway_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(phg_tests::process::gateway_bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run the gateway binary")
+}
+
+/// `gateway pair` (with the passkey on the command line) against the fake BlueZ, then `gateway devices`:
+/// list, rebind a cuff user, unpair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_pair_and_devices_commands() {
+    let Some(rig) = rig().await else { return };
+    let mut cuff_cfg = CuffConfig::new("cuff");
+    cuff_cfg.users = vec![1, 2];
+    cuff_cfg.model = "BM85".into();
+    rig.fake
+        .add_device(
+            FakeDevice::new(CUFF, "BM85", SimDevice::cuff(SimCuff::new(cuff_cfg)))
+                .with_passkey(24_680),
+        )
+        .await
+        .unwrap();
+    let dir = rig.dir.path().join("ble").display().to_string();
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            gateway_cli(&a)
+        })
+    };
+    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+
+    let out = run(s(&[
+        "pair",
+        "--state-dir",
+        &dir,
+        "--scan-s",
+        "0",
+        "--address",
+        CUFF,
+        "--passkey",
+        "24680",
+        "--user",
+        "1=p-0001",
+        "--user",
+        "2=p-0002",
+    ]))
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("model BM85"), "{stdout}");
+    assert!(rig.fake.is_paired(CUFF));
+    let d = rig.store.device(CUFF).unwrap().expect("stored");
+    assert_eq!(d.kind, DeviceKind::Cuff);
+    assert_eq!(d.users.get(&2).map(String::as_str), Some("p-0002"));
+
+    // A patient name is refused before anything is touched.
+    let out = run(s(&[
+        "pair",
+        "--state-dir",
+        &dir,
+        "--scan-s",
+        "0",
+        "--address",
+        CUFF,
+        "--patient",
+        "Jane Doe",
+    ]))
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pseudonymous"));
+
+    let out = run(s(&[
+        "devices",
+        "--state-dir",
+        &dir,
+        "rebind",
+        CUFF,
+        "--user",
+        "2",
+        "--patient",
+        "p-0003",
+    ]))
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    let out = run(s(&["devices", "--state-dir", &dir])).await.unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        list.contains(CUFF) && list.contains("user 2 → p-0003"),
+        "{list}"
+    );
+    assert!(list.contains("no session yet"), "{list}");
+
+    // Interactive: the list shows name and RSSI, the operator picks one and types the PIN the meter shows.
+    let mut near = FakeDevice::new(METER, "Meter 1", meter(3, true)).with_passkey(135_790);
+    near.rssi = -40;
+    rig.fake.add_device(near).await.unwrap();
+    let dir2 = dir.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(phg_tests::process::gateway_bin())
+            .args([
+                "pair",
+                "--state-dir",
+                &dir2,
+                "--scan-s",
+                "1",
+                "--patient",
+                "p-0009",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run gateway pair");
+        // The strongest device is listed first: the meter at about -40 dBm.
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"1\n135790\n")
+            .expect("answer the prompts");
+        child.wait_with_output().expect("gateway pair ends")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = stdout.lines().next().unwrap_or_default();
+    assert!(
+        first.contains(METER) && first.contains("Meter 1") && first.contains("dBm"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("(paired here)"),
+        "the cuff is marked: {stdout}"
+    );
+    assert!(rig.fake.is_paired(METER));
+    assert_eq!(
+        rig.store.device(METER).unwrap().and_then(|d| d.patient),
+        Some("p-0009".to_owned())
+    );
+    assert!(rig.store.device(CUFF).unwrap().is_some());
+
+    let out = run(s(&["devices", "--state-dir", &dir, "unpair", CUFF]))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(rig.store.device(CUFF).unwrap().is_none());
+    assert!(rig.fake.calls_to(CUFF).contains(&"RemoveDevice".to_owned()));
+    assert!(!rig.fake.is_paired(CUFF));
+}
+
+/// Sessions are bounded (`max_sessions = 1`: two meters are never connected at once) and each has an
+/// overall deadline: a meter that never ends its RACP transfer is cut off at the deadline, recorded as the
+/// device's last failure, and retried — the other meter is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_bounded_and_a_wedged_one_hits_its_deadline() {
+    let Some(rig) = rig().await else { return };
+    let wedged = meter(5, false);
+    wedged
+        .with_glucometer(|g| {
+            g.set_faults(GlucometerFaults {
+                skip_response: true,
+                ..Default::default()
+            })
+        })
+        .unwrap();
+    rig.fake
+        .add_device(FakeDevice::new(STRANGER, "Wedged", wedged))
+        .await
+        .unwrap();
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter 1", meter(5, false)))
+        .await
+        .unwrap();
+    rig.allow(STRANGER, DeviceKind::Glucometer, Some("p-0002"), &[]);
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let mut cfg = rig.cfg();
+    cfg.max_sessions = 1;
+    cfg.session_deadline = Duration::from_millis(800);
+    cfg.collector.racp_timeout = Duration::from_secs(30);
+    let stop = CancellationToken::new();
+    let status = BleStatusHandle::default();
+    let source = tokio::spawn(gateway::sources::ble::run(
+        cfg,
+        rig.pipeline(),
+        status.clone(),
+        stop.clone(),
+    ));
+    wait_until(
+        "a deadline failure and the other meter served",
+        Duration::from_secs(20),
+        || {
+            let s = status.snapshot();
+            s.devices
+                .get(STRANGER)
+                .and_then(|d| d.last_failure.as_ref())
+                .is_some_and(|f| f.stage == "deadline")
+                && s.devices
+                    .get(METER)
+                    .is_some_and(|d| d.last_success.is_some())
+        },
+    )
+    .await;
+    stop.cancel();
+    source.await.unwrap();
+
+    // Never two connections at once.
+    let mut open: Option<String> = None;
+    for c in rig.fake.calls() {
+        match c.method.as_str() {
+            "Connect" => {
+                assert!(open.is_none(), "{} connected while {open:?} was", c.target);
+                open = Some(c.target.clone());
+            }
+            "Disconnect" if open.as_deref() == Some(c.target.as_str()) => open = None,
+            _ => {}
+        }
+    }
+    // The wedged meter's records were sent and accepted; only its end marker never came.
+    let wedged_seqs: Vec<u64> = rig
+        .journaled()
+        .iter()
+        .filter(|(k, _, _)| k == STRANGER)
+        .filter_map(|(_, s, _)| *s)
+        .collect();
+    assert_eq!(wedged_seqs, (0..5).collect::<Vec<_>>());
+    assert_eq!(
+        sequences(
+            &rig.journaled()
+                .into_iter()
+                .filter(|(k, _, _)| k == METER)
+                .collect::<Vec<_>>()
+        ),
+        (0..5).collect::<Vec<_>>()
+    );
+}
+
+/// GLP.TS GLP/COL/SPE/BI-04: the meter sends its records but never the RACP response. The RACP timer
+/// (restarted by every notification) expires, the set counts as incomplete, and the next session asks
+/// for the records after the last accepted one — nothing doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_racp_response_times_out_and_the_next_session_resumes() {
+    let Some(rig) = rig().await else { return };
+    let device = meter(6, false);
+    device
+        .with_glucometer(|g| {
+            g.set_faults(GlucometerFaults {
+                skip_response: true,
+                ..Default::default()
+            })
+        })
+        .unwrap();
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter 1", device.clone()))
+        .await
+        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let mut cfg = rig.cfg();
+    cfg.collector.racp_timeout = Duration::from_millis(400);
+    let a = adapter().await;
+    let paired = rig.store.device(METER).unwrap().unwrap();
+    let pipeline = rig.pipeline();
+
+    let first = session_once(&a, peripheral(&a, METER).await, &paired, &pipeline, &cfg)
+        .await
+        .unwrap();
+    assert_eq!(first.completion, Completion::Incomplete);
+    assert_eq!(sequences(&rig.journaled()), (0..6).collect::<Vec<_>>());
+
+    device
+        .with_glucometer(|g| {
+            g.set_faults(GlucometerFaults::default());
+            g.generate(2, unix_now(), 3)
+        })
+        .unwrap()
+        .unwrap();
+    let second = session_once(&a, peripheral(&a, METER).await, &paired, &pipeline, &cfg)
+        .await
+        .unwrap();
+    assert_eq!(second.completion, Completion::Complete);
+    assert_eq!(
+        racp_writes(&rig.fake, METER).last().map(String::as_str),
+        Some("WriteValue 2A52 0103010600 -> ok")
+    );
+    assert_eq!(sequences(&rig.journaled()), (0..8).collect::<Vec<_>>());
+}
+
+/// A measurement that arrives damaged is journaled as a `decode_failed` event and asked for again with
+/// `01 04 01 <seq> <seq>` once the report is complete; the re-sent record is accepted, so none is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_fails_to_decode_is_requested_again() {
+    let Some(rig) = rig().await else { return };
+    let mut fake = FakeDevice::new(METER, "Meter 1", meter(10, false));
+    fake.garble_once = Some(4);
+    rig.fake.add_device(fake).await.unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let cfg = rig.cfg();
+    let a = adapter().await;
+    let paired = rig.store.device(METER).unwrap().unwrap();
+    let report = session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &rig.pipeline(),
+        &cfg,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.completion, Completion::Complete);
+    assert_eq!(
+        racp_writes(&rig.fake, METER),
+        vec![
+            "WriteValue 2A52 0101 -> ok".to_owned(),
+            // Report records within 4..=4.
+            "WriteValue 2A52 01040104000400 -> ok".to_owned(),
+        ]
+    );
+    let records = rig.journaled();
+    let mut seqs = sequences(&records);
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (0..10).collect::<Vec<_>>(),
+        "each record once, the damaged one included"
+    );
+    let failed: Vec<_> = records
+        .iter()
+        .filter(|(_, s, body)| s.is_none() && body.to_string().contains("decode_failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "the damaged value is reported");
+}
