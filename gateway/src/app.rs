@@ -368,6 +368,37 @@ fn apply_remote_config(
     Ok(Some(msg.version))
 }
 
+/// Renders the retained online status afresh: version, journal depth, and with Bluetooth on the adapter
+/// and every paired device's last read and last failure (stage, cause, RSSI).
+fn status_source(
+    config: &Config,
+    journal: Arc<Mutex<Journal>>,
+    ble_status: crate::sources::ble::BleStatusHandle,
+) -> uplink::StatusSource {
+    let gateway_id = config.raw.gateway_id.clone();
+    let store = config
+        .raw
+        .ble
+        .as_ref()
+        .map(|b| crate::sources::ble::store::DeviceStore::new(b.to_ble_config().store_dir));
+    let last_depth = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    uplink::StatusSource(Arc::new(move || {
+        let mut msg = StatusMessage::online(&gateway_id, Some(env!("CARGO_PKG_VERSION")));
+        // The uplink's own task calls this: never wait for a journal lock held through an fdatasync.
+        if let Ok(j) = journal.try_lock() {
+            last_depth.store(j.depth(), Ordering::Relaxed);
+        }
+        msg.journal_depth = Some(last_depth.load(Ordering::Relaxed));
+        if let Some(store) = &store {
+            match store.devices() {
+                Ok(devices) => ble_status.snapshot().fill_status(&mut msg, &devices),
+                Err(e) => tracing::warn!(error = %e, "status: cannot read the paired devices"),
+            }
+        }
+        serde_json::to_vec(&msg).unwrap_or_else(|_| br#"{"state":"online"}"#.to_vec())
+    }))
+}
+
 /// Runs the gateway until `shutdown` is cancelled.
 ///
 /// # Errors
@@ -379,7 +410,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     let mut uplink_cfg = uplink_config(&config, &topics)?;
     uplink_cfg.config_topic = Some(topics.config());
     uplink_cfg.inbound = Some(config_tx);
-    let uplink_cfg = uplink_cfg.validate()?;
+    let mut uplink_cfg = uplink_cfg.validate()?;
     let raw = &config.raw;
     let alerts = match &config.alert_rules {
         Some(rules) => Some(Arc::new(
@@ -404,6 +435,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         );
     }
     let journal = Arc::new(Mutex::new(journal));
+    let ble_status = crate::sources::ble::BleStatusHandle::default();
+    uplink_cfg.status_source = Some(status_source(&config, journal.clone(), ble_status.clone()));
     let appended = Arc::new(Handoff::default());
     let (writer, writer_thread) = writer::spawn(journal.clone(), appended.clone(), 1024)
         .map_err(|e| RunError::Start(e.to_string()))?;
@@ -476,7 +509,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         devices.spawn(crate::sources::ble::run(
             ble.to_ble_config(),
             pipeline.clone(),
-            crate::sources::ble::BleStatusHandle::default(),
+            ble_status.clone(),
             shutdown.clone(),
         ));
     }

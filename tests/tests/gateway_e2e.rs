@@ -1418,6 +1418,17 @@ async fn edge_alerts_follow_the_crm_configuration_and_a_bad_one_changes_nothing(
         gw.stderr().text()
     );
 
+    // The retained status is rendered afresh: online, with the gateway's version and journal depth.
+    let status: Value = sub
+        .received()
+        .iter()
+        .filter(|r| r.topic == topic(GW, "status"))
+        .find_map(|r| serde_json::from_slice(&r.payload).ok())
+        .expect("a status message");
+    assert_eq!(status["state"], "online", "{status}");
+    assert!(status["journal_depth"].is_u64(), "{status}");
+    assert!(status["version"].is_string(), "{status}");
+
     let exit = gw.terminate(Duration::from_secs(15)).await.unwrap();
     assert_clean_exit(&exit);
 }

@@ -109,6 +109,21 @@ pub struct UplinkConfig {
     /// Where the messages of `config_topic` go. A message that finds the channel full is dropped with a
     /// warning: the configuration is retained, so the next connection brings it again.
     pub inbound: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    /// Renders the online status afresh (journal depth, devices, adapter) for every CONNACK and every
+    /// `status_every`; `None`: `online_payload` as it is.
+    pub status_source: Option<StatusSource>,
+    /// How often the online status is published again while connected (retained; at least 1 s).
+    pub status_every: Duration,
+}
+
+/// A function that renders the current online status payload (see [`UplinkConfig::status_source`]).
+#[derive(Clone)]
+pub struct StatusSource(pub std::sync::Arc<dyn Fn() -> Vec<u8> + Send + Sync>);
+
+impl std::fmt::Debug for StatusSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatusSource(..)")
+    }
 }
 
 impl UplinkConfig {
@@ -137,6 +152,8 @@ impl UplinkConfig {
             connect_timeout: Duration::from_secs(10),
             config_topic: None,
             inbound: None,
+            status_source: None,
+            status_every: Duration::from_secs(60),
         }
     }
 
@@ -217,6 +234,8 @@ impl UplinkConfig {
             connect_timeout_secs: self.connect_timeout.as_secs(),
             config_topic: self.config_topic.clone(),
             inbound: self.inbound.clone(),
+            status_source: self.status_source.clone(),
+            status_every: self.status_every.max(Duration::from_secs(1)),
         })
     }
 }
@@ -345,6 +364,8 @@ pub struct CheckedUplinkConfig {
     pub(crate) connect_timeout_secs: u64,
     pub(crate) config_topic: Option<String>,
     pub(crate) inbound: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    pub(crate) status_source: Option<StatusSource>,
+    pub(crate) status_every: Duration,
 }
 
 impl CheckedUplinkConfig {

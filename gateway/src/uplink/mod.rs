@@ -62,7 +62,9 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-pub use config::{CheckedUplinkConfig, ConfigError, MqttVersion, Secret, TlsFiles, UplinkConfig};
+pub use config::{
+    CheckedUplinkConfig, ConfigError, MqttVersion, Secret, StatusSource, TlsFiles, UplinkConfig,
+};
 
 use crate::journal::{Journal, JournalError, Record};
 use crate::pipeline::handoff::Handoff;
@@ -186,6 +188,7 @@ pub async fn run_checked(
         drain_deadline: None,
         maybe_more: true,
         next_recheck: Instant::now() + RECHECK_EVERY,
+        next_status: Instant::now(),
         attempt: 0,
         stats: UplinkStats::default(),
     };
@@ -299,6 +302,8 @@ struct Uplink {
     /// The journal may hold records after the window's cursor (cleared when a read came back short).
     maybe_more: bool,
     next_recheck: Instant,
+    /// When the online status is published again.
+    next_status: Instant,
     /// Failed connection attempts since a record was last PUBACKed or a connection last held for
     /// `backoff_max`.
     attempt: u32,
@@ -378,6 +383,10 @@ impl Uplink {
                     self.start_sync_job();
                 }
                 _ = self.handoff.notified(), if self.connected && !draining => self.fill(),
+                _ = sleep_until(self.next_status), if self.connected && !draining => {
+                    self.next_status = Instant::now() + self.cfg.status_every;
+                    self.publish_status(true);
+                }
                 _ = sleep_until(self.next_recheck), if self.connected && !draining => {
                     self.next_recheck = Instant::now() + RECHECK_EVERY;
                     self.maybe_more = true;
@@ -400,6 +409,7 @@ impl Uplink {
                 self.reset_window();
                 // Status first: the CRM sees "online" before the backlog.
                 self.publish_status(true);
+                self.next_status = Instant::now() + self.cfg.status_every;
                 if let Some(topic) = self.cfg.config_topic.clone() {
                     if let Err(e) = self.publisher.subscribe(&topic) {
                         warn!(?e, topic = %topic, "could not subscribe to the configuration topic");
@@ -657,7 +667,10 @@ impl Uplink {
 
     fn publish_status(&mut self, online: bool) {
         let payload = if online {
-            self.cfg.online_payload.clone()
+            match &self.cfg.status_source {
+                Some(source) => (source.0)(),
+                None => self.cfg.online_payload.clone(),
+            }
         } else {
             self.cfg.offline_payload.clone()
         };
