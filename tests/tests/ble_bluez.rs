@@ -40,6 +40,27 @@ const METER: &str = "C0:26:DA:00:00:01";
 const CUFF: &str = "C0:26:DA:00:00:02";
 const STRANGER: &str = "C0:26:DA:00:00:99";
 
+/// Starts the BLE source (the daemon's, unmodified) on `pipeline`; returns its task, the status it keeps
+/// and the token that stops it.
+fn start_source(
+    cfg: gateway::sources::ble::BleConfig,
+    pipeline: Pipeline,
+) -> (
+    tokio::task::JoinHandle<()>,
+    BleStatusHandle,
+    CancellationToken,
+) {
+    let stop = CancellationToken::new();
+    let status = BleStatusHandle::default();
+    let source = tokio::spawn(gateway::sources::ble::run(
+        cfg,
+        pipeline,
+        status.clone(),
+        stop.clone(),
+    ));
+    (source, status, stop)
+}
+
 /// The bus, the fake BlueZ, a journal, a store; `None` (after printing "skipped") without dbus-daemon.
 struct Rig {
     _serial: tokio::sync::MutexGuard<'static, ()>,
@@ -257,14 +278,7 @@ async fn pair_with_passkey_then_download_300_records_with_contexts() {
             .contains(&"Trusted=true".to_owned())
     );
 
-    let stop = CancellationToken::new();
-    let status = BleStatusHandle::default();
-    let source = tokio::spawn(gateway::sources::ble::run(
-        cfg,
-        pipeline,
-        status.clone(),
-        stop.clone(),
-    ));
+    let (source, status, stop) = start_source(cfg, pipeline);
     let started = std::time::Instant::now();
     wait_until("300 records", Duration::from_secs(30), || {
         rig.journaled().len() >= 300 && status.snapshot().sessions_completed >= 1
@@ -379,14 +393,7 @@ async fn unpaired_glucose_meter_is_never_connected() {
         .unwrap();
     rig.allow(CUFF, DeviceKind::Cuff, Some("p-0001"), &[]);
 
-    let stop = CancellationToken::new();
-    let status = BleStatusHandle::default();
-    let source = tokio::spawn(gateway::sources::ble::run(
-        rig.cfg(),
-        rig.pipeline(),
-        status.clone(),
-        stop.clone(),
-    ));
+    let (source, status, stop) = start_source(rig.cfg(), rig.pipeline());
     wait_until(
         "the cuff downloaded twice and the stranger seen",
         Duration::from_secs(20),
@@ -530,14 +537,7 @@ async fn unbonded_racp_write_asks_for_pairing() {
     link.disconnect().await;
 
     // The supervisor records where it failed.
-    let stop = CancellationToken::new();
-    let status = BleStatusHandle::default();
-    let source = tokio::spawn(gateway::sources::ble::run(
-        cfg,
-        rig.pipeline(),
-        status.clone(),
-        stop.clone(),
-    ));
+    let (source, status, stop) = start_source(cfg, rig.pipeline());
     wait_until(
         "a pairing failure and a re-paired download",
         Duration::from_secs(20),
@@ -765,14 +765,7 @@ async fn adapter_disappears_and_returns() {
         .await
         .unwrap();
     rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
-    let stop = CancellationToken::new();
-    let status = BleStatusHandle::default();
-    let source = tokio::spawn(gateway::sources::ble::run(
-        rig.cfg(),
-        rig.pipeline(),
-        status.clone(),
-        stop.clone(),
-    ));
+    let (source, status, stop) = start_source(rig.cfg(), rig.pipeline());
     wait_until("the first download", Duration::from_secs(20), || {
         sequences(&rig.journaled()).len() == 5
     })
@@ -1049,14 +1042,7 @@ async fn sessions_are_bounded_and_a_wedged_one_hits_its_deadline() {
     cfg.max_sessions = 1;
     cfg.session_deadline = Duration::from_millis(800);
     cfg.collector.racp_timeout = Duration::from_secs(30);
-    let stop = CancellationToken::new();
-    let status = BleStatusHandle::default();
-    let source = tokio::spawn(gateway::sources::ble::run(
-        cfg,
-        rig.pipeline(),
-        status.clone(),
-        stop.clone(),
-    ));
+    let (source, status, stop) = start_source(cfg, rig.pipeline());
     wait_until(
         "a deadline failure and the other meter served",
         Duration::from_secs(20),
