@@ -40,6 +40,28 @@ const METER: &str = "C0:26:DA:00:00:01";
 const CUFF: &str = "C0:26:DA:00:00:02";
 const STRANGER: &str = "C0:26:DA:00:00:99";
 
+/// One session with the paired device `address`, on a fresh pipeline of `rig`.
+async fn session_of(
+    rig: &Rig,
+    adapter: &SelectedAdapter,
+    address: &str,
+    cfg: &BleConfig,
+) -> Result<gateway::sources::collector::SessionReport, gateway::sources::ble::SessionFailure> {
+    let paired = rig
+        .store
+        .device(address)
+        .expect("read the allow-list")
+        .expect("the device is paired");
+    session_once(
+        adapter,
+        peripheral(adapter, address).await,
+        &paired,
+        &rig.pipeline(),
+        cfg,
+    )
+    .await
+}
+
 /// Starts the BLE source (the daemon's, unmodified) on `pipeline`; returns its task, the status it keeps
 /// and the token that stops it.
 fn start_source(
@@ -474,16 +496,9 @@ async fn racp_before_cccds_gets_0x81_and_the_session_recovers() {
     );
     link.disconnect().await;
 
-    let paired = rig.store.device(METER).unwrap().unwrap();
-    let report = session_once(
-        &a,
-        peripheral(&a, METER).await,
-        &paired,
-        &rig.pipeline(),
-        &cfg,
-    )
-    .await
-    .expect("the session recovers");
+    let report = session_of(&rig, &a, METER, &cfg)
+        .await
+        .expect("the session recovers");
     assert_eq!(report.completion, Completion::Complete);
     let writes = racp_writes(&rig.fake, METER);
     // The raw write, the collector's first (its CCCD writes were ignored), then after re-subscribing.
@@ -684,16 +699,7 @@ async fn meter_seven_minutes_fast_carries_offset_and_corrected_time() {
     rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
     let cfg = rig.cfg();
     let a = adapter().await;
-    let paired = rig.store.device(METER).unwrap().unwrap();
-    let report = session_once(
-        &a,
-        peripheral(&a, METER).await,
-        &paired,
-        &rig.pipeline(),
-        &cfg,
-    )
-    .await
-    .unwrap();
+    let report = session_of(&rig, &a, METER, &cfg).await.unwrap();
     let offset = report.clock_offset_s.expect("offset measured");
     assert!((419..=421).contains(&offset), "measured {offset}");
 
@@ -721,30 +727,14 @@ async fn meter_seven_minutes_fast_carries_offset_and_corrected_time() {
     // With a 2-minute bound the gateway sets the clock after the download; the next session measures ~0.
     let mut cfg = cfg;
     cfg.clock_set_above = Some(Duration::from_secs(120));
-    session_once(
-        &a,
-        peripheral(&a, METER).await,
-        &paired,
-        &rig.pipeline(),
-        &cfg,
-    )
-    .await
-    .unwrap();
+    session_of(&rig, &a, METER, &cfg).await.unwrap();
     assert!(
         rig.fake
             .calls_to(METER)
             .iter()
             .any(|c| c.starts_with("WriteValue 2A2B") && c.ends_with("-> ok"))
     );
-    let again = session_once(
-        &a,
-        peripheral(&a, METER).await,
-        &paired,
-        &rig.pipeline(),
-        &cfg,
-    )
-    .await
-    .unwrap();
+    let again = session_of(&rig, &a, METER, &cfg).await.unwrap();
     let offset = again.clock_offset_s.expect("offset measured");
     assert!(offset.abs() <= 1, "after setting the clock: {offset}");
     assert_eq!(
@@ -1153,16 +1143,7 @@ async fn a_record_that_fails_to_decode_is_requested_again() {
     rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
     let cfg = rig.cfg();
     let a = adapter().await;
-    let paired = rig.store.device(METER).unwrap().unwrap();
-    let report = session_once(
-        &a,
-        peripheral(&a, METER).await,
-        &paired,
-        &rig.pipeline(),
-        &cfg,
-    )
-    .await
-    .unwrap();
+    let report = session_of(&rig, &a, METER, &cfg).await.unwrap();
     assert_eq!(report.completion, Completion::Complete);
     assert_eq!(
         racp_writes(&rig.fake, METER),
