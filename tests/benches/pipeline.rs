@@ -1599,7 +1599,7 @@ async fn run(sizes: Sizes) -> Result<(), String> {
         Err(e) => println!("!! uplink: {e}"),
     }
     println!(
-        "journal peak: {} pending records, {:.1} MB pending (the journal keeps pending records in memory)",
+        "journal peak: {} pending records, {:.1} MB pending on disk (memory holds an index of ~81 B per record)",
         thousands(tp.peak_depth as f64),
         tp.peak_pending_bytes as f64 / 1e6
     );
