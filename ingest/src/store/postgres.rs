@@ -1,0 +1,551 @@
+//! PostgreSQL, by URL (tokio-postgres, no TLS: run it on a private network or behind a TLS-terminating
+//! proxy; TLS is a follow-up).
+//!
+//! A batch's readings go in with one multi-row `INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING
+//! RETURNING id` (one round trip); the batch's patients are locked up front, in sorted order
+//! (`SELECT … ORDER BY patient FOR UPDATE`), so two instances never deadlock and never evaluate one patient
+//! at once. Outbox rows are claimed with `FOR UPDATE SKIP LOCKED`.
+//!
+//! Two connections per store: a writer (transactions, behind an async mutex) and a reader (the API).
+//! A lost connection is re-opened at the next call.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, NoTls, Row, Transaction};
+
+use super::{
+    AckResult, AlertRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, Store, StoreError,
+    Stored, prepare, schema, sqlite::kind_name,
+};
+use crate::evaluate::{AlertWrite, Evaluator, Sink};
+
+/// The PostgreSQL store (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    url: Arc<str>,
+    writer: Arc<Mutex<Client>>,
+    reader: Arc<Mutex<Client>>,
+}
+
+async fn client(url: &str) -> Result<Client, StoreError> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+impl PgStore {
+    /// Connects to `url` and creates the tables (under an advisory lock: instances may start together).
+    ///
+    /// # Errors
+    /// [`StoreError::Postgres`] when the server cannot be reached or the schema created.
+    pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
+        let writer = client(url).await?;
+        writer
+            .execute("SELECT pg_advisory_lock(728374)", &[])
+            .await?;
+        let migrated = writer.batch_execute(&schema("BIGSERIAL PRIMARY KEY")).await;
+        writer
+            .execute("SELECT pg_advisory_unlock(728374)", &[])
+            .await?;
+        migrated?;
+        let reader = client(url).await?;
+        Ok(PgStore {
+            url: url.into(),
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    /// The client behind `m`, re-connected when its connection was lost.
+    async fn get<'a>(
+        &self,
+        m: &'a Mutex<Client>,
+    ) -> Result<tokio::sync::MutexGuard<'a, Client>, StoreError> {
+        let mut g = m.lock().await;
+        if g.is_closed() {
+            *g = client(&self.url).await?;
+        }
+        Ok(g)
+    }
+}
+
+async fn lock_states(
+    tx: &Transaction<'_>,
+    patients: &BTreeSet<String>,
+    now_ms: i64,
+) -> Result<HashMap<String, Option<String>>, StoreError> {
+    let list: Vec<&str> = patients.iter().map(String::as_str).collect();
+    tx.execute(
+        "INSERT INTO patient_state (patient, state, updated_ms)
+         SELECT p, '', $2 FROM unnest($1::text[]) AS p ORDER BY p ON CONFLICT (patient) DO NOTHING",
+        &[&list, &now_ms],
+    )
+    .await?;
+    let rows = tx
+        .query(
+            "SELECT patient, state FROM patient_state WHERE patient = ANY($1)
+             ORDER BY patient FOR UPDATE",
+            &[&list],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let s: String = r.get(1);
+            (r.get(0), Some(s).filter(|s| !s.is_empty()))
+        })
+        .collect())
+}
+
+async fn save_state(
+    tx: &Transaction<'_>,
+    patient: &str,
+    state: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE patient_state SET state = $2, updated_ms = $3 WHERE patient = $1",
+        &[&patient, &state, &now_ms],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn write_alerts(
+    tx: &Transaction<'_>,
+    writes: &[AlertWrite],
+    sinks: &[Sink],
+    now_ms: i64,
+) -> Result<usize, StoreError> {
+    let mut new = 0;
+    for w in writes {
+        let n = tx
+            .execute(
+                "INSERT INTO alert_events (id, alert_id, action, created_ms, notice)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+                &[&w.event_id, &w.alert.id, &w.action, &now_ms, &w.notice],
+            )
+            .await?;
+        if n == 0 {
+            continue;
+        }
+        new += 1;
+        let status = format!("{:?}", w.alert.status).to_lowercase();
+        tx.execute(
+            "INSERT INTO alerts (id, patient, rule_id, severity, status, opened_utc, updated_utc, body)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (id) DO UPDATE SET rule_id = excluded.rule_id, severity = excluded.severity,
+               status = excluded.status, updated_utc = excluded.updated_utc, body = excluded.body",
+            &[
+                &w.alert.id,
+                &w.alert.patient,
+                &w.alert.rule_id,
+                &w.alert.severity.name(),
+                &status,
+                &w.alert.opened_utc,
+                &w.alert.updated_utc,
+                &w.alert_json,
+            ],
+        )
+        .await?;
+        for s in sinks {
+            tx.execute(
+                "INSERT INTO outbox (event_id, sink, payload, next_attempt_ms) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (event_id, sink) DO NOTHING",
+                &[&w.event_id, &s.name(), &w.notice, &now_ms],
+            )
+            .await?;
+        }
+    }
+    Ok(new)
+}
+
+fn reading_row(r: &Row) -> ReadingRow {
+    let payload: String = r.get(6);
+    ReadingRow {
+        id: r.get(0),
+        patient: r.get(1),
+        gateway: r.get(2),
+        kind: r.get(3),
+        time_utc: r.get(4),
+        eval_error: r.get(5),
+        reading: serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload)),
+    }
+}
+
+/// The readings of a batch, column by column (for one `unnest` insert).
+type ReadingColumns<'a> = (
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<i64>,
+    Vec<i64>,
+    Vec<&'a str>,
+    Vec<Option<String>>,
+);
+
+const READING_COLUMNS: &str = "id, patient, gateway, kind, time_utc, eval_error, payload";
+
+impl Store for PgStore {
+    async fn ingest(
+        &self,
+        batch: Vec<Inbound>,
+        ev: Arc<Evaluator>,
+        instance: &str,
+        now_ms: i64,
+    ) -> Result<Vec<Stored>, StoreError> {
+        let prepared: Vec<Prepared> = batch.iter().map(prepare).collect();
+        let mut client = self.get(&self.writer).await?;
+        let tx = client.transaction().await?;
+        let patients: BTreeSet<String> = prepared
+            .iter()
+            .filter_map(|p| match p {
+                Prepared::Reading { msg, .. } => Some(msg.patient.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut states = if patients.is_empty() {
+            HashMap::new()
+        } else {
+            lock_states(&tx, &patients, now_ms).await?
+        };
+        // All readings in one statement; the ids it returns are the new ones.
+        let mut cols: ReadingColumns<'_> = Default::default();
+        for p in &prepared {
+            if let Prepared::Reading {
+                msg,
+                payload,
+                time_utc,
+                received_utc,
+                engine,
+            } = p
+            {
+                cols.0.push(&msg.id);
+                cols.1.push(&msg.patient);
+                cols.2.push(&msg.gateway);
+                cols.3.push(kind_name(msg));
+                cols.4.push(*time_utc);
+                cols.5.push(*received_utc);
+                cols.6.push(payload);
+                cols.7.push(engine.as_ref().err().map(ToString::to_string));
+            }
+        }
+        let mut new_ids: HashSet<String> = HashSet::new();
+        if !cols.0.is_empty() {
+            let rows = tx
+                .query(
+                    "INSERT INTO readings (id, patient, gateway, kind, time_utc, received_utc, payload,
+                       eval_error, stored_ms, instance)
+                     SELECT id, patient, gateway, kind, time_utc, received_utc, payload, eval_error, $9, $10
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+                                 $6::bigint[], $7::text[], $8::text[])
+                       AS t(id, patient, gateway, kind, time_utc, received_utc, payload, eval_error)
+                     ON CONFLICT (id) DO NOTHING RETURNING id",
+                    &[
+                        &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7,
+                        &now_ms, &instance,
+                    ],
+                )
+                .await?;
+            new_ids = rows.into_iter().map(|r| r.get(0)).collect();
+        }
+        let mut changed: BTreeSet<String> = BTreeSet::new();
+        let mut out = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            match p {
+                Prepared::Reading { msg, engine, .. } => {
+                    // `remove`: a second copy of the same id in this batch is a duplicate.
+                    if !new_ids.remove(&msg.id) {
+                        out.push(Stored::Duplicate);
+                        continue;
+                    }
+                    let Ok(reading) = engine else {
+                        out.push(Stored::New { alerts: 0 });
+                        continue;
+                    };
+                    let state = states.entry(msg.patient.clone()).or_default();
+                    let (new_state, writes) = ev.on_reading(state.as_deref(), &msg, &reading)?;
+                    *state = Some(new_state);
+                    changed.insert(msg.patient.clone());
+                    let alerts = write_alerts(&tx, &writes, ev.sinks(), now_ms).await?;
+                    out.push(Stored::New { alerts });
+                }
+                Prepared::Event {
+                    id,
+                    gateway,
+                    kind,
+                    payload,
+                } => {
+                    tx.execute(
+                        "INSERT INTO gateway_events (id, gateway, kind, received_ms, payload)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+                        &[&id, &gateway, &kind, &now_ms, &payload],
+                    )
+                    .await?;
+                    out.push(Stored::Event);
+                }
+                Prepared::Bad {
+                    id,
+                    topic,
+                    error,
+                    payload,
+                } => {
+                    tx.execute(
+                        "INSERT INTO bad_messages (id, topic, error, received_ms, payload)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+                        &[&id, &topic, &error, &now_ms, &payload],
+                    )
+                    .await?;
+                    out.push(Stored::Bad(error));
+                }
+            }
+        }
+        for p in &changed {
+            if let Some(Some(s)) = states.get(p) {
+                save_state(&tx, p, s, now_ms).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn tick(&self, ev: Arc<Evaluator>, now_utc: i64) -> Result<usize, StoreError> {
+        let now_ms = now_utc.saturating_mul(1000);
+        let mut client = self.get(&self.writer).await?;
+        let patients: Vec<String> = client
+            .query(
+                "SELECT patient FROM patient_state UNION SELECT patient FROM patient_settings
+                 ORDER BY 1",
+                &[],
+            )
+            .await?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut events = 0;
+        for p in patients {
+            let tx = client.transaction().await?;
+            let one: BTreeSet<String> = std::iter::once(p.clone()).collect();
+            let states = lock_states(&tx, &one, now_ms).await?;
+            let state = states.get(&p).cloned().flatten();
+            let (new_state, writes) = ev.on_tick(&p, state.as_deref(), now_utc)?;
+            events += write_alerts(&tx, &writes, ev.sinks(), now_ms).await?;
+            save_state(&tx, &p, &new_state, now_ms).await?;
+            tx.commit().await?;
+        }
+        Ok(events)
+    }
+
+    async fn claim(
+        &self,
+        sink: Sink,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        let client = self.get(&self.writer).await?;
+        let rows = client
+            .query(
+                "UPDATE outbox SET lease_owner = $1, lease_until_ms = $2
+                 WHERE seq IN (SELECT seq FROM outbox
+                               WHERE sink = $3 AND delivered_ms IS NULL AND next_attempt_ms <= $4
+                                 AND lease_until_ms <= $4
+                               ORDER BY seq LIMIT $5 FOR UPDATE SKIP LOCKED)
+                 RETURNING seq, event_id, payload, attempts",
+                &[&owner, &lease_until_ms, &sink.name(), &now_ms, &limit],
+            )
+            .await?;
+        let mut items: Vec<OutboxItem> = rows
+            .into_iter()
+            .map(|r| OutboxItem {
+                seq: r.get(0),
+                event_id: r.get(1),
+                payload: r.get(2),
+                attempts: r.get(3),
+            })
+            .collect();
+        items.sort_by_key(|i| i.seq);
+        Ok(items)
+    }
+
+    async fn delivered(&self, seq: i64, owner: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let client = self.get(&self.writer).await?;
+        let n = client
+            .execute(
+                "UPDATE outbox SET delivered_ms = $3, lease_owner = NULL
+                 WHERE seq = $1 AND lease_owner = $2 AND delivered_ms IS NULL",
+                &[&seq, &owner, &now_ms],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn failed(
+        &self,
+        seq: i64,
+        owner: &str,
+        next_attempt_ms: i64,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let client = self.get(&self.writer).await?;
+        client
+            .execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = $3, lease_owner = NULL,
+                   lease_until_ms = 0, last_error = $4
+                 WHERE seq = $1 AND lease_owner = $2 AND delivered_ms IS NULL",
+                &[&seq, &owner, &next_attempt_ms, &error],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn put_patient(
+        &self,
+        patient: &str,
+        settings_json: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let client = self.get(&self.writer).await?;
+        client
+            .execute(
+                "INSERT INTO patient_settings (patient, settings, updated_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (patient) DO UPDATE SET settings = excluded.settings,
+                   updated_ms = excluded.updated_ms",
+                &[&patient, &settings_json, &now_ms],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn patients(&self) -> Result<Vec<String>, StoreError> {
+        let client = self.get(&self.reader).await?;
+        Ok(client
+            .query(
+                "SELECT settings FROM patient_settings ORDER BY patient",
+                &[],
+            )
+            .await?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn readings_of(&self, patient: &str, limit: i64) -> Result<Vec<ReadingRow>, StoreError> {
+        let client = self.get(&self.reader).await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {READING_COLUMNS} FROM readings WHERE patient = $1
+                     ORDER BY time_utc DESC, id LIMIT $2"
+                ),
+                &[&patient, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(reading_row).collect())
+    }
+
+    async fn reading(&self, id: &str) -> Result<Option<ReadingRow>, StoreError> {
+        let client = self.get(&self.reader).await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {READING_COLUMNS} FROM readings WHERE id = $1"),
+                &[&id],
+            )
+            .await?;
+        Ok(row.as_ref().map(reading_row))
+    }
+
+    async fn alerts_of(&self, patient: &str, limit: i64) -> Result<Vec<AlertRow>, StoreError> {
+        let client = self.get(&self.reader).await?;
+        let rows = client
+            .query(
+                "SELECT id, patient, rule_id, severity, status, acknowledged_by, acknowledged_ms, body
+                 FROM alerts WHERE patient = $1 ORDER BY opened_utc DESC, id LIMIT $2",
+                &[&patient, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let body: String = r.get(7);
+                AlertRow {
+                    id: r.get(0),
+                    patient: r.get(1),
+                    rule_id: r.get(2),
+                    severity: r.get(3),
+                    status: r.get(4),
+                    acknowledged_by: r.get(5),
+                    acknowledged_ms: r.get(6),
+                    alert: serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+                }
+            })
+            .collect())
+    }
+
+    async fn acknowledge(
+        &self,
+        alert_id: &str,
+        by: &str,
+        ev: Arc<Evaluator>,
+        now_ms: i64,
+    ) -> Result<AckResult, StoreError> {
+        let mut client = self.get(&self.writer).await?;
+        let tx = client.transaction().await?;
+        let row = tx
+            .query_opt(
+                "SELECT patient, acknowledged_by FROM alerts WHERE id = $1 FOR UPDATE",
+                &[&alert_id],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(AckResult::NotFound);
+        };
+        let patient: String = row.get(0);
+        let ack_by: Option<String> = row.get(1);
+        if ack_by.is_some() {
+            return Ok(AckResult::Already);
+        }
+        tx.execute(
+            "UPDATE alerts SET acknowledged_by = $2, acknowledged_ms = $3 WHERE id = $1",
+            &[&alert_id, &by, &now_ms],
+        )
+        .await?;
+        let one: BTreeSet<String> = std::iter::once(patient.clone()).collect();
+        let states = lock_states(&tx, &one, now_ms).await?;
+        let state = states.get(&patient).cloned().flatten();
+        let (new_state, _open) = ev.acknowledge(&patient, state.as_deref(), alert_id)?;
+        save_state(&tx, &patient, &new_state, now_ms).await?;
+        tx.commit().await?;
+        Ok(AckResult::Acknowledged)
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        let client = self.get(&self.reader).await?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM alerts),
+                        (SELECT count(*) FROM alert_events),
+                        (SELECT count(*) FROM outbox WHERE delivered_ms IS NULL),
+                        (SELECT count(*) FROM outbox WHERE delivered_ms IS NOT NULL),
+                        (SELECT count(*) FROM bad_messages)",
+                &[],
+            )
+            .await?;
+        Ok(Counts {
+            readings: row.get(0),
+            alerts: row.get(1),
+            alert_events: row.get(2),
+            outbox_pending: row.get(3),
+            outbox_delivered: row.get(4),
+            bad_messages: row.get(5),
+        })
+    }
+}
