@@ -218,3 +218,54 @@ impl Drop for TempPostgres {
         let _ = self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
     }
 }
+
+/// A `phg.reading/1` glucose message (valid, trusted time, mg/dL) as the gateway publishes it.
+pub fn glucose_message(id: &str, patient: &str, mg_dl: u32, time_utc: i64) -> String {
+    let t = protocol::wire::rfc3339_utc(time_utc).unwrap_or_default();
+    serde_json::json!({
+        "schema": "phg.reading/1",
+        "id": id,
+        "gateway": "gw-test",
+        "patient": patient,
+        "device": { "id": "meter-test" },
+        "kind": "glucose",
+        "sequence_number": 1,
+        "glucose": {
+            "value": mg_dl, "unit": "mg/dL", "mg_per_dl": mg_dl,
+            "mmol_per_l": f64::from(mg_dl) / 18.016
+        },
+        "context": { "meal": "preprandial" },
+        "time": { "received": t, "corrected": t, "clock_offset_s": 0, "trusted": true },
+        "status": { "flags": [] },
+        "quality": "valid"
+    })
+    .to_string()
+}
+
+/// A `phg.reading/1` blood-pressure message (valid, mmHg, trusted time).
+pub fn bp_message(
+    id: &str,
+    patient: &str,
+    sys: u32,
+    dia: u32,
+    pulse: u32,
+    time_utc: i64,
+) -> String {
+    let t = protocol::wire::rfc3339_utc(time_utc).unwrap_or_default();
+    serde_json::json!({
+        "schema": "phg.reading/1",
+        "id": id,
+        "gateway": "gw-test",
+        "patient": patient,
+        "device": { "id": "cuff-test", "user_id": 1 },
+        "kind": "blood_pressure",
+        "blood_pressure": {
+            "unit": "mmHg", "systolic": sys, "diastolic": dia,
+            "systolic_mmhg": sys, "diastolic_mmhg": dia, "pulse_bpm": pulse
+        },
+        "time": { "received": t, "corrected": t, "clock_offset_s": 0, "trusted": true },
+        "status": { "flags": [] },
+        "quality": "valid"
+    })
+    .to_string()
+}
