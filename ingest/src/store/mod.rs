@@ -213,6 +213,8 @@ pub struct ReadingRow {
     /// Why the engine could not evaluate it, if it could not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_error: Option<String>,
+    /// The ingest instance that stored it.
+    pub instance: String,
     /// The message as received.
     pub reading: serde_json::Value,
 }

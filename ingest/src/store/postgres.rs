@@ -175,6 +175,7 @@ fn reading_row(r: &Row) -> ReadingRow {
         kind: r.get(3),
         time_utc: r.get(4),
         eval_error: r.get(5),
+        instance: r.get(7),
         reading: serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload)),
     }
 }
@@ -191,7 +192,7 @@ type ReadingColumns<'a> = (
     Vec<Option<String>>,
 );
 
-const READING_COLUMNS: &str = "id, patient, gateway, kind, time_utc, eval_error, payload";
+const READING_COLUMNS: &str = "id, patient, gateway, kind, time_utc, eval_error, payload, instance";
 
 impl Store for PgStore {
     async fn ingest(

@@ -255,11 +255,12 @@ fn reading_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReadingRow> {
         kind: r.get(3)?,
         time_utc: r.get(4)?,
         eval_error: r.get(5)?,
+        instance: r.get(7)?,
         reading: serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload)),
     })
 }
 
-const READING_COLUMNS: &str = "id, patient, gateway, kind, time_utc, eval_error, payload";
+const READING_COLUMNS: &str = "id, patient, gateway, kind, time_utc, eval_error, payload, instance";
 
 impl Store for SqliteStore {
     async fn ingest(
