@@ -13,7 +13,7 @@
 //! JSON (the `patients.{id}` member of the state's serde form).
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Mutex, PoisonError, RwLock};
 
 use protocol::rules::{
     Alert, AlertAction, Engine, EngineState, OverrideError, PatientSettings, ReadingInput, RuleSet,
@@ -99,7 +99,15 @@ pub struct Evaluator {
     /// Validated settings by patient. A `std` lock: held for a clone, never across an await.
     patients: RwLock<HashMap<String, PatientSettings>>,
     sinks: Vec<Sink>,
+    /// The engine last used per patient, with the state it left behind. Reused only when the stored
+    /// state is exactly that string (so another instance's change, or a rolled-back transaction, is
+    /// never missed); it saves rebuilding the rules and parsing the state for every reading. A `std`
+    /// lock, held only to take or put an entry.
+    cache: Mutex<HashMap<String, (String, Engine)>>,
 }
+
+/// Engines kept at most (the cache is emptied when full).
+const CACHE_MAX: usize = 10_000;
 
 impl Evaluator {
     /// An evaluator for `rules`, delivering to `sinks`.
@@ -108,6 +116,7 @@ impl Evaluator {
             rules,
             patients: RwLock::new(HashMap::new()),
             sinks,
+            cache: Mutex::new(HashMap::new()),
         }
     }
 
@@ -130,29 +139,45 @@ impl Evaluator {
         let mut map = self
             .patients
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(PoisonError::into_inner);
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&s.patient);
         map.insert(s.patient.clone(), s);
         Ok(())
     }
 
     fn settings(&self, patient: &str) -> Vec<PatientSettings> {
-        let map = self
-            .patients
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let map = self.patients.read().unwrap_or_else(PoisonError::into_inner);
         map.get(patient).cloned().into_iter().collect()
     }
 
     /// The patients with settings.
     pub fn patients(&self) -> Vec<String> {
-        let map = self
-            .patients
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let map = self.patients.read().unwrap_or_else(PoisonError::into_inner);
         map.keys().cloned().collect()
     }
 
+    fn keep(&self, patient: &str, state: &str, engine: Engine) {
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(patient.to_owned(), (state.to_owned(), engine));
+    }
+
     fn engine(&self, patient: &str, state: Option<&str>) -> Result<Engine, EvalError> {
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(patient);
+        if let Some((s, e)) = cached {
+            if state == Some(s.as_str()) {
+                return Ok(e);
+            }
+        }
         let state = match state.filter(|s| !s.is_empty()) {
             None => EngineState::default(),
             Some(s) => {
@@ -227,7 +252,9 @@ impl Evaluator {
             .into_iter()
             .filter(|a| a.alert().patient == patient)
             .collect();
-        Ok((Self::state_of(&engine, patient)?, writes(&actions)?))
+        let new_state = Self::state_of(&engine, patient)?;
+        self.keep(patient, &new_state, engine);
+        Ok((new_state, writes(&actions)?))
     }
 
     /// Marks an alert acknowledged in the patient's state (stops its unacknowledged escalation).
@@ -243,7 +270,9 @@ impl Evaluator {
     ) -> Result<(String, bool), EvalError> {
         let mut engine = self.engine(patient, state)?;
         let open = engine.acknowledge(patient, alert_id);
-        Ok((Self::state_of(&engine, patient)?, open))
+        let new_state = Self::state_of(&engine, patient)?;
+        self.keep(patient, &new_state, engine);
+        Ok((new_state, open))
     }
 }
 

@@ -13,7 +13,11 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::Mutex;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Transaction};
+
+/// A statement parameter.
+type P<'a> = dyn ToSql + Sync + 'a;
 
 use super::{
     AckResult, AlertRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, Store, StoreError,
@@ -103,67 +107,70 @@ async fn lock_states(
         .collect())
 }
 
-async fn save_state(
-    tx: &Transaction<'_>,
-    patient: &str,
-    state: &str,
-    now_ms: i64,
-) -> Result<(), StoreError> {
-    tx.execute(
-        "UPDATE patient_state SET state = $2, updated_ms = $3 WHERE patient = $1",
-        &[&patient, &state, &now_ms],
-    )
-    .await?;
-    Ok(())
-}
+const INSERT_EVENT: &str = "INSERT INTO alert_events (id, alert_id, action, created_ms, notice)
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING";
+const UPSERT_ALERT: &str =
+    "INSERT INTO alerts (id, patient, rule_id, severity, status, opened_utc, updated_utc, body)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+     ON CONFLICT (id) DO UPDATE SET rule_id = excluded.rule_id, severity = excluded.severity,
+       status = excluded.status, updated_utc = excluded.updated_utc, body = excluded.body";
+const INSERT_OUTBOX: &str =
+    "INSERT INTO outbox (event_id, sink, payload, next_attempt_ms) VALUES ($1, $2, $3, $4)
+     ON CONFLICT (event_id, sink) DO NOTHING";
+const SAVE_STATE: &str = "UPDATE patient_state SET state = $2, updated_ms = $3 WHERE patient = $1";
 
-async fn write_alerts(
+/// Writes alert changes and patient states, pipelined: every statement is sent before the first answer
+/// is awaited (tokio-postgres sends in polling order, and the server runs them in that order, so two
+/// changes of one alert apply in order). A replayed event id changes nothing (`ON CONFLICT`).
+async fn write_all(
     tx: &Transaction<'_>,
     writes: &[AlertWrite],
     sinks: &[Sink],
+    states: &[(&str, &str)],
     now_ms: i64,
-) -> Result<usize, StoreError> {
-    let mut new = 0;
-    for w in writes {
-        let n = tx
-            .execute(
-                "INSERT INTO alert_events (id, alert_id, action, created_ms, notice)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
-                &[&w.event_id, &w.alert.id, &w.action, &now_ms, &w.notice],
-            )
-            .await?;
-        if n == 0 {
-            continue;
-        }
-        new += 1;
-        let status = format!("{:?}", w.alert.status).to_lowercase();
-        tx.execute(
-            "INSERT INTO alerts (id, patient, rule_id, severity, status, opened_utc, updated_utc, body)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (id) DO UPDATE SET rule_id = excluded.rule_id, severity = excluded.severity,
-               status = excluded.status, updated_utc = excluded.updated_utc, body = excluded.body",
-            &[
-                &w.alert.id,
-                &w.alert.patient,
-                &w.alert.rule_id,
-                &w.alert.severity.name(),
-                &status,
-                &w.alert.opened_utc,
-                &w.alert.updated_utc,
-                &w.alert_json,
-            ],
-        )
-        .await?;
-        for s in sinks {
-            tx.execute(
-                "INSERT INTO outbox (event_id, sink, payload, next_attempt_ms) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (event_id, sink) DO NOTHING",
-                &[&w.event_id, &s.name(), &w.notice, &now_ms],
-            )
-            .await?;
+) -> Result<(), StoreError> {
+    if writes.is_empty() && states.is_empty() {
+        return Ok(());
+    }
+    let (ev, al, ob, st) = futures_util::future::try_join4(
+        tx.prepare(INSERT_EVENT),
+        tx.prepare(UPSERT_ALERT),
+        tx.prepare(INSERT_OUTBOX),
+        tx.prepare(SAVE_STATE),
+    )
+    .await?;
+    let statuses: Vec<String> = writes
+        .iter()
+        .map(|w| format!("{:?}", w.alert.status).to_lowercase())
+        .collect();
+    let severities: Vec<&'static str> = writes.iter().map(|w| w.alert.severity.name()).collect();
+    let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
+    let mut futs = Vec::new();
+    for ((w, status), severity) in writes.iter().zip(&statuses).zip(&severities) {
+        let p: Vec<&P<'_>> = vec![&w.event_id, &w.alert.id, &w.action, &now_ms, &w.notice];
+        futs.push(tx.execute_raw(&ev, p));
+        let p: Vec<&P<'_>> = vec![
+            &w.alert.id,
+            &w.alert.patient,
+            &w.alert.rule_id,
+            severity,
+            status,
+            &w.alert.opened_utc,
+            &w.alert.updated_utc,
+            &w.alert_json,
+        ];
+        futs.push(tx.execute_raw(&al, p));
+        for s in &sink_names {
+            let p: Vec<&P<'_>> = vec![&w.event_id, s, &w.notice, &now_ms];
+            futs.push(tx.execute_raw(&ob, p));
         }
     }
-    Ok(new)
+    for (patient, state) in states {
+        let p: Vec<&P<'_>> = vec![patient, state, &now_ms];
+        futs.push(tx.execute_raw(&st, p));
+    }
+    futures_util::future::try_join_all(futs).await?;
+    Ok(())
 }
 
 fn reading_row(r: &Row) -> ReadingRow {
@@ -258,6 +265,7 @@ impl Store for PgStore {
             new_ids = rows.into_iter().map(|r| r.get(0)).collect();
         }
         let mut changed: BTreeSet<String> = BTreeSet::new();
+        let mut pending: Vec<AlertWrite> = Vec::new();
         let mut out = Vec::with_capacity(prepared.len());
         for p in prepared {
             match p {
@@ -275,8 +283,10 @@ impl Store for PgStore {
                     let (new_state, writes) = ev.on_reading(state.as_deref(), &msg, &reading)?;
                     *state = Some(new_state);
                     changed.insert(msg.patient.clone());
-                    let alerts = write_alerts(&tx, &writes, ev.sinks(), now_ms).await?;
-                    out.push(Stored::New { alerts });
+                    out.push(Stored::New {
+                        alerts: writes.len(),
+                    });
+                    pending.extend(writes);
                 }
                 Prepared::Event {
                     id,
@@ -308,11 +318,14 @@ impl Store for PgStore {
                 }
             }
         }
-        for p in &changed {
-            if let Some(Some(s)) = states.get(p) {
-                save_state(&tx, p, s, now_ms).await?;
-            }
-        }
+        let saves: Vec<(&str, &str)> = changed
+            .iter()
+            .filter_map(|p| match states.get(p) {
+                Some(Some(s)) => Some((p.as_str(), s.as_str())),
+                _ => None,
+            })
+            .collect();
+        write_all(&tx, &pending, ev.sinks(), &saves, now_ms).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -337,8 +350,8 @@ impl Store for PgStore {
             let states = lock_states(&tx, &one, now_ms).await?;
             let state = states.get(&p).cloned().flatten();
             let (new_state, writes) = ev.on_tick(&p, state.as_deref(), now_utc)?;
-            events += write_alerts(&tx, &writes, ev.sinks(), now_ms).await?;
-            save_state(&tx, &p, &new_state, now_ms).await?;
+            events += writes.len();
+            write_all(&tx, &writes, ev.sinks(), &[(&p, &new_state)], now_ms).await?;
             tx.commit().await?;
         }
         Ok(events)
@@ -523,7 +536,7 @@ impl Store for PgStore {
         let states = lock_states(&tx, &one, now_ms).await?;
         let state = states.get(&patient).cloned().flatten();
         let (new_state, _open) = ev.acknowledge(&patient, state.as_deref(), alert_id)?;
-        save_state(&tx, &patient, &new_state, now_ms).await?;
+        write_all(&tx, &[], &[], &[(&patient, &new_state)], now_ms).await?;
         tx.commit().await?;
         Ok(AckResult::Acknowledged)
     }
