@@ -342,3 +342,89 @@ async fn postgres_two_instances_store_once_and_deliver_alerts_once() {
     let url = pg.create_database("e2e").await.unwrap();
     devices_to_webhook_once_each(&url, "postgres").await;
 }
+
+/// A restart loses nothing: with the webhook down, an instance stores readings and queues their alerts,
+/// then stops; readings published while it is away wait in its broker session; restarted (same
+/// instance id, same database) with the webhook up, it stores those too and delivers every alert event
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_webhook_down_loses_nothing() {
+    phg_tests::init_tracing();
+    let broker = TestBroker::start().unwrap();
+    if broker.kind() != BrokerKind::Mosquitto {
+        println!("restart_with_webhook_down_loses_nothing: skipped: needs Mosquitto");
+        return;
+    }
+    let group = phg_tests::unique_id("grp").replace('-', "_");
+    let (hook, hook_url) = start_hook().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("ingest.sqlite").display());
+    let cfg = || ingest_config("ingest-r", &broker, &db, &hook_url, &group);
+    let first = ingest::service::start(cfg()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let mut opts = MqttOptions::new(
+        phg_tests::unique_id("pub"),
+        "127.0.0.1",
+        broker.addr().port(),
+    );
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = AsyncClient::new(opts, 64);
+    let poller = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    let t = now_s() - 3600;
+    let publish = async |from: i64, to: i64| {
+        for i in from..to {
+            let payload = glucose_message(&format!("r-{i}"), &format!("p-r-{i:03}"), 45, t + i);
+            client
+                .publish("phg/v1/gw-r/readings", QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+    };
+    publish(0, 5).await;
+    let store = first.store().clone();
+    assert!(
+        until(Duration::from_secs(10), async || {
+            store.counts().await.unwrap().readings == 5 && hook.refused.load(Ordering::SeqCst) > 0
+        })
+        .await,
+        "{:?}",
+        store.counts().await.unwrap()
+    );
+    first.stop().await;
+    // Published while no instance runs: kept in the instance's persistent session.
+    publish(5, 8).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(store.counts().await.unwrap().readings, 5);
+
+    hook.up.store(true, Ordering::SeqCst);
+    let second = ingest::service::start(cfg()).await.unwrap();
+    let store = second.store().clone();
+    let done = until(Duration::from_secs(20), async || {
+        let c = store.counts().await.unwrap();
+        c.readings == 8 && c.outbox_pending == 0 && hook.got.lock().unwrap().len() >= 8
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = store.counts().await.unwrap();
+    let got = hook.got.lock().unwrap().clone();
+    assert!(done, "{c:?}, webhook got {}", got.len());
+    let ids: BTreeSet<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids.len(), got.len(), "delivered twice");
+    assert_eq!(
+        got.len() as i64,
+        c.alert_events,
+        "every alert event delivered: {c:?}"
+    );
+    let opened = got.iter().filter(|(_, b)| b["action"] == "open").count();
+    assert_eq!(opened, 8, "one alert per hypo");
+    // The restart's first tick escalated the five unacknowledged CRITICAL alerts of an hour ago to the
+    // next tier (CLINICAL.md §4.3: 30 min): delivered too, once.
+    let escalated = got
+        .iter()
+        .filter(|(_, b)| b["action"] == "escalate")
+        .count();
+    assert_eq!(got.len(), opened + escalated, "{got:?}");
+    poller.abort();
+    second.stop().await;
+}
