@@ -110,6 +110,13 @@ async fn patient_readings_alerts_and_acknowledgement_over_http() {
     let (_, body) = get("/patients/p-0001/alerts".into()).await;
     assert_eq!(body["alerts"][0]["acknowledged_by"], "nurse-7");
 
+    let (status, body) = get("/readings/r-3/fhir".into()).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["resourceType"], "Observation");
+    assert_eq!(body["component"][0]["valueQuantity"]["value"], 120.0);
+    let (status, _) = get("/readings/nope/fhir".into()).await;
+    assert_eq!(status, 404);
+
     let (status, _) = get("/patients/Jane%20Doe/readings".into()).await;
     assert_eq!(status, 400, "only pseudonymous ids");
     let (status, body) = get("/health".into()).await;
