@@ -16,6 +16,7 @@
 //!   webhook, retried with capped exponential backoff.
 //! - [`api`] — the HTTP API (axum): a patient's readings and alerts, acknowledging an alert, a reading
 //!   as a FHIR Observation.
+//! - [`fhir`] — a stored reading as a FHIR R4 Observation (HL7 PHD IG).
 //! - [`config`] — the TOML configuration, checked into [`config::Config`].
 //! - [`testing`] — a throw-away PostgreSQL server for tests and benches.
 //!

@@ -134,6 +134,18 @@ fn digest_hex(parts: &[&[u8]]) -> String {
     protocol::wire::to_hex(h.finalize().get(..16).unwrap_or_default())
 }
 
+/// A JSON error without the offending value (serde's messages quote it, and a payload value must not
+/// reach the log).
+fn json_error(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Io => "I/O error",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Data => "a field is missing or has the wrong type",
+        serde_json::error::Category::Eof => "truncated",
+    };
+    format!("{what} at line {}, column {}", e.line(), e.column())
+}
+
 /// Parses a message. Never fails: what does not parse becomes [`Prepared::Bad`].
 pub(crate) fn prepare(m: &Inbound) -> Prepared {
     let bad = |error: String| Prepared::Bad {
@@ -149,10 +161,10 @@ pub(crate) fn prepare(m: &Inbound) -> Prepared {
         Channel::Readings => {
             let msg: ReadingMessage = match serde_json::from_str(text) {
                 Ok(msg) => msg,
-                Err(e) => return bad(format!("not a phg.reading/1 message: {e}")),
+                Err(e) => return bad(format!("not a phg.reading/1 message: {}", json_error(&e))),
             };
             if !msg.schema.starts_with("phg.reading/") {
-                return bad(format!("unknown schema {:?}", msg.schema));
+                return bad("unknown schema".into());
             }
             if !protocol::wire::is_valid_pseudonym(&msg.patient) {
                 return bad("patient is not a pseudonymous id".into());
@@ -174,7 +186,7 @@ pub(crate) fn prepare(m: &Inbound) -> Prepared {
         Channel::Events => {
             let v: serde_json::Value = match serde_json::from_str(text) {
                 Ok(v) => v,
-                Err(e) => return bad(format!("not JSON: {e}")),
+                Err(e) => return bad(format!("not JSON: {}", json_error(&e))),
             };
             let gateway = v
                 .get("gateway")
