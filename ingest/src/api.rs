@@ -7,6 +7,10 @@
 //! | GET | `/patients/{id}/alerts?limit=N` | the patient's alerts (latest state per episode), newest first |
 //! | POST | `/alerts/{id}/ack` | acknowledge (body `{"by": "nurse-7"}`): 200, 409 already acknowledged, 404 |
 //! | GET | `/readings/{id}/fhir` | the reading as a FHIR R4 PHD Observation (404 if unknown) |
+//! | PUT | `/patients/{id}/settings` | the patient's profile and overrides (`protocol::rules::PatientSettings` as JSON): 200, or 422 with the guard-rail's message |
+//!
+//! New settings apply at once on the instance that took them and on the others at their next refresh
+//! (every `rules.window_interval_s`).
 //!
 //! Alert ids contain `/` (`{patient}/{rule}/{time}`): percent-encode them in the path (`%2F`).
 //! Patient ids must be pseudonyms (400 otherwise). The API has no authentication of its own: bind it to
@@ -40,6 +44,7 @@ pub fn router(store: AnyStore, ev: Arc<Evaluator>, instance: String) -> Router {
         .route("/patients/{id}/alerts", get(alerts))
         .route("/alerts/{id}/ack", post(ack))
         .route("/readings/{id}/fhir", get(fhir))
+        .route("/patients/{id}/settings", axum::routing::put(put_settings))
         .with_state(AppState {
             store,
             ev,
@@ -150,6 +155,42 @@ async fn fhir(State(s): State<AppState>, Path(id): Path<String>) -> Response {
             ),
         },
         Ok(None) => error(StatusCode::NOT_FOUND, "no such reading"),
+        Err(e) => internal(&e),
+    }
+}
+
+async fn put_settings(State(s): State<AppState>, Path(id): Path<String>, body: String) -> Response {
+    if !protocol::wire::is_valid_pseudonym(&id) {
+        return error(StatusCode::BAD_REQUEST, "not a pseudonymous patient id");
+    }
+    let settings: protocol::rules::PatientSettings = match serde_json::from_str(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "not patient settings: line {}, column {}",
+                    e.line(),
+                    e.column()
+                ),
+            );
+        }
+    };
+    if settings.patient != id {
+        return error(StatusCode::BAD_REQUEST, "`patient` differs from the path");
+    }
+    if let Err(e) = s.ev.set_patient(settings.clone()) {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string());
+    }
+    let json = match serde_json::to_string(&settings) {
+        Ok(j) => j,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    };
+    match s.store.put_patient(&id, &json, crate::now_ms()).await {
+        Ok(()) => {
+            tracing::info!(patient = %id, "patient settings updated");
+            Json(json!({ "patient": id, "status": "updated" })).into_response()
+        }
         Err(e) => internal(&e),
     }
 }

@@ -117,6 +117,34 @@ async fn patient_readings_alerts_and_acknowledgement_over_http() {
     let (status, _) = get("/readings/nope/fhir".into()).await;
     assert_eq!(status, 404);
 
+    // Settings from the CRM: a valid profile change is taken; relaxing a critical safety floor
+    // without a waiver is refused with the guard-rail's message.
+    let put = |body: &'static str| {
+        let http = http.clone();
+        let url = format!("{base}/patients/p-0003/settings");
+        async move {
+            let r = http
+                .put(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (status, text) = put(r#"{"patient": "p-0003", "profile": "US"}"#).await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = put(
+        r#"{"patient": "p-0003", "overrides": [{"rule_id": "GLU_HYPO_L2", "mg_dl": "40",
+            "set_by": "dr-1", "reason": "test"}]}"#,
+    )
+    .await;
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("GLU_HYPO_L2"), "{text}");
+    let (status, _) = put(r#"{"patient": "p-9999"}"#).await;
+    assert_eq!(status, 400, "path and body disagree");
+
     let (status, _) = get("/patients/Jane%20Doe/readings".into()).await;
     assert_eq!(status, 400, "only pseudonymous ids");
     let (status, body) = get("/health".into()).await;
