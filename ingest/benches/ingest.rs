@@ -38,7 +38,7 @@ fn messages(n: usize, prefix: &str) -> Vec<Inbound> {
                 let mg = if i % 12 == 0 {
                     50
                 } else {
-                    90 + (i % 60) as u32
+                    90 + (i % 20) as u32
                 };
                 glucose_message(&id, &patient, mg, t)
             } else {
