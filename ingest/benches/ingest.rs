@@ -8,6 +8,8 @@
 //!   transactions of the same batch size, `ON CONFLICT DO NOTHING`: what the database alone allows;
 //! - **stored + evaluated** — [`Store::ingest`]: parse, idempotent insert, the patient's engine state
 //!   loaded, the rule engine run, alerts and outbox rows written, state saved, one commit per batch;
+//! - the same in backlog order (each patient's readings together, as a gateway catching up after days
+//!   offline sends them: one engine run and one state write per patient per batch);
 //! - the same with one message per transaction (the worst case: a broker handing over one message at a
 //!   time).
 //!
@@ -28,10 +30,16 @@ use protocol::rules::RuleSet;
 const T0: i64 = 1_795_420_800;
 const BATCH: usize = 64;
 
-fn messages(n: usize, prefix: &str) -> Vec<Inbound> {
+/// `catch_up`: the same readings, but each patient's together (a gateway uploading days of backlog),
+/// so a batch holds many readings of one patient.
+fn messages_in(n: usize, prefix: &str, catch_up: bool) -> Vec<Inbound> {
     (0..n)
         .map(|i| {
-            let patient = format!("p-{:04}", i % 200);
+            let patient = if catch_up {
+                format!("p-{:04}", i * 200 / n)
+            } else {
+                format!("p-{:04}", i % 200)
+            };
             let t = T0 + i64::try_from(i).unwrap() * 7;
             let id = format!("{prefix}-{i}");
             let payload = if i % 2 == 0 {
@@ -63,6 +71,10 @@ fn messages(n: usize, prefix: &str) -> Vec<Inbound> {
             }
         })
         .collect()
+}
+
+fn messages(n: usize, prefix: &str) -> Vec<Inbound> {
+    messages_in(n, prefix, false)
 }
 
 fn rate(n: usize, d: Duration) -> String {
@@ -156,6 +168,7 @@ async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (n, n1) = if quick { (4_000, 500) } else { (20_000, 2_000) };
     let msgs = messages(n, "r");
+    let backlog = messages_in(n, "c", true);
     let singles = messages(n1, "s");
     println!(
         "ingest bench: {n} readings in batches of {BATCH}, {n1} one per transaction; 200 patients; {} cores",
@@ -169,6 +182,8 @@ async fn main() {
     let (d, alerts) = stored(&url, &msgs, BATCH).await;
     let url1 = format!("sqlite://{}", dir.path().join("ingest1.sqlite").display());
     let (d1, _) = stored(&url1, &singles, 1).await;
+    let urlc = format!("sqlite://{}", dir.path().join("ingestc.sqlite").display());
+    let (dc, _) = stored(&urlc, &backlog, BATCH).await;
     println!("SQLite (WAL, synchronous=FULL)");
     println!("  raw INSERT ceiling, batch {BATCH:>3}: {}", rate(n, raw));
     println!(
@@ -177,6 +192,10 @@ async fn main() {
     );
     println!("  raw INSERT ceiling, batch   1: {}", rate(n1, raw1));
     println!("  stored + evaluated, batch   1: {}", rate(n1, d1));
+    println!(
+        "  stored + evaluated, batch {BATCH:>3}, backlog order: {}",
+        rate(n, dc)
+    );
 
     match TempPostgres::start(true) {
         Ok(Some(pg)) => {
@@ -188,6 +207,8 @@ async fn main() {
             let (d, alerts) = stored(&url, &msgs, BATCH).await;
             let url1 = pg.create_database("ingest1").await.unwrap();
             let (d1, _) = stored(&url1, &singles, 1).await;
+            let urlc = pg.create_database("ingestc").await.unwrap();
+            let (dc, _) = stored(&urlc, &backlog, BATCH).await;
             println!("PostgreSQL (local server, fsync=on, synchronous_commit=on)");
             println!("  raw INSERT ceiling, batch {BATCH:>3}: {}", rate(n, raw));
             println!(
@@ -196,6 +217,10 @@ async fn main() {
             );
             println!("  raw INSERT ceiling, batch   1: {}", rate(n1, raw1));
             println!("  stored + evaluated, batch   1: {}", rate(n1, d1));
+            println!(
+                "  stored + evaluated, batch {BATCH:>3}, backlog order: {}",
+                rate(n, dc)
+            );
         }
         Ok(None) => println!("PostgreSQL: {}", ingest::testing::SKIP_MESSAGE),
         Err(e) => println!("PostgreSQL did not start: {e}"),

@@ -224,16 +224,38 @@ impl Evaluator {
         msg: &ReadingMessage,
         reading: &EngineReading,
     ) -> Result<(String, Vec<AlertWrite>), EvalError> {
-        let mut engine = self.engine(&msg.patient, state)?;
-        let actions = engine.on_reading(&ReadingInput {
-            patient: &msg.patient,
-            reading_id: &msg.id,
-            time_utc: reading.time_utc,
-            measurement: &reading.measurement,
-            verdict: &reading.verdict,
-            symptoms: Symptoms::NONE,
-        });
-        Ok((Self::state_of(&engine, &msg.patient)?, writes(&actions)?))
+        let (state, mut writes) = self.on_readings(&msg.patient, state, &[(msg, reading)])?;
+        Ok((state, writes.pop().unwrap_or_default()))
+    }
+
+    /// Evaluates several stored readings of one patient, in order, against the patient's `state`: one
+    /// engine, one state serialisation (a gateway catching up after days offline sends a patient's
+    /// readings together). Returns the new state and the alert changes per reading.
+    ///
+    /// # Errors
+    /// As [`Self::on_reading`].
+    pub fn on_readings(
+        &self,
+        patient: &str,
+        state: Option<&str>,
+        readings: &[(&ReadingMessage, &EngineReading)],
+    ) -> Result<(String, Vec<Vec<AlertWrite>>), EvalError> {
+        let mut engine = self.engine(patient, state)?;
+        let mut out = Vec::with_capacity(readings.len());
+        for (msg, reading) in readings {
+            let actions = engine.on_reading(&ReadingInput {
+                patient,
+                reading_id: &msg.id,
+                time_utc: reading.time_utc,
+                measurement: &reading.measurement,
+                verdict: &reading.verdict,
+                symptoms: Symptoms::NONE,
+            });
+            out.push(writes(&actions)?);
+        }
+        let new_state = Self::state_of(&engine, patient)?;
+        self.keep(patient, &new_state, engine);
+        Ok((new_state, out))
     }
 
     /// Time passes for one patient (confirmation timeouts, escalation, window rules, adherence).

@@ -9,7 +9,7 @@
 //! Two connections per store: a writer (transactions, behind an async mutex) and a reader (the API).
 //! A lost connection is re-opened at the next call.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::Mutex;
@@ -23,7 +23,9 @@ use super::{
     AckResult, AlertRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, Store, StoreError,
     Stored, prepare, schema, sqlite::kind_name,
 };
+use crate::convert::EngineReading;
 use crate::evaluate::{AlertWrite, Evaluator, Sink};
+use protocol::wire::ReadingMessage;
 
 /// The PostgreSQL store (cheap to clone).
 #[derive(Debug, Clone)]
@@ -264,10 +266,11 @@ impl Store for PgStore {
                 .await?;
             new_ids = rows.into_iter().map(|r| r.get(0)).collect();
         }
-        let mut changed: BTreeSet<String> = BTreeSet::new();
-        let mut pending: Vec<AlertWrite> = Vec::new();
-        let mut out = Vec::with_capacity(prepared.len());
-        for p in prepared {
+        let mut out: Vec<Stored> = Vec::with_capacity(prepared.len());
+        // New, evaluable readings by patient, in arrival order.
+        let mut by_patient: BTreeMap<&str, Vec<(usize, &ReadingMessage, &EngineReading)>> =
+            BTreeMap::new();
+        for (i, p) in prepared.iter().enumerate() {
             match p {
                 Prepared::Reading { msg, engine, .. } => {
                     // `remove`: a second copy of the same id in this batch is a duplicate.
@@ -275,18 +278,13 @@ impl Store for PgStore {
                         out.push(Stored::Duplicate);
                         continue;
                     }
-                    let Ok(reading) = engine else {
-                        out.push(Stored::New { alerts: 0 });
-                        continue;
-                    };
-                    let state = states.entry(msg.patient.clone()).or_default();
-                    let (new_state, writes) = ev.on_reading(state.as_deref(), &msg, &reading)?;
-                    *state = Some(new_state);
-                    changed.insert(msg.patient.clone());
-                    out.push(Stored::New {
-                        alerts: writes.len(),
-                    });
-                    pending.extend(writes);
+                    out.push(Stored::New { alerts: 0 });
+                    if let Ok(reading) = engine {
+                        by_patient
+                            .entry(msg.patient.as_str())
+                            .or_default()
+                            .push((i, msg, reading));
+                    }
                 }
                 Prepared::Event {
                     id,
@@ -297,7 +295,7 @@ impl Store for PgStore {
                     tx.execute(
                         "INSERT INTO gateway_events (id, gateway, kind, received_ms, payload)
                          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
-                        &[&id, &gateway, &kind, &now_ms, &payload],
+                        &[id, gateway, kind, &now_ms, payload],
                     )
                     .await?;
                     out.push(Stored::Event);
@@ -311,11 +309,27 @@ impl Store for PgStore {
                     tx.execute(
                         "INSERT INTO bad_messages (id, topic, error, received_ms, payload)
                          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
-                        &[&id, &topic, &error, &now_ms, &payload],
+                        &[id, topic, error, &now_ms, payload],
                     )
                     .await?;
-                    out.push(Stored::Bad(error));
+                    out.push(Stored::Bad(error.clone()));
                 }
+            }
+        }
+        let mut changed: BTreeSet<String> = BTreeSet::new();
+        let mut pending: Vec<AlertWrite> = Vec::new();
+        for (patient, readings) in by_patient {
+            let state = states.entry(patient.to_owned()).or_default();
+            let inputs: Vec<(&ReadingMessage, &EngineReading)> =
+                readings.iter().map(|(_, m, r)| (*m, *r)).collect();
+            let (new_state, writes) = ev.on_readings(patient, state.as_deref(), &inputs)?;
+            *state = Some(new_state);
+            changed.insert(patient.to_owned());
+            for ((i, _, _), w) in readings.iter().zip(writes) {
+                if let Some(slot) = out.get_mut(*i) {
+                    *slot = Stored::New { alerts: w.len() };
+                }
+                pending.extend(w);
             }
         }
         let saves: Vec<(&str, &str)> = changed

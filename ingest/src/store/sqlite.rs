@@ -6,7 +6,7 @@
 //! rusqlite is synchronous: each call runs on tokio's blocking pool, holding one of two connections (a
 //! writer and a reader, each behind a `std` mutex held only inside the blocking closure).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,7 +17,9 @@ use super::{
     AckResult, AlertRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, Store, StoreError,
     Stored, prepare, schema,
 };
+use crate::convert::EngineReading;
 use crate::evaluate::{AlertWrite, Evaluator, Sink};
+use protocol::wire::ReadingMessage;
 
 /// The SQLite store (cheap to clone: the connections are shared).
 #[derive(Debug, Clone)]
@@ -152,10 +154,11 @@ fn ingest_sync(
 ) -> Result<Vec<Stored>, StoreError> {
     let prepared: Vec<Prepared> = batch.iter().map(prepare).collect();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    // Patient → (state, changed), loaded at the patient's first new reading in the batch.
-    let mut states: HashMap<String, (Option<String>, bool)> = HashMap::new();
-    let mut out = Vec::with_capacity(prepared.len());
-    for p in prepared {
+    let mut out: Vec<Stored> = Vec::with_capacity(prepared.len());
+    // New, evaluable readings by patient, in arrival order: (position in the batch, message, input).
+    let mut by_patient: BTreeMap<&str, Vec<(usize, &ReadingMessage, &EngineReading)>> =
+        BTreeMap::new();
+    for (i, p) in prepared.iter().enumerate() {
         match p {
             Prepared::Reading {
                 msg,
@@ -173,7 +176,7 @@ fn ingest_sync(
                         msg.id,
                         msg.patient,
                         msg.gateway,
-                        kind_name(&msg),
+                        kind_name(msg),
                         time_utc,
                         received_utc,
                         now_ms,
@@ -186,21 +189,13 @@ fn ingest_sync(
                     out.push(Stored::Duplicate);
                     continue;
                 }
-                let Ok(reading) = engine else {
-                    out.push(Stored::New { alerts: 0 });
-                    continue;
-                };
-                if !states.contains_key(&msg.patient) {
-                    let s = load_state(&tx, &msg.patient)?;
-                    states.insert(msg.patient.clone(), (s, false));
+                out.push(Stored::New { alerts: 0 });
+                if let Ok(reading) = engine {
+                    by_patient
+                        .entry(msg.patient.as_str())
+                        .or_default()
+                        .push((i, msg, reading));
                 }
-                let entry = states
-                    .get_mut(&msg.patient)
-                    .ok_or_else(|| StoreError::Task("state cache".into()))?;
-                let (new_state, writes) = ev.on_reading(entry.0.as_deref(), &msg, &reading)?;
-                *entry = (Some(new_state), true);
-                let alerts = write_alerts(&tx, &writes, ev.sinks(), now_ms)?;
-                out.push(Stored::New { alerts });
             }
             Prepared::Event {
                 id,
@@ -226,14 +221,23 @@ fn ingest_sync(
                      VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
                     params![id, topic, error, now_ms, payload],
                 )?;
-                out.push(Stored::Bad(error));
+                out.push(Stored::Bad(error.clone()));
             }
         }
     }
-    for (patient, (state, changed)) in &states {
-        if let (Some(s), true) = (state, changed) {
-            save_state(&tx, patient, s, now_ms)?;
+    // Each patient's new readings through one engine, against the state under the writer lock.
+    for (patient, readings) in by_patient {
+        let state = load_state(&tx, patient)?;
+        let inputs: Vec<(&ReadingMessage, &EngineReading)> =
+            readings.iter().map(|(_, m, r)| (*m, *r)).collect();
+        let (new_state, writes) = ev.on_readings(patient, state.as_deref(), &inputs)?;
+        for ((i, _, _), w) in readings.iter().zip(writes) {
+            let alerts = write_alerts(&tx, &w, ev.sinks(), now_ms)?;
+            if let Some(slot) = out.get_mut(*i) {
+                *slot = Stored::New { alerts };
+            }
         }
+        save_state(&tx, patient, &new_state, now_ms)?;
     }
     tx.commit()?;
     Ok(out)
