@@ -1,0 +1,228 @@
+//! `cargo bench -p ingest --bench ingest [-- --quick]`: ingest throughput on this machine, printed,
+//! asserting nothing.
+//!
+//! For SQLite (a file, WAL, `synchronous = FULL`) and PostgreSQL (a server the bench starts, `fsync = on`;
+//! skipped when not installed), in the same run:
+//!
+//! - **raw INSERT ceiling** — the same JSON payloads into a bare `(id PRIMARY KEY, payload)` table, in
+//!   transactions of the same batch size, `ON CONFLICT DO NOTHING`: what the database alone allows;
+//! - **stored + evaluated** — [`Store::ingest`]: parse, idempotent insert, the patient's engine state
+//!   loaded, the rule engine run, alerts and outbox rows written, state saved, one commit per batch;
+//! - the same in backlog order (each patient's readings together, as a gateway catching up after days
+//!   offline sends them: one engine run and one state write per patient per batch);
+//! - the same with one message per transaction (the worst case: a broker handing over one message at a
+//!   time).
+//!
+//! The readings: 200 patients, glucose and blood pressure alternating, 1 in 12 of each kind abnormal
+//! (50 mg/dL, 185 mmHg systolic), the rest within the CN pre-meal and BP targets, times a
+//! few minutes apart.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ingest::evaluate::{Evaluator, Sink};
+use ingest::store::{AnyStore, Channel, Inbound, Store};
+use ingest::testing::{TempPostgres, bp_message, glucose_message};
+use protocol::rules::RuleSet;
+
+const T0: i64 = 1_795_420_800;
+const BATCH: usize = 64;
+
+/// `catch_up`: the same readings, but each patient's together (a gateway uploading days of backlog),
+/// so a batch holds many readings of one patient.
+fn messages_in(n: usize, prefix: &str, catch_up: bool) -> Vec<Inbound> {
+    (0..n)
+        .map(|i| {
+            let patient = if catch_up {
+                format!("p-{:04}", i * 200 / n)
+            } else {
+                format!("p-{:04}", i % 200)
+            };
+            let t = T0 + i64::try_from(i).unwrap() * 7;
+            let id = format!("{prefix}-{i}");
+            let payload = if i % 2 == 0 {
+                let mg = if i % 12 == 0 {
+                    50
+                } else {
+                    90 + (i % 20) as u32
+                };
+                glucose_message(&id, &patient, mg, t)
+            } else {
+                let sys = if i % 12 == 1 {
+                    185
+                } else {
+                    110 + (i % 30) as u32
+                };
+                bp_message(
+                    &id,
+                    &patient,
+                    sys,
+                    70 + (i % 15) as u32,
+                    60 + (i % 30) as u32,
+                    t,
+                )
+            };
+            Inbound {
+                topic: "phg/v1/gw-bench/readings".into(),
+                channel: Channel::Readings,
+                payload: payload.into_bytes(),
+            }
+        })
+        .collect()
+}
+
+fn messages(n: usize, prefix: &str) -> Vec<Inbound> {
+    messages_in(n, prefix, false)
+}
+
+fn rate(n: usize, d: Duration) -> String {
+    format!("{:>9.0} readings/s", n as f64 / d.as_secs_f64())
+}
+
+fn raw_sqlite(path: &std::path::Path, msgs: &[Inbound], batch: usize) -> Duration {
+    let mut c = rusqlite::Connection::open(path).unwrap();
+    c.pragma_update(None, "journal_mode", "WAL").unwrap();
+    c.pragma_update(None, "synchronous", "FULL").unwrap();
+    c.execute_batch("CREATE TABLE IF NOT EXISTS raw (id TEXT PRIMARY KEY, payload TEXT NOT NULL)")
+        .unwrap();
+    let t = Instant::now();
+    for chunk in msgs.chunks(batch) {
+        let tx = c.transaction().unwrap();
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO raw (id, payload) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
+                )
+                .unwrap();
+            for m in chunk {
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                st.execute(rusqlite::params![
+                    v["id"].as_str().unwrap(),
+                    std::str::from_utf8(&m.payload).unwrap()
+                ])
+                .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    t.elapsed()
+}
+
+async fn raw_pg(url: &str, msgs: &[Inbound], batch: usize) -> Duration {
+    let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS raw (id TEXT PRIMARY KEY, payload TEXT NOT NULL)",
+        )
+        .await
+        .unwrap();
+    let t = Instant::now();
+    for chunk in msgs.chunks(batch) {
+        let (ids, payloads): (Vec<String>, Vec<&str>) = chunk
+            .iter()
+            .map(|m| {
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                (
+                    v["id"].as_str().unwrap().to_owned(),
+                    std::str::from_utf8(&m.payload).unwrap(),
+                )
+            })
+            .unzip();
+        let tx = client.transaction().await.unwrap();
+        tx.execute(
+            "INSERT INTO raw (id, payload) SELECT * FROM unnest($1::text[], $2::text[])
+             ON CONFLICT (id) DO NOTHING",
+            &[&ids, &payloads],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    t.elapsed()
+}
+
+async fn stored(url: &str, msgs: &[Inbound], batch: usize) -> (Duration, i64) {
+    let store = AnyStore::open(url).await.unwrap();
+    let ev = Arc::new(Evaluator::new(
+        RuleSet::default_rules().unwrap(),
+        vec![Sink::Mqtt, Sink::Webhook],
+    ));
+    let t = Instant::now();
+    for chunk in msgs.chunks(batch) {
+        store
+            .ingest(chunk.to_vec(), Arc::clone(&ev), "bench", ingest::now_ms())
+            .await
+            .unwrap();
+    }
+    let d = t.elapsed();
+    (d, store.counts().await.unwrap().alert_events)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (n, n1) = if quick { (4_000, 500) } else { (20_000, 2_000) };
+    let msgs = messages(n, "r");
+    let backlog = messages_in(n, "c", true);
+    let singles = messages(n1, "s");
+    println!(
+        "ingest bench: {n} readings in batches of {BATCH}, {n1} one per transaction; 200 patients; {} cores",
+        std::thread::available_parallelism().map_or(0, |p| p.get())
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let raw = raw_sqlite(&dir.path().join("raw.sqlite"), &msgs, BATCH);
+    let raw1 = raw_sqlite(&dir.path().join("raw1.sqlite"), &singles, 1);
+    let url = format!("sqlite://{}", dir.path().join("ingest.sqlite").display());
+    let (d, alerts) = stored(&url, &msgs, BATCH).await;
+    let url1 = format!("sqlite://{}", dir.path().join("ingest1.sqlite").display());
+    let (d1, _) = stored(&url1, &singles, 1).await;
+    let urlc = format!("sqlite://{}", dir.path().join("ingestc.sqlite").display());
+    let (dc, _) = stored(&urlc, &backlog, BATCH).await;
+    println!("SQLite (WAL, synchronous=FULL)");
+    println!("  raw INSERT ceiling, batch {BATCH:>3}: {}", rate(n, raw));
+    println!(
+        "  stored + evaluated, batch {BATCH:>3}: {}  ({alerts} alert events)",
+        rate(n, d)
+    );
+    println!("  raw INSERT ceiling, batch   1: {}", rate(n1, raw1));
+    println!("  stored + evaluated, batch   1: {}", rate(n1, d1));
+    println!(
+        "  stored + evaluated, batch {BATCH:>3}, backlog order: {}",
+        rate(n, dc)
+    );
+
+    match TempPostgres::start(true) {
+        Ok(Some(pg)) => {
+            let raw_url = pg.create_database("raw").await.unwrap();
+            let raw = raw_pg(&raw_url, &msgs, BATCH).await;
+            let raw1_url = pg.create_database("raw1").await.unwrap();
+            let raw1 = raw_pg(&raw1_url, &singles, 1).await;
+            let url = pg.create_database("ingest").await.unwrap();
+            let (d, alerts) = stored(&url, &msgs, BATCH).await;
+            let url1 = pg.create_database("ingest1").await.unwrap();
+            let (d1, _) = stored(&url1, &singles, 1).await;
+            let urlc = pg.create_database("ingestc").await.unwrap();
+            let (dc, _) = stored(&urlc, &backlog, BATCH).await;
+            println!("PostgreSQL (local server, fsync=on, synchronous_commit=on)");
+            println!("  raw INSERT ceiling, batch {BATCH:>3}: {}", rate(n, raw));
+            println!(
+                "  stored + evaluated, batch {BATCH:>3}: {}  ({alerts} alert events)",
+                rate(n, d)
+            );
+            println!("  raw INSERT ceiling, batch   1: {}", rate(n1, raw1));
+            println!("  stored + evaluated, batch   1: {}", rate(n1, d1));
+            println!(
+                "  stored + evaluated, batch {BATCH:>3}, backlog order: {}",
+                rate(n, dc)
+            );
+        }
+        Ok(None) => println!("PostgreSQL: {}", ingest::testing::SKIP_MESSAGE),
+        Err(e) => println!("PostgreSQL did not start: {e}"),
+    }
+}

@@ -1,0 +1,196 @@
+//! The HTTP API (axum), for the CRM and for staff tools:
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | GET | `/health` | instance, backend and row counts |
+//! | GET | `/patients/{id}/readings?limit=N` | the patient's readings, newest first (default 100, max 1000) |
+//! | GET | `/patients/{id}/alerts?limit=N` | the patient's alerts (latest state per episode), newest first |
+//! | POST | `/alerts/{id}/ack` | acknowledge (body `{"by": "nurse-7"}`): 200, 409 already acknowledged, 404 |
+//! | GET | `/readings/{id}/fhir` | the reading as a FHIR R4 PHD Observation (404 if unknown) |
+//! | PUT | `/patients/{id}/settings` | the patient's profile and overrides (`protocol::rules::PatientSettings` as JSON): 200, or 422 with the guard-rail's message |
+//!
+//! New settings apply at once on the instance that took them and on the others at their next refresh
+//! (every `rules.window_interval_s`).
+//!
+//! Alert ids contain `/` (`{patient}/{rule}/{time}`): percent-encode them in the path (`%2F`).
+//! Patient ids must be pseudonyms (400 otherwise). The API has no authentication of its own: bind it to
+//! a private address or put it behind the CRM's gateway.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::evaluate::Evaluator;
+use crate::store::{AckResult, AnyStore, Store, StoreError};
+
+#[derive(Debug, Clone)]
+struct AppState {
+    store: AnyStore,
+    ev: Arc<Evaluator>,
+    instance: String,
+}
+
+/// The API's routes.
+pub fn router(store: AnyStore, ev: Arc<Evaluator>, instance: String) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/patients/{id}/readings", get(readings))
+        .route("/patients/{id}/alerts", get(alerts))
+        .route("/alerts/{id}/ack", post(ack))
+        .route("/readings/{id}/fhir", get(fhir))
+        .route("/patients/{id}/settings", axum::routing::put(put_settings))
+        .with_state(AppState {
+            store,
+            ev,
+            instance,
+        })
+}
+
+#[derive(Debug, Deserialize)]
+struct Limit {
+    limit: Option<i64>,
+}
+
+impl Limit {
+    fn get(&self) -> i64 {
+        self.limit.unwrap_or(100).clamp(1, 1000)
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+fn internal(e: &StoreError) -> Response {
+    tracing::error!(error = %e, "api: storage error");
+    error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
+}
+
+async fn health(State(s): State<AppState>) -> Response {
+    match s.store.counts().await {
+        Ok(c) => Json(json!({
+            "instance": s.instance,
+            "backend": s.store.backend(),
+            "counts": c,
+        }))
+        .into_response(),
+        Err(e) => internal(&e),
+    }
+}
+
+async fn readings(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<Limit>,
+) -> Response {
+    if !protocol::wire::is_valid_pseudonym(&id) {
+        return error(StatusCode::BAD_REQUEST, "not a pseudonymous patient id");
+    }
+    match s.store.readings_of(&id, q.get()).await {
+        Ok(rows) => Json(json!({ "patient": id, "readings": rows })).into_response(),
+        Err(e) => internal(&e),
+    }
+}
+
+async fn alerts(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<Limit>,
+) -> Response {
+    if !protocol::wire::is_valid_pseudonym(&id) {
+        return error(StatusCode::BAD_REQUEST, "not a pseudonymous patient id");
+    }
+    match s.store.alerts_of(&id, q.get()).await {
+        Ok(rows) => Json(json!({ "patient": id, "alerts": rows })).into_response(),
+        Err(e) => internal(&e),
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AckBody {
+    by: Option<String>,
+}
+
+async fn ack(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    body: Option<Json<AckBody>>,
+) -> Response {
+    let by = body
+        .and_then(|Json(b)| b.by)
+        .filter(|b| !b.trim().is_empty())
+        .unwrap_or_else(|| "api".to_owned());
+    if by.len() > 128 {
+        return error(StatusCode::BAD_REQUEST, "`by` is longer than 128 bytes");
+    }
+    match s
+        .store
+        .acknowledge(&id, &by, Arc::clone(&s.ev), crate::now_ms())
+        .await
+    {
+        Ok(AckResult::Acknowledged) => {
+            tracing::info!(alert = %id, by = %by, "alert acknowledged");
+            Json(json!({ "alert": id, "status": "acknowledged", "by": by })).into_response()
+        }
+        Ok(AckResult::Already) => error(StatusCode::CONFLICT, "already acknowledged"),
+        Ok(AckResult::NotFound) => error(StatusCode::NOT_FOUND, "no such alert"),
+        Err(e) => internal(&e),
+    }
+}
+
+async fn fhir(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    match s.store.reading(&id).await {
+        Ok(Some(row)) => match crate::fhir::observation(&row.reading) {
+            Some(obs) => ([("content-type", "application/fhir+json")], Json(obs)).into_response(),
+            None => error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "the stored reading cannot be rendered as FHIR",
+            ),
+        },
+        Ok(None) => error(StatusCode::NOT_FOUND, "no such reading"),
+        Err(e) => internal(&e),
+    }
+}
+
+async fn put_settings(State(s): State<AppState>, Path(id): Path<String>, body: String) -> Response {
+    if !protocol::wire::is_valid_pseudonym(&id) {
+        return error(StatusCode::BAD_REQUEST, "not a pseudonymous patient id");
+    }
+    let settings: protocol::rules::PatientSettings = match serde_json::from_str(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "not patient settings: line {}, column {}",
+                    e.line(),
+                    e.column()
+                ),
+            );
+        }
+    };
+    if settings.patient != id {
+        return error(StatusCode::BAD_REQUEST, "`patient` differs from the path");
+    }
+    if let Err(e) = s.ev.set_patient(settings.clone()) {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string());
+    }
+    let json = match serde_json::to_string(&settings) {
+        Ok(j) => j,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    };
+    match s.store.put_patient(&id, &json, crate::now_ms()).await {
+        Ok(()) => {
+            tracing::info!(patient = %id, "patient settings updated");
+            Json(json!({ "patient": id, "status": "updated" })).into_response()
+        }
+        Err(e) => internal(&e),
+    }
+}

@@ -1,0 +1,618 @@
+//! `ingest run --config FILE`: the TOML configuration.
+//!
+//! Every table is optional; an empty file runs with the defaults (SQLite in `./ingest-data`, a broker on
+//! `mqtt://127.0.0.1:1883`, the default rules, no webhook, the API on `127.0.0.1:8480`). Unknown keys are
+//! errors (`deny_unknown_fields`), and every error is one line naming the key:
+//!
+//! ```toml
+//! instance = "ingest-a"                  # unique per instance (outbox leases, MQTT client id)
+//! data_dir = "/var/lib/phg-ingest"       # the SQLite file lives here unless [database] url is set
+//!
+//! [mqtt]
+//! broker = "mqtt://127.0.0.1:1883"
+//! group = "phg-ingest"                   # the shared-subscription group: instances share the stream
+//! topic_root = "phg/v1"                  # subscribes $share/{group}/{topic_root}/+/readings (and events)
+//! alerts_topic = "phg/ingest/alerts"     # where alert notices are published (QoS 1)
+//! keep_alive_s = 30
+//! max_batch = 256                        # messages stored per transaction, at most
+//!
+//! [database]
+//! url = "postgres://ingest@db.internal/phg"   # or "sqlite:///path/file.sqlite"
+//!
+//! [rules]
+//! file = "/etc/phg/rules.toml"           # default: protocol's default rules (CLINICAL.md)
+//! window_interval_s = 3600               # how often time-based rules run (7-day BP average, adherence)
+//!
+//! [webhook]
+//! url = "https://crm.example/phg/alerts"
+//! secret = "…"                           # HMAC-SHA256 key; or secret_file = "/etc/phg/webhook.key"
+//! timeout_s = 10
+//! initial_backoff_ms = 500
+//! max_backoff_s = 300
+//!
+//! [outbox]
+//! lease_s = 30                           # a claimed notice is re-claimable after this
+//! poll_ms = 200
+//!
+//! [api]
+//! listen = "127.0.0.1:8480"              # "" disables the API
+//!
+//! [[patients]]                           # protocol::rules::PatientSettings, guard-rails applied
+//! patient = "p-0001"
+//! profile = "CN"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use protocol::rules::{PatientSettings, RuleSet};
+use serde::Deserialize;
+
+/// A configuration error: one line, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or an unknown / mistyped key (the message names it and its line).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message on one line.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{path}: {key}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    instance: Option<String>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    mqtt: RawMqtt,
+    #[serde(default)]
+    database: RawDatabase,
+    #[serde(default)]
+    rules: RawRules,
+    webhook: Option<RawWebhook>,
+    #[serde(default)]
+    outbox: RawOutbox,
+    #[serde(default)]
+    api: RawApi,
+    #[serde(default)]
+    patients: Vec<PatientSettings>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMqtt {
+    broker: String,
+    client_id: Option<String>,
+    group: String,
+    topic_root: String,
+    alerts_topic: String,
+    keep_alive_s: u64,
+    max_batch: usize,
+    inflight: u16,
+}
+
+impl Default for RawMqtt {
+    fn default() -> Self {
+        RawMqtt {
+            broker: "mqtt://127.0.0.1:1883".into(),
+            client_id: None,
+            group: "phg-ingest".into(),
+            topic_root: protocol::wire::DEFAULT_TOPIC_PREFIX.into(),
+            alerts_topic: "phg/ingest/alerts".into(),
+            keep_alive_s: 30,
+            max_batch: 256,
+            inflight: 256,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRules {
+    file: Option<PathBuf>,
+    window_interval_s: u64,
+}
+
+impl Default for RawRules {
+    fn default() -> Self {
+        RawRules {
+            file: None,
+            window_interval_s: 3600,
+        }
+    }
+}
+
+const fn default_timeout_s() -> u64 {
+    10
+}
+const fn default_initial_backoff_ms() -> u64 {
+    500
+}
+const fn default_max_backoff_s() -> u64 {
+    300
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    #[serde(default = "default_timeout_s")]
+    timeout_s: u64,
+    #[serde(default = "default_initial_backoff_ms")]
+    initial_backoff_ms: u64,
+    #[serde(default = "default_max_backoff_s")]
+    max_backoff_s: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawOutbox {
+    lease_s: u64,
+    poll_ms: u64,
+}
+
+impl Default for RawOutbox {
+    fn default() -> Self {
+        RawOutbox {
+            lease_s: 30,
+            poll_ms: 200,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawApi {
+    listen: String,
+}
+
+impl Default for RawApi {
+    fn default() -> Self {
+        RawApi {
+            listen: "127.0.0.1:8480".into(),
+        }
+    }
+}
+
+/// A secret that never shows in `Debug` or logs.
+#[derive(Clone)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// A secret from bytes.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Secret {
+        Secret(bytes.into())
+    }
+
+    /// The bytes.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// MQTT settings.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Client id of this instance (a persistent session: unacknowledged messages survive a reconnect).
+    pub client_id: String,
+    /// Shared-subscription group.
+    pub group: String,
+    /// Topic root (`phg/v1`).
+    pub topic_root: String,
+    /// Where alert notices go.
+    pub alerts_topic: String,
+    /// Keep-alive.
+    pub keep_alive: Duration,
+    /// Messages per storing transaction, at most.
+    pub max_batch: usize,
+    /// Messages the broker may have in flight to us (and requests queued to the client).
+    pub inflight: u16,
+}
+
+impl MqttConfig {
+    /// The subscriptions: `$share/{group}/{root}/+/readings` and `…/events`.
+    pub fn filters(&self) -> [String; 2] {
+        [
+            format!("$share/{}/{}/+/readings", self.group, self.topic_root),
+            format!("$share/{}/{}/+/events", self.group, self.topic_root),
+        ]
+    }
+}
+
+/// Webhook settings.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// Where alert notices are POSTed.
+    pub url: String,
+    /// The HMAC-SHA256 key.
+    pub secret: Secret,
+    /// Per request.
+    pub timeout: Duration,
+    /// First retry delay (doubled per failure, with jitter).
+    pub initial_backoff: Duration,
+    /// Retry delay cap.
+    pub max_backoff: Duration,
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This instance's id.
+    pub instance: String,
+    /// Database URL (`sqlite://…` or `postgres://…`).
+    pub database_url: String,
+    /// MQTT.
+    pub mqtt: MqttConfig,
+    /// The rules.
+    pub rules: RuleSet,
+    /// Window-rule interval.
+    pub window_interval: Duration,
+    /// Webhook, if any.
+    pub webhook: Option<WebhookConfig>,
+    /// Outbox lease.
+    pub lease: Duration,
+    /// Outbox poll interval.
+    pub poll: Duration,
+    /// API address, if enabled.
+    pub api_listen: Option<SocketAddr>,
+    /// Patients' settings from the file (validated against the rules).
+    pub patients: Vec<PatientSettings>,
+}
+
+/// `message` on one line with its line and column (toml's own rendering spans several lines).
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    match e.span().and_then(|s| text.get(..s.start)) {
+        Some(before) => {
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
+/// `mqtt://host:port` → (host, port).
+fn broker_addr(url: &str) -> Option<(String, u16)> {
+    let rest = url.strip_prefix("mqtt://")?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse().ok()?),
+        None => (rest, 1883),
+    };
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.trim_matches(['[', ']']).to_owned(), port))
+}
+
+impl Config {
+    /// Reads and checks `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError`], one line naming the file and the key.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks TOML text (`path` is for messages).
+    ///
+    /// # Errors
+    /// [`ConfigError`].
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: parse_message(text, &e),
+        })?;
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            reason,
+        };
+        let instance = match raw.instance {
+            Some(i) => i,
+            None => format!("ingest-{}", std::process::id()),
+        };
+        if !protocol::wire::is_valid_topic_level(&instance) {
+            return Err(invalid(
+                "instance",
+                "must be letters, digits, '-', '_' or '.'".into(),
+            ));
+        }
+        let data_dir = raw.data_dir.unwrap_or_else(|| PathBuf::from("ingest-data"));
+        let database_url = match raw.database.url {
+            Some(u) if u.trim().is_empty() => {
+                return Err(invalid("database.url", "is empty".into()));
+            }
+            Some(u) => {
+                if !(u.starts_with("sqlite://")
+                    || u.starts_with("postgres://")
+                    || u.starts_with("postgresql://")
+                    || u.starts_with("host="))
+                {
+                    return Err(invalid(
+                        "database.url",
+                        "must start with sqlite://, postgres:// or postgresql://".into(),
+                    ));
+                }
+                u
+            }
+            None => format!("sqlite://{}", data_dir.join("ingest.sqlite").display()),
+        };
+        let (host, port) = broker_addr(&raw.mqtt.broker).ok_or_else(|| {
+            invalid(
+                "mqtt.broker",
+                format!("{:?} is not mqtt://HOST[:PORT]", raw.mqtt.broker),
+            )
+        })?;
+        for (key, v) in [
+            ("mqtt.group", &raw.mqtt.group),
+            ("mqtt.topic_root", &raw.mqtt.topic_root),
+            ("mqtt.alerts_topic", &raw.mqtt.alerts_topic),
+        ] {
+            if v.is_empty() || v.contains(['+', '#']) || v.starts_with('/') || v.ends_with('/') {
+                return Err(invalid(
+                    key,
+                    "must be a non-empty topic without wildcards or leading/trailing '/'".into(),
+                ));
+            }
+        }
+        if raw.mqtt.group.contains('/') {
+            return Err(invalid("mqtt.group", "must not contain '/'".into()));
+        }
+        if raw.mqtt.max_batch == 0 || raw.mqtt.max_batch > 10_000 {
+            return Err(invalid("mqtt.max_batch", "must be 1..=10000".into()));
+        }
+        if raw.mqtt.inflight == 0 {
+            return Err(invalid("mqtt.inflight", "must be at least 1".into()));
+        }
+        if raw.mqtt.keep_alive_s < 5 {
+            return Err(invalid("mqtt.keep_alive_s", "must be at least 5".into()));
+        }
+        let rules = match &raw.rules.file {
+            Some(f) => {
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| invalid("rules.file", format!("{}: {e}", f.display())))?;
+                RuleSet::from_toml(&text)
+                    .map_err(|e| invalid("rules.file", format!("{}: {e}", f.display())))?
+            }
+            None => RuleSet::default_rules()
+                .map_err(|e| invalid("rules", format!("default rules: {e}")))?,
+        };
+        if raw.rules.window_interval_s == 0 {
+            return Err(invalid(
+                "rules.window_interval_s",
+                "must be at least 1".into(),
+            ));
+        }
+        let webhook = match raw.webhook {
+            None => None,
+            Some(w) => {
+                if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                    return Err(invalid(
+                        "webhook.url",
+                        "must be an http:// or https:// URL".into(),
+                    ));
+                }
+                let secret = match (w.secret, w.secret_file) {
+                    (Some(s), None) => s.into_bytes(),
+                    (None, Some(f)) => {
+                        let s = std::fs::read_to_string(&f).map_err(|e| {
+                            invalid("webhook.secret_file", format!("{}: {e}", f.display()))
+                        })?;
+                        s.lines().next().unwrap_or_default().as_bytes().to_vec()
+                    }
+                    _ => {
+                        return Err(invalid(
+                            "webhook.secret",
+                            "set exactly one of secret or secret_file".into(),
+                        ));
+                    }
+                };
+                if secret.len() < 16 {
+                    return Err(invalid(
+                        "webhook.secret",
+                        "must be at least 16 bytes".into(),
+                    ));
+                }
+                if w.timeout_s == 0 || w.initial_backoff_ms == 0 || w.max_backoff_s == 0 {
+                    return Err(invalid(
+                        "webhook",
+                        "timeout_s, initial_backoff_ms and max_backoff_s must be positive".into(),
+                    ));
+                }
+                Some(WebhookConfig {
+                    url: w.url,
+                    secret: Secret::new(secret),
+                    timeout: Duration::from_secs(w.timeout_s),
+                    initial_backoff: Duration::from_millis(w.initial_backoff_ms),
+                    max_backoff: Duration::from_secs(w.max_backoff_s),
+                })
+            }
+        };
+        if raw.outbox.lease_s == 0 || raw.outbox.poll_ms == 0 {
+            return Err(invalid(
+                "outbox",
+                "lease_s and poll_ms must be positive".into(),
+            ));
+        }
+        if let Some(w) = &webhook {
+            if Duration::from_secs(raw.outbox.lease_s) <= w.timeout {
+                return Err(invalid(
+                    "outbox.lease_s",
+                    "must be longer than webhook.timeout_s (a lease must outlive a delivery)"
+                        .into(),
+                ));
+            }
+        }
+        let api_listen = if raw.api.listen.is_empty() {
+            None
+        } else {
+            Some(raw.api.listen.parse().map_err(|_| {
+                invalid(
+                    "api.listen",
+                    format!("{:?} is not an address like 127.0.0.1:8480", raw.api.listen),
+                )
+            })?)
+        };
+        let mut patients = Vec::new();
+        for (i, p) in raw.patients.into_iter().enumerate() {
+            if !protocol::wire::is_valid_pseudonym(&p.patient) {
+                return Err(invalid(
+                    &format!("patients[{i}].patient"),
+                    "must be a pseudonymous id".into(),
+                ));
+            }
+            patients.push(
+                p.validated(&rules)
+                    .map_err(|e| invalid(&format!("patients[{i}]"), e.to_string()))?,
+            );
+        }
+        let client_id = raw
+            .mqtt
+            .client_id
+            .unwrap_or_else(|| format!("phg-ingest-{instance}"));
+        Ok(Config {
+            mqtt: MqttConfig {
+                host,
+                port,
+                client_id,
+                group: raw.mqtt.group,
+                topic_root: raw.mqtt.topic_root,
+                alerts_topic: raw.mqtt.alerts_topic,
+                keep_alive: Duration::from_secs(raw.mqtt.keep_alive_s),
+                max_batch: raw.mqtt.max_batch,
+                inflight: raw.mqtt.inflight,
+            },
+            instance,
+            database_url,
+            rules,
+            window_interval: Duration::from_secs(raw.rules.window_interval_s),
+            webhook,
+            lease: Duration::from_secs(raw.outbox.lease_s),
+            poll: Duration::from_millis(raw.outbox.poll_ms),
+            api_listen,
+            patients,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, String> {
+        Config::parse(s, Path::new("ingest.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn empty_file_runs_on_defaults() {
+        let c = parse("").expect("defaults");
+        assert!(
+            c.database_url.starts_with("sqlite://"),
+            "{}",
+            c.database_url
+        );
+        assert!(c.database_url.ends_with("ingest.sqlite"));
+        assert_eq!((c.mqtt.host.as_str(), c.mqtt.port), ("127.0.0.1", 1883));
+        assert_eq!(
+            c.mqtt.filters(),
+            [
+                "$share/phg-ingest/phg/v1/+/readings".to_owned(),
+                "$share/phg-ingest/phg/v1/+/events".to_owned()
+            ]
+        );
+        assert!(c.webhook.is_none());
+        assert_eq!(c.window_interval, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn errors_are_one_line_and_name_the_key() {
+        for (text, key) in [
+            ("[mqtt]\nbrokr = \"mqtt://x\"\n", "brokr"),
+            ("[mqtt]\nbroker = \"http://x\"\n", "mqtt.broker"),
+            ("[mqtt]\nmax_batch = 0\n", "mqtt.max_batch"),
+            ("[database]\nurl = \"mysql://x\"\n", "database.url"),
+            (
+                "[webhook]\nurl = \"http://x\"\nsecret = \"short\"\n",
+                "webhook.secret",
+            ),
+            (
+                "[webhook]\nurl = \"ftp://x\"\nsecret = \"0123456789abcdef\"\n",
+                "webhook.url",
+            ),
+            ("[api]\nlisten = \"nowhere\"\n", "api.listen"),
+            ("[rules]\nwindow_interval_s = \"x\"\n", "line 2"),
+            (
+                "[[patients]]\npatient = \"has space\"\n",
+                "patients[0].patient",
+            ),
+        ] {
+            let e = parse(text).expect_err(text);
+            assert!(e.contains(key), "{text:?} → {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+            assert!(e.starts_with("ingest.toml: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn webhook_secret_is_not_printed() {
+        let c = parse(
+            "[webhook]\nurl = \"http://127.0.0.1:9/x\"\nsecret = \"0123456789abcdef-secret\"\n",
+        )
+        .expect("valid");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("0123456789abcdef-secret"), "{dbg}");
+    }
+
+    #[test]
+    fn patient_settings_pass_the_guard_rails() {
+        let c = parse("[[patients]]\npatient = \"p-0001\"\nprofile = \"CN\"\n").expect("valid");
+        assert_eq!(c.patients.len(), 1);
+        assert_eq!(c.patients[0].profile, Some(protocol::rules::Profile::CN));
+    }
+}

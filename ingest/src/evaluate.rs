@@ -1,0 +1,370 @@
+//! The authoritative rule evaluation: protocol's [`Engine`] run per patient, its state kept in the
+//! database beside the readings.
+//!
+//! Several ingest instances share one stream, and a patient's readings may reach any of them, so no
+//! instance can keep a patient's engine state in memory. Each evaluation instead runs inside the
+//! database transaction that stores the reading: the patient's state row is locked
+//! (`SELECT … FOR UPDATE` on PostgreSQL; SQLite's `BEGIN IMMEDIATE` serialises writers), the engine is
+//! rebuilt from it, fed the reading, and the new state, the alerts and their outbox rows are written in
+//! the same commit. A reading is evaluated exactly once because only the transaction that inserted it
+//! (the unique reading id) evaluates it.
+//!
+//! The engine's [`EngineState`] is one map over patients; each patient's part is stored on its own row as
+//! JSON (the `patients.{id}` member of the state's serde form).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError, RwLock};
+
+use protocol::rules::{
+    Alert, AlertAction, Engine, EngineState, OverrideError, PatientSettings, ReadingInput, RuleSet,
+    Symptoms,
+};
+use protocol::wire::ReadingMessage;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::convert::EngineReading;
+
+/// The schema of an alert notice (webhook body and MQTT payload).
+pub const ALERT_NOTICE_SCHEMA: &str = "phg.ingest.alert/1";
+
+/// Where an alert notice goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Sink {
+    /// The MQTT alerts topic.
+    Mqtt,
+    /// The HTTP webhook.
+    Webhook,
+}
+
+impl Sink {
+    /// The name stored in the outbox.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sink::Mqtt => "mqtt",
+            Sink::Webhook => "webhook",
+        }
+    }
+}
+
+/// An evaluation failure (the transaction is rolled back and the messages are not acknowledged).
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// A stored state row is not the engine's state (written by an incompatible version).
+    #[error("patient state of {patient} is unreadable: {source}")]
+    State {
+        /// The patient.
+        patient: String,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// The patient's settings were rejected by the guard-rails.
+    #[error("{0}")]
+    Override(Box<OverrideError>),
+}
+
+/// One alert change to write: the alert row, its event, the outbox rows.
+#[derive(Debug, Clone)]
+pub struct AlertWrite {
+    /// The alert after the change.
+    pub alert: Alert,
+    /// The alert as JSON (the `alerts.body` column).
+    pub alert_json: String,
+    /// `open`, `escalate`, `confirm`, `downgrade` or `close`.
+    pub action: &'static str,
+    /// Deterministic event id (unique: a replayed evaluation writes nothing new).
+    pub event_id: String,
+    /// The notice delivered to every sink.
+    pub notice: String,
+}
+
+/// The alert notice: what the webhook and the MQTT alerts topic carry.
+#[derive(Debug, Serialize)]
+struct Notice<'a> {
+    schema: &'static str,
+    /// The event id: a receiver de-duplicates on it (delivery is at least once).
+    event_id: &'a str,
+    action: &'static str,
+    /// Why (escalation reason, confirmation, close reason, downgrade's previous severity).
+    #[serde(skip_serializing_if = "Value::is_null")]
+    detail: Value,
+    alert: &'a Alert,
+}
+
+/// The rules and the patients' settings; evaluates readings against a patient's stored state.
+#[derive(Debug)]
+pub struct Evaluator {
+    rules: RuleSet,
+    /// Validated settings by patient. A `std` lock: held for a clone, never across an await.
+    patients: RwLock<HashMap<String, PatientSettings>>,
+    sinks: Vec<Sink>,
+    /// The engine last used per patient, with the state it left behind. Reused only when the stored
+    /// state is exactly that string (so another instance's change, or a rolled-back transaction, is
+    /// never missed); it saves rebuilding the rules and parsing the state for every reading. A `std`
+    /// lock, held only to take or put an entry.
+    cache: Mutex<HashMap<String, (String, Engine)>>,
+}
+
+/// Engines kept at most (the cache is emptied when full).
+const CACHE_MAX: usize = 10_000;
+
+impl Evaluator {
+    /// An evaluator for `rules`, delivering to `sinks`.
+    pub fn new(rules: RuleSet, sinks: Vec<Sink>) -> Evaluator {
+        Evaluator {
+            rules,
+            patients: RwLock::new(HashMap::new()),
+            sinks,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The sinks every alert event is queued for.
+    pub fn sinks(&self) -> &[Sink] {
+        &self.sinks
+    }
+
+    /// The rules.
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
+    }
+
+    /// Sets (replaces) a patient's settings after checking the guard-rails.
+    ///
+    /// # Errors
+    /// The override error; the previous settings stay.
+    pub fn set_patient(&self, settings: PatientSettings) -> Result<(), Box<OverrideError>> {
+        let s = settings.validated(&self.rules).map_err(Box::new)?;
+        let mut map = self
+            .patients
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&s.patient);
+        map.insert(s.patient.clone(), s);
+        Ok(())
+    }
+
+    fn settings(&self, patient: &str) -> Vec<PatientSettings> {
+        let map = self.patients.read().unwrap_or_else(PoisonError::into_inner);
+        map.get(patient).cloned().into_iter().collect()
+    }
+
+    /// The patients with settings.
+    pub fn patients(&self) -> Vec<String> {
+        let map = self.patients.read().unwrap_or_else(PoisonError::into_inner);
+        map.keys().cloned().collect()
+    }
+
+    fn keep(&self, patient: &str, state: &str, engine: Engine) {
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(patient.to_owned(), (state.to_owned(), engine));
+    }
+
+    fn engine(&self, patient: &str, state: Option<&str>) -> Result<Engine, EvalError> {
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(patient);
+        if let Some((s, e)) = cached {
+            if state == Some(s.as_str()) {
+                return Ok(e);
+            }
+        }
+        let state = match state.filter(|s| !s.is_empty()) {
+            None => EngineState::default(),
+            Some(s) => {
+                let value: Value = serde_json::from_str(s).map_err(|e| EvalError::State {
+                    patient: patient.into(),
+                    source: e,
+                })?;
+                let mut patients = Map::new();
+                patients.insert(patient.into(), value);
+                let mut root = Map::new();
+                root.insert("patients".into(), Value::Object(patients));
+                serde_json::from_value(Value::Object(root)).map_err(|e| EvalError::State {
+                    patient: patient.into(),
+                    source: e,
+                })?
+            }
+        };
+        Engine::with_state(self.rules.clone(), self.settings(patient), state)
+            .map_err(|e| EvalError::Override(Box::new(e)))
+    }
+
+    fn state_of(engine: &Engine, patient: &str) -> Result<String, EvalError> {
+        let err = |e| EvalError::State {
+            patient: patient.into(),
+            source: e,
+        };
+        let mut v = serde_json::to_value(engine.state()).map_err(err)?;
+        let part = v
+            .get_mut("patients")
+            .and_then(|p| p.get_mut(patient))
+            .map(Value::take)
+            .unwrap_or(Value::Object(Map::new()));
+        serde_json::to_string(&part).map_err(err)
+    }
+
+    /// Evaluates one stored reading against the patient's `state` (JSON, `None` for a new patient).
+    /// Returns the new state and the alert changes.
+    ///
+    /// # Errors
+    /// [`EvalError`] when the state is unreadable or the settings invalid.
+    pub fn on_reading(
+        &self,
+        state: Option<&str>,
+        msg: &ReadingMessage,
+        reading: &EngineReading,
+    ) -> Result<(String, Vec<AlertWrite>), EvalError> {
+        let (state, mut writes) = self.on_readings(&msg.patient, state, &[(msg, reading)])?;
+        Ok((state, writes.pop().unwrap_or_default()))
+    }
+
+    /// Evaluates several stored readings of one patient, in order, against the patient's `state`: one
+    /// engine, one state serialisation (a gateway catching up after days offline sends a patient's
+    /// readings together). Returns the new state and the alert changes per reading.
+    ///
+    /// # Errors
+    /// As [`Self::on_reading`].
+    pub fn on_readings(
+        &self,
+        patient: &str,
+        state: Option<&str>,
+        readings: &[(&ReadingMessage, &EngineReading)],
+    ) -> Result<(String, Vec<Vec<AlertWrite>>), EvalError> {
+        let mut engine = self.engine(patient, state)?;
+        let mut out = Vec::with_capacity(readings.len());
+        for (msg, reading) in readings {
+            let actions = engine.on_reading(&ReadingInput {
+                patient,
+                reading_id: &msg.id,
+                time_utc: reading.time_utc,
+                measurement: &reading.measurement,
+                verdict: &reading.verdict,
+                symptoms: Symptoms::NONE,
+            });
+            out.push(writes(&actions)?);
+        }
+        let new_state = Self::state_of(&engine, patient)?;
+        self.keep(patient, &new_state, engine);
+        Ok((new_state, out))
+    }
+
+    /// Time passes for one patient (confirmation timeouts, escalation, window rules, adherence).
+    ///
+    /// # Errors
+    /// As [`Self::on_reading`].
+    pub fn on_tick(
+        &self,
+        patient: &str,
+        state: Option<&str>,
+        now_utc: i64,
+    ) -> Result<(String, Vec<AlertWrite>), EvalError> {
+        let mut engine = self.engine(patient, state)?;
+        let actions: Vec<AlertAction> = engine
+            .on_tick(now_utc)
+            .into_iter()
+            .filter(|a| a.alert().patient == patient)
+            .collect();
+        let new_state = Self::state_of(&engine, patient)?;
+        self.keep(patient, &new_state, engine);
+        Ok((new_state, writes(&actions)?))
+    }
+
+    /// Marks an alert acknowledged in the patient's state (stops its unacknowledged escalation).
+    /// Returns the new state; `false` when the alert is not open in the state.
+    ///
+    /// # Errors
+    /// As [`Self::on_reading`].
+    pub fn acknowledge(
+        &self,
+        patient: &str,
+        state: Option<&str>,
+        alert_id: &str,
+    ) -> Result<(String, bool), EvalError> {
+        let mut engine = self.engine(patient, state)?;
+        let open = engine.acknowledge(patient, alert_id);
+        let new_state = Self::state_of(&engine, patient)?;
+        self.keep(patient, &new_state, engine);
+        Ok((new_state, open))
+    }
+}
+
+fn action_name(a: &AlertAction) -> &'static str {
+    match a {
+        AlertAction::Open(_) => "open",
+        AlertAction::Escalate { .. } => "escalate",
+        AlertAction::Confirm { .. } => "confirm",
+        AlertAction::Downgrade { .. } => "downgrade",
+        AlertAction::Close { .. } => "close",
+    }
+}
+
+/// Deterministic: the same transition of the same alert always gets the same id.
+fn event_id(alert: &Alert, action: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        alert.id.as_str(),
+        action,
+        &alert.updated_utc.to_string(),
+        alert.severity.name(),
+        &format!("{:?}", alert.status),
+        &alert.tier.to_string(),
+        &alert.rule_id,
+    ] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    protocol::wire::to_hex(h.finalize().get(..16).unwrap_or_default())
+}
+
+fn writes(actions: &[AlertAction]) -> Result<Vec<AlertWrite>, EvalError> {
+    let err = |e| EvalError::State {
+        patient: String::new(),
+        source: e,
+    };
+    actions
+        .iter()
+        .map(|a| {
+            let alert = a.alert();
+            let action = action_name(a);
+            let event_id = event_id(alert, action);
+            let detail = match a {
+                AlertAction::Open(_) => Value::Null,
+                AlertAction::Escalate { reason, .. } => {
+                    serde_json::json!({ "reason": serde_json::to_value(reason).map_err(err)? })
+                }
+                AlertAction::Confirm { by, .. } => {
+                    serde_json::json!({ "by": serde_json::to_value(by).map_err(err)? })
+                }
+                AlertAction::Downgrade { from, .. } => serde_json::json!({ "from": from.name() }),
+                AlertAction::Close { reason, .. } => {
+                    serde_json::json!({ "reason": serde_json::to_value(reason).map_err(err)? })
+                }
+            };
+            let notice = serde_json::to_string(&Notice {
+                schema: ALERT_NOTICE_SCHEMA,
+                event_id: &event_id,
+                action,
+                detail,
+                alert,
+            })
+            .map_err(err)?;
+            Ok(AlertWrite {
+                alert: alert.clone(),
+                alert_json: serde_json::to_string(alert).map_err(err)?,
+                action,
+                event_id,
+                notice,
+            })
+        })
+        .collect()
+}

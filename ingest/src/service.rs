@@ -1,0 +1,384 @@
+//! The service: the MQTT consumer and the tasks beside it.
+//!
+//! ```text
+//! broker ──$share QoS1──▶ event loop ──▶ (bounded channel) ──▶ storer: one transaction per batch ──▶ PUBACKs
+//!                                                                      │ readings, engine state, alerts, outbox
+//! ticker (every window_interval): time-based rules ───────────────────┤
+//! outbox deliverers: webhook (HMAC), MQTT alerts topic ◀──────────────┘
+//! API (axum): readings, alerts, acknowledgement
+//! ```
+//!
+//! **A PUBACK only after the commit.** The client runs with `manual_acks`; the storer acknowledges the
+//! messages of a batch after [`Store::ingest`] returned `Ok`. If storing fails (database down), the batch
+//! is retried with backoff and nothing is acknowledged; if the process dies, the broker redelivers the
+//! unacknowledged messages (the session is persistent: `clean_session = false` with a stable client id),
+//! and idempotency by reading id makes the redelivery harmless.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::evaluate::{Evaluator, Sink};
+use crate::now_ms;
+use crate::outbox::{backoff, run_mqtt, run_webhook};
+use crate::store::{AnyStore, Channel, Inbound, Store, StoreError, Stored};
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The database.
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    /// The API's listening socket.
+    #[error("api: cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A patient's stored settings were rejected.
+    #[error("patient settings: {0}")]
+    Settings(String),
+}
+
+/// A started service.
+#[derive(Debug)]
+pub struct Running {
+    token: CancellationToken,
+    tasks: JoinSet<()>,
+    store: AnyStore,
+    evaluator: Arc<Evaluator>,
+    api_addr: Option<SocketAddr>,
+}
+
+impl Running {
+    /// The store (tests and benches read it).
+    pub fn store(&self) -> &AnyStore {
+        &self.store
+    }
+
+    /// The evaluator.
+    pub fn evaluator(&self) -> &Arc<Evaluator> {
+        &self.evaluator
+    }
+
+    /// Where the API listens (the bound port when the config said port 0).
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addr
+    }
+
+    /// Stops every task and waits for them (unacknowledged messages are redelivered by the broker;
+    /// claimed outbox rows are claimed again after their lease).
+    pub async fn stop(mut self) {
+        self.token.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Loads the stored patients' settings into the evaluator. Settings rejected by the guard-rails are
+/// reported and skipped (the patient is evaluated with the profile defaults), never silently applied.
+async fn load_patients(store: &AnyStore, ev: &Evaluator) -> Result<(), StoreError> {
+    for json in store.patients().await? {
+        match serde_json::from_str(&json) {
+            Ok(p) => {
+                if let Err(e) = ev.set_patient(p) {
+                    tracing::warn!(error = %e, "stored patient settings rejected");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "stored patient settings unreadable"),
+        }
+    }
+    Ok(())
+}
+
+/// Starts the service: opens the database, stores the configured patients' settings, and spawns the
+/// consumer, the storer, the ticker, the outbox deliverers and the API.
+///
+/// # Errors
+/// [`RunError`] when the database cannot be opened or the API cannot listen.
+pub async fn start(cfg: Config) -> Result<Running, RunError> {
+    let store = AnyStore::open(&cfg.database_url).await?;
+    let mut sinks = vec![Sink::Mqtt];
+    if cfg.webhook.is_some() {
+        sinks.push(Sink::Webhook);
+    }
+    let ev = Arc::new(Evaluator::new(cfg.rules.clone(), sinks));
+    for p in &cfg.patients {
+        let json = serde_json::to_string(p).map_err(|e| RunError::Settings(e.to_string()))?;
+        store.put_patient(&p.patient, &json, now_ms()).await?;
+    }
+    load_patients(&store, &ev).await?;
+    let token = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    let api_addr = match cfg.api_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Listen { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| RunError::Listen { addr, source })?;
+            let app = crate::api::router(store.clone(), Arc::clone(&ev), cfg.instance.clone());
+            let t = token.clone();
+            tasks.spawn(async move {
+                let serve = axum::serve(listener, app).with_graceful_shutdown(t.cancelled_owned());
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "api stopped");
+                }
+            });
+            Some(bound)
+        }
+        None => None,
+    };
+
+    // Consumer + storer.
+    let mut opts = MqttOptions::new(
+        cfg.mqtt.client_id.clone(),
+        cfg.mqtt.host.clone(),
+        cfg.mqtt.port,
+    );
+    opts.set_keep_alive(cfg.mqtt.keep_alive);
+    opts.set_manual_acks(true);
+    opts.set_clean_session(false);
+    opts.set_inflight(cfg.mqtt.inflight);
+    let (client, eventloop) = AsyncClient::new(opts, usize::from(cfg.mqtt.inflight).max(64));
+    let (tx, rx) = mpsc::channel::<Publish>(cfg.mqtt.max_batch.max(16) * 2);
+    tasks.spawn(consume(
+        client.clone(),
+        eventloop,
+        cfg.mqtt.filters(),
+        tx,
+        token.clone(),
+    ));
+    tasks.spawn(storer(
+        client,
+        rx,
+        store.clone(),
+        Arc::clone(&ev),
+        cfg.instance.clone(),
+        cfg.mqtt.max_batch,
+        token.clone(),
+    ));
+
+    // Time-based rules and settings refresh.
+    {
+        let (store, ev, token) = (store.clone(), Arc::clone(&ev), token.clone());
+        let every = cfg.window_interval;
+        tasks.spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = interval.tick() => {}
+                }
+                if let Err(e) = load_patients(&store, &ev).await {
+                    tracing::warn!(error = %e, "patient settings refresh failed");
+                }
+                match store.tick(Arc::clone(&ev), now_ms() / 1000).await {
+                    Ok(n) => tracing::info!(alert_events = n, "time-based rules evaluated"),
+                    Err(e) => tracing::warn!(error = %e, "time-based rules failed"),
+                }
+            }
+        });
+    }
+
+    // Outbox deliverers.
+    tasks.spawn(run_mqtt(
+        store.clone(),
+        cfg.mqtt.clone(),
+        cfg.instance.clone(),
+        cfg.lease,
+        cfg.poll,
+        token.clone(),
+    ));
+    if let Some(w) = cfg.webhook.clone() {
+        tasks.spawn(run_webhook(
+            store.clone(),
+            w,
+            cfg.instance.clone(),
+            cfg.lease,
+            cfg.poll,
+            token.clone(),
+        ));
+    }
+    tracing::info!(
+        instance = %cfg.instance,
+        backend = store.backend(),
+        broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port),
+        api = ?api_addr,
+        "ingest started"
+    );
+    Ok(Running {
+        token,
+        tasks,
+        store,
+        evaluator: ev,
+        api_addr,
+    })
+}
+
+/// Runs until `shutdown` completes.
+///
+/// # Errors
+/// As [`start`].
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let running = start(cfg).await?;
+    shutdown.await;
+    tracing::info!("ingest stopping");
+    running.stop().await;
+    Ok(())
+}
+
+/// Polls the MQTT event loop: (re)subscribes at each connection, forwards publishes to the storer.
+async fn consume(
+    client: AsyncClient,
+    mut eventloop: rumqttc::EventLoop,
+    filters: [String; 2],
+    tx: mpsc::Sender<Publish>,
+    token: CancellationToken,
+) {
+    let mut failures = 0i32;
+    loop {
+        let ev = tokio::select! {
+            _ = token.cancelled() => break,
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                failures = 0;
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to the broker"
+                );
+                for f in &filters {
+                    // `try_`: this task is the one that drains the request queue.
+                    if let Err(e) = client.try_subscribe(f.as_str(), QoS::AtLeastOnce) {
+                        tracing::warn!(error = %e, filter = %f, "subscribe failed");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                // Blocks when the storer is behind: backpressure to the broker.
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    r = tx.send(p) => if r.is_err() { break },
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(s))) => {
+                tracing::debug!(codes = ?s.return_codes, "subscribed");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let d = backoff(
+                    Duration::from_millis(200),
+                    Duration::from_secs(10),
+                    failures,
+                );
+                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "MQTT connection failed");
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(d) => {}
+                }
+            }
+        }
+    }
+    let _ = client.try_disconnect();
+}
+
+fn channel_of(topic: &str) -> Channel {
+    if topic.ends_with("/events") {
+        Channel::Events
+    } else {
+        Channel::Readings
+    }
+}
+
+/// Stores batches; acknowledges each batch's messages after its commit.
+async fn storer(
+    client: AsyncClient,
+    mut rx: mpsc::Receiver<Publish>,
+    store: AnyStore,
+    ev: Arc<Evaluator>,
+    instance: String,
+    max_batch: usize,
+    token: CancellationToken,
+) {
+    let mut batch: Vec<Publish> = Vec::with_capacity(max_batch);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            n = rx.recv_many(&mut batch, max_batch) => if n == 0 { return },
+        }
+        let inbound: Vec<Inbound> = batch
+            .iter()
+            .map(|p| Inbound {
+                topic: p.topic.clone(),
+                channel: channel_of(&p.topic),
+                payload: p.payload.to_vec(),
+            })
+            .collect();
+        let mut failures = 0i32;
+        let results = loop {
+            match store
+                .ingest(inbound.clone(), Arc::clone(&ev), &instance, now_ms())
+                .await
+            {
+                Ok(r) => break r,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let d = backoff(
+                        Duration::from_millis(200),
+                        Duration::from_secs(30),
+                        failures,
+                    );
+                    tracing::error!(error = %e, messages = inbound.len(), retry_in_ms = d.as_millis() as u64,
+                        "storing failed; messages stay unacknowledged");
+                    tokio::select! {
+                        // Not acknowledged: the broker redelivers them.
+                        _ = token.cancelled() => return,
+                        _ = tokio::time::sleep(d) => {}
+                    }
+                }
+            }
+        };
+        let (mut new, mut dup, mut bad, mut alerts) = (0usize, 0usize, 0usize, 0usize);
+        for r in &results {
+            match r {
+                Stored::New { alerts: a } => {
+                    new += 1;
+                    alerts += a;
+                }
+                Stored::Duplicate => dup += 1,
+                Stored::Event => {}
+                Stored::Bad(error) => {
+                    bad += 1;
+                    // The error names what is wrong, never a value.
+                    tracing::warn!(error = %error, "message kept in bad_messages");
+                }
+            }
+        }
+        tracing::debug!(
+            new,
+            duplicates = dup,
+            bad,
+            alert_events = alerts,
+            "batch stored"
+        );
+        for p in batch.drain(..) {
+            if let Err(e) = client.ack(&p).await {
+                tracing::warn!(error = %e, "PUBACK not queued (the broker will redeliver)");
+            }
+        }
+    }
+}

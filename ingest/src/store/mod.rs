@@ -1,0 +1,577 @@
+//! Storage: one [`Store`] trait, two implementations ([`SqliteStore`], embedded, the default;
+//! [`PgStore`], PostgreSQL by URL, for production and several hosts).
+//!
+//! # Guarantees (both implementations; `ingest/tests/storage.rs` runs the same tests on each)
+//!
+//! - **Idempotent by reading id.** `readings.id` is the primary key; a redelivered or duplicated message
+//!   inserts nothing, is not evaluated again and raises no alert again.
+//! - **One transaction per batch**: the readings, the engine state of their patients, the alerts, their
+//!   events and the outbox rows commit together, *before* the MQTT messages are acknowledged. A crash
+//!   before the commit leaves nothing and the broker redelivers.
+//! - **No double alert across instances.** Alert ids are deterministic (`{patient}/{rule}/{time}`, from
+//!   the engine) and unique; alert events have deterministic ids (unique); and a patient's state is
+//!   locked while evaluated, so two instances never evaluate one patient's readings at once.
+//! - **Durable outbox, leased.** Every alert event is queued once per sink. A deliverer *claims* due rows
+//!   with a lease (PostgreSQL: `FOR UPDATE SKIP LOCKED`; SQLite: a conditional `UPDATE … RETURNING` under
+//!   the database's single writer lock), so two instances never deliver the same row at the same time;
+//!   a row whose deliverer died is claimed again when its lease runs out (at-least-once: receivers
+//!   de-duplicate on the event id).
+//!
+//! # Tables
+//!
+//! `readings` (id, patient, gateway, kind, time_utc, received_utc, stored_ms, instance, payload,
+//! eval_error), `patient_state` (the engine state per patient, JSON), `patient_settings` (profile and
+//! overrides, JSON), `alerts` (one row per episode, latest state), `alert_events` (every transition),
+//! `outbox` (event × sink, with attempts, next attempt, lease, delivered time), `gateway_events` (the
+//! gateways' `…/events` messages), `bad_messages` (payloads that did not parse, kept for inspection).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use protocol::wire::ReadingMessage;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::convert::{ConvertError, EngineReading, engine_reading};
+use crate::evaluate::{EvalError, Evaluator, Sink};
+
+mod postgres;
+mod sqlite;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+/// A storage failure. The transaction is rolled back; the messages of the batch stay unacknowledged
+/// and the broker redelivers them (recoverable once the database is back).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL.
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The rule engine.
+    #[error("evaluation: {0}")]
+    Eval(#[from] EvalError),
+    /// A JSON column could not be written or read.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A blocking task panicked or was cancelled.
+    #[error("storage task: {0}")]
+    Task(String),
+    /// The database URL is not one we know.
+    #[error("database url: {0}")]
+    Url(String),
+}
+
+/// Which stream a message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// `…/readings`.
+    Readings,
+    /// `…/events`.
+    Events,
+}
+
+/// One MQTT message to store.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// Its topic.
+    pub topic: String,
+    /// Which stream.
+    pub channel: Channel,
+    /// The payload as received.
+    pub payload: Vec<u8>,
+}
+
+/// What storing one message did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// A new reading: stored and evaluated; `alerts` alert events were written.
+    New {
+        /// Alert events written.
+        alerts: usize,
+    },
+    /// A reading already stored (redelivery or duplicate): nothing written.
+    Duplicate,
+    /// A gateway event, stored (or already stored).
+    Event,
+    /// A message that is not a valid reading/event: kept in `bad_messages`, acknowledged.
+    Bad(String),
+}
+
+/// A message parsed for storing.
+#[derive(Debug)]
+pub(crate) enum Prepared {
+    Reading {
+        msg: Box<ReadingMessage>,
+        payload: String,
+        time_utc: i64,
+        received_utc: i64,
+        engine: Result<EngineReading, ConvertError>,
+    },
+    Event {
+        id: String,
+        gateway: String,
+        kind: String,
+        payload: String,
+    },
+    Bad {
+        id: String,
+        topic: String,
+        error: String,
+        payload: String,
+    },
+}
+
+fn digest_hex(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+        h.update([0u8]);
+    }
+    protocol::wire::to_hex(h.finalize().get(..16).unwrap_or_default())
+}
+
+/// A JSON error without the offending value (serde's messages quote it, and a payload value must not
+/// reach the log).
+fn json_error(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Io => "I/O error",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Data => "a field is missing or has the wrong type",
+        serde_json::error::Category::Eof => "truncated",
+    };
+    format!("{what} at line {}, column {}", e.line(), e.column())
+}
+
+/// Parses a message. Never fails: what does not parse becomes [`Prepared::Bad`].
+pub(crate) fn prepare(m: &Inbound) -> Prepared {
+    let bad = |error: String| Prepared::Bad {
+        id: digest_hex(&[m.topic.as_bytes(), &m.payload]),
+        topic: m.topic.clone(),
+        error,
+        payload: String::from_utf8_lossy(&m.payload).into_owned(),
+    };
+    let Ok(text) = std::str::from_utf8(&m.payload) else {
+        return bad("payload is not UTF-8".into());
+    };
+    match m.channel {
+        Channel::Readings => {
+            let msg: ReadingMessage = match serde_json::from_str(text) {
+                Ok(msg) => msg,
+                Err(e) => return bad(format!("not a phg.reading/1 message: {}", json_error(&e))),
+            };
+            if !msg.schema.starts_with("phg.reading/") {
+                return bad("unknown schema".into());
+            }
+            if !protocol::wire::is_valid_pseudonym(&msg.patient) {
+                return bad("patient is not a pseudonymous id".into());
+            }
+            let engine = engine_reading(&msg);
+            let received_utc = crate::convert::parse_rfc3339_utc(&msg.body.time.received);
+            let Some(received_utc) = received_utc else {
+                return bad("time.received is not RFC 3339 UTC".into());
+            };
+            let time_utc = engine.as_ref().map_or(received_utc, |e| e.time_utc);
+            Prepared::Reading {
+                msg: Box::new(msg),
+                payload: text.to_owned(),
+                time_utc,
+                received_utc,
+                engine,
+            }
+        }
+        Channel::Events => {
+            let v: serde_json::Value = match serde_json::from_str(text) {
+                Ok(v) => v,
+                Err(e) => return bad(format!("not JSON: {}", json_error(&e))),
+            };
+            let gateway = v
+                .get("gateway")
+                .and_then(|g| g.as_str())
+                .unwrap_or_default()
+                .to_owned();
+            let kind = v
+                .get("event")
+                .and_then(|e| e.get("kind").or_else(|| e.get("type")))
+                .and_then(|k| k.as_str())
+                .unwrap_or("unknown")
+                .to_owned();
+            Prepared::Event {
+                id: digest_hex(&[m.topic.as_bytes(), &m.payload]),
+                gateway,
+                kind,
+                payload: text.to_owned(),
+            }
+        }
+    }
+}
+
+/// A stored reading, as the API returns it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ReadingRow {
+    /// Reading id.
+    pub id: String,
+    /// Patient.
+    pub patient: String,
+    /// Gateway.
+    pub gateway: String,
+    /// `glucose` or `blood_pressure`.
+    pub kind: String,
+    /// Measured at (Unix s).
+    pub time_utc: i64,
+    /// Why the engine could not evaluate it, if it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_error: Option<String>,
+    /// The ingest instance that stored it.
+    pub instance: String,
+    /// The message as received.
+    pub reading: serde_json::Value,
+}
+
+/// A stored alert (its latest state).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AlertRow {
+    /// Alert id.
+    pub id: String,
+    /// Patient.
+    pub patient: String,
+    /// Rule in force.
+    pub rule_id: String,
+    /// Severity.
+    pub severity: String,
+    /// Status.
+    pub status: String,
+    /// Who acknowledged it, if anyone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acknowledged_by: Option<String>,
+    /// When (ms since the epoch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acknowledged_ms: Option<i64>,
+    /// The engine's alert.
+    pub alert: serde_json::Value,
+}
+
+/// An outbox row claimed for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    /// Row id.
+    pub seq: i64,
+    /// The alert event id (the receiver's de-duplication key).
+    pub event_id: String,
+    /// The notice.
+    pub payload: String,
+    /// Failed attempts so far.
+    pub attempts: i32,
+}
+
+/// Counts, for tests, benches and the health endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Counts {
+    /// Readings stored.
+    pub readings: i64,
+    /// Alerts (episodes).
+    pub alerts: i64,
+    /// Alert events.
+    pub alert_events: i64,
+    /// Outbox rows not yet delivered.
+    pub outbox_pending: i64,
+    /// Outbox rows delivered.
+    pub outbox_delivered: i64,
+    /// Bad messages kept.
+    pub bad_messages: i64,
+}
+
+/// The result of acknowledging an alert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckResult {
+    /// Acknowledged now.
+    Acknowledged,
+    /// Already acknowledged before (by someone).
+    Already,
+    /// No such alert.
+    NotFound,
+}
+
+/// Storage, as the service uses it. Every method is one transaction.
+pub trait Store: Send + Sync + 'static {
+    /// Stores a batch of messages in one transaction and evaluates each new reading; one [`Stored`] per
+    /// message, in order. On `Err` nothing is stored and no message may be acknowledged.
+    fn ingest(
+        &self,
+        batch: Vec<Inbound>,
+        ev: Arc<Evaluator>,
+        instance: &str,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Vec<Stored>, StoreError>> + Send;
+
+    /// Runs time-based rules for every known patient at `now_utc`; returns the alert events written.
+    fn tick(
+        &self,
+        ev: Arc<Evaluator>,
+        now_utc: i64,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Claims up to `limit` due, undelivered rows of `sink` for `owner` until `lease_until_ms`.
+    fn claim(
+        &self,
+        sink: Sink,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<OutboxItem>, StoreError>> + Send;
+
+    /// Marks a claimed row delivered (only if `owner` still holds it; `false` otherwise).
+    fn delivered(
+        &self,
+        seq: i64,
+        owner: &str,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Records a failed attempt: the lease is released and the row is due again at `next_attempt_ms`.
+    fn failed(
+        &self,
+        seq: i64,
+        owner: &str,
+        next_attempt_ms: i64,
+        error: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Stores a patient's settings (the caller validated them).
+    fn put_patient(
+        &self,
+        patient: &str,
+        settings_json: &str,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every stored patient's settings (JSON).
+    fn patients(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// A patient's readings, newest first.
+    fn readings_of(
+        &self,
+        patient: &str,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<ReadingRow>, StoreError>> + Send;
+
+    /// One reading.
+    fn reading(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<ReadingRow>, StoreError>> + Send;
+
+    /// A patient's alerts, newest first.
+    fn alerts_of(
+        &self,
+        patient: &str,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<AlertRow>, StoreError>> + Send;
+
+    /// Acknowledges an alert (also in the engine state, which stops its escalation).
+    fn acknowledge(
+        &self,
+        alert_id: &str,
+        by: &str,
+        ev: Arc<Evaluator>,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<AckResult, StoreError>> + Send;
+
+    /// Row counts.
+    fn counts(&self) -> impl Future<Output = Result<Counts, StoreError>> + Send;
+}
+
+/// Either store, chosen by URL at run time.
+#[derive(Debug, Clone)]
+pub enum AnyStore {
+    /// SQLite.
+    Sqlite(SqliteStore),
+    /// PostgreSQL.
+    Postgres(PgStore),
+}
+
+impl AnyStore {
+    /// Opens `url`: `sqlite://PATH` (or a bare path) or `postgres://…` / `postgresql://…` (or a
+    /// libpq key-value string starting with `host=`). Creates the tables.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the database cannot be opened or migrated.
+    pub async fn open(url: &str) -> Result<AnyStore, StoreError> {
+        if url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+            || url.starts_with("host=")
+        {
+            Ok(AnyStore::Postgres(PgStore::connect(url).await?))
+        } else {
+            let path = url.strip_prefix("sqlite://").unwrap_or(url);
+            Ok(AnyStore::Sqlite(SqliteStore::open(path).await?))
+        }
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            AnyStore::Sqlite(_) => "sqlite",
+            AnyStore::Postgres(_) => "postgres",
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            AnyStore::Sqlite($s) => $e.await,
+            AnyStore::Postgres($s) => $e.await,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    async fn ingest(
+        &self,
+        batch: Vec<Inbound>,
+        ev: Arc<Evaluator>,
+        instance: &str,
+        now_ms: i64,
+    ) -> Result<Vec<Stored>, StoreError> {
+        delegate!(self, s => s.ingest(batch, ev, instance, now_ms))
+    }
+    async fn tick(&self, ev: Arc<Evaluator>, now_utc: i64) -> Result<usize, StoreError> {
+        delegate!(self, s => s.tick(ev, now_utc))
+    }
+    async fn claim(
+        &self,
+        sink: Sink,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        delegate!(self, s => s.claim(sink, owner, now_ms, lease_until_ms, limit))
+    }
+    async fn delivered(&self, seq: i64, owner: &str, now_ms: i64) -> Result<bool, StoreError> {
+        delegate!(self, s => s.delivered(seq, owner, now_ms))
+    }
+    async fn failed(
+        &self,
+        seq: i64,
+        owner: &str,
+        next_attempt_ms: i64,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        delegate!(self, s => s.failed(seq, owner, next_attempt_ms, error))
+    }
+    async fn put_patient(
+        &self,
+        patient: &str,
+        settings_json: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        delegate!(self, s => s.put_patient(patient, settings_json, now_ms))
+    }
+    async fn patients(&self) -> Result<Vec<String>, StoreError> {
+        delegate!(self, s => s.patients())
+    }
+    async fn readings_of(&self, patient: &str, limit: i64) -> Result<Vec<ReadingRow>, StoreError> {
+        delegate!(self, s => s.readings_of(patient, limit))
+    }
+    async fn reading(&self, id: &str) -> Result<Option<ReadingRow>, StoreError> {
+        delegate!(self, s => s.reading(id))
+    }
+    async fn alerts_of(&self, patient: &str, limit: i64) -> Result<Vec<AlertRow>, StoreError> {
+        delegate!(self, s => s.alerts_of(patient, limit))
+    }
+    async fn acknowledge(
+        &self,
+        alert_id: &str,
+        by: &str,
+        ev: Arc<Evaluator>,
+        now_ms: i64,
+    ) -> Result<AckResult, StoreError> {
+        delegate!(self, s => s.acknowledge(alert_id, by, ev, now_ms))
+    }
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        delegate!(self, s => s.counts())
+    }
+}
+
+/// The schema, shared by both backends except for the outbox sequence column type.
+pub(crate) fn schema(seq_type: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS readings (
+            id TEXT PRIMARY KEY,
+            patient TEXT NOT NULL,
+            gateway TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            time_utc BIGINT NOT NULL,
+            received_utc BIGINT NOT NULL,
+            stored_ms BIGINT NOT NULL,
+            instance TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            eval_error TEXT
+        );
+        CREATE INDEX IF NOT EXISTS readings_by_patient ON readings (patient, time_utc);
+        CREATE TABLE IF NOT EXISTS patient_state (
+            patient TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            updated_ms BIGINT NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS patient_settings (
+            patient TEXT PRIMARY KEY,
+            settings TEXT NOT NULL,
+            updated_ms BIGINT NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS alerts (
+            id TEXT PRIMARY KEY,
+            patient TEXT NOT NULL,
+            rule_id TEXT NOT NULL,
+            severity TEXT NOT NULL,
+            status TEXT NOT NULL,
+            opened_utc BIGINT NOT NULL,
+            updated_utc BIGINT NOT NULL,
+            acknowledged_by TEXT,
+            acknowledged_ms BIGINT,
+            body TEXT NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS alerts_by_patient ON alerts (patient, opened_utc);
+        CREATE TABLE IF NOT EXISTS alert_events (
+            id TEXT PRIMARY KEY,
+            alert_id TEXT NOT NULL,
+            action TEXT NOT NULL,
+            created_ms BIGINT NOT NULL,
+            notice TEXT NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS outbox (
+            seq {seq_type},
+            event_id TEXT NOT NULL,
+            sink TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_ms BIGINT NOT NULL,
+            lease_owner TEXT,
+            lease_until_ms BIGINT NOT NULL DEFAULT 0,
+            delivered_ms BIGINT,
+            last_error TEXT,
+            UNIQUE (event_id, sink)
+        );
+        CREATE INDEX IF NOT EXISTS outbox_due ON outbox (sink, next_attempt_ms) WHERE delivered_ms IS NULL;
+        CREATE TABLE IF NOT EXISTS gateway_events (
+            id TEXT PRIMARY KEY,
+            gateway TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            received_ms BIGINT NOT NULL,
+            payload TEXT NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS bad_messages (
+            id TEXT PRIMARY KEY,
+            topic TEXT NOT NULL,
+            error TEXT NOT NULL,
+            received_ms BIGINT NOT NULL,
+            payload TEXT NOT NULL
+        );"
+    )
+}

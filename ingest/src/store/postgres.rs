@@ -1,0 +1,579 @@
+//! PostgreSQL, by URL (tokio-postgres, no TLS: run it on a private network or behind a TLS-terminating
+//! proxy; TLS is a follow-up).
+//!
+//! A batch's readings go in with one multi-row `INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING
+//! RETURNING id` (one round trip); the batch's patients are locked up front, in sorted order
+//! (`SELECT … ORDER BY patient FOR UPDATE`), so two instances never deadlock and never evaluate one patient
+//! at once. Outbox rows are claimed with `FOR UPDATE SKIP LOCKED`.
+//!
+//! Two connections per store: a writer (transactions, behind an async mutex) and a reader (the API).
+//! A lost connection is re-opened at the next call.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row, Transaction};
+
+/// A statement parameter.
+type P<'a> = dyn ToSql + Sync + 'a;
+
+use super::{
+    AckResult, AlertRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, Store, StoreError,
+    Stored, prepare, schema, sqlite::kind_name,
+};
+use crate::convert::EngineReading;
+use crate::evaluate::{AlertWrite, Evaluator, Sink};
+use protocol::wire::ReadingMessage;
+
+/// The PostgreSQL store (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    url: Arc<str>,
+    writer: Arc<Mutex<Client>>,
+    reader: Arc<Mutex<Client>>,
+}
+
+async fn client(url: &str) -> Result<Client, StoreError> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+impl PgStore {
+    /// Connects to `url` and creates the tables (under an advisory lock: instances may start together).
+    ///
+    /// # Errors
+    /// [`StoreError::Postgres`] when the server cannot be reached or the schema created.
+    pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
+        let writer = client(url).await?;
+        writer
+            .execute("SELECT pg_advisory_lock(728374)", &[])
+            .await?;
+        let migrated = writer.batch_execute(&schema("BIGSERIAL PRIMARY KEY")).await;
+        writer
+            .execute("SELECT pg_advisory_unlock(728374)", &[])
+            .await?;
+        migrated?;
+        let reader = client(url).await?;
+        Ok(PgStore {
+            url: url.into(),
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    /// The client behind `m`, re-connected when its connection was lost.
+    async fn get<'a>(
+        &self,
+        m: &'a Mutex<Client>,
+    ) -> Result<tokio::sync::MutexGuard<'a, Client>, StoreError> {
+        let mut g = m.lock().await;
+        if g.is_closed() {
+            *g = client(&self.url).await?;
+        }
+        Ok(g)
+    }
+}
+
+async fn lock_states(
+    tx: &Transaction<'_>,
+    patients: &BTreeSet<String>,
+    now_ms: i64,
+) -> Result<HashMap<String, Option<String>>, StoreError> {
+    let list: Vec<&str> = patients.iter().map(String::as_str).collect();
+    tx.execute(
+        "INSERT INTO patient_state (patient, state, updated_ms)
+         SELECT p, '', $2 FROM unnest($1::text[]) AS p ORDER BY p ON CONFLICT (patient) DO NOTHING",
+        &[&list, &now_ms],
+    )
+    .await?;
+    let rows = tx
+        .query(
+            "SELECT patient, state FROM patient_state WHERE patient = ANY($1)
+             ORDER BY patient FOR UPDATE",
+            &[&list],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let s: String = r.get(1);
+            (r.get(0), Some(s).filter(|s| !s.is_empty()))
+        })
+        .collect())
+}
+
+const INSERT_EVENT: &str = "INSERT INTO alert_events (id, alert_id, action, created_ms, notice)
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING";
+const UPSERT_ALERT: &str =
+    "INSERT INTO alerts (id, patient, rule_id, severity, status, opened_utc, updated_utc, body)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+     ON CONFLICT (id) DO UPDATE SET rule_id = excluded.rule_id, severity = excluded.severity,
+       status = excluded.status, updated_utc = excluded.updated_utc, body = excluded.body";
+const INSERT_OUTBOX: &str =
+    "INSERT INTO outbox (event_id, sink, payload, next_attempt_ms) VALUES ($1, $2, $3, $4)
+     ON CONFLICT (event_id, sink) DO NOTHING";
+const SAVE_STATE: &str = "UPDATE patient_state SET state = $2, updated_ms = $3 WHERE patient = $1";
+
+/// Writes alert changes and patient states, pipelined: every statement is sent before the first answer
+/// is awaited (tokio-postgres sends in polling order, and the server runs them in that order, so two
+/// changes of one alert apply in order). A replayed event id changes nothing (`ON CONFLICT`).
+async fn write_all(
+    tx: &Transaction<'_>,
+    writes: &[AlertWrite],
+    sinks: &[Sink],
+    states: &[(&str, &str)],
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    if writes.is_empty() && states.is_empty() {
+        return Ok(());
+    }
+    let (ev, al, ob, st) = futures_util::future::try_join4(
+        tx.prepare(INSERT_EVENT),
+        tx.prepare(UPSERT_ALERT),
+        tx.prepare(INSERT_OUTBOX),
+        tx.prepare(SAVE_STATE),
+    )
+    .await?;
+    let statuses: Vec<String> = writes
+        .iter()
+        .map(|w| format!("{:?}", w.alert.status).to_lowercase())
+        .collect();
+    let severities: Vec<&'static str> = writes.iter().map(|w| w.alert.severity.name()).collect();
+    let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
+    let mut futs = Vec::new();
+    for ((w, status), severity) in writes.iter().zip(&statuses).zip(&severities) {
+        let p: Vec<&P<'_>> = vec![&w.event_id, &w.alert.id, &w.action, &now_ms, &w.notice];
+        futs.push(tx.execute_raw(&ev, p));
+        let p: Vec<&P<'_>> = vec![
+            &w.alert.id,
+            &w.alert.patient,
+            &w.alert.rule_id,
+            severity,
+            status,
+            &w.alert.opened_utc,
+            &w.alert.updated_utc,
+            &w.alert_json,
+        ];
+        futs.push(tx.execute_raw(&al, p));
+        for s in &sink_names {
+            let p: Vec<&P<'_>> = vec![&w.event_id, s, &w.notice, &now_ms];
+            futs.push(tx.execute_raw(&ob, p));
+        }
+    }
+    for (patient, state) in states {
+        let p: Vec<&P<'_>> = vec![patient, state, &now_ms];
+        futs.push(tx.execute_raw(&st, p));
+    }
+    futures_util::future::try_join_all(futs).await?;
+    Ok(())
+}
+
+fn reading_row(r: &Row) -> ReadingRow {
+    let payload: String = r.get(6);
+    ReadingRow {
+        id: r.get(0),
+        patient: r.get(1),
+        gateway: r.get(2),
+        kind: r.get(3),
+        time_utc: r.get(4),
+        eval_error: r.get(5),
+        instance: r.get(7),
+        reading: serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload)),
+    }
+}
+
+/// The readings of a batch, column by column (for one `unnest` insert).
+type ReadingColumns<'a> = (
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<i64>,
+    Vec<i64>,
+    Vec<&'a str>,
+    Vec<Option<String>>,
+);
+
+const READING_COLUMNS: &str = "id, patient, gateway, kind, time_utc, eval_error, payload, instance";
+
+impl Store for PgStore {
+    async fn ingest(
+        &self,
+        batch: Vec<Inbound>,
+        ev: Arc<Evaluator>,
+        instance: &str,
+        now_ms: i64,
+    ) -> Result<Vec<Stored>, StoreError> {
+        let prepared: Vec<Prepared> = batch.iter().map(prepare).collect();
+        let mut client = self.get(&self.writer).await?;
+        let tx = client.transaction().await?;
+        let patients: BTreeSet<String> = prepared
+            .iter()
+            .filter_map(|p| match p {
+                Prepared::Reading { msg, .. } => Some(msg.patient.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut states = if patients.is_empty() {
+            HashMap::new()
+        } else {
+            lock_states(&tx, &patients, now_ms).await?
+        };
+        // All readings in one statement; the ids it returns are the new ones.
+        let mut cols: ReadingColumns<'_> = Default::default();
+        for p in &prepared {
+            if let Prepared::Reading {
+                msg,
+                payload,
+                time_utc,
+                received_utc,
+                engine,
+            } = p
+            {
+                cols.0.push(&msg.id);
+                cols.1.push(&msg.patient);
+                cols.2.push(&msg.gateway);
+                cols.3.push(kind_name(msg));
+                cols.4.push(*time_utc);
+                cols.5.push(*received_utc);
+                cols.6.push(payload);
+                cols.7.push(engine.as_ref().err().map(ToString::to_string));
+            }
+        }
+        let mut new_ids: HashSet<String> = HashSet::new();
+        if !cols.0.is_empty() {
+            let rows = tx
+                .query(
+                    "INSERT INTO readings (id, patient, gateway, kind, time_utc, received_utc, payload,
+                       eval_error, stored_ms, instance)
+                     SELECT id, patient, gateway, kind, time_utc, received_utc, payload, eval_error, $9, $10
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+                                 $6::bigint[], $7::text[], $8::text[])
+                       AS t(id, patient, gateway, kind, time_utc, received_utc, payload, eval_error)
+                     ON CONFLICT (id) DO NOTHING RETURNING id",
+                    &[
+                        &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7,
+                        &now_ms, &instance,
+                    ],
+                )
+                .await?;
+            new_ids = rows.into_iter().map(|r| r.get(0)).collect();
+        }
+        let mut out: Vec<Stored> = Vec::with_capacity(prepared.len());
+        // New, evaluable readings by patient, in arrival order.
+        let mut by_patient: BTreeMap<&str, Vec<(usize, &ReadingMessage, &EngineReading)>> =
+            BTreeMap::new();
+        for (i, p) in prepared.iter().enumerate() {
+            match p {
+                Prepared::Reading { msg, engine, .. } => {
+                    // `remove`: a second copy of the same id in this batch is a duplicate.
+                    if !new_ids.remove(&msg.id) {
+                        out.push(Stored::Duplicate);
+                        continue;
+                    }
+                    out.push(Stored::New { alerts: 0 });
+                    if let Ok(reading) = engine {
+                        by_patient
+                            .entry(msg.patient.as_str())
+                            .or_default()
+                            .push((i, msg, reading));
+                    }
+                }
+                Prepared::Event {
+                    id,
+                    gateway,
+                    kind,
+                    payload,
+                } => {
+                    tx.execute(
+                        "INSERT INTO gateway_events (id, gateway, kind, received_ms, payload)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+                        &[id, gateway, kind, &now_ms, payload],
+                    )
+                    .await?;
+                    out.push(Stored::Event);
+                }
+                Prepared::Bad {
+                    id,
+                    topic,
+                    error,
+                    payload,
+                } => {
+                    tx.execute(
+                        "INSERT INTO bad_messages (id, topic, error, received_ms, payload)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+                        &[id, topic, error, &now_ms, payload],
+                    )
+                    .await?;
+                    out.push(Stored::Bad(error.clone()));
+                }
+            }
+        }
+        let mut changed: BTreeSet<String> = BTreeSet::new();
+        let mut pending: Vec<AlertWrite> = Vec::new();
+        for (patient, readings) in by_patient {
+            let state = states.entry(patient.to_owned()).or_default();
+            let inputs: Vec<(&ReadingMessage, &EngineReading)> =
+                readings.iter().map(|(_, m, r)| (*m, *r)).collect();
+            let (new_state, writes) = ev.on_readings(patient, state.as_deref(), &inputs)?;
+            *state = Some(new_state);
+            changed.insert(patient.to_owned());
+            for ((i, _, _), w) in readings.iter().zip(writes) {
+                if let Some(slot) = out.get_mut(*i) {
+                    *slot = Stored::New { alerts: w.len() };
+                }
+                pending.extend(w);
+            }
+        }
+        let saves: Vec<(&str, &str)> = changed
+            .iter()
+            .filter_map(|p| match states.get(p) {
+                Some(Some(s)) => Some((p.as_str(), s.as_str())),
+                _ => None,
+            })
+            .collect();
+        write_all(&tx, &pending, ev.sinks(), &saves, now_ms).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn tick(&self, ev: Arc<Evaluator>, now_utc: i64) -> Result<usize, StoreError> {
+        let now_ms = now_utc.saturating_mul(1000);
+        let mut client = self.get(&self.writer).await?;
+        let patients: Vec<String> = client
+            .query(
+                "SELECT patient FROM patient_state UNION SELECT patient FROM patient_settings
+                 ORDER BY 1",
+                &[],
+            )
+            .await?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut events = 0;
+        for p in patients {
+            let tx = client.transaction().await?;
+            let one: BTreeSet<String> = std::iter::once(p.clone()).collect();
+            let states = lock_states(&tx, &one, now_ms).await?;
+            let state = states.get(&p).cloned().flatten();
+            let (new_state, writes) = ev.on_tick(&p, state.as_deref(), now_utc)?;
+            events += writes.len();
+            write_all(&tx, &writes, ev.sinks(), &[(&p, &new_state)], now_ms).await?;
+            tx.commit().await?;
+        }
+        Ok(events)
+    }
+
+    async fn claim(
+        &self,
+        sink: Sink,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        let client = self.get(&self.writer).await?;
+        let rows = client
+            .query(
+                "UPDATE outbox SET lease_owner = $1, lease_until_ms = $2
+                 WHERE seq IN (SELECT seq FROM outbox
+                               WHERE sink = $3 AND delivered_ms IS NULL AND next_attempt_ms <= $4
+                                 AND lease_until_ms <= $4
+                               ORDER BY seq LIMIT $5 FOR UPDATE SKIP LOCKED)
+                 RETURNING seq, event_id, payload, attempts",
+                &[&owner, &lease_until_ms, &sink.name(), &now_ms, &limit],
+            )
+            .await?;
+        let mut items: Vec<OutboxItem> = rows
+            .into_iter()
+            .map(|r| OutboxItem {
+                seq: r.get(0),
+                event_id: r.get(1),
+                payload: r.get(2),
+                attempts: r.get(3),
+            })
+            .collect();
+        items.sort_by_key(|i| i.seq);
+        Ok(items)
+    }
+
+    async fn delivered(&self, seq: i64, owner: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let client = self.get(&self.writer).await?;
+        let n = client
+            .execute(
+                "UPDATE outbox SET delivered_ms = $3, lease_owner = NULL
+                 WHERE seq = $1 AND lease_owner = $2 AND delivered_ms IS NULL",
+                &[&seq, &owner, &now_ms],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn failed(
+        &self,
+        seq: i64,
+        owner: &str,
+        next_attempt_ms: i64,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let client = self.get(&self.writer).await?;
+        client
+            .execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = $3, lease_owner = NULL,
+                   lease_until_ms = 0, last_error = $4
+                 WHERE seq = $1 AND lease_owner = $2 AND delivered_ms IS NULL",
+                &[&seq, &owner, &next_attempt_ms, &error],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn put_patient(
+        &self,
+        patient: &str,
+        settings_json: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let client = self.get(&self.writer).await?;
+        client
+            .execute(
+                "INSERT INTO patient_settings (patient, settings, updated_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (patient) DO UPDATE SET settings = excluded.settings,
+                   updated_ms = excluded.updated_ms",
+                &[&patient, &settings_json, &now_ms],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn patients(&self) -> Result<Vec<String>, StoreError> {
+        let client = self.get(&self.reader).await?;
+        Ok(client
+            .query(
+                "SELECT settings FROM patient_settings ORDER BY patient",
+                &[],
+            )
+            .await?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn readings_of(&self, patient: &str, limit: i64) -> Result<Vec<ReadingRow>, StoreError> {
+        let client = self.get(&self.reader).await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {READING_COLUMNS} FROM readings WHERE patient = $1
+                     ORDER BY time_utc DESC, id LIMIT $2"
+                ),
+                &[&patient, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(reading_row).collect())
+    }
+
+    async fn reading(&self, id: &str) -> Result<Option<ReadingRow>, StoreError> {
+        let client = self.get(&self.reader).await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {READING_COLUMNS} FROM readings WHERE id = $1"),
+                &[&id],
+            )
+            .await?;
+        Ok(row.as_ref().map(reading_row))
+    }
+
+    async fn alerts_of(&self, patient: &str, limit: i64) -> Result<Vec<AlertRow>, StoreError> {
+        let client = self.get(&self.reader).await?;
+        let rows = client
+            .query(
+                "SELECT id, patient, rule_id, severity, status, acknowledged_by, acknowledged_ms, body
+                 FROM alerts WHERE patient = $1 ORDER BY opened_utc DESC, id LIMIT $2",
+                &[&patient, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let body: String = r.get(7);
+                AlertRow {
+                    id: r.get(0),
+                    patient: r.get(1),
+                    rule_id: r.get(2),
+                    severity: r.get(3),
+                    status: r.get(4),
+                    acknowledged_by: r.get(5),
+                    acknowledged_ms: r.get(6),
+                    alert: serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+                }
+            })
+            .collect())
+    }
+
+    async fn acknowledge(
+        &self,
+        alert_id: &str,
+        by: &str,
+        ev: Arc<Evaluator>,
+        now_ms: i64,
+    ) -> Result<AckResult, StoreError> {
+        let mut client = self.get(&self.writer).await?;
+        let tx = client.transaction().await?;
+        let row = tx
+            .query_opt(
+                "SELECT patient, acknowledged_by FROM alerts WHERE id = $1 FOR UPDATE",
+                &[&alert_id],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(AckResult::NotFound);
+        };
+        let patient: String = row.get(0);
+        let ack_by: Option<String> = row.get(1);
+        if ack_by.is_some() {
+            return Ok(AckResult::Already);
+        }
+        tx.execute(
+            "UPDATE alerts SET acknowledged_by = $2, acknowledged_ms = $3 WHERE id = $1",
+            &[&alert_id, &by, &now_ms],
+        )
+        .await?;
+        let one: BTreeSet<String> = std::iter::once(patient.clone()).collect();
+        let states = lock_states(&tx, &one, now_ms).await?;
+        let state = states.get(&patient).cloned().flatten();
+        let (new_state, _open) = ev.acknowledge(&patient, state.as_deref(), alert_id)?;
+        write_all(&tx, &[], &[], &[(&patient, &new_state)], now_ms).await?;
+        tx.commit().await?;
+        Ok(AckResult::Acknowledged)
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        let client = self.get(&self.reader).await?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM alerts),
+                        (SELECT count(*) FROM alert_events),
+                        (SELECT count(*) FROM outbox WHERE delivered_ms IS NULL),
+                        (SELECT count(*) FROM outbox WHERE delivered_ms IS NOT NULL),
+                        (SELECT count(*) FROM bad_messages)",
+                &[],
+            )
+            .await?;
+        Ok(Counts {
+            readings: row.get(0),
+            alerts: row.get(1),
+            alert_events: row.get(2),
+            outbox_pending: row.get(3),
+            outbox_delivered: row.get(4),
+            bad_messages: row.get(5),
+        })
+    }
+}

@@ -1,0 +1,511 @@
+//! SQLite, embedded: WAL (readers never block the writer), `synchronous = FULL` (a commit is on disk
+//! before the PUBACK that depends on it), a busy timeout so that two instances may share one file (each
+//! write transaction is `BEGIN IMMEDIATE`: it takes the single writer lock up front, so evaluations of
+//! one patient never interleave).
+//!
+//! rusqlite is synchronous: each call runs on tokio's blocking pool, holding one of two connections (a
+//! writer and a reader, each behind a `std` mutex held only inside the blocking closure).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::{
+    AckResult, AlertRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, Store, StoreError,
+    Stored, prepare, schema,
+};
+use crate::convert::EngineReading;
+use crate::evaluate::{AlertWrite, Evaluator, Sink};
+use protocol::wire::ReadingMessage;
+
+/// The SQLite store (cheap to clone: the connections are shared).
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn connection(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let c = Connection::open(path)?;
+    c.busy_timeout(Duration::from_secs(30))?;
+    c.pragma_update(None, "journal_mode", "WAL")?;
+    c.pragma_update(None, "synchronous", "FULL")?;
+    Ok(c)
+}
+
+impl SqliteStore {
+    /// Opens (creating) the database file at `path` and its tables.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`] when the file cannot be opened or the schema created.
+    pub async fn open(path: &str) -> Result<SqliteStore, StoreError> {
+        let path = Path::new(path).to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                // A missing data directory is created; a failure shows up as the open's error.
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let writer = connection(&path)?;
+            writer.execute_batch(&schema("INTEGER PRIMARY KEY AUTOINCREMENT"))?;
+            let reader = connection(&path)?;
+            Ok(SqliteStore {
+                writer: Arc::new(Mutex::new(writer)),
+                reader: Arc::new(Mutex::new(reader)),
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn with<T: Send + 'static>(
+        conn: &Arc<Mutex<Connection>>,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = Arc::clone(conn);
+        tokio::task::spawn_blocking(move || {
+            let mut c = conn
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&mut c)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+fn load_state(tx: &rusqlite::Transaction<'_>, patient: &str) -> Result<Option<String>, StoreError> {
+    Ok(tx
+        .query_row(
+            "SELECT state FROM patient_state WHERE patient = ?1",
+            [patient],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+fn save_state(
+    tx: &rusqlite::Transaction<'_>,
+    patient: &str,
+    state: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO patient_state (patient, state, updated_ms) VALUES (?1, ?2, ?3)
+         ON CONFLICT (patient) DO UPDATE SET state = excluded.state, updated_ms = excluded.updated_ms",
+        params![patient, state, now_ms],
+    )?;
+    Ok(())
+}
+
+/// Writes alert changes; returns how many events were new.
+fn write_alerts(
+    tx: &rusqlite::Transaction<'_>,
+    writes: &[AlertWrite],
+    sinks: &[Sink],
+    now_ms: i64,
+) -> Result<usize, StoreError> {
+    let mut new = 0;
+    for w in writes {
+        let n = tx.execute(
+            "INSERT INTO alert_events (id, alert_id, action, created_ms, notice) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (id) DO NOTHING",
+            params![w.event_id, w.alert.id, w.action, now_ms, w.notice],
+        )?;
+        if n == 0 {
+            continue;
+        }
+        new += 1;
+        tx.execute(
+            "INSERT INTO alerts (id, patient, rule_id, severity, status, opened_utc, updated_utc, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (id) DO UPDATE SET rule_id = excluded.rule_id, severity = excluded.severity,
+               status = excluded.status, updated_utc = excluded.updated_utc, body = excluded.body",
+            params![
+                w.alert.id,
+                w.alert.patient,
+                w.alert.rule_id,
+                w.alert.severity.name(),
+                format!("{:?}", w.alert.status).to_lowercase(),
+                w.alert.opened_utc,
+                w.alert.updated_utc,
+                w.alert_json
+            ],
+        )?;
+        for s in sinks {
+            tx.execute(
+                "INSERT INTO outbox (event_id, sink, payload, next_attempt_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (event_id, sink) DO NOTHING",
+                params![w.event_id, s.name(), w.notice, now_ms],
+            )?;
+        }
+    }
+    Ok(new)
+}
+
+fn ingest_sync(
+    conn: &mut Connection,
+    batch: &[Inbound],
+    ev: &Evaluator,
+    instance: &str,
+    now_ms: i64,
+) -> Result<Vec<Stored>, StoreError> {
+    let prepared: Vec<Prepared> = batch.iter().map(prepare).collect();
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut out: Vec<Stored> = Vec::with_capacity(prepared.len());
+    // New, evaluable readings by patient, in arrival order: (position in the batch, message, input).
+    let mut by_patient: BTreeMap<&str, Vec<(usize, &ReadingMessage, &EngineReading)>> =
+        BTreeMap::new();
+    for (i, p) in prepared.iter().enumerate() {
+        match p {
+            Prepared::Reading {
+                msg,
+                payload,
+                time_utc,
+                received_utc,
+                engine,
+            } => {
+                let eval_error = engine.as_ref().err().map(ToString::to_string);
+                let n = tx.execute(
+                    "INSERT INTO readings (id, patient, gateway, kind, time_utc, received_utc, stored_ms,
+                       instance, payload, eval_error)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO NOTHING",
+                    params![
+                        msg.id,
+                        msg.patient,
+                        msg.gateway,
+                        kind_name(msg),
+                        time_utc,
+                        received_utc,
+                        now_ms,
+                        instance,
+                        payload,
+                        eval_error
+                    ],
+                )?;
+                if n == 0 {
+                    out.push(Stored::Duplicate);
+                    continue;
+                }
+                out.push(Stored::New { alerts: 0 });
+                if let Ok(reading) = engine {
+                    by_patient
+                        .entry(msg.patient.as_str())
+                        .or_default()
+                        .push((i, msg, reading));
+                }
+            }
+            Prepared::Event {
+                id,
+                gateway,
+                kind,
+                payload,
+            } => {
+                tx.execute(
+                    "INSERT INTO gateway_events (id, gateway, kind, received_ms, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
+                    params![id, gateway, kind, now_ms, payload],
+                )?;
+                out.push(Stored::Event);
+            }
+            Prepared::Bad {
+                id,
+                topic,
+                error,
+                payload,
+            } => {
+                tx.execute(
+                    "INSERT INTO bad_messages (id, topic, error, received_ms, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
+                    params![id, topic, error, now_ms, payload],
+                )?;
+                out.push(Stored::Bad(error.clone()));
+            }
+        }
+    }
+    // Each patient's new readings through one engine, against the state under the writer lock.
+    for (patient, readings) in by_patient {
+        let state = load_state(&tx, patient)?;
+        let inputs: Vec<(&ReadingMessage, &EngineReading)> =
+            readings.iter().map(|(_, m, r)| (*m, *r)).collect();
+        let (new_state, writes) = ev.on_readings(patient, state.as_deref(), &inputs)?;
+        for ((i, _, _), w) in readings.iter().zip(writes) {
+            let alerts = write_alerts(&tx, &w, ev.sinks(), now_ms)?;
+            if let Some(slot) = out.get_mut(*i) {
+                *slot = Stored::New { alerts };
+            }
+        }
+        save_state(&tx, patient, &new_state, now_ms)?;
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+pub(crate) fn kind_name(msg: &protocol::wire::ReadingMessage) -> &'static str {
+    match msg.body.kind {
+        protocol::wire::Kind::Glucose => "glucose",
+        protocol::wire::Kind::BloodPressure => "blood_pressure",
+    }
+}
+
+fn reading_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReadingRow> {
+    let payload: String = r.get(6)?;
+    Ok(ReadingRow {
+        id: r.get(0)?,
+        patient: r.get(1)?,
+        gateway: r.get(2)?,
+        kind: r.get(3)?,
+        time_utc: r.get(4)?,
+        eval_error: r.get(5)?,
+        instance: r.get(7)?,
+        reading: serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload)),
+    })
+}
+
+const READING_COLUMNS: &str = "id, patient, gateway, kind, time_utc, eval_error, payload, instance";
+
+impl Store for SqliteStore {
+    async fn ingest(
+        &self,
+        batch: Vec<Inbound>,
+        ev: Arc<Evaluator>,
+        instance: &str,
+        now_ms: i64,
+    ) -> Result<Vec<Stored>, StoreError> {
+        let instance = instance.to_owned();
+        Self::with(&self.writer, move |c| {
+            ingest_sync(c, &batch, &ev, &instance, now_ms)
+        })
+        .await
+    }
+
+    async fn tick(&self, ev: Arc<Evaluator>, now_utc: i64) -> Result<usize, StoreError> {
+        Self::with(&self.writer, move |c| {
+            let now_ms = now_utc.saturating_mul(1000);
+            let mut patients: Vec<String> = {
+                let mut st = c.prepare(
+                    "SELECT patient FROM patient_state UNION SELECT patient FROM patient_settings",
+                )?;
+                st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+            };
+            patients.sort();
+            let mut events = 0;
+            for p in patients {
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let state = load_state(&tx, &p)?;
+                let (new_state, writes) = ev.on_tick(&p, state.as_deref(), now_utc)?;
+                events += write_alerts(&tx, &writes, ev.sinks(), now_ms)?;
+                save_state(&tx, &p, &new_state, now_ms)?;
+                tx.commit()?;
+            }
+            Ok(events)
+        })
+        .await
+    }
+
+    async fn claim(
+        &self,
+        sink: Sink,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        let owner = owner.to_owned();
+        Self::with(&self.writer, move |c| {
+            // One statement under SQLite's writer lock: two claimers can never both take a row.
+            let mut st = c.prepare_cached(
+                "UPDATE outbox SET lease_owner = ?1, lease_until_ms = ?2
+                 WHERE seq IN (SELECT seq FROM outbox
+                               WHERE sink = ?3 AND delivered_ms IS NULL AND next_attempt_ms <= ?4
+                                 AND lease_until_ms <= ?4
+                               ORDER BY seq LIMIT ?5)
+                 RETURNING seq, event_id, payload, attempts",
+            )?;
+            let mut items: Vec<OutboxItem> = st
+                .query_map(
+                    params![owner, lease_until_ms, sink.name(), now_ms, limit],
+                    |r| {
+                        Ok(OutboxItem {
+                            seq: r.get(0)?,
+                            event_id: r.get(1)?,
+                            payload: r.get(2)?,
+                            attempts: r.get(3)?,
+                        })
+                    },
+                )?
+                .collect::<Result<_, _>>()?;
+            items.sort_by_key(|i| i.seq);
+            Ok(items)
+        })
+        .await
+    }
+
+    async fn delivered(&self, seq: i64, owner: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let owner = owner.to_owned();
+        Self::with(&self.writer, move |c| {
+            let n = c.execute(
+                "UPDATE outbox SET delivered_ms = ?3, lease_owner = NULL
+                 WHERE seq = ?1 AND lease_owner = ?2 AND delivered_ms IS NULL",
+                params![seq, owner, now_ms],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn failed(
+        &self,
+        seq: i64,
+        owner: &str,
+        next_attempt_ms: i64,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let (owner, error) = (owner.to_owned(), error.to_owned());
+        Self::with(&self.writer, move |c| {
+            c.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = ?3, lease_owner = NULL,
+                   lease_until_ms = 0, last_error = ?4
+                 WHERE seq = ?1 AND lease_owner = ?2 AND delivered_ms IS NULL",
+                params![seq, owner, next_attempt_ms, error],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_patient(
+        &self,
+        patient: &str,
+        settings_json: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (patient, settings) = (patient.to_owned(), settings_json.to_owned());
+        Self::with(&self.writer, move |c| {
+            c.execute(
+                "INSERT INTO patient_settings (patient, settings, updated_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (patient) DO UPDATE SET settings = excluded.settings,
+                   updated_ms = excluded.updated_ms",
+                params![patient, settings, now_ms],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn patients(&self) -> Result<Vec<String>, StoreError> {
+        Self::with(&self.reader, |c| {
+            let mut st = c.prepare("SELECT settings FROM patient_settings ORDER BY patient")?;
+            Ok(st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    async fn readings_of(&self, patient: &str, limit: i64) -> Result<Vec<ReadingRow>, StoreError> {
+        let patient = patient.to_owned();
+        Self::with(&self.reader, move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {READING_COLUMNS} FROM readings WHERE patient = ?1
+                 ORDER BY time_utc DESC, id LIMIT ?2"
+            ))?;
+            Ok(st
+                .query_map(params![patient, limit], reading_row)?
+                .collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    async fn reading(&self, id: &str) -> Result<Option<ReadingRow>, StoreError> {
+        let id = id.to_owned();
+        Self::with(&self.reader, move |c| {
+            Ok(c.query_row(
+                &format!("SELECT {READING_COLUMNS} FROM readings WHERE id = ?1"),
+                [id],
+                reading_row,
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn alerts_of(&self, patient: &str, limit: i64) -> Result<Vec<AlertRow>, StoreError> {
+        let patient = patient.to_owned();
+        Self::with(&self.reader, move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, patient, rule_id, severity, status, acknowledged_by, acknowledged_ms, body
+                 FROM alerts WHERE patient = ?1 ORDER BY opened_utc DESC, id LIMIT ?2",
+            )?;
+            Ok(st
+                .query_map(params![patient, limit], |r| {
+                    let body: String = r.get(7)?;
+                    Ok(AlertRow {
+                        id: r.get(0)?,
+                        patient: r.get(1)?,
+                        rule_id: r.get(2)?,
+                        severity: r.get(3)?,
+                        status: r.get(4)?,
+                        acknowledged_by: r.get(5)?,
+                        acknowledged_ms: r.get(6)?,
+                        alert: serde_json::from_str(&body)
+                            .unwrap_or(serde_json::Value::String(body)),
+                    })
+                })?
+                .collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    async fn acknowledge(
+        &self,
+        alert_id: &str,
+        by: &str,
+        ev: Arc<Evaluator>,
+        now_ms: i64,
+    ) -> Result<AckResult, StoreError> {
+        let (alert_id, by) = (alert_id.to_owned(), by.to_owned());
+        Self::with(&self.writer, move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let row: Option<(String, Option<String>)> = tx
+                .query_row(
+                    "SELECT patient, acknowledged_by FROM alerts WHERE id = ?1",
+                    [&alert_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((patient, ack_by)) = row else {
+                return Ok(AckResult::NotFound);
+            };
+            if ack_by.is_some() {
+                return Ok(AckResult::Already);
+            }
+            tx.execute(
+                "UPDATE alerts SET acknowledged_by = ?2, acknowledged_ms = ?3 WHERE id = ?1",
+                params![alert_id, by, now_ms],
+            )?;
+            let state = load_state(&tx, &patient)?;
+            let (new_state, _open) = ev.acknowledge(&patient, state.as_deref(), &alert_id)?;
+            save_state(&tx, &patient, &new_state, now_ms)?;
+            tx.commit()?;
+            Ok(AckResult::Acknowledged)
+        })
+        .await
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        Self::with(&self.reader, |c| {
+            let n =
+                |sql: &str| -> Result<i64, rusqlite::Error> { c.query_row(sql, [], |r| r.get(0)) };
+            Ok(Counts {
+                readings: n("SELECT count(*) FROM readings")?,
+                alerts: n("SELECT count(*) FROM alerts")?,
+                alert_events: n("SELECT count(*) FROM alert_events")?,
+                outbox_pending: n("SELECT count(*) FROM outbox WHERE delivered_ms IS NULL")?,
+                outbox_delivered: n("SELECT count(*) FROM outbox WHERE delivered_ms IS NOT NULL")?,
+                bad_messages: n("SELECT count(*) FROM bad_messages")?,
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,154 @@
+//! The HTTP API over real HTTP (axum on a loopback port, reqwest as the client), on SQLite.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use ingest::evaluate::{Evaluator, Sink};
+use ingest::store::{AnyStore, Channel, Inbound, Store};
+use ingest::testing::{bp_message, glucose_message};
+use protocol::rules::RuleSet;
+use serde_json::Value;
+
+const T0: i64 = 1_795_420_800;
+
+fn reading(payload: String) -> Inbound {
+    Inbound {
+        topic: "phg/v1/gw-test/readings".into(),
+        channel: Channel::Readings,
+        payload: payload.into_bytes(),
+    }
+}
+
+/// A patient's readings and alerts, acknowledging an alert (once; then 409; unknown 404), a name
+/// instead of a pseudonym refused (400), the health counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patient_readings_alerts_and_acknowledgement_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = AnyStore::open(&format!(
+        "sqlite://{}",
+        dir.path().join("db.sqlite").display()
+    ))
+    .await
+    .unwrap();
+    let ev = Arc::new(Evaluator::new(
+        RuleSet::default_rules().unwrap(),
+        vec![Sink::Mqtt],
+    ));
+    store
+        .ingest(
+            vec![
+                reading(glucose_message("r-1", "p-0001", 110, T0)),
+                reading(glucose_message("r-2", "p-0001", 45, T0 + 300)),
+                reading(bp_message("r-3", "p-0002", 120, 75, 70, T0)),
+            ],
+            Arc::clone(&ev),
+            "a",
+            1,
+        )
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = ingest::api::router(store, ev, "a".into());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let http = http.clone();
+        let url = format!("{base}{path}");
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap();
+            (
+                status,
+                serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+            )
+        }
+    };
+
+    let (status, body) = get("/patients/p-0001/readings".into()).await;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = body["readings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["r-2", "r-1"], "newest first, only this patient's");
+    let (_, body) = get("/patients/p-0001/readings?limit=1".into()).await;
+    assert_eq!(body["readings"].as_array().unwrap().len(), 1);
+
+    let (status, body) = get("/patients/p-0001/alerts".into()).await;
+    assert_eq!(status, 200);
+    let alerts = body["alerts"].as_array().unwrap();
+    assert_eq!(alerts.len(), 1, "{body}");
+    assert_eq!(alerts[0]["rule_id"], "GLU_HYPO_L2");
+    assert_eq!(alerts[0]["alert"]["threshold"]["unit"], "mg/dL");
+    let id = alerts[0]["id"].as_str().unwrap().to_owned();
+    let (_, body) = get("/patients/p-0002/alerts".into()).await;
+    assert!(body["alerts"].as_array().unwrap().is_empty(), "{body}");
+
+    // Alert ids contain '/': percent-encoded in the path.
+    let ack_url = format!("{base}/alerts/{}/ack", id.replace('/', "%2F"));
+    let r = http
+        .post(&ack_url)
+        .header("content-type", "application/json")
+        .body(r#"{"by": "nurse-7"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = http.post(&ack_url).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 409, "already acknowledged");
+    let r = http
+        .post(format!("{base}/alerts/p-0001%2FNOPE%2F1/ack"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let (_, body) = get("/patients/p-0001/alerts".into()).await;
+    assert_eq!(body["alerts"][0]["acknowledged_by"], "nurse-7");
+
+    let (status, body) = get("/readings/r-3/fhir".into()).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["resourceType"], "Observation");
+    assert_eq!(body["component"][0]["valueQuantity"]["value"], 120.0);
+    let (status, _) = get("/readings/nope/fhir".into()).await;
+    assert_eq!(status, 404);
+
+    // Settings from the CRM: a valid profile change is taken; relaxing a critical safety floor
+    // without a waiver is refused with the guard-rail's message.
+    let put = |body: &'static str| {
+        let http = http.clone();
+        let url = format!("{base}/patients/p-0003/settings");
+        async move {
+            let r = http
+                .put(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (status, text) = put(r#"{"patient": "p-0003", "profile": "US"}"#).await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = put(
+        r#"{"patient": "p-0003", "overrides": [{"rule_id": "GLU_HYPO_L2", "mg_dl": "40",
+            "set_by": "dr-1", "reason": "test"}]}"#,
+    )
+    .await;
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("GLU_HYPO_L2"), "{text}");
+    let (status, _) = put(r#"{"patient": "p-9999"}"#).await;
+    assert_eq!(status, 400, "path and body disagree");
+
+    let (status, _) = get("/patients/Jane%20Doe/readings".into()).await;
+    assert_eq!(status, 400, "only pseudonymous ids");
+    let (status, body) = get("/health".into()).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["backend"], "sqlite");
+    assert_eq!(body["counts"]["readings"], 3);
+}

@@ -1,0 +1,435 @@
+//! The storage layer against real databases: SQLite in a temporary file, and PostgreSQL started by the
+//! test itself (skipped with a message when not installed). The same scenarios run on both.
+//!
+//! What a user relies on: a reading stored once however often it is delivered; an alert raised once
+//! even when two instances store the same stream; an outbox row delivered by one instance at a time and
+//! never lost; acknowledgement; the patient queries; the scheduled window rules.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use ingest::evaluate::{Evaluator, Sink};
+use ingest::store::{AckResult, AnyStore, Channel, Inbound, Store, Stored};
+use ingest::testing::{SKIP_MESSAGE, TempPostgres, bp_message, glucose_message};
+use protocol::rules::RuleSet;
+
+/// 2026-11-23 08:00:00 UTC.
+const T0: i64 = 1_795_420_800;
+
+fn ev() -> Arc<Evaluator> {
+    Arc::new(Evaluator::new(
+        RuleSet::default_rules().expect("default rules"),
+        vec![Sink::Mqtt, Sink::Webhook],
+    ))
+}
+
+fn reading(payload: String) -> Inbound {
+    Inbound {
+        topic: "phg/v1/gw-test/readings".into(),
+        channel: Channel::Readings,
+        payload: payload.into_bytes(),
+    }
+}
+
+fn sqlite_url() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ingest.sqlite").display());
+    (dir, url)
+}
+
+// ------------------------------------------------------------------------------------------------------
+// The scenarios (each gets a URL to a fresh, empty database)
+// ------------------------------------------------------------------------------------------------------
+
+/// A redelivered reading (same id, in the same batch and in a later one) stores nothing new and raises
+/// no second alert; the alert id is deterministic and the outbox has one row per sink.
+async fn duplicate_reading_is_stored_once_and_alerts_once(url: &str) {
+    let store = AnyStore::open(url).await.unwrap();
+    let ev = ev();
+    // 50 mg/dL: ADA Level 2 hypoglycaemia (< 54 mg/dL), CRITICAL, no confirmation step.
+    let low = glucose_message("r-1", "p-0001", 50, T0);
+    let r = store
+        .ingest(
+            vec![reading(low.clone()), reading(low.clone())],
+            Arc::clone(&ev),
+            "a",
+            1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, vec![Stored::New { alerts: 1 }, Stored::Duplicate]);
+    let r = store
+        .ingest(vec![reading(low)], Arc::clone(&ev), "b", 2)
+        .await
+        .unwrap();
+    assert_eq!(r, vec![Stored::Duplicate]);
+    let c = store.counts().await.unwrap();
+    assert_eq!((c.readings, c.alerts, c.alert_events), (1, 1, 1), "{c:?}");
+    assert_eq!(c.outbox_pending, 2, "one row per sink: {c:?}");
+    let alerts = store.alerts_of("p-0001", 10).await.unwrap();
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(alerts[0].rule_id, "GLU_HYPO_L2");
+    assert_eq!(alerts[0].severity, "CRITICAL");
+    assert_eq!(alerts[0].id, format!("p-0001/GLU_HYPO_L2/{T0}"));
+    // 70 mg/dL is not < 70 (CLINICAL.md §3.4): no Level 1 hypoglycaemia (at most an advisory below
+    // the pre-meal target).
+    store
+        .ingest(
+            vec![reading(glucose_message("r-2", "p-0002", 70, T0))],
+            Arc::clone(&ev),
+            "a",
+            3,
+        )
+        .await
+        .unwrap();
+    let alerts = store.alerts_of("p-0002", 10).await.unwrap();
+    assert!(
+        alerts.iter().all(|a| !a.rule_id.starts_with("GLU_HYPO")
+            && a.severity != "CRITICAL"
+            && a.severity != "URGENT"),
+        "{alerts:?}"
+    );
+}
+
+/// Two instances on one database store the same 120 readings (20 patients, in different orders and
+/// batch sizes) at the same time: each reading is new exactly once, and every alert event exists once
+/// with one outbox row per sink.
+async fn two_instances_on_one_database_never_double_store_or_alert(url: &str) {
+    let a = AnyStore::open(url).await.unwrap();
+    let b = AnyStore::open(url).await.unwrap();
+    let ev = ev();
+    let msgs: Vec<Inbound> = (0..120)
+        .map(|i| {
+            let patient = format!("p-{:04}", i % 20);
+            // Every third reading is hypoglycaemic.
+            let mg = if i % 3 == 0 { 45 } else { 110 };
+            reading(glucose_message(
+                &format!("r-{i}"),
+                &patient,
+                mg,
+                T0 + i64::from(i) * 60,
+            ))
+        })
+        .collect();
+    let mut reversed = msgs.clone();
+    reversed.reverse();
+    let run = |s: AnyStore, msgs: Vec<Inbound>, size: usize, who: &'static str| {
+        let ev = Arc::clone(&ev);
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            for chunk in msgs.chunks(size) {
+                out.extend(
+                    s.ingest(chunk.to_vec(), Arc::clone(&ev), who, 1)
+                        .await
+                        .unwrap(),
+                );
+            }
+            out
+        })
+    };
+    let (ra, rb) = tokio::join!(run(a.clone(), msgs, 7, "a"), run(b, reversed, 16, "b"));
+    let all: Vec<Stored> = ra.unwrap().into_iter().chain(rb.unwrap()).collect();
+    let new = all
+        .iter()
+        .filter(|s| matches!(s, Stored::New { .. }))
+        .count();
+    let dup = all.iter().filter(|s| **s == Stored::Duplicate).count();
+    let alert_events: usize = all
+        .iter()
+        .map(|s| match s {
+            Stored::New { alerts } => *alerts,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!((new, dup), (120, 120));
+    let c = a.counts().await.unwrap();
+    assert_eq!(c.readings, 120);
+    assert_eq!(c.alert_events as usize, alert_events, "{c:?}");
+    assert!(c.alerts >= 20, "every patient had a hypo: {c:?}");
+    assert_eq!(c.outbox_pending as usize, 2 * alert_events, "{c:?}");
+}
+
+/// Outbox leasing: two claimers get disjoint rows; a leased row is not claimable until its lease runs
+/// out; only the holder can mark it delivered; a failure makes it due later with one more attempt; a
+/// delivered row is never claimed again.
+async fn outbox_rows_are_leased_to_one_deliverer(url: &str) {
+    let store = AnyStore::open(url).await.unwrap();
+    let ev = ev();
+    let batch: Vec<Inbound> = (0..6)
+        .map(|i| {
+            reading(glucose_message(
+                &format!("r-{i}"),
+                &format!("p-{i}"),
+                40,
+                T0,
+            ))
+        })
+        .collect();
+    store.ingest(batch, Arc::clone(&ev), "a", 1).await.unwrap();
+    let now = 10_000;
+    let lease = now + 30_000;
+    let (x, y) = tokio::join!(
+        store.claim(Sink::Webhook, "x", now, lease, 4),
+        store.claim(Sink::Webhook, "y", now, lease, 4)
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x.len() + y.len(), 6, "x {x:?} y {y:?}");
+    assert!(
+        x.iter().all(|i| y.iter().all(|j| i.seq != j.seq)),
+        "disjoint"
+    );
+    // Nothing left to claim while the leases hold; the MQTT sink has its own rows.
+    assert!(
+        store
+            .claim(Sink::Webhook, "z", now + 1, lease, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .claim(Sink::Mqtt, "z", now + 1, lease, 10)
+            .await
+            .unwrap()
+            .len(),
+        6
+    );
+    // Only the holder can complete.
+    let first = x.first().or(y.first()).unwrap().clone();
+    let holder = if x.contains(&first) { "x" } else { "y" };
+    assert!(
+        !store
+            .delivered(first.seq, "intruder", now + 2)
+            .await
+            .unwrap()
+    );
+    assert!(store.delivered(first.seq, holder, now + 2).await.unwrap());
+    // A failure: due again only at next_attempt, with one more attempt.
+    let second = x
+        .iter()
+        .chain(&y)
+        .find(|i| i.seq != first.seq)
+        .unwrap()
+        .clone();
+    let owner2 = if x.contains(&second) { "x" } else { "y" };
+    store
+        .failed(second.seq, owner2, now + 5_000, "HTTP 503")
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim(Sink::Webhook, "z", now + 4_999, now + 60_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = store
+        .claim(Sink::Webhook, "z", now + 5_000, now + 60_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].seq, again[0].attempts), (second.seq, 1));
+    // The lease of the rest runs out (their deliverer "died"): claimable again, except the delivered one
+    // and the one "z" holds now.
+    let late = store
+        .claim(Sink::Webhook, "w", lease + 1, lease + 30_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(late.len(), 4, "{late:?}");
+    assert!(
+        late.iter()
+            .all(|i| i.seq != first.seq && i.seq != second.seq)
+    );
+    let c = store.counts().await.unwrap();
+    assert_eq!(c.outbox_delivered, 1);
+}
+
+/// A payload that is not a reading is kept for inspection and reported as bad (so it is acknowledged,
+/// not redelivered forever); a reading with a name-like patient id is refused the same way.
+async fn bad_messages_are_kept_not_stored_as_readings(url: &str) {
+    let store = AnyStore::open(url).await.unwrap();
+    let r = store
+        .ingest(
+            vec![
+                reading("{not json".into()),
+                reading(glucose_message("r-1", "Jane Doe", 100, T0)),
+                Inbound {
+                    topic: "phg/v1/gw-test/events".into(),
+                    channel: Channel::Events,
+                    payload: br#"{"schema":"phg.event/1","gateway":"gw-test","time":"2026-11-23T08:00:00Z","event":{"kind":"device_error"}}"#.to_vec(),
+                },
+            ],
+            ev(),
+            "a",
+            1,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r[0], Stored::Bad(_)), "{r:?}");
+    assert!(
+        matches!(&r[1], Stored::Bad(e) if e.contains("pseudonym")),
+        "{r:?}"
+    );
+    assert_eq!(r[2], Stored::Event);
+    let c = store.counts().await.unwrap();
+    assert_eq!((c.readings, c.bad_messages), (0, 2));
+}
+
+/// Acknowledging: once, then "already"; an unknown id is "not found". The patient queries return the
+/// patient's own rows, newest first, limited.
+async fn acknowledge_and_patient_queries(url: &str) {
+    let store = AnyStore::open(url).await.unwrap();
+    let ev = ev();
+    let batch = vec![
+        reading(glucose_message("r-1", "p-0001", 100, T0)),
+        reading(glucose_message("r-2", "p-0001", 45, T0 + 600)),
+        reading(glucose_message("r-3", "p-0001", 120, T0 + 1200)),
+        reading(glucose_message("r-4", "p-0002", 120, T0)),
+    ];
+    store.ingest(batch, Arc::clone(&ev), "a", 1).await.unwrap();
+    let rs = store.readings_of("p-0001", 2).await.unwrap();
+    assert_eq!(
+        rs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["r-3", "r-2"]
+    );
+    assert_eq!(rs[0].reading["glucose"]["value"], 120);
+    assert_eq!(store.readings_of("p-0001", 10).await.unwrap().len(), 3);
+    assert!(store.reading("r-4").await.unwrap().is_some());
+    let alerts = store.alerts_of("p-0001", 10).await.unwrap();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    let id = alerts[0].id.clone();
+    assert_eq!(
+        store
+            .acknowledge(&id, "nurse-7", Arc::clone(&ev), 5)
+            .await
+            .unwrap(),
+        AckResult::Acknowledged
+    );
+    assert_eq!(
+        store
+            .acknowledge(&id, "nurse-8", Arc::clone(&ev), 6)
+            .await
+            .unwrap(),
+        AckResult::Already
+    );
+    assert_eq!(
+        store
+            .acknowledge("nope", "nurse-7", Arc::clone(&ev), 7)
+            .await
+            .unwrap(),
+        AckResult::NotFound
+    );
+    let a = &store.alerts_of("p-0001", 10).await.unwrap()[0];
+    assert_eq!(a.acknowledged_by.as_deref(), Some("nurse-7"));
+}
+
+/// The scheduled window rules: two weeks of home BP at 150/95 morning and evening give a 7-day average
+/// above 135/85 (CLINICAL.md §2.1, ESH/China) — raised by `tick`, not by any single reading — and a
+/// second tick at the same time raises nothing more.
+async fn window_rules_run_on_tick(url: &str) {
+    let store = AnyStore::open(url).await.unwrap();
+    let ev = ev();
+    let mut batch = Vec::new();
+    for day in 0..14 {
+        for (slot, s) in [(7 * 3600, "m"), (21 * 3600, "e")] {
+            let t = T0 - 8 * 3600 + day * 86_400 + slot;
+            batch.push(reading(bp_message(
+                &format!("bp-{day}-{s}"),
+                "p-bp-1",
+                150,
+                95,
+                70,
+                t,
+            )));
+        }
+    }
+    store.ingest(batch, Arc::clone(&ev), "a", 1).await.unwrap();
+    let before: Vec<String> = store
+        .alerts_of("p-bp-1", 50)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.rule_id)
+        .collect();
+    assert!(
+        !before.contains(&"BP_AVG_UNCONTROLLED".to_owned()),
+        "{before:?}"
+    );
+    let now = T0 + 14 * 86_400;
+    let n = store.tick(Arc::clone(&ev), now).await.unwrap();
+    assert!(n >= 1, "tick raised nothing");
+    let after: Vec<String> = store
+        .alerts_of("p-bp-1", 50)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.rule_id)
+        .collect();
+    assert!(
+        after.contains(&"BP_AVG_UNCONTROLLED".to_owned()),
+        "{after:?}"
+    );
+    assert_eq!(
+        store.tick(Arc::clone(&ev), now).await.unwrap(),
+        0,
+        "idempotent"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------------
+// SQLite: one test per scenario
+// ------------------------------------------------------------------------------------------------------
+
+macro_rules! sqlite_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (_dir, url) = super::sqlite_url();
+                    super::$name(&url).await;
+                }
+            )*
+        }
+    };
+}
+
+sqlite_tests!(
+    duplicate_reading_is_stored_once_and_alerts_once,
+    two_instances_on_one_database_never_double_store_or_alert,
+    outbox_rows_are_leased_to_one_deliverer,
+    bad_messages_are_kept_not_stored_as_readings,
+    acknowledge_and_patient_queries,
+    window_rules_run_on_tick,
+);
+
+// ------------------------------------------------------------------------------------------------------
+// PostgreSQL: one server, a database per scenario
+// ------------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_runs_the_same_storage_scenarios() {
+    let Some(pg) = TempPostgres::start(false).expect("PostgreSQL is installed but did not start")
+    else {
+        println!("postgres_runs_the_same_storage_scenarios: {SKIP_MESSAGE}");
+        return;
+    };
+    let t = std::time::Instant::now();
+    let mut n = 0;
+    let mut db = || {
+        n += 1;
+        format!("t{n}")
+    };
+    duplicate_reading_is_stored_once_and_alerts_once(&pg.create_database(&db()).await.unwrap())
+        .await;
+    two_instances_on_one_database_never_double_store_or_alert(
+        &pg.create_database(&db()).await.unwrap(),
+    )
+    .await;
+    outbox_rows_are_leased_to_one_deliverer(&pg.create_database(&db()).await.unwrap()).await;
+    bad_messages_are_kept_not_stored_as_readings(&pg.create_database(&db()).await.unwrap()).await;
+    acknowledge_and_patient_queries(&pg.create_database(&db()).await.unwrap()).await;
+    window_rules_run_on_tick(&pg.create_database(&db()).await.unwrap()).await;
+    println!("postgres: 6 storage scenarios passed in {:?}", t.elapsed());
+}
