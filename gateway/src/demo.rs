@@ -160,6 +160,22 @@ pub fn describe(topic: &str, payload: &[u8]) -> String {
         )
     } else if topic.ends_with("/status") {
         format!("status   gateway {} is {}", s("/gateway"), s("/state"))
+    } else if topic.ends_with("/alerts") {
+        // `open` carries the alert inline; the other actions under `alert`.
+        let alert = v
+            .pointer("/update/alert")
+            .or_else(|| v.pointer("/update"))
+            .unwrap_or(&Value::Null);
+        let a = |k: &str| alert.get(k).and_then(Value::as_str).unwrap_or("?");
+        format!(
+            "alert    {:<14} {:<16} {} {} {} ({})",
+            a("patient"),
+            a("rule_id"),
+            s("/update/action"),
+            a("severity"),
+            a("status"),
+            a("message")
+        )
     } else {
         format!("{topic}: {} bytes", payload.len())
     }
@@ -241,4 +257,29 @@ pub async fn run(shutdown: CancellationToken, quiet: bool) -> Result<DemoSummary
         readings_seen,
         events_seen,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[test]
+    fn the_viewer_names_an_alert_for_people() {
+        let payload = br#"{"schema":"phg.alert/1","gateway":"demo","time":"2026-11-23T14:00:00Z",
+            "update":{"action":"open","id":"p-1/BP_GRADE2/1","patient":"p-1","rule_id":"BP_GRADE2",
+            "severity":"INFO","status":"active","message":"Blood pressure at grade 2"}}"#;
+        let line = describe("phg/v1/demo/alerts", payload);
+        assert!(line.starts_with("alert    p-1"), "{line}");
+        for part in ["BP_GRADE2", "open INFO active", "Blood pressure at grade 2"] {
+            assert!(line.contains(part), "{line}");
+        }
+        let confirm = br#"{"schema":"phg.alert/1","gateway":"demo","time":"2026-11-23T14:00:00Z",
+            "update":{"action":"confirm","by":"repeat","alert":{"patient":"p-2","rule_id":"BP_LOW",
+            "severity":"ADVISORY","status":"active","message":"Low"}}}"#;
+        let line = describe("phg/v1/demo/alerts", confirm);
+        assert!(
+            line.contains("p-2") && line.contains("confirm ADVISORY"),
+            "{line}"
+        );
+    }
 }
