@@ -1167,3 +1167,44 @@ async fn a_record_that_fails_to_decode_is_requested_again() {
         .collect();
     assert_eq!(failed.len(), 1, "the damaged value is reported");
 }
+
+/// A meter that numbers its records newest-first (TaiDoc DM30b, GATT.md) is not downloaded: with the
+/// "≥ last accepted + 1" cursor and sequence-number reading ids, new readings would be skipped or taken
+/// for old ones. The session fails at stage `unsupported` with the reason, nothing is journaled, and the
+/// meter keeps its records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meter_with_reversed_sequence_numbers_is_not_downloaded_but_reported() {
+    let Some(rig) = rig().await else { return };
+    rig.fake
+        .add_device(FakeDevice::new(METER, "TAIDOC TD-4277", meter(5, false)))
+        .await
+        .unwrap();
+    rig.store
+        .put(PairedDevice {
+            address: METER.into(),
+            kind: DeviceKind::Glucometer,
+            name: Some("TAIDOC TD-4277".into()),
+            model: Some("DM30b".into()),
+            manufacturer: None,
+            serial: None,
+            patient: Some("p-0001".into()),
+            users: Default::default(),
+            paired_at: 0,
+        })
+        .unwrap();
+    let cfg = rig.cfg();
+    let a = adapter().await;
+    let failure = session_of(&rig, &a, METER, &cfg)
+        .await
+        .expect_err("not downloaded");
+    let shown = format!("{failure:?}");
+    assert!(
+        shown.contains("unsupported") && shown.contains("reversed"),
+        "{shown}"
+    );
+    assert!(rig.journaled().is_empty(), "nothing accepted from it");
+    assert!(
+        racp_writes(&rig.fake, METER).is_empty(),
+        "no record was asked for"
+    );
+}

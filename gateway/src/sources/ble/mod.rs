@@ -461,6 +461,17 @@ async fn run_collector(
             .unwrap_or_default(),
     );
     link.set_quirks(quirks);
+    if quirks.reversed_sequence_numbers && device.kind == DeviceKind::Glucometer {
+        // Sequence 0 is the newest record on these meters (GATT.md, TaiDoc DM30b): the "≥ last accepted
+        // + 1" cursor would skip new readings, and reading ids built on the sequence number would give
+        // a new reading the id of an old one — which deduplication would then drop. Until a time-based
+        // cursor and id exist for them, nothing is downloaded: the meter keeps its records and the failure
+        // is shown (`gateway devices`, status, a device_error event) rather than readings lost silently.
+        return Err(SessionFailure::new(
+            "unsupported",
+            "this meter numbers its records newest-first (reversed sequence numbers); downloading from it is not supported yet — it keeps its records",
+        ));
+    }
     let mut ccfg = cfg.collector;
     ccfg.cccd_delay = ccfg.cccd_delay.max(quirks.cccd_delay());
     let dref = DeviceRef {
