@@ -117,7 +117,16 @@ pub enum Rejection {
         /// How far ahead, seconds.
         seconds: i64,
     },
+    /// The result is not a blood glucose value: its context carries the meal code i-SENS (CareSens)
+    /// meters use to mark a **ketone** test ([`MEAL_KETONE_MARKER`], reserved in GLS). Taken as glucose,
+    /// a ketone of 0.6 mmol/L would read as a severe hypoglycaemia.
+    NotGlucose,
 }
+
+/// GLS context meal code 6 (reserved for future use): i-SENS CareSens meters send it with ketone results
+/// (GATT.md "Device quirks", xDrip `caresens/ContextRx.java` keeps only meal codes 0–3). No meter is known
+/// to send it for a glucose value, so every meter's reading with it is kept out of the glucose record.
+pub const MEAL_KETONE_MARKER: u8 = 6;
 
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -148,6 +157,9 @@ impl fmt::Display for Rejection {
             Rejection::TimeInFuture { seconds } => {
                 write!(f, "time stamp {seconds} s in the future")
             }
+            Rejection::NotGlucose => f.write_str(
+                "not a glucose result: the context marks a ketone test (meal code 6, i-SENS)",
+            ),
         }
     }
 }
@@ -379,6 +391,9 @@ fn glucose(g: &GlucoseRecord, flags: &mut Flags) -> Outcome {
     {
         return Outcome::ControlSolution;
     }
+    if g.context.as_ref().and_then(|c| c.meal) == Some(MEAL_KETONE_MARKER) {
+        return reject(Rejection::NotGlucose);
+    }
     let errors = status & GLUCOSE_DEVICE_ERROR_BITS;
     if errors != 0 {
         return reject(Rejection::DeviceError { bits: errors });
@@ -507,7 +522,7 @@ fn blood_pressure(b: &BloodPressureRecord, flags: &mut Flags) -> Outcome {
 mod tests {
     use super::*;
     use crate::ieee11073::SFloat;
-    use crate::model::{Glucose, Pressure, PressureUnit};
+    use crate::model::{Glucose, GlucoseContextInfo, Pressure, PressureUnit};
 
     const RX: Reception = Reception {
         received_utc: 1_718_471_847 + 600,
@@ -601,6 +616,36 @@ mod tests {
         g.sample_type = Some(1);
         g.sample_location = Some(SAMPLE_LOCATION_CONTROL);
         assert_eq!(outcome(&Measurement::Glucose(g)), Outcome::ControlSolution);
+    }
+
+    /// GATT.md: i-SENS marks a ketone result with context meal 6; it is not a glucose value (a ketone of
+    /// 0.6 mmol/L must not read as glucose 0.6 mmol/L).
+    #[test]
+    fn ketone_marker_is_not_glucose() {
+        let Measurement::Glucose(mut g) = glu(6, -4, true, None) else {
+            unreachable!()
+        };
+        g.context = Some(GlucoseContextInfo {
+            meal: Some(MEAL_KETONE_MARKER),
+            ..Default::default()
+        });
+        assert_eq!(
+            outcome(&Measurement::Glucose(g)),
+            Outcome::Rejected {
+                rejection: Rejection::NotGlucose
+            }
+        );
+        // A known meal code keeps it a glucose reading.
+        g.context = Some(GlucoseContextInfo {
+            meal: Some(1),
+            ..Default::default()
+        });
+        assert_ne!(
+            outcome(&Measurement::Glucose(g)),
+            Outcome::Rejected {
+                rejection: Rejection::NotGlucose
+            }
+        );
     }
 
     /// LO is bit 6 and HI bit 5 (Wireshark packet-btatt.c; Nordic's library swaps them).

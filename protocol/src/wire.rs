@@ -866,7 +866,7 @@ pub enum Event {
         reason: String,
         /// Why, for machines: `no_concentration`, `no_value`, `device_error`, `out_of_range`,
         /// `systolic_not_above_diastolic`, `pulse_pressure_too_narrow`,
-        /// `mean_arterial_pressure_outside_range` or `time_in_future`.
+        /// `mean_arterial_pressure_outside_range`, `time_in_future` or `not_glucose` (an i-SENS ketone result).
         reason_code: String,
         /// The numbers behind the reason.
         detail: RejectionDetail,
@@ -979,6 +979,7 @@ pub fn rejection_code(r: &Rejection) -> &'static str {
         Rejection::PulsePressureTooNarrow { .. } => "pulse_pressure_too_narrow",
         Rejection::MeanArterialPressureOutsideRange => "mean_arterial_pressure_outside_range",
         Rejection::TimeInFuture { .. } => "time_in_future",
+        Rejection::NotGlucose => "not_glucose",
     }
 }
 
@@ -996,7 +997,8 @@ impl RejectionDetail {
         match *r {
             Rejection::NoConcentration
             | Rejection::SystolicNotAboveDiastolic
-            | Rejection::MeanArterialPressureOutsideRange => RejectionDetail::default(),
+            | Rejection::MeanArterialPressureOutsideRange
+            | Rejection::NotGlucose => RejectionDetail::default(),
             Rejection::NoValue { field, special } => RejectionDetail {
                 field: Some(field),
                 special: Some(special.to_owned()),
