@@ -189,7 +189,8 @@ pub fn cursor_key(device: &str, m: &Measurement) -> String {
 pub struct SessionSink {
     pipeline: Pipeline,
     joiner: ContextJoiner,
-    in_flight: Vec<(Kind, oneshot::Receiver<Outcome>, Option<ToEvaluate>)>,
+    /// Boxed: a session can have thousands in flight, most without anything to evaluate.
+    in_flight: Vec<(Kind, oneshot::Receiver<Outcome>, Option<Box<ToEvaluate>>)>,
     /// Alert records decided for accepted readings, not yet handed to the writer.
     alerts_due: Vec<NewRecord>,
     refused: Arc<AtomicBool>,
@@ -228,7 +229,7 @@ impl SessionSink {
         &mut self,
         kind: Kind,
         record: NewRecord,
-        evaluate: Option<ToEvaluate>,
+        evaluate: Option<Box<ToEvaluate>>,
     ) -> Result<(), SinkError> {
         self.hand_over(kind, record, evaluate).await?;
         // Collect outcomes already decided, so a full journal stops the download promptly.
@@ -240,7 +241,7 @@ impl SessionSink {
         &mut self,
         kind: Kind,
         record: NewRecord,
-        evaluate: Option<ToEvaluate>,
+        evaluate: Option<Box<ToEvaluate>>,
     ) -> Result<(), SinkError> {
         if self.refused.load(Ordering::Acquire) {
             return Err(SinkError::Full);
@@ -265,7 +266,7 @@ impl SessionSink {
 
     /// Evaluates an accepted reading at the edge (DESIGN.md "Alerts": after acceptance, so a reading the
     /// journal refused — which the device still has — is not evaluated twice).
-    fn evaluate(&mut self, e: ToEvaluate) {
+    fn evaluate(&mut self, e: Box<ToEvaluate>) {
         let Some(alerts) = &self.pipeline.alerts else {
             return;
         };
@@ -404,13 +405,13 @@ impl SessionSink {
             let payload =
                 serde_json::to_vec(&msg).map_err(|e| SinkError::Unavailable(e.to_string()))?;
             if self.pipeline.alerts.is_some() {
-                evaluate = Some(ToEvaluate {
+                evaluate = Some(Box::new(ToEvaluate {
                     patient: patient.clone(),
                     reading_id: reading_id.clone(),
                     time_utc: verdict.time.corrected_utc.unwrap_or(received_utc),
                     measurement: m,
                     verdict,
-                });
+                }));
             }
             (Kind::Reading, self.pipeline.topics.readings(), payload)
         } else {
