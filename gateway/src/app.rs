@@ -275,10 +275,11 @@ async fn remote_config_task(
                 let record = NewRecord {
                     device: format!("config:{}", pipeline.gateway_id),
                     device_seq: None,
+                    // Named after the event itself (which carries its time): two rejections of the same
+                    // version are two events, never one taken for a duplicate of the other.
                     reading_id: format!(
-                        "config-rejected:{}:{}",
-                        version.map_or_else(|| "none".to_owned(), |v| v.to_string()),
-                        protocol::wire::to_hex(&fingerprint(&payload))
+                        "config-rejected:{}",
+                        uuid::Uuid::new_v5(&protocol::reading_id::NAMESPACE, &payload)
                     ),
                     topic: pipeline.topics.events(),
                     payload,
@@ -287,17 +288,6 @@ async fn remote_config_task(
             }
         }
     }
-}
-
-/// A short fingerprint of a payload (FNV-1a 64): enough to give two different rejections of the same
-/// version different event ids, so neither is taken for a duplicate of the other.
-fn fingerprint(bytes: &[u8]) -> [u8; 8] {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h.to_be_bytes()
 }
 
 /// Checks and applies one configuration message. `Ok(Some(v))`: version `v` is now in force;

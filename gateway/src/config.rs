@@ -495,7 +495,7 @@ fn one_line(text: &str) -> String {
 /// quotes the offending line over several lines, which a service's log (journald: one entry per line)
 /// tears apart; `gateway run` must fail with one `error:` line.
 fn parse_message(text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    let message = one_line(e.message());
     match e.span().and_then(|s| text.get(..s.start)) {
         Some(before) => {
             let line = before.matches('\n').count() + 1;

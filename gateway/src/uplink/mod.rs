@@ -250,22 +250,10 @@ struct ReadJob {
     handle: JoinHandle<Result<Vec<Record>, UplinkError>>,
 }
 
-/// Completes when the running read job does; never, when there is none (a `select!` branch).
-async fn read_job_done(
-    job: &mut Option<ReadJob>,
-) -> Result<Result<Vec<Record>, UplinkError>, tokio::task::JoinError> {
-    match job {
-        Some(job) => (&mut job.handle).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Completes when the running ack job does; never, when there is none (a `select!` branch).
-async fn ack_job_done(
-    job: &mut Option<AckJob>,
-) -> Result<Result<(), UplinkError>, tokio::task::JoinError> {
-    match job {
-        Some(job) => (&mut job.handle).await,
+/// Completes when the running job does; never, when there is none (a `select!` branch).
+async fn job_done<T>(handle: Option<&mut JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match handle {
+        Some(handle) => handle.await,
         None => std::future::pending().await,
     }
 }
@@ -371,8 +359,8 @@ impl Uplink {
                 }
                 _ = sleep_until(drain_deadline), if draining => return Ok(Step::Stop),
                 res = &mut poll => return Ok(Step::Polled(res)),
-                done = ack_job_done(&mut self.ack_job) => self.on_ack_done(done)?,
-                done = read_job_done(&mut self.read_job) => {
+                done = job_done(self.ack_job.as_mut().map(|j| &mut j.handle)) => self.on_ack_done(done)?,
+                done = job_done(self.read_job.as_mut().map(|j| &mut j.handle)) => {
                     self.on_read_done(done)?;
                     self.fill();
                 }
@@ -833,12 +821,18 @@ impl Uplink {
             if self.ack_job.is_none() {
                 self.start_ack_job();
             }
-            if let Some(job) = self.ack_job.as_mut() {
-                let done = (&mut job.handle).await;
-                self.on_ack_done(done)?;
-            }
+            self.wait_for_ack_job().await?;
         }
         Ok(())
+    }
+
+    /// Waits for the running ack job, if any, and takes its outcome.
+    async fn wait_for_ack_job(&mut self) -> Result<(), UplinkError> {
+        let Some(job) = self.ack_job.as_mut() else {
+            return Ok(());
+        };
+        let done = (&mut job.handle).await;
+        self.on_ack_done(done)
     }
 
     fn set_inflight_gauge(&self) {
@@ -865,10 +859,7 @@ impl Uplink {
         self.flush_acks().await?;
         // At exit the acks are made durable: a clean stop resends nothing.
         self.start_sync_job();
-        if let Some(job) = self.ack_job.as_mut() {
-            let done = (&mut job.handle).await;
-            self.on_ack_done(done)?;
-        }
+        self.wait_for_ack_job().await?;
         self.sync_due = None;
         self.connected = false;
         self.stats.unacked_at_exit = self.window.records() as u64;
