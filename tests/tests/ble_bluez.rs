@@ -199,6 +199,20 @@ async fn peripheral(a: &SelectedAdapter, address: &str) -> btleplug::platform::P
     panic!("{address} not known to the adapter");
 }
 
+/// A meter of `n` records that sends them but never the RACP response (GLP.TS SPE/BI-04).
+fn meter_without_racp_response(n: usize) -> SimDevice {
+    let device = meter(n, false);
+    device
+        .with_glucometer(|g| {
+            g.set_faults(GlucometerFaults {
+                skip_response: true,
+                ..Default::default()
+            })
+        })
+        .expect("a glucometer");
+    device
+}
+
 fn meter(n: usize, bonding: bool) -> SimDevice {
     let mut cfg = GlucometerConfig::new("meter");
     cfg.requires_bonding = bonding;
@@ -1009,15 +1023,7 @@ async fn gateway_pair_and_devices_commands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_are_bounded_and_a_wedged_one_hits_its_deadline() {
     let Some(rig) = rig().await else { return };
-    let wedged = meter(5, false);
-    wedged
-        .with_glucometer(|g| {
-            g.set_faults(GlucometerFaults {
-                skip_response: true,
-                ..Default::default()
-            })
-        })
-        .unwrap();
+    let wedged = meter_without_racp_response(5);
     rig.fake
         .add_device(FakeDevice::new(STRANGER, "Wedged", wedged))
         .await
@@ -1088,15 +1094,7 @@ async fn sessions_are_bounded_and_a_wedged_one_hits_its_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_racp_response_times_out_and_the_next_session_resumes() {
     let Some(rig) = rig().await else { return };
-    let device = meter(6, false);
-    device
-        .with_glucometer(|g| {
-            g.set_faults(GlucometerFaults {
-                skip_response: true,
-                ..Default::default()
-            })
-        })
-        .unwrap();
+    let device = meter_without_racp_response(6);
     rig.fake
         .add_device(FakeDevice::new(METER, "Meter 1", device.clone()))
         .await
