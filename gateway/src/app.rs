@@ -144,6 +144,7 @@ async fn simulated_device_task(
     let dref = DeviceRef {
         id: s.id.clone(),
         model: None,
+        numbering: Default::default(),
     };
     let mut connect = tokio::time::interval(Duration::from_secs(s.connect_every_s));
     let measure_every = Duration::from_secs(s.measure_every_s.max(1));

@@ -21,7 +21,8 @@ use gateway::sources::collector::{
 };
 use gateway::sources::simulator::cuff::{CuffConfig, SimCuff};
 use gateway::sources::simulator::glucometer::{GlucometerConfig, GlucometerFaults, SimGlucometer};
-use gateway::sources::simulator::{SimDevice, SimLink, unix_now};
+use gateway::sources::simulator::{ClockCharacteristic, SimDevice, SimLink, unix_now};
+use protocol::model::RecordNumbering;
 use protocol::wire::Topics;
 
 struct Rig {
@@ -85,11 +86,16 @@ fn cfg() -> CollectorConfig {
 }
 
 async fn glucose(rig: &Rig, device: &SimDevice) -> Completion {
+    glucose_numbered(rig, device, RecordNumbering::Gls).await
+}
+
+async fn glucose_numbered(rig: &Rig, device: &SimDevice, numbering: RecordNumbering) -> Completion {
     let mut link = SimLink::connect(device);
     let mut sink = rig.pipeline.session();
     let dref = DeviceRef {
         id: "meter".into(),
         model: None,
+        numbering,
     };
     let report = glucose_session(&mut link, &mut sink, &dref, &cfg())
         .await
@@ -245,6 +251,7 @@ async fn a_cuff_that_dumps_its_memory_produces_no_duplicates_across_sessions() {
     let dref = DeviceRef {
         id: "cuff".into(),
         model: None,
+        numbering: Default::default(),
     };
     for _ in 0..3 {
         let mut link = SimLink::connect(&device);
@@ -264,4 +271,175 @@ async fn a_cuff_that_dumps_its_memory_produces_no_duplicates_across_sessions() {
         let want = if user == 1 { "p-0001" } else { "p-0002" };
         assert_eq!(v["patient"], want, "reading of user {user}");
     }
+}
+
+/// A glucose reading as delivered: (id, device time, mg/dL, sequence number sent).
+type Delivered = (String, String, f64, Option<serde_json::Value>);
+
+/// What the uplink would publish now: the journaled readings in journal order, then acked (as after
+/// their PUBACKs), so the journal's own de-duplication of pending ids cannot hide a re-sent reading.
+fn deliver(journal: &Mutex<Journal>) -> Vec<Delivered> {
+    let mut j = journal.lock().unwrap();
+    let pending = j.pending(None, usize::MAX).unwrap();
+    let out = pending
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+            (
+                v["id"].as_str().unwrap().to_owned(),
+                v["time"]["device"].as_str().unwrap().to_owned(),
+                v["glucose"]["mg_per_dl"].as_f64().unwrap(),
+                v.get("sequence_number").cloned(),
+            )
+        })
+        .collect();
+    j.ack(&pending.iter().map(|r| r.seq).collect::<Vec<_>>())
+        .unwrap();
+    out
+}
+
+fn values(d: &[Delivered]) -> Vec<f64> {
+    d.iter().map(|r| r.2).collect()
+}
+
+/// A TaiDoc-like meter (GATT.md: sequence 0 is the newest, no Current Time, no context): every session
+/// asks for all records and hands over only those newer than the last accepted one, oldest first; the
+/// reading ids rest on time and value, so a renumbered record keeps its id. A transfer cut short hands
+/// over nothing (its newest records came first), and a meter clock set back loses nothing.
+#[tokio::test]
+async fn a_newest_first_meter_is_read_by_time_without_loss_or_doubles() {
+    let rig = rig(100_000);
+    let mut c = GlucometerConfig::new("meter");
+    c.newest_first = true;
+    c.with_context = false;
+    c.clock = ClockCharacteristic::None;
+    let mut g = SimGlucometer::new(c);
+    let t0 = unix_now() - 86_400;
+    for k in 0..20 {
+        g.add_record(t0 + k * 600, 90.0 + k as f64, None).unwrap();
+    }
+    let device = SimDevice::glucometer(g);
+    let nf = RecordNumbering::NewestFirst;
+    let mg = |r: std::ops::Range<i64>| r.map(|k| 90.0 + k as f64).collect::<Vec<_>>();
+
+    assert_eq!(
+        glucose_numbered(&rig, &device, nf).await,
+        Completion::Complete
+    );
+    let mut all = deliver(&rig.journal);
+    assert_eq!(values(&all), mg(0..20), "all, oldest first");
+    assert!(
+        all.windows(2).all(|w| w[0].1 < w[1].1),
+        "in device-time order"
+    );
+    assert!(
+        all.iter().all(|r| r.3.is_none()),
+        "no sequence number on the wire"
+    );
+
+    // Nothing new: nothing handed over, although the meter sent all 20 again.
+    assert_eq!(
+        glucose_numbered(&rig, &device, nf).await,
+        Completion::Complete
+    );
+    assert!(deliver(&rig.journal).is_empty());
+
+    // Three new readings renumber the old ones: only the three are new.
+    device
+        .with_glucometer(|g| {
+            for k in 20..23 {
+                g.add_record(t0 + k * 600, 90.0 + k as f64, None).unwrap();
+            }
+        })
+        .unwrap();
+    assert_eq!(
+        glucose_numbered(&rig, &device, nf).await,
+        Completion::Complete
+    );
+    let new = deliver(&rig.journal);
+    assert_eq!(values(&new), mg(20..23));
+    all.extend(new);
+
+    // A link that drops mid-transfer: the records that came were the newest; none is taken, so the
+    // cursor cannot jump over the ones that did not come. The next session takes both new ones.
+    device
+        .with_glucometer(|g| {
+            for k in 23..25 {
+                g.add_record(t0 + k * 600, 90.0 + k as f64, None).unwrap();
+            }
+            g.set_faults(GlucometerFaults {
+                drop_link_after_records: Some(1),
+                skip_response: false,
+            });
+        })
+        .unwrap();
+    assert_eq!(
+        glucose_numbered(&rig, &device, nf).await,
+        Completion::Incomplete
+    );
+    assert!(deliver(&rig.journal).is_empty());
+    device
+        .with_glucometer(|g| g.set_faults(GlucometerFaults::default()))
+        .unwrap();
+    assert_eq!(
+        glucose_numbered(&rig, &device, nf).await,
+        Completion::Complete
+    );
+    let new = deliver(&rig.journal);
+    assert_eq!(values(&new), mg(23..25));
+    all.extend(new);
+
+    // The meter's clock is set back ten hours: the new reading's time is before every accepted one. It is
+    // still new (it is numbered below the last accepted record), so it is taken, once.
+    device
+        .with_glucometer(|g| {
+            g.set_time_offset(-600);
+            g.add_record(t0 + 25 * 600, 150.0, None).unwrap();
+        })
+        .unwrap();
+    assert_eq!(
+        glucose_numbered(&rig, &device, nf).await,
+        Completion::Complete
+    );
+    assert_eq!(
+        glucose_numbered(&rig, &device, nf).await,
+        Completion::Complete
+    );
+    let new = deliver(&rig.journal);
+    assert_eq!(values(&new), [150.0]);
+    assert!(
+        new[0].1 < all[0].1,
+        "its device time is the earliest of all"
+    );
+    all.extend(new);
+    let ids: std::collections::BTreeSet<_> = all.iter().map(|r| r.0.clone()).collect();
+    assert_eq!(ids.len(), 26, "every reading once, each with its own id");
+}
+
+/// A newest-first meter and a full journal: the oldest records are taken first, so the accepted ones are
+/// the oldest prefix and the next sessions (after the uplink drains the journal) take the rest.
+#[tokio::test]
+async fn a_newest_first_meter_and_a_full_journal_lose_nothing() {
+    let rig = rig(8);
+    let mut c = GlucometerConfig::new("meter");
+    c.newest_first = true;
+    c.with_context = false;
+    let mut g = SimGlucometer::new(c);
+    let t0 = unix_now() - 86_400;
+    for k in 0..20 {
+        g.add_record(t0 + k * 600, 90.0 + k as f64, None).unwrap();
+    }
+    let device = SimDevice::glucometer(g);
+    let mut delivered = Vec::new();
+    for _ in 0..6 {
+        let completion = glucose_numbered(&rig, &device, RecordNumbering::NewestFirst).await;
+        delivered.extend(deliver(&rig.journal));
+        if completion == Completion::Complete {
+            break;
+        }
+    }
+    assert_eq!(
+        values(&delivered),
+        (0..20).map(|k| 90.0 + k as f64).collect::<Vec<_>>()
+    );
 }

@@ -202,6 +202,7 @@ pub fn engine_reading(msg: &ReadingMessage) -> Result<EngineReading, ConvertErro
             });
             Measurement::Glucose(GlucoseRecord {
                 sequence_number: b.sequence_number.unwrap_or(0),
+                numbering: protocol::model::RecordNumbering::Gls,
                 base_time: DateTime::default(),
                 time_offset_min: None,
                 concentration,

@@ -175,11 +175,26 @@ pub struct GlucoseContextInfo {
     pub hba1c_pct: Option<f64>,
 }
 
+/// How a meter numbers its records (GATT.md "Sequence numbers / record retrieval").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecordNumbering {
+    /// As GLS v1.0 §3.1.1.2 says: from 0 upwards, never reused, so a sequence number names one record of one
+    /// meter for life.
+    #[default]
+    Gls,
+    /// Sequence 0 is the newest record and every new reading renumbers the rest (TaiDoc Diamond Mini DM30b
+    /// fw 1.2.4): a sequence number names a record only within one transfer. Such a record is identified
+    /// by its time and value instead ([`crate::reading_id::glucose_by_time`]).
+    NewestFirst,
+}
+
 /// One glucose record from a meter, with its context when the meter sent one.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GlucoseRecord {
-    /// GLS sequence number (names the record for life on this meter).
+    /// GLS sequence number (names the record for life on this meter, unless `numbering` says otherwise).
     pub sequence_number: u16,
+    /// How the meter numbers its records.
+    pub numbering: RecordNumbering,
     /// Base Time as the meter keeps it.
     pub base_time: DateTime,
     /// Time Offset in minutes (0x7FFF overrun / 0x8000 underrun kept raw).
@@ -271,6 +286,7 @@ impl GlucoseRecord {
     pub fn from_gatt(g: &GlucoseMeasurement<'_>) -> GlucoseRecord {
         GlucoseRecord {
             sequence_number: g.sequence_number,
+            numbering: RecordNumbering::Gls,
             base_time: g.base_time,
             time_offset_min: g.time_offset_min,
             concentration: g
@@ -438,6 +454,7 @@ mod tests {
     fn rec(seq: u16) -> GlucoseRecord {
         GlucoseRecord {
             sequence_number: seq,
+            numbering: crate::model::RecordNumbering::Gls,
             base_time: DateTime {
                 year: 2024,
                 month: 1,

@@ -6,6 +6,10 @@
 //! - **Glucose (GLS)**: device identity + sequence number. GLS v1.0 §3.1.1.2: the sequence number starts at
 //!   0, increases by one per record, never rolls over and is not reset when records are deleted, so it
 //!   names one record of one meter for life.
+//! - **Glucose from a meter that numbers newest-first** (TaiDoc DM30b, GATT.md): its sequence numbers
+//!   change with every new reading, so the id is device identity + Base Time + Time Offset + the
+//!   concentration as transmitted + sample type and location — the same rule as a cuff's, for the same
+//!   reason (nothing else names the record across sessions).
 //! - **Blood pressure (BLS)**: the cuff has no record number, so the id is device identity + device
 //!   timestamp + user id + the values as transmitted (the raw SFLOAT words, so that two encodings of a
 //!   number never split one reading in two, and float formatting never enters). A cuff that sends no time
@@ -67,6 +71,39 @@ impl Name {
 pub fn glucose(device: &str, sequence_number: u16) -> Uuid {
     let mut n = Name::new(b"glu.v1\0", device);
     n.put(&sequence_number.to_le_bytes());
+    n.uuid()
+}
+
+/// The values that identify one glucose record of a meter whose sequence numbers name nothing across
+/// sessions ([`crate::model::RecordNumbering::NewestFirst`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GlucoseTimeIdentity {
+    /// Base Time as the meter sent it.
+    pub base_time: DateTime,
+    /// Time Offset in minutes, if sent.
+    pub time_offset_min: Option<i16>,
+    /// The concentration as transmitted, if sent.
+    pub concentration: Option<SFloat>,
+    /// `true` for mol/L (flag b2).
+    pub mol_per_l: bool,
+    /// Sample type and location nibbles as one octet (type low, location high), if sent.
+    pub type_and_location: Option<u8>,
+}
+
+/// The id of a glucose record by its time and value (for meters whose sequence numbers are not stable).
+pub fn glucose_by_time(device: &str, r: &GlucoseTimeIdentity) -> Uuid {
+    let mut n = Name::new(b"glu.t1\0", device);
+    let t = r.base_time;
+    n.put(&t.year.to_le_bytes());
+    n.put(&[t.month, t.day, t.hours, t.minutes, t.seconds]);
+    n.put(&[u8::from(r.time_offset_min.is_some())]);
+    n.put(&r.time_offset_min.unwrap_or(0).to_le_bytes());
+    n.put(&normalised(r.concentration));
+    n.put(&[
+        u8::from(r.mol_per_l),
+        u8::from(r.type_and_location.is_some()),
+        r.type_and_location.unwrap_or(0),
+    ]);
     n.uuid()
 }
 
@@ -175,6 +212,45 @@ mod tests {
         assert_eq!(a.get_version_num(), 5);
         assert_ne!(a, glucose("meter-1", 43));
         assert_ne!(a, glucose("meter-2", 42));
+    }
+
+    fn by_time() -> GlucoseTimeIdentity {
+        GlucoseTimeIdentity {
+            base_time: bp().timestamp.unwrap(),
+            time_offset_min: Some(0),
+            concentration: Some(SFloat::new(112, -5).unwrap()),
+            mol_per_l: false,
+            type_and_location: Some(0x11),
+        }
+    }
+
+    /// A newest-first meter's record keeps its id when renumbered (the id has no sequence number in it),
+    /// and two readings that differ in time, value, unit or sample type do not share one.
+    #[test]
+    fn glucose_by_time_names_the_measurement_not_its_number() {
+        let a = by_time();
+        assert_eq!(glucose_by_time("m", &a), glucose_by_time("m", &a));
+        let mut other_encoding = a;
+        other_encoding.concentration = Some(SFloat::new(1120, -6).unwrap());
+        assert_eq!(
+            glucose_by_time("m", &a),
+            glucose_by_time("m", &other_encoding)
+        );
+        let mut later = a;
+        later.base_time.seconds += 1;
+        let mut higher = a;
+        higher.concentration = Some(SFloat::new(113, -5).unwrap());
+        let mut mol = a;
+        mol.mol_per_l = true;
+        let mut venous = a;
+        venous.type_and_location = Some(0x13);
+        let mut no_offset = a;
+        no_offset.time_offset_min = None;
+        for b in [later, higher, mol, venous, no_offset] {
+            assert_ne!(glucose_by_time("m", &a), glucose_by_time("m", &b), "{b:?}");
+        }
+        assert_ne!(glucose_by_time("m", &a), glucose_by_time("n", &a));
+        assert_ne!(glucose_by_time("m", &a), glucose("m", 0));
     }
 
     #[test]

@@ -544,6 +544,7 @@ mod tests {
     fn glu(m: i32, e: i8, mol: bool, status: Option<u16>) -> Measurement {
         Measurement::Glucose(GlucoseRecord {
             sequence_number: 1,
+            numbering: crate::model::RecordNumbering::Gls,
             base_time: time(),
             time_offset_min: None,
             concentration: Some(Glucose::from_wire(SFloat::new(m, e).unwrap(), mol)),

@@ -46,8 +46,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::gatt::time::DateTime;
-use crate::model::{GlucoseContextInfo, GlucoseUnit, Measurement, PressureUnit};
-use crate::reading_id::{self, BpIdentity};
+use crate::model::{GlucoseContextInfo, GlucoseUnit, Measurement, PressureUnit, RecordNumbering};
+use crate::reading_id::{self, BpIdentity, GlucoseTimeIdentity};
 use crate::validate::{
     Censor, Field, Outcome, PULSE_PRESSURE_MIN_MMHG, Reception, Rejection, TimeDoubt, TimeVerdict,
     Verdict,
@@ -250,10 +250,28 @@ impl Kind {
 }
 
 /// The deterministic id of a measurement from the device `device_id` (DESIGN.md promise 3):
-/// [`reading_id::glucose`] over the sequence number, [`reading_id::blood_pressure`] over the time stamp,
-/// user and values as transmitted.
+/// [`reading_id::glucose`] over the sequence number (or, for a meter that numbers newest-first,
+/// [`reading_id::glucose_by_time`] over its time and value), [`reading_id::blood_pressure`] over the time
+/// stamp, user and values as transmitted.
 pub fn reading_id_of(device_id: &str, m: &Measurement) -> Uuid {
     match m {
+        Measurement::Glucose(g) if g.numbering == RecordNumbering::NewestFirst => {
+            reading_id::glucose_by_time(
+                device_id,
+                &GlucoseTimeIdentity {
+                    base_time: g.base_time,
+                    time_offset_min: g.time_offset_min,
+                    concentration: g.concentration.map(|c| c.raw),
+                    mol_per_l: g
+                        .concentration
+                        .is_some_and(|c| c.unit == GlucoseUnit::MmolPerL),
+                    type_and_location: match (g.sample_type, g.sample_location) {
+                        (Some(t), Some(l)) => Some((t & 0x0F) | (l << 4)),
+                        _ => None,
+                    },
+                },
+            )
+        }
         Measurement::Glucose(g) => reading_id::glucose(device_id, g.sequence_number),
         Measurement::BloodPressure(b) => reading_id::blood_pressure(
             device_id,
@@ -731,7 +749,9 @@ impl ReadingBody {
                     sample_type: g.sample_type,
                     sample_location: g.sample_location,
                 });
-                sequence_number = Some(g.sequence_number);
+                // A newest-first meter's sequence number names nothing outside one transfer: not sent.
+                sequence_number =
+                    (g.numbering == RecordNumbering::Gls).then_some(g.sequence_number);
                 context = g.context.as_ref().map(GlucoseContext::from);
                 status.sensor_status = g.sensor_status;
             }
@@ -1279,6 +1299,7 @@ mod tests {
     fn glucose(m: i32, e: i8, mol: bool, status: Option<u16>) -> Measurement {
         Measurement::Glucose(GlucoseRecord {
             sequence_number: 7,
+            numbering: crate::model::RecordNumbering::Gls,
             base_time: t(),
             time_offset_min: None,
             concentration: Some(Glucose::from_wire(SFloat::new(m, e).unwrap(), mol)),

@@ -302,6 +302,7 @@ fn session_info(device: &str) -> SessionInfo {
         device: DeviceRef {
             id: device.to_owned(),
             model: Some("Bench GL".to_owned()),
+            numbering: Default::default(),
         },
         clock_offset_s: Some(0),
     }

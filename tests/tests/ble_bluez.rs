@@ -28,7 +28,7 @@ use gateway::sources::ble::{
 use gateway::sources::collector::{CollectorConfig, Completion};
 use gateway::sources::simulator::cuff::{CuffConfig, SimCuff};
 use gateway::sources::simulator::glucometer::{GlucometerConfig, GlucometerFaults, SimGlucometer};
-use gateway::sources::simulator::{SimDevice, unix_now};
+use gateway::sources::simulator::{ClockCharacteristic, SimDevice, unix_now};
 use gateway::sources::{GattLink, LinkError, uuid};
 use phg_tests::bluez::{FakeBluez, FakeDevice, system_bus};
 use protocol::wire::Topics;
@@ -1166,43 +1166,71 @@ async fn a_record_that_fails_to_decode_is_requested_again() {
     assert_eq!(failed.len(), 1, "the damaged value is reported");
 }
 
-/// A meter that numbers its records newest-first (TaiDoc DM30b, GATT.md) is not downloaded: with the
-/// "≥ last accepted + 1" cursor and sequence-number reading ids, new readings would be skipped or taken
-/// for old ones. The session fails at stage `unsupported` with the reason, nothing is journaled, and the
-/// meter keeps its records.
+/// A meter that numbers its records newest-first (TaiDoc DM30b, GATT.md: sequence 0 is the newest, no
+/// clock, no context), recognised by the Model Number it serves over GATT. Each session asks for all
+/// records (`01 01`, never "≥ last + 1", which would skip its new readings) and journals only the new
+/// ones, oldest first, with reading ids built on time and value: no sequence number goes on the wire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_meter_with_reversed_sequence_numbers_is_not_downloaded_but_reported() {
+async fn a_meter_with_reversed_sequence_numbers_is_read_by_time() {
     let Some(rig) = rig().await else { return };
+    let mut c = GlucometerConfig::new("meter");
+    c.model = "TD-4277".into();
+    c.newest_first = true;
+    c.with_context = false;
+    c.clock = ClockCharacteristic::None;
+    let mut g = SimGlucometer::new(c);
+    let t0 = unix_now() - 86_400;
+    for k in 0..5 {
+        g.add_record(t0 + k * 600, 100.0 + k as f64, None).unwrap();
+    }
+    let device = SimDevice::glucometer(g);
     rig.fake
-        .add_device(FakeDevice::new(METER, "TAIDOC TD-4277", meter(5, false)))
+        .add_device(FakeDevice::new(METER, "TAIDOC TD-4277", device.clone()))
         .await
         .unwrap();
-    rig.store
-        .put(PairedDevice {
-            address: METER.into(),
-            kind: DeviceKind::Glucometer,
-            name: Some("TAIDOC TD-4277".into()),
-            model: Some("DM30b".into()),
-            manufacturer: None,
-            serial: None,
-            patient: Some("p-0001".into()),
-            users: Default::default(),
-            paired_at: 0,
-        })
-        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
     let cfg = rig.cfg();
     let a = adapter().await;
-    let failure = session_of(&rig, &a, METER, &cfg)
-        .await
-        .expect_err("not downloaded");
-    let shown = format!("{failure:?}");
-    assert!(
-        shown.contains("unsupported") && shown.contains("reversed"),
-        "{shown}"
+    let mg = |records: &[(String, Option<u64>, serde_json::Value)]| -> Vec<f64> {
+        records
+            .iter()
+            .map(|(_, _, v)| v["glucose"]["mg_per_dl"].as_f64().unwrap())
+            .collect()
+    };
+
+    let report = session_of(&rig, &a, METER, &cfg).await.expect("session");
+    assert_eq!(report.completion, Completion::Complete);
+    let first = rig.journaled();
+    assert_eq!(
+        mg(&first),
+        [100.0, 101.0, 102.0, 103.0, 104.0],
+        "oldest first"
     );
-    assert!(rig.journaled().is_empty(), "nothing accepted from it");
     assert!(
-        racp_writes(&rig.fake, METER).is_empty(),
-        "no record was asked for"
+        first
+            .iter()
+            .all(|(_, _, v)| v.get("sequence_number").is_none()
+                && v["patient"] == "p-0001"
+                && v["time"]["doubt"] == "clock_not_read")
+    );
+
+    device
+        .with_glucometer(|g| {
+            for k in 5..7 {
+                g.add_record(t0 + k * 600, 100.0 + k as f64, None).unwrap();
+            }
+        })
+        .unwrap();
+    let report = session_of(&rig, &a, METER, &cfg).await.expect("session");
+    assert_eq!(report.completion, Completion::Complete);
+    let after = rig.journaled();
+    assert_eq!(mg(&after[5..]), [105.0, 106.0], "only the new ones");
+    let ids: std::collections::BTreeSet<_> =
+        after.iter().map(|(_, _, v)| v["id"].to_string()).collect();
+    assert_eq!(ids.len(), 7);
+    let writes = racp_writes(&rig.fake, METER);
+    assert!(
+        writes.len() == 2 && writes.iter().all(|w| w.starts_with("WriteValue 2A52 0101")),
+        "all records, each time: {writes:?}"
     );
 }

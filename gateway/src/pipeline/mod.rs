@@ -30,13 +30,16 @@ use protocol::gatt::bp::BloodPressureMeasurement;
 use protocol::gatt::glucose::{GlucoseContext, GlucoseMeasurement};
 use protocol::model::{
     BloodPressureRecord, ContextJoiner, GlucoseContextInfo, GlucoseRecord, Measurement,
+    RecordNumbering,
 };
 use protocol::validate::{Reception, validate};
 use protocol::wire::{self, Event, EventMessage, ReadingMessage, Topics};
 use tokio::sync::oneshot;
 
 use crate::journal::{Journal, NewRecord};
-use crate::sources::collector::{RecordSink, SessionInfo, SinkError};
+use crate::sources::collector::{
+    RecordSink, SessionInfo, SinkError, newest_first_count, newest_first_cursor,
+};
 use crate::sources::uuid;
 use writer::{Outcome, Refusal, WriterHandle};
 
@@ -169,6 +172,7 @@ impl Pipeline {
             in_flight: Vec::new(),
             alerts_due: Vec::new(),
             refused: Arc::new(AtomicBool::new(false)),
+            newest_first_count: None,
         }
     }
 }
@@ -194,6 +198,9 @@ pub struct SessionSink {
     /// Alert records decided for accepted readings, not yet handed to the writer.
     alerts_due: Vec<NewRecord>,
     refused: Arc<AtomicBool>,
+    /// Records of a newest-first meter handed over so far, counting from its journal cursor
+    /// ([`crate::sources::collector::newest_first_cursor`]); read from the journal at the first one.
+    newest_first_count: Option<u64>,
 }
 
 /// What the alert engine needs of a reading, kept until the reading is accepted.
@@ -347,12 +354,28 @@ impl SessionSink {
     async fn measurement(
         &mut self,
         session: &SessionInfo,
-        m: Measurement,
+        mut m: Measurement,
         received_utc: i64,
     ) -> Result<(), SinkError> {
         let device = &session.device.id;
         let key = cursor_key(device, &m);
+        if let Measurement::Glucose(g) = &mut m {
+            g.numbering = session.device.numbering;
+        }
         let device_seq = match &m {
+            // The collector hands a newest-first meter's new records over oldest first; each one's cursor
+            // counts it and carries its time, by which the next session finds it again.
+            Measurement::Glucose(g) if g.numbering == RecordNumbering::NewestFirst => {
+                let n = match self.newest_first_count {
+                    Some(n) => n + 1,
+                    None => newest_first_count(self.journal().cursor(&key)) + 1,
+                };
+                self.newest_first_count = Some(n);
+                Some(newest_first_cursor(
+                    n,
+                    g.device_time().and_then(|t| t.to_epoch_seconds()),
+                ))
+            }
             Measurement::Glucose(g) => Some(u64::from(g.sequence_number)),
             // A cuff has no record number: its time stamp orders its memory. Without one, only the reading
             // id (pending in the journal) keeps a re-dumped reading from doubling.

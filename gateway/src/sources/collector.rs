@@ -16,6 +16,11 @@
 //!   (`01 04 01 <seq> <seq>`): the cursor moves past it, so no later session would;
 //! - when the sink refuses a value (journal full), the collector aborts the procedure and stops: the meter
 //!   keeps its records and the next session asks again from the cursor.
+//!
+//! A meter that numbers its records newest-first (TaiDoc DM30b, GATT.md; [`RecordNumbering::NewestFirst`])
+//! cannot be asked for "records ≥ last + 1": every new reading renumbers the rest. Its sessions ask for all
+//! records, hold them until the Response Code, and hand over only those newer than the last accepted one,
+//! oldest first — see [`newest_first_cursor`] for how the journal's cursor names that record.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,6 +28,7 @@ use protocol::gatt::Codec;
 use protocol::gatt::glucose::GlucoseMeasurement;
 use protocol::gatt::racp::{OpCode, Racp, ResponseCode};
 use protocol::gatt::time::{CurrentTime, DateTime};
+use protocol::model::{GlucoseRecord, RecordNumbering};
 
 use super::{GattLink, LinkError, att, uuid};
 
@@ -33,6 +39,8 @@ pub struct DeviceRef {
     pub id: String,
     /// Model name, from Device Information, when known.
     pub model: Option<String>,
+    /// How the device numbers its records (a glucometer's quirk; [`RecordNumbering::Gls`] otherwise).
+    pub numbering: RecordNumbering,
 }
 
 /// Facts of one connection, passed with every value.
@@ -227,8 +235,12 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
         clock_offset_s,
     };
 
-    // First contact: everything. Afterwards: records >= last accepted + 1 (RACP >= is inclusive).
-    let request = match sink.cursor(&device.id) {
+    let newest_first = device.numbering == RecordNumbering::NewestFirst;
+    let cursor = sink.cursor(&device.id);
+    // First contact: everything. Afterwards: records >= last accepted + 1 (RACP >= is inclusive). A
+    // newest-first meter is always asked for everything: its numbers do not say what is new.
+    let request = match cursor {
+        _ if newest_first => Racp::report_all(),
         None => Racp::report_all(),
         Some(last) => match u16::try_from(last + 1) {
             Ok(next) => Racp::report_from(next),
@@ -257,31 +269,16 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
     }
 
     let mut values = 0usize;
-    let mut undecodable = Vec::new();
-    let mut completion =
-        receive_report(link, sink, &session, cfg, &mut values, &mut undecodable).await?;
-    // GLP: a record that failed to decode is asked for again (`01 04 01 <seq> <seq>`), once each — the
-    // cursor will have moved past it, so a later session would not (GATT.md "RACP").
-    if completion == Completion::Complete {
-        undecodable.sort_unstable();
-        undecodable.dedup();
-        for seq in undecodable {
-            tracing::warn!(device = %device.id, seq, "record did not decode; asking for it again");
-            if link
-                .write(uuid::RACP, &Racp::report_range(seq, seq).to_vec())
-                .await
-                .is_err()
-            {
-                completion = Completion::Incomplete;
-                break;
-            }
-            let mut again = Vec::new();
-            completion = receive_report(link, sink, &session, cfg, &mut values, &mut again).await?;
-            if completion != Completion::Complete {
-                break;
-            }
+    let completion = if newest_first {
+        let mut held = Held::default();
+        match download(link, &mut held, &session, cfg, &mut values).await? {
+            // Only a whole memory says which records are new; a partial one is dropped and asked for again.
+            Completion::Complete => hand_over_newer(sink, &session, held.values, cursor).await?,
+            other => other,
         }
-    }
+    } else {
+        download(link, sink, &session, cfg, &mut values).await?
+    };
     match sink.end_of_transfer(&session).await {
         Ok(()) => {}
         Err(SinkError::Full) => {
@@ -298,6 +295,158 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
         values,
         clock_offset_s,
     })
+}
+
+/// Receives the report asked for, then asks again for each record that did not decode.
+async fn download<L: GattLink, S: RecordSink>(
+    link: &mut L,
+    sink: &mut S,
+    session: &SessionInfo,
+    cfg: &CollectorConfig,
+    values: &mut usize,
+) -> Result<Completion, SessionError> {
+    let mut undecodable = Vec::new();
+    let mut completion = receive_report(link, sink, session, cfg, values, &mut undecodable).await?;
+    // GLP: a record that failed to decode is asked for again (`01 04 01 <seq> <seq>`), once each — the
+    // cursor will have moved past it, so a later session would not (GATT.md "RACP").
+    if completion == Completion::Complete {
+        undecodable.sort_unstable();
+        undecodable.dedup();
+        for seq in undecodable {
+            tracing::warn!(device = %session.device.id, seq, "record did not decode; asking for it again");
+            if link
+                .write(uuid::RACP, &Racp::report_range(seq, seq).to_vec())
+                .await
+                .is_err()
+            {
+                completion = Completion::Incomplete;
+                break;
+            }
+            let mut again = Vec::new();
+            completion = receive_report(link, sink, session, cfg, values, &mut again).await?;
+            if completion != Completion::Complete {
+                break;
+            }
+        }
+    }
+    Ok(completion)
+}
+
+/// Seconds from the Unix epoch to 2000-01-01T00:00:00: the origin of a newest-first cursor's time part
+/// (32 bits of seconds from 2000 last until 2136).
+const CURSOR_TIME_ORIGIN: i64 = 946_684_800;
+
+/// The journal cursor value of the `n`-th record accepted from a newest-first meter, whose user-facing
+/// device time is `device_time` (seconds since the Unix epoch, device clock).
+///
+/// The journal keeps the highest value it has seen per device. The high 32 bits count the records accepted
+/// so far, so the highest value is always the newest record accepted — even after the meter's clock was
+/// set back — and the low 32 bits are that record's device time: the mark by which the next transfer
+/// finds it in the meter's memory. A record without a usable time gets 0, which matches nothing.
+pub fn newest_first_cursor(n: u64, device_time: Option<i64>) -> u64 {
+    let t = device_time
+        .and_then(|t| u32::try_from(t - CURSOR_TIME_ORIGIN).ok())
+        .unwrap_or(0);
+    (n << 32) | u64::from(t)
+}
+
+/// How many records a newest-first cursor says were accepted.
+pub fn newest_first_count(cursor: Option<u64>) -> u64 {
+    cursor.map_or(0, |c| c >> 32)
+}
+
+/// The device time (seconds since the Unix epoch, device clock) of a Glucose Measurement value.
+fn device_time_of(measurement: &[u8]) -> Option<i64> {
+    let g = GlucoseMeasurement::parse(measurement).ok()?;
+    GlucoseRecord::from_gatt(&g)
+        .device_time()?
+        .to_epoch_seconds()
+}
+
+/// The sequence number a 2A18 or 2A34 value carries (octets 1–2 of both).
+fn sequence_of(value: &[u8]) -> Option<u16> {
+    match value.get(1..3) {
+        Some(&[lo, hi]) => Some(u16::from_le_bytes([lo, hi])),
+        _ => None,
+    }
+}
+
+/// A newest-first meter's whole memory, as received: (characteristic, value, received at).
+#[derive(Default)]
+struct Held {
+    values: Vec<(u16, Vec<u8>, i64)>,
+}
+
+impl RecordSink for Held {
+    fn cursor(&self, _key: &str) -> Option<u64> {
+        None
+    }
+
+    async fn value(
+        &mut self,
+        _session: &SessionInfo,
+        uuid: u16,
+        bytes: &[u8],
+        received_utc: i64,
+    ) -> Result<(), SinkError> {
+        self.values.push((uuid, bytes.to_vec(), received_utc));
+        Ok(())
+    }
+
+    async fn end_of_transfer(&mut self, _session: &SessionInfo) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// Hands the records of a newest-first meter that are newer than the last accepted one to the sink,
+/// oldest first (promise 2: in order per device).
+///
+/// The last accepted record is found by the device time its cursor carries ([`newest_first_cursor`]): the
+/// records numbered below it (newer) are new. When it is no longer in the meter's memory (memory cleared or
+/// wrapped), every record is handed over — the time-and-value reading ids make any that were delivered
+/// before harmless duplicates (promise 3) — which is the safe direction: nothing is skipped.
+async fn hand_over_newer<S: RecordSink>(
+    sink: &mut S,
+    session: &SessionInfo,
+    held: Vec<(u16, Vec<u8>, i64)>,
+    cursor: Option<u64>,
+) -> Result<Completion, SessionError> {
+    let mark = cursor
+        .map(|c| c & u64::from(u32::MAX))
+        .filter(|t| *t != 0)
+        .map(|t| CURSOR_TIME_ORIGIN + t as i64);
+    // The newest record (lowest number) that carries the mark is the last one accepted.
+    let boundary = mark.and_then(|mark| {
+        held.iter()
+            .filter(|(u, v, _)| *u == uuid::GLUCOSE_MEASUREMENT && device_time_of(v) == Some(mark))
+            .filter_map(|(_, v, _)| sequence_of(v))
+            .min()
+    });
+    if cursor.is_some() && boundary.is_none() {
+        tracing::warn!(device = %session.device.id, "the last record accepted from this newest-first meter is no longer in its memory: handing over every record (reading ids keep re-sent ones harmless)");
+    }
+    // Oldest first: highest number first; within one record, the order received (measurement, context).
+    // A value too short to carry a number goes last; the pipeline reports it as not decodable.
+    let mut new: Vec<_> = held
+        .into_iter()
+        .enumerate()
+        .filter(|(_, (_, v, _))| match (sequence_of(v), boundary) {
+            (Some(seq), Some(b)) => seq < b,
+            _ => true,
+        })
+        .collect();
+    new.sort_by_key(|(i, (_, v, _))| {
+        let seq = sequence_of(v);
+        (seq.is_none(), std::cmp::Reverse(seq), *i)
+    });
+    for (_, (u, v, received_utc)) in new {
+        match sink.value(session, u, &v, received_utc).await {
+            Ok(()) => {}
+            Err(SinkError::Full) => return Ok(Completion::JournalFull),
+            Err(e) => return Err(SessionError::Sink(e)),
+        }
+    }
+    Ok(Completion::Complete)
 }
 
 /// Receives one report's notifications until its Response Code (or the RACP timer, or the link's end),

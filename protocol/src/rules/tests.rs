@@ -62,6 +62,7 @@ fn verdict(outcome: Outcome, flags: Flags) -> Verdict {
 fn glucose_record(raw: SFloat, mol: bool, meal: Option<u8>) -> GlucoseRecord {
     GlucoseRecord {
         sequence_number: 1,
+        numbering: crate::model::RecordNumbering::Gls,
         base_time: DateTime {
             year: 2024,
             month: 6,

@@ -43,6 +43,7 @@ use std::time::Duration;
 use btleplug::api::{Central, CentralEvent, Manager as _, Peripheral as _, ScanFilter};
 use btleplug::platform::{Adapter, Manager, Peripheral, PeripheralId};
 use futures_util::StreamExt;
+use protocol::model::RecordNumbering;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -461,22 +462,19 @@ async fn run_collector(
             .unwrap_or_default(),
     );
     link.set_quirks(quirks);
-    if quirks.reversed_sequence_numbers && device.kind == DeviceKind::Glucometer {
-        // Sequence 0 is the newest record on these meters (GATT.md, TaiDoc DM30b): the "≥ last accepted
-        // + 1" cursor would skip new readings, and reading ids built on the sequence number would give
-        // a new reading the id of an old one — which deduplication would then drop. Until a time-based
-        // cursor and id exist for them, nothing is downloaded: the meter keeps its records and the failure
-        // is shown (`gateway devices`, status, a device_error event) rather than readings lost silently.
-        return Err(SessionFailure::new(
-            "unsupported",
-            "this meter numbers its records newest-first (reversed sequence numbers); downloading from it is not supported yet — it keeps its records",
-        ));
-    }
     let mut ccfg = cfg.collector;
     ccfg.cccd_delay = ccfg.cccd_delay.max(quirks.cccd_delay());
     let dref = DeviceRef {
         id: device.address.clone(),
         model,
+        // Sequence 0 is the newest record on these meters (GATT.md, TaiDoc DM30b): the collector asks for
+        // every record and hands over the new ones by time, and their reading ids are built on time and
+        // value, not on the sequence number.
+        numbering: if quirks.reversed_sequence_numbers {
+            RecordNumbering::NewestFirst
+        } else {
+            RecordNumbering::Gls
+        },
     };
     let mut repaired = false;
     loop {

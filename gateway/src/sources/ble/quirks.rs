@@ -28,8 +28,11 @@ pub struct Quirks {
     /// collector that ignores the Time Offset would get wrong).
     pub glucose_base_time_utc: bool,
     /// Sequence numbers count down from the newest (TaiDoc Diamond Mini DM30b fw 1.2.4: sequence 0 is
-    /// the newest record, no Current Time, no context; xDrip asks for `01 05` only). The "≥ last + 1"
-    /// cursor cannot work on such a meter; see [`Quirks::racp_last_only`].
+    /// the newest record, no Current Time, no context; xDrip asks for `01 05` only and synthesises a
+    /// sequence from the time stamp). The "≥ last + 1" cursor cannot work on such a meter: its sessions
+    /// read every record and keep the new ones by time
+    /// ([`protocol::model::RecordNumbering::NewestFirst`]). Unlike xDrip's "last record only", that also
+    /// collects the readings taken between two sessions.
     pub reversed_sequence_numbers: bool,
 }
 
@@ -37,11 +40,6 @@ impl Quirks {
     /// The collector's CCCD delay.
     pub fn cccd_delay(&self) -> Duration {
         Duration::from_millis(u64::from(self.cccd_delay_ms))
-    }
-
-    /// Whether the RACP can only be asked for the newest record (reversed sequence numbers).
-    pub fn racp_last_only(&self) -> bool {
-        self.reversed_sequence_numbers
     }
 
     /// Rewrites a value the device sent into the specification's layout. Values that do not decode under
@@ -183,11 +181,11 @@ mod tests {
         assert_eq!(v.time.corrected_utc, Some(base_utc));
     }
 
-    /// TaiDoc DM30b: reversed sequence numbers; the collector must not use the "≥ last + 1" cursor.
+    /// TaiDoc DM30b: reversed sequence numbers, by model number or by advertised name.
     #[test]
     fn taidoc_reversed_sequence_numbers() {
         let q = lookup("TD-4277");
-        assert!(q.reversed_sequence_numbers && q.racp_last_only());
+        assert!(q.reversed_sequence_numbers);
         assert_eq!(lookup("Diamond Mini DM30b"), q);
     }
 

@@ -105,6 +105,9 @@ pub struct GlucometerConfig {
     pub clock: ClockCharacteristic,
     /// What a clock write does.
     pub clock_write: ClockWrite,
+    /// Number records newest-first, as TaiDoc's DM30b fw 1.2.4 does (GATT.md): on the wire the newest record
+    /// is sequence 0 and each new reading renumbers the rest; reports send them in that order.
+    pub newest_first: bool,
     /// Fault injection.
     pub faults: GlucometerFaults,
 }
@@ -139,6 +142,7 @@ impl Default for GlucometerConfig {
             feature: GlucoseFeature(0x03FF),
             clock: ClockCharacteristic::CurrentTime,
             clock_write: ClockWrite::Accept,
+            newest_first: false,
             faults: GlucometerFaults::default(),
         }
     }
@@ -883,10 +887,14 @@ impl SimGlucometer {
     fn report(&mut self, operator: Operator, operand: &Operand<'_>) {
         let op_code = OpCode::REPORT_STORED_RECORDS;
         self.start(op_code);
-        let selected = self.select(operator, operand);
+        let mut selected = self.select(operator, operand);
         if selected.is_empty() {
             self.respond(Racp::response(op_code, ResponseCode::NO_RECORDS_FOUND));
             return;
+        }
+        if self.config.newest_first {
+            // In sequence order, which on this meter is newest first.
+            selected.reverse();
         }
         let faults = self.config.faults;
         for (sent, &i) in selected.iter().enumerate() {
@@ -894,7 +902,7 @@ impl SimGlucometer {
                 self.server.push(DeviceOutput::Disconnect, Effect::None);
                 return;
             }
-            let Some(r) = self.records.get(i).copied() else {
+            let Some(r) = self.wire_record(i) else {
                 continue;
             };
             self.server.notify(
@@ -917,8 +925,18 @@ impl SimGlucometer {
         }
     }
 
-    /// Indices of the records an operator and operand select (GLS v1.0 §3.4.2: both bounds inclusive;
-    /// "first" is the oldest, "last" the newest).
+    /// The record at memory index `i` as it goes on the wire: renumbered newest-first on such a meter.
+    fn wire_record(&self, i: usize) -> Option<StoredGlucoseRecord> {
+        let mut r = self.records.get(i).copied()?;
+        if self.config.newest_first {
+            r.sequence_number = u16::try_from(self.records.len() - 1 - i).unwrap_or(u16::MAX);
+        }
+        Some(r)
+    }
+
+    /// Indices of the records an operator and operand select, ascending (GLS v1.0 §3.4.2: both bounds
+    /// inclusive; "first" is the oldest, "last" the newest). Sequence filters apply to the numbers on the
+    /// wire.
     fn select(&self, operator: Operator, operand: &Operand<'_>) -> Vec<usize> {
         let seq = |lo: u16, hi: u16| {
             move |r: &StoredGlucoseRecord| (lo..=hi).contains(&r.sequence_number)
@@ -931,11 +949,8 @@ impl SimGlucometer {
             }
         };
         let pick = |f: &dyn Fn(&StoredGlucoseRecord) -> bool| -> Vec<usize> {
-            self.records
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| f(r))
-                .map(|(i, _)| i)
+            (0..self.records.len())
+                .filter(|&i| self.wire_record(i).is_some_and(|r| f(&r)))
                 .collect()
         };
         let last = self.records.len().checked_sub(1);
