@@ -413,6 +413,14 @@ fn all_events() -> Vec<(&'static str, Value)> {
             }),
         ),
         (
+            "unpaired device",
+            event(Event::UnpairedDevice {
+                device: "C0:26:DA:00:00:99".into(),
+                services: vec!["glucose".into()],
+                rssi: Some(-61),
+            }),
+        ),
+        (
             "device error",
             event(Event::DeviceError {
                 device: CUFF.into(),

@@ -936,6 +936,18 @@ pub enum Event {
         /// What failed, for people.
         cause: String,
     },
+    /// A device advertising the Glucose or Blood Pressure service that was not paired through the gateway:
+    /// never connected (promise 8), reported once so staff can pair it if it should be read. Its
+    /// advertised name is not sent: a user can set it, and it may name a person.
+    UnpairedDevice {
+        /// The device's address.
+        device: String,
+        /// The health services it advertises: `glucose`, `blood_pressure`.
+        services: Vec<String>,
+        /// Signal strength when first seen, dBm.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rssi: Option<i16>,
+    },
     /// A configuration from the CRM was invalid and was not applied; the previous one stays.
     ConfigRejected {
         /// The rejected configuration's version, if it had a readable one.

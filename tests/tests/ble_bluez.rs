@@ -461,7 +461,18 @@ async fn unpaired_glucose_meter_is_never_connected() {
         "the unpaired meter was touched: {stranger_calls:?}"
     );
     assert!(rig.fake.calls_to(CUFF).iter().any(|c| c == "Connect"));
-    assert!(rig.journaled().iter().all(|(k, _, _)| k.starts_with(CUFF)));
+    // Reported on the events topic once, without its advertised name (a user can set it); nothing else
+    // of it is journaled.
+    let journaled = rig.journaled();
+    let (of_stranger, of_cuff): (Vec<_>, Vec<_>) =
+        journaled.iter().partition(|(k, _, _)| k == STRANGER);
+    assert!(!of_cuff.is_empty() && of_cuff.iter().all(|(k, _, _)| k.starts_with(CUFF)));
+    assert_eq!(of_stranger.len(), 1, "{of_stranger:?}");
+    let event = &of_stranger[0].2["event"];
+    assert_eq!(event["type"], "unpaired_device");
+    assert_eq!(event["device"], STRANGER);
+    assert_eq!(event["services"], serde_json::json!(["glucose"]));
+    assert!(!of_stranger[0].2.to_string().contains("Neighbour"));
     // The scan asked BlueZ for exactly the two health services.
     let filter = rig
         .fake
@@ -1233,4 +1244,49 @@ async fn a_meter_with_reversed_sequence_numbers_is_read_by_time() {
         writes.len() == 2 && writes.iter().all(|w| w.starts_with("WriteValue 2A52 0101")),
         "all records, each time: {writes:?}"
     );
+}
+
+/// Once the CRM's configuration names a device, the CRM is the system of record for it: the binding
+/// stored by `gateway pair` is not used for it. For a device the CRM does not name, the local binding
+/// still applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crm_binding_wins_over_the_paired_binding() {
+    let Some(rig) = rig().await else { return };
+    let device = meter(3, false);
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter", device.clone()))
+        .await
+        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let cfg = rig.cfg();
+    let a = adapter().await;
+    let paired = rig.store.device(METER).unwrap().unwrap();
+    let pipeline = rig.pipeline();
+    let patients = |from: usize| -> Vec<String> {
+        rig.journaled()[from..]
+            .iter()
+            .map(|(_, _, v)| v["patient"].as_str().unwrap_or("none").to_owned())
+            .collect()
+    };
+
+    let mut crm = Bindings::default();
+    crm.bind(METER, None, "p-crm-0007");
+    pipeline.bindings.replace_with(crm);
+    session_once(&a, peripheral(&a, METER).await, &paired, &pipeline, &cfg)
+        .await
+        .expect("session");
+    assert_eq!(patients(0), ["p-crm-0007"; 3]);
+
+    // A new configuration that no longer names the meter: the paired binding applies again.
+    let mut crm = Bindings::default();
+    crm.bind(CUFF, None, "p-crm-0008");
+    pipeline.bindings.replace_with(crm);
+    device
+        .with_glucometer(|g| g.generate(2, unix_now(), 11))
+        .unwrap()
+        .unwrap();
+    session_once(&a, peripheral(&a, METER).await, &paired, &pipeline, &cfg)
+        .await
+        .expect("session");
+    assert_eq!(patients(3), ["p-0001"; 2]);
 }

@@ -45,9 +45,14 @@ use writer::{Outcome, Refusal, WriterHandle};
 
 /// Device (and cuff user) → pseudonymous patient id. Shared by every session and replaced whole when
 /// the CRM sends a new configuration (a reading is attributed with one version or the other, never a mix).
+///
+/// Once a configuration from the CRM has been applied, the CRM is the system of record for the devices
+/// it binds ([`Bindings::from_crm`]): a local binding (`gateway pair`) then only fills in for devices the
+/// CRM does not name.
 #[derive(Debug, Default)]
 pub struct Bindings {
     map: std::sync::RwLock<HashMap<(String, Option<u8>), String>>,
+    from_crm: AtomicBool,
 }
 
 impl Clone for Bindings {
@@ -56,6 +61,7 @@ impl Clone for Bindings {
         let map = self.map.read().unwrap_or_else(|p| p.into_inner()).clone();
         Bindings {
             map: std::sync::RwLock::new(map),
+            from_crm: AtomicBool::new(self.from_crm()),
         }
     }
 }
@@ -83,6 +89,21 @@ impl Bindings {
     pub fn replace_with(&self, other: Bindings) {
         let new = other.map.into_inner().unwrap_or_else(|p| p.into_inner());
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = new;
+        self.from_crm.store(true, Ordering::Release);
+    }
+
+    /// Whether these are the CRM's bindings (a configuration from the CRM has been applied).
+    pub fn from_crm(&self) -> bool {
+        self.from_crm.load(Ordering::Acquire)
+    }
+
+    /// Whether `device` has any binding (for the device or for one of its users).
+    pub fn names_device(&self, device: &str) -> bool {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .any(|(d, _)| d == device)
     }
 
     /// How many bindings there are.

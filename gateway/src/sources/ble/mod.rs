@@ -16,8 +16,8 @@
 //! `adapter_poll` while there is none), scans for the Glucose (0x1808) and Blood Pressure (0x1810)
 //! services, and reacts to every advertisement:
 //!
-//! - a device **not** in the allow-list is reported once ("seen, not paired through the gateway") and
-//!   never connected (DESIGN.md promise 8);
+//! - a device **not** in the allow-list is reported once per run (log, `gateway devices`' status, an
+//!   `unpaired_device` event) and never connected (DESIGN.md promise 8);
 //! - an allow-listed device gets a session unless it already has one, its retry backoff has not passed,
 //!   or `max_sessions` sessions are running (a semaphore; the device advertises again);
 //! - a session has an overall deadline (a wedged bluetoothd must not hang the gateway, hass-omron's
@@ -370,14 +370,21 @@ pub async fn session_once(
         OpenError::Streams(c) => SessionFailure::new("connect", c),
     })?;
     // The device's own binding from the allow-list, as it is now: a device paired or rebound while the
-    // gateway runs lands on the right patient from its next session on.
+    // gateway runs lands on the right patient from its next session on — unless the CRM's configuration
+    // names this device: the CRM is then the system of record, and the local binding is not used.
     let mut pipeline = pipeline.clone();
-    let mut bindings = (*pipeline.bindings).clone();
-    bindings_of(
-        &BTreeMap::from([(device.address.clone(), device.clone())]),
-        &mut bindings,
-    );
-    pipeline.bindings = Arc::new(bindings);
+    if pipeline.bindings.from_crm() && pipeline.bindings.names_device(&device.address) {
+        if device.patient.is_some() || !device.users.is_empty() {
+            tracing::debug!(device = %device.address, "the CRM's binding for this device is used, not the one stored by `gateway pair`");
+        }
+    } else {
+        let mut bindings = (*pipeline.bindings).clone();
+        bindings_of(
+            &BTreeMap::from([(device.address.clone(), device.clone())]),
+            &mut bindings,
+        );
+        pipeline.bindings = Arc::new(bindings);
+    }
     let result = run_collector(&mut link, adapter, device, &pipeline, cfg).await;
     if let Ok(report) = &result {
         // After the download, so every reading of this session carries the offset that was true for it.
@@ -538,17 +545,48 @@ pub async fn report_device_error(pipeline: &Pipeline, device: &str, stage: &str,
         stage: stage.to_owned(),
         cause: cause.to_owned(),
     };
+    let id = format!("device-error:{device}:{stage}:{}", now.div_euclid(60));
+    journal_notice(pipeline, device, event, id, now).await;
+}
+
+/// Journals an `unpaired_device` event: a health device advertising near the gateway that was not paired
+/// through it (and so is never connected). Called once per device and gateway run.
+pub async fn report_unpaired_device(
+    pipeline: &Pipeline,
+    device: &str,
+    services: Vec<String>,
+    rssi: Option<i16>,
+) {
+    let now = now_utc();
+    let event = protocol::wire::Event::UnpairedDevice {
+        device: device.to_owned(),
+        services,
+        rssi,
+    };
+    let id = format!("unpaired:{device}:{}", now.div_euclid(60));
+    journal_notice(pipeline, device, event, id, now).await;
+}
+
+/// Journals a notice event about `device` under the id `id`. Best effort: a notice that the journal
+/// refuses is logged, never retried in place of a reading.
+async fn journal_notice(
+    pipeline: &Pipeline,
+    device: &str,
+    event: protocol::wire::Event,
+    id: String,
+    now: i64,
+) {
     let payload = match protocol::wire::EventMessage::new(&pipeline.gateway_id, now, event)
         .map_err(|e| e.to_string())
         .and_then(|m| serde_json::to_vec(&m).map_err(|e| e.to_string()))
     {
         Ok(p) => p,
-        Err(e) => return tracing::error!(error = %e, "cannot build the device_error event"),
+        Err(e) => return tracing::error!(error = %e, id, "cannot build the event"),
     };
     let record = crate::journal::NewRecord {
         device: device.to_owned(),
         device_seq: None,
-        reading_id: format!("device-error:{device}:{stage}:{}", now.div_euclid(60)),
+        reading_id: id,
         topic: pipeline.topics.events(),
         payload,
     };
@@ -559,10 +597,10 @@ pub async fn report_device_error(pipeline: &Pipeline, device: &str, stage: &str,
     {
         Ok(rx) => {
             if let Ok(Err(e)) = rx.await {
-                tracing::warn!(device, error = ?e, "device_error event not journaled");
+                tracing::warn!(device, error = ?e, "event not journaled");
             }
         }
-        Err(e) => tracing::warn!(device, error = ?e, "device_error event not journaled"),
+        Err(e) => tracing::warn!(device, error = ?e, "event not journaled"),
     }
 }
 
@@ -754,23 +792,40 @@ async fn consider(
         return;
     };
     let address = props.address.to_string().to_ascii_uppercase();
-    let health = props
+    let services: Vec<String> = props
         .services
         .iter()
         .filter_map(short_uuid)
-        .any(|s| s == GLUCOSE_SERVICE || s == BLOOD_PRESSURE_SERVICE);
+        .filter_map(|s| match s {
+            GLUCOSE_SERVICE => Some("glucose".to_owned()),
+            BLOOD_PRESSURE_SERVICE => Some("blood_pressure".to_owned()),
+            _ => None,
+        })
+        .collect();
     let Some(device) = allow.get(&address).cloned() else {
-        if health {
-            let mut st = shared.status.lock();
-            if let std::collections::btree_map::Entry::Vacant(v) =
-                st.seen_unpaired.entry(address.clone())
-            {
+        if !services.is_empty() {
+            let first_sighting = {
+                let mut st = shared.status.lock();
+                match st.seen_unpaired.entry(address.clone()) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(SeenDevice {
+                            name: props.local_name.clone(),
+                            rssi: props.rssi,
+                        });
+                        true
+                    }
+                    std::collections::btree_map::Entry::Occupied(_) => false,
+                }
+            };
+            if first_sighting {
                 // No payload values here, and a device address is not patient data.
                 tracing::info!(device = %address, name = ?props.local_name, rssi = ?props.rssi,
                     "health device seen, not paired through the gateway: left alone (pair it with `gateway pair`)");
-                v.insert(SeenDevice {
-                    name: props.local_name.clone(),
-                    rssi: props.rssi,
+                let pipeline = shared.pipeline.clone();
+                let rssi = props.rssi;
+                // Off the scanner's path: the journal write must not hold up the advertisements behind it.
+                shared.tracker.spawn(async move {
+                    report_unpaired_device(&pipeline, &address, services, rssi).await;
                 });
             }
         }
