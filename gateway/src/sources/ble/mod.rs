@@ -16,8 +16,8 @@
 //! `adapter_poll` while there is none), scans for the Glucose (0x1808) and Blood Pressure (0x1810)
 //! services, and reacts to every advertisement:
 //!
-//! - a device **not** in the allow-list is reported once per run (log, `gateway devices`' status, an
-//!   `unpaired_device` event) and never connected (DESIGN.md promise 8);
+//! - a device **not** in the allow-list is reported once per run (log, an `unpaired_device` event,
+//!   [`BleStatus::seen_unpaired`]) and never connected (DESIGN.md promise 8);
 //! - an allow-listed device gets a session unless it already has one, its retry backoff has not passed,
 //!   or `max_sessions` sessions are running (a semaphore; the device advertises again);
 //! - a session has an overall deadline (a wedged bluetoothd must not hang the gateway, hass-omron's
