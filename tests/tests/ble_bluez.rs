@@ -1290,3 +1290,40 @@ async fn the_crm_binding_wins_over_the_paired_binding() {
         .expect("session");
     assert_eq!(patients(3), ["p-0001"; 2]);
 }
+
+/// A meter that keeps its clock in Date Time (0x2A08) inside the glucose service, not Current Time
+/// (Roche Accu-Chek Aviva Connect, GATT.md "Time"), 10 minutes slow: the offset is read from Date Time,
+/// and with a bound set the clock is written back there; the next session measures ~0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meter_with_its_clock_in_date_time_is_measured_and_set_there() {
+    let Some(rig) = rig().await else { return };
+    let mut gcfg = GlucometerConfig::new("meter");
+    gcfg.clock_offset_s = -600;
+    gcfg.clock = ClockCharacteristic::DateTime;
+    let mut g = SimGlucometer::new(gcfg);
+    g.add_record(unix_now() - 3600, 98.0, Some(1)).unwrap();
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter", SimDevice::glucometer(g)))
+        .await
+        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let mut cfg = rig.cfg();
+    cfg.clock_set_above = Some(Duration::from_secs(120));
+    let a = adapter().await;
+    let report = session_of(&rig, &a, METER, &cfg).await.unwrap();
+    let offset = report
+        .clock_offset_s
+        .expect("offset measured from Date Time");
+    assert!((-601..=-599).contains(&offset), "measured {offset}");
+    let calls = rig.fake.calls_to(METER);
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.starts_with("WriteValue 2A08") && c.ends_with("-> ok")),
+        "{calls:?}"
+    );
+    assert!(!calls.iter().any(|c| c.starts_with("WriteValue 2A2B")));
+    let again = session_of(&rig, &a, METER, &cfg).await.unwrap();
+    let offset = again.clock_offset_s.expect("offset measured");
+    assert!(offset.abs() <= 1, "after setting the clock: {offset}");
+}

@@ -396,40 +396,51 @@ pub async fn session_once(
     result
 }
 
-/// Writes the device clock through Current Time when it is off by more than `cfg.clock_set_above`
-/// (DESIGN.md promise 5 keeps the measured offset on every reading; this keeps the offset small).
-/// Returns whether a write was accepted. ATT 0x80 ("data field ignored", Omron HEM-6232T-E) counts as not
-/// set: the device keeps its clock and the next session measures it again.
+/// Writes the device clock when it is off by more than `cfg.clock_set_above` (DESIGN.md promise 5 keeps
+/// the measured offset on every reading; this keeps the offset small): through Current Time (0x2A2B), or,
+/// on a meter that keeps its clock in Date Time (0x2A08) inside the glucose service instead (Roche
+/// Accu-Chek Aviva Connect, GATT.md "Time"), through that — the same characteristic the offset was read
+/// from. Returns whether a write was accepted. ATT 0x80 ("data field ignored", Omron HEM-6232T-E) or a
+/// refused write counts as not set: the device keeps its clock and the next session measures it again.
 pub async fn set_clock_if_drifted<L: GattLink>(
     link: &mut L,
     measured_offset_s: Option<i64>,
     cfg: &BleConfig,
     device: &str,
 ) -> bool {
+    use protocol::gatt::Codec;
     let (Some(bound), Some(offset)) = (cfg.clock_set_above, measured_offset_s) else {
         return false;
     };
     let zone = i64::from(cfg.device_zone_offset_min) * 60;
     let drift = offset - zone;
-    if drift.unsigned_abs() <= bound.as_secs() || !link.has(uuid::CURRENT_TIME) {
+    if drift.unsigned_abs() <= bound.as_secs() {
         return false;
     }
     let target = now_utc() + zone;
     let Some(date_time) = protocol::gatt::time::DateTime::from_epoch_seconds(target) else {
         return false;
     };
-    let ct = protocol::gatt::time::CurrentTime {
-        date_time,
-        // 1970-01-01 was a Thursday; CTS counts Monday = 1 … Sunday = 7.
-        day_of_week: u8::try_from((target.div_euclid(86_400) + 3).rem_euclid(7) + 1).unwrap_or(0),
-        fractions256: 0,
-        // Bit 1: external reference time update.
-        adjust_reason: 0x02,
+    // The order `measure_clock_offset` reads them in, so the clock written is the clock measured.
+    let (characteristic, value) = if link.has(uuid::CURRENT_TIME) {
+        let ct = protocol::gatt::time::CurrentTime {
+            date_time,
+            // 1970-01-01 was a Thursday; CTS counts Monday = 1 … Sunday = 7.
+            day_of_week: u8::try_from((target.div_euclid(86_400) + 3).rem_euclid(7) + 1)
+                .unwrap_or(0),
+            fractions256: 0,
+            // Bit 1: external reference time update.
+            adjust_reason: 0x02,
+        };
+        (uuid::CURRENT_TIME, ct.to_vec())
+    } else if link.has(uuid::DATE_TIME) {
+        (uuid::DATE_TIME, date_time.to_vec())
+    } else {
+        return false;
     };
-    use protocol::gatt::Codec;
-    match link.write(uuid::CURRENT_TIME, &ct.to_vec()).await {
+    match link.write(characteristic, &value).await {
         Ok(()) => {
-            tracing::info!(device = %device, drift_s = drift, "device clock set");
+            tracing::info!(device = %device, drift_s = drift, characteristic = format_args!("{characteristic:04X}"), "device clock set");
             true
         }
         Err(e) => {
