@@ -144,6 +144,7 @@ async fn a_dropped_link_resumes_at_the_cursor_without_loss_or_doubles() {
             g.set_faults(GlucometerFaults {
                 drop_link_after_records: Some(150),
                 skip_response: false,
+                ..Default::default()
             })
         })
         .unwrap();
@@ -173,6 +174,7 @@ async fn a_missing_response_code_times_out_and_the_next_session_completes() {
             g.set_faults(GlucometerFaults {
                 drop_link_after_records: None,
                 skip_response: true,
+                ..Default::default()
             })
         })
         .unwrap();
@@ -370,6 +372,7 @@ async fn a_newest_first_meter_is_read_by_time_without_loss_or_doubles() {
             g.set_faults(GlucometerFaults {
                 drop_link_after_records: Some(1),
                 skip_response: false,
+                ..Default::default()
             });
         })
         .unwrap();

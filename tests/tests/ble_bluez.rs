@@ -163,6 +163,20 @@ impl Rig {
             .collect()
     }
 
+    /// The journaled records, then acked as the uplink does after their PUBACKs.
+    fn deliver(&self) -> Vec<(String, Option<u64>, serde_json::Value)> {
+        let records = self.journaled();
+        let mut j = self.journal.lock().unwrap();
+        let seqs: Vec<u64> = j
+            .pending(None, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        j.ack(&seqs).unwrap();
+        records
+    }
+
     fn allow(&self, address: &str, kind: DeviceKind, patient: Option<&str>, users: &[(u8, &str)]) {
         self.store
             .put(PairedDevice {
@@ -345,6 +359,24 @@ async fn pair_with_passkey_then_download_300_records_with_contexts() {
     assert_eq!(
         racp_writes(&rig.fake, METER).first().map(String::as_str),
         Some("WriteValue 2A52 0101 -> ok")
+    );
+    // GLP.TS GLF/BV-09..13: 2A18 and 2A34 notifications and RACP indications configured before the
+    // first RACP write, and the Glucose Feature read.
+    let calls = rig.fake.calls_to(METER);
+    let first_racp = calls
+        .iter()
+        .position(|c| c.starts_with("WriteValue 2A52"))
+        .expect("a RACP write");
+    for cccd in ["StartNotify 2A18", "StartNotify 2A34", "StartNotify 2A52"] {
+        let at = calls.iter().position(|c| c.starts_with(cccd));
+        assert!(
+            at.is_some_and(|i| i < first_racp),
+            "{cccd} before the RACP write: {calls:?}"
+        );
+    }
+    assert!(
+        calls.iter().any(|c| c.starts_with("ReadValue 2A51")),
+        "{calls:?}"
     );
 }
 
@@ -1326,4 +1358,89 @@ async fn a_meter_with_its_clock_in_date_time_is_measured_and_set_there() {
     let again = session_of(&rig, &a, METER, &cfg).await.unwrap();
     let offset = again.clock_offset_s.expect("offset measured");
     assert!(offset.abs() <= 1, "after setting the clock: {offset}");
+}
+
+/// GLP.TS SPE/BI-03 from the collector's side: a meter that answers "≥ sequence number" with Operand
+/// Not Supported. The response code is reported (log) and the collector falls back to all records,
+/// passing on only those after the cursor: the new readings arrive, the old ones are not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meter_without_the_sequence_filter_is_read_in_full_and_only_new_records_pass() {
+    let Some(rig) = rig().await else { return };
+    let mut gcfg = GlucometerConfig::new("meter");
+    gcfg.sequence_filter = false;
+    let mut g = SimGlucometer::new(gcfg);
+    g.generate(10, unix_now(), 21).unwrap();
+    let device = SimDevice::glucometer(g);
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter", device.clone()))
+        .await
+        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let cfg = rig.cfg();
+    let a = adapter().await;
+    let report = session_of(&rig, &a, METER, &cfg).await.expect("session");
+    assert_eq!(report.completion, Completion::Complete);
+    // Delivered: acked, so the journal's de-duplication of pending ids cannot hide a re-sent record.
+    let first = rig.deliver();
+    assert_eq!(sequences(&first), (0..10).collect::<Vec<_>>());
+
+    device
+        .with_glucometer(|g| g.generate(3, unix_now(), 22))
+        .unwrap()
+        .unwrap();
+    let report = session_of(&rig, &a, METER, &cfg).await.expect("session");
+    assert_eq!(report.completion, Completion::Complete);
+    assert_eq!(sequences(&rig.deliver()), [10, 11, 12]);
+    let writes = racp_writes(&rig.fake, METER);
+    assert!(
+        writes.len() == 3
+            && writes[0].starts_with("WriteValue 2A52 0101")
+            && writes[1].starts_with("WriteValue 2A52 0103010A00")
+            && writes[2].starts_with("WriteValue 2A52 0101"),
+        "all; then >= 10, refused; then all: {writes:?}"
+    );
+}
+
+/// GLP.TS SPE/BI-01..03 from the collector's side: a meter that answers the report request with an error
+/// response code. The session ends at stage `racp` with the code named, for `gateway devices`, the status
+/// topic and the `device_error` event; nothing is journaled and the meter keeps its records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_racp_error_response_is_reported_with_its_code() {
+    use protocol::gatt::racp::ResponseCode;
+    let Some(rig) = rig().await else { return };
+    let a = adapter().await;
+    let cfg = rig.cfg();
+    for (i, (code, name)) in [
+        (ResponseCode::OP_CODE_NOT_SUPPORTED, "op code not supported"),
+        (
+            ResponseCode::OPERATOR_NOT_SUPPORTED,
+            "operator not supported",
+        ),
+        (ResponseCode::OPERAND_NOT_SUPPORTED, "operand not supported"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let address = format!("C0:26:DA:00:01:0{i}");
+        let device = meter(5, false);
+        device
+            .with_glucometer(|g| {
+                g.set_faults(GlucometerFaults {
+                    refuse_reports: Some(code),
+                    ..Default::default()
+                })
+            })
+            .unwrap();
+        rig.fake
+            .add_device(FakeDevice::new(&address, "Meter", device))
+            .await
+            .unwrap();
+        rig.allow(&address, DeviceKind::Glucometer, Some("p-0001"), &[]);
+        let failure = session_of(&rig, &a, &address, &cfg)
+            .await
+            .expect_err("refused");
+        assert_eq!(failure.stage, "racp");
+        assert_eq!(failure.cause, format!("RACP answered {name}"));
+    }
+    assert!(rig.journaled().is_empty());
 }

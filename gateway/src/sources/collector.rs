@@ -145,9 +145,10 @@ pub enum SessionError {
         /// The link's error.
         source: LinkError,
     },
-    /// The device answered RACP with an error response code.
-    #[error("RACP answered {0}")]
-    Racp(&'static str),
+    /// The device answered RACP with an error response code (GLP.TS SPE/BI-01..03: reported to the upper
+    /// layer as it came).
+    #[error("RACP answered {}", .0.name().unwrap_or("a reserved response code"))]
+    Racp(ResponseCode),
     /// The sink failed for another reason than a full journal.
     #[error(transparent)]
     Sink(SinkError),
@@ -269,7 +270,24 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
     }
 
     let mut values = 0usize;
-    let completion = if newest_first {
+    let completion = if let (Some(last), false) = (cursor, newest_first) {
+        match download(link, sink, &session, cfg, &mut values).await {
+            Err(SessionError::Racp(
+                code @ (ResponseCode::OPERATOR_NOT_SUPPORTED | ResponseCode::OPERAND_NOT_SUPPORTED),
+            )) => {
+                // A meter without the "≥ sequence number" filter (GLP.TS SPE/BI-02/03; Yuwell's RACP
+                // supports only some requests, GATT.md): ask for everything and pass on only what is
+                // after the cursor, so nothing is skipped and nothing accepted is sent again.
+                tracing::warn!(device = %device.id, response = code.name().unwrap_or("reserved"), "meter refused \"records >= last + 1\"; asking for all records and skipping those already accepted");
+                link.write(uuid::RACP, &Racp::report_all().to_vec())
+                    .await
+                    .map_err(link_err("racp write"))?;
+                let mut after = AfterCursor { inner: sink, last };
+                download(link, &mut after, &session, cfg, &mut values).await?
+            }
+            other => other?,
+        }
+    } else if newest_first {
         let mut held = Held::default();
         match download(link, &mut held, &session, cfg, &mut values).await? {
             // Only a whole memory says which records are new; a partial one is dropped and asked for again.
@@ -368,6 +386,35 @@ fn sequence_of(value: &[u8]) -> Option<u16> {
     match value.get(1..3) {
         Some(&[lo, hi]) => Some(u16::from_le_bytes([lo, hi])),
         _ => None,
+    }
+}
+
+/// Passes on only the records numbered after `last` (for a meter that can only be asked for everything).
+struct AfterCursor<'a, S> {
+    inner: &'a mut S,
+    last: u64,
+}
+
+impl<S: RecordSink> RecordSink for AfterCursor<'_, S> {
+    fn cursor(&self, key: &str) -> Option<u64> {
+        self.inner.cursor(key)
+    }
+
+    async fn value(
+        &mut self,
+        session: &SessionInfo,
+        uuid: u16,
+        bytes: &[u8],
+        received_utc: i64,
+    ) -> Result<(), SinkError> {
+        if sequence_of(bytes).is_some_and(|seq| u64::from(seq) <= self.last) {
+            return Ok(()); // accepted in an earlier session
+        }
+        self.inner.value(session, uuid, bytes, received_utc).await
+    }
+
+    async fn end_of_transfer(&mut self, session: &SessionInfo) -> Result<(), SinkError> {
+        self.inner.end_of_transfer(session).await
     }
 }
 
@@ -500,9 +547,7 @@ async fn receive_report<L: GattLink, S: RecordSink>(
                         break Completion::Complete;
                     }
                     let _ = sink.end_of_transfer(session).await;
-                    return Err(SessionError::Racp(
-                        response.name().unwrap_or("a reserved response code"),
-                    ));
+                    return Err(SessionError::Racp(response));
                 }
                 // Other indications (an abort's answer, a stray count) do not end a report.
                 _ => {}

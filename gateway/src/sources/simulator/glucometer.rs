@@ -73,6 +73,9 @@ pub struct GlucometerFaults {
     /// Never indicate the Response Code that ends a report: the procedure stays in progress until the
     /// connection ends and the collector's 30 s RACP timer must fire (GLP.TS GLP/COL/SPE/BI-04).
     pub skip_response: bool,
+    /// Answer every Report Stored Records request with this response code instead of records (GLP.TS
+    /// SPE/BI-01..03 from the collector's side: op code, operator or operand not supported).
+    pub refuse_reports: Option<ResponseCode>,
 }
 
 /// A simulated glucometer's configuration.
@@ -99,6 +102,9 @@ pub struct GlucometerConfig {
     pub with_context: bool,
     /// The RACP accepts the user-facing-time filter (filter type 2); otherwise "operand not supported".
     pub time_filter: bool,
+    /// The RACP accepts the sequence-number filter (filter type 1); otherwise "operand not supported"
+    /// (GLS.TS SPE/BI-06; a meter that can only report all, first or last records).
+    pub sequence_filter: bool,
     /// The Glucose Feature value (0x2A51).
     pub feature: GlucoseFeature,
     /// Where the clock is.
@@ -138,6 +144,7 @@ impl Default for GlucometerConfig {
             requires_bonding: false,
             with_context: true,
             time_filter: true,
+            sequence_filter: true,
             // Everything the generator can annunciate (bits 0–9); not multiple bond.
             feature: GlucoseFeature(0x03FF),
             clock: ClockCharacteristic::CurrentTime,
@@ -869,6 +876,11 @@ impl SimGlucometer {
         if operand.filter_type() == Some(FilterType::USER_FACING_TIME) && !self.config.time_filter {
             return Err(ResponseCode::OPERAND_NOT_SUPPORTED);
         }
+        if operand.filter_type() == Some(FilterType::SEQUENCE_NUMBER)
+            && !self.config.sequence_filter
+        {
+            return Err(ResponseCode::OPERAND_NOT_SUPPORTED);
+        }
         Ok(())
     }
 
@@ -887,6 +899,10 @@ impl SimGlucometer {
     fn report(&mut self, operator: Operator, operand: &Operand<'_>) {
         let op_code = OpCode::REPORT_STORED_RECORDS;
         self.start(op_code);
+        if let Some(code) = self.config.faults.refuse_reports {
+            self.respond(Racp::response(op_code, code));
+            return;
+        }
         let mut selected = self.select(operator, operand);
         if selected.is_empty() {
             self.respond(Racp::response(op_code, ResponseCode::NO_RECORDS_FOUND));

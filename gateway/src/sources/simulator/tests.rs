@@ -547,6 +547,7 @@ async fn drop_link_after_records_then_resume() {
         faults: GlucometerFaults {
             drop_link_after_records: Some(2),
             skip_response: false,
+            ..Default::default()
         },
         ..GlucometerConfig::new("g")
     };
@@ -607,6 +608,7 @@ fn drop_link_after_records_boundaries() {
     let faults = GlucometerFaults {
         drop_link_after_records: Some(2),
         skip_response: false,
+        ..Default::default()
     };
     let mut g = meter_with(2, GlucometerConfig::new("g"));
     g.set_faults(faults);
@@ -624,6 +626,7 @@ fn drop_link_after_records_boundaries() {
     g.set_faults(GlucometerFaults {
         drop_link_after_records: Some(0),
         skip_response: false,
+        ..Default::default()
     });
     g.write_racp(&Racp::report_all().to_vec()).unwrap();
     assert_eq!(drain_glucometer(&mut g), [DeviceOutput::Disconnect]);
@@ -637,6 +640,7 @@ async fn skip_response_leaves_the_procedure_open_until_reconnect() {
         faults: GlucometerFaults {
             drop_link_after_records: None,
             skip_response: true,
+            ..Default::default()
         },
         ..GlucometerConfig::new("g")
     };
