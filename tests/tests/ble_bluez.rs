@@ -93,6 +93,11 @@ struct Rig {
 }
 
 async fn rig() -> Option<Rig> {
+    rig_with(JournalConfig::new).await
+}
+
+/// [`rig`] with a journal configured by `journal` (given the journal's directory).
+async fn rig_with(journal: impl FnOnce(std::path::PathBuf) -> JournalConfig) -> Option<Rig> {
     phg_tests::init_tracing();
     let Some(address) = system_bus() else {
         println!("skipped: dbus-daemon not installed (CI installs it)");
@@ -101,7 +106,7 @@ async fn rig() -> Option<Rig> {
     let serial = SERIAL.lock().await;
     let fake = FakeBluez::start(address).await.expect("fake org.bluez");
     let dir = tempfile::tempdir().unwrap();
-    let (journal, _) = Journal::open(JournalConfig::new(dir.path().join("journal"))).unwrap();
+    let (journal, _) = Journal::open(journal(dir.path().join("journal"))).unwrap();
     let store = DeviceStore::new(dir.path().join("ble"));
     Some(Rig {
         _serial: serial,
@@ -1443,4 +1448,46 @@ async fn a_racp_error_response_is_reported_with_its_code() {
         assert_eq!(failure.cause, format!("RACP answered {name}"));
     }
     assert!(rig.journaled().is_empty());
+}
+
+/// GLP.TS SPA/BV-01 from the collector's side, when it matters: the journal fills mid-download, so the
+/// collector aborts the RACP procedure (`03 00`) and the meter keeps the rest. After the uplink drains
+/// the journal, the next sessions fetch the rest from the cursor: every record once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_journal_aborts_the_transfer_and_the_rest_comes_later() {
+    let Some(rig) = rig_with(|dir| {
+        let mut c = JournalConfig::new(dir);
+        c.max_records = 40;
+        c
+    })
+    .await
+    else {
+        return;
+    };
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter", meter(100, false)))
+        .await
+        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let cfg = rig.cfg();
+    let a = adapter().await;
+    let report = session_of(&rig, &a, METER, &cfg).await.expect("session");
+    assert_eq!(report.completion, Completion::JournalFull);
+    assert!(
+        racp_writes(&rig.fake, METER)
+            .iter()
+            .any(|w| w.starts_with("WriteValue 2A52 0300")),
+        "the procedure was aborted: {:?}",
+        racp_writes(&rig.fake, METER)
+    );
+    let mut delivered = sequences(&rig.deliver());
+    assert_eq!(delivered, (0..40).collect::<Vec<_>>(), "a prefix, no gap");
+    for _ in 0..5 {
+        let report = session_of(&rig, &a, METER, &cfg).await.expect("session");
+        delivered.extend(sequences(&rig.deliver()));
+        if report.completion == Completion::Complete {
+            break;
+        }
+    }
+    assert_eq!(delivered, (0..100).collect::<Vec<_>>());
 }
