@@ -446,3 +446,53 @@ async fn a_newest_first_meter_and_a_full_journal_lose_nothing() {
         (0..20).map(|k| 90.0 + k as f64).collect::<Vec<_>>()
     );
 }
+
+/// A session that ends without its end of transfer (deadline, failure) after a reading was handed over:
+/// the reading is accepted by the journal writer all the same, and its edge alert is journaled too — it
+/// is not lost with the session.
+#[tokio::test]
+async fn an_edge_alert_survives_a_session_that_ends_without_its_end_of_transfer() {
+    use gateway::sources::collector::{RecordSink, SessionInfo};
+    let rig = rig(100_000);
+    let mut pipeline = rig.pipeline.clone();
+    let rules = protocol::rules::RuleSet::default_rules().unwrap();
+    pipeline.alerts = Some(Arc::new(
+        gateway::alerts::EdgeAlerts::new(rules, Vec::new(), "gw", Topics::for_gateway("gw"))
+            .unwrap(),
+    ));
+    let session = SessionInfo {
+        device: DeviceRef {
+            id: "meter".into(), // bound to p-0001 for every user
+            model: None,
+            numbering: RecordNumbering::Gls,
+        },
+        clock_offset_s: Some(0),
+    };
+    let mut sink = pipeline.session();
+    // 185/125 mmHg, no time stamp: a hypertensive crisis (CLINICAL.md BP_CRISIS).
+    let crisis = [0x00, 185, 0x00, 125, 0x00, 145, 0x00];
+    sink.value(
+        &session,
+        gateway::sources::uuid::BP_MEASUREMENT,
+        &crisis,
+        unix_now(),
+    )
+    .await
+    .unwrap();
+    drop(sink); // the session's deadline passed here
+    let topics = || -> Vec<String> {
+        let j = rig.journal.lock().unwrap();
+        j.pending(None, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| r.topic.clone())
+            .collect()
+    };
+    for _ in 0..200 {
+        if topics().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(topics(), ["phg/v1/gw/readings", "phg/v1/gw/alerts"]);
+}

@@ -194,6 +194,7 @@ impl Pipeline {
             alerts_due: Vec::new(),
             refused: Arc::new(AtomicBool::new(false)),
             newest_first_count: None,
+            detached: false,
         }
     }
 }
@@ -222,6 +223,8 @@ pub struct SessionSink {
     /// Records of a newest-first meter handed over so far, counting from its journal cursor
     /// ([`crate::sources::collector::newest_first_cursor`]); read from the journal at the first one.
     newest_first_count: Option<u64>,
+    /// The remainder of an ended session, settled in the background (see `Drop`): never detached again.
+    detached: bool,
 }
 
 /// What the alert engine needs of a reading, kept until the reading is accepted.
@@ -487,6 +490,43 @@ impl SessionSink {
             evaluate,
         )
         .await
+    }
+}
+
+impl Drop for SessionSink {
+    /// A session can end without [`RecordSink::end_of_transfer`]: its deadline passed, or it failed. The
+    /// readings it handed over may still be accepted by the writer, and their edge alerts (decided once
+    /// each is accepted) must not be lost with the session: a background task waits for the outcomes and
+    /// journals the alerts. Nothing to do (the usual case) costs nothing.
+    fn drop(&mut self) {
+        if self.detached
+            || self.pipeline.alerts.is_none()
+            || (self.alerts_due.is_empty() && self.in_flight.iter().all(|(_, _, e)| e.is_none()))
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                "a session ended outside the runtime: the edge alerts of its last readings are left to ingest"
+            );
+            return;
+        };
+        let mut rest = SessionSink {
+            pipeline: self.pipeline.clone(),
+            joiner: ContextJoiner::new(),
+            in_flight: std::mem::take(&mut self.in_flight),
+            alerts_due: std::mem::take(&mut self.alerts_due),
+            refused: self.refused.clone(),
+            newest_first_count: None,
+            // If the runtime is shutting down and drops this task unpolled, it must not spawn again.
+            detached: true,
+        };
+        runtime.spawn(async move {
+            // Errors were counted and logged where they arose; the readings are in the journal or not.
+            let _ = rest.settle(true).await;
+            let _ = rest.submit_alerts().await;
+            let _ = rest.settle(true).await;
+        });
     }
 }
 
