@@ -496,3 +496,97 @@ async fn an_edge_alert_survives_a_session_that_ends_without_its_end_of_transfer(
     }
     assert_eq!(topics(), ["phg/v1/gw/readings", "phg/v1/gw/alerts"]);
 }
+
+/// Cuff readings as delivered (acked after reading, like the uplink): (user, systolic, device time).
+fn deliver_bp(journal: &Mutex<Journal>) -> Vec<(u64, f64, String)> {
+    let mut j = journal.lock().unwrap();
+    let pending = j.pending(None, usize::MAX).unwrap();
+    let out = pending
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+            (
+                v["device"]["user_id"].as_u64().unwrap(),
+                v["blood_pressure"]["systolic"].as_f64().unwrap(),
+                v["time"]["device"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    j.ack(&pending.iter().map(|r| r.seq).collect::<Vec<_>>())
+        .unwrap();
+    out
+}
+
+/// A two-user cuff that resends its whole memory on every subscribe (SBM69, Beurer): across sessions each
+/// reading is delivered once — checked after delivery, so the journal's pending-id de-duplication cannot
+/// hide a re-sent one — and when the cuff's clock goes back an hour (DST ends), the reading taken after
+/// that, whose time stamp is earlier than every reading before it, is still delivered, once.
+#[tokio::test]
+async fn a_dumping_cuff_doubles_nothing_and_a_clock_set_back_loses_nothing() {
+    use protocol::gatt::bp::MeasurementStatus;
+    let rig = rig(100_000);
+    let mut c = CuffConfig::new("cuff");
+    c.users = vec![1, 2];
+    let mut cuff = SimCuff::new(c);
+    let t0 = unix_now() - 86_400;
+    let ok = MeasurementStatus::default();
+    cuff.measure(1, 121, 81, 70, ok, t0).unwrap();
+    cuff.measure(2, 131, 85, 72, ok, t0 + 300).unwrap();
+    cuff.measure(1, 122, 82, 70, ok, t0 + 600).unwrap();
+    let device = SimDevice::cuff(cuff);
+    let dref = DeviceRef {
+        id: "cuff".into(),
+        model: None,
+        numbering: RecordNumbering::Gls,
+    };
+    let session = || async {
+        let mut link = SimLink::connect(&device);
+        let mut sink = rig.pipeline.session();
+        let report = blood_pressure_session(&mut link, &mut sink, &dref, &cfg())
+            .await
+            .unwrap();
+        link.disconnect().await;
+        assert_eq!(report.completion, Completion::Complete);
+        deliver_bp(&rig.journal)
+    };
+    let systolics = |d: &[(u64, f64, String)]| d.iter().map(|r| r.1).collect::<Vec<_>>();
+
+    let first = session().await;
+    assert_eq!(systolics(&first), [121.0, 131.0, 122.0]);
+    assert!(session().await.is_empty(), "the re-dump doubles nothing");
+
+    device
+        .with_cuff(|c| c.measure(1, 123, 83, 70, ok, t0 + 1200))
+        .unwrap()
+        .unwrap();
+    assert_eq!(systolics(&session().await), [123.0]);
+
+    // DST ends: the cuff's clock goes back an hour, so this reading's time stamp is before all the others.
+    device
+        .with_cuff(|c| c.measure(1, 144, 90, 70, ok, t0 + 1200 - 3600 + 60))
+        .unwrap()
+        .unwrap();
+    let after_dst = session().await;
+    assert_eq!(
+        systolics(&after_dst),
+        [144.0],
+        "taken after the clock change"
+    );
+    assert!(
+        after_dst[0].2 < first[0].2,
+        "its time stamp is the earliest"
+    );
+    assert!(session().await.is_empty());
+    // The other user's series was not disturbed.
+    device
+        .with_cuff(|c| c.measure(2, 132, 86, 72, ok, t0 + 1300))
+        .unwrap()
+        .unwrap();
+    assert_eq!(session().await, [(2, 132.0, session_time(t0 + 1300))]);
+}
+
+fn session_time(t: i64) -> String {
+    protocol::gatt::time::DateTime::from_epoch_seconds(t)
+        .unwrap()
+        .to_string()
+}

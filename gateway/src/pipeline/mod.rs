@@ -12,11 +12,13 @@
 //! | a reading of a device (or cuff user) bound to no patient | an `unattributed` event holding the whole reading (journaled) |
 //! | a value that does not decode | a `decode_failed` event (journaled) |
 //!
-//! Each record carries the device's record number as `device_seq` (GLS sequence number; for a cuff, its
-//! time stamp in seconds), which is the journal's per-device cursor: the collector's "last accepted" is
-//! whatever the journal has fsynced, so it cannot run ahead of acceptance (DESIGN.md promise 4). Cuffs that
-//! dump their whole memory on every subscribe are kept from doubling readings the same way: a reading
-//! whose time stamp is not after the cursor of its device and user was accepted before and is skipped.
+//! Each record carries the device's record number as `device_seq`, which is the journal's per-device
+//! cursor: the collector's "last accepted" is whatever the journal has fsynced, so it cannot run ahead of
+//! acceptance (DESIGN.md promise 4). For a GLS meter that is the sequence number. A cuff, or a meter that
+//! numbers newest-first, has no lasting record number: its cursor counts the readings accepted and carries
+//! the last one's device time ([`crate::sources::collector::marked_cursor`]), by which the collector
+//! finds it in the next transfer and hands over only what came after it — so a cuff that dumps its whole
+//! memory on every subscribe doubles nothing, and a clock set back loses nothing.
 
 pub mod handoff;
 pub mod writer;
@@ -38,7 +40,7 @@ use tokio::sync::oneshot;
 
 use crate::journal::{Journal, NewRecord};
 use crate::sources::collector::{
-    RecordSink, SessionInfo, SinkError, newest_first_count, newest_first_cursor,
+    RecordSink, SessionInfo, SinkError, bp_cursor_key, marked_count, marked_cursor,
 };
 use crate::sources::uuid;
 use writer::{Outcome, Refusal, WriterHandle};
@@ -128,8 +130,6 @@ pub struct Counters {
     pub unattributed: AtomicU64,
     /// Values that did not decode.
     pub decode_failed: AtomicU64,
-    /// Cuff readings skipped because they were accepted in an earlier session.
-    pub already_accepted: AtomicU64,
     /// Records the journal refused (full); the devices keep them.
     pub refused: AtomicU64,
     /// Edge alert decisions journaled for `…/alerts`.
@@ -193,7 +193,7 @@ impl Pipeline {
             in_flight: Vec::new(),
             alerts_due: Vec::new(),
             refused: Arc::new(AtomicBool::new(false)),
-            newest_first_count: None,
+            marked_counts: HashMap::new(),
             detached: false,
         }
     }
@@ -203,10 +203,10 @@ impl Pipeline {
 /// readings are a separate series in the cuff's memory).
 pub fn cursor_key(device: &str, m: &Measurement) -> String {
     match m {
-        Measurement::BloodPressure(BloodPressureRecord {
-            user_id: Some(u), ..
-        }) => format!("{device}#user{u}"),
-        _ => device.to_owned(),
+        Measurement::BloodPressure(BloodPressureRecord { user_id, .. }) => {
+            bp_cursor_key(device, *user_id)
+        }
+        Measurement::Glucose(_) => device.to_owned(),
     }
 }
 
@@ -220,9 +220,9 @@ pub struct SessionSink {
     /// Alert records decided for accepted readings, not yet handed to the writer.
     alerts_due: Vec<NewRecord>,
     refused: Arc<AtomicBool>,
-    /// Records of a newest-first meter handed over so far, counting from its journal cursor
-    /// ([`crate::sources::collector::newest_first_cursor`]); read from the journal at the first one.
-    newest_first_count: Option<u64>,
+    /// Per cursor key without lasting record numbers, the records handed over so far, counting from the
+    /// journal cursor ([`crate::sources::collector::marked_cursor`]); read from the journal at the first.
+    marked_counts: HashMap<String, u64>,
     /// The remainder of an ended session, settled in the background (see `Drop`): never detached again.
     detached: bool,
 }
@@ -387,36 +387,26 @@ impl SessionSink {
             g.numbering = session.device.numbering;
         }
         let device_seq = match &m {
-            // The collector hands a newest-first meter's new records over oldest first; each one's cursor
-            // counts it and carries its time, by which the next session finds it again.
-            Measurement::Glucose(g) if g.numbering == RecordNumbering::NewestFirst => {
-                let n = match self.newest_first_count {
+            Measurement::Glucose(g) if g.numbering == RecordNumbering::Gls => {
+                Some(u64::from(g.sequence_number))
+            }
+            // No lasting record number (a newest-first meter, a cuff): the collector hands over only new
+            // readings, in the order the device keeps them; each one's cursor counts it and carries its
+            // time, by which the next session finds it again.
+            _ => {
+                let time = match &m {
+                    Measurement::Glucose(g) => g.device_time(),
+                    Measurement::BloodPressure(b) => b.timestamp,
+                }
+                .and_then(|t| t.to_epoch_seconds());
+                let n = match self.marked_counts.get(&key) {
                     Some(n) => n + 1,
-                    None => newest_first_count(self.journal().cursor(&key)) + 1,
+                    None => marked_count(self.journal().cursor(&key)) + 1,
                 };
-                self.newest_first_count = Some(n);
-                Some(newest_first_cursor(
-                    n,
-                    g.device_time().and_then(|t| t.to_epoch_seconds()),
-                ))
+                self.marked_counts.insert(key.clone(), n);
+                Some(marked_cursor(n, time))
             }
-            Measurement::Glucose(g) => Some(u64::from(g.sequence_number)),
-            // A cuff has no record number: its time stamp orders its memory. Without one, only the reading
-            // id (pending in the journal) keeps a re-dumped reading from doubling.
-            Measurement::BloodPressure(b) => b
-                .timestamp
-                .and_then(|t| t.to_epoch_seconds())
-                .and_then(|s| u64::try_from(s).ok()),
         };
-        if let (Measurement::BloodPressure(_), Some(seq)) = (&m, device_seq) {
-            if self.journal().cursor(&key).is_some_and(|c| seq <= c) {
-                self.pipeline
-                    .counters
-                    .already_accepted
-                    .fetch_add(1, Ordering::Relaxed);
-                return Ok(());
-            }
-        }
         let rx = Reception {
             received_utc,
             clock_offset_s: session.clock_offset_s,
@@ -517,7 +507,7 @@ impl Drop for SessionSink {
             in_flight: std::mem::take(&mut self.in_flight),
             alerts_due: std::mem::take(&mut self.alerts_due),
             refused: self.refused.clone(),
-            newest_first_count: None,
+            marked_counts: HashMap::new(),
             // If the runtime is shutting down and drops this task unpolled, it must not spawn again.
             detached: true,
         };

@@ -20,7 +20,7 @@
 //! A meter that numbers its records newest-first (TaiDoc DM30b, GATT.md; [`RecordNumbering::NewestFirst`])
 //! cannot be asked for "records ≥ last + 1": every new reading renumbers the rest. Its sessions ask for all
 //! records, hold them until the Response Code, and hand over only those newer than the last accepted one,
-//! oldest first — see [`newest_first_cursor`] for how the journal's cursor names that record.
+//! oldest first — see [`marked_cursor`] for how the journal's cursor names that record.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -354,23 +354,42 @@ async fn download<L: GattLink, S: RecordSink>(
 /// (32 bits of seconds from 2000 last until 2136).
 const CURSOR_TIME_ORIGIN: i64 = 946_684_800;
 
-/// The journal cursor value of the `n`-th record accepted from a newest-first meter, whose user-facing
-/// device time is `device_time` (seconds since the Unix epoch, device clock).
+/// The journal cursor value of the `n`-th record accepted from a device that has no lasting record number
+/// — a cuff, or a meter that numbers newest-first — whose device time is `device_time` (seconds since the
+/// Unix epoch, device clock).
 ///
-/// The journal keeps the highest value it has seen per device. The high 32 bits count the records accepted
-/// so far, so the highest value is always the newest record accepted — even after the meter's clock was
-/// set back — and the low 32 bits are that record's device time: the mark by which the next transfer
-/// finds it in the meter's memory. A record without a usable time gets 0, which matches nothing.
-pub fn newest_first_cursor(n: u64, device_time: Option<i64>) -> u64 {
+/// The journal keeps the highest value it has seen per cursor key. The high 32 bits count the records
+/// accepted so far, so the highest value is always the last record accepted — even after the device's
+/// clock was set back (or a DST change moved it back an hour) — and the low 32 bits are that record's
+/// device time: the mark by which the next transfer finds it in the device's memory. A record without a
+/// usable time gets 0, which matches nothing.
+pub fn marked_cursor(n: u64, device_time: Option<i64>) -> u64 {
     let t = device_time
         .and_then(|t| u32::try_from(t - CURSOR_TIME_ORIGIN).ok())
         .unwrap_or(0);
     (n << 32) | u64::from(t)
 }
 
-/// How many records a newest-first cursor says were accepted.
-pub fn newest_first_count(cursor: Option<u64>) -> u64 {
+/// How many records a [`marked_cursor`] says were accepted.
+pub fn marked_count(cursor: Option<u64>) -> u64 {
     cursor.map_or(0, |c| c >> 32)
+}
+
+/// The device time (seconds since the Unix epoch) of the last record a [`marked_cursor`] names, if it had one.
+fn cursor_mark(cursor: Option<u64>) -> Option<i64> {
+    cursor
+        .map(|c| c & u64::from(u32::MAX))
+        .filter(|t| *t != 0)
+        .map(|t| CURSOR_TIME_ORIGIN + t as i64)
+}
+
+/// The journal cursor key of a cuff reading: the cuff, and with a BLS user id the user too (each user's
+/// readings are a separate series in the cuff's memory).
+pub fn bp_cursor_key(device: &str, user_id: Option<u8>) -> String {
+    match user_id {
+        Some(u) => format!("{device}#user{u}"),
+        None => device.to_owned(),
+    }
 }
 
 /// The device time (seconds since the Unix epoch, device clock) of a Glucose Measurement value.
@@ -418,6 +437,95 @@ impl<S: RecordSink> RecordSink for AfterCursor<'_, S> {
     }
 }
 
+/// Hands a cuff's indications to the sink, in the order they came, except those accepted before.
+///
+/// A cuff has no record number, and many resend their whole memory on every subscribe (SBM69, Beurer
+/// BM59/BM85; GATT.md). Per cursor key (the cuff, or the cuff and user), the last reading accepted is
+/// found among those that came by the device time its cursor carries ([`marked_cursor`]), and only the
+/// readings stored after it are new: those that came after it, or before it if this cuff sends its
+/// memory newest first (told by the order of the time stamps that came). Position, not time, decides,
+/// so a clock set back (or a DST change) loses no reading taken since. When the last accepted reading is
+/// not among them (a cuff that deletes what it sent, Omron X4; a memory cleared), every reading is new: a
+/// doubled reading is harmless — the same reading id — while a skipped one would be lost.
+async fn hand_over_new_bp<S: RecordSink>(
+    sink: &mut S,
+    session: &SessionInfo,
+    held: Vec<(u16, Vec<u8>, i64)>,
+) -> Result<Completion, SessionError> {
+    use protocol::gatt::bp::BloodPressureMeasurement;
+
+    /// One cursor key's readings in this transfer.
+    #[derive(Default)]
+    struct Series {
+        mark: Option<i64>,
+        /// Where the last accepted reading came: first and last position with its time.
+        found: Option<(usize, usize)>,
+        previous: Option<i64>,
+        ascending: usize,
+        descending: usize,
+    }
+
+    let identity: Vec<Option<(String, Option<i64>)>> = held
+        .iter()
+        .map(|(_, v, _)| {
+            let m = BloodPressureMeasurement::parse(v).ok()?;
+            Some((
+                bp_cursor_key(&session.device.id, m.user_id),
+                m.timestamp.and_then(|t| t.to_epoch_seconds()),
+            ))
+        })
+        .collect();
+    let mut series: std::collections::HashMap<&str, Series> = std::collections::HashMap::new();
+    for (i, id) in identity.iter().enumerate() {
+        let Some((key, time)) = id else { continue };
+        let s = series.entry(key.as_str()).or_insert_with(|| Series {
+            mark: cursor_mark(sink.cursor(key)),
+            ..Series::default()
+        });
+        if s.mark.is_some() && *time == s.mark {
+            s.found = Some(s.found.map_or((i, i), |(first, _)| (first, i)));
+        }
+        if let Some(t) = time {
+            match s.previous {
+                Some(p) if *t > p => s.ascending += 1,
+                Some(p) if *t < p => s.descending += 1,
+                _ => {}
+            }
+            s.previous = Some(*t);
+        }
+    }
+    for (i, (u, v, received_utc)) in held.iter().enumerate() {
+        let new = match identity.get(i).and_then(Option::as_ref) {
+            // Undecodable: the pipeline reports it.
+            None => true,
+            Some((key, _)) => match series.get(key.as_str()) {
+                Some(Series {
+                    found: Some((first, last)),
+                    ascending,
+                    descending,
+                    ..
+                }) => {
+                    if descending > ascending {
+                        i < *first
+                    } else {
+                        i > *last
+                    }
+                }
+                _ => true,
+            },
+        };
+        if !new {
+            continue;
+        }
+        match sink.value(session, *u, v, *received_utc).await {
+            Ok(()) => {}
+            Err(SinkError::Full) => return Ok(Completion::JournalFull),
+            Err(e) => return Err(SessionError::Sink(e)),
+        }
+    }
+    Ok(Completion::Complete)
+}
+
 /// A newest-first meter's whole memory, as received: (characteristic, value, received at).
 #[derive(Default)]
 struct Held {
@@ -458,10 +566,7 @@ async fn hand_over_newer<S: RecordSink>(
     held: Vec<(u16, Vec<u8>, i64)>,
     cursor: Option<u64>,
 ) -> Result<Completion, SessionError> {
-    let mark = cursor
-        .map(|c| c & u64::from(u32::MAX))
-        .filter(|t| *t != 0)
-        .map(|t| CURSOR_TIME_ORIGIN + t as i64);
+    let mark = cursor_mark(cursor);
     // The newest record (lowest number) that carries the mark is the last one accepted.
     let boundary = mark.and_then(|mark| {
         held.iter()
@@ -558,8 +663,9 @@ async fn receive_report<L: GattLink, S: RecordSink>(
     Ok(completion)
 }
 
-/// Runs the BLP collector: subscribes to measurements (a cuff may dump its memory now) and passes every
-/// indication to the sink until the cuff goes quiet for [`CollectorConfig::bp_idle`] or disconnects.
+/// Runs the BLP collector: subscribes to measurements (a cuff may dump its memory now), holds every
+/// indication until the cuff goes quiet for [`CollectorConfig::bp_idle`] or disconnects, then hands the
+/// sink those it has not accepted before ([`hand_over_new_bp`]).
 ///
 /// # Errors
 /// [`SessionError`] when the cuff needs pairing or the link fails before the transfer.
@@ -587,27 +693,21 @@ pub async fn blood_pressure_session<L: GattLink, S: RecordSink>(
         cfg,
     )
     .await?;
-    let mut values = 0usize;
-    let completion = loop {
+    let mut held = Vec::new();
+    loop {
         let next = match tokio::time::timeout(cfg.bp_idle, link.next_notification()).await {
-            Err(_) => break Completion::Complete,
+            Err(_) => break,
             // Some cuffs treat disconnect as "transfer complete" (vital-ios GATTMeterWithNoRACP).
-            Ok(None) => break Completion::Complete,
+            Ok(None) => break,
             Ok(Some(n)) => n,
         };
         if next.uuid != uuid::BP_MEASUREMENT {
             continue; // live cuff pressure is for a display, not the record
         }
-        values += 1;
-        match sink
-            .value(&session, next.uuid, &next.value, now_utc())
-            .await
-        {
-            Ok(()) => {}
-            Err(SinkError::Full) => break Completion::JournalFull,
-            Err(e) => return Err(SessionError::Sink(e)),
-        }
-    };
+        held.push((next.uuid, next.value, now_utc()));
+    }
+    let values = held.len();
+    let completion = hand_over_new_bp(sink, &session, held).await?;
     match sink.end_of_transfer(&session).await {
         Ok(()) => Ok(SessionReport {
             completion,
@@ -620,5 +720,110 @@ pub async fn blood_pressure_session<L: GattLink, S: RecordSink>(
             clock_offset_s,
         }),
         Err(e) => Err(SessionError::Sink(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::gatt::bp::{BloodPressureMeasurement, PressureUnit};
+    use protocol::ieee11073::SFloat;
+
+    /// A sink that records what it is handed, with a fixed journal cursor per key.
+    #[derive(Default)]
+    struct Recorder {
+        cursors: std::collections::HashMap<String, u64>,
+        got: Vec<u16>,
+    }
+
+    impl RecordSink for Recorder {
+        fn cursor(&self, key: &str) -> Option<u64> {
+            self.cursors.get(key).copied()
+        }
+
+        async fn value(
+            &mut self,
+            _session: &SessionInfo,
+            _uuid: u16,
+            bytes: &[u8],
+            _received_utc: i64,
+        ) -> Result<(), SinkError> {
+            let m = BloodPressureMeasurement::parse(bytes)
+                .map_err(|e| SinkError::Unavailable(format!("test values decode: {e}")))?;
+            let sys = m.systolic.value().unwrap_or_default();
+            self.got.push(sys as u16);
+            Ok(())
+        }
+
+        async fn end_of_transfer(&mut self, _session: &SessionInfo) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    const T0: i64 = 1_718_352_000; // 2024-06-14T08:00:00Z
+
+    /// A cuff reading (systolic `sys`) stamped `t`, as indicated.
+    fn bp(sys: i32, t: i64) -> (u16, Vec<u8>, i64) {
+        let p = |v| SFloat::new(v, 0).unwrap_or(SFloat::NAN);
+        let m = BloodPressureMeasurement {
+            timestamp: DateTime::from_epoch_seconds(t),
+            ..BloodPressureMeasurement::new(PressureUnit::MmHg, p(sys), p(80), p(95))
+        };
+        (uuid::BP_MEASUREMENT, m.to_vec(), t)
+    }
+
+    fn session() -> SessionInfo {
+        SessionInfo {
+            device: DeviceRef {
+                id: "cuff".into(),
+                model: None,
+                numbering: RecordNumbering::Gls,
+            },
+            clock_offset_s: None,
+        }
+    }
+
+    async fn handed(last_accepted: Option<(u64, i64)>, dump: Vec<(u16, Vec<u8>, i64)>) -> Vec<u16> {
+        let mut sink = Recorder::default();
+        if let Some((n, t)) = last_accepted {
+            sink.cursors
+                .insert("cuff".into(), marked_cursor(n, Some(t)));
+        }
+        let completion = hand_over_new_bp(&mut sink, &session(), dump).await;
+        assert_eq!(completion, Ok(Completion::Complete));
+        sink.got
+    }
+
+    #[tokio::test]
+    async fn a_cuff_dump_yields_what_was_stored_after_the_last_accepted_reading() {
+        let oldest_first = || vec![bp(121, T0), bp(122, T0 + 600), bp(123, T0 + 1200)];
+        // First contact: everything.
+        assert_eq!(handed(None, oldest_first()).await, [121, 122, 123]);
+        // The last accepted is the second: only the third is new.
+        assert_eq!(handed(Some((2, T0 + 600)), oldest_first()).await, [123]);
+        // The last accepted is not in the memory any more (a cuff that deletes what it sent): all new.
+        assert_eq!(
+            handed(Some((9, T0 - 60)), oldest_first()).await,
+            [121, 122, 123]
+        );
+        // A cuff that sends newest first: what came before the last accepted one is new.
+        let newest_first = vec![bp(123, T0 + 1200), bp(122, T0 + 600), bp(121, T0)];
+        assert_eq!(handed(Some((2, T0 + 600)), newest_first).await, [123]);
+        // The clock went back an hour before the third reading: position, not time, says it is new.
+        let set_back = vec![bp(121, T0), bp(122, T0 + 600), bp(144, T0 - 2400)];
+        assert_eq!(handed(Some((2, T0 + 600)), set_back.clone()).await, [144]);
+        // And once it is accepted, nothing is sent again.
+        assert!(handed(Some((3, T0 - 2400)), set_back).await.is_empty());
+    }
+
+    #[test]
+    fn a_marked_cursor_orders_by_count_and_keeps_the_time() {
+        let a = marked_cursor(1, Some(T0 + 3600));
+        let b = marked_cursor(2, Some(T0)); // taken later, clock set back
+        assert!(b > a, "the journal's highest cursor is the last accepted");
+        assert_eq!(marked_count(Some(b)), 2);
+        assert_eq!(cursor_mark(Some(b)), Some(T0));
+        assert_eq!(cursor_mark(Some(marked_cursor(3, None))), None);
+        assert_eq!(marked_count(None), 0);
     }
 }
