@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gateway::sources::simulator::{DeviceOutput, SimDevice, SimModel, unix_now};
 use gateway::sources::{LinkError, uuid};
@@ -274,6 +274,8 @@ pub struct Call {
     pub target: String,
     /// The method (`Connect`, `Pair`, `WriteValue 2A52`, `StartDiscovery`, …).
     pub method: String,
+    /// When it arrived, for timing rules (a CCCD write too soon after the previous request).
+    pub at: Instant,
 }
 
 #[derive(Debug)]
@@ -314,6 +316,7 @@ impl Inner {
         self.lock().calls.push(Call {
             target: target.to_owned(),
             method: method.into(),
+            at: Instant::now(),
         });
     }
 }
@@ -427,6 +430,7 @@ impl Adapter {
         st.calls.push(Call {
             target: address,
             method: "RemoveDevice".into(),
+            at: Instant::now(),
         });
         Ok(())
     }
@@ -518,7 +522,8 @@ impl Device {
         if !self.inner.lock().adapter_present {
             return Err(BluezError::NotReady("Resource Not Ready".into()));
         }
-        let connection = device.with(SimModel::connect);
+        // The model is told when, for its timing rules (a Beurer cuff ignores an early CCCD enable).
+        let connection = device.with(|m| m.connect_at(Instant::now()));
         if let Some(e) = self.inner.lock().devices.get_mut(&self.address) {
             e.connection = Some(connection);
         }
@@ -767,7 +772,10 @@ impl GattCharacteristic {
         self.inner
             .log(&self.address, format!("ReadValue {:04X}", self.uuid16));
         let uuid = self.uuid16;
-        let v = self.on_model(|m| m.read(uuid, unix_now()))?;
+        let v = self.on_model(|m| {
+            m.request_at(Instant::now());
+            m.read(uuid, unix_now())
+        })?;
         self.value.clone_from(&v);
         Ok(v)
     }
@@ -778,7 +786,10 @@ impl GattCharacteristic {
         _options: std::collections::HashMap<String, OwnedValue>,
     ) -> Result<(), BluezError> {
         let uuid = self.uuid16;
-        let r = self.on_model(|m| m.write(uuid, &value, unix_now()));
+        let r = self.on_model(|m| {
+            m.request_at(Instant::now());
+            m.write(uuid, &value, unix_now())
+        });
         let hex: String = value.iter().map(|b| format!("{b:02X}")).collect();
         let outcome = match &r {
             Ok(()) => "ok".to_owned(),
@@ -808,7 +819,7 @@ impl GattCharacteristic {
             }
         };
         if !ignore {
-            self.on_model(|m| m.subscribe(uuid))?;
+            self.on_model(|m| m.subscribe_at(uuid, Instant::now()))?;
         }
         self.notifying = true;
         self.notifying_changed(&emitter).await?;
@@ -1244,6 +1255,21 @@ impl FakeBluez {
             .into_iter()
             .filter(|c| c.target == address)
             .map(|c| c.method)
+            .collect()
+    }
+
+    /// For each call `method` made on the device, how long after the device's previous call it came
+    /// (the exchange a timing rule such as a cuff's early-CCCD window measures from).
+    pub fn gaps_before(&self, address: &str, method: &str) -> Vec<Duration> {
+        let calls: Vec<Call> = self
+            .calls()
+            .into_iter()
+            .filter(|c| c.target == address)
+            .collect();
+        calls
+            .windows(2)
+            .filter(|w| w[1].method == method)
+            .map(|w| w[1].at.saturating_duration_since(w[0].at))
             .collect()
     }
 

@@ -20,6 +20,7 @@ use gateway::pipeline::handoff::Handoff;
 use gateway::pipeline::{Bindings, Counters, Pipeline, writer};
 use gateway::sources::ble::commands::{self, PairRequest};
 use gateway::sources::ble::link::BleLink;
+use gateway::sources::ble::quirks;
 use gateway::sources::ble::store::{DeviceKind, DeviceStore, PairedDevice};
 use gateway::sources::ble::{
     AdapterState, BleConfig, BleError, BleStatusHandle, SelectedAdapter, bindings_of,
@@ -31,6 +32,7 @@ use gateway::sources::simulator::glucometer::{GlucometerConfig, GlucometerFaults
 use gateway::sources::simulator::{ClockCharacteristic, SimDevice, unix_now};
 use gateway::sources::{GattLink, LinkError, uuid};
 use phg_tests::bluez::{FakeBluez, FakeDevice, system_bus};
+use protocol::gatt::bp::MeasurementStatus;
 use protocol::wire::Topics;
 use tokio_util::sync::CancellationToken;
 
@@ -742,6 +744,167 @@ async fn two_user_cuff_that_dumps_on_subscribe() {
         .await
         .unwrap();
     assert_eq!(rig.journaled().len(), 14);
+}
+
+/// What the Beurer-style cuff holds, oldest first: (user, systolic, diastolic, pulse, status).
+const BEURER_READINGS: [(u8, u16, u16, u16, MeasurementStatus); 4] = [
+    (1, 124, 86, 72, MeasurementStatus::IRREGULAR_PULSE),
+    (2, 141, 92, 77, MeasurementStatus(0)),
+    (1, 118, 79, 64, MeasurementStatus(0)),
+    (2, 133, 88, 69, MeasurementStatus::IRREGULAR_PULSE),
+];
+
+/// How long after its previous exchange the Beurer-style cuff ignores a CCCD enable (derdilla PR #729):
+/// the low end of the 50–100 ms wait PR #729 found enough, so half the quirk table's 100 ms; the gateway
+/// that does not wait writes the CCCD a few milliseconds after its clock read (0.5–12 ms measured here,
+/// with the machine loaded).
+const BEURER_CCCD_WINDOW: Duration = Duration::from_millis(50);
+
+/// Adds at `CUFF` a two-user cuff that behaves like a Beurer BM85 — 2A35 in the PR #735 layout, a CCCD
+/// enable within [`BEURER_CCCD_WINDOW`] of its previous exchange ignored — with Model Number and advertised
+/// name `model`, holding [`BEURER_READINGS`] ten minutes apart; users 1 and 2 are bound to p-0001 and
+/// p-0002. The allow-list has no model, so the gateway reads 0x2A24 to look up the quirks.
+async fn add_beurer_cuff(rig: &Rig, model: &str) -> (SimDevice, Vec<i64>) {
+    let mut config = CuffConfig::new("beurer");
+    config.users = vec![1, 2];
+    config.model = model.into();
+    config.manufacturer = "Beurer".into();
+    config.beurer_layout = true;
+    config.ignores_cccd_within = Some(BEURER_CCCD_WINDOW);
+    let mut cuff = SimCuff::new(config);
+    let first = unix_now() - 3600;
+    let mut taken = Vec::new();
+    for (i, (user, sys, dia, pulse, status)) in BEURER_READINGS.into_iter().enumerate() {
+        let t = first + 600 * i as i64;
+        cuff.measure(user, sys, dia, pulse, status, t).unwrap();
+        taken.push(t);
+    }
+    let device = SimDevice::cuff(cuff);
+    rig.fake
+        .add_device(FakeDevice::new(CUFF, model, device.clone()))
+        .await
+        .unwrap();
+    rig.allow(
+        CUFF,
+        DeviceKind::Cuff,
+        None,
+        &[(1, "p-0001"), (2, "p-0002")],
+    );
+    (device, taken)
+}
+
+/// A Beurer BM85 end to end through btleplug. The gateway reads Model Number "BM85", finds the quirk
+/// table's entry, waits its 100 ms before the CCCD write (the cuff ignores one that follows its previous
+/// request within 50 ms, PR #729) and rewrites each 2A35 from Beurer's layout (PR #735). Every stored reading lands once, as the cuff stored
+/// it — pressures, pulse, the irregular-pulse status, on its user's patient — though the cuff dumps its
+/// whole memory in each of two sessions. Without the table entry the cuff sends nothing (see
+/// `beurer_style_cuff_unknown_to_the_quirk_table_sends_nothing`); without its layout flags the readings
+/// are rejected: either way this fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beurer_bm85_quirks_end_to_end() {
+    let Some(rig) = rig().await else { return };
+    let (device, taken) = add_beurer_cuff(&rig, "BM85").await;
+    let cfg = rig.cfg();
+    assert_eq!(
+        cfg.collector.cccd_delay,
+        Duration::ZERO,
+        "the wait must come from the quirk table"
+    );
+    let a = adapter().await;
+    for _ in 0..2 {
+        let r = session_of(&rig, &a, CUFF, &cfg).await.unwrap();
+        assert_eq!(
+            r.values,
+            BEURER_READINGS.len(),
+            "the cuff dumped its memory"
+        );
+    }
+    assert_eq!(device.with_cuff(|c| c.ignored_cccd_enables()), Some(0));
+    let waits = rig.fake.gaps_before(CUFF, "StartNotify 2A35");
+    assert_eq!(waits.len(), 2, "{waits:?}");
+    assert!(
+        waits.iter().all(|w| *w >= Duration::from_millis(100)),
+        "the CCCD write waited the quirk's 100 ms: {waits:?}"
+    );
+
+    let records = rig.journaled();
+    assert_eq!(
+        records.len(),
+        BEURER_READINGS.len(),
+        "each reading once: {records:#?}"
+    );
+    for ((user, sys, dia, pulse, status), t) in BEURER_READINGS.into_iter().zip(taken) {
+        let device_time = protocol::gatt::time::DateTime::from_epoch_seconds(t)
+            .unwrap()
+            .to_string();
+        let matching: Vec<_> = records
+            .iter()
+            .filter(|(_, _, b)| b["time"]["device"] == device_time.as_str())
+            .collect();
+        assert_eq!(
+            matching.len(),
+            1,
+            "the reading of {device_time}: {records:#?}"
+        );
+        let (key, _, body) = matching[0];
+        assert_eq!(*key, format!("{CUFF}#user{user}"));
+        assert_eq!(body["patient"], format!("p-000{user}"));
+        assert_eq!(body["device"]["user_id"], user);
+        assert_eq!(body["device"]["model"], "BM85");
+        let bp = &body["blood_pressure"];
+        assert_eq!(bp["systolic"], f64::from(sys), "{body}");
+        assert_eq!(bp["diastolic"], f64::from(dia), "{body}");
+        assert_eq!(bp["pulse_bpm"], f64::from(pulse), "{body}");
+        assert!(
+            bp["mean_arterial_pressure"].is_null(),
+            "MAP 0 is absent: {body}"
+        );
+        assert_eq!(body["status"]["measurement_status"], status.0, "{body}");
+        let irregular = body["status"]["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "irregular_pulse");
+        assert_eq!(irregular, status.irregular_pulse(), "{body}");
+        assert_eq!(body["quality"], "valid", "{body}");
+    }
+}
+
+/// The same cuff under a model the quirk table does not know: the gateway writes the CCCD right after its
+/// clock read, the cuff ignores it, and the session ends with nothing — what the BM85 entry's wait
+/// prevents. Waiting by hand (`collector.cccd_delay`) brings the indications back, so it was the timing
+/// alone; without the layout quirk, though, none of them reaches a patient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beurer_style_cuff_unknown_to_the_quirk_table_sends_nothing() {
+    let Some(rig) = rig().await else { return };
+    let model = "BPM Generic 900";
+    assert_eq!(quirks::lookup(model), quirks::Quirks::default());
+    let (device, _) = add_beurer_cuff(&rig, model).await;
+    let cfg = rig.cfg();
+    let a = adapter().await;
+    let r = session_of(&rig, &a, CUFF, &cfg).await.unwrap();
+    let waits = rig.fake.gaps_before(CUFF, "StartNotify 2A35");
+    println!("without a wait the CCCD write came {waits:?} after the previous request");
+    assert_eq!(
+        r.values, 0,
+        "the early CCCD write was ignored (after {waits:?})"
+    );
+    assert_eq!(device.with_cuff(|c| c.ignored_cccd_enables()), Some(1));
+    assert!(rig.journaled().is_empty());
+
+    let mut waiting = cfg;
+    waiting.collector.cccd_delay = Duration::from_millis(100);
+    let r = session_of(&rig, &a, CUFF, &waiting).await.unwrap();
+    assert_eq!(r.values, BEURER_READINGS.len());
+    // Read by the specification, the big-endian pulse is nonsense: each reading is rejected, on no patient.
+    let records = rig.journaled();
+    assert_eq!(records.len(), BEURER_READINGS.len(), "{records:#?}");
+    for (_, _, body) in &records {
+        let e = &body["event"];
+        assert!(body["patient"].is_null(), "{body}");
+        assert_eq!(e["type"], "reading_rejected", "{body}");
+        assert_eq!(e["detail"]["field"], "pulse", "{body}");
+    }
 }
 
 /// A meter whose clock runs 7 minutes fast: each reading carries the offset measured at the connection

@@ -19,6 +19,17 @@
 //! decimal (exponent −1). MAP is DBP + PP/3, rounded. Every reading carries its Time Stamp (the device
 //! clock, real time + `clock_offset_s`), Pulse Rate, Measurement Status, and a User ID when users are
 //! configured.
+//!
+//! # Behaving like a Beurer BM85
+//!
+//! Two settings model what derdilla/blood-pressure-monitor-fl found on Beurer cuffs, so the gateway's
+//! quirk table can be tested against a device rather than a captured payload:
+//! [`CuffConfig::beurer_layout`] sends 2A35 in Beurer's layout (PR #735), and
+//! [`CuffConfig::ignores_cccd_within`] makes the cuff ignore a CCCD enable that comes too soon after its
+//! previous exchange (PR #729). The second needs times, which the model does not read itself: transports
+//! pass them with [`SimCuff::connect_at`], [`SimCuff::request_at`] and [`SimCuff::subscribe_at`].
+
+use std::time::{Duration, Instant};
 
 use protocol::gatt::Codec;
 use protocol::gatt::bp::{
@@ -68,6 +79,22 @@ pub struct CuffConfig {
     pub clock: ClockCharacteristic,
     /// What a clock write does.
     pub clock_write: ClockWrite,
+    /// Send each 2A35 indication in the layout of Beurer's BM48 / BM59 / BM85 / ELITE900 family instead of
+    /// the specification's: Pulse Rate and Measurement Status big-endian, a User ID octet always present
+    /// while flag b3 stays clear, MAP 0 and RFU flag b6 set (derdilla/blood-pressure-monitor-fl PR #735).
+    /// A collector reads these values right only if it knows the model (the gateway's quirk table).
+    pub beurer_layout: bool,
+    /// A CCCD enable that arrives sooner than this after the cuff's previous exchange — the connection,
+    /// or the last request it served — is answered as accepted but changes nothing, so nothing is
+    /// indicated (Beurer BM85 ignores a CCCD write issued right after discovery; waiting 50–100 ms before
+    /// it fixes it, derdilla PR #729). On a real link the exchange before the enable is discovery's.
+    /// Through the fake BlueZ, discovery is served from BlueZ's object tree and never reaches the cuff, so
+    /// the window runs from the last request the cuff does see (the collector's Device Information and
+    /// clock reads): timed from the connection it would include btleplug's own discovery, whose tens of
+    /// milliseconds grow with machine load. Only enforced when the transport gives the times
+    /// ([`SimCuff::connect_at`], [`SimCuff::request_at`], [`SimCuff::subscribe_at`]); `None`: every enable
+    /// counts.
+    pub ignores_cccd_within: Option<Duration>,
 }
 
 impl CuffConfig {
@@ -100,6 +127,8 @@ impl Default for CuffConfig {
             feature: BloodPressureFeature(0x001F),
             clock: ClockCharacteristic::CurrentTime,
             clock_write: ClockWrite::Accept,
+            beurer_layout: false,
+            ignores_cccd_within: None,
         }
     }
 }
@@ -143,6 +172,35 @@ impl StoredBpReading {
             )
         }
     }
+
+    /// The 2A35 value as a Beurer BM48 / BM59 / BM85 / ELITE900 sends it. Written from the layout
+    /// derdilla/blood-pressure-monitor-fl PR #735 describes, not with the protocol crate's encoder: that
+    /// one writes only the specification's layout (the gateway never has to send Beurer's), and a
+    /// simulator built on the decoder's own idea of the quirk could not catch a mistake in it.
+    ///
+    /// ```text
+    /// Flags: unit b0 | Time Stamp b1 | Pulse Rate b2 | Measurement Status b4 | RFU b6 — b3 (User ID) clear
+    /// SYS SFLOAT LE | DIA SFLOAT LE | MAP 0 | Time Stamp | Pulse Rate SFLOAT BE | User ID | Status u16 BE
+    /// ```
+    ///
+    /// The User ID octet is sent even by a cuff without users, as 255 "unknown user".
+    pub fn beurer_value(&self) -> Vec<u8> {
+        const TIME_STAMP: u8 = 0x02;
+        const PULSE_RATE: u8 = 0x04;
+        const MEASUREMENT_STATUS: u8 = 0x10;
+        const RFU_B6: u8 = 0x40;
+        let mut v = Vec::with_capacity(1 + 3 * SFloat::LEN + DateTime::LEN + SFloat::LEN + 1 + 2);
+        v.push(self.unit.flag_bit() | TIME_STAMP | PULSE_RATE | MEASUREMENT_STATUS | RFU_B6);
+        v.extend(self.systolic.to_le_bytes());
+        v.extend(self.diastolic.to_le_bytes());
+        // Beurer cuffs send no mean arterial pressure: MAP 0.
+        v.extend([0, 0]);
+        v.extend(self.timestamp.to_vec());
+        v.extend(self.pulse_rate.to_raw().to_be_bytes());
+        v.push(self.user_id.unwrap_or(USER_ID_UNKNOWN));
+        v.extend(self.status.0.to_be_bytes());
+        v
+    }
 }
 
 /// The mix of readings [`SimCuff::generate_with`] produces: fractions (0.0–1.0) of the readings that get
@@ -170,6 +228,11 @@ pub struct SimCuff {
     clock_offset_s: i64,
     adjust_reason: u8,
     server: GattServer,
+    /// The cuff's last exchange on the current connection — the connection itself or the last request —
+    /// if the transport gave its time ([`SimCuff::connect_at`], [`SimCuff::request_at`]).
+    last_exchange: Option<Instant>,
+    /// CCCD enables ignored for coming too soon ([`CuffConfig::ignores_cccd_within`]), over all connections.
+    ignored_cccd_enables: usize,
 }
 
 impl SimCuff {
@@ -182,6 +245,8 @@ impl SimCuff {
             next_key: 0,
             adjust_reason: 0,
             server: GattServer::default(),
+            last_exchange: None,
+            ignored_cccd_enables: 0,
         }
     }
 
@@ -408,11 +473,13 @@ impl SimCuff {
     }
 
     fn indicate(&mut self, reading: StoredBpReading) {
-        self.server.notify(
-            uuid::BP_MEASUREMENT,
-            reading.measurement().to_vec(),
-            Effect::Delivered(reading.key),
-        );
+        let value = if self.config.beurer_layout {
+            reading.beurer_value()
+        } else {
+            reading.measurement().to_vec()
+        };
+        self.server
+            .notify(uuid::BP_MEASUREMENT, value, Effect::Delivered(reading.key));
     }
 
     // ----- GATT server --------------------------------------------------------------------------------
@@ -438,14 +505,40 @@ impl SimCuff {
         self.characteristics().contains(&uuid)
     }
 
-    /// A central connects; returns the connection id.
+    /// A central connects; returns the connection id. The time is not known, so
+    /// [`CuffConfig::ignores_cccd_within`] applies only once a request has given one.
     pub fn connect(&mut self) -> u64 {
+        self.last_exchange = None;
         self.server.connect()
+    }
+
+    /// A central connects at `at`; returns the connection id. A CCCD enable given to
+    /// [`SimCuff::subscribe_at`] is measured from here, or from a later request.
+    pub fn connect_at(&mut self, at: Instant) -> u64 {
+        let connection = self.server.connect();
+        self.last_exchange = Some(at);
+        connection
+    }
+
+    /// A read or write from the central arrives at `at`: a transport calls this before applying it, so
+    /// that [`CuffConfig::ignores_cccd_within`] measures from it. (A CCCD enable carries its own time,
+    /// [`SimCuff::subscribe_at`].) Nothing else changes; without a connection it is not an exchange.
+    pub fn request_at(&mut self, at: Instant) {
+        if self.server.connection.is_some() {
+            self.last_exchange = Some(at);
+        }
     }
 
     /// The connection ends; readings not yet indicated stay stored.
     pub fn disconnect(&mut self) {
+        self.last_exchange = None;
         self.server.disconnect();
+    }
+
+    /// How many CCCD enables were ignored for coming too soon ([`CuffConfig::ignores_cccd_within`]), over
+    /// all connections.
+    pub fn ignored_cccd_enables(&self) -> usize {
+        self.ignored_cccd_enables
     }
 
     /// The current connection's id.
@@ -506,12 +599,32 @@ impl SimCuff {
     }
 
     /// Enables indications (2A35) or notifications (2A36, 2A2B). Enabling 2A35 on a cuff that dumps on
-    /// subscribe queues every stored reading's indication, oldest first.
+    /// subscribe queues every stored reading's indication, oldest first. The time is not known, so the
+    /// enable is never ignored for coming too soon (see [`SimCuff::subscribe_at`]).
     ///
     /// # Errors
     /// [`LinkError::Disconnected`], [`LinkError::Missing`], ATT 0x06 for a characteristic without a CCCD,
     /// ATT 0x0F for 2A35 / 2A36 on a cuff that requires a bond and has none.
     pub fn subscribe(&mut self, uuid: u16) -> Result<(), LinkError> {
+        self.enable(uuid, None)
+    }
+
+    /// [`SimCuff::subscribe`] with the enable arriving at `at`. On a cuff with
+    /// [`CuffConfig::ignores_cccd_within`], an enable sooner than that after the previous exchange
+    /// ([`SimCuff::connect_at`], [`SimCuff::request_at`], an earlier enable) is answered `Ok` — the ATT
+    /// write succeeds, as on the BM85 — but enables nothing and dumps nothing.
+    ///
+    /// # Errors
+    /// As [`SimCuff::subscribe`]; they are checked before the timing, as the device's ATT layer would.
+    pub fn subscribe_at(&mut self, uuid: u16, at: Instant) -> Result<(), LinkError> {
+        let previous = self.last_exchange;
+        let r = self.enable(uuid, previous.zip(Some(at)));
+        self.request_at(at);
+        r
+    }
+
+    /// `times`: the previous exchange and this enable, when the transport gave them.
+    fn enable(&mut self, uuid: u16, times: Option<(Instant, Instant)>) -> Result<(), LinkError> {
         self.server.require_connected()?;
         if !self.has(uuid) {
             return Err(LinkError::Missing(uuid));
@@ -525,6 +638,14 @@ impl SimCuff {
         }
         if measurement && self.config.requires_bonding && !self.server.bonded {
             return Err(LinkError::Att(att::INSUFFICIENT_ENCRYPTION));
+        }
+        let too_soon = match (self.config.ignores_cccd_within, times) {
+            (Some(window), Some((previous, at))) => at.saturating_duration_since(previous) < window,
+            _ => false,
+        };
+        if too_soon {
+            self.ignored_cccd_enables += 1;
+            return Ok(());
         }
         self.server.cccds.insert(uuid);
         if uuid == uuid::BP_MEASUREMENT && self.config.dump_on_subscribe {

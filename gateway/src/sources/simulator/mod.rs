@@ -36,7 +36,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use protocol::gatt::Codec;
 use protocol::gatt::device_info::{ManufacturerName, ModelNumber, SerialNumber};
@@ -375,6 +375,24 @@ impl SimModel {
         }
     }
 
+    /// A central connects at `at` (a transport's clock), so timing rules can apply to what follows
+    /// ([`CuffConfig::ignores_cccd_within`]); the glucometer has none and ignores the time.
+    pub fn connect_at(&mut self, at: Instant) -> u64 {
+        match self {
+            SimModel::Glucometer(g) => g.connect(),
+            SimModel::Cuff(c) => c.connect_at(at),
+        }
+    }
+
+    /// A read or write arrives at `at`; a transport calls this before applying it (see
+    /// [`SimCuff::request_at`]). The glucometer has no timing rules.
+    pub fn request_at(&mut self, at: Instant) {
+        match self {
+            SimModel::Glucometer(_) => {}
+            SimModel::Cuff(c) => c.request_at(at),
+        }
+    }
+
     /// The connection ends.
     pub fn disconnect(&mut self) {
         match self {
@@ -429,6 +447,17 @@ impl SimModel {
         match self {
             SimModel::Glucometer(g) => g.subscribe(uuid),
             SimModel::Cuff(c) => c.subscribe(uuid),
+        }
+    }
+
+    /// Enables notifications or indications with the enable arriving at `at` (see [`Self::connect_at`]).
+    ///
+    /// # Errors
+    /// As the model's `subscribe`.
+    pub fn subscribe_at(&mut self, uuid: u16, at: Instant) -> Result<(), LinkError> {
+        match self {
+            SimModel::Glucometer(g) => g.subscribe(uuid),
+            SimModel::Cuff(c) => c.subscribe_at(uuid, at),
         }
     }
 
@@ -571,6 +600,14 @@ pub fn unix_now() -> i64 {
     }
 }
 
+/// The instant a [`SimLink`] gives the model for timing rules (a CCCD enable too soon after the previous
+/// exchange). Tokio's clock rather than `Instant::now()`, so that in a test with paused time a
+/// collector's `tokio::time::sleep` before the enable counts as time passed; outside a runtime, or with
+/// time running, it is the system's monotonic clock.
+fn link_instant() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// Where a [`SimLink`] gets `now`.
 type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
@@ -616,7 +653,7 @@ enum Look {
 impl SimLink {
     /// Connects to `device` (a device serves one central: a link connected earlier is dropped).
     pub fn connect(device: &SimDevice) -> SimLink {
-        let connection = device.with(SimModel::connect);
+        let connection = device.with(|m| m.connect_at(link_instant()));
         SimLink {
             device: device.clone(),
             connection,
@@ -723,15 +760,24 @@ impl GattLink for SimLink {
     }
 
     async fn read(&mut self, uuid: u16) -> Result<Vec<u8>, LinkError> {
-        self.apply(|m, now| m.read(uuid, now))
+        let at = link_instant();
+        self.apply(|m, now| {
+            m.request_at(at);
+            m.read(uuid, now)
+        })
     }
 
     async fn write(&mut self, uuid: u16, value: &[u8]) -> Result<(), LinkError> {
-        self.apply(|m, now| m.write(uuid, value, now))
+        let at = link_instant();
+        self.apply(|m, now| {
+            m.request_at(at);
+            m.write(uuid, value, now)
+        })
     }
 
     async fn subscribe(&mut self, uuid: u16) -> Result<(), LinkError> {
-        self.apply(|m, _| m.subscribe(uuid))
+        let at = link_instant();
+        self.apply(|m, _| m.subscribe_at(uuid, at))
     }
 
     /// Cancel-safe: an output is taken from the model only after the pacing delay, with no `.await`

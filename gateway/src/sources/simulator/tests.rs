@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use protocol::gatt::Codec;
 use protocol::gatt::bp::{
-    BloodPressureFeature, BloodPressureMeasurement, IntermediateCuffPressure, MeasurementStatus,
-    PressureUnit,
+    BloodPressureFeature, BloodPressureMeasurement, BpQuirks, IntermediateCuffPressure,
+    MeasurementStatus, PressureUnit,
 };
 use protocol::gatt::device_info::{ManufacturerName, ModelNumber, SerialNumber};
 use protocol::gatt::glucose::{
@@ -1355,6 +1355,203 @@ fn cuff_generate_realistic_readings() {
     let first = c.readings()[0].timestamp.to_epoch_seconds().unwrap();
     let days = (NOW - first) / 86_400;
     assert!((7..=15).contains(&days), "{days} days");
+}
+
+// ----- a cuff that behaves like a Beurer BM85 ------------------------------------------------------------
+
+/// The 2A35 values a cuff has queued, in order.
+fn bp_values(c: &mut SimCuff) -> Vec<Vec<u8>> {
+    std::iter::from_fn(|| c.poll_output())
+        .map(|o| match o {
+            DeviceOutput::Notify(n) if n.uuid == uuid::BP_MEASUREMENT => n.value,
+            other => panic!("not a 2A35 indication: {other:?}"),
+        })
+        .collect()
+}
+
+const BEURER: BpQuirks = BpQuirks {
+    big_endian_pulse_and_status: true,
+    user_id_always_present: true,
+};
+
+/// `beurer_layout`: every 2A35 — dumped or live — goes out as derdilla PR #735 describes the BM85's.
+/// The reading 124/86 mmHg, pulse 72, user 1, irregular pulse, taken at 2024-06-15 17:17:27, is octet
+/// for octet the capture the gateway's quirk test uses: RFU b6 set, b3 clear, MAP 0, pulse `00 48`, User
+/// ID 1, status `00 04`. Read with the Beurer quirks each value is the reading the cuff stored; read by the
+/// specification it has no user. A cuff without users sends 255; the default layout is unchanged.
+#[test]
+fn beurer_cuff_sends_the_pr735_layout() {
+    let config = CuffConfig {
+        users: vec![1, 2],
+        beurer_layout: true,
+        ..CuffConfig::new("bm85")
+    };
+    let mut c = SimCuff::new(config.clone());
+    c.measure(1, 124, 86, 72, MeasurementStatus::IRREGULAR_PULSE, NOW)
+        .unwrap();
+    let moved = MeasurementStatus::BODY_MOVEMENT | MeasurementStatus::IMPROPER_POSITION;
+    c.measure(2, 141, 92, 77, moved, NOW + 60).unwrap();
+    c.connect();
+    c.subscribe(uuid::BP_MEASUREMENT).unwrap();
+    let dumped = bp_values(&mut c);
+    assert_eq!(dumped.len(), 2);
+    assert_eq!(dumped[0], hex("567C0056000000E807060F11111B0048010004"));
+    let m = BloodPressureMeasurement::parse_with_quirks(&dumped[1], BEURER).unwrap();
+    assert_eq!(
+        (
+            m.systolic.value(),
+            m.diastolic.value(),
+            m.mean_arterial_pressure.value(),
+            m.pulse_rate.and_then(|p| p.value()),
+            m.user_id,
+            m.measurement_status,
+            m.reserved_flags(),
+        ),
+        (
+            Some(141.0),
+            Some(92.0),
+            Some(0.0),
+            Some(77.0),
+            Some(2),
+            Some(moved),
+            0x40
+        )
+    );
+    assert_eq!(
+        m.timestamp.and_then(|t| t.to_epoch_seconds()),
+        Some(NOW + 60)
+    );
+    let by_spec = BloodPressureMeasurement::parse(&dumped[1]).unwrap();
+    assert_eq!(by_spec.user_id, None);
+    assert_ne!(by_spec.pulse_rate.and_then(|p| p.value()), Some(77.0));
+
+    // A reading taken while connected goes out in the same layout.
+    assert_eq!(
+        c.measure(1, 118, 79, 64, MeasurementStatus::default(), NOW + 120),
+        Ok(1)
+    );
+    let live = bp_values(&mut c);
+    assert_eq!(live[0][0], 0x56);
+    let m = BloodPressureMeasurement::parse_with_quirks(&live[0], BEURER).unwrap();
+    assert_eq!(
+        (m.user_id, m.pulse_rate.and_then(|p| p.value())),
+        (Some(1), Some(64.0))
+    );
+
+    // No users: the octet is still there, as "unknown user"; kPa sets flag b0.
+    let mut anonymous = SimCuff::new(CuffConfig {
+        users: vec![],
+        unit: PressureUnit::KPa,
+        ..config.clone()
+    });
+    anonymous
+        .measure(9, 120, 80, 64, MeasurementStatus::default(), NOW)
+        .unwrap();
+    anonymous.connect();
+    anonymous.subscribe(uuid::BP_MEASUREMENT).unwrap();
+    let v = bp_values(&mut anonymous).remove(0);
+    assert_eq!(v[0], 0x57);
+    let m = BloodPressureMeasurement::parse_with_quirks(&v, BEURER).unwrap();
+    assert_eq!((m.user_id, m.known_user_id()), (Some(0xFF), None));
+    assert_eq!(m.diastolic.value(), Some(10.7));
+
+    // The default cuff keeps the specification's layout.
+    let mut plain = SimCuff::new(CuffConfig {
+        beurer_layout: false,
+        ..config
+    });
+    plain
+        .measure(1, 124, 86, 72, MeasurementStatus::IRREGULAR_PULSE, NOW)
+        .unwrap();
+    plain.connect();
+    plain.subscribe(uuid::BP_MEASUREMENT).unwrap();
+    assert_eq!(
+        bp_values(&mut plain),
+        [plain.readings()[0].measurement().to_vec()]
+    );
+}
+
+/// `ignores_cccd_within` (derdilla PR #729): an enable sooner than the window after the cuff's previous
+/// exchange — the connection, a read, an earlier enable — is answered `Ok` and does nothing: no dump, and
+/// a reading taken meanwhile is not indicated either. One at the window is taken. Without times from the
+/// transport, or without the setting, nothing is ignored.
+#[test]
+fn beurer_cuff_ignores_a_cccd_enable_too_soon_after_the_previous_exchange() {
+    let window = Duration::from_millis(50);
+    let ms = Duration::from_millis;
+    let mut c = SimCuff::new(CuffConfig {
+        ignores_cccd_within: Some(window),
+        ..CuffConfig::new("bm85")
+    });
+    c.generate(3, NOW, 1).unwrap();
+    let t0 = Instant::now();
+    c.connect_at(t0);
+    assert_eq!(c.subscribe_at(uuid::BP_MEASUREMENT, t0 + ms(10)), Ok(()));
+    assert!(!c.has_output(), "an ignored enable dumps nothing");
+    assert_eq!(c.ignored_cccd_enables(), 1);
+    assert_eq!(
+        c.measure(1, 120, 80, 60, MeasurementStatus::default(), NOW),
+        Ok(0),
+        "indications stay off"
+    );
+    // Long after the connection, but right after a read: ignored again.
+    c.request_at(t0 + ms(500));
+    c.read(uuid::CURRENT_TIME, NOW).unwrap();
+    c.subscribe_at(uuid::BP_MEASUREMENT, t0 + ms(505)).unwrap();
+    assert!(!c.has_output());
+    assert_eq!(c.ignored_cccd_enables(), 2);
+    // The window after the last exchange (that ignored enable): taken.
+    c.subscribe_at(uuid::BP_MEASUREMENT, t0 + ms(505) + window)
+        .unwrap();
+    assert_eq!(drain_cuff(&mut c).len(), 4);
+    assert_eq!(c.ignored_cccd_enables(), 2);
+
+    // A new connection starts the count again.
+    c.disconnect();
+    let t1 = t0 + Duration::from_secs(5);
+    c.connect_at(t1);
+    c.subscribe_at(uuid::BP_MEASUREMENT, t1 + ms(5)).unwrap();
+    assert!(!c.has_output());
+    assert_eq!(c.ignored_cccd_enables(), 3);
+
+    // A transport that gives no times: the rule cannot apply.
+    c.disconnect();
+    c.connect();
+    c.subscribe(uuid::BP_MEASUREMENT).unwrap();
+    assert_eq!(drain_cuff(&mut c).len(), 4);
+
+    // The default cuff takes an enable at once.
+    let mut d = SimCuff::new(CuffConfig::new("d"));
+    d.generate(2, NOW, 1).unwrap();
+    d.connect_at(t0);
+    d.subscribe_at(uuid::BP_MEASUREMENT, t0).unwrap();
+    assert_eq!(drain_cuff(&mut d).len(), 2);
+    assert_eq!(d.ignored_cccd_enables(), 0);
+}
+
+/// Over the link, which gives the model the times: subscribing right after connecting gets nothing from a
+/// cuff that ignores early enables; subscribing again after the window gets the dump, in Beurer's layout.
+#[tokio::test]
+async fn beurer_cuff_over_the_link_needs_a_wait_before_the_cccd_write() {
+    let window = Duration::from_millis(30);
+    let mut cuff = SimCuff::new(CuffConfig {
+        ignores_cccd_within: Some(window),
+        beurer_layout: true,
+        ..CuffConfig::new("bm85")
+    });
+    cuff.generate(3, NOW, 2).unwrap();
+    let device = SimDevice::cuff(cuff);
+    let mut link = SimLink::connect(&device);
+    link.subscribe(uuid::BP_MEASUREMENT).await.unwrap();
+    assert!(quiet(&mut link).await, "the early enable was ignored");
+    tokio::time::sleep(window).await;
+    link.subscribe(uuid::BP_MEASUREMENT).await.unwrap();
+    let got = next_n(&mut link, 3).await;
+    for n in &got {
+        let m = BloodPressureMeasurement::parse_with_quirks(&n.value, BEURER).unwrap();
+        assert_eq!(m.user_id, Some(1));
+    }
+    assert_eq!(device.with_cuff(|c| c.ignored_cccd_enables()), Some(1));
 }
 
 // ----- the link ---------------------------------------------------------------------------------------------
