@@ -590,3 +590,77 @@ fn session_time(t: i64) -> String {
         .unwrap()
         .to_string()
 }
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// The events journaled, as (type, reason_code) — and nothing on the readings topic.
+fn journaled_events(journal: &Mutex<Journal>) -> Vec<(String, Option<String>)> {
+    let j = journal.lock().unwrap();
+    j.pending(None, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r.topic, "phg/v1/gw/events", "not a patient reading");
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+            (
+                v["event"]["type"].as_str().unwrap().to_owned(),
+                v["event"]["reason_code"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+/// Captured and vendor payloads (vectors/gatt.json) through the real pipeline: the Contour record whose
+/// type nibble is 0xA is a control-solution test (yarko49/healthcare-codex), and an i-SENS CareSens
+/// context with meal 6 marks a ketone result (xDrip `caresens/ContextRx.java`). Neither reaches the
+/// patient's readings; each is an event saying why.
+#[tokio::test]
+async fn control_solution_and_ketone_payloads_never_become_patient_readings() {
+    use gateway::sources::collector::{RecordSink, SessionInfo};
+    use gateway::sources::uuid;
+    let session = SessionInfo {
+        device: DeviceRef {
+            id: "meter".into(),
+            model: None,
+            numbering: RecordNumbering::Gls,
+        },
+        clock_offset_s: Some(-420 * 60),
+    };
+    let now = unix_now();
+
+    let rig1 = rig(100);
+    let mut sink = rig1.pipeline.session();
+    let contour_control = hex("133100E2070A060F2F325CFE7EB0FA");
+    sink.value(&session, uuid::GLUCOSE_MEASUREMENT, &contour_control, now)
+        .await
+        .unwrap();
+    sink.end_of_transfer(&session).await.unwrap();
+    assert_eq!(
+        journaled_events(&rig1.journal),
+        [("control_solution".to_owned(), None)]
+    );
+
+    // The same record as capillary whole blood (type 1), followed by the i-SENS ketone context.
+    let rig2 = rig(100);
+    let mut sink = rig2.pipeline.session();
+    let capillary = hex("133100E2070A060F2F325CFE7EB011");
+    sink.value(&session, uuid::GLUCOSE_MEASUREMENT, &capillary, now)
+        .await
+        .unwrap();
+    sink.value(&session, uuid::GLUCOSE_CONTEXT, &hex("02310006"), now)
+        .await
+        .unwrap();
+    sink.end_of_transfer(&session).await.unwrap();
+    assert_eq!(
+        journaled_events(&rig2.journal),
+        [(
+            "reading_rejected".to_owned(),
+            Some("not_glucose".to_owned())
+        )]
+    );
+}
