@@ -304,6 +304,25 @@ fn values(d: &[Delivered]) -> Vec<f64> {
     d.iter().map(|r| r.2).collect()
 }
 
+/// Stores readings `ks` on `g`: reading k is 90 + k mg/dL, taken at `t0` + k × 10 min.
+fn take_readings(g: &mut SimGlucometer, t0: i64, ks: std::ops::Range<i64>) {
+    for k in ks {
+        g.add_record(t0 + k * 600, 90.0 + k as f64, None).unwrap();
+    }
+}
+
+/// A meter numbering its records newest-first, like TaiDoc's DM30b (no context, no clock), holding
+/// readings 0..20 ([`take_readings`]).
+fn newest_first_meter(t0: i64) -> SimDevice {
+    let mut c = GlucometerConfig::new("meter");
+    c.newest_first = true;
+    c.with_context = false;
+    c.clock = ClockCharacteristic::None;
+    let mut g = SimGlucometer::new(c);
+    take_readings(&mut g, t0, 0..20);
+    SimDevice::glucometer(g)
+}
+
 /// A TaiDoc-like meter (GATT.md: sequence 0 is the newest, no Current Time, no context): every session
 /// asks for all records and hands over only those newer than the last accepted one, oldest first; the
 /// reading ids rest on time and value, so a renumbered record keeps its id. A transfer cut short hands
@@ -311,16 +330,8 @@ fn values(d: &[Delivered]) -> Vec<f64> {
 #[tokio::test]
 async fn a_newest_first_meter_is_read_by_time_without_loss_or_doubles() {
     let rig = rig(100_000);
-    let mut c = GlucometerConfig::new("meter");
-    c.newest_first = true;
-    c.with_context = false;
-    c.clock = ClockCharacteristic::None;
-    let mut g = SimGlucometer::new(c);
     let t0 = unix_now() - 86_400;
-    for k in 0..20 {
-        g.add_record(t0 + k * 600, 90.0 + k as f64, None).unwrap();
-    }
-    let device = SimDevice::glucometer(g);
+    let device = newest_first_meter(t0);
     let nf = RecordNumbering::NewestFirst;
     let mg = |r: std::ops::Range<i64>| r.map(|k| 90.0 + k as f64).collect::<Vec<_>>();
 
@@ -349,9 +360,7 @@ async fn a_newest_first_meter_is_read_by_time_without_loss_or_doubles() {
     // Three new readings renumber the old ones: only the three are new.
     device
         .with_glucometer(|g| {
-            for k in 20..23 {
-                g.add_record(t0 + k * 600, 90.0 + k as f64, None).unwrap();
-            }
+            take_readings(g, t0, 20..23);
         })
         .unwrap();
     assert_eq!(
@@ -366,9 +375,7 @@ async fn a_newest_first_meter_is_read_by_time_without_loss_or_doubles() {
     // cursor cannot jump over the ones that did not come. The next session takes both new ones.
     device
         .with_glucometer(|g| {
-            for k in 23..25 {
-                g.add_record(t0 + k * 600, 90.0 + k as f64, None).unwrap();
-            }
+            take_readings(g, t0, 23..25);
             g.set_faults(GlucometerFaults {
                 drop_link_after_records: Some(1),
                 skip_response: false,
@@ -424,15 +431,8 @@ async fn a_newest_first_meter_is_read_by_time_without_loss_or_doubles() {
 #[tokio::test]
 async fn a_newest_first_meter_and_a_full_journal_lose_nothing() {
     let rig = rig(8);
-    let mut c = GlucometerConfig::new("meter");
-    c.newest_first = true;
-    c.with_context = false;
-    let mut g = SimGlucometer::new(c);
     let t0 = unix_now() - 86_400;
-    for k in 0..20 {
-        g.add_record(t0 + k * 600, 90.0 + k as f64, None).unwrap();
-    }
-    let device = SimDevice::glucometer(g);
+    let device = newest_first_meter(t0);
     let mut delivered = Vec::new();
     for _ in 0..6 {
         let completion = glucose_numbered(&rig, &device, RecordNumbering::NewestFirst).await;

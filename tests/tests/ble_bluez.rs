@@ -201,6 +201,15 @@ impl Rig {
     }
 }
 
+/// Serves `device` as the meter at [`METER`], advertising as `name`, paired and bound to p-0001.
+async fn add_paired_meter(rig: &Rig, name: &str, device: SimDevice) {
+    rig.fake
+        .add_device(FakeDevice::new(METER, name, device))
+        .await
+        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+}
+
 async fn adapter() -> SelectedAdapter {
     let manager = Manager::new()
         .await
@@ -401,11 +410,7 @@ async fn link_drop_at_record_150_resumes_at_first_record_not_accepted() {
             })
         })
         .unwrap();
-    rig.fake
-        .add_device(FakeDevice::new(METER, "Meter 1", device.clone()))
-        .await
-        .unwrap();
-    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    add_paired_meter(&rig, "Meter 1", device.clone()).await;
     let cfg = rig.cfg();
     let a = adapter().await;
     let paired = rig.store.device(METER).unwrap().unwrap();
@@ -917,11 +922,7 @@ async fn meter_seven_minutes_fast_carries_offset_and_corrected_time() {
     let mut g = SimGlucometer::new(gcfg);
     let taken = unix_now() - 3600;
     g.add_record(taken, 104.0, Some(1)).unwrap();
-    rig.fake
-        .add_device(FakeDevice::new(METER, "Meter 1", SimDevice::glucometer(g)))
-        .await
-        .unwrap();
-    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    add_paired_meter(&rig, "Meter 1", SimDevice::glucometer(g)).await;
     let cfg = rig.cfg();
     let a = adapter().await;
     let report = session_of(&rig, &a, METER, &cfg).await.unwrap();
@@ -975,11 +976,7 @@ async fn meter_seven_minutes_fast_carries_offset_and_corrected_time() {
 async fn adapter_disappears_and_returns() {
     let Some(rig) = rig().await else { return };
     let device = meter(5, false);
-    rig.fake
-        .add_device(FakeDevice::new(METER, "Meter 1", device.clone()))
-        .await
-        .unwrap();
-    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    add_paired_meter(&rig, "Meter 1", device.clone()).await;
     let (source, status, stop) = start_source(rig.cfg(), rig.pipeline());
     wait_until("the first download", Duration::from_secs(20), || {
         sequences(&rig.journaled()).len() == 5
@@ -1306,11 +1303,7 @@ async fn sessions_are_bounded_and_a_wedged_one_hits_its_deadline() {
 async fn missing_racp_response_times_out_and_the_next_session_resumes() {
     let Some(rig) = rig().await else { return };
     let device = meter_without_racp_response(6);
-    rig.fake
-        .add_device(FakeDevice::new(METER, "Meter 1", device.clone()))
-        .await
-        .unwrap();
-    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    add_paired_meter(&rig, "Meter 1", device.clone()).await;
     let mut cfg = rig.cfg();
     cfg.collector.racp_timeout = Duration::from_millis(400);
     let a = adapter().await;
@@ -1395,11 +1388,7 @@ async fn a_meter_with_reversed_sequence_numbers_is_read_by_time() {
         g.add_record(t0 + k * 600, 100.0 + k as f64, None).unwrap();
     }
     let device = SimDevice::glucometer(g);
-    rig.fake
-        .add_device(FakeDevice::new(METER, "TAIDOC TD-4277", device.clone()))
-        .await
-        .unwrap();
-    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    add_paired_meter(&rig, "TAIDOC TD-4277", device.clone()).await;
     let cfg = rig.cfg();
     let a = adapter().await;
     let mg = |records: &[(String, Option<u64>, serde_json::Value)]| -> Vec<f64> {
@@ -1453,11 +1442,7 @@ async fn a_meter_with_reversed_sequence_numbers_is_read_by_time() {
 async fn the_crm_binding_wins_over_the_paired_binding() {
     let Some(rig) = rig().await else { return };
     let device = meter(3, false);
-    rig.fake
-        .add_device(FakeDevice::new(METER, "Meter", device.clone()))
-        .await
-        .unwrap();
-    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    add_paired_meter(&rig, "Meter", device.clone()).await;
     let cfg = rig.cfg();
     let a = adapter().await;
     let paired = rig.store.device(METER).unwrap().unwrap();
@@ -1502,11 +1487,7 @@ async fn a_meter_with_its_clock_in_date_time_is_measured_and_set_there() {
     gcfg.clock = ClockCharacteristic::DateTime;
     let mut g = SimGlucometer::new(gcfg);
     g.add_record(unix_now() - 3600, 98.0, Some(1)).unwrap();
-    rig.fake
-        .add_device(FakeDevice::new(METER, "Meter", SimDevice::glucometer(g)))
-        .await
-        .unwrap();
-    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    add_paired_meter(&rig, "Meter", SimDevice::glucometer(g)).await;
     let mut cfg = rig.cfg();
     cfg.clock_set_above = Some(Duration::from_secs(120));
     let a = adapter().await;
@@ -1539,11 +1520,7 @@ async fn a_meter_without_the_sequence_filter_is_read_in_full_and_only_new_record
     let mut g = SimGlucometer::new(gcfg);
     g.generate(10, unix_now(), 21).unwrap();
     let device = SimDevice::glucometer(g);
-    rig.fake
-        .add_device(FakeDevice::new(METER, "Meter", device.clone()))
-        .await
-        .unwrap();
-    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    add_paired_meter(&rig, "Meter", device.clone()).await;
     let cfg = rig.cfg();
     let a = adapter().await;
     let report = session_of(&rig, &a, METER, &cfg).await.expect("session");
@@ -1620,18 +1597,16 @@ async fn a_racp_error_response_is_reported_with_its_code() {
 async fn a_full_journal_aborts_the_transfer_and_the_rest_comes_later() {
     let Some(rig) = rig_with(|dir| {
         let mut c = JournalConfig::new(dir);
-        c.max_records = 40;
+        c.max_records = 10;
         c
     })
     .await
     else {
         return;
     };
-    rig.fake
-        .add_device(FakeDevice::new(METER, "Meter", meter(100, false)))
-        .await
-        .unwrap();
-    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    // 300 records against room for 10: the refusal comes while the meter is still sending (the
+    // abort is only written then; a transfer already complete ends at end_of_transfer instead).
+    add_paired_meter(&rig, "Meter", meter(300, false)).await;
     let cfg = rig.cfg();
     let a = adapter().await;
     let report = session_of(&rig, &a, METER, &cfg).await.expect("session");
@@ -1644,13 +1619,13 @@ async fn a_full_journal_aborts_the_transfer_and_the_rest_comes_later() {
         racp_writes(&rig.fake, METER)
     );
     let mut delivered = sequences(&rig.deliver());
-    assert_eq!(delivered, (0..40).collect::<Vec<_>>(), "a prefix, no gap");
-    for _ in 0..5 {
+    assert_eq!(delivered, (0..10).collect::<Vec<_>>(), "a prefix, no gap");
+    for _ in 0..40 {
         let report = session_of(&rig, &a, METER, &cfg).await.expect("session");
         delivered.extend(sequences(&rig.deliver()));
         if report.completion == Completion::Complete {
             break;
         }
     }
-    assert_eq!(delivered, (0..100).collect::<Vec<_>>());
+    assert_eq!(delivered, (0..300).collect::<Vec<_>>());
 }
