@@ -311,6 +311,13 @@ fn take_readings(g: &mut SimGlucometer, t0: i64, ks: std::ops::Range<i64>) {
     }
 }
 
+/// One complete session with a newest-first meter, then what it delivered ([`deliver`]).
+async fn complete_session_delivers(rig: &Rig, device: &SimDevice) -> Vec<Delivered> {
+    let completion = glucose_numbered(rig, device, RecordNumbering::NewestFirst).await;
+    assert_eq!(completion, Completion::Complete);
+    deliver(&rig.journal)
+}
+
 /// A meter numbering its records newest-first, like TaiDoc's DM30b (no context, no clock), holding
 /// readings 0..20 ([`take_readings`]).
 fn newest_first_meter(t0: i64) -> SimDevice {
@@ -335,11 +342,7 @@ async fn a_newest_first_meter_is_read_by_time_without_loss_or_doubles() {
     let nf = RecordNumbering::NewestFirst;
     let mg = |r: std::ops::Range<i64>| r.map(|k| 90.0 + k as f64).collect::<Vec<_>>();
 
-    assert_eq!(
-        glucose_numbered(&rig, &device, nf).await,
-        Completion::Complete
-    );
-    let mut all = deliver(&rig.journal);
+    let mut all = complete_session_delivers(&rig, &device).await;
     assert_eq!(values(&all), mg(0..20), "all, oldest first");
     assert!(
         all.windows(2).all(|w| w[0].1 < w[1].1),
@@ -351,11 +354,7 @@ async fn a_newest_first_meter_is_read_by_time_without_loss_or_doubles() {
     );
 
     // Nothing new: nothing handed over, although the meter sent all 20 again.
-    assert_eq!(
-        glucose_numbered(&rig, &device, nf).await,
-        Completion::Complete
-    );
-    assert!(deliver(&rig.journal).is_empty());
+    assert!(complete_session_delivers(&rig, &device).await.is_empty());
 
     // Three new readings renumber the old ones: only the three are new.
     device
@@ -363,11 +362,7 @@ async fn a_newest_first_meter_is_read_by_time_without_loss_or_doubles() {
             take_readings(g, t0, 20..23);
         })
         .unwrap();
-    assert_eq!(
-        glucose_numbered(&rig, &device, nf).await,
-        Completion::Complete
-    );
-    let new = deliver(&rig.journal);
+    let new = complete_session_delivers(&rig, &device).await;
     assert_eq!(values(&new), mg(20..23));
     all.extend(new);
 
@@ -391,11 +386,7 @@ async fn a_newest_first_meter_is_read_by_time_without_loss_or_doubles() {
     device
         .with_glucometer(|g| g.set_faults(GlucometerFaults::default()))
         .unwrap();
-    assert_eq!(
-        glucose_numbered(&rig, &device, nf).await,
-        Completion::Complete
-    );
-    let new = deliver(&rig.journal);
+    let new = complete_session_delivers(&rig, &device).await;
     assert_eq!(values(&new), mg(23..25));
     all.extend(new);
 
@@ -411,11 +402,7 @@ async fn a_newest_first_meter_is_read_by_time_without_loss_or_doubles() {
         glucose_numbered(&rig, &device, nf).await,
         Completion::Complete
     );
-    assert_eq!(
-        glucose_numbered(&rig, &device, nf).await,
-        Completion::Complete
-    );
-    let new = deliver(&rig.journal);
+    let new = complete_session_delivers(&rig, &device).await;
     assert_eq!(values(&new), [150.0]);
     assert!(
         new[0].1 < all[0].1,
