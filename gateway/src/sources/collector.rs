@@ -665,7 +665,7 @@ async fn receive_report<L: GattLink, S: RecordSink>(
 
 /// Runs the BLP collector: subscribes to measurements (a cuff may dump its memory now), holds every
 /// indication until the cuff goes quiet for [`CollectorConfig::bp_idle`] or disconnects, then hands the
-/// sink those it has not accepted before ([`hand_over_new_bp`]).
+/// sink those it has not accepted before (see `hand_over_new_bp`).
 ///
 /// # Errors
 /// [`SessionError`] when the cuff needs pairing or the link fails before the transfer.

@@ -17,7 +17,7 @@
 //!   PUBACKed. New records come from the [`Handoff`] the journal writer fills after each commit, without
 //!   a journal read, when they follow on from what was handed over; otherwise (a gap, a reconnect, a
 //!   backlog) from the journal. As a safety net the journal is looked at every few seconds anyway.
-//! - **The event loop never waits for the disk.** Journal reads (read ahead, [`READ_AHEAD`] records at a
+//! - **The event loop never waits for the disk.** Journal reads (read ahead, `READ_AHEAD` records at a
 //!   time) and acks (batching what came in meanwhile) run as background blocking jobs, one of each at a
 //!   time, so PUBACKs keep being read and publishes keep being written while the journal's lock is held
 //!   through an `fdatasync`.

@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //!
-//! - [`link`] — [`BleLink`](link::BleLink), the [`GattLink`](super::GattLink) over a btleplug peripheral;
+//! - [`link`] — [`link::BleLink`], the [`super::GattLink`] over a btleplug peripheral;
 //!   the collectors ([`super::collector`]) run over it exactly as over the simulator.
 //! - [`store`] — the allow-list of devices paired through the gateway, their patient bindings and their
 //!   last session outcome.
