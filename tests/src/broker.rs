@@ -297,6 +297,6 @@ fn read_log(path: &Path) -> String {
 }
 
 /// A free port on 127.0.0.1 (bound and released; the broker binds it right after).
-fn free_loopback_port() -> io::Result<SocketAddr> {
+pub fn free_loopback_port() -> io::Result<SocketAddr> {
     TcpListener::bind("127.0.0.1:0")?.local_addr()
 }

@@ -14,7 +14,7 @@ pub mod process;
 pub mod readings;
 mod subscriber;
 
-pub use broker::{BrokerKind, TestBroker, mosquitto_path};
+pub use broker::{BrokerKind, TestBroker, free_loopback_port, mosquitto_path};
 pub use readings::{Delivery, RunningUplink};
 pub use subscriber::{Received, Subscriber, unique_id};
 

@@ -154,6 +154,7 @@ pub(crate) fn build(cfg: &CheckedUplinkConfig) -> (Publisher, Driver) {
                 );
             }
             if let Some(tls) = &cfg.tls {
+                install_crypto_provider();
                 o.set_transport(rumqttc::Transport::tls(
                     tls.ca.clone(),
                     tls.client_auth.clone(),
@@ -195,6 +196,7 @@ pub(crate) fn build(cfg: &CheckedUplinkConfig) -> (Publisher, Driver) {
                 );
             }
             if let Some(tls) = &cfg.tls {
+                install_crypto_provider();
                 o.set_transport(rumqttc::Transport::tls(
                     tls.ca.clone(),
                     tls.client_auth.clone(),
@@ -374,4 +376,12 @@ mod tests {
             Signal::Refused { pkid: 3, .. }
         ));
     }
+}
+
+/// Makes aws-lc-rs the process's rustls crypto provider, unless one is installed already. rumqttc builds
+/// its TLS configuration from the process default; with both of rustls' providers compiled in (any build
+/// where another crate enables `ring`), there is no default and the first TLS connection would panic.
+fn install_crypto_provider() {
+    // `Err` means a provider is installed already, which is all this needs.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
