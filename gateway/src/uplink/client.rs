@@ -343,6 +343,14 @@ fn signal_v5(event: rumqttc::v5::Event) -> Signal {
     }
 }
 
+/// Makes aws-lc-rs the process's rustls crypto provider, unless one is installed already. rumqttc builds
+/// its TLS configuration from the process default; with both of rustls' providers compiled in (any build
+/// where another crate enables `ring`), there is no default and the first TLS connection would panic.
+fn install_crypto_provider() {
+    // `Err` means a provider is installed already, which is all this needs.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,12 +384,4 @@ mod tests {
             Signal::Refused { pkid: 3, .. }
         ));
     }
-}
-
-/// Makes aws-lc-rs the process's rustls crypto provider, unless one is installed already. rumqttc builds
-/// its TLS configuration from the process default; with both of rustls' providers compiled in (any build
-/// where another crate enables `ring`), there is no default and the first TLS connection would panic.
-fn install_crypto_provider() {
-    // `Err` means a provider is installed already, which is all this needs.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
