@@ -13,19 +13,25 @@
 //! (every `rules.window_interval_s`).
 //!
 //! Alert ids contain `/` (`{patient}/{rule}/{time}`): percent-encode them in the path (`%2F`).
-//! Patient ids must be pseudonyms (400 otherwise). The API has no authentication of its own: bind it to
-//! a private address or put it behind the CRM's gateway.
+//! Patient ids must be pseudonyms (400 otherwise).
+//!
+//! Every route but `/health` needs `Authorization: Bearer <api.token>` (401 with `WWW-Authenticate:
+//! Bearer` otherwise; the token is compared in constant time). `/health` says only that the instance
+//! runs and how many rows it holds, nothing about a patient. Serve it over TLS (a reverse proxy) when it
+//! leaves the host.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::config::Secret;
 use crate::evaluate::Evaluator;
 use crate::store::{AckResult, AnyStore, Store, StoreError};
 
@@ -36,20 +42,51 @@ struct AppState {
     instance: String,
 }
 
-/// The API's routes.
-pub fn router(store: AnyStore, ev: Arc<Evaluator>, instance: String) -> Router {
-    Router::new()
-        .route("/health", get(health))
+/// The API's routes; all but `/health` require `token` as a bearer token.
+pub fn router(store: AnyStore, ev: Arc<Evaluator>, instance: String, token: Secret) -> Router {
+    let patient_data = Router::new()
         .route("/patients/{id}/readings", get(readings))
         .route("/patients/{id}/alerts", get(alerts))
         .route("/alerts/{id}/ack", post(ack))
         .route("/readings/{id}/fhir", get(fhir))
         .route("/patients/{id}/settings", axum::routing::put(put_settings))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::new(token),
+            require_bearer,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .merge(patient_data)
         .with_state(AppState {
             store,
             ev,
             instance,
         })
+}
+
+/// Lets a request through only with `Authorization: Bearer <token>`.
+async fn require_bearer(
+    State(token): State<Arc<Secret>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    use subtle::ConstantTimeEq as _;
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    if bool::from(given.ct_eq(token.expose())) {
+        next.run(request).await
+    } else {
+        // Nothing about why (missing or wrong): a prober learns nothing.
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            Json(json!({"error": "unauthorized"})),
+        )
+            .into_response()
+    }
 }
 
 #[derive(Debug, Deserialize)]

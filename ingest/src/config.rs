@@ -35,7 +35,8 @@
 //! poll_ms = 200
 //!
 //! [api]
-//! listen = "127.0.0.1:8480"              # "" disables the API
+//! listen = "127.0.0.1:8480"              # default "": no API
+//! token_file = "/etc/phg/api.token"      # or token = "…": the bearer token (≥ 16 bytes), required
 //!
 //! [[patients]]                           # protocol::rules::PatientSettings, guard-rails applied
 //! patient = "p-0001"
@@ -190,18 +191,49 @@ impl Default for RawOutbox {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// `[api]`. Off unless configured (`listen` empty): it serves patient data, so it comes on only with an
+/// address and a token.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawApi {
     listen: String,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
-impl Default for RawApi {
-    fn default() -> Self {
-        RawApi {
-            listen: "127.0.0.1:8480".into(),
+/// A secret given inline (`{section}.{name}`) or in a file (`{section}.{name}_file`, first line): exactly
+/// one of the two, at least 16 bytes. The error is (key, reason).
+fn secret_value(
+    section: &str,
+    name: &str,
+    inline: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Secret, (String, String)> {
+    let bytes = match (inline, file) {
+        (Some(s), None) => s.into_bytes(),
+        (None, Some(f)) => {
+            let s = std::fs::read_to_string(&f).map_err(|e| {
+                (
+                    format!("{section}.{name}_file"),
+                    format!("{}: {e}", f.display()),
+                )
+            })?;
+            s.lines().next().unwrap_or_default().as_bytes().to_vec()
         }
+        _ => {
+            return Err((
+                format!("{section}.{name}"),
+                format!("set exactly one of {name} or {name}_file"),
+            ));
+        }
+    };
+    if bytes.len() < 16 {
+        return Err((
+            format!("{section}.{name}"),
+            "must be at least 16 bytes".into(),
+        ));
     }
+    Ok(Secret::new(bytes))
 }
 
 /// A secret that never shows in `Debug` or logs.
@@ -295,6 +327,8 @@ pub struct Config {
     pub poll: Duration,
     /// API address, if enabled.
     pub api_listen: Option<SocketAddr>,
+    /// The bearer token every API request but `/health` must carry (present whenever the API is on).
+    pub api_token: Option<Secret>,
     /// Patients' settings from the file (validated against the rules).
     pub patients: Vec<PatientSettings>,
 }
@@ -438,27 +472,8 @@ impl Config {
                         "must be an http:// or https:// URL".into(),
                     ));
                 }
-                let secret = match (w.secret, w.secret_file) {
-                    (Some(s), None) => s.into_bytes(),
-                    (None, Some(f)) => {
-                        let s = std::fs::read_to_string(&f).map_err(|e| {
-                            invalid("webhook.secret_file", format!("{}: {e}", f.display()))
-                        })?;
-                        s.lines().next().unwrap_or_default().as_bytes().to_vec()
-                    }
-                    _ => {
-                        return Err(invalid(
-                            "webhook.secret",
-                            "set exactly one of secret or secret_file".into(),
-                        ));
-                    }
-                };
-                if secret.len() < 16 {
-                    return Err(invalid(
-                        "webhook.secret",
-                        "must be at least 16 bytes".into(),
-                    ));
-                }
+                let secret = secret_value("webhook", "secret", w.secret, w.secret_file)
+                    .map_err(|(key, reason)| invalid(&key, reason))?;
                 if w.timeout_s == 0 || w.initial_backoff_ms == 0 || w.max_backoff_s == 0 {
                     return Err(invalid(
                         "webhook",
@@ -467,7 +482,7 @@ impl Config {
                 }
                 Some(WebhookConfig {
                     url: w.url,
-                    secret: Secret::new(secret),
+                    secret,
                     timeout: Duration::from_secs(w.timeout_s),
                     initial_backoff: Duration::from_millis(w.initial_backoff_ms),
                     max_backoff: Duration::from_secs(w.max_backoff_s),
@@ -498,6 +513,23 @@ impl Config {
                     format!("{:?} is not an address like 127.0.0.1:8480", raw.api.listen),
                 )
             })?)
+        };
+        // The API serves patient readings and takes acknowledgements and settings: never without a
+        // token, on any address (another account on the same host is not the CRM either).
+        let api_token = match (api_listen, raw.api.token, raw.api.token_file) {
+            (None, _, _) => None,
+            (Some(_), None, None) => {
+                return Err(invalid(
+                    "api.token",
+                    "the API needs a bearer token: set token or token_file (at least 16 bytes), or \
+                     listen = \"\" to turn the API off"
+                        .into(),
+                ));
+            }
+            (Some(_), token, file) => Some(
+                secret_value("api", "token", token, file)
+                    .map_err(|(key, reason)| invalid(&key, reason))?,
+            ),
         };
         let mut patients = Vec::new();
         for (i, p) in raw.patients.into_iter().enumerate() {
@@ -536,6 +568,7 @@ impl Config {
             lease: Duration::from_secs(raw.outbox.lease_s),
             poll: Duration::from_millis(raw.outbox.poll_ms),
             api_listen,
+            api_token,
             patients,
         })
     }
@@ -568,6 +601,30 @@ mod tests {
         );
         assert!(c.webhook.is_none());
         assert_eq!(c.window_interval, Duration::from_secs(3600));
+        assert!(c.api_listen.is_none(), "no API unless configured");
+    }
+
+    /// The API serves patient data: it needs a bearer token, given inline or in a file, never printed.
+    #[test]
+    fn the_api_needs_a_token() {
+        let e = parse("[api]\nlisten = \"127.0.0.1:8480\"\n").expect_err("no token");
+        assert!(e.contains("api.token") && e.contains("bearer token"), "{e}");
+        let e =
+            parse("[api]\nlisten = \"127.0.0.1:8480\"\ntoken = \"short\"\n").expect_err("short");
+        assert!(e.contains("api.token") && e.contains("16 bytes"), "{e}");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("api.token");
+        std::fs::write(&file, "from-a-file-0123456789\n").expect("write token");
+        let c = parse(&format!(
+            "[api]\nlisten = \"127.0.0.1:8480\"\ntoken_file = \"{}\"\n",
+            file.display()
+        ))
+        .expect("valid");
+        let token = c.api_token.expect("a token");
+        assert_eq!(token.expose(), b"from-a-file-0123456789");
+        let c = parse("[api]\nlisten = \"127.0.0.1:8480\"\ntoken = \"inline-token-0123456789\"\n")
+            .expect("valid");
+        assert!(!format!("{c:?}").contains("inline-token-0123456789"));
     }
 
     #[test]

@@ -119,15 +119,20 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
     let token = CancellationToken::new();
     let mut tasks = JoinSet::new();
 
-    let api_addr = match cfg.api_listen {
-        Some(addr) => {
+    let api_addr = match (cfg.api_listen, cfg.api_token.clone()) {
+        (Some(addr), Some(api_token)) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| RunError::Listen { addr, source })?;
             let bound = listener
                 .local_addr()
                 .map_err(|source| RunError::Listen { addr, source })?;
-            let app = crate::api::router(store.clone(), Arc::clone(&ev), cfg.instance.clone());
+            let app = crate::api::router(
+                store.clone(),
+                Arc::clone(&ev),
+                cfg.instance.clone(),
+                api_token,
+            );
             let t = token.clone();
             tasks.spawn(async move {
                 let serve = axum::serve(listener, app).with_graceful_shutdown(t.cancelled_owned());
@@ -137,7 +142,8 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
             });
             Some(bound)
         }
-        None => None,
+        // Config::parse requires a token whenever the API listens.
+        _ => None,
     };
 
     // Consumer + storer.

@@ -50,9 +50,60 @@ async fn patient_readings_alerts_and_acknowledgement_over_http() {
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = ingest::api::router(store, ev, "a".into());
+    const TOKEN: &str = "test-api-token-0123456789";
+    let app = ingest::api::router(store, ev, "a".into(), ingest::config::Secret::new(TOKEN));
     tokio::spawn(async move { axum::serve(listener, app).await });
-    let http = reqwest::Client::new();
+
+    // Without the bearer token (or with another) nothing about a patient is served; /health is.
+    let anonymous = reqwest::Client::new();
+    for (auth, what) in [
+        (None, "no token"),
+        (Some("Bearer not-the-token-at-all"), "a wrong token"),
+        (Some(TOKEN), "the token without `Bearer `"),
+    ] {
+        for path in [
+            "/patients/p-0001/readings",
+            "/readings/r-3/fhir",
+            "/patients/p-0001/alerts",
+        ] {
+            let mut r = anonymous.get(format!("{base}{path}"));
+            if let Some(a) = auth {
+                r = r.header("authorization", a);
+            }
+            let r = r.send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 401, "{what}: {path}");
+            assert_eq!(r.headers()["www-authenticate"], "Bearer");
+            assert!(!r.text().await.unwrap().contains("p-0001"));
+        }
+    }
+    let r = anonymous
+        .put(format!("{base}/patients/p-0003/settings"))
+        .header("content-type", "application/json")
+        .body(r#"{"patient": "p-0003", "profile": "US"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        401,
+        "settings cannot be changed anonymously"
+    );
+    let r = anonymous
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {TOKEN}")).unwrap(),
+    );
+    let http = reqwest::Client::builder()
+        .default_headers(auth)
+        .build()
+        .unwrap();
     let get = |path: String| {
         let http = http.clone();
         let url = format!("{base}{path}");

@@ -95,7 +95,7 @@ fn ingest_config(instance: &str, broker: &TestBroker, db: &str, hook: &str, grou
          [rules]\nwindow_interval_s = 3600\n\
          [webhook]\nurl = \"{hook}\"\nsecret = \"{SECRET}\"\ntimeout_s = 2\ninitial_backoff_ms = 200\nmax_backoff_s = 1\n\
          [outbox]\nlease_s = 10\npoll_ms = 100\n\
-         [api]\nlisten = \"127.0.0.1:0\"\n",
+         [api]\nlisten = \"127.0.0.1:0\"\ntoken = \"e2e-api-token-0123456789\"\n",
         broker.url()
     );
     Config::parse(&text, Path::new("ingest-e2e.toml")).unwrap()
