@@ -1,7 +1,7 @@
 //! `ingest run --config FILE`: the TOML configuration.
 //!
 //! Every table is optional; an empty file runs with the defaults (SQLite in `./ingest-data`, a broker on
-//! `mqtt://127.0.0.1:1883`, the default rules, no webhook, the API on `127.0.0.1:8480`). Unknown keys are
+//! `mqtt://127.0.0.1:1883`, the default rules, no webhook, no API). Unknown keys are
 //! errors (`deny_unknown_fields`), and every error is one line naming the key:
 //!
 //! ```toml
@@ -112,6 +112,18 @@ struct RawMqtt {
     keep_alive_s: u64,
     max_batch: usize,
     inflight: u16,
+    /// `mqtt://` to a host other than loopback, knowingly.
+    allow_plaintext: bool,
+    tls: Option<RawMqttTls>,
+}
+
+/// `[mqtt.tls]`: PEM files, read when the configuration is loaded.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqttTls {
+    ca: PathBuf,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
 }
 
 impl Default for RawMqtt {
@@ -125,6 +137,8 @@ impl Default for RawMqtt {
             keep_alive_s: 30,
             max_batch: 256,
             inflight: 256,
+            allow_plaintext: false,
+            tls: None,
         }
     }
 }
@@ -279,6 +293,49 @@ pub struct MqttConfig {
     pub max_batch: usize,
     /// Messages the broker may have in flight to us (and requests queued to the client).
     pub inflight: u16,
+    /// TLS to the broker (`mqtts://`).
+    pub tls: Option<MqttTls>,
+}
+
+/// TLS material for the broker connection (DESIGN.md promise 8: TLS with client certificates).
+#[derive(Clone)]
+pub struct MqttTls {
+    /// The CA certificate(s) that sign the broker's certificate (PEM).
+    pub ca: Vec<u8>,
+    /// This instance's client certificate chain and its private key (PEM), if the broker asks for one.
+    pub client_auth: Option<(Vec<u8>, Secret)>,
+}
+
+impl std::fmt::Debug for MqttTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttTls")
+            .field("ca_bytes", &self.ca.len())
+            .field("client_certificate", &self.client_auth.is_some())
+            .finish()
+    }
+}
+
+impl MqttConfig {
+    /// rumqttc options for a client `client_id` of this broker: address, keep-alive and, for `mqtts://`,
+    /// TLS with this configuration's CA and client certificate.
+    pub fn options(&self, client_id: String) -> rumqttc::MqttOptions {
+        let mut opts = rumqttc::MqttOptions::new(client_id, self.host.clone(), self.port);
+        opts.set_keep_alive(self.keep_alive);
+        if let Some(tls) = &self.tls {
+            // rumqttc builds its rustls configuration from the process's default crypto provider; with
+            // both of rustls' providers in the build (reqwest brings ring) there is none until one is
+            // installed. `Err` means one is installed already.
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            opts.set_transport(rumqttc::Transport::tls(
+                tls.ca.clone(),
+                tls.client_auth
+                    .as_ref()
+                    .map(|(cert, key)| (cert.clone(), key.expose().to_vec())),
+                None,
+            ));
+        }
+        opts
+    }
 }
 
 impl MqttConfig {
@@ -346,18 +403,29 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
-/// `mqtt://host:port` → (host, port).
-fn broker_addr(url: &str) -> Option<(String, u16)> {
-    let rest = url.strip_prefix("mqtt://")?;
+/// `mqtt://host[:port]` (1883) or `mqtts://host[:port]` (8883) → (host, port, TLS).
+fn broker_addr(url: &str) -> Option<(String, u16, bool)> {
+    let (rest, tls, default_port) = match url.strip_prefix("mqtts://") {
+        Some(rest) => (rest, true, 8883),
+        None => (url.strip_prefix("mqtt://")?, false, 1883),
+    };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse().ok()?),
-        None => (rest, 1883),
+        Some((h, p)) if !h.ends_with(':') => (h, p.parse().ok()?),
+        _ => (rest, default_port),
     };
     if host.is_empty() {
         return None;
     }
-    Some((host.trim_matches(['[', ']']).to_owned(), port))
+    Some((host.trim_matches(['[', ']']).to_owned(), port, tls))
+}
+
+/// Whether `host` is this machine (plaintext MQTT to it never crosses a network).
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl Config {
@@ -417,12 +485,58 @@ impl Config {
             }
             None => format!("sqlite://{}", data_dir.join("ingest.sqlite").display()),
         };
-        let (host, port) = broker_addr(&raw.mqtt.broker).ok_or_else(|| {
+        let (host, port, tls) = broker_addr(&raw.mqtt.broker).ok_or_else(|| {
             invalid(
                 "mqtt.broker",
-                format!("{:?} is not mqtt://HOST[:PORT]", raw.mqtt.broker),
+                format!(
+                    "{:?} is not mqtt://HOST[:PORT] or mqtts://HOST[:PORT]",
+                    raw.mqtt.broker
+                ),
             )
         })?;
+        let read = |key: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| invalid(key, format!("{}: {e}", path.display())))
+        };
+        let tls = match (tls, raw.mqtt.tls) {
+            (false, Some(_)) => {
+                return Err(invalid(
+                    "mqtt.tls",
+                    "is set but mqtt.broker is mqtt:// (plaintext); use mqtts://".into(),
+                ));
+            }
+            (false, None) if !is_loopback(&host) && !raw.mqtt.allow_plaintext => {
+                return Err(invalid(
+                    "mqtt.broker",
+                    "plaintext MQTT to another host would carry patient data in the clear; use \
+                     mqtts:// with [mqtt.tls], or set mqtt.allow_plaintext = true to accept the risk"
+                        .into(),
+                ));
+            }
+            (false, None) => None,
+            (true, None) => {
+                return Err(invalid(
+                    "mqtt.tls",
+                    "mqtts:// needs [mqtt.tls] ca, the CA certificate that signs the broker's"
+                        .into(),
+                ));
+            }
+            (true, Some(t)) => Some(MqttTls {
+                ca: read("mqtt.tls.ca", &t.ca)?,
+                client_auth: match (t.client_cert, t.client_key) {
+                    (Some(c), Some(k)) => Some((
+                        read("mqtt.tls.client_cert", &c)?,
+                        Secret::new(read("mqtt.tls.client_key", &k)?),
+                    )),
+                    (None, None) => None,
+                    _ => {
+                        return Err(invalid(
+                            "mqtt.tls",
+                            "client_cert and client_key go together; one of them is missing".into(),
+                        ));
+                    }
+                },
+            }),
+        };
         for (key, v) in [
             ("mqtt.group", &raw.mqtt.group),
             ("mqtt.topic_root", &raw.mqtt.topic_root),
@@ -559,6 +673,7 @@ impl Config {
                 keep_alive: Duration::from_secs(raw.mqtt.keep_alive_s),
                 max_batch: raw.mqtt.max_batch,
                 inflight: raw.mqtt.inflight,
+                tls,
             },
             instance,
             database_url,
@@ -643,6 +758,16 @@ mod tests {
                 "webhook.url",
             ),
             ("[api]\nlisten = \"nowhere\"\n", "api.listen"),
+            ("[mqtt]\nbroker = \"mqtts://broker.example\"\n", "mqtt.tls"),
+            (
+                "[mqtt]\nbroker = \"mqtt://127.0.0.1\"\n[mqtt.tls]\nca = \"/x\"\n",
+                "mqtt.tls",
+            ),
+            ("[mqtt]\nbroker = \"mqtt://broker.example\"\n", "plaintext"),
+            (
+                "[mqtt]\nbroker = \"mqtts://b.example\"\n[mqtt.tls]\nca = \"/no/such/ca.pem\"\n",
+                "mqtt.tls.ca",
+            ),
             ("[rules]\nwindow_interval_s = \"x\"\n", "line 2"),
             (
                 "[[patients]]\npatient = \"has space\"\n",
@@ -654,6 +779,42 @@ mod tests {
             assert!(!e.contains('\n'), "one line: {e}");
             assert!(e.starts_with("ingest.toml: "), "{e}");
         }
+    }
+
+    /// `mqtts://` reads the PEM files at load time; a client certificate needs its key; the key never
+    /// shows in `Debug`.
+    #[test]
+    fn mqtt_tls_files_are_read_and_checked() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let f = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write");
+            p.display().to_string()
+        };
+        let (ca, cert, key) = (
+            f("ca.pem", "CA PEM"),
+            f("c.pem", "CERT PEM"),
+            f("c.key", "SECRET KEY PEM"),
+        );
+        let c = parse(&format!(
+            "[mqtt]\nbroker = \"mqtts://broker.example\"\n[mqtt.tls]\nca = \"{ca}\"\nclient_cert = \"{cert}\"\nclient_key = \"{key}\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            (c.mqtt.host.as_str(), c.mqtt.port),
+            ("broker.example", 8883)
+        );
+        let tls = c.mqtt.tls.clone().expect("TLS");
+        assert_eq!(tls.ca, b"CA PEM");
+        assert!(!format!("{c:?}").contains("SECRET KEY"));
+        let e = parse(&format!(
+            "[mqtt]\nbroker = \"mqtts://b.example:8884\"\n[mqtt.tls]\nca = \"{ca}\"\nclient_cert = \"{cert}\"\n"
+        ))
+        .expect_err("cert without key");
+        assert!(e.contains("client_key"), "{e}");
+        let c = parse("[mqtt]\nbroker = \"mqtt://broker.example\"\nallow_plaintext = true\n")
+            .expect("plaintext, knowingly");
+        assert!(c.mqtt.tls.is_none());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -229,12 +229,7 @@ pub async fn run_mqtt(
     poll: Duration,
     token: CancellationToken,
 ) {
-    let mut opts = MqttOptions::new(
-        format!("{}-alerts", mqtt.client_id),
-        mqtt.host.clone(),
-        mqtt.port,
-    );
-    opts.set_keep_alive(mqtt.keep_alive);
+    let opts = mqtt.options(format!("{}-alerts", mqtt.client_id));
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
     // The event loop reports each PUBACK's packet id; rumqttc's `publish` does not return the packet id,
     // so it is learnt from `Outgoing::Publish` (one publish in flight at a time).

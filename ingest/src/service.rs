@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -147,12 +147,7 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
     };
 
     // Consumer + storer.
-    let mut opts = MqttOptions::new(
-        cfg.mqtt.client_id.clone(),
-        cfg.mqtt.host.clone(),
-        cfg.mqtt.port,
-    );
-    opts.set_keep_alive(cfg.mqtt.keep_alive);
+    let mut opts = cfg.mqtt.options(cfg.mqtt.client_id.clone());
     opts.set_manual_acks(true);
     opts.set_clean_session(false);
     opts.set_inflight(cfg.mqtt.inflight);

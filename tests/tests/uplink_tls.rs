@@ -182,3 +182,101 @@ async fn readings_go_over_tls_with_a_client_certificate_and_nowhere_without_one(
     let stats = up.stop().await.unwrap().unwrap();
     assert_eq!((stats.connections, stats.delivered), (1, 20), "{stats:?}");
 }
+
+/// The CRM side over the same TLS listener: the gateway's uplink publishes real reading messages with its
+/// client certificate, and ingest (`mqtts://` with its own client certificate) takes them from its shared
+/// subscription and stores each once. Ingest configured with a CA that did not sign the broker's
+/// certificate stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_consumes_over_tls_with_its_client_certificate() {
+    use gateway::journal::NewRecord;
+    use ingest::store::Store as _;
+    phg_tests::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let Some((_broker, tls_url)) = broker_with_tls(&pki) else {
+        eprintln!("SKIPPED tls: mosquitto not installed (CI installs it)");
+        return;
+    };
+    let ingest_config = |name: &str, ca: &Path| {
+        let text = format!(
+            "instance = \"{name}\"\n\
+             [mqtt]\nbroker = \"{tls_url}\"\nkeep_alive_s = 5\n\
+             [mqtt.tls]\nca = \"{ca}\"\nclient_cert = \"{cert}\"\nclient_key = \"{key}\"\n\
+             [database]\nurl = \"sqlite://{db}\"\n",
+            ca = ca.display(),
+            cert = pki.client_cert.display(),
+            key = pki.client_key.display(),
+            db = dir.path().join(format!("{name}.sqlite")).display(),
+        );
+        ingest::config::Config::parse(&text, Path::new("ingest-tls.toml")).unwrap()
+    };
+
+    // The wrong CA: ingest never connects, so it stores nothing.
+    let doubtful = ingest::service::start(ingest_config("doubtful", &pki.stranger_ca))
+        .await
+        .unwrap();
+    let trusting = ingest::service::start(ingest_config("trusting", &pki.ca))
+        .await
+        .unwrap();
+
+    let journal_dir = tempfile::tempdir().unwrap();
+    let journal = open_journal(journal_dir.path()).unwrap();
+    let t0 = 1_763_900_000;
+    let records: Vec<NewRecord> = (0..12)
+        .map(|n| {
+            let id = format!("tls-reading-{n}");
+            NewRecord {
+                device: "gls-tls".into(),
+                device_seq: Some(n),
+                reading_id: id.clone(),
+                topic: "phg/v1/gw-tls/readings".into(),
+                payload: ingest::testing::glucose_message(
+                    &id,
+                    "p-0001",
+                    100 + n as u32,
+                    t0 + n as i64 * 60,
+                )
+                .into_bytes(),
+            }
+        })
+        .collect();
+    journal.lock().unwrap().append(&records).unwrap();
+    let mut cfg = uplink_config(&tls_url, MqttVersion::V5);
+    cfg.tls = Some(TlsFiles {
+        ca: pki.ca.clone(),
+        client_cert: Some(pki.client_cert.clone()),
+        client_key: Some(pki.client_key.clone()),
+    });
+    let up = RunningUplink::spawn(cfg, Arc::clone(&journal));
+    assert!(
+        wait_for_depth(&journal, 0, Duration::from_secs(20)).await,
+        "published over TLS"
+    );
+
+    let trusting_db = ingest::store::AnyStore::open(&format!(
+        "sqlite://{}",
+        dir.path().join("trusting.sqlite").display()
+    ))
+    .await
+    .unwrap();
+    let mut stored = 0;
+    for _ in 0..200 {
+        stored = trusting_db.counts().await.unwrap().readings;
+        if stored >= 12 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored, 12, "every reading stored once, through TLS");
+    let doubtful_db = ingest::store::AnyStore::open(&format!(
+        "sqlite://{}",
+        dir.path().join("doubtful.sqlite").display()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(doubtful_db.counts().await.unwrap().readings, 0);
+    up.stop().await.unwrap().unwrap();
+    trusting.stop().await;
+    doubtful.stop().await;
+}
