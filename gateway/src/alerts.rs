@@ -9,11 +9,15 @@
 //! Patient settings (profile, overrides with guard-rails) come from the CRM's configuration
 //! ([`EdgeAlerts::set_patients`]): all of them are validated before any is applied.
 //!
-//! Not kept across restarts: the engine's state (open episodes, pending confirmations) lives in memory, so
-//! after a restart an ongoing episode may open again at the edge. Ingest, which persists its state, is
-//! the one the CRM trusts for episodes.
+//! The engine's state (open episodes, pending confirmations, the readings the window rules look back on)
+//! is kept in a state file ([`EdgeAlerts::open`]), rewritten (temporary file + rename, mode 0600) after
+//! every reading and every tick that decided something, so a restart does not open an ongoing episode a
+//! second time. It is not fsynced: after a power cut the engine may resume from a slightly older state,
+//! and ingest, which keeps its state transactionally, stays the one the CRM trusts for episodes.
 
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use protocol::rules::{
     AlertAction, Engine, EngineState, OverrideError, PatientSettings, ReadingInput, RuleSet,
@@ -28,6 +32,17 @@ pub struct EdgeAlerts {
     engine: Mutex<Engine>,
     gateway_id: String,
     topics: Topics,
+    state_file: Option<StateFile>,
+}
+
+/// Where the engine's state is kept between runs.
+#[derive(Debug)]
+struct StateFile {
+    path: PathBuf,
+    /// Snapshots taken (under the engine lock), numbered.
+    taken: AtomicU64,
+    /// The number of the snapshot on disk: a slower writer never replaces a newer snapshot.
+    written: Mutex<u64>,
 }
 
 impl EdgeAlerts {
@@ -48,7 +63,73 @@ impl EdgeAlerts {
             ),
             gateway_id: gateway_id.to_owned(),
             topics,
+            state_file: None,
         })
+    }
+
+    /// As [`EdgeAlerts::new`], with the engine's state read from `state_file` (when it exists) and kept
+    /// there. A state file that cannot be read or parsed is reported and the engine starts afresh: edge
+    /// alerts then behave as after a first start, and ingest's are unaffected.
+    ///
+    /// # Errors
+    /// The first invalid patient override.
+    pub fn open(
+        rules: RuleSet,
+        patients: Vec<PatientSettings>,
+        gateway_id: &str,
+        topics: Topics,
+        state_file: &Path,
+    ) -> Result<EdgeAlerts, Box<OverrideError>> {
+        let state = match std::fs::read(state_file) {
+            Ok(bytes) => serde_json::from_slice::<EngineState>(&bytes).unwrap_or_else(|e| {
+                tracing::error!(path = %state_file.display(), error = %e, "edge alert state unreadable; the edge engine starts afresh");
+                EngineState::default()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => EngineState::default(),
+            Err(e) => {
+                tracing::error!(path = %state_file.display(), error = %e, "edge alert state unreadable; the edge engine starts afresh");
+                EngineState::default()
+            }
+        };
+        Ok(EdgeAlerts {
+            engine: Mutex::new(Engine::with_state(rules, patients, state).map_err(Box::new)?),
+            gateway_id: gateway_id.to_owned(),
+            topics,
+            state_file: Some(StateFile {
+                path: state_file.to_owned(),
+                taken: AtomicU64::new(0),
+                written: Mutex::new(0),
+            }),
+        })
+    }
+
+    /// A numbered snapshot of the engine's state, taken while `engine` is locked.
+    fn snapshot(&self, engine: &Engine) -> Option<(u64, Vec<u8>)> {
+        let file = self.state_file.as_ref()?;
+        match serde_json::to_vec(engine.state()) {
+            Ok(bytes) => Some((file.taken.fetch_add(1, Ordering::Relaxed) + 1, bytes)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serialise the edge alert state");
+                None
+            }
+        }
+    }
+
+    /// Writes a snapshot unless a newer one is on disk already.
+    fn save(&self, snapshot: Option<(u64, Vec<u8>)>) {
+        let (Some(file), Some((n, bytes))) = (&self.state_file, snapshot) else {
+            return;
+        };
+        let mut written = file.written.lock().unwrap_or_else(|p| p.into_inner());
+        if n <= *written {
+            return;
+        }
+        match write_replacing(&file.path, &bytes) {
+            Ok(()) => *written = n,
+            Err(e) => {
+                tracing::warn!(path = %file.path.display(), error = %e, "cannot save the edge alert state; a restart may open an ongoing episode again at the edge")
+            }
+        }
     }
 
     fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
@@ -77,14 +158,32 @@ impl EdgeAlerts {
 
     /// Evaluates an accepted reading; returns the alert records to journal.
     pub fn on_reading(&self, input: &ReadingInput<'_>, now_utc: i64) -> Vec<NewRecord> {
-        let actions = self.engine().on_reading(input);
+        let (actions, snapshot) = {
+            let mut engine = self.engine();
+            let actions = engine.on_reading(input);
+            // Every reading changes the state (the window rules' history), so it is saved each time.
+            let snapshot = self.snapshot(&engine);
+            (actions, snapshot)
+        };
+        self.save(snapshot);
         self.records(actions, now_utc)
     }
 
     /// Advances the engine's clock (confirmation timeouts, escalation, window rules); returns the alert
     /// records to journal.
     pub fn on_tick(&self, now_utc: i64) -> Vec<NewRecord> {
-        let actions = self.engine().on_tick(now_utc);
+        let (actions, snapshot) = {
+            let mut engine = self.engine();
+            let actions = engine.on_tick(now_utc);
+            // A tick that decided nothing changed nothing worth a write (at most some pruning).
+            let snapshot = if actions.is_empty() {
+                None
+            } else {
+                self.snapshot(&engine)
+            };
+            (actions, snapshot)
+        };
+        self.save(snapshot);
         self.records(actions, now_utc)
     }
 
@@ -127,6 +226,25 @@ impl EdgeAlerts {
             }
         }
     }
+}
+
+/// Replaces `path` with `bytes` all at once (a temporary file renamed over it), readable by the service
+/// user alone (it holds pseudonymous patient ids and their recent values).
+fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    drop(f);
+    std::fs::rename(&tmp, path)
 }
 
 fn action_name(action: &AlertAction) -> &'static str {
@@ -238,6 +356,68 @@ mod tests {
         );
         // The record's dedup key is stable for the same decision.
         assert!(r.reading_id.starts_with("alert:p-1/"), "{}", r.reading_id);
+    }
+
+    /// The engine's state survives a restart: a crisis episode opened before it is not opened again by
+    /// the next crisis reading after it (a fresh engine would), and the file is private.
+    #[test]
+    fn an_open_episode_survives_a_restart() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("edge-alerts.json");
+        let rules = || RuleSet::default_rules().expect("the default rules load");
+        let open = || {
+            EdgeAlerts::open(
+                rules(),
+                Vec::new(),
+                "gw-1",
+                Topics::for_gateway("gw-1"),
+                &file,
+            )
+            .expect("engine")
+        };
+        let actions = |records: &[NewRecord]| -> Vec<String> {
+            records
+                .iter()
+                .map(|r| {
+                    payload(r)["update"]["action"]
+                        .as_str()
+                        .unwrap_or("?")
+                        .to_owned()
+                })
+                .collect()
+        };
+        let first = open();
+        assert_eq!(
+            actions(&feed(&first, "p-1", "r-1", T0, &cuff(185, 125))),
+            ["open"]
+        );
+        drop(first);
+        let mode = std::fs::metadata(&file)
+            .expect("state file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let after_restart = feed(&open(), "p-1", "r-2", T0 + 600, &cuff(186, 124));
+        assert!(
+            !actions(&after_restart).contains(&"open".to_owned()),
+            "the episode continues: {:?}",
+            actions(&after_restart)
+        );
+        // Without the state, the same reading opens the episode a second time.
+        let fresh = alerts(Vec::new()).expect("engine");
+        assert_eq!(
+            actions(&feed(&fresh, "p-1", "r-2", T0 + 600, &cuff(186, 124))),
+            ["open"]
+        );
+
+        // A damaged state file: reported, and the engine starts afresh rather than not at all.
+        std::fs::write(&file, b"{not json").expect("damage it");
+        assert_eq!(
+            actions(&feed(&open(), "p-1", "r-3", T0 + 1200, &cuff(185, 125))),
+            ["open"]
+        );
     }
 
     #[test]

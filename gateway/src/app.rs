@@ -405,8 +405,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     let raw = &config.raw;
     let alerts = match &config.alert_rules {
         Some(rules) => Some(Arc::new(
-            EdgeAlerts::new(rules.clone(), Vec::new(), &raw.gateway_id, topics.clone())
-                .map_err(|e| RunError::Start(e.to_string()))?,
+            EdgeAlerts::open(
+                rules.clone(),
+                Vec::new(),
+                &raw.gateway_id,
+                topics.clone(),
+                &raw.alerts.state_file(&raw.journal.dir),
+            )
+            .map_err(|e| RunError::Start(e.to_string()))?,
         )),
         None => None,
     };

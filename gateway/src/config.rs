@@ -143,6 +143,9 @@ pub struct AlertsSection {
     /// How often the engine's clock advances (confirmation timeouts, window rules), seconds.
     #[serde(default = "default_tick_s")]
     pub tick_s: u64,
+    /// Where the engine keeps its state (open episodes, pending confirmations, the readings window rules
+    /// look back on) across restarts; absent: `edge-alerts.json` beside the journal directory.
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for AlertsSection {
@@ -151,7 +154,21 @@ impl Default for AlertsSection {
             enabled: true,
             rules_file: None,
             tick_s: default_tick_s(),
+            state_file: None,
         }
+    }
+}
+
+impl AlertsSection {
+    /// The state file: as configured, or `edge-alerts.json` in the journal directory's parent (not in the
+    /// journal directory, which holds the journal's files only).
+    pub fn state_file(&self, journal_dir: &std::path::Path) -> PathBuf {
+        self.state_file.clone().unwrap_or_else(|| {
+            journal_dir
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("edge-alerts.json")
+        })
     }
 }
 
