@@ -282,27 +282,33 @@ impl Store for SqliteStore {
     }
 
     async fn tick(&self, ev: Arc<Evaluator>, now_utc: i64) -> Result<usize, StoreError> {
-        Self::with(&self.writer, move |c| {
-            let now_ms = now_utc.saturating_mul(1000);
-            let mut patients: Vec<String> = {
-                let mut st = c.prepare(
-                    "SELECT patient FROM patient_state UNION SELECT patient FROM patient_settings",
-                )?;
-                st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
-            };
-            patients.sort();
-            let mut events = 0;
-            for p in patients {
+        let now_ms = now_utc.saturating_mul(1000);
+        let mut patients: Vec<String> = Self::with(&self.writer, |c| {
+            let mut st = c.prepare(
+                "SELECT patient FROM patient_state UNION SELECT patient FROM patient_settings",
+            )?;
+            let patients = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            Ok(patients)
+        })
+        .await?;
+        patients.sort();
+        let mut events = 0;
+        // One patient per hold of the writer connection: ingestion's batches take turns with the pass
+        // instead of waiting for all of it (with thousands of patients, a whole pass takes seconds).
+        for p in patients {
+            let ev = Arc::clone(&ev);
+            events += Self::with(&self.writer, move |c| {
                 let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let state = load_state(&tx, &p)?;
                 let (new_state, writes) = ev.on_tick(&p, state.as_deref(), now_utc)?;
-                events += write_alerts(&tx, &writes, ev.sinks(), now_ms)?;
+                let events = write_alerts(&tx, &writes, ev.sinks(), now_ms)?;
                 save_state(&tx, &p, &new_state, now_ms)?;
                 tx.commit()?;
-            }
-            Ok(events)
-        })
-        .await
+                Ok(events)
+            })
+            .await?;
+        }
+        Ok(events)
     }
 
     async fn claim(
