@@ -113,13 +113,31 @@ fn broker_with_tls(pki: &Pki) -> Option<(TestBroker, String)> {
     Some((broker, format!("mqtts://127.0.0.1:{}", tls.port())))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readings_go_over_tls_with_a_client_certificate_and_nowhere_without_one() {
+/// A PKI in a temporary directory and a Mosquitto with its TLS listener; `None` (after saying "SKIPPED")
+/// without Mosquitto.
+fn tls_rig() -> Option<(tempfile::TempDir, Pki, TestBroker, String)> {
     phg_tests::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let pki = make_pki(dir.path());
     let Some((broker, tls_url)) = broker_with_tls(&pki) else {
         eprintln!("SKIPPED tls: mosquitto not installed (CI installs it)");
+        return None;
+    };
+    Some((dir, pki, broker, tls_url))
+}
+
+/// The gateway's TLS files: the test CA and its client certificate.
+fn gateway_tls(pki: &Pki) -> TlsFiles {
+    TlsFiles {
+        ca: pki.ca.clone(),
+        client_cert: Some(pki.client_cert.clone()),
+        client_key: Some(pki.client_key.clone()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_go_over_tls_with_a_client_certificate_and_nowhere_without_one() {
+    let Some((_dir, pki, broker, tls_url)) = tls_rig() else {
         return;
     };
     let mut sub = Subscriber::connect(broker.addr(), READINGS_TOPIC)
@@ -170,11 +188,7 @@ async fn readings_go_over_tls_with_a_client_certificate_and_nowhere_without_one(
     let journal = open_journal(journal_dir.path()).unwrap();
     append_readings(&journal, &["gls-tls"], 0, 20).unwrap();
     let mut cfg = uplink_config(&tls_url, MqttVersion::V5);
-    cfg.tls = Some(TlsFiles {
-        ca: pki.ca.clone(),
-        client_cert: Some(pki.client_cert.clone()),
-        client_key: Some(pki.client_key.clone()),
-    });
+    cfg.tls = Some(gateway_tls(&pki));
     let up = RunningUplink::spawn(cfg, Arc::clone(&journal));
     let got = sub.wait_for(20, Duration::from_secs(20)).await.len();
     assert_eq!(got, 20, "all 20 readings arrive through the TLS listener");
@@ -191,11 +205,7 @@ async fn readings_go_over_tls_with_a_client_certificate_and_nowhere_without_one(
 async fn ingest_consumes_over_tls_with_its_client_certificate() {
     use gateway::journal::NewRecord;
     use ingest::store::Store as _;
-    phg_tests::init_tracing();
-    let dir = tempfile::tempdir().unwrap();
-    let pki = make_pki(dir.path());
-    let Some((_broker, tls_url)) = broker_with_tls(&pki) else {
-        eprintln!("SKIPPED tls: mosquitto not installed (CI installs it)");
+    let Some((dir, pki, _broker, tls_url)) = tls_rig() else {
         return;
     };
     let ingest_config = |name: &str, ca: &Path| {
@@ -243,11 +253,7 @@ async fn ingest_consumes_over_tls_with_its_client_certificate() {
         .collect();
     journal.lock().unwrap().append(&records).unwrap();
     let mut cfg = uplink_config(&tls_url, MqttVersion::V5);
-    cfg.tls = Some(TlsFiles {
-        ca: pki.ca.clone(),
-        client_cert: Some(pki.client_cert.clone()),
-        client_key: Some(pki.client_key.clone()),
-    });
+    cfg.tls = Some(gateway_tls(&pki));
     let up = RunningUplink::spawn(cfg, Arc::clone(&journal));
     assert!(
         wait_for_depth(&journal, 0, Duration::from_secs(20)).await,
