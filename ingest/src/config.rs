@@ -18,6 +18,8 @@
 //!
 //! [database]
 //! url = "postgres://ingest@db.internal/phg"   # or "sqlite:///path/file.sqlite"
+//! ca_file = "/etc/phg/db-ca.pem"         # PostgreSQL over TLS (required for a server on another host,
+//!                                        # unless allow_plaintext = true)
 //!
 //! [rules]
 //! file = "/etc/phg/rules.toml"           # default: protocol's default rules (CLINICAL.md)
@@ -147,6 +149,11 @@ impl Default for RawMqtt {
 #[serde(deny_unknown_fields)]
 struct RawDatabase {
     url: Option<String>,
+    /// PEM CA certificate(s) the PostgreSQL server's certificate must verify against: TLS, required.
+    ca_file: Option<PathBuf>,
+    /// Plaintext to a PostgreSQL server on another host, knowingly.
+    #[serde(default)]
+    allow_plaintext: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -370,6 +377,9 @@ pub struct Config {
     pub instance: String,
     /// Database URL (`sqlite://…` or `postgres://…`).
     pub database_url: String,
+    /// For PostgreSQL: the CA certificate(s) (PEM) its server certificate must verify against; TLS when
+    /// present.
+    pub database_ca_pem: Option<Vec<u8>>,
     /// MQTT.
     pub mqtt: MqttConfig,
     /// The rules.
@@ -485,6 +495,39 @@ impl Config {
             }
             None => format!("sqlite://{}", data_dir.join("ingest.sqlite").display()),
         };
+        let postgres = !database_url.starts_with("sqlite://");
+        let database_ca_pem = match (&raw.database.ca_file, postgres) {
+            (Some(_), false) => {
+                return Err(invalid(
+                    "database.ca_file",
+                    "applies to PostgreSQL only (SQLite is a local file)".into(),
+                ));
+            }
+            (Some(f), true) => Some(
+                std::fs::read(f)
+                    .map_err(|e| invalid("database.ca_file", format!("{}: {e}", f.display())))?,
+            ),
+            (None, _) => None,
+        };
+        if postgres && database_ca_pem.is_none() && !raw.database.allow_plaintext {
+            let remote = database_url
+                .parse::<tokio_postgres::Config>()
+                .map_err(|e| invalid("database.url", e.to_string()))?
+                .get_hosts()
+                .iter()
+                .any(|h| match h {
+                    tokio_postgres::config::Host::Tcp(name) => !is_loopback(name),
+                    tokio_postgres::config::Host::Unix(_) => false,
+                });
+            if remote {
+                return Err(invalid(
+                    "database.url",
+                    "plaintext PostgreSQL to another host would carry patient data in the clear; set \
+                     database.ca_file (TLS), or database.allow_plaintext = true to accept the risk"
+                        .into(),
+                ));
+            }
+        }
         let (host, port, tls) = broker_addr(&raw.mqtt.broker).ok_or_else(|| {
             invalid(
                 "mqtt.broker",
@@ -677,6 +720,7 @@ impl Config {
             },
             instance,
             database_url,
+            database_ca_pem,
             rules,
             window_interval: Duration::from_secs(raw.rules.window_interval_s),
             webhook,
@@ -758,6 +802,14 @@ mod tests {
                 "webhook.url",
             ),
             ("[api]\nlisten = \"nowhere\"\n", "api.listen"),
+            (
+                "[database]\nurl = \"postgres://ingest@db.internal/phg\"\n",
+                "database.url",
+            ),
+            (
+                "[database]\nurl = \"sqlite:///tmp/x.sqlite\"\nca_file = \"/x\"\n",
+                "database.ca_file",
+            ),
             ("[mqtt]\nbroker = \"mqtts://broker.example\"\n", "mqtt.tls"),
             (
                 "[mqtt]\nbroker = \"mqtt://127.0.0.1\"\n[mqtt.tls]\nca = \"/x\"\n",

@@ -105,7 +105,7 @@ async fn load_patients(store: &AnyStore, ev: &Evaluator) -> Result<(), StoreErro
 /// # Errors
 /// [`RunError`] when the database cannot be opened or the API cannot listen.
 pub async fn start(cfg: Config) -> Result<Running, RunError> {
-    let store = AnyStore::open(&cfg.database_url).await?;
+    let store = AnyStore::open_with(&cfg.database_url, cfg.database_ca_pem.as_deref()).await?;
     let mut sinks = vec![Sink::Mqtt];
     if cfg.webhook.is_some() {
         sinks.push(Sink::Webhook);

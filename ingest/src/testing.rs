@@ -86,6 +86,23 @@ impl TempPostgres {
     /// When the binaries are there but the server cannot be initialised or started (the message has the
     /// server's log).
     pub fn start(fsync: bool) -> std::io::Result<Option<TempPostgres>> {
+        TempPostgres::start_with(fsync, None)
+    }
+
+    /// [`TempPostgres::start`] with TLS on (`ssl = on`) and this certificate chain and private key (PEM);
+    /// plaintext clients are still accepted, so a test can tell which one it got (`pg_stat_ssl`).
+    ///
+    /// # Errors
+    /// As [`TempPostgres::start`].
+    pub fn start_with_tls(
+        fsync: bool,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> std::io::Result<Option<TempPostgres>> {
+        TempPostgres::start_with(fsync, Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(fsync: bool, tls: Option<(&str, &str)>) -> std::io::Result<Option<TempPostgres>> {
         let Some(bin) = postgres_bin() else {
             return Ok(None);
         };
@@ -124,12 +141,28 @@ impl TempPostgres {
                 "--no-sync",
             ],
         )?;
+        let mut ssl = String::new();
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt as _;
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = data.join(name);
+                std::fs::write(&path, pem)?;
+                // PostgreSQL refuses a key that others can read; the server's user must own it.
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                if let Some(user) = &pg.run_as {
+                    let (uid, gid) =
+                        uid_gid(user).ok_or_else(|| std::io::Error::other("passwd"))?;
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+                }
+            }
+            ssl = " -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key".into();
+        }
         // A port picked now may be taken by the time the server binds: retry a few times.
         let mut last = None;
         for _ in 0..5 {
             pg.port = free_port()?;
             let opts = format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=50",
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=50{ssl}",
                 pg.port,
                 pg.dir.path().display(),
                 if fsync { "on" } else { "off" }

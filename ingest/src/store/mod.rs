@@ -38,7 +38,7 @@ use crate::evaluate::{EvalError, Evaluator, Sink};
 mod postgres;
 mod sqlite;
 
-pub use postgres::PgStore;
+pub use postgres::{PgStore, postgres_tls};
 pub use sqlite::SqliteStore;
 
 /// A storage failure. The transaction is rolled back; the messages of the batch stay unacknowledged
@@ -63,6 +63,9 @@ pub enum StoreError {
     /// The database URL is not one we know.
     #[error("database url: {0}")]
     Url(String),
+    /// TLS to the database could not be set up.
+    #[error("database tls: {0}")]
+    Tls(String),
 }
 
 /// Which stream a message came from.
@@ -401,11 +404,24 @@ impl AnyStore {
     /// # Errors
     /// [`StoreError`] when the database cannot be opened or migrated.
     pub async fn open(url: &str) -> Result<AnyStore, StoreError> {
+        AnyStore::open_with(url, None).await
+    }
+
+    /// [`AnyStore::open`]; a PostgreSQL server is reached over TLS trusting the CA certificates in
+    /// `postgres_ca_pem` when given (SQLite is a local file and ignores it).
+    ///
+    /// # Errors
+    /// As [`AnyStore::open`], and [`StoreError::Tls`] for a CA file without a usable certificate.
+    pub async fn open_with(
+        url: &str,
+        postgres_ca_pem: Option<&[u8]>,
+    ) -> Result<AnyStore, StoreError> {
         if url.starts_with("postgres://")
             || url.starts_with("postgresql://")
             || url.starts_with("host=")
         {
-            Ok(AnyStore::Postgres(PgStore::connect(url).await?))
+            let tls = postgres_ca_pem.map(postgres::postgres_tls).transpose()?;
+            Ok(AnyStore::Postgres(PgStore::connect_with(url, tls).await?))
         } else {
             let path = url.strip_prefix("sqlite://").unwrap_or(url);
             Ok(AnyStore::Sqlite(SqliteStore::open(path).await?))

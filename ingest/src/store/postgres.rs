@@ -15,6 +15,7 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Transaction};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// A statement parameter.
 type P<'a> = dyn ToSql + Sync + 'a;
@@ -28,21 +29,82 @@ use crate::evaluate::{AlertWrite, Evaluator, Sink};
 use protocol::wire::ReadingMessage;
 
 /// The PostgreSQL store (cheap to clone).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PgStore {
     url: Arc<str>,
+    /// TLS to the server (rustls, verifying its certificate); `None`: plaintext.
+    tls: Option<MakeRustlsConnect>,
     writer: Arc<Mutex<Client>>,
     reader: Arc<Mutex<Client>>,
 }
 
-async fn client(url: &str) -> Result<Client, StoreError> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the URL: it may carry a password.
+        f.debug_struct("PgStore")
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// TLS to PostgreSQL trusting the CA certificates in `ca_pem` (PEM), with `sslmode=require` semantics:
+/// the connection is encrypted and the server's certificate must verify against them for the URL's host.
+///
+/// # Errors
+/// [`StoreError::Tls`] when the PEM holds no usable certificate.
+pub fn postgres_tls(ca_pem: &[u8]) -> Result<MakeRustlsConnect, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        let cert = cert.map_err(|e| StoreError::Tls(format!("CA file: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| StoreError::Tls(format!("CA file: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(StoreError::Tls("CA file: no certificate in it".into()));
+    }
+    // The provider named, not left to rustls to guess: this build has both of rustls' providers.
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StoreError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+async fn client(url: &str, tls: Option<&MakeRustlsConnect>) -> Result<Client, StoreError> {
+    let client = match tls {
+        Some(tls) => {
+            // sslmode=require: with a connector, tokio-postgres's default ("prefer") would fall back to
+            // plaintext if the server declined.
+            let mut config: tokio_postgres::Config = url.parse()?;
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let (client, conn) = config.connect(tls.clone()).await?;
+            spawn_connection(conn);
+            client
+        }
+        None => {
+            let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+            spawn_connection(conn);
+            client
+        }
+    };
+    Ok(client)
+}
+
+fn spawn_connection<F>(conn: F)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::warn!(error = %e, "postgres connection closed");
         }
     });
-    Ok(client)
 }
 
 impl PgStore {
@@ -51,7 +113,18 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::Postgres`] when the server cannot be reached or the schema created.
     pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
-        let writer = client(url).await?;
+        PgStore::connect_with(url, None).await
+    }
+
+    /// [`PgStore::connect`], over TLS when `tls` is given ([`postgres_tls`]).
+    ///
+    /// # Errors
+    /// As [`PgStore::connect`]; a server without TLS, or whose certificate does not verify, is an error.
+    pub async fn connect_with(
+        url: &str,
+        tls: Option<MakeRustlsConnect>,
+    ) -> Result<PgStore, StoreError> {
+        let writer = client(url, tls.as_ref()).await?;
         writer
             .execute("SELECT pg_advisory_lock(728374)", &[])
             .await?;
@@ -60,9 +133,10 @@ impl PgStore {
             .execute("SELECT pg_advisory_unlock(728374)", &[])
             .await?;
         migrated?;
-        let reader = client(url).await?;
+        let reader = client(url, tls.as_ref()).await?;
         Ok(PgStore {
             url: url.into(),
+            tls,
             writer: Arc::new(Mutex::new(writer)),
             reader: Arc::new(Mutex::new(reader)),
         })
@@ -75,7 +149,7 @@ impl PgStore {
     ) -> Result<tokio::sync::MutexGuard<'a, Client>, StoreError> {
         let mut g = m.lock().await;
         if g.is_closed() {
-            *g = client(&self.url).await?;
+            *g = client(&self.url, self.tls.as_ref()).await?;
         }
         Ok(g)
     }
