@@ -486,8 +486,8 @@ async fn run_collector(
         id: device.address.clone(),
         model,
         // Sequence 0 is the newest record on these meters (GATT.md, TaiDoc DM30b): the collector asks for
-        // every record and hands over the new ones by time, and their reading ids are built on time and
-        // value, not on the sequence number.
+        // every record and hands over those numbered below the last accepted one (found by its time);
+        // their reading ids are built on time and value, not on the sequence number.
         numbering: if quirks.reversed_sequence_numbers {
             RecordNumbering::NewestFirst
         } else {
