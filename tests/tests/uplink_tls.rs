@@ -233,55 +233,56 @@ async fn ingest_consumes_over_tls_with_its_client_certificate() {
     let journal_dir = tempfile::tempdir().unwrap();
     let journal = open_journal(journal_dir.path()).unwrap();
     let t0 = 1_763_900_000;
-    let records: Vec<NewRecord> = (0..12)
-        .map(|n| {
-            let id = format!("tls-reading-{n}");
-            NewRecord {
-                device: "gls-tls".into(),
-                device_seq: Some(n),
-                reading_id: id.clone(),
-                topic: "phg/v1/gw-tls/readings".into(),
-                payload: ingest::testing::glucose_message(
-                    &id,
-                    "p-0001",
-                    100 + n as u32,
-                    t0 + n as i64 * 60,
-                )
-                .into_bytes(),
-            }
-        })
-        .collect();
-    journal.lock().unwrap().append(&records).unwrap();
+    let record = |id: String, patient: &str, n: u64| NewRecord {
+        device: "gls-tls".into(),
+        device_seq: Some(n),
+        topic: "phg/v1/gw-tls/readings".into(),
+        payload: ingest::testing::glucose_message(&id, patient, 100, t0 + n as i64 * 60)
+            .into_bytes(),
+        reading_id: id,
+    };
     let mut cfg = uplink_config(&tls_url, MqttVersion::V5);
     cfg.tls = Some(gateway_tls(&pki));
     let up = RunningUplink::spawn(cfg, Arc::clone(&journal));
+    let stored = |patient: &'static str| {
+        let store = trusting.store().clone();
+        async move { store.readings_of(patient, 1000).await.unwrap().len() }
+    };
+
+    // A shared subscription keeps nothing published before its first subscriber: probe readings go out
+    // over TLS until ingest has stored one, so the readings below cannot race its subscription.
+    let mut probes = 0u64;
+    while stored("p-probe").await == 0 {
+        assert!(probes < 100, "ingest never took a probe over TLS");
+        journal
+            .lock()
+            .unwrap()
+            .append(&[record(format!("tls-probe-{probes}"), "p-probe", probes)])
+            .unwrap();
+        up.wake.wake();
+        probes += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let readings: Vec<NewRecord> = (0..12)
+        .map(|n| record(format!("tls-reading-{n}"), "p-0001", 1000 + n))
+        .collect();
+    journal.lock().unwrap().append(&readings).unwrap();
+    up.wake.wake();
     assert!(
         wait_for_depth(&journal, 0, Duration::from_secs(20)).await,
         "published over TLS"
     );
-
-    let trusting_db = ingest::store::AnyStore::open(&format!(
-        "sqlite://{}",
-        dir.path().join("trusting.sqlite").display()
-    ))
-    .await
-    .unwrap();
-    let mut stored = 0;
+    let mut got = 0;
     for _ in 0..200 {
-        stored = trusting_db.counts().await.unwrap().readings;
-        if stored >= 12 {
+        got = stored("p-0001").await;
+        if got >= 12 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(stored, 12, "every reading stored once, through TLS");
-    let doubtful_db = ingest::store::AnyStore::open(&format!(
-        "sqlite://{}",
-        dir.path().join("doubtful.sqlite").display()
-    ))
-    .await
-    .unwrap();
-    assert_eq!(doubtful_db.counts().await.unwrap().readings, 0);
+    assert_eq!(got, 12, "every reading stored once, through TLS");
+    assert_eq!(doubtful.store().counts().await.unwrap().readings, 0);
     up.stop().await.unwrap().unwrap();
     trusting.stop().await;
     doubtful.stop().await;
