@@ -201,6 +201,19 @@ impl Rig {
     }
 }
 
+/// A link of our own to `address` through btleplug (connected, discovered), for what the collector would
+/// not do by itself.
+async fn raw_link(a: &SelectedAdapter, address: &str) -> BleLink {
+    BleLink::open(
+        &a.adapter,
+        peripheral(a, address).await,
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap()
+}
+
 /// Serves `device` as the meter at [`METER`], advertising as `name`, paired and bound to p-0001.
 async fn add_paired_meter(rig: &Rig, name: &str, device: SimDevice) {
     rig.fake
@@ -550,14 +563,7 @@ async fn racp_before_cccds_gets_0x81_and_the_session_recovers() {
     let cfg = rig.cfg();
     let a = adapter().await;
 
-    let mut link = BleLink::open(
-        &a.adapter,
-        peripheral(&a, METER).await,
-        Duration::from_secs(5),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let mut link = raw_link(&a, METER).await;
     assert!(link.has(uuid::RACP) && link.has(uuid::GLUCOSE_CONTEXT));
     assert_eq!(
         link.write(uuid::RACP, &[0x01, 0x01]).await,
@@ -603,14 +609,7 @@ async fn unbonded_racp_write_asks_for_pairing() {
     let a = adapter().await;
 
     // Through BlueZ the ATT error arrives as "Not paired", which the link reads as 0x05.
-    let mut link = BleLink::open(
-        &a.adapter,
-        peripheral(&a, METER).await,
-        Duration::from_secs(5),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let mut link = raw_link(&a, METER).await;
     for u in [uuid::GLUCOSE_MEASUREMENT, uuid::GLUCOSE_CONTEXT, uuid::RACP] {
         link.subscribe(u).await.unwrap();
     }
