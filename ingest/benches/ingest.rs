@@ -196,6 +196,25 @@ async fn ingest_during_window_pass(url: &str, more: &[Inbound]) -> (Duration, us
     (pass.await.unwrap(), batches, slowest)
 }
 
+/// Prints one database's figures: `(n, n1)` readings batched and one per transaction; the times of the
+/// raw ceiling and the stored run batched, the same one per transaction, and the stored run in backlog
+/// order.
+fn report(label: &str, (n, n1): (usize, usize), times: [Duration; 5], alerts: i64) {
+    let [raw, d, raw1, d1, dc] = times;
+    println!("{label}");
+    println!("  raw INSERT ceiling, batch {BATCH:>3}: {}", rate(n, raw));
+    println!(
+        "  stored + evaluated, batch {BATCH:>3}: {}  ({alerts} alert events)",
+        rate(n, d)
+    );
+    println!("  raw INSERT ceiling, batch   1: {}", rate(n1, raw1));
+    println!("  stored + evaluated, batch   1: {}", rate(n1, d1));
+    println!(
+        "  stored + evaluated, batch {BATCH:>3}, backlog order: {}",
+        rate(n, dc)
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -217,17 +236,11 @@ async fn main() {
     let (d1, _) = stored(&url1, &singles, 1).await;
     let urlc = format!("sqlite://{}", dir.path().join("ingestc.sqlite").display());
     let (dc, _) = stored(&urlc, &backlog, BATCH).await;
-    println!("SQLite (WAL, synchronous=FULL)");
-    println!("  raw INSERT ceiling, batch {BATCH:>3}: {}", rate(n, raw));
-    println!(
-        "  stored + evaluated, batch {BATCH:>3}: {}  ({alerts} alert events)",
-        rate(n, d)
-    );
-    println!("  raw INSERT ceiling, batch   1: {}", rate(n1, raw1));
-    println!("  stored + evaluated, batch   1: {}", rate(n1, d1));
-    println!(
-        "  stored + evaluated, batch {BATCH:>3}, backlog order: {}",
-        rate(n, dc)
+    report(
+        "SQLite (WAL, synchronous=FULL)",
+        (n, n1),
+        [raw, d, raw1, d1, dc],
+        alerts,
     );
     let (pass, batches, slowest) = ingest_during_window_pass(&url, &messages(n, "w")).await;
     println!(
@@ -248,17 +261,11 @@ async fn main() {
             let (d1, _) = stored(&url1, &singles, 1).await;
             let urlc = pg.create_database("ingestc").await.unwrap();
             let (dc, _) = stored(&urlc, &backlog, BATCH).await;
-            println!("PostgreSQL (local server, fsync=on, synchronous_commit=on)");
-            println!("  raw INSERT ceiling, batch {BATCH:>3}: {}", rate(n, raw));
-            println!(
-                "  stored + evaluated, batch {BATCH:>3}: {}  ({alerts} alert events)",
-                rate(n, d)
-            );
-            println!("  raw INSERT ceiling, batch   1: {}", rate(n1, raw1));
-            println!("  stored + evaluated, batch   1: {}", rate(n1, d1));
-            println!(
-                "  stored + evaluated, batch {BATCH:>3}, backlog order: {}",
-                rate(n, dc)
+            report(
+                "PostgreSQL (local server, fsync=on, synchronous_commit=on)",
+                (n, n1),
+                [raw, d, raw1, d1, dc],
+                alerts,
             );
         }
         Ok(None) => println!("PostgreSQL: {}", ingest::testing::SKIP_MESSAGE),
