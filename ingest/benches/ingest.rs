@@ -68,9 +68,10 @@ fn messages_in(n: usize, prefix: &str, catch_up: bool) -> Vec<Inbound> {
                 )
             };
             Inbound {
-                topic: "phg/v1/gw-bench/readings".into(),
+                topic: "phg/v1/gw-test/readings".into(),
                 channel: Channel::Readings,
                 payload: payload.into_bytes(),
+                max_len: None,
             }
         })
         .collect()

@@ -15,6 +15,12 @@
 //! Alert ids contain `/` (`{patient}/{rule}/{time}`): percent-encode them in the path (`%2F`).
 //! Patient ids must be pseudonyms (400 otherwise).
 //!
+//! Every answer that is not a success is JSON, `{"error": "…"}` (unknown routes, wrong methods and
+//! unreadable parameters or bodies included), so a client needs one error path.
+//!
+//! A rejected reading (an impossible value or time, see `eval_error`) is served by the FHIR route with
+//! `status` `entered-in-error` (FHIR R4 Observation.status), never as `final`.
+//!
 //! Every route but `/health` needs `Authorization: Bearer <api.token>` (401 with `WWW-Authenticate:
 //! Bearer` otherwise; the token is compared in constant time). `/health` says only that the instance
 //! runs and how many rows it holds, nothing about a patient. Serve it over TLS (a reverse proxy) when it
@@ -57,11 +63,63 @@ pub fn router(store: AnyStore, ev: Arc<Evaluator>, instance: String, token: Secr
     Router::new()
         .route("/health", get(health))
         .merge(patient_data)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .layer(middleware::map_response(json_errors))
         .with_state(AppState {
             store,
             ev,
             instance,
         })
+}
+
+/// Makes every error answer JSON: axum's own (a query or body it cannot read, a wrong method) are plain
+/// text or empty; they become `{"error": "<their text or the status's reason>"}`.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let mut out = error(status, &message);
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// A JSON error about a request body without the body's values: a field that is unknown, missing or
+/// repeated is named (a key is no patient data); any other problem by its line and column.
+fn body_error(what: &str, e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    for prefix in ["unknown field", "missing field", "duplicate field"] {
+        if message.starts_with(prefix) {
+            let named = message
+                .split([',', '\n'])
+                .next()
+                .unwrap_or(prefix)
+                .split(" at line ")
+                .next()
+                .unwrap_or(prefix);
+            return format!("{what}: {named}");
+        }
+    }
+    format!("{what}: line {}, column {}", e.line(), e.column())
 }
 
 /// Lets a request through only with `Authorization: Bearer <token>`.
@@ -173,7 +231,9 @@ async fn ack(
         .await
     {
         Ok(AckResult::Acknowledged) => {
-            tracing::info!(alert = %id, by = %by, "alert acknowledged");
+            // The alert id starts with the patient id: at debug level only (STYLE: no patient ids at INFO).
+            tracing::info!("alert acknowledged");
+            tracing::debug!(alert = %id, by = %by, "alert acknowledged");
             Json(json!({ "alert": id, "status": "acknowledged", "by": by })).into_response()
         }
         Ok(AckResult::Already) => error(StatusCode::CONFLICT, "already acknowledged"),
@@ -184,7 +244,8 @@ async fn ack(
 
 async fn fhir(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     match s.store.reading(&id).await {
-        Ok(Some(row)) => match crate::fhir::observation(&row.reading) {
+        Ok(Some(row)) => match crate::fhir::observation_of(&row.reading, row.eval_error.as_deref())
+        {
             Some(obs) => ([("content-type", "application/fhir+json")], Json(obs)).into_response(),
             None => error(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -205,11 +266,7 @@ async fn put_settings(State(s): State<AppState>, Path(id): Path<String>, body: S
         Err(e) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                &format!(
-                    "not patient settings: line {}, column {}",
-                    e.line(),
-                    e.column()
-                ),
+                &body_error("not patient settings", &e),
             );
         }
     };
@@ -225,7 +282,8 @@ async fn put_settings(State(s): State<AppState>, Path(id): Path<String>, body: S
     };
     match s.store.put_patient(&id, &json, crate::now_ms()).await {
         Ok(()) => {
-            tracing::info!(patient = %id, "patient settings updated");
+            tracing::info!("patient settings updated");
+            tracing::debug!(patient = %id, "patient settings updated");
             Json(json!({ "patient": id, "status": "updated" })).into_response()
         }
         Err(e) => internal(&e),

@@ -5,7 +5,9 @@
 //! errors (`deny_unknown_fields`), and every error is one line naming the key:
 //!
 //! ```toml
-//! instance = "ingest-a"                  # unique per instance (outbox leases, MQTT client id)
+//! instance = "ingest-a"                  # unique per instance (outbox leases, MQTT client id); default
+//!                                        # ingest-{hostname}-{8 hex of the database's location}: stable
+//!                                        # across restarts, so the broker's queued session is found again
 //! data_dir = "/var/lib/phg-ingest"       # the SQLite file lives here unless [database] url is set
 //!
 //! [mqtt]
@@ -15,6 +17,9 @@
 //! alerts_topic = "phg/ingest/alerts"     # where alert notices are published (QoS 1)
 //! keep_alive_s = 30
 //! max_batch = 256                        # messages stored per transaction, at most
+//! max_message_size = 262144              # bytes; a larger message is recorded in bad_messages (no
+//!                                        # content) and acknowledged; set the broker's limit to match
+//!                                        # (Mosquitto: message_size_limit 262144)
 //!
 //! [database]
 //! url = "postgres://ingest@db.internal/phg"   # or "sqlite:///path/file.sqlite"
@@ -26,7 +31,7 @@
 //! window_interval_s = 3600               # how often time-based rules run (7-day BP average, adherence)
 //!
 //! [webhook]
-//! url = "https://crm.example/phg/alerts"
+//! url = "https://crm.example/phg/alerts"   # http:// only to loopback, unless allow_plaintext = true
 //! secret = "…"                           # HMAC-SHA256 key; or secret_file = "/etc/phg/webhook.key"
 //! timeout_s = 10
 //! initial_backoff_ms = 500
@@ -37,7 +42,8 @@
 //! poll_ms = 200
 //!
 //! [api]
-//! listen = "127.0.0.1:8480"              # default "": no API
+//! listen = "127.0.0.1:8480"              # default "": no API; plain HTTP, so a non-loopback address
+//!                                        # needs allow_plaintext = true (e.g. behind a TLS proxy)
 //! token_file = "/etc/phg/api.token"      # or token = "…": the bearer token (≥ 16 bytes), required
 //!
 //! [[patients]]                           # protocol::rules::PatientSettings, guard-rails applied
@@ -51,6 +57,7 @@ use std::time::Duration;
 
 use protocol::rules::{PatientSettings, RuleSet};
 use serde::Deserialize;
+use sha2::Digest;
 
 /// A configuration error: one line, naming the file and the key.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +121,7 @@ struct RawMqtt {
     keep_alive_s: u64,
     max_batch: usize,
     inflight: u16,
+    max_message_size: usize,
     /// `mqtt://` to a host other than loopback, knowingly.
     allow_plaintext: bool,
     tls: Option<RawMqttTls>,
@@ -139,11 +147,20 @@ impl Default for RawMqtt {
             keep_alive_s: 30,
             max_batch: 256,
             inflight: 256,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             allow_plaintext: false,
             tls: None,
         }
     }
 }
+
+/// The default `[mqtt] max_message_size`: 256 KiB. The largest legitimate message is a reading or an
+/// event of a few KiB (an unattributed-reading event carries a whole reading); 256 KiB leaves two orders
+/// of magnitude of margin and still bounds what one publisher can make ingest hold.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 256 * 1024;
+
+/// MQTT's own ceiling: the largest Remaining Length a fixed header can encode (MQTT 3.1.1 §2.2.3).
+pub const MQTT_MAX_PACKET: usize = 268_435_455;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -194,6 +211,9 @@ struct RawWebhook {
     initial_backoff_ms: u64,
     #[serde(default = "default_max_backoff_s")]
     max_backoff_s: u64,
+    /// `http://` to a host other than loopback, knowingly.
+    #[serde(default)]
+    allow_plaintext: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -220,6 +240,8 @@ struct RawApi {
     listen: String,
     token: Option<String>,
     token_file: Option<PathBuf>,
+    /// Plain HTTP on an address other than loopback, knowingly (e.g. a TLS proxy in front).
+    allow_plaintext: bool,
 }
 
 /// A secret given inline (`{section}.{name}`) or in a file (`{section}.{name}_file`, first line): exactly
@@ -300,6 +322,8 @@ pub struct MqttConfig {
     pub max_batch: usize,
     /// Messages the broker may have in flight to us (and requests queued to the client).
     pub inflight: u16,
+    /// The largest message stored as a reading or event (bytes); also the client's incoming packet limit.
+    pub max_message_size: usize,
     /// TLS to the broker (`mqtts://`).
     pub tls: Option<MqttTls>,
 }
@@ -328,6 +352,13 @@ impl MqttConfig {
     pub fn options(&self, client_id: String) -> rumqttc::MqttOptions {
         let mut opts = rumqttc::MqttOptions::new(client_id, self.host.clone(), self.port);
         opts.set_keep_alive(self.keep_alive);
+        // rumqttc's default incoming limit is 10 KiB, and a larger packet drops the connection before the
+        // message can be acknowledged (issue 11 defect 1). The fixed header counts too: a few bytes over.
+        let packet = self
+            .max_message_size
+            .saturating_add(MQTT_OVERHEAD)
+            .min(MQTT_MAX_PACKET);
+        opts.set_max_packet_size(packet, packet);
         if let Some(tls) = &self.tls {
             // rumqttc builds its rustls configuration from the process's default crypto provider; with
             // both of rustls' providers in the build (reqwest brings ring) there is none until one is
@@ -400,6 +431,55 @@ pub struct Config {
     pub patients: Vec<PatientSettings>,
 }
 
+/// Room for a PUBLISH's topic and packet id beside its payload (a topic is at most 65535 bytes).
+pub const MQTT_OVERHEAD: usize = 2 + 65_535 + 2;
+
+/// The default instance id: `ingest-{hostname}-{8 hex}`, the hex from where the database is (the SQLite
+/// file's absolute path; a PostgreSQL server's hosts, ports, database and user — not its password). The
+/// same on every start, so the MQTT client id and with it the broker's persistent session survive a
+/// restart (issue 11 defect 2: a per-process id left the queued messages in an orphaned session).
+/// Two instances on one host sharing one database must set `instance` apart.
+fn default_instance(database_url: &str) -> String {
+    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(f).ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    let host = if host.is_empty() { "host".into() } else { host };
+    let location = match database_url.strip_prefix("sqlite://") {
+        Some(path) => {
+            std::path::absolute(path).map_or_else(|_| path.to_owned(), |p| p.display().to_string())
+        }
+        None => match database_url.parse::<tokio_postgres::Config>() {
+            Ok(c) => format!(
+                "{:?} {:?} {:?} {:?}",
+                c.get_hosts(),
+                c.get_ports(),
+                c.get_dbname(),
+                c.get_user()
+            ),
+            Err(_) => database_url.to_owned(),
+        },
+    };
+    let digest = sha2::Sha256::digest(location.as_bytes());
+    format!(
+        "ingest-{host}-{}",
+        protocol::wire::to_hex(digest.get(..4).unwrap_or_default())
+    )
+}
+
 /// `message` on one line with its line and column (toml's own rendering spans several lines).
 fn parse_message(text: &str, e: &toml::de::Error) -> String {
     let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
@@ -428,6 +508,16 @@ fn broker_addr(url: &str) -> Option<(String, u16, bool)> {
         return None;
     }
     Some((host.trim_matches(['[', ']']).to_owned(), port, tls))
+}
+
+/// The host of `rest`, an http(s) URL after its scheme (`user@host:port/path` → `host`).
+fn url_host(rest: &str) -> &str {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host_port.split(':').next().unwrap_or_default(),
+    }
 }
 
 /// Whether `host` is this machine (plaintext MQTT to it never crosses a network).
@@ -465,16 +555,6 @@ impl Config {
             key: key.to_owned(),
             reason,
         };
-        let instance = match raw.instance {
-            Some(i) => i,
-            None => format!("ingest-{}", std::process::id()),
-        };
-        if !protocol::wire::is_valid_topic_level(&instance) {
-            return Err(invalid(
-                "instance",
-                "must be letters, digits, '-', '_' or '.'".into(),
-            ));
-        }
         let data_dir = raw.data_dir.unwrap_or_else(|| PathBuf::from("ingest-data"));
         let database_url = match raw.database.url {
             Some(u) if u.trim().is_empty() => {
@@ -495,6 +575,16 @@ impl Config {
             }
             None => format!("sqlite://{}", data_dir.join("ingest.sqlite").display()),
         };
+        let instance = match raw.instance {
+            Some(i) => i,
+            None => default_instance(&database_url),
+        };
+        if !protocol::wire::is_valid_topic_level(&instance) {
+            return Err(invalid(
+                "instance",
+                "must be letters, digits, '-', '_' or '.'".into(),
+            ));
+        }
         let postgres = !database_url.starts_with("sqlite://");
         let database_ca_pem = match (&raw.database.ca_file, postgres) {
             (Some(_), false) => {
@@ -598,6 +688,12 @@ impl Config {
         if raw.mqtt.max_batch == 0 || raw.mqtt.max_batch > 10_000 {
             return Err(invalid("mqtt.max_batch", "must be 1..=10000".into()));
         }
+        if !(4096..=MQTT_MAX_PACKET - MQTT_OVERHEAD).contains(&raw.mqtt.max_message_size) {
+            return Err(invalid(
+                "mqtt.max_message_size",
+                format!("must be 4096..={} bytes", MQTT_MAX_PACKET - MQTT_OVERHEAD),
+            ));
+        }
         if raw.mqtt.inflight == 0 {
             return Err(invalid("mqtt.inflight", "must be at least 1".into()));
         }
@@ -623,10 +719,27 @@ impl Config {
         let webhook = match raw.webhook {
             None => None,
             Some(w) => {
-                if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                let host = match (
+                    w.url.strip_prefix("http://"),
+                    w.url.strip_prefix("https://"),
+                ) {
+                    (Some(rest), _) => Some(url_host(rest)),
+                    (None, Some(_)) => None,
+                    (None, None) => {
+                        return Err(invalid(
+                            "webhook.url",
+                            "must be an http:// or https:// URL".into(),
+                        ));
+                    }
+                };
+                // Alert notices name patients and their readings: plain HTTP only where it never
+                // crosses a network, as for MQTT and PostgreSQL above.
+                if host.is_some_and(|h| !is_loopback(h)) && !w.allow_plaintext {
                     return Err(invalid(
                         "webhook.url",
-                        "must be an http:// or https:// URL".into(),
+                        "plain http:// to another host would carry patient data in the clear; use \
+                         https://, or set webhook.allow_plaintext = true to accept the risk"
+                            .into(),
                     ));
                 }
                 let secret = secret_value("webhook", "secret", w.secret, w.secret_file)
@@ -671,6 +784,18 @@ impl Config {
                 )
             })?)
         };
+        // The API speaks plain HTTP: on an address other than loopback only knowingly (a TLS proxy in
+        // front), as for MQTT, PostgreSQL and the webhook.
+        if api_listen.is_some_and(|a: SocketAddr| !a.ip().is_loopback()) && !raw.api.allow_plaintext
+        {
+            return Err(invalid(
+                "api.listen",
+                "the API is plain HTTP and would serve patient data in the clear on this address; \
+                 listen on loopback behind a TLS proxy, or set api.allow_plaintext = true to accept \
+                 the risk"
+                    .into(),
+            ));
+        }
         // The API serves patient readings and takes acknowledgements and settings: never without a
         // token, on any address (another account on the same host is not the CRM either).
         let api_token = match (api_listen, raw.api.token, raw.api.token_file) {
@@ -716,6 +841,7 @@ impl Config {
                 keep_alive: Duration::from_secs(raw.mqtt.keep_alive_s),
                 max_batch: raw.mqtt.max_batch,
                 inflight: raw.mqtt.inflight,
+                max_message_size: raw.mqtt.max_message_size,
                 tls,
             },
             instance,
@@ -794,9 +920,18 @@ mod tests {
             ("[mqtt]\nmax_batch = 0\n", "mqtt.max_batch"),
             ("[database]\nurl = \"mysql://x\"\n", "database.url"),
             (
-                "[webhook]\nurl = \"http://x\"\nsecret = \"short\"\n",
+                "[webhook]\nurl = \"http://127.0.0.1/x\"\nsecret = \"short\"\n",
                 "webhook.secret",
             ),
+            (
+                "[webhook]\nurl = \"http://crm.example/x\"\nsecret = \"0123456789abcdef\"\n",
+                "webhook.url: plain http://",
+            ),
+            (
+                "[api]\nlisten = \"0.0.0.0:8480\"\ntoken = \"0123456789abcdef\"\n",
+                "api.listen: the API is plain HTTP",
+            ),
+            ("[mqtt]\nmax_message_size = 10\n", "mqtt.max_message_size"),
             (
                 "[webhook]\nurl = \"ftp://x\"\nsecret = \"0123456789abcdef\"\n",
                 "webhook.url",
@@ -867,6 +1002,44 @@ mod tests {
         let c = parse("[mqtt]\nbroker = \"mqtt://broker.example\"\nallow_plaintext = true\n")
             .expect("plaintext, knowingly");
         assert!(c.mqtt.tls.is_none());
+    }
+
+    /// The default instance (and so the MQTT client id of the persistent session) is the same on every
+    /// start of the same installation, and differs between databases (issue 11 defect 2: it was
+    /// `ingest-{pid}`, and a restart lost what the broker had queued).
+    #[test]
+    fn the_default_instance_is_stable_per_database() {
+        let a = parse("data_dir = \"/var/lib/a\"\n").expect("valid");
+        let again = parse("data_dir = \"/var/lib/a\"\n").expect("valid");
+        let b = parse("data_dir = \"/var/lib/b\"\n").expect("valid");
+        assert_eq!(a.instance, again.instance);
+        assert_eq!(a.mqtt.client_id, again.mqtt.client_id);
+        assert_ne!(a.instance, b.instance);
+        assert!(!a.instance.contains(&std::process::id().to_string()));
+        assert!(
+            protocol::wire::is_valid_topic_level(&a.instance),
+            "{}",
+            a.instance
+        );
+        let set = parse("instance = \"ingest-a\"\n").expect("valid");
+        assert_eq!(set.mqtt.client_id, "phg-ingest-ingest-a");
+    }
+
+    /// Plaintext is refused off loopback for the webhook and the API as for MQTT and PostgreSQL, and
+    /// allowed knowingly.
+    #[test]
+    fn plaintext_off_loopback_only_knowingly() {
+        parse("[webhook]\nurl = \"http://localhost:9/x\"\nsecret = \"0123456789abcdef\"\n")
+            .expect("loopback");
+        parse("[webhook]\nurl = \"https://crm.example/x\"\nsecret = \"0123456789abcdef\"\n")
+            .expect("TLS");
+        parse(
+            "[webhook]\nurl = \"http://crm.example/x\"\nsecret = \"0123456789abcdef\"\nallow_plaintext = true\n",
+        )
+        .expect("knowingly");
+        parse("[api]\nlisten = \"0.0.0.0:8480\"\ntoken = \"0123456789abcdef\"\nallow_plaintext = true\n")
+            .expect("knowingly");
+        parse("[api]\nlisten = \"[::1]:8480\"\ntoken = \"0123456789abcdef\"\n").expect("loopback");
     }
 
     #[test]

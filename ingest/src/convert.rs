@@ -13,10 +13,12 @@ use protocol::model::{
     Pressure,
 };
 use protocol::rules::Dec;
-use protocol::validate::{Flags, Outcome, TimeVerdict, Verdict};
+use protocol::validate::{
+    FUTURE_SKEW_S, Field, Flags, Outcome, Reception, Rejection, TimeVerdict, Verdict, validate,
+};
 use protocol::wire::{Kind, Quality, ReadingMessage};
 
-/// Why a reading message cannot be evaluated (it is still stored).
+/// Why a reading message is rejected: stored with this reason, never evaluated (DESIGN.md promise 9).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConvertError {
     /// The kind's value block is missing (`glucose` for a glucose reading, `blood_pressure` for BP).
@@ -28,6 +30,35 @@ pub enum ConvertError {
     /// A time is not RFC 3339 UTC (`YYYY-MM-DDTHH:MM:SSZ`).
     #[error("`{0}` is not an RFC 3339 UTC time")]
     BadTime(&'static str),
+    /// protocol's validation (CLINICAL.md §3) rejects the values: the code of its [`Rejection`] and the
+    /// field it is about (`out_of_range: glucose`), never the value.
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// A time later than the reference by more than [`FUTURE_SKEW_S`] (CLINICAL.md §3.2): `time.received`
+    /// against ingest's clock, `time.corrected` against `time.received`.
+    #[error("rejected: time_in_future: {0}")]
+    TimeInFuture(&'static str),
+}
+
+/// The typed reason for `r`: protocol's code and, where it has one, the field (no value).
+fn rejection_reason(r: &Rejection) -> String {
+    let field = match r {
+        Rejection::NoValue { field, .. } | Rejection::OutOfRange { field, .. } => {
+            Some(match field {
+                Field::Glucose => "glucose",
+                Field::Systolic => "systolic",
+                Field::Diastolic => "diastolic",
+                Field::MeanArterialPressure => "mean_arterial_pressure",
+                Field::Pulse => "pulse",
+            })
+        }
+        _ => None,
+    };
+    let code = protocol::wire::rejection_code(r);
+    match field {
+        Some(f) => format!("{code}: {f}"),
+        None => code.to_owned(),
+    }
 }
 
 /// The engine's view of one reading message.
@@ -138,12 +169,18 @@ pub fn parse_rfc3339_utc(s: &str) -> Option<i64> {
     Some(days * 86_400 + h * 3600 + mi * 60 + sec)
 }
 
-/// The engine's input for `msg`.
+/// The engine's input for `msg`, received by ingest at `now_utc` (Unix s), after the same plausibility
+/// and time checks the gateway applies: an impossible value or time is never evaluated.
+///
+/// The values go through [`protocol::validate::validate`] — the one place the plausibility windows live
+/// (CLINICAL.md §3) — rebuilt in the device's unit as the gateway saw them. The times are checked against
+/// the same [`FUTURE_SKEW_S`]: a received time ahead of ingest's clock, or a corrected time ahead of the
+/// received time, is rejected (a far-future time would otherwise confirm or close open alerts).
 ///
 /// # Errors
-/// [`ConvertError`] when the message lacks its value block, carries a value that is not a number, or a
-/// time that is not RFC 3339 UTC.
-pub fn engine_reading(msg: &ReadingMessage) -> Result<EngineReading, ConvertError> {
+/// [`ConvertError`] when the message lacks its value block, carries a value that is not a number, a time
+/// that is not RFC 3339 UTC, a value protocol's validation rejects, or a time in the future.
+pub fn engine_reading(msg: &ReadingMessage, now_utc: i64) -> Result<EngineReading, ConvertError> {
     let b = &msg.body;
     let mut flags = Flags::default();
     for name in &b.status.flags {
@@ -157,6 +194,12 @@ pub fn engine_reading(msg: &ReadingMessage) -> Result<EngineReading, ConvertErro
         Some(c) => Some(parse_rfc3339_utc(c).ok_or(ConvertError::BadTime("time.corrected"))?),
         None => None,
     };
+    if received.saturating_sub(now_utc) > FUTURE_SKEW_S {
+        return Err(ConvertError::TimeInFuture("time.received"));
+    }
+    if corrected.is_some_and(|c| c.saturating_sub(received) > FUTURE_SKEW_S) {
+        return Err(ConvertError::TimeInFuture("time.corrected"));
+    }
     let time_utc = match corrected {
         Some(c) if b.time.trusted => c,
         _ => received,
@@ -243,6 +286,28 @@ pub fn engine_reading(msg: &ReadingMessage) -> Result<EngineReading, ConvertErro
             })
         }
     };
+    // A censored reading's value is the meter's range limit or absent; the engine decides on its side
+    // (LO/HI), not on the value, so only uncensored values are held to the plausibility windows. The device
+    // time is not in `measurement` (the times were checked above), so `validate` judges the values only.
+    if !matches!(outcome, Outcome::Censored { .. }) {
+        let rx = Reception {
+            received_utc: received,
+            clock_offset_s: None,
+        };
+        match validate(&measurement, &rx).outcome {
+            Outcome::Valid | Outcome::LowQuality => {}
+            Outcome::Rejected { rejection } => {
+                return Err(ConvertError::Rejected(rejection_reason(&rejection)));
+            }
+            Outcome::ControlSolution => {
+                return Err(ConvertError::Rejected("control_solution".into()));
+            }
+            // LO/HI status bits with a value the message calls uncensored: not a value to alert on.
+            Outcome::Censored { .. } => {
+                return Err(ConvertError::Rejected("censored_status_bits".into()));
+            }
+        }
+    }
     Ok(EngineReading {
         measurement,
         verdict: Verdict {

@@ -57,6 +57,19 @@ fn glucose_code(sample_type: Option<u64>) -> (&'static str, &'static str) {
     }
 }
 
+/// [`observation`] of a stored reading that ingest may have rejected (`rejected`: the reason). A rejected
+/// reading (an impossible value or time) is no result: its Observation has `status`
+/// `entered-in-error` (FHIR R4 Observation.status: "the observation … should not have existed") and the
+/// reason as a `note`, never `final`.
+pub fn observation_of(r: &Value, rejected: Option<&str>) -> Option<Value> {
+    let mut obs = observation(r)?;
+    if let Some(reason) = rejected {
+        obs["status"] = json!("entered-in-error");
+        obs["note"] = json!([{ "text": format!("rejected by ingest: {reason}") }]);
+    }
+    Some(obs)
+}
+
 /// The reading (its stored `phg.reading/1` JSON) as a FHIR Observation; `None` when it lacks what
 /// every Observation needs (id, patient, kind, receive time) or its value block.
 pub fn observation(r: &Value) -> Option<Value> {

@@ -166,7 +166,7 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
         store.clone(),
         Arc::clone(&ev),
         cfg.instance.clone(),
-        cfg.mqtt.max_batch,
+        (cfg.mqtt.max_batch, cfg.mqtt.max_message_size),
         token.clone(),
     ));
 
@@ -249,6 +249,9 @@ async fn consume(
     token: CancellationToken,
 ) {
     let mut failures = 0i32;
+    // The configured packet limit, and whether it is raised to let one oversized message in.
+    let limit = eventloop.mqtt_options.max_packet_size();
+    let mut raised = false;
     loop {
         let ev = tokio::select! {
             _ = token.cancelled() => break,
@@ -269,6 +272,11 @@ async fn consume(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                if raised {
+                    // Back to the configured limit from the next connection on.
+                    eventloop.mqtt_options.set_max_packet_size(limit, limit);
+                    raised = false;
+                }
                 // Blocks when the storer is behind: backpressure to the broker.
                 tokio::select! {
                     _ = token.cancelled() => break,
@@ -279,6 +287,24 @@ async fn consume(
                 tracing::debug!(codes = ?s.return_codes, "subscribed");
             }
             Ok(_) => {}
+            // A packet larger than the limit: rumqttc drops the connection on its fixed header, before
+            // the message can be read or acknowledged, and the broker redelivers it first on the next
+            // connection — the loop of issue 11 defect 1. With MQTT 3.1.1 the client must cope (MQTT 5's
+            // Maximum Packet Size, §3.1.2.11.4, would let the broker drop it instead): reconnect once with
+            // room for exactly this packet, so the storer records it in bad_messages and acknowledges it.
+            Err(rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                rumqttc::Error::PayloadSizeLimitExceeded(len),
+            ))) => {
+                let room = len.saturating_add(8).min(crate::config::MQTT_MAX_PACKET);
+                tracing::warn!(
+                    bytes = len,
+                    limit,
+                    "a message larger than mqtt.max_message_size arrived: reading it once to record \
+                     and acknowledge it (set the broker's message_size_limit to match)"
+                );
+                eventloop.mqtt_options.set_max_packet_size(room, limit);
+                raised = true;
+            }
             Err(e) => {
                 failures = failures.saturating_add(1);
                 let d = backoff(
@@ -312,7 +338,7 @@ async fn storer(
     store: AnyStore,
     ev: Arc<Evaluator>,
     instance: String,
-    max_batch: usize,
+    (max_batch, max_len): (usize, usize),
     token: CancellationToken,
 ) {
     let mut batch: Vec<Publish> = Vec::with_capacity(max_batch);
@@ -327,6 +353,7 @@ async fn storer(
                 topic: p.topic.clone(),
                 channel: channel_of(&p.topic),
                 payload: p.payload.to_vec(),
+                max_len: Some(max_len),
             })
             .collect();
         let mut failures = 0i32;
@@ -353,7 +380,8 @@ async fn storer(
                 }
             }
         };
-        let (mut new, mut dup, mut bad, mut alerts) = (0usize, 0usize, 0usize, 0usize);
+        let (mut new, mut dup, mut bad, mut alerts, mut rejected) =
+            (0usize, 0usize, 0usize, 0usize, 0usize);
         for r in &results {
             match r {
                 Stored::New { alerts: a } => {
@@ -361,6 +389,11 @@ async fn storer(
                     alerts += a;
                 }
                 Stored::Duplicate => dup += 1,
+                Stored::Rejected(reason) => {
+                    rejected += 1;
+                    // The reason names the check and the field, never a value.
+                    tracing::warn!(reason = %reason, "reading rejected: stored, not evaluated");
+                }
                 Stored::Event => {}
                 Stored::Bad(error) => {
                     bad += 1;
@@ -372,6 +405,7 @@ async fn storer(
         tracing::debug!(
             new,
             duplicates = dup,
+            rejected,
             bad,
             alert_events = alerts,
             "batch stored"

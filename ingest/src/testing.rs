@@ -252,13 +252,27 @@ impl Drop for TempPostgres {
     }
 }
 
-/// A `phg.reading/1` glucose message (valid, trusted time, mg/dL) as the gateway publishes it.
+/// The gateway id in the test messages: publish them on `phg/v1/gw-test/readings` (ingest refuses a
+/// reading whose gateway is not its topic's).
+pub const TEST_GATEWAY: &str = "gw-test";
+
+/// The reading id a test names `name`: a version 5 UUID (the form every reading id has, and the only one
+/// ingest accepts), derived from the name; a name that already is a UUID is kept.
+pub fn reading_uuid(name: &str) -> String {
+    if uuid::Uuid::try_parse(name).is_ok() {
+        return name.to_owned();
+    }
+    uuid::Uuid::new_v5(&protocol::reading_id::NAMESPACE, name.as_bytes()).to_string()
+}
+
+/// A `phg.reading/1` glucose message (valid, trusted time, mg/dL) as the gateway publishes it, with id
+/// [`reading_uuid`]`(id)`.
 pub fn glucose_message(id: &str, patient: &str, mg_dl: u32, time_utc: i64) -> String {
     let t = protocol::wire::rfc3339_utc(time_utc).unwrap_or_default();
     serde_json::json!({
         "schema": "phg.reading/1",
-        "id": id,
-        "gateway": "gw-test",
+        "id": reading_uuid(id),
+        "gateway": TEST_GATEWAY,
         "patient": patient,
         "device": { "id": "meter-test" },
         "kind": "glucose",
@@ -275,7 +289,7 @@ pub fn glucose_message(id: &str, patient: &str, mg_dl: u32, time_utc: i64) -> St
     .to_string()
 }
 
-/// A `phg.reading/1` blood-pressure message (valid, mmHg, trusted time).
+/// A `phg.reading/1` blood-pressure message (valid, mmHg, trusted time), with id [`reading_uuid`]`(id)`.
 pub fn bp_message(
     id: &str,
     patient: &str,
@@ -287,8 +301,8 @@ pub fn bp_message(
     let t = protocol::wire::rfc3339_utc(time_utc).unwrap_or_default();
     serde_json::json!({
         "schema": "phg.reading/1",
-        "id": id,
-        "gateway": "gw-test",
+        "id": reading_uuid(id),
+        "gateway": TEST_GATEWAY,
         "patient": patient,
         "device": { "id": "cuff-test", "user_id": 1 },
         "kind": "blood_pressure",

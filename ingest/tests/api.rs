@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use ingest::evaluate::{Evaluator, Sink};
 use ingest::store::{AnyStore, Channel, Inbound, Store};
-use ingest::testing::{bp_message, glucose_message};
+use ingest::testing::{bp_message, glucose_message, reading_uuid};
 use protocol::rules::RuleSet;
 use serde_json::Value;
 
@@ -17,6 +17,7 @@ fn reading(payload: String) -> Inbound {
         topic: "phg/v1/gw-test/readings".into(),
         channel: Channel::Readings,
         payload: payload.into_bytes(),
+        max_len: None,
     }
 }
 
@@ -41,6 +42,8 @@ async fn patient_readings_alerts_and_acknowledgement_over_http() {
                 reading(glucose_message("r-1", "p-0001", 110, T0)),
                 reading(glucose_message("r-2", "p-0001", 45, T0 + 300)),
                 reading(bp_message("r-3", "p-0002", 120, 75, 70, T0)),
+                // Impossible (systolic 900): stored as rejected, never evaluated.
+                reading(bp_message("r-4", "p-0002", 900, 10, 70, T0 + 60)),
             ],
             Arc::clone(&ev),
             "a",
@@ -126,7 +129,11 @@ async fn patient_readings_alerts_and_acknowledgement_over_http() {
         .iter()
         .map(|r| r["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["r-2", "r-1"], "newest first, only this patient's");
+    assert_eq!(
+        ids,
+        [reading_uuid("r-2"), reading_uuid("r-1")],
+        "newest first, only this patient's"
+    );
     let (_, body) = get("/patients/p-0001/readings?limit=1".into()).await;
     assert_eq!(body["readings"].as_array().unwrap().len(), 1);
 
@@ -161,12 +168,21 @@ async fn patient_readings_alerts_and_acknowledgement_over_http() {
     let (_, body) = get("/patients/p-0001/alerts".into()).await;
     assert_eq!(body["alerts"][0]["acknowledged_by"], "nurse-7");
 
-    let (status, body) = get("/readings/r-3/fhir".into()).await;
+    let (status, body) = get(format!("/readings/{}/fhir", reading_uuid("r-3"))).await;
     assert_eq!(status, 200);
     assert_eq!(body["resourceType"], "Observation");
     assert_eq!(body["component"][0]["valueQuantity"]["value"], 120.0);
     let (status, _) = get("/readings/nope/fhir".into()).await;
     assert_eq!(status, 404);
+    // A rejected reading is no result: never a `final` Observation (FHIR R4 Observation.status).
+    let (status, body) = get(format!("/readings/{}/fhir", reading_uuid("r-4"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "entered-in-error", "{body}");
+    let (_, body) = get("/patients/p-0002/alerts".into()).await;
+    assert!(
+        body["alerts"].as_array().unwrap().is_empty(),
+        "no alert on a rejected reading: {body}"
+    );
 
     // Settings from the CRM: a valid profile change is taken; relaxing a critical safety floor
     // without a waiver is refused with the guard-rail's message.
@@ -195,11 +211,30 @@ async fn patient_readings_alerts_and_acknowledgement_over_http() {
     assert!(text.contains("GLU_HYPO_L2"), "{text}");
     let (status, _) = put(r#"{"patient": "p-9999"}"#).await;
     assert_eq!(status, 400, "path and body disagree");
+    // An unknown settings field is named (not a column number).
+    let (status, text) = put(r#"{"patient": "p-0003", "profil": "US"}"#).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("unknown field `profil`"), "{text}");
+
+    // Every error is JSON, axum's own rejections and unknown routes included.
+    for path in [
+        "/patients/p-0001/readings?limit=abc",
+        "/no/such/route",
+        "/readings/nope/fhir",
+    ] {
+        let (status, body) = get(path.into()).await;
+        assert!(status >= 400, "{path}: {status}");
+        assert!(body["error"].is_string(), "{path}: {status} {body}");
+    }
+    let r = http.delete(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let body: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert!(body["error"].is_string(), "{body}");
 
     let (status, _) = get("/patients/Jane%20Doe/readings".into()).await;
     assert_eq!(status, 400, "only pseudonymous ids");
     let (status, body) = get("/health".into()).await;
     assert_eq!(status, 200);
     assert_eq!(body["backend"], "sqlite");
-    assert_eq!(body["counts"]["readings"], 3);
+    assert_eq!(body["counts"]["readings"], 4);
 }

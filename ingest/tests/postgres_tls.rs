@@ -59,7 +59,7 @@ async fn ingest_stores_over_tls_and_refuses_a_server_it_cannot_verify() {
     let msgs: Vec<Inbound> = (0..5)
         .map(|i| Inbound {
             channel: Channel::Readings,
-            topic: "phg/v1/gw-tls/readings".into(),
+            topic: "phg/v1/gw-test/readings".into(),
             payload: glucose_message(
                 &format!("tls-{i}"),
                 "p-0001",
@@ -67,6 +67,7 @@ async fn ingest_stores_over_tls_and_refuses_a_server_it_cannot_verify() {
                 1_763_900_000 + i64::from(i) * 60,
             )
             .into_bytes(),
+            max_len: None,
         })
         .collect();
     store.ingest(msgs, Arc::clone(&ev), "tls", 1).await.unwrap();

@@ -11,11 +11,11 @@ use std::sync::Arc;
 
 use ingest::evaluate::{Evaluator, Sink};
 use ingest::store::{AckResult, AnyStore, Channel, Inbound, Store, Stored};
-use ingest::testing::{SKIP_MESSAGE, TempPostgres, bp_message, glucose_message};
+use ingest::testing::{SKIP_MESSAGE, TempPostgres, bp_message, glucose_message, reading_uuid};
 use protocol::rules::RuleSet;
 
-/// 2026-11-23 08:00:00 UTC.
-const T0: i64 = 1_795_420_800;
+/// 2026-01-01 08:00:00 UTC: in the past, with room after it (ingest rejects readings from the future).
+const T0: i64 = 1_767_254_400;
 
 fn ev() -> Arc<Evaluator> {
     Arc::new(Evaluator::new(
@@ -29,6 +29,7 @@ fn reading(payload: String) -> Inbound {
         topic: "phg/v1/gw-test/readings".into(),
         channel: Channel::Readings,
         payload: payload.into_bytes(),
+        max_len: None,
     }
 }
 
@@ -258,6 +259,7 @@ async fn bad_messages_are_kept_not_stored_as_readings(url: &str) {
                     topic: "phg/v1/gw-test/events".into(),
                     channel: Channel::Events,
                     payload: br#"{"schema":"phg.event/1","gateway":"gw-test","time":"2026-11-23T08:00:00Z","event":{"kind":"device_error"}}"#.to_vec(),
+                    max_len: None,
                 },
             ],
             ev(),
@@ -291,11 +293,11 @@ async fn acknowledge_and_patient_queries(url: &str) {
     let rs = store.readings_of("p-0001", 2).await.unwrap();
     assert_eq!(
         rs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-        ["r-3", "r-2"]
+        [reading_uuid("r-3"), reading_uuid("r-2")]
     );
     assert_eq!(rs[0].reading["glucose"]["value"], 120);
     assert_eq!(store.readings_of("p-0001", 10).await.unwrap().len(), 3);
-    assert!(store.reading("r-4").await.unwrap().is_some());
+    assert!(store.reading(&reading_uuid("r-4")).await.unwrap().is_some());
     let alerts = store.alerts_of("p-0001", 10).await.unwrap();
     assert_eq!(alerts.len(), 1, "{alerts:?}");
     let id = alerts[0].id.clone();

@@ -86,6 +86,9 @@ pub struct Inbound {
     pub channel: Channel,
     /// The payload as received.
     pub payload: Vec<u8>,
+    /// The largest payload accepted (`[mqtt] max_message_size`); a larger one is recorded in
+    /// `bad_messages` without its content and acknowledged. `None`: no limit.
+    pub max_len: Option<usize>,
 }
 
 /// What storing one message did.
@@ -100,7 +103,11 @@ pub enum Stored {
     Duplicate,
     /// A gateway event, stored (or already stored).
     Event,
-    /// A message that is not a valid reading/event: kept in `bad_messages`, acknowledged.
+    /// A new reading that is rejected (impossible value or time, see [`ConvertError`]): stored with its
+    /// reason, never evaluated.
+    Rejected(String),
+    /// A message that is not a valid reading/event (or a reading id already stored with other content):
+    /// kept in `bad_messages`, acknowledged.
     Bad(String),
 }
 
@@ -149,7 +156,60 @@ fn json_error(e: &serde_json::Error) -> String {
     format!("{what} at line {}, column {}", e.line(), e.column())
 }
 
-/// Parses a message. Never fails: what does not parse becomes [`Prepared::Bad`].
+/// The gateway level of `{root}/{gateway}/readings` (or `…/events`).
+fn topic_gateway(topic: &str) -> Option<&str> {
+    topic.rsplit('/').nth(1)
+}
+
+/// Whether `schema` is `{name}/1` or `{name}/1.{minor}`: major version 1 is the contract ingest reads
+/// (DESIGN.md "The MQTT contract (v1)"); another major version may mean anything and is refused.
+fn is_major_1(schema: &str, name: &str) -> bool {
+    schema
+        .strip_prefix(name)
+        .and_then(|v| v.strip_prefix('/'))
+        .is_some_and(|v| v == "1" || v.strip_prefix("1.").is_some_and(|m| !m.is_empty()))
+}
+
+/// Whether `id` is a version 5 (name-based, SHA-1) RFC 4122 UUID, which every reading id is
+/// (`protocol::reading_id`).
+fn is_v5_uuid(id: &str) -> bool {
+    uuid::Uuid::try_parse(id)
+        .is_ok_and(|u| u.get_version_num() == 5 && u.get_variant() == uuid::Variant::RFC4122)
+}
+
+/// What a reading id stands for: the same measurement (device, values, context) on the same patient.
+/// The times, status flags and gateway may differ between two downloads of one record and are left out.
+fn content(msg: &ReadingMessage) -> Option<serde_json::Value> {
+    let mut v = serde_json::to_value(msg).ok()?;
+    if let Some(o) = v.as_object_mut() {
+        for k in ["time", "status", "gateway", "schema"] {
+            o.remove(k);
+        }
+    }
+    Some(v)
+}
+
+/// Whether `new` is another message than the one stored under its id (`stored`, the stored payload):
+/// then the same id names two measurements, and the second is recorded as a conflict, not dropped.
+pub(crate) fn conflicts(stored: &str, new: &ReadingMessage) -> bool {
+    match serde_json::from_str::<ReadingMessage>(stored) {
+        Ok(old) => content(&old) != content(new),
+        Err(_) => true,
+    }
+}
+
+/// The `bad_messages` record of a reading whose id is stored with other content.
+pub(crate) fn conflict_record(topic: &str, payload: &str) -> Prepared {
+    Prepared::Bad {
+        id: digest_hex(&[topic.as_bytes(), payload.as_bytes()]),
+        topic: topic.to_owned(),
+        error: "conflict: this reading id is stored with other content".into(),
+        payload: payload.to_owned(),
+    }
+}
+
+/// Parses a message. Never fails: what does not parse, or is not a reading or event
+/// ingest may store, becomes [`Prepared::Bad`] (with a reason that names no value).
 pub(crate) fn prepare(m: &Inbound) -> Prepared {
     let bad = |error: String| Prepared::Bad {
         id: digest_hex(&[m.topic.as_bytes(), &m.payload]),
@@ -157,26 +217,56 @@ pub(crate) fn prepare(m: &Inbound) -> Prepared {
         error,
         payload: String::from_utf8_lossy(&m.payload).into_owned(),
     };
+    if let Some(limit) = m.max_len.filter(|l| m.payload.len() > *l) {
+        // Recorded without its content: it is larger than anything a gateway sends, and storing it
+        // would let one publisher fill the database.
+        return Prepared::Bad {
+            id: digest_hex(&[m.topic.as_bytes(), &m.payload]),
+            topic: m.topic.clone(),
+            error: format!(
+                "too large: {} bytes, more than mqtt.max_message_size ({limit})",
+                m.payload.len()
+            ),
+            payload: String::new(),
+        };
+    }
     let Ok(text) = std::str::from_utf8(&m.payload) else {
         return bad("payload is not UTF-8".into());
     };
+    let gateway_of_topic = topic_gateway(&m.topic).unwrap_or_default();
     match m.channel {
         Channel::Readings => {
             let msg: ReadingMessage = match serde_json::from_str(text) {
                 Ok(msg) => msg,
-                Err(e) => return bad(format!("not a phg.reading/1 message: {}", json_error(&e))),
+                Err(e) => {
+                    // Another major version need not parse as this one: say so rather than "missing field".
+                    let schema = serde_json::from_str::<serde_json::Value>(text)
+                        .ok()
+                        .and_then(|v| v.get("schema")?.as_str().map(str::to_owned));
+                    if schema.is_some_and(|s| !is_major_1(&s, "phg.reading")) {
+                        return bad("unknown schema: ingest reads phg.reading/1".into());
+                    }
+                    return bad(format!("not a phg.reading/1 message: {}", json_error(&e)));
+                }
             };
-            if !msg.schema.starts_with("phg.reading/") {
-                return bad("unknown schema".into());
+            if !is_major_1(&msg.schema, "phg.reading") {
+                return bad("unknown schema: ingest reads phg.reading/1".into());
+            }
+            if !is_v5_uuid(&msg.id) {
+                return bad("id is not a version 5 UUID".into());
+            }
+            if msg.gateway != gateway_of_topic {
+                return bad("gateway differs from the topic's gateway".into());
             }
             if !protocol::wire::is_valid_pseudonym(&msg.patient) {
                 return bad("patient is not a pseudonymous id".into());
             }
-            let engine = engine_reading(&msg);
             let received_utc = crate::convert::parse_rfc3339_utc(&msg.body.time.received);
             let Some(received_utc) = received_utc else {
                 return bad("time.received is not RFC 3339 UTC".into());
             };
+            // Times are judged against this machine's clock, as the gateway judges them against its own.
+            let engine = engine_reading(&msg, crate::now_ms().div_euclid(1000));
             let time_utc = engine.as_ref().map_or(received_utc, |e| e.time_utc);
             Prepared::Reading {
                 msg: Box::new(msg),
@@ -191,11 +281,19 @@ pub(crate) fn prepare(m: &Inbound) -> Prepared {
                 Ok(v) => v,
                 Err(e) => return bad(format!("not JSON: {}", json_error(&e))),
             };
-            let gateway = v
-                .get("gateway")
-                .and_then(|g| g.as_str())
-                .unwrap_or_default()
-                .to_owned();
+            if !v.is_object() {
+                return bad("not a JSON object".into());
+            }
+            if let Some(schema) = v.get("schema").and_then(|s| s.as_str()) {
+                if !is_major_1(schema, "phg.event") {
+                    return bad("unknown schema: ingest reads phg.event/1".into());
+                }
+            }
+            let gateway = match v.get("gateway") {
+                None => gateway_of_topic.to_owned(),
+                Some(serde_json::Value::String(g)) if g == gateway_of_topic => g.clone(),
+                Some(_) => return bad("gateway differs from the topic's gateway".into()),
+            };
             let kind = v
                 .get("event")
                 .and_then(|e| e.get("kind").or_else(|| e.get("type")))
@@ -225,7 +323,8 @@ pub struct ReadingRow {
     pub kind: String,
     /// Measured at (Unix s).
     pub time_utc: i64,
-    /// Why the engine could not evaluate it, if it could not.
+    /// Why it was rejected (an impossible value or time, or no value to evaluate), if it was: a rejected
+    /// reading is kept for inspection and never evaluated. The column is `eval_error`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_error: Option<String>,
     /// The ingest instance that stored it.

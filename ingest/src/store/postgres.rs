@@ -277,6 +277,30 @@ type ReadingColumns<'a> = (
 
 const READING_COLUMNS: &str = "id, patient, gateway, kind, time_utc, eval_error, payload, instance";
 
+/// Records a [`Prepared::Bad`] in `bad_messages` (once per id).
+async fn insert_bad(
+    tx: &tokio_postgres::Transaction<'_>,
+    p: &Prepared,
+    now_ms: i64,
+) -> Result<Stored, StoreError> {
+    let Prepared::Bad {
+        id,
+        topic,
+        error,
+        payload,
+    } = p
+    else {
+        return Err(StoreError::Task("not a bad message".into()));
+    };
+    tx.execute(
+        "INSERT INTO bad_messages (id, topic, error, received_ms, payload)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+        &[id, topic, error, &now_ms, payload],
+    )
+    .await?;
+    Ok(Stored::Bad(error.clone()))
+}
+
 impl Store for PgStore {
     async fn ingest(
         &self,
@@ -340,24 +364,59 @@ impl Store for PgStore {
                 .await?;
             new_ids = rows.into_iter().map(|r| r.get(0)).collect();
         }
+        // What is stored under the ids that were not new or come twice in this batch: a duplicate, or a
+        // conflict when the content differs.
+        let mut seen: HashSet<&str> = HashSet::new();
+        let old_ids: Vec<&str> = cols
+            .0
+            .iter()
+            .copied()
+            .filter(|id| !seen.insert(id) || !new_ids.contains(*id))
+            .collect();
+        let mut stored_payloads: HashMap<String, String> = HashMap::new();
+        if !old_ids.is_empty() {
+            for r in tx
+                .query(
+                    "SELECT id, payload FROM readings WHERE id = ANY($1::text[])",
+                    &[&old_ids],
+                )
+                .await?
+            {
+                stored_payloads.insert(r.get(0), r.get(1));
+            }
+        }
         let mut out: Vec<Stored> = Vec::with_capacity(prepared.len());
         // New, evaluable readings by patient, in arrival order.
         let mut by_patient: BTreeMap<&str, Vec<(usize, &ReadingMessage, &EngineReading)>> =
             BTreeMap::new();
-        for (i, p) in prepared.iter().enumerate() {
+        for (i, (p, m)) in prepared.iter().zip(&batch).enumerate() {
             match p {
-                Prepared::Reading { msg, engine, .. } => {
+                Prepared::Reading {
+                    msg,
+                    engine,
+                    payload,
+                    ..
+                } => {
                     // `remove`: a second copy of the same id in this batch is a duplicate.
                     if !new_ids.remove(&msg.id) {
-                        out.push(Stored::Duplicate);
+                        let stored = stored_payloads.get(&msg.id).map_or("", String::as_str);
+                        if super::conflicts(stored, msg) {
+                            let record = super::conflict_record(&m.topic, payload);
+                            out.push(insert_bad(&tx, &record, now_ms).await?);
+                        } else {
+                            out.push(Stored::Duplicate);
+                        }
                         continue;
                     }
-                    out.push(Stored::New { alerts: 0 });
-                    if let Ok(reading) = engine {
-                        by_patient
-                            .entry(msg.patient.as_str())
-                            .or_default()
-                            .push((i, msg, reading));
+                    match engine {
+                        Ok(reading) => {
+                            out.push(Stored::New { alerts: 0 });
+                            by_patient
+                                .entry(msg.patient.as_str())
+                                .or_default()
+                                .push((i, msg, reading));
+                        }
+                        Err(e) => out.push(Stored::Rejected(e.to_string())),
                     }
                 }
                 Prepared::Event {
@@ -374,20 +433,7 @@ impl Store for PgStore {
                     .await?;
                     out.push(Stored::Event);
                 }
-                Prepared::Bad {
-                    id,
-                    topic,
-                    error,
-                    payload,
-                } => {
-                    tx.execute(
-                        "INSERT INTO bad_messages (id, topic, error, received_ms, payload)
-                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
-                        &[id, topic, error, &now_ms, payload],
-                    )
-                    .await?;
-                    out.push(Stored::Bad(error.clone()));
-                }
+                Prepared::Bad { .. } => out.push(insert_bad(&tx, p, now_ms).await?),
             }
         }
         let mut changed: BTreeSet<String> = BTreeSet::new();

@@ -158,7 +158,7 @@ fn ingest_sync(
     // New, evaluable readings by patient, in arrival order: (position in the batch, message, input).
     let mut by_patient: BTreeMap<&str, Vec<(usize, &ReadingMessage, &EngineReading)>> =
         BTreeMap::new();
-    for (i, p) in prepared.iter().enumerate() {
+    for (i, (p, m)) in prepared.iter().zip(batch).enumerate() {
         match p {
             Prepared::Reading {
                 msg,
@@ -186,15 +186,31 @@ fn ingest_sync(
                     ],
                 )?;
                 if n == 0 {
-                    out.push(Stored::Duplicate);
+                    let stored: String = tx.query_row(
+                        "SELECT payload FROM readings WHERE id = ?1",
+                        [&msg.id],
+                        |r| r.get(0),
+                    )?;
+                    if super::conflicts(&stored, msg) {
+                        out.push(insert_bad(
+                            &tx,
+                            &super::conflict_record(&m.topic, payload),
+                            now_ms,
+                        )?);
+                    } else {
+                        out.push(Stored::Duplicate);
+                    }
                     continue;
                 }
-                out.push(Stored::New { alerts: 0 });
-                if let Ok(reading) = engine {
-                    by_patient
-                        .entry(msg.patient.as_str())
-                        .or_default()
-                        .push((i, msg, reading));
+                match engine {
+                    Ok(reading) => {
+                        out.push(Stored::New { alerts: 0 });
+                        by_patient
+                            .entry(msg.patient.as_str())
+                            .or_default()
+                            .push((i, msg, reading));
+                    }
+                    Err(e) => out.push(Stored::Rejected(e.to_string())),
                 }
             }
             Prepared::Event {
@@ -210,19 +226,7 @@ fn ingest_sync(
                 )?;
                 out.push(Stored::Event);
             }
-            Prepared::Bad {
-                id,
-                topic,
-                error,
-                payload,
-            } => {
-                tx.execute(
-                    "INSERT INTO bad_messages (id, topic, error, received_ms, payload)
-                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
-                    params![id, topic, error, now_ms, payload],
-                )?;
-                out.push(Stored::Bad(error.clone()));
-            }
+            Prepared::Bad { .. } => out.push(insert_bad(&tx, p, now_ms)?),
         }
     }
     // Each patient's new readings through one engine, against the state under the writer lock.
@@ -241,6 +245,29 @@ fn ingest_sync(
     }
     tx.commit()?;
     Ok(out)
+}
+
+/// Records a [`Prepared::Bad`] in `bad_messages` (once per id).
+fn insert_bad(
+    tx: &rusqlite::Transaction<'_>,
+    p: &Prepared,
+    now_ms: i64,
+) -> Result<Stored, StoreError> {
+    let Prepared::Bad {
+        id,
+        topic,
+        error,
+        payload,
+    } = p
+    else {
+        return Err(StoreError::Task("not a bad message".into()));
+    };
+    tx.execute(
+        "INSERT INTO bad_messages (id, topic, error, received_ms, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
+        params![id, topic, error, now_ms, payload],
+    )?;
+    Ok(Stored::Bad(error.clone()))
 }
 
 pub(crate) fn kind_name(msg: &protocol::wire::ReadingMessage) -> &'static str {
