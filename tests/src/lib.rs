@@ -11,10 +11,12 @@
 pub mod bluez;
 mod broker;
 pub mod process;
+mod publisher;
 pub mod readings;
 mod subscriber;
 
 pub use broker::{BrokerKind, TestBroker, free_loopback_port, mosquitto_path};
+pub use publisher::Publisher;
 pub use readings::{Delivery, RunningUplink};
 pub use subscriber::{Received, Subscriber, unique_id};
 
@@ -26,5 +28,19 @@ pub fn init_tracing() {
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
+    }
+}
+
+/// Polls `f` every 100 ms until it is true (`true`) or `timeout` has passed (`false`).
+pub async fn until(timeout: std::time::Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }

@@ -21,74 +21,88 @@ use std::time::{Duration, Instant};
 /// When the binary cannot be built or found (the message says why): nothing can be tested without it.
 pub fn gateway_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("PHG_GATEWAY_BIN") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().expect("the test executable's path");
-        // target/<profile>/deps/<test> → target/<profile>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test executable lives in target/<profile>/deps")
-            .to_owned();
-        let bin = profile_dir.join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-        let cargo = std::env::var_os("CARGO").or_else(|| option_env!("CARGO").map(Into::into));
-        if let (Some(cargo), Some(target_dir)) = (cargo, profile_dir.parent()) {
-            let mut cmd = Command::new(cargo);
-            cmd.args([
-                "build",
-                "--quiet",
-                "-p",
-                "gateway",
-                "--bin",
-                "gateway",
-                "--target-dir",
-            ])
-            .arg(target_dir);
-            // What Cargo sets for *this* test run must not leak into the build: a build script that tracks
-            // e.g. CARGO_MANIFEST_DIR (ring's does) would see it change, and the nested build and the next
-            // `cargo test` would each rebuild the TLS stack for the other.
-            for (key, _) in std::env::vars_os() {
-                let Some(k) = key.to_str() else { continue };
-                if k.starts_with("CARGO_PKG_")
-                    || matches!(
-                        k,
-                        "CARGO_MANIFEST_DIR"
-                            | "CARGO_MANIFEST_PATH"
-                            | "CARGO_MANIFEST_LINKS"
-                            | "CARGO_CRATE_NAME"
-                            | "CARGO_BIN_NAME"
-                            | "CARGO_PRIMARY_PACKAGE"
-                            | "CARGO_TARGET_TMPDIR"
-                            | "CARGO_RUSTC_CURRENT_DIR"
-                            | "OUT_DIR"
-                    )
-                {
-                    cmd.env_remove(&key);
-                }
+    BIN.get_or_init(|| package_bin("gateway", "PHG_GATEWAY_BIN"))
+        .clone()
+}
+
+/// The `ingest` binary of this build, found and built as [`gateway_bin`] does (`PHG_INGEST_BIN`
+/// overrides).
+///
+/// # Panics
+///
+/// As [`gateway_bin`].
+pub fn ingest_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| package_bin("ingest", "PHG_INGEST_BIN"))
+        .clone()
+}
+
+/// The binary `package` (named as its package) next to this test executable, built first; `env`
+/// overrides.
+fn package_bin(package: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("the test executable's path");
+    // target/<profile>/deps/<test> → target/<profile>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test executable lives in target/<profile>/deps")
+        .to_owned();
+    let bin = profile_dir.join(format!("{package}{}", std::env::consts::EXE_SUFFIX));
+    let cargo = std::env::var_os("CARGO").or_else(|| option_env!("CARGO").map(Into::into));
+    if let (Some(cargo), Some(target_dir)) = (cargo, profile_dir.parent()) {
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            package,
+            "--bin",
+            package,
+            "--target-dir",
+        ])
+        .arg(target_dir);
+        // What Cargo sets for *this* test run must not leak into the build: a build script that tracks
+        // e.g. CARGO_MANIFEST_DIR (ring's does) would see it change, and the nested build and the next
+        // `cargo test` would each rebuild the TLS stack for the other.
+        for (key, _) in std::env::vars_os() {
+            let Some(k) = key.to_str() else { continue };
+            if k.starts_with("CARGO_PKG_")
+                || matches!(
+                    k,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_MANIFEST_LINKS"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "CARGO_RUSTC_CURRENT_DIR"
+                        | "OUT_DIR"
+                )
+            {
+                cmd.env_remove(&key);
             }
-            match profile_dir.file_name().and_then(|n| n.to_str()) {
-                Some("debug") | None => {}
-                Some("release") => {
-                    cmd.arg("--release");
-                }
-                Some(other) => {
-                    cmd.args(["--profile", other]);
-                }
-            }
-            let status = cmd
-                .status()
-                .expect("running cargo build for the gateway binary");
-            assert!(
-                status.success(),
-                "cargo build -p gateway --bin gateway failed: {status}"
-            );
         }
-        assert!(bin.is_file(), "no gateway binary at {}", bin.display());
-        bin
-    })
-    .clone()
+        match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => {}
+            Some("release") => {
+                cmd.arg("--release");
+            }
+            Some(other) => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        let status = cmd.status().expect("running cargo build for the binary");
+        assert!(
+            status.success(),
+            "cargo build -p {package} --bin {package} failed: {status}"
+        );
+    }
+    assert!(bin.is_file(), "no {package} binary at {}", bin.display());
+    bin
 }
 
 /// Captured output of a child, line by line, with ANSI colour codes removed (the gateway colours its
@@ -218,7 +232,16 @@ impl GatewayProcess {
     ///
     /// The process could not be started.
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> io::Result<Self> {
-        let mut child = Command::new(gateway_bin())
+        Self::spawn_exe(&gateway_bin(), args)
+    }
+
+    /// Starts `exe ARGS…` (another of the workspace's programs, e.g. [`ingest_bin`]), watched the same way.
+    ///
+    /// # Errors
+    ///
+    /// The process could not be started.
+    pub fn spawn_exe<S: AsRef<std::ffi::OsStr>>(exe: &Path, args: &[S]) -> io::Result<Self> {
+        let mut child = Command::new(exe)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, StatusCode};
 use ingest::config::Config;
 use ingest::outbox::{EVENT_ID_HEADER, SIGNATURE_HEADER, verify_signature};
 use ingest::store::Store;
-use ingest::testing::{SKIP_MESSAGE, TempPostgres, glucose_message};
+use ingest::testing::{SKIP_MESSAGE, TempPostgres, glucose_message, reading_uuid};
 use phg_tests::process::GatewayProcess;
 use phg_tests::{BrokerKind, Subscriber, TestBroker};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
@@ -118,18 +118,7 @@ fn now_s() -> i64 {
     ingest::now_ms() / 1000
 }
 
-async fn until(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use phg_tests::until;
 
 // ------------------------------------------------------------------------------------------------------
 // The scenario
@@ -187,13 +176,13 @@ async fn devices_to_webhook_once_each(db_url: &str, label: &str) {
     let t = now_s() - 3600;
     let mut crafted = BTreeSet::new();
     for i in 0..5 {
-        let id = format!("crafted-hypo-{i}");
+        let id = reading_uuid(&format!("crafted-hypo-{i}"));
         let payload = glucose_message(&id, &format!("p-hypo-{i:03}"), 45, t + i64::from(i));
         crafted.insert(id);
         for _ in 0..2 {
             client
                 .publish(
-                    "phg/v1/gw-crafted/readings",
+                    "phg/v1/gw-test/readings",
                     QoS::AtLeastOnce,
                     false,
                     payload.clone(),
@@ -376,7 +365,7 @@ async fn restart_with_webhook_down_loses_nothing() {
         for i in from..to {
             let payload = glucose_message(&format!("r-{i}"), &format!("p-r-{i:03}"), 45, t + i);
             client
-                .publish("phg/v1/gw-r/readings", QoS::AtLeastOnce, false, payload)
+                .publish("phg/v1/gw-test/readings", QoS::AtLeastOnce, false, payload)
                 .await
                 .unwrap();
         }

@@ -236,7 +236,7 @@ async fn ingest_consumes_over_tls_with_its_client_certificate() {
     let record = |id: String, patient: &str, n: u64| NewRecord {
         device: "gls-tls".into(),
         device_seq: Some(n),
-        topic: "phg/v1/gw-tls/readings".into(),
+        topic: "phg/v1/gw-test/readings".into(),
         payload: ingest::testing::glucose_message(&id, patient, 100, t0 + n as i64 * 60)
             .into_bytes(),
         reading_id: id,

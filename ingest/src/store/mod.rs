@@ -356,6 +356,17 @@ pub struct AlertRow {
     pub alert: serde_json::Value,
 }
 
+/// A kept bad message (what was wrong with it, not its content), as operators and tests read it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BadRow {
+    /// The topic it came on.
+    pub topic: String,
+    /// Why it was not stored as a reading or event.
+    pub error: String,
+    /// When (ms since the epoch).
+    pub received_ms: i64,
+}
+
 /// An outbox row claimed for delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxItem {
@@ -485,6 +496,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Row counts.
     fn counts(&self) -> impl Future<Output = Result<Counts, StoreError>> + Send;
+
+    /// The kept bad messages, newest first.
+    fn bad_messages(
+        &self,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<BadRow>, StoreError>> + Send;
 }
 
 /// Either store, chosen by URL at run time.
@@ -611,6 +628,9 @@ impl Store for AnyStore {
     }
     async fn counts(&self) -> Result<Counts, StoreError> {
         delegate!(self, s => s.counts())
+    }
+    async fn bad_messages(&self, limit: i64) -> Result<Vec<BadRow>, StoreError> {
+        delegate!(self, s => s.bad_messages(limit))
     }
 }
 

@@ -21,8 +21,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 type P<'a> = dyn ToSql + Sync + 'a;
 
 use super::{
-    AckResult, AlertRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, Store, StoreError,
-    Stored, prepare, schema, sqlite::kind_name,
+    AckResult, AlertRow, BadRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, Store,
+    StoreError, Stored, prepare, schema, sqlite::kind_name,
 };
 use crate::convert::EngineReading;
 use crate::evaluate::{AlertWrite, Evaluator, Sink};
@@ -695,5 +695,24 @@ impl Store for PgStore {
             outbox_delivered: row.get(4),
             bad_messages: row.get(5),
         })
+    }
+
+    async fn bad_messages(&self, limit: i64) -> Result<Vec<BadRow>, StoreError> {
+        let client = self.get(&self.reader).await?;
+        let rows = client
+            .query(
+                "SELECT topic, error, received_ms FROM bad_messages
+                 ORDER BY received_ms DESC, id LIMIT $1",
+                &[&limit],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| BadRow {
+                topic: r.get(0),
+                error: r.get(1),
+                received_ms: r.get(2),
+            })
+            .collect())
     }
 }

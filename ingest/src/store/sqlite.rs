@@ -14,8 +14,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AckResult, AlertRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, Store, StoreError,
-    Stored, prepare, schema,
+    AckResult, AlertRow, BadRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, Store,
+    StoreError, Stored, prepare, schema,
 };
 use crate::convert::EngineReading;
 use crate::evaluate::{AlertWrite, Evaluator, Sink};
@@ -538,6 +538,24 @@ impl Store for SqliteStore {
                 outbox_delivered: n("SELECT count(*) FROM outbox WHERE delivered_ms IS NOT NULL")?,
                 bad_messages: n("SELECT count(*) FROM bad_messages")?,
             })
+        })
+        .await
+    }
+
+    async fn bad_messages(&self, limit: i64) -> Result<Vec<BadRow>, StoreError> {
+        Self::with(&self.reader, move |c| {
+            let mut st = c.prepare(
+                "SELECT topic, error, received_ms FROM bad_messages
+                 ORDER BY received_ms DESC, id LIMIT ?1",
+            )?;
+            let rows = st.query_map([limit], |r| {
+                Ok(BadRow {
+                    topic: r.get(0)?,
+                    error: r.get(1)?,
+                    received_ms: r.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }

@@ -1,0 +1,672 @@
+//! Ingest under outside attack (issue 11; DESIGN.md promise 9), against real Mosquitto and a real ingest:
+//!
+//! - a hostile publisher: impossible values and times, unknown schema versions, ids that are not
+//!   version 5 UUIDs, a gateway that is not the topic's, one id with two contents, truncated and
+//!   non-JSON payloads, and sizes from 10 KiB to beyond the broker's limit, on `…/readings` and
+//!   `…/events`. Each message must end as a stored reading, a stored-and-rejected reading or a
+//!   recorded bad message, nothing may be alerted on, and a good reading published after the batch
+//!   must be stored (no single message stops ingestion);
+//! - the `ingest` binary with the **default** instance, killed with SIGKILL, readings published while
+//!   it is down, restarted: every one stored;
+//! - a SIGKILL loop during batches: no reading lost, no alert raised twice, no webhook event but
+//!   redeliveries of the same event id;
+//! - its SQLite database on a full filesystem (a tmpfs the test mounts, as root): nothing acknowledged
+//!   that is not stored, and everything stored once space returns.
+//!
+//! Each needs Mosquitto (shared subscriptions, persistent sessions, a message size limit) and says
+//! "skipped" without it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use ingest::config::Config;
+use ingest::outbox::EVENT_ID_HEADER;
+use ingest::store::{AnyStore, Store};
+use ingest::testing::{bp_message, glucose_message, reading_uuid};
+use phg_tests::process::{GatewayProcess, ingest_bin};
+use phg_tests::{Publisher, TestBroker, until};
+use serde_json::{Value, json};
+
+/// The topics of the test gateway (`ingest::testing::TEST_GATEWAY`).
+const READINGS: &str = "phg/v1/gw-test/readings";
+const EVENTS: &str = "phg/v1/gw-test/events";
+/// What the test broker accepts at most (Mosquitto `message_size_limit`), above ingest's default
+/// `mqtt.max_message_size` (256 KiB) so that messages between the two reach ingest.
+const BROKER_LIMIT: usize = 1 << 20;
+const ACK: Duration = Duration::from_secs(10);
+
+fn now_s() -> i64 {
+    ingest::now_ms() / 1000
+}
+
+fn mosquitto(extra: &str, label: &str) -> Option<TestBroker> {
+    match TestBroker::start_mosquitto_with(extra) {
+        Some(b) => Some(b.unwrap()),
+        None => {
+            println!("{label}: skipped: needs Mosquitto");
+            None
+        }
+    }
+}
+
+/// A JSON message changed by `f`.
+fn edit(message: &str, f: impl FnOnce(&mut Value)) -> String {
+    let mut v: Value = serde_json::from_str(message).unwrap();
+    f(&mut v);
+    v.to_string()
+}
+
+/// Publishes a good reading until ingest has stored it: then its subscription exists (a shared
+/// subscription keeps nothing for a group before its first member subscribes).
+async fn wait_until_subscribed(publisher: &mut Publisher, store: &AnyStore, name: &str) {
+    let id = reading_uuid(name);
+    let message = glucose_message(name, "p-probe", 100, now_s() - 60);
+    let stored = until(Duration::from_secs(30), async || {
+        publisher
+            .publish(READINGS, message.clone(), ACK)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        store.reading(&id).await.unwrap().is_some()
+    })
+    .await;
+    assert!(stored, "ingest never stored the probe reading");
+}
+
+// ------------------------------------------------------------------------------------------------------
+// The hostile publisher
+// ------------------------------------------------------------------------------------------------------
+
+/// How one hostile message must end.
+#[derive(Debug)]
+enum Outcome {
+    /// Stored under this id; rejected with a reason containing the text, or accepted (`None`).
+    Reading(String, Option<&'static str>),
+    /// Recorded in `bad_messages` with an error containing the text.
+    Bad(&'static str),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_messages_end_stored_or_recorded_and_ingestion_goes_on() {
+    phg_tests::init_tracing();
+    let label = "hostile";
+    let Some(broker) = mosquitto(&format!("message_size_limit {BROKER_LIMIT}"), label) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config::parse(
+        &format!(
+            "data_dir = {:?}\n[mqtt]\nbroker = \"{}\"\nkeep_alive_s = 5\n",
+            dir.path().display().to_string(),
+            broker.url()
+        ),
+        Path::new("hostile.toml"),
+    )
+    .unwrap();
+    let running = ingest::service::start(cfg).await.unwrap();
+    let store = running.store().clone();
+    let mut publisher = Publisher::connect(broker.addr());
+    wait_until_subscribed(&mut publisher, &store, "probe").await;
+
+    let t = now_s() - 3600;
+    let good = |name: &str, patient: &str| glucose_message(name, patient, 100, t);
+    let pad = |name: &str, bytes: usize| {
+        edit(&good(name, "p-pad"), |v| {
+            v["pad"] = json!("x".repeat(bytes))
+        })
+    };
+    let glucose = |name: &str, value: Value| {
+        edit(&good(name, "p-hostile"), |v| v["glucose"]["value"] = value)
+    };
+    let bp = |name: &str, sys: Value, dia: Value| {
+        edit(&bp_message(name, "p-hostile", 120, 80, 70, t), |v| {
+            v["blood_pressure"]["systolic"] = sys;
+            v["blood_pressure"]["diastolic"] = dia;
+        })
+    };
+    let reading = |name: &str, why: Option<&'static str>| Outcome::Reading(reading_uuid(name), why);
+    let far_future = "9999-12-31T00:00:00Z";
+    let event = json!({"schema": "phg.event/1", "gateway": "gw-test", "time": "2026-11-23T08:00:00Z",
+        "event": {"kind": "device_error"}});
+
+    let mut batch: Vec<(&str, Vec<u8>, Outcome)> = vec![
+        // Impossible values: stored as rejected, never evaluated (glucose −5 opened a CRITICAL alert).
+        (
+            READINGS,
+            glucose("neg", json!(-5)).into(),
+            reading("neg", Some("out_of_range: glucose")),
+        ),
+        (
+            READINGS,
+            glucose("zero", json!(0)).into(),
+            reading("zero", Some("out_of_range: glucose")),
+        ),
+        (
+            READINGS,
+            glucose("huge", json!(1e308)).into(),
+            reading("huge", Some("glucose.value")),
+        ),
+        (
+            READINGS,
+            bp("bp900", json!(900), json!(10)).into(),
+            reading("bp900", Some("out_of_range: systolic")),
+        ),
+        (
+            READINGS,
+            bp("bpneg", json!(-120), json!(-80)).into(),
+            reading("bpneg", Some("out_of_range: systolic")),
+        ),
+        (
+            READINGS,
+            bp("bp0", json!(0), json!(0)).into(),
+            reading("bp0", Some("out_of_range: systolic")),
+        ),
+        // Impossible times: a far-future received time confirmed open alerts.
+        (
+            READINGS,
+            edit(&good("future", "p-hostile"), |v| {
+                v["time"]["received"] = json!(far_future);
+                v["time"]["corrected"] = json!(far_future);
+            })
+            .into(),
+            reading("future", Some("time_in_future: time.received")),
+        ),
+        (
+            READINGS,
+            edit(&good("ahead", "p-hostile"), |v| {
+                v["time"]["corrected"] = json!(far_future)
+            })
+            .into(),
+            reading("ahead", Some("time_in_future: time.corrected")),
+        ),
+        (
+            READINGS,
+            edit(&good("badtime", "p-hostile"), |v| {
+                v["time"]["received"] = json!("yesterday")
+            })
+            .into(),
+            Outcome::Bad("time.received"),
+        ),
+        // Not the contract.
+        (
+            READINGS,
+            edit(&good("v2", "p-hostile"), |v| {
+                v["schema"] = json!("phg.reading/2")
+            })
+            .into(),
+            Outcome::Bad("unknown schema"),
+        ),
+        (
+            READINGS,
+            edit(&good("x", "p-hostile"), |v| v["id"] = json!("not-a-uuid")).into(),
+            Outcome::Bad("version 5 UUID"),
+        ),
+        (
+            READINGS,
+            edit(&good("x", "p-hostile"), |v| {
+                v["id"] = json!("0b8e7a3c-1f2d-4c5b-8a9e-0123456789ab") // version 4
+            })
+            .into(),
+            Outcome::Bad("version 5 UUID"),
+        ),
+        (
+            READINGS,
+            edit(&good("othergw", "p-hostile"), |v| {
+                v["gateway"] = json!("gw-other")
+            })
+            .into(),
+            Outcome::Bad("topic's gateway"),
+        ),
+        (
+            READINGS,
+            good("name", "Jane Doe").into(),
+            Outcome::Bad("pseudonymous"),
+        ),
+        // One id, two contents: the first stored, the second recorded as a conflict.
+        (
+            READINGS,
+            good("twice", "p-twice").into(),
+            reading("twice", None),
+        ),
+        (
+            READINGS,
+            good("twice", "p-twice").into(),
+            reading("twice", None),
+        ),
+        (
+            READINGS,
+            edit(&good("twice", "p-twice"), |v| {
+                v["glucose"]["value"] = json!(180)
+            })
+            .into(),
+            Outcome::Bad("conflict"),
+        ),
+        // Broken payloads.
+        (
+            READINGS,
+            good("cut", "p-hostile")[..40].into(),
+            Outcome::Bad("truncated"),
+        ),
+        (
+            READINGS,
+            b"\xff\xfe\x00binary".to_vec(),
+            Outcome::Bad("UTF-8"),
+        ),
+        (READINGS, Vec::new(), Outcome::Bad("truncated")),
+        (
+            READINGS,
+            b"[1, 2, 3]".to_vec(),
+            Outcome::Bad("phg.reading/1"),
+        ),
+        (EVENTS, b"{\"event\": ".to_vec(), Outcome::Bad("truncated")),
+        (
+            EVENTS,
+            b"\"a string\"".to_vec(),
+            Outcome::Bad("JSON object"),
+        ),
+        (
+            EVENTS,
+            edit(&event.to_string(), |v| v["gateway"] = json!("gw-other")).into(),
+            Outcome::Bad("topic's gateway"),
+        ),
+        (
+            EVENTS,
+            edit(&event.to_string(), |v| v["schema"] = json!("phg.event/7")).into(),
+            Outcome::Bad("unknown schema"),
+        ),
+        // Sizes: rumqttc's default limit was 10 KiB, and one larger message wedged ingest for good.
+        (
+            READINGS,
+            pad("pad10k", 10 << 10).into(),
+            reading("pad10k", None),
+        ),
+        (
+            READINGS,
+            pad("pad64k", 64 << 10).into(),
+            reading("pad64k", None),
+        ),
+        (
+            READINGS,
+            pad("pad200k", 200 << 10).into(),
+            reading("pad200k", None),
+        ),
+        (
+            READINGS,
+            pad("pad512k", 512 << 10).into(),
+            Outcome::Bad("too large"),
+        ),
+        (
+            EVENTS,
+            edit(&event.to_string(), |v| {
+                v["pad"] = json!("x".repeat(BROKER_LIMIT - 1024))
+            })
+            .into(),
+            Outcome::Bad("too large"),
+        ),
+    ];
+    let t0 = Instant::now();
+    for (topic, payload, _) in &batch {
+        publisher
+            .publish(topic, payload.clone(), ACK)
+            .await
+            .unwrap();
+    }
+    // Beyond the broker's limit: the broker refuses it (it never reaches ingest); from a client of its
+    // own, since Mosquitto may drop the connection of a client that sends one.
+    let mut refused = Publisher::connect(broker.addr());
+    let over = pad("over", 2 * BROKER_LIMIT);
+    let _ = refused
+        .publish(READINGS, over, Duration::from_secs(2))
+        .await;
+    // After all of it, a good reading.
+    let last = glucose_message("after", "p-after", 100, t + 60);
+    publisher.publish(READINGS, last, ACK).await.unwrap();
+    batch.push((READINGS, Vec::new(), reading("after", None)));
+
+    let after = reading_uuid("after");
+    let stored = until(Duration::from_secs(60), async || {
+        store.reading(&after).await.unwrap().is_some()
+    })
+    .await;
+    let c = store.counts().await.unwrap();
+    assert!(
+        stored,
+        "the good reading after the batch was not stored: {c:?}; broker log:\n{}",
+        broker.log()
+    );
+    println!(
+        "{label}: {} messages handled in {:?}: {c:?}",
+        batch.len() + 1,
+        t0.elapsed()
+    );
+
+    // Every message ended as it must.
+    let bad = store.bad_messages(1000).await.unwrap();
+    let mut unmatched: Vec<String> = bad.iter().map(|b| b.error.clone()).collect();
+    for (topic, _, outcome) in &batch {
+        match outcome {
+            Outcome::Reading(id, why) => {
+                let row = store.reading(id).await.unwrap();
+                let row = row.unwrap_or_else(|| panic!("{id} ({why:?}) not stored"));
+                match why {
+                    None => assert!(row.eval_error.is_none(), "{id}: {:?}", row.eval_error),
+                    Some(w) => {
+                        let e = row.eval_error.clone().unwrap_or_default();
+                        assert!(e.contains(w), "{id}: rejected for {e:?}, expected {w:?}");
+                    }
+                }
+            }
+            Outcome::Bad(why) => {
+                let at = unmatched.iter().position(|e| e.contains(why));
+                assert!(
+                    at.is_some(),
+                    "{topic}: no bad message for {why:?} in {bad:#?}"
+                );
+                if let Some(i) = at {
+                    unmatched.remove(i);
+                }
+            }
+        }
+    }
+    assert!(
+        unmatched.is_empty(),
+        "unexpected bad messages: {unmatched:?}"
+    );
+    // Never alerted on: every value above is either impossible or normal.
+    assert_eq!(c.alerts, 0, "an alert from a hostile message: {c:?}");
+    // No payload of an oversized message kept.
+    assert!(bad.iter().filter(|b| b.error.contains("too large")).count() == 2);
+    running.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------------------
+// The binary: the default instance across SIGKILL, a SIGKILL loop, a full disk
+// ------------------------------------------------------------------------------------------------------
+
+/// An `ingest run` configuration with the defaults but the broker, the data directory and (optionally)
+/// a webhook: no `instance`.
+fn default_config(broker: &TestBroker, data_dir: &Path, webhook: Option<&str>) -> String {
+    let mut text = format!(
+        "data_dir = {:?}\n[mqtt]\nbroker = \"{}\"\nkeep_alive_s = 5\n",
+        data_dir.display().to_string(),
+        broker.url()
+    );
+    if let Some(url) = webhook {
+        text.push_str(&format!(
+            "[webhook]\nurl = \"{url}\"\nsecret = \"hostile-webhook-secret-0123\"\ntimeout_s = 2\n\
+             initial_backoff_ms = 100\nmax_backoff_s = 1\n[outbox]\nlease_s = 3\npoll_ms = 50\n"
+        ));
+    }
+    text
+}
+
+fn start_ingest(config: &Path) -> GatewayProcess {
+    GatewayProcess::spawn_exe(
+        &ingest_bin(),
+        &["run".as_ref(), "--config".as_ref(), config.as_os_str()],
+    )
+    .unwrap()
+}
+
+async fn open_store(data_dir: &Path) -> AnyStore {
+    let url = format!("sqlite://{}", data_dir.join("ingest.sqlite").display());
+    let store = until(Duration::from_secs(10), async || {
+        AnyStore::open(&url).await.is_ok()
+    })
+    .await;
+    assert!(store, "no database at {url}");
+    AnyStore::open(&url).await.unwrap()
+}
+
+/// Issue 11 defect 2: with the default `instance` (`ingest-{pid}`), the client id changed at each
+/// start and what the broker queued for the old session was never stored (0 of 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_instance_keeps_what_was_published_while_ingest_was_killed() {
+    let label = "default instance";
+    let Some(broker) = mosquitto("", label) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("ingest.toml");
+    std::fs::write(&config, default_config(&broker, &data, None)).unwrap();
+    let first = start_ingest(&config);
+    let store = open_store(&data).await;
+    let mut publisher = Publisher::connect(broker.addr());
+    wait_until_subscribed(&mut publisher, &store, "probe").await;
+    first.kill9().unwrap();
+
+    let t = now_s() - 600;
+    for i in 0..3 {
+        let m = glucose_message(&format!("down-{i}"), "p-down", 100, t + i);
+        publisher.publish(READINGS, m, ACK).await.unwrap();
+    }
+    let second = start_ingest(&config);
+    let all = until(Duration::from_secs(30), async || {
+        store.readings_of("p-down", 10).await.unwrap().len() == 3
+    })
+    .await;
+    let n = store.readings_of("p-down", 10).await.unwrap().len();
+    println!("{label}: {n} of 3 readings published while ingest was down were stored");
+    assert!(
+        all,
+        "{n} of 3 stored; ingest log:\n{}",
+        second.stderr().text()
+    );
+    drop(second);
+}
+
+/// The webhook receiver: every delivery's event id.
+#[derive(Debug, Default)]
+struct Deliveries(Mutex<Vec<String>>);
+
+async fn receive(State(d): State<Arc<Deliveries>>, headers: HeaderMap, _body: Bytes) -> StatusCode {
+    let id = headers
+        .get(EVENT_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    d.0.lock().unwrap().push(id);
+    StatusCode::NO_CONTENT
+}
+
+async fn webhook() -> (Arc<Deliveries>, String) {
+    let d = Arc::new(Deliveries::default());
+    let app = axum::Router::new()
+        .route("/alerts", axum::routing::post(receive))
+        .with_state(Arc::clone(&d));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (d, url)
+}
+
+/// SIGKILL during batches, `PHG_INGEST_KILLS` times (default 10): every reading stored once, one alert
+/// per hypoglycaemia, and the webhook gets each alert event (again only under the same event id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loop_during_batches_loses_nothing_and_alerts_once() {
+    let label = "sigkill loop";
+    let Some(broker) = mosquitto("", label) else {
+        return;
+    };
+    let kills: usize = std::env::var("PHG_INGEST_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let (hook, hook_url) = webhook().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("ingest.toml");
+    std::fs::write(&config, default_config(&broker, &data, Some(&hook_url))).unwrap();
+    let mut ingest = start_ingest(&config);
+    let store = open_store(&data).await;
+    let mut publisher = Publisher::connect(broker.addr());
+    wait_until_subscribed(&mut publisher, &store, "probe").await;
+
+    let t0 = Instant::now();
+    let t = now_s() - 3000;
+    let mut published = BTreeSet::new();
+    let per_round = 20;
+    for round in 0..kills {
+        // A batch in flight: half of it before the kill lands somewhere in the storing.
+        for i in 0..per_round {
+            let n = round * per_round + i;
+            // One hypo per patient (an alert each); the other readings normal.
+            let mg = if i % 5 == 0 { 45 } else { 110 };
+            let name = format!("k-{n}");
+            let m = glucose_message(&name, &format!("p-k-{:03}", n / 5), mg, t + n as i64);
+            publisher.publish(READINGS, m, ACK).await.unwrap();
+            published.insert(reading_uuid(&name));
+        }
+        tokio::time::sleep(Duration::from_millis(50 + (round as u64 * 37) % 200)).await;
+        ingest.kill9().unwrap();
+        ingest = start_ingest(&config);
+    }
+    let patients = published.len() / 5;
+    let done = until(Duration::from_secs(60), async || {
+        let c = store.counts().await.unwrap();
+        c.readings as usize == published.len() + 1 && c.outbox_pending == 0
+    })
+    .await;
+    let c = store.counts().await.unwrap();
+    println!("{label}: {kills} kills in {:?}; {c:?}", t0.elapsed());
+    assert!(
+        done,
+        "not all stored and delivered: {c:?}\n{}",
+        ingest.stderr().text()
+    );
+    // Each reading once.
+    let mut stored = BTreeSet::new();
+    for p in 0..patients {
+        for r in store
+            .readings_of(&format!("p-k-{p:03}"), 100)
+            .await
+            .unwrap()
+        {
+            assert!(stored.insert(r.id.clone()), "stored twice: {}", r.id);
+        }
+    }
+    assert_eq!(stored, published, "lost readings");
+    // One alert per hypo, no event twice.
+    let mut opened = 0;
+    for p in 0..patients {
+        let alerts = store.alerts_of(&format!("p-k-{p:03}"), 10).await.unwrap();
+        assert_eq!(alerts.len(), 1, "p-k-{p:03}: {alerts:?}");
+        opened += alerts.len();
+    }
+    assert_eq!(opened, patients);
+    let got = hook.0.lock().unwrap().clone();
+    let mut per_event: BTreeMap<&str, usize> = BTreeMap::new();
+    for id in &got {
+        *per_event.entry(id.as_str()).or_default() += 1;
+    }
+    println!(
+        "{label}: {} readings, {} alerts, {} alert events, {} webhook deliveries ({} redelivered)",
+        stored.len(),
+        opened,
+        c.alert_events,
+        got.len(),
+        got.len() - per_event.len()
+    );
+    assert_eq!(
+        per_event.len() as i64,
+        c.alert_events,
+        "every event delivered"
+    );
+    drop(ingest);
+}
+
+/// Its database on a full filesystem: ingest stores nothing it cannot, acknowledges nothing it has not
+/// stored (the broker keeps the messages), and stores everything once space returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_acknowledging_and_recovers() {
+    let label = "full disk";
+    if !rustix::process::geteuid().is_root() {
+        println!("{label}: skipped: needs root to mount tmpfs");
+        return;
+    }
+    let Some(broker) = mosquitto("", label) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().join("tmpfs");
+    std::fs::create_dir(&mount).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "phg-ingest-test"])
+        .arg(&mount)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        println!("{label}: skipped: could not mount a tmpfs");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+    let data = mount.join("data");
+    let config = dir.path().join("ingest.toml");
+    std::fs::write(&config, default_config(&broker, &data, None)).unwrap();
+    let mut ingest = start_ingest(&config);
+    let store = open_store(&data).await;
+    let mut publisher = Publisher::connect(broker.addr());
+    wait_until_subscribed(&mut publisher, &store, "probe").await;
+
+    // Fill the filesystem.
+    let filler = mount.join("filler");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let before = store.counts().await.unwrap().readings;
+    let t = now_s() - 600;
+    let n = 300;
+    for i in 0..n {
+        let m = edit(
+            &glucose_message(&format!("full-{i}"), "p-full", 100, t + i),
+            |v| v["pad"] = json!("x".repeat(2048)),
+        );
+        publisher.publish(READINGS, m, ACK).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = store.counts().await.unwrap().readings - before;
+    let errors = ingest.stderr().find("storing failed", 0);
+    println!("{label}: {during} of {n} stored while the disk was full");
+    assert!(
+        ingest.is_running().unwrap(),
+        "ingest died: {}",
+        ingest.stderr().text()
+    );
+    assert!(
+        during < n as i64 && errors.is_some(),
+        "the disk never filled up ({during} stored)"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let all = until(Duration::from_secs(60), async || {
+        store.readings_of("p-full", 1000).await.unwrap().len() == n as usize
+    })
+    .await;
+    let got = store.readings_of("p-full", 1000).await.unwrap().len();
+    println!("{label}: {got} of {n} stored after space returned");
+    assert!(all, "{got} of {n}: {}", ingest.stderr().text());
+    drop(ingest);
+}
