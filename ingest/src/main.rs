@@ -85,8 +85,9 @@ fn main() -> ExitCode {
     };
     if check {
         println!(
-            "ok: instance {}, database {}, broker {}:{}, subscriptions {:?}, webhook {}, api {:?}, {} patients",
+            "ok: instance {} (MQTT client id {}), database {}, broker {}:{}, subscriptions {:?}, max message {} bytes, webhook {}, api {:?}, {} patients",
             config.instance,
+            config.mqtt.client_id,
             if config.database_url.starts_with("sqlite://") {
                 config.database_url.as_str()
             } else {
@@ -95,6 +96,7 @@ fn main() -> ExitCode {
             config.mqtt.host,
             config.mqtt.port,
             config.mqtt.filters(),
+            config.mqtt.max_message_size,
             config.webhook.as_ref().map_or("none", |w| w.url.as_str()),
             config.api_listen,
             config.patients.len()

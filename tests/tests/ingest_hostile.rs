@@ -656,7 +656,7 @@ async fn a_full_disk_stops_acknowledging_and_recovers() {
         ingest.stderr().text()
     );
     assert!(
-        during < n as i64 && errors.is_some(),
+        during < n && errors.is_some(),
         "the disk never filled up ({during} stored)"
     );
 
