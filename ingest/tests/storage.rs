@@ -278,6 +278,57 @@ async fn bad_messages_are_kept_not_stored_as_readings(url: &str) {
     assert_eq!((c.readings, c.bad_messages), (0, 2));
 }
 
+/// The same id with other content is recorded as a conflict (in the same batch and in a later one), not
+/// dropped as a duplicate; an impossible value is stored as rejected and raises nothing (issue 11).
+async fn conflicts_are_recorded_and_impossible_values_rejected(url: &str) {
+    let store = AnyStore::open(url).await.unwrap();
+    let ev = ev();
+    let first = glucose_message("r-1", "p-0001", 100, T0);
+    let other = glucose_message("r-1", "p-0001", 180, T0);
+    let moved = glucose_message("r-1", "p-0009", 100, T0);
+    let r = store
+        .ingest(
+            vec![reading(first.clone()), reading(other), reading(first)],
+            Arc::clone(&ev),
+            "a",
+            1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r[0], Stored::New { alerts: 0 });
+    assert!(
+        matches!(&r[1], Stored::Bad(e) if e.contains("conflict")),
+        "{r:?}"
+    );
+    assert_eq!(r[2], Stored::Duplicate);
+    let r = store
+        .ingest(vec![reading(moved)], Arc::clone(&ev), "b", 2)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&r[0], Stored::Bad(e) if e.contains("conflict")),
+        "{r:?}"
+    );
+    // 900/10 mmHg: once a BP_CRISIS.
+    let r = store
+        .ingest(
+            vec![reading(bp_message("r-2", "p-0002", 900, 10, 70, T0))],
+            Arc::clone(&ev),
+            "a",
+            3,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&r[0], Stored::Rejected(e) if e.contains("out_of_range: systolic")),
+        "{r:?}"
+    );
+    let row = store.reading(&reading_uuid("r-2")).await.unwrap().unwrap();
+    assert!(row.eval_error.is_some());
+    let c = store.counts().await.unwrap();
+    assert_eq!((c.readings, c.alerts, c.bad_messages), (2, 0, 2), "{c:?}");
+}
+
 /// Acknowledging: once, then "already"; an unknown id is "not found". The patient queries return the
 /// patient's own rows, newest first, limited.
 async fn acknowledge_and_patient_queries(url: &str) {
@@ -402,6 +453,7 @@ sqlite_tests!(
     two_instances_on_one_database_never_double_store_or_alert,
     outbox_rows_are_leased_to_one_deliverer,
     bad_messages_are_kept_not_stored_as_readings,
+    conflicts_are_recorded_and_impossible_values_rejected,
     acknowledge_and_patient_queries,
     window_rules_run_on_tick,
 );
@@ -431,7 +483,11 @@ async fn postgres_runs_the_same_storage_scenarios() {
     .await;
     outbox_rows_are_leased_to_one_deliverer(&pg.create_database(&db()).await.unwrap()).await;
     bad_messages_are_kept_not_stored_as_readings(&pg.create_database(&db()).await.unwrap()).await;
+    conflicts_are_recorded_and_impossible_values_rejected(
+        &pg.create_database(&db()).await.unwrap(),
+    )
+    .await;
     acknowledge_and_patient_queries(&pg.create_database(&db()).await.unwrap()).await;
     window_rules_run_on_tick(&pg.create_database(&db()).await.unwrap()).await;
-    println!("postgres: 6 storage scenarios passed in {:?}", t.elapsed());
+    println!("postgres: 7 storage scenarios passed in {:?}", t.elapsed());
 }
