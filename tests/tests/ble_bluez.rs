@@ -1339,7 +1339,7 @@ async fn missing_racp_response_times_out_and_the_next_session_resumes() {
 async fn a_record_that_fails_to_decode_is_requested_again() {
     let Some(rig) = rig().await else { return };
     let mut fake = FakeDevice::new(METER, "Meter 1", meter(10, false));
-    fake.garble_once = Some(4);
+    fake.garble.insert(4, 1);
     rig.fake.add_device(fake).await.unwrap();
     rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
     let cfg = rig.cfg();
@@ -1355,18 +1355,113 @@ async fn a_record_that_fails_to_decode_is_requested_again() {
         ]
     );
     let records = rig.journaled();
-    let mut seqs = sequences(&records);
-    seqs.sort_unstable();
     assert_eq!(
-        seqs,
+        sequences(&records),
         (0..10).collect::<Vec<_>>(),
-        "each record once, the damaged one included"
+        "each record once, in order, the damaged one included"
     );
-    let failed: Vec<_> = records
+    assert_eq!(decode_failed(&records), 1, "the damaged value is reported");
+}
+
+/// `decode_failed` events journaled.
+fn decode_failed(records: &[(String, Option<u64>, serde_json::Value)]) -> usize {
+    records
         .iter()
         .filter(|(_, s, body)| s.is_none() && body.to_string().contains("decode_failed"))
-        .collect();
-    assert_eq!(failed.len(), 1, "the damaged value is reported");
+        .count()
+}
+
+/// Issue 11, defect 3: record 7 arrives damaged and the link drops after record 10, in one session. The
+/// records after the damaged one are held back, so the journal's cursor stays at 6 and the next session
+/// asks for "≥ 7" — the first record not accepted — and nothing is lost or doubled. (Before the fix the
+/// cursor moved to 10 and the next session asked for "≥ 11": record 7 was lost for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_and_a_dropped_link_in_one_session_lose_nothing() {
+    let Some(rig) = rig().await else { return };
+    let device = meter(14, false);
+    device
+        .with_glucometer(|g| {
+            g.set_faults(GlucometerFaults {
+                drop_link_after_records: Some(11), // records 0..=10 go out, then the link drops
+                ..Default::default()
+            })
+        })
+        .unwrap();
+    let mut fake = FakeDevice::new(METER, "Meter 1", device.clone());
+    fake.garble.insert(7, 1);
+    rig.fake.add_device(fake).await.unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let cfg = rig.cfg();
+    let a = adapter().await;
+
+    let first = session_of(&rig, &a, METER, &cfg).await.unwrap();
+    assert_eq!(first.completion, Completion::Incomplete);
+    // Records 0..=6 came before the damaged one (all of them, unless the bus lost some with the link).
+    let accepted = sequences(&rig.journaled());
+    let k = accepted.len() as u8;
+    assert!(k <= 7, "the cursor passed the damaged record: {accepted:?}");
+    assert_eq!(accepted, (0..u64::from(k)).collect::<Vec<_>>());
+
+    device
+        .with_glucometer(|g| g.set_faults(GlucometerFaults::default()))
+        .unwrap();
+    let second = session_of(&rig, &a, METER, &cfg).await.unwrap();
+    assert_eq!(second.completion, Completion::Complete);
+    assert_eq!(
+        racp_writes(&rig.fake, METER),
+        vec![
+            "WriteValue 2A52 0101 -> ok".to_owned(),
+            // Records >= k (7): the first record not accepted.
+            format!("WriteValue 2A52 010301{k:02X}00 -> ok"),
+        ]
+    );
+    let records = rig.journaled();
+    assert_eq!(
+        sequences(&records),
+        (0..14).collect::<Vec<_>>(),
+        "every record once, in order"
+    );
+    assert_eq!(decode_failed(&records), 1, "the damaged value is reported");
+}
+
+/// A record damaged in the meter's memory comes back with the same octets when asked for again: it is
+/// reported once (one `decode_failed` event), the records after it are accepted, and later sessions do
+/// not ask for it again (the decision documented on `collector::download`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_damaged_in_the_meters_memory_is_reported_and_passed() {
+    let Some(rig) = rig().await else { return };
+    let device = meter(8, false);
+    let mut fake = FakeDevice::new(METER, "Meter 1", device.clone());
+    fake.corrupt.insert(3);
+    rig.fake.add_device(fake).await.unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let cfg = rig.cfg();
+    let a = adapter().await;
+
+    let first = session_of(&rig, &a, METER, &cfg).await.unwrap();
+    assert_eq!(first.completion, Completion::Complete);
+    let expected: Vec<u64> = (0..8).filter(|s| *s != 3).collect();
+    assert_eq!(sequences(&rig.journaled()), expected);
+
+    device
+        .with_glucometer(|g| g.generate(1, unix_now(), 5))
+        .unwrap()
+        .unwrap();
+    let second = session_of(&rig, &a, METER, &cfg).await.unwrap();
+    assert_eq!(second.completion, Completion::Complete);
+    assert_eq!(
+        racp_writes(&rig.fake, METER),
+        vec![
+            "WriteValue 2A52 0101 -> ok".to_owned(),
+            "WriteValue 2A52 01040103000300 -> ok".to_owned(),
+            // The next session goes on after the last record; the damaged one is not asked for again.
+            "WriteValue 2A52 0103010800 -> ok".to_owned(),
+        ]
+    );
+    let records = rig.journaled();
+    let expected: Vec<u64> = (0..9).filter(|s| *s != 3).collect();
+    assert_eq!(sequences(&records), expected);
+    assert_eq!(decode_failed(&records), 1, "reported once");
 }
 
 /// A meter that numbers its records newest-first (TaiDoc DM30b, GATT.md: sequence 0 is the newest, no
