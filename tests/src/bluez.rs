@@ -1324,6 +1324,28 @@ impl FakeBluez {
         }
     }
 
+    /// The device's `PropertiesChanged(RSSI)` signals as fast as the bus takes them, for `period` — a
+    /// crowded radio seen through BlueZ. Returns how many were sent.
+    pub async fn chatter(&self, address: &str, period: Duration) -> u64 {
+        let Ok(iface) = self
+            .conn
+            .object_server()
+            .interface::<_, Device>(device_path(address).as_str())
+            .await
+        else {
+            return 0;
+        };
+        let end = Instant::now() + period;
+        let mut sent = 0;
+        while Instant::now() < end {
+            let mut d = iface.get_mut().await;
+            d.rssi = if d.rssi == -60 { -61 } else { -60 };
+            let _ = d.r_s_s_i_changed(iface.signal_emitter()).await;
+            sent += 1;
+        }
+        sent
+    }
+
     /// Drops the device's current connection from the device side (out of range).
     pub fn drop_link(&self, address: &str) {
         let device = self
