@@ -368,6 +368,9 @@ async fn download<L: GattLink, S: RecordSink>(
         // Anything held is dropped: the meter keeps it, and the cursor is before the first damaged record.
         return Ok(completion);
     }
+    // The answers to the re-requests are held too: handed over with the rest, in record order, so that
+    // a damaged record asked for again is never accepted before an earlier one held back.
+    let mut reasked = Held::default();
     let records = std::mem::take(&mut damaged.records);
     for (seq, mut came) in records {
         let mut reasks = 0;
@@ -382,7 +385,7 @@ async fn download<L: GattLink, S: RecordSink>(
             }
             reasks += 1;
             let mut again = Damaged::default();
-            match receive_report(link, sink, session, cfg, values, &mut again).await {
+            match receive_report(link, &mut reasked, session, cfg, values, &mut again).await {
                 Ok(Completion::Complete) => {}
                 Ok(other) => return Ok(other),
                 Err(SessionError::Racp(code)) => {
@@ -406,7 +409,12 @@ async fn download<L: GattLink, S: RecordSink>(
             }
         }
     }
-    for (u, v, received_utc) in damaged.held {
+    let mut rest = reasked.values;
+    rest.append(&mut damaged.held);
+    // Stable: a record's measurement stays before its context. A value too short to carry a number
+    // (reported as not decodable) goes last.
+    rest.sort_by_key(|(_, v, _)| sequence_of(v).map_or(u32::MAX, u32::from));
+    for (u, v, received_utc) in rest {
         match sink.value(session, u, &v, received_utc).await {
             Ok(()) => {}
             Err(SinkError::Full) => return Ok(Completion::JournalFull),
