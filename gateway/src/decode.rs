@@ -162,7 +162,7 @@ fn parsed<'a, T: Codec<'a>>(b: &'a [u8]) -> Result<(T, &'a [u8]), CodecError> {
 }
 
 /// The value of a parsed characteristic, shown by `show`, with its trailing octets.
-fn with<'a, T>(parsed: (T, &'a [u8]), show: impl FnOnce(&T) -> Value) -> (Value, &'a [u8]) {
+fn with<T>(parsed: (T, &[u8]), show: impl FnOnce(&T) -> Value) -> (Value, &[u8]) {
     (show(&parsed.0), parsed.1)
 }
 

@@ -1939,6 +1939,8 @@ fn ble_fault_combinations_deliver_every_record_once_under_its_id() {
         failure_persistence: None,
         ..Config::default()
     });
+    upstream::contain();
+    let panics_before = upstream::contained_panics();
     let started = std::time::Instant::now();
     let sessions = std::sync::atomic::AtomicUsize::new(0);
     let result = runner.run(&fault_plan(), |plan| {
@@ -1973,9 +1975,10 @@ fn ble_fault_combinations_deliver_every_record_once_under_its_id() {
         Ok(())
     });
     println!(
-        "{cases} fault plans ({} faulty sessions, shrinking included) in {:.1} s",
+        "{cases} fault plans ({} faulty sessions, shrinking included) in {:.1} s; bluez-async clean-up panics contained: {}",
         sessions.into_inner(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        upstream::contained_panics() - panics_before
     );
     if let Err(e) = result {
         panic!("{e}");
