@@ -15,7 +15,7 @@
 //! - a measurement that does not decode is asked for again once the report is complete
 //!   (`01 04 01 <seq> <seq>`), and what came after it is held back until then, so the cursor never passes
 //!   a record that was not accepted: a session that ends first resumes at the damaged record. A record
-//!   damaged in the meter's memory (the same octets again) is reported and passed — see [`download`];
+//!   damaged in the meter's memory (the same octets again) is reported and passed — see `download`;
 //! - when the sink refuses a value (journal full), the collector aborts the procedure and stops: the meter
 //!   keeps its records and the next session asks again from the cursor.
 //!
