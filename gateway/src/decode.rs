@@ -3,8 +3,10 @@
 //! A user tool as much as a test hook: a person who captured a payload with nRF Connect or btmon pastes
 //! it and sees what the device said. Field names are fixed by the contract and by the test vectors;
 //! optional fields are omitted when absent. Beside the contract's fields the output names enum codes
-//! (`type_name`, …), marks reserved codes (`type_reserved`, …) and counts trailing octets
-//! (`trailing_bytes`), because those are what a person debugging a device needs to see.
+//! (`type_name`, …), marks reserved codes (`type_reserved`, …) and reports the octets after the defined
+//! fields, of every characteristic and number alike, in one place (`trailing_bytes`, `trailing_hex`:
+//! tolerated, GATT.md and GLP.TS GLF/BI-04), because those are what a person debugging a device needs
+//! to see.
 
 use protocol::Error as CodecError;
 use protocol::gatt::Codec;
@@ -78,66 +80,110 @@ pub fn decode(characteristic: &str, hex: &str) -> Result<Value, DecodeError> {
     let ch = characteristic.trim().to_ascii_lowercase();
     let ch = ch.strip_prefix("0x").unwrap_or(&ch);
     let b = bytes.as_slice();
-    let v = match ch {
+    // Each arm decodes the defined fields and gives back the octets after them; they are reported below,
+    // the same way for every characteristic (GATT.md: tolerated, as GLP.TS GLF/BI-04 requires).
+    let (v, rest) = match ch {
         "sfloat" => {
-            let arr: [u8; 2] = b.try_into().map_err(|_| CodecError::DecodeTruncated {
-                need: 2,
-                got: b.len(),
-            })?;
+            let (arr, rest) = leading::<2>(b)?;
             let s = SFloat::from_le_bytes(arr);
-            number(s.0, format!("0x{:04X}", s.to_raw()))
+            (number(s.0, format!("0x{:04X}", s.to_raw())), rest)
         }
         "float" => {
-            let arr: [u8; 4] = b.try_into().map_err(|_| CodecError::DecodeTruncated {
-                need: 4,
-                got: b.len(),
-            })?;
+            let (arr, rest) = leading::<4>(b)?;
             let f = Float::from_le_bytes(arr);
-            number(f.0, format!("0x{:08X}", f.to_raw()))
+            (number(f.0, format!("0x{:08X}", f.to_raw())), rest)
         }
-        "2a08" => json!({ "date_time": DateTime::parse(b)?.to_string() }),
-        "2a2b" => current_time(&CurrentTime::parse(b)?),
-        "2a18" => glucose_measurement(&GlucoseMeasurement::parse(b)?),
-        "2a34" => glucose_context(&GlucoseContext::parse(b)?),
-        "2a51" => {
-            let f = GlucoseFeature::parse(b)?;
+        "2a08" => with(
+            parsed::<DateTime>(b)?,
+            |t| json!({ "date_time": t.to_string() }),
+        ),
+        "2a2b" => with(parsed::<CurrentTime>(b)?, current_time),
+        "2a18" => with(parsed::<GlucoseMeasurement>(b)?, glucose_measurement),
+        "2a34" => with(parsed::<GlucoseContext>(b)?, glucose_context),
+        "2a51" => with(parsed::<GlucoseFeature>(b)?, |f| {
             let mut m = feature(f.0, f.names(), f.reserved_bits());
             m.insert(
                 "multiple_bond".into(),
                 json!(f.contains(GlucoseFeature::MULTIPLE_BOND)),
             );
             Value::Object(m)
-        }
-        "2a52" => racp(&Racp::parse(b)?),
-        "2a35" => blood_pressure(&BloodPressureMeasurement::parse(b)?),
-        "2a36" => cuff_pressure(&IntermediateCuffPressure::parse(b)?),
-        "2a49" => {
-            let f = BloodPressureFeature::parse(b)?;
+        }),
+        "2a52" => with(parsed::<Racp>(b)?, racp),
+        "2a35" => with(parsed::<BloodPressureMeasurement>(b)?, blood_pressure),
+        "2a36" => with(parsed::<IntermediateCuffPressure>(b)?, cuff_pressure),
+        "2a49" => with(parsed::<BloodPressureFeature>(b)?, |f| {
             let mut m = feature(f.0, f.names(), f.reserved());
             m.insert(
                 "multiple_bonds".into(),
                 json!(f.contains(BloodPressureFeature::MULTIPLE_BONDS)),
             );
             Value::Object(m)
-        }
-        "2a19" => json!({ "battery_level": BatteryLevel::parse(b)?.percent() }),
-        "2a23" => {
-            let id = SystemId::parse(b)?;
-            json!({ "manufacturer_id": format!("0x{:010X}", id.manufacturer_id), "oui": format!("0x{:06X}", id.oui) })
-        }
-        "2a24" => text(ModelNumber::parse(b)?.as_str(), "model_number"),
-        "2a25" => text(SerialNumber::parse(b)?.as_str(), "serial_number"),
-        "2a26" => text(FirmwareRevision::parse(b)?.as_str(), "firmware_revision"),
-        "2a27" => text(HardwareRevision::parse(b)?.as_str(), "hardware_revision"),
-        "2a28" => text(SoftwareRevision::parse(b)?.as_str(), "software_revision"),
-        "2a29" => text(ManufacturerName::parse(b)?.as_str(), "manufacturer_name"),
+        }),
+        "2a19" => with(
+            parsed::<BatteryLevel>(b)?,
+            |l| json!({ "battery_level": l.percent() }),
+        ),
+        "2a23" => with(
+            parsed::<SystemId>(b)?,
+            |id| json!({ "manufacturer_id": format!("0x{:010X}", id.manufacturer_id), "oui": format!("0x{:06X}", id.oui) }),
+        ),
+        "2a24" => with(parsed::<ModelNumber>(b)?, |t| {
+            text(t.as_str(), "model_number")
+        }),
+        "2a25" => with(parsed::<SerialNumber>(b)?, |t| {
+            text(t.as_str(), "serial_number")
+        }),
+        "2a26" => with(parsed::<FirmwareRevision>(b)?, |t| {
+            text(t.as_str(), "firmware_revision")
+        }),
+        "2a27" => with(parsed::<HardwareRevision>(b)?, |t| {
+            text(t.as_str(), "hardware_revision")
+        }),
+        "2a28" => with(parsed::<SoftwareRevision>(b)?, |t| {
+            text(t.as_str(), "software_revision")
+        }),
+        "2a29" => with(parsed::<ManufacturerName>(b)?, |t| {
+            text(t.as_str(), "manufacturer_name")
+        }),
         _ => {
             return Err(DecodeError::UnknownCharacteristic(
                 characteristic.to_string(),
             ));
         }
     };
-    Ok(v)
+    Ok(with_trailing(v, rest))
+}
+
+/// `T` parsed from `b`, and the octets after its defined fields ([`Codec::defined_len`]).
+fn parsed<'a, T: Codec<'a>>(b: &'a [u8]) -> Result<(T, &'a [u8]), CodecError> {
+    let v = T::parse(b)?;
+    let rest = b.get(v.defined_len()..).unwrap_or_default();
+    Ok((v, rest))
+}
+
+/// The value of a parsed characteristic, shown by `show`, with its trailing octets.
+fn with<T>(parsed: (T, &[u8]), show: impl FnOnce(&T) -> Value) -> (Value, &[u8]) {
+    (show(&parsed.0), parsed.1)
+}
+
+/// The first `N` octets of `b` (an IEEE 11073 number), and the octets after them.
+fn leading<const N: usize>(b: &[u8]) -> Result<([u8; N], &[u8]), CodecError> {
+    match b.split_first_chunk::<N>() {
+        Some((arr, rest)) => Ok((*arr, rest)),
+        None => Err(CodecError::DecodeTruncated {
+            need: N,
+            got: b.len(),
+        }),
+    }
+}
+
+/// Reports the octets after the defined fields: how many (`trailing_bytes`) and which (`trailing_hex`).
+fn with_trailing(mut v: Value, rest: &[u8]) -> Value {
+    if let (Value::Object(m), false) = (&mut v, rest.is_empty()) {
+        m.insert("trailing_bytes".into(), json!(rest.len()));
+        m.insert("trailing_hex".into(), json!(hex_string(rest)));
+    }
+    v
 }
 
 /// An IEEE 11073 number: `value` (a number, or the special's name), `mantissa` and `exponent` when finite.
@@ -190,12 +236,6 @@ fn code(m: &mut Map<String, Value>, key: &str, value: u8, name: Option<&str>) {
         Some(n) => m.insert(format!("{key}_name"), json!(n)),
         None => m.insert(format!("{key}_reserved"), json!(true)),
     };
-}
-
-fn trailing(m: &mut Map<String, Value>, rest: &[u8]) {
-    if !rest.is_empty() {
-        m.insert("trailing_bytes".into(), json!(rest.len()));
-    }
 }
 
 fn feature<'a>(
@@ -252,7 +292,6 @@ fn glucose_measurement(g: &GlucoseMeasurement<'_>) -> Value {
             json!(format!("0x{:02X}", g.reserved_flags())),
         );
     }
-    trailing(&mut m, g.trailing);
     Value::Object(m)
 }
 
@@ -284,7 +323,6 @@ fn glucose_context(c: &GlucoseContext<'_>) -> Value {
     if let Some(h) = c.hba1c {
         m.insert("hba1c_pct".into(), sfloat(h));
     }
-    trailing(&mut m, c.trailing);
     Value::Object(m)
 }
 
@@ -371,7 +409,6 @@ fn bp_common(
     pulse: Option<SFloat>,
     user_id: Option<u8>,
     status: Option<MeasurementStatus>,
-    rest: &[u8],
 ) {
     if let Some(t) = timestamp {
         m.insert("timestamp".into(), json!(t.to_string()));
@@ -399,7 +436,6 @@ fn bp_common(
             );
         }
     }
-    trailing(m, rest);
 }
 
 fn blood_pressure(b: &BloodPressureMeasurement<'_>) -> Value {
@@ -417,7 +453,6 @@ fn blood_pressure(b: &BloodPressureMeasurement<'_>) -> Value {
         b.pulse_rate,
         b.user_id,
         b.measurement_status,
-        b.trailing,
     );
     if b.reserved_flags() != 0 {
         m.insert(
@@ -438,7 +473,6 @@ fn cuff_pressure(c: &IntermediateCuffPressure<'_>) -> Value {
         c.pulse_rate,
         c.user_id,
         c.measurement_status,
-        c.trailing,
     );
     Value::Object(m)
 }

@@ -5,7 +5,8 @@
 //!
 //! Metrics (all `phg_`): `journal_depth` (gauge), `readings_accepted_total`, `readings_rejected_total`,
 //! `readings_unattributed_total`, `journal_refused_total` (counters, from the pipeline), and from the uplink
-//! `readings_delivered_total`, `mqtt_reconnects_total`, `publish_latency_seconds`, `inflight`.
+//! `readings_delivered_total`, `mqtt_reconnects_total`, `publish_latency_seconds`, `inflight`; and
+//! `ble_dependency_panics_total`, panics inside bluez-async contained by `sources::ble::upstream`.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -70,6 +71,8 @@ pub fn spawn_exporter(
             ] {
                 metrics::counter!(name).absolute(c.load(Ordering::Relaxed));
             }
+            metrics::counter!("phg_ble_dependency_panics_total")
+                .absolute(crate::sources::ble::upstream::contained_panics());
         }
     }))
 }

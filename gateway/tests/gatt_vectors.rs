@@ -231,7 +231,9 @@ fn check_key(key: &str, want: &Value, got: &Map<String, Value>) -> Result<(), St
         "all_optional_fields" => {
             let extra: Vec<_> = got
                 .keys()
-                .filter(|k| !["sequence_number", "trailing_bytes"].contains(&k.as_str()))
+                .filter(|k| {
+                    !["sequence_number", "trailing_bytes", "trailing_hex"].contains(&k.as_str())
+                })
                 .collect();
             if extra.is_empty() {
                 Ok(())
@@ -390,6 +392,86 @@ fn decode_contract_examples() {
         err.starts_with("error: ") && err.lines().count() == 1,
         "{err}"
     );
+}
+
+/// Issue 11, defect 11: octets after the defined fields are tolerated and reported the same way for every
+/// characteristic and number (GATT.md "The `decode` contract", GLP.TS GLF/BI-04) — before, `sfloat 07FF00`
+/// said "too short" and 2A19, 2A08, 2A51, 2A49 dropped them silently. Each value (the first valid vector
+/// of its characteristic, or a hand-built one where the vectors have none) decodes with two octets
+/// appended to exactly what it decodes to alone, plus `trailing_bytes` and `trailing_hex`.
+#[test]
+fn trailing_octets_are_reported_alike_for_every_characteristic() {
+    let vectors = vectors();
+    let first_valid = |ch: &str| {
+        vectors
+            .iter()
+            .find(|v| {
+                v["kind"] == "valid"
+                    && v["characteristic"]
+                        .as_str()
+                        .unwrap()
+                        .eq_ignore_ascii_case(ch)
+            })
+            .map(|v| v["hex"].as_str().unwrap().to_owned())
+    };
+    let hand_built = [
+        ("2A19", "64"),
+        ("2A23", "0123456789ABCDEF"),
+        ("sfloat", "FF07"),
+    ];
+    let mut checked = Vec::new();
+    for ch in [
+        "sfloat", "float", "2A08", "2A2B", "2A18", "2A34", "2A51", "2A35", "2A36", "2A49", "2A19",
+        "2A23",
+    ] {
+        let hex = first_valid(ch)
+            .or_else(|| {
+                hand_built
+                    .iter()
+                    .find(|(c, _)| *c == ch)
+                    .map(|(_, h)| (*h).to_owned())
+            })
+            .unwrap_or_else(|| panic!("no value for {ch}"));
+        let (ok, alone, err) = decode_cli(ch, &hex);
+        assert!(ok, "{ch} {hex}: {err}");
+        let mut alone: Map<String, Value> = serde_json::from_str(&alone).unwrap();
+        let had = alone
+            .remove("trailing_bytes")
+            .and_then(|n| n.as_u64())
+            .unwrap_or(0);
+        let (ok, extended, err) = decode_cli(ch, &format!("{hex}ABCD"));
+        assert!(ok, "{ch} {hex}ABCD: {err}");
+        let mut extended: Map<String, Value> = serde_json::from_str(&extended).unwrap();
+        assert_eq!(
+            extended.remove("trailing_bytes"),
+            Some(Value::from(had + 2)),
+            "{ch} {hex}ABCD"
+        );
+        let hex_tail = extended.remove("trailing_hex");
+        assert!(
+            hex_tail
+                .as_ref()
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.ends_with("ABCD")),
+            "{ch} {hex}ABCD: trailing_hex {hex_tail:?}"
+        );
+        alone.remove("trailing_hex");
+        assert_eq!(extended, alone, "{ch}: the defined fields decode as before");
+        checked.push(ch);
+    }
+    // The issue's example: `sfloat 07FF00` is the SFLOAT 0xFF07 (−24.9) and one trailing octet.
+    let (ok, out, err) = decode_cli("sfloat", "07FF00");
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (
+            v["raw"].as_str(),
+            v["value"].as_f64(),
+            v["trailing_bytes"].as_u64()
+        ),
+        (Some("0xFF07"), Some(-24.9), Some(1))
+    );
+    println!("trailing octets reported alike for {checked:?}");
 }
 
 #[test]

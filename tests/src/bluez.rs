@@ -232,9 +232,16 @@ pub struct FakeDevice {
     /// Fault: the first `StartNotify` of each characteristic is answered but ignored (a RACP write then
     /// gets ATT 0x81 from the model).
     pub ignore_first_cccd_writes: bool,
-    /// Fault: the first Glucose Measurement with this sequence number arrives truncated to 4 octets (a
-    /// value damaged on the way); a re-request gets it whole.
-    pub garble_once: Option<u16>,
+    /// Fault: sequence number → how many more times its Glucose Measurement arrives damaged on the way
+    /// (truncated, each time to a different length: 3 + the times left, so no two damaged copies are
+    /// alike); after that it comes whole.
+    pub garble: BTreeMap<u16, u32>,
+    /// Fault: Glucose Measurements damaged in the meter's memory: each time truncated to the same 4
+    /// octets (sequence number readable), never whole.
+    pub corrupt: std::collections::BTreeSet<u16>,
+    /// Fault: the next this many RACP writes are refused with ATT 0x80 (a procedure already in progress,
+    /// GLS.TS SPE/BI-07) without reaching the meter.
+    pub refuse_racp_writes: u32,
 }
 
 impl FakeDevice {
@@ -247,7 +254,9 @@ impl FakeDevice {
             passkey: None,
             rssi: -60,
             ignore_first_cccd_writes: false,
-            garble_once: None,
+            garble: BTreeMap::new(),
+            corrupt: std::collections::BTreeSet::new(),
+            refuse_racp_writes: 0,
         }
     }
 
@@ -786,10 +795,24 @@ impl GattCharacteristic {
         _options: std::collections::HashMap<String, OwnedValue>,
     ) -> Result<(), BluezError> {
         let uuid = self.uuid16;
-        let r = self.on_model(|m| {
-            m.request_at(Instant::now());
-            m.write(uuid, &value, unix_now())
-        });
+        let refused = uuid == uuid::RACP && {
+            let mut st = self.inner.lock();
+            match st.devices.get_mut(&self.address) {
+                Some(e) if e.fake.refuse_racp_writes > 0 => {
+                    e.fake.refuse_racp_writes -= 1;
+                    true
+                }
+                _ => false,
+            }
+        };
+        let r = if refused {
+            Err(gatt_error(LinkError::Att(0x80)))
+        } else {
+            self.on_model(|m| {
+                m.request_at(Instant::now());
+                m.write(uuid, &value, unix_now())
+            })
+        };
         let hex: String = value.iter().map(|b| format!("{b:02X}")).collect();
         let outcome = match &r {
             Ok(()) => "ok".to_owned(),
@@ -941,9 +964,15 @@ async fn pump(
                     let mut st = inner.lock();
                     if let Some(e) = st.devices.get_mut(&address) {
                         let seq = n.value.get(1..3).map(|b| u16::from_le_bytes([b[0], b[1]]));
-                        if e.fake.garble_once.is_some() && seq == e.fake.garble_once {
-                            e.fake.garble_once = None;
-                            n.value.truncate(4);
+                        if let Some(seq) = seq {
+                            if e.fake.corrupt.contains(&seq) {
+                                n.value.truncate(4);
+                            } else if let Some(left) =
+                                e.fake.garble.get_mut(&seq).filter(|left| **left > 0)
+                            {
+                                *left -= 1;
+                                n.value.truncate(3 + *left as usize);
+                            }
                         }
                     }
                 }
@@ -1285,6 +1314,36 @@ impl FakeBluez {
     /// Whether the adapter is discovering.
     pub fn is_discovering(&self) -> bool {
         self.inner.lock().discovering
+    }
+
+    /// Changes a served device's fault injection (`garble`, `corrupt`, `refuse_racp_writes`, …) between
+    /// sessions; the model's own faults are the model's (`SimDevice::with_glucometer`).
+    pub fn set_faults(&self, address: &str, f: impl FnOnce(&mut FakeDevice)) {
+        if let Some(e) = self.inner.lock().devices.get_mut(address) {
+            f(&mut e.fake);
+        }
+    }
+
+    /// The device's `PropertiesChanged(RSSI)` signals as fast as the bus takes them, for `period` — a
+    /// crowded radio seen through BlueZ. Returns how many were sent.
+    pub async fn chatter(&self, address: &str, period: Duration) -> u64 {
+        let Ok(iface) = self
+            .conn
+            .object_server()
+            .interface::<_, Device>(device_path(address).as_str())
+            .await
+        else {
+            return 0;
+        };
+        let end = Instant::now() + period;
+        let mut sent = 0;
+        while Instant::now() < end {
+            let mut d = iface.get_mut().await;
+            d.rssi = if d.rssi == -60 { -61 } else { -60 };
+            let _ = d.r_s_s_i_changed(iface.signal_emitter()).await;
+            sent += 1;
+        }
+        sent
     }
 
     /// Drops the device's current connection from the device side (out of range).

@@ -13,7 +13,9 @@
 //! - the 30 s RACP timer restarts on every 2A18 / 2A34 notification and stops at the response code; on
 //!   time-out the set is incomplete and the next session resumes (GLP.TS SPE/BI-04);
 //! - a measurement that does not decode is asked for again once the report is complete
-//!   (`01 04 01 <seq> <seq>`): the cursor moves past it, so no later session would;
+//!   (`01 04 01 <seq> <seq>`), and what came after it is held back until then, so the cursor never passes
+//!   a record that was not accepted: a session that ends first resumes at the damaged record. A record
+//!   damaged in the meter's memory (the same octets again) is reported and passed — see `download`;
 //! - when the sink refuses a value (journal full), the collector aborts the procedure and stops: the meter
 //!   keeps its records and the next session asks again from the cursor.
 //!
@@ -315,7 +317,44 @@ pub async fn glucose_session<L: GattLink, S: RecordSink>(
     })
 }
 
-/// Receives the report asked for, then asks again for each record that did not decode.
+/// How often one damaged record is asked for again in a session while each answer comes damaged in a
+/// new way (damaged on the way, not in the meter's memory) before the session gives up and ends
+/// incomplete — the next session asks again from the cursor, which has not passed the record.
+const MAX_REASKS: usize = 3;
+
+/// The records of one report that arrived damaged, and what came after the first of them.
+#[derive(Default)]
+struct Damaged {
+    /// Sequence number of each 2A18 value that did not decode → the octets that came. Comparing them with
+    /// a re-request's answer tells a record damaged in the meter's memory (the same octets again) from
+    /// one damaged on the way.
+    records: std::collections::BTreeMap<u16, Vec<u8>>,
+    /// Every value received after the first damaged record, held back (characteristic, value, received
+    /// at) until the damaged ones are settled, so that the journal's cursor cannot pass a record that was
+    /// not accepted.
+    held: Vec<(u16, Vec<u8>, i64)>,
+}
+
+/// Receives the report asked for, asks again for each record that did not decode, then hands over what
+/// came after the first damaged one (see [`Damaged`]).
+///
+/// The journal's cursor is the highest record number it accepted, and the next session asks for records
+/// after it. Had the records after a damaged one been accepted at once, a link lost before the re-request
+/// would leave the damaged record behind the cursor, never asked for again (issue 11, defect 3). So the
+/// values after the first damaged record are held back; if the session ends before the damaged records
+/// are settled, they are dropped — still in the meter — and the next session resumes at the first damaged
+/// record, the first one not accepted.
+///
+/// A damaged record is settled when its re-request (`01 04 01 <seq> <seq>`, GATT.md "RACP") brings it
+/// whole, or brings the same octets again: then the damage is in the meter's memory, asking again cannot
+/// help, and asking every session forever would cost every later session a round trip. Such a record is
+/// reported — its octets are journaled as a `decode_failed` event, the same event each time it comes —
+/// and the cursor moves past it. A re-request answered with new damage is repeated up to
+/// [`MAX_REASKS`] times; a meter that refuses the re-request (an RACP error code) settles it too, as
+/// reported.
+///
+/// A value too short to carry a sequence number cannot be asked for by number: it is reported and the
+/// transfer goes on (a notification is never cut short by the link layer; such a value is the meter's).
 async fn download<L: GattLink, S: RecordSink>(
     link: &mut L,
     sink: &mut S,
@@ -323,31 +362,66 @@ async fn download<L: GattLink, S: RecordSink>(
     cfg: &CollectorConfig,
     values: &mut usize,
 ) -> Result<Completion, SessionError> {
-    let mut undecodable = Vec::new();
-    let mut completion = receive_report(link, sink, session, cfg, values, &mut undecodable).await?;
-    // GLP: a record that failed to decode is asked for again (`01 04 01 <seq> <seq>`), once each — the
-    // cursor will have moved past it, so a later session would not (GATT.md "RACP").
-    if completion == Completion::Complete {
-        undecodable.sort_unstable();
-        undecodable.dedup();
-        for seq in undecodable {
+    let mut damaged = Damaged::default();
+    let completion = receive_report(link, sink, session, cfg, values, &mut damaged).await?;
+    if completion != Completion::Complete {
+        // Anything held is dropped: the meter keeps it, and the cursor is before the first damaged record.
+        return Ok(completion);
+    }
+    // The answers to the re-requests are held too: handed over with the rest, in record order, so that
+    // a damaged record asked for again is never accepted before an earlier one held back.
+    let mut reasked = Held::default();
+    let records = std::mem::take(&mut damaged.records);
+    for (seq, mut came) in records {
+        let mut reasks = 0;
+        loop {
             tracing::warn!(device = %session.device.id, seq, "record did not decode; asking for it again");
             if link
                 .write(uuid::RACP, &Racp::report_range(seq, seq).to_vec())
                 .await
                 .is_err()
             {
-                completion = Completion::Incomplete;
-                break;
+                return Ok(Completion::Incomplete);
             }
-            let mut again = Vec::new();
-            completion = receive_report(link, sink, session, cfg, values, &mut again).await?;
-            if completion != Completion::Complete {
-                break;
+            reasks += 1;
+            let mut again = Damaged::default();
+            match receive_report(link, &mut reasked, session, cfg, values, &mut again).await {
+                Ok(Completion::Complete) => {}
+                Ok(other) => return Ok(other),
+                Err(SessionError::Racp(code)) => {
+                    tracing::warn!(device = %session.device.id, seq, response = code.name().unwrap_or("reserved"), "meter refused to send a damaged record again; it stays reported as damaged");
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+            match again.records.remove(&seq) {
+                // Whole (or gone from the meter's memory meanwhile).
+                None => break,
+                Some(bytes) if bytes == came => {
+                    tracing::warn!(device = %session.device.id, seq, "record came damaged the same way twice: damaged in the meter's memory; reported, not asked for again");
+                    break;
+                }
+                Some(_) if reasks >= MAX_REASKS => {
+                    tracing::warn!(device = %session.device.id, seq, reasks, "record still damaged after asking again; resuming at it next session");
+                    return Ok(Completion::Incomplete);
+                }
+                Some(bytes) => came = bytes,
             }
         }
     }
-    Ok(completion)
+    let mut rest = reasked.values;
+    rest.append(&mut damaged.held);
+    // Stable: a record's measurement stays before its context. A value too short to carry a number
+    // (reported as not decodable) goes last.
+    rest.sort_by_key(|(_, v, _)| sequence_of(v).map_or(u32::MAX, u32::from));
+    for (u, v, received_utc) in rest {
+        match sink.value(session, u, &v, received_utc).await {
+            Ok(()) => {}
+            Err(SinkError::Full) => return Ok(Completion::JournalFull),
+            Err(e) => return Err(SessionError::Sink(e)),
+        }
+    }
+    Ok(Completion::Complete)
 }
 
 /// Seconds from the Unix epoch to 2000-01-01T00:00:00: the origin of a newest-first cursor's time part
@@ -602,15 +676,15 @@ async fn hand_over_newer<S: RecordSink>(
 }
 
 /// Receives one report's notifications until its Response Code (or the RACP timer, or the link's end),
-/// handing every 2A18 / 2A34 value to the sink; notes the sequence numbers of 2A18 values that do not
-/// decode.
+/// handing every 2A18 / 2A34 value to the sink — except, once a measurement did not decode, what comes
+/// after it, which goes to `damaged.held` (see [`download`]).
 async fn receive_report<L: GattLink, S: RecordSink>(
     link: &mut L,
     sink: &mut S,
     session: &SessionInfo,
     cfg: &CollectorConfig,
     values: &mut usize,
-    undecodable: &mut Vec<u16>,
+    damaged: &mut Damaged,
 ) -> Result<Completion, SessionError> {
     let completion = loop {
         let next = match tokio::time::timeout(cfg.racp_timeout, link.next_notification()).await {
@@ -624,12 +698,22 @@ async fn receive_report<L: GattLink, S: RecordSink>(
         match next.uuid {
             uuid::GLUCOSE_MEASUREMENT | uuid::GLUCOSE_CONTEXT => {
                 *values += 1;
-                if next.uuid == uuid::GLUCOSE_MEASUREMENT
-                    && GlucoseMeasurement::parse(&next.value).is_err()
-                {
-                    if let Some(&[lo, hi]) = next.value.get(1..3) {
-                        undecodable.push(u16::from_le_bytes([lo, hi]));
+                let seq = sequence_of(&next.value);
+                let undecodable = next.uuid == uuid::GLUCOSE_MEASUREMENT
+                    && GlucoseMeasurement::parse(&next.value).is_err();
+                match seq {
+                    // The damaged value itself is reported now (a `decode_failed` event: it moves no
+                    // cursor); its record is asked for again once the report is complete.
+                    Some(seq) if undecodable => {
+                        damaged.records.insert(seq, next.value.clone());
                     }
+                    // A damaged record's context comes again with its re-request.
+                    Some(seq) if damaged.records.contains_key(&seq) => continue,
+                    _ if !damaged.records.is_empty() => {
+                        damaged.held.push((next.uuid, next.value, now_utc()));
+                        continue;
+                    }
+                    _ => {}
                 }
                 match sink.value(session, next.uuid, &next.value, now_utc()).await {
                     Ok(()) => {}

@@ -500,6 +500,10 @@ impl<'a> Codec<'a> for BloodPressureMeasurement<'a> {
         self.layout().len()
     }
 
+    fn defined_len(&self) -> usize {
+        self.buffer_len().saturating_sub(self.trailing.len())
+    }
+
     fn emit(&self, out: &mut [u8]) -> Result<usize, Error> {
         self.layout().emit(out)
     }
@@ -604,6 +608,10 @@ impl<'a> Codec<'a> for IntermediateCuffPressure<'a> {
 
     fn buffer_len(&self) -> usize {
         self.layout().len()
+    }
+
+    fn defined_len(&self) -> usize {
+        self.buffer_len().saturating_sub(self.trailing.len())
     }
 
     fn emit(&self, out: &mut [u8]) -> Result<usize, Error> {

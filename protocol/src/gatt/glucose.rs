@@ -638,6 +638,10 @@ impl<'a> Codec<'a> for GlucoseMeasurement<'a> {
         Self::required_len(self.wire_flags()).saturating_add(self.trailing.len())
     }
 
+    fn defined_len(&self) -> usize {
+        Self::required_len(self.wire_flags())
+    }
+
     fn emit(&self, out: &mut [u8]) -> Result<usize, Error> {
         let mut w = Writer::new(out, self.buffer_len())?;
         w.u8(self.wire_flags())?;
@@ -895,6 +899,10 @@ impl<'a> Codec<'a> for GlucoseContext<'a> {
 
     fn buffer_len(&self) -> usize {
         Self::required_len(self.wire_flags()).saturating_add(self.trailing.len())
+    }
+
+    fn defined_len(&self) -> usize {
+        Self::required_len(self.wire_flags())
     }
 
     fn emit(&self, out: &mut [u8]) -> Result<usize, Error> {

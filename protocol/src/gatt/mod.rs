@@ -7,7 +7,9 @@
 //!   ([`Error::DecodeTruncated`] names both numbers), then reads fields through [`Reader`].
 //! - **Tolerant as GLP.TS requires** (GLP/COL/GLF/BI-01…11): reserved flag bits, reserved status bits and
 //!   reserved enum values are kept as received (open code sets are newtypes over the raw integer, so unknown
-//!   codes round-trip), and octets after the defined fields are kept in `trailing`.
+//!   codes round-trip), and octets after the defined fields are tolerated: the measurements keep them in
+//!   `trailing`, the fixed-size values ignore them, and [`Codec::defined_len`] tells every caller where the
+//!   defined fields end, whichever the codec does.
 //! - `emit` writes exactly [`Codec::buffer_len`] octets; `emit(parse(x)) == x` for every `x` that parses,
 //!   except where the wire allows several encodings of one value (noted on the type).
 //! - Values stay in the units transmitted (kg/L, mol/L, mmHg, kPa); unit conversion is [`crate::model`]'s.
@@ -38,6 +40,14 @@ pub trait Codec<'a>: Sized {
 
     /// The number of octets [`Codec::emit`] writes.
     fn buffer_len(&self) -> usize;
+
+    /// The octets of the defined fields `parse` read: a value parsed from `bytes` was followed by
+    /// `bytes.len() - defined_len()` trailing octets (tolerated, GLP.TS GLP/COL/GLF/BI-04). The default
+    /// is [`Codec::buffer_len`], right for every codec that does not keep its trailing octets; a codec
+    /// that keeps them (in a `trailing` field, re-emitted) leaves them out here.
+    fn defined_len(&self) -> usize {
+        self.buffer_len()
+    }
 
     /// Encodes into `out`, returning the number of octets written.
     ///

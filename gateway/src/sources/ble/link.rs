@@ -133,6 +133,8 @@ impl BleLink {
         op_timeout: Duration,
         connect_timeout: Duration,
     ) -> Result<BleLink, OpenError> {
+        // The streams opened here hit bluez-async's clean-up race when dropped (upstream.rs).
+        super::upstream::contain();
         // Events first: a disconnect during the set-up must not be missed.
         let events = adapter
             .events()

@@ -8,6 +8,7 @@
 //!   last session outcome.
 //! - [`pairing`] — `Device1.Pair` with an `Agent1` for the passkey, over zbus (btleplug cannot pair).
 //! - [`quirks`] — device quirks as data, keyed on the Device Information model.
+//! - [`upstream`] — containment of a known panic inside bluez-async (counted, logged at WARN).
 //! - this module — adapter selection, the scanner, the allow-list check, and the session supervisor.
 //!
 //! # The supervisor
@@ -34,6 +35,7 @@ pub mod link;
 pub mod pairing;
 pub mod quirks;
 pub mod store;
+pub mod upstream;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -651,6 +653,7 @@ pub async fn run(
     status: BleStatusHandle,
     shutdown: CancellationToken,
 ) {
+    upstream::contain();
     let shared = Shared {
         sessions: Arc::new(Semaphore::new(cfg.max_sessions.max(1))),
         store: DeviceStore::new(cfg.store_dir.clone()),
