@@ -9,15 +9,21 @@
 //!   it is removed).
 //! - [`indicator`] — the LED and buzzer pattern of each [`protocol::link::Indication`].
 //! - [`board`] — the loop that joins them to the link: bytes in, messages out, time passed in.
+//! - `image` (bare-metal targets only) — the STM32F4 board around it all; `src/bin/` has its entry points.
 //! - [`testing`] (feature `testing`, and in this crate's tests) — a register-level fake MFRC522.
 //!
 //! All logic is generic over embedded-hal 1.0 (`SpiDevice`, `OutputPin`, `DelayNs`) and embedded-io
-//! (the serial port), so the same code runs in `src/bin/board.rs` on the board and on the host in tests.
+//! (the serial port), so the same code runs in `image` on the board and on the host in tests.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod board;
+#[cfg(all(
+    target_os = "none",
+    any(feature = "black-pill", feature = "netduinoplus2")
+))]
+pub mod image;
 pub mod indicator;
 pub mod reader;
 #[cfg(any(test, feature = "testing"))]
