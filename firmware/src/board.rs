@@ -27,6 +27,9 @@ pub struct Board<'a, SPI: SpiDevice, G, R, B, S> {
     serial: S,
     link: BoardEndpoint,
     board_id: u32,
+    /// Whether the gateway acknowledged a `Hello`: until it has, heartbeats are `Hello`s (a gateway
+    /// that opens its port after the board started has missed the first one).
+    greeted: bool,
     next_poll_ms: u64,
     next_heartbeat_ms: u64,
 }
@@ -55,6 +58,7 @@ where
             serial,
             link: BoardEndpoint::new(Timing::default()),
             board_id,
+            greeted: false,
             next_poll_ms: now_ms.saturating_add(POLL_MS),
             next_heartbeat_ms: now_ms.saturating_add(HEARTBEAT_MS),
         };
@@ -72,6 +76,7 @@ where
     }
 
     fn hello(&mut self) {
+        self.greeted = false;
         self.link.send(BoardMessage::Hello(Hello {
             firmware: crate::VERSION,
             board_id: self.board_id,
@@ -90,7 +95,11 @@ where
             self.next_heartbeat_ms = now_ms.saturating_add(HEARTBEAT_MS);
             // Only when idle: any frame in flight already tells the gateway the board is alive.
             if self.link.is_idle() {
-                self.link.send(BoardMessage::Heartbeat);
+                if self.greeted {
+                    self.link.send(BoardMessage::Heartbeat);
+                } else {
+                    self.hello();
+                }
             }
         }
         self.transmit(now_ms);
@@ -114,6 +123,9 @@ where
                     }
                     // The Ack it gets is the answer.
                     Some(GatewayMessage::Ping) | Some(GatewayMessage::Ack) | None => {}
+                }
+                if let Some(BoardMessage::Hello(_)) = self.link.take_acknowledged() {
+                    self.greeted = true;
                 }
             }
         }
@@ -423,6 +435,40 @@ mod tests {
                 BoardMessage::Fault(ReaderFault::NotResponding)
             ]
         ));
+    }
+
+    #[test]
+    fn a_gateway_that_missed_the_hello_gets_it_again_instead_of_a_heartbeat() {
+        let r = rig();
+        let (mut board, mut gw) = start(&r, true);
+        // Nobody listens for 3 s: the Hello is sent 8 times and given up.
+        let mut t = 0;
+        while t < 3000 {
+            board.step(t);
+            gw.line.from_board.borrow_mut().clear();
+            t += 5;
+        }
+        assert_eq!(board.link_counters().given_up, 1);
+        run(&mut board, &mut gw, 3000, 11_000);
+        let kinds: Vec<_> = gw.received.iter().map(core::mem::discriminant).collect();
+        let hello = core::mem::discriminant(&gw.received[0]);
+        assert!(
+            matches!(gw.received[0], BoardMessage::Hello(_)),
+            "{:?}",
+            gw.received
+        );
+        assert_eq!(
+            kinds.iter().filter(|k| **k == hello).count(),
+            1,
+            "{:?}",
+            gw.received
+        );
+        assert_eq!(
+            gw.received.len(),
+            2,
+            "then one heartbeat: {:?}",
+            gw.received
+        );
     }
 
     #[test]

@@ -453,6 +453,7 @@ pub struct Endpoint<Out, In> {
     queue_len: usize,
     ack_due: Option<u8>,
     last_delivered: Option<u8>,
+    acknowledged: Option<Out>,
     counters: Counters,
     _in: core::marker::PhantomData<In>,
 }
@@ -475,6 +476,7 @@ impl<Out: Message, In: Message> Endpoint<Out, In> {
             queue_len: 0,
             ack_due: None,
             last_delivered: None,
+            acknowledged: None,
             counters: Counters::default(),
             _in: core::marker::PhantomData,
         }
@@ -513,7 +515,7 @@ impl<Out: Message, In: Message> Endpoint<Out, In> {
         self.counters.frames_good = self.counters.frames_good.wrapping_add(1);
         if message.is_ack() {
             if self.in_flight.is_some_and(|f| f.seq == seq) {
-                self.in_flight = None;
+                self.acknowledged = self.in_flight.take().map(|f| f.message);
             }
             return None;
         }
@@ -566,6 +568,12 @@ impl<Out: Message, In: Message> Endpoint<Out, In> {
         self.queue_head = self.queue_head.wrapping_add(1) % QUEUE;
         self.queue_len = self.queue_len.saturating_sub(1);
         message
+    }
+
+    /// The message the peer acknowledged last, once (`None` if none since the last call). With one frame
+    /// in flight, at most one is acknowledged between two calls of [`Endpoint::transmit`].
+    pub fn take_acknowledged(&mut self) -> Option<Out> {
+        self.acknowledged.take()
     }
 
     /// Whether everything sent has been acknowledged or given up.
