@@ -8,6 +8,7 @@
 //! board reports its reader as not responding — which exercises the fault path), the Black Pill's
 //! 25 MHz crystal and PLL, the LEDs and buzzer, real cards, and timing (QEMU's SysTick does not run at
 //! the rate the HAL programmed).
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

@@ -221,14 +221,11 @@ impl Task {
                         }
                     }
                 }
-                show = self.shows.recv() => match show {
-                    Some(indication) => {
-                        tracing::debug!(?indication, "card reader: show");
-                        link.send(GatewayMessage::Show(indication));
-                    }
-                    // Every CardReader handle is gone; keep reading taps.
-                    None => {}
-                },
+                // Once every CardReader handle is gone, `None` disables this branch; taps still flow.
+                Some(indication) = self.shows.recv() => {
+                    tracing::debug!(?indication, "card reader: show");
+                    link.send(GatewayMessage::Show(indication));
+                }
                 _ = ping.tick() => {
                     link.send(GatewayMessage::Ping);
                 }
