@@ -421,6 +421,22 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Both counts added (wrapping): totals over several sessions of one port.
+    #[must_use]
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            frames_good: self.frames_good.wrapping_add(other.frames_good),
+            corrupt: self.corrupt.wrapping_add(other.corrupt),
+            truncated: self.truncated.wrapping_add(other.truncated),
+            oversized: self.oversized.wrapping_add(other.oversized),
+            undecodable: self.undecodable.wrapping_add(other.undecodable),
+            duplicates: self.duplicates.wrapping_add(other.duplicates),
+            retransmissions: self.retransmissions.wrapping_add(other.retransmissions),
+            given_up: self.given_up.wrapping_add(other.given_up),
+            queue_full: self.queue_full.wrapping_add(other.queue_full),
+        }
+    }
+
     /// All frames dropped as damaged.
     pub fn frames_bad(&self) -> u32 {
         self.corrupt

@@ -267,7 +267,7 @@ impl Task {
 
     /// Stores `base + session` as the totals and adds what is new to the Prometheus counters.
     fn publish(&mut self, base: Counters, session: Counters) {
-        let total = add(base, session);
+        let total = base.plus(session);
         *self.counters.lock().unwrap_or_else(|e| e.into_inner()) = total;
         let delta = |new: u32, old: u32| u64::from(new.wrapping_sub(old));
         let e = self.exported;
@@ -282,19 +282,5 @@ impl Task {
         metrics::counter!("phg_card_link_duplicates_total")
             .increment(delta(total.duplicates, e.duplicates));
         self.exported = total;
-    }
-}
-
-fn add(a: Counters, b: Counters) -> Counters {
-    Counters {
-        frames_good: a.frames_good.wrapping_add(b.frames_good),
-        corrupt: a.corrupt.wrapping_add(b.corrupt),
-        truncated: a.truncated.wrapping_add(b.truncated),
-        oversized: a.oversized.wrapping_add(b.oversized),
-        undecodable: a.undecodable.wrapping_add(b.undecodable),
-        duplicates: a.duplicates.wrapping_add(b.duplicates),
-        retransmissions: a.retransmissions.wrapping_add(b.retransmissions),
-        given_up: a.given_up.wrapping_add(b.given_up),
-        queue_full: a.queue_full.wrapping_add(b.queue_full),
     }
 }
