@@ -18,6 +18,8 @@
 //! - [`reading_id`] — deterministic reading ids (DESIGN.md promise 3).
 //! - `rules` (feature `alloc`; TOML rule files with `serde`) — the alert rule engine: rules as data with
 //!   guideline sources, patient overrides, confirmation, episodes, window rules (issue 5 part 1).
+//! - `link` (feature `link`) — the kiosk card-reader serial link: messages, frames (postcard, CRC-16,
+//!   COBS) and the stop-and-wait delivery both ends run.
 //! - `wire` (features `alloc` + `serde`) — the MQTT contract v1: topics and the JSON payload types.
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 #![deny(unsafe_code)]
@@ -29,6 +31,8 @@ extern crate alloc;
 pub mod error;
 pub mod gatt;
 pub mod ieee11073;
+#[cfg(feature = "link")]
+pub mod link;
 pub mod model;
 pub mod reading_id;
 #[cfg(feature = "alloc")]

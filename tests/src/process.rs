@@ -51,41 +51,9 @@ fn package_bin(package: &str, env: &str) -> PathBuf {
         .expect("the test executable lives in target/<profile>/deps")
         .to_owned();
     let bin = profile_dir.join(format!("{package}{}", std::env::consts::EXE_SUFFIX));
-    let cargo = std::env::var_os("CARGO").or_else(|| option_env!("CARGO").map(Into::into));
-    if let (Some(cargo), Some(target_dir)) = (cargo, profile_dir.parent()) {
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            package,
-            "--bin",
-            package,
-            "--target-dir",
-        ])
-        .arg(target_dir);
-        // What Cargo sets for *this* test run must not leak into the build: a build script that tracks
-        // e.g. CARGO_MANIFEST_DIR (ring's does) would see it change, and the nested build and the next
-        // `cargo test` would each rebuild the TLS stack for the other.
-        for (key, _) in std::env::vars_os() {
-            let Some(k) = key.to_str() else { continue };
-            if k.starts_with("CARGO_PKG_")
-                || matches!(
-                    k,
-                    "CARGO_MANIFEST_DIR"
-                        | "CARGO_MANIFEST_PATH"
-                        | "CARGO_MANIFEST_LINKS"
-                        | "CARGO_CRATE_NAME"
-                        | "CARGO_BIN_NAME"
-                        | "CARGO_PRIMARY_PACKAGE"
-                        | "CARGO_TARGET_TMPDIR"
-                        | "CARGO_RUSTC_CURRENT_DIR"
-                        | "OUT_DIR"
-                )
-            {
-                cmd.env_remove(&key);
-            }
-        }
+    if let (Some(mut cmd), Some(target_dir)) = (cargo_build(), profile_dir.parent()) {
+        cmd.args(["--quiet", "-p", package, "--bin", package, "--target-dir"])
+            .arg(target_dir);
         match profile_dir.file_name().and_then(|n| n.to_str()) {
             Some("debug") | None => {}
             Some("release") => {
@@ -103,6 +71,37 @@ fn package_bin(package: &str, env: &str) -> PathBuf {
     }
     assert!(bin.is_file(), "no {package} binary at {}", bin.display());
     bin
+}
+
+/// `cargo build`, as the Cargo running this test (`$CARGO`) would run it, or `None` outside Cargo.
+///
+/// What Cargo sets for *this* test run must not leak into the build: a build script that tracks e.g.
+/// CARGO_MANIFEST_DIR (ring's does) would see it change, and the nested build and the next `cargo test`
+/// would each rebuild the TLS stack for the other.
+pub fn cargo_build() -> Option<Command> {
+    let cargo = std::env::var_os("CARGO").or_else(|| option_env!("CARGO").map(Into::into))?;
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build");
+    for (key, _) in std::env::vars_os() {
+        let Some(k) = key.to_str() else { continue };
+        if k.starts_with("CARGO_PKG_")
+            || matches!(
+                k,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+                    | "OUT_DIR"
+            )
+        {
+            cmd.env_remove(&key);
+        }
+    }
+    Some(cmd)
 }
 
 /// Captured output of a child, line by line, with ANSI colour codes removed (the gateway colours its

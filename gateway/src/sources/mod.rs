@@ -7,6 +7,7 @@
 //! the pipeline's.
 
 pub mod ble;
+pub mod card_reader;
 pub mod collector;
 pub mod simulator;
 
