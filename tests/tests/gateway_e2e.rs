@@ -1367,7 +1367,7 @@ async fn edge_alerts_follow_the_crm_configuration_and_a_bad_one_changes_nothing(
     publish_retained(
         broker.addr(),
         &config_topic,
-        &crm_config(2, "cuff-a", "p-bp-other", relaxed),
+        &crm_config(2, "cuff-a", "p-bp-o3", relaxed),
     )
     .await;
     let rejected = collect_until(&mut sub, Duration::from_secs(15), |r| {
