@@ -629,8 +629,8 @@ impl Rng {
     }
 }
 
-/// Three meters with 40 000 stored records each; the gateway is killed with SIGKILL 50 times (`PHG_E2E_KILLS`) at
-/// random moments (50–800 ms after start) and restarted on the same journal, and every tenth kill the
+/// Two meters with 40 000 stored records each; the gateway is killed with SIGKILL 50 times (`PHG_E2E_KILLS`) at
+/// random moments (0–300 ms after the run's first record arrived) and restarted on the same journal, and every tenth kill the
 /// broker is restarted too (Mosquitto; an independent persistent subscriber counts across its restarts).
 /// At the end every record 0..39 999 arrived,
 /// the first arrivals are in order, a repeated reading id is the same record (and a record has one id), and
@@ -647,9 +647,10 @@ async fn sigkill_during_a_burst_loses_no_accepted_reading() {
     const TEST: &str = "sigkill_during_a_burst_loses_no_accepted_reading";
     const GW: &str = "gw-e2e-kill";
     const STORED: u64 = 40_000;
-    // Three meters: 50 kills take about as long as downloading 120 000 records here, so the kills keep
-    // falling into bursts instead of into an idle gateway.
-    const METERS: [&str; 3] = ["meter-k", "meter-k2", "meter-k3"];
+    // Two meters. Each kill waits for the run's first delivered record and then falls 0–300 ms later, so
+    // it lands in a burst (records being downloaded, journaled and awaiting PUBACK) however slow the
+    // start is on a busy machine.
+    const METERS: [&str; 2] = ["meter-k", "meter-k2"];
     // Issue 11: at least 50 kills in CI (about a minute here); more with PHG_E2E_KILLS.
     let kills: usize = std::env::var("PHG_E2E_KILLS")
         .ok()
@@ -674,6 +675,9 @@ async fn sigkill_during_a_burst_loses_no_accepted_reading() {
             glucometer(m, STORED as usize, "") + &binding(m, None, &format!("p-kill-000{}", i + 1))
         })
         .collect();
+    // The edge alert engine saves its whole state after every reading (gateway/src/alerts.rs), which
+    // makes a 120 000-record download crawl; this test is about the journal and the uplink.
+    let body = format!("{body}[alerts]\nenabled = false\n");
     let total = |p: &Progress| METERS.iter().map(|m| p.glucose(m)).sum::<usize>();
     let all = STORED as usize * METERS.len();
     let cfg = for_broker(
@@ -746,7 +750,14 @@ async fn sigkill_during_a_burst_loses_no_accepted_reading() {
             assert_eq!(stopped(&exit).pending, 0, "everything delivered");
             break;
         }
-        let delay = Duration::from_millis(50 + rng.below(751));
+        let before = total(p.update(sub.received()));
+        if before < all {
+            collect_until(&mut sub, Duration::from_secs(10), |r| {
+                total(p.update(r)) > before
+            })
+            .await;
+        }
+        let delay = gw.uptime() + Duration::from_millis(rng.below(301));
         tokio::time::sleep(delay.saturating_sub(gw.uptime())).await;
         let seen = total(p.update(sub.received()));
         let exit = gw.kill9().unwrap();
