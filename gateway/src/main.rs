@@ -124,9 +124,10 @@ fn check_patient(p: &str) -> Result<(), String> {
     if protocol::wire::is_valid_pseudonym(p) {
         Ok(())
     } else {
-        Err(format!(
-            "patient {p:?} must be a pseudonymous id (letters, digits, '._:-'; no names or national ids)"
-        ))
+        // The value is not repeated: it may be a name (it goes to the terminal, and from there to logs).
+        Err("the patient id is not a pseudonymous id (letters, digits and '._:-', with at least one letter and \
+             one digit; no names or national id numbers)"
+            .to_owned())
     }
 }
 
