@@ -33,8 +33,9 @@ pub enum RunError {
     /// names: the uplink's `uplink.X` is `mqtt.X` in `[mqtt]`.
     #[error("{}", .0.to_string().replace("uplink.", "mqtt."))]
     Uplink(#[from] uplink::ConfigError),
-    /// The journal could not be opened (nothing was started).
-    #[error(transparent)]
+    /// The journal could not be opened (nothing was started). Shown with its key, `journal.dir`; the
+    /// journal's error names the file or directory and the operation.
+    #[error("journal.dir: {0}")]
     Journal(#[from] crate::journal::JournalError),
     /// A thread or listener could not be started.
     #[error("cannot start: {0}")]
@@ -81,6 +82,7 @@ pub fn uplink_config(config: &Config, topics: &Topics) -> Result<UplinkConfig, R
     u.inflight = raw.mqtt.inflight;
     u.keep_alive = config.keep_alive;
     u.allow_plaintext = raw.mqtt.allow_plaintext;
+    u.max_packet_bytes = raw.mqtt.max_packet_bytes;
     u.username = raw.mqtt.username.clone();
     u.password = config.password.clone().map(uplink::Secret::new);
     u.tls = raw.mqtt.tls.as_ref().map(|t| uplink::TlsFiles {
@@ -237,80 +239,247 @@ async fn alert_tick_task(
     }
 }
 
-/// Applies the CRM's configuration (`…/config`, retained): a newer version is validated whole — device
-/// bindings and every patient's alert settings — and applied whole; an invalid one is rejected with a
-/// `config_rejected` event and the configuration in force stays. The same version again (the retained
-/// message after a reconnect) is ignored.
-async fn remote_config_task(
-    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+/// The CRM's last applied configuration, kept on disk (`crm-config.json` beside the journal directory,
+/// [`crate::config::JournalSection::crm_config_file`]) so that it is in force from the start — before the
+/// broker is reachable, and after a restart whatever the broker holds now (issue 11, defect 4: without
+/// it a restart attributed readings to the file's bindings although the CRM had replaced them). It is the
+/// message exactly as received: loaded, it goes through the same checks as a message from the broker.
+#[derive(Debug, Clone)]
+pub struct CrmConfigStore {
+    path: std::path::PathBuf,
+}
+
+impl CrmConfigStore {
+    /// The store at `path`.
+    pub fn new(path: std::path::PathBuf) -> Self {
+        CrmConfigStore { path }
+    }
+
+    /// The message kept, or `None` when there is none yet.
+    ///
+    /// # Errors
+    /// The file exists but cannot be read.
+    pub fn load(&self) -> std::io::Result<Option<Vec<u8>>> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Keeps `payload` (durably: see [`write_durably`]).
+    ///
+    /// # Errors
+    /// It could not be written; the previous one is still there, whole.
+    pub fn save(&self, payload: &[u8]) -> std::io::Result<()> {
+        write_durably(&self.path, payload)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash or power cut leaves either the old file or the new one,
+/// whole: a temporary file in the same directory, written and `fsync`ed, renamed over `path`, and the
+/// directory `fsync`ed so the rename itself is durable. Mode 0600: it holds pseudonymous patient ids.
+///
+/// # Errors
+/// Any step failed; `path` is as it was (a stale `.tmp` beside it is overwritten next time).
+pub fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Where the CRM's configuration handling stands.
+struct RemoteConfig {
     pipeline: Pipeline,
+    store: CrmConfigStore,
+    /// The version in force, if one from the CRM is.
+    in_force: Option<u64>,
+    /// `[mqtt] max_config_bytes`.
+    max_bytes: usize,
+}
+
+impl RemoteConfig {
+    /// Applies the kept configuration, if any, before anything is attributed. One that no longer passes
+    /// the checks (a newer gateway's rules, a damaged file) leaves the file's bindings in force, loudly.
+    fn load_kept(&mut self) {
+        match self.store.load() {
+            Ok(None) => {}
+            Ok(Some(payload)) => {
+                match apply_remote_config(&self.pipeline, &payload, None, self.max_bytes) {
+                    Ok(v) => {
+                        self.in_force = v;
+                        tracing::info!(version = ?v, file = %self.store.path().display(), "the CRM's last configuration is in force");
+                    }
+                    Err((version, reason)) => tracing::error!(
+                        ?version,
+                        %reason,
+                        file = %self.store.path().display(),
+                        "the kept CRM configuration does not pass the checks; the configuration file's bindings are in force until the CRM sends one"
+                    ),
+                }
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                file = %self.store.path().display(),
+                "cannot read the kept CRM configuration; the configuration file's bindings are in force until the CRM sends one"
+            ),
+        }
+    }
+
+    /// One message from the configuration topic.
+    async fn on_inbound(&mut self, inbound: uplink::Inbound) {
+        let payload = match inbound {
+            uplink::Inbound::Message(p) => p,
+            uplink::Inbound::TooLarge { bytes, max } => {
+                let reason = format!(
+                    "a message of {bytes} bytes on the configuration topic is over the gateway's \
+                     mqtt.max_packet_bytes ({max}) and could not be read"
+                );
+                self.reject(None, reason).await;
+                return;
+            }
+        };
+        match apply_remote_config(&self.pipeline, &payload, self.in_force, self.max_bytes) {
+            Ok(Some(version)) => {
+                self.in_force = Some(version);
+                // Kept only once applied: the file always holds a configuration that passed the checks.
+                if let Err(e) = self.store.save(&payload) {
+                    tracing::error!(error = %e, file = %self.store.path().display(), version, "cannot keep the CRM configuration; after a restart the previous one is in force until the broker sends this one again");
+                }
+            }
+            Ok(None) => {}
+            Err((version, reason)) => self.reject(version, reason).await,
+        }
+    }
+
+    /// Reports a rejected configuration with a `config_rejected` event; the one in force stays.
+    async fn reject(&self, version: Option<u64>, reason: String) {
+        let pipeline = &self.pipeline;
+        tracing::warn!(?version, %reason, "configuration from the CRM rejected; the previous one stays");
+        let event = protocol::wire::Event::ConfigRejected { version, reason };
+        let payload =
+            match protocol::wire::EventMessage::new(&pipeline.gateway_id, unix_now(), event)
+                .map_err(|e| e.to_string())
+                .and_then(|m| serde_json::to_vec(&m).map_err(|e| e.to_string()))
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot build the config_rejected event");
+                    return;
+                }
+            };
+        let record = NewRecord {
+            device: format!("config:{}", pipeline.gateway_id),
+            device_seq: None,
+            // Named after the event itself (which carries its time): two rejections of the same
+            // version are two events, never one taken for a duplicate of the other.
+            reading_id: format!(
+                "config-rejected:{}",
+                uuid::Uuid::new_v5(&protocol::reading_id::NAMESPACE, &payload)
+            ),
+            topic: pipeline.topics.events(),
+            payload,
+        };
+        journal_records(pipeline, vec![record], "config_rejected event").await;
+    }
+}
+
+/// Applies the CRM's configuration (`…/config`, retained): a newer version is validated whole — device
+/// bindings and every patient's alert settings — applied whole and kept on disk; an invalid one is
+/// rejected with a `config_rejected` event and the configuration in force stays. The same version again
+/// (the retained message after a reconnect) is ignored.
+async fn remote_config_task(
+    mut rx: tokio::sync::mpsc::Receiver<uplink::Inbound>,
+    mut remote: RemoteConfig,
     shutdown: CancellationToken,
 ) {
-    let mut in_force: Option<u64> = None;
     loop {
-        let payload = tokio::select! {
+        let inbound = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             p = rx.recv() => match p { Some(p) => p, None => break },
         };
-        match apply_remote_config(&pipeline, &payload, in_force) {
-            Ok(Some(version)) => in_force = Some(version),
-            Ok(None) => {}
-            Err((version, reason)) => {
-                tracing::warn!(?version, %reason, "configuration from the CRM rejected; the previous one stays");
-                let event = protocol::wire::Event::ConfigRejected { version, reason };
-                let payload = match protocol::wire::EventMessage::new(
-                    &pipeline.gateway_id,
-                    unix_now(),
-                    event,
-                )
-                .map_err(|e| e.to_string())
-                .and_then(|m| serde_json::to_vec(&m).map_err(|e| e.to_string()))
-                {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot build the config_rejected event");
-                        continue;
-                    }
-                };
-                let record = NewRecord {
-                    device: format!("config:{}", pipeline.gateway_id),
-                    device_seq: None,
-                    // Named after the event itself (which carries its time): two rejections of the same
-                    // version are two events, never one taken for a duplicate of the other.
-                    reading_id: format!(
-                        "config-rejected:{}",
-                        uuid::Uuid::new_v5(&protocol::reading_id::NAMESPACE, &payload)
-                    ),
-                    topic: pipeline.topics.events(),
-                    payload,
-                };
-                journal_records(&pipeline, vec![record], "config_rejected event").await;
+        remote.on_inbound(inbound).await;
+    }
+}
+
+/// Why a configuration message does not parse, naming the key (a JSON path) and never the value: a
+/// refused value may be a name.
+fn config_parse_reason(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    let inner = e.inner();
+    let path = e.path().to_string();
+    let what = match inner.classify() {
+        serde_json::error::Category::Syntax => "is not valid JSON".to_owned(),
+        serde_json::error::Category::Eof => "ends early (truncated JSON)".to_owned(),
+        serde_json::error::Category::Io => "could not be read".to_owned(),
+        serde_json::error::Category::Data => {
+            let msg = inner.to_string();
+            // serde's messages for these name keys only; the others may quote the value.
+            if msg.starts_with("missing field") || msg.starts_with("unknown field") {
+                msg.split(" at line").next().unwrap_or_default().to_owned()
+            } else {
+                "has a value of the wrong type or out of range".to_owned()
             }
         }
+    };
+    if path == "." {
+        format!("not a valid configuration message: {what}")
+    } else {
+        format!("not a valid configuration message: `{path}` {what}")
     }
 }
 
 /// Checks and applies one configuration message. `Ok(Some(v))`: version `v` is now in force;
-/// `Ok(None)`: the version in force again, nothing to do; `Err((version, reason))`: rejected.
+/// `Ok(None)`: the version in force again, nothing to do; `Err((version, reason))`: rejected. A reason
+/// names the key and why, never the value.
 fn apply_remote_config(
     pipeline: &Pipeline,
     payload: &[u8],
     in_force: Option<u64>,
+    max_bytes: usize,
 ) -> Result<Option<u64>, (Option<u64>, String)> {
-    use protocol::wire::{CONFIG_SCHEMA, ConfigMessage, is_valid_pseudonym};
+    use protocol::wire::{CONFIG_SCHEMA, ConfigMessage};
     // The version first, so a rejection can name it even when the rest does not parse.
     let version = serde_json::from_slice::<serde_json::Value>(payload)
         .ok()
         .and_then(|v| v.get("version").and_then(serde_json::Value::as_u64));
-    let msg: ConfigMessage = serde_json::from_slice(payload)
-        .map_err(|e| (version, format!("not a valid configuration message: {e}")))?;
-    let version = Some(msg.version);
-    if msg.schema != CONFIG_SCHEMA {
+    if payload.len() > max_bytes {
         return Err((
             version,
-            format!("schema `{}` is not {CONFIG_SCHEMA}", msg.schema),
+            format!(
+                "the message is {} bytes, over the gateway's mqtt.max_config_bytes ({max_bytes})",
+                payload.len()
+            ),
         ));
+    }
+    let msg: ConfigMessage =
+        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(payload))
+            .map_err(|e| (version, config_parse_reason(&e)))?;
+    let version = Some(msg.version);
+    if msg.schema != CONFIG_SCHEMA {
+        return Err((version, format!("`schema` is not {CONFIG_SCHEMA}")));
     }
     match in_force {
         Some(v) if msg.version == v => return Ok(None),
@@ -322,21 +491,18 @@ fn apply_remote_config(
         }
         _ => {}
     }
+    crate::config::check_bindings(
+        msg.bindings
+            .iter()
+            .map(|b| (b.device.as_str(), b.user_id, b.patient.as_str())),
+    )
+    .map_err(|(key, why)| (version, format!("{key} {why}")))?;
     let mut bindings = Bindings::default();
-    for (i, b) in msg.bindings.iter().enumerate() {
-        if b.device.is_empty() {
-            return Err((version, format!("bindings[{i}].device is empty")));
-        }
-        if !is_valid_pseudonym(&b.patient) {
-            return Err((
-                version,
-                format!("bindings[{i}].patient is not a pseudonymous id"),
-            ));
-        }
+    for b in &msg.bindings {
         bindings.bind(&b.device, b.user_id, &b.patient);
     }
     for (i, p) in msg.patients.iter().enumerate() {
-        if !is_valid_pseudonym(&p.patient) {
+        if !protocol::wire::is_valid_pseudonym(&p.patient) {
             return Err((
                 version,
                 format!("patients[{i}].patient is not a pseudonymous id"),
@@ -346,7 +512,7 @@ fn apply_remote_config(
     if let Some(alerts) = &pipeline.alerts {
         alerts
             .set_patients(&msg.patients)
-            .map_err(|e| (version, e.to_string()))?;
+            .map_err(|e| (version, format!("patients: {e}")))?;
     }
     let (n_bindings, n_patients) = (msg.bindings.len(), msg.patients.len());
     pipeline.bindings.replace_with(bindings);
@@ -458,6 +624,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         counters: counters.clone(),
         alerts: alerts.clone(),
     };
+    // The CRM's last configuration before any device is read: the file's bindings are only the start.
+    let mut remote = RemoteConfig {
+        pipeline: pipeline.clone(),
+        store: CrmConfigStore::new(raw.journal.crm_config_file()),
+        in_force: None,
+        max_bytes: raw.mqtt.max_config_bytes as usize,
+    };
+    remote.load_kept();
 
     let uplink_stop = CancellationToken::new();
     let uplink_task = tokio::spawn(uplink::run_checked(
@@ -489,11 +663,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
             shutdown.clone(),
         ));
     }
-    devices.spawn(remote_config_task(
-        config_rx,
-        pipeline.clone(),
-        shutdown.clone(),
-    ));
+    devices.spawn(remote_config_task(config_rx, remote, shutdown.clone()));
     if let Some(a) = alerts {
         devices.spawn(alert_tick_task(
             a,

@@ -72,7 +72,31 @@ pub struct MqttSection {
     pub password_file: Option<PathBuf>,
     /// `[mqtt.tls]`.
     pub tls: Option<TlsSection>,
+    /// The largest MQTT packet taken from the broker, bytes (announced in the MQTT 5 CONNECT).
+    #[serde(default = "default_max_packet_bytes")]
+    pub max_packet_bytes: u32,
+    /// The largest configuration message from the CRM applied, bytes; a larger one is rejected with a
+    /// `config_rejected` event.
+    #[serde(default = "default_max_config_bytes")]
+    pub max_config_bytes: u32,
 }
+
+const fn default_max_packet_bytes() -> u32 {
+    crate::uplink::DEFAULT_MAX_PACKET_BYTES
+}
+
+const fn default_max_config_bytes() -> u32 {
+    DEFAULT_MAX_CONFIG_BYTES
+}
+
+/// The default of `[mqtt] max_config_bytes`: 256 KiB, about a thousand patients' bindings and settings.
+pub const DEFAULT_MAX_CONFIG_BYTES: u32 = 256 * 1024;
+/// Room `max_packet_bytes` must leave above `max_config_bytes` for the PUBLISH's topic and properties,
+/// so that a configuration just over the limit still arrives and is rejected visibly.
+pub const CONFIG_PACKET_MARGIN: u32 = 4 * 1024;
+/// The most records a `[[simulated]]` device may hold at start: a GLS sequence number is 16 bits
+/// (GATT.md), and a larger store would take memory for nothing.
+pub const MAX_SIMULATED_STORED: usize = 65_535;
 
 fn default_version() -> String {
     "5".to_owned()
@@ -118,6 +142,17 @@ const fn default_max_bytes() -> u64 {
 
 const fn default_max_records() -> u64 {
     1_000_000
+}
+
+impl JournalSection {
+    /// Where the CRM's last applied configuration is kept (`crm-config.json` beside the journal
+    /// directory, like the alert state): loaded at start before any reading is attributed.
+    pub fn crm_config_file(&self) -> PathBuf {
+        self.dir
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("crm-config.json")
+    }
 }
 
 /// `[telemetry]`.
@@ -393,6 +428,24 @@ impl Config {
         if raw.mqtt.keep_alive_s < 5 {
             return Err(invalid("mqtt.keep_alive_s", "must be at least 5 seconds"));
         }
+        if raw.mqtt.max_config_bytes < 1024 {
+            return Err(invalid("mqtt.max_config_bytes", "must be at least 1024"));
+        }
+        if raw.mqtt.max_packet_bytes < crate::uplink::MIN_MAX_PACKET_BYTES
+            || raw.mqtt.max_packet_bytes
+                < raw
+                    .mqtt
+                    .max_config_bytes
+                    .saturating_add(CONFIG_PACKET_MARGIN)
+        {
+            return Err(invalid(
+                "mqtt.max_packet_bytes",
+                &format!(
+                    "must be at least {} and at least max_config_bytes + {CONFIG_PACKET_MARGIN}",
+                    crate::uplink::MIN_MAX_PACKET_BYTES
+                ),
+            ));
+        }
         if let Some(tls) = &raw.mqtt.tls {
             if tls.client_cert.is_some() != tls.client_key.is_some() {
                 return Err(invalid(
@@ -407,16 +460,12 @@ impl Config {
         if raw.journal.max_records == 0 {
             return Err(invalid("journal.max_records", "must be at least 1"));
         }
-        for (i, bnd) in raw.bindings.iter().enumerate() {
-            if !protocol::wire::is_valid_pseudonym(&bnd.patient) {
-                return Err(invalid(
-                    &format!("bindings[{i}].patient"),
-                    "must be a pseudonymous id (letters, digits, '._:-'; no names or national ids)",
-                ));
-            }
-            if bnd.device.is_empty() {
-                return Err(invalid(&format!("bindings[{i}].device"), "is empty"));
-            }
+        let bindings = raw
+            .bindings
+            .iter()
+            .map(|b| (b.device.as_str(), b.user_id, b.patient.as_str()));
+        if let Err((key, reason)) = check_bindings(bindings) {
+            return Err(invalid(&key, &reason));
         }
         let mut ids = std::collections::HashSet::new();
         for (i, s) in raw.simulated.iter().enumerate() {
@@ -433,6 +482,12 @@ impl Config {
                         "must be \"mg/dL\" or \"mmol/L\"",
                     ));
                 }
+            }
+            if s.stored > MAX_SIMULATED_STORED {
+                return Err(invalid(
+                    &format!("simulated[{i}].stored"),
+                    &format!("must be at most {MAX_SIMULATED_STORED}"),
+                ));
             }
             if s.connect_every_s == 0 {
                 return Err(invalid(
@@ -501,6 +556,48 @@ impl Config {
             alert_rules,
         })
     }
+}
+
+/// What [`check_bindings`] says is wrong: the key (`bindings[i].patient`) and why. Never the value: a
+/// patient id that is refused may be a name.
+pub type BindingProblem = (String, String);
+
+/// Checks device bindings — the configuration file's and the CRM's alike: every patient is a
+/// pseudonymous id ([`protocol::wire::is_valid_pseudonym`]), no device is empty, and no device (or cuff
+/// user) is bound twice — two entries for one device would leave the patient to whichever comes last.
+///
+/// # Errors
+/// The first problem, as key and reason.
+pub fn check_bindings<'a>(
+    bindings: impl IntoIterator<Item = (&'a str, Option<u8>, &'a str)>,
+) -> Result<(), BindingProblem> {
+    let mut seen: std::collections::HashMap<(&str, Option<u8>), usize> =
+        std::collections::HashMap::new();
+    for (i, (device, user_id, patient)) in bindings.into_iter().enumerate() {
+        if device.is_empty() {
+            return Err((format!("bindings[{i}].device"), "is empty".into()));
+        }
+        if !protocol::wire::is_valid_pseudonym(patient) {
+            return Err((
+                format!("bindings[{i}].patient"),
+                "is not a pseudonymous id (letters, digits and '._:-', with at least one letter and \
+                 one digit; no names or national id numbers)"
+                    .into(),
+            ));
+        }
+        if let Some(first) = seen.insert((device, user_id), i) {
+            let whom = if user_id.is_some() {
+                "device and user_id"
+            } else {
+                "device (for every user)"
+            };
+            return Err((
+                format!("bindings[{i}]"),
+                format!("binds the same {whom} as bindings[{first}]; keep one of the two"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `text` on one line (service logs take one entry per line).
@@ -609,6 +706,41 @@ patient = "p-001"
             .unwrap_err()
             .to_string();
         assert!(e.contains("bindings[0].patient"), "{e}");
+    }
+
+    /// Issue 11 defect 10: two bindings for one device are refused naming both entries; the other
+    /// checks name their key and bound.
+    #[test]
+    fn duplicate_bindings_and_oversized_stores_are_refused_by_key() {
+        let twice = format!("{GOOD}[[bindings]]\ndevice = \"meter-1\"\npatient = \"p-002\"\n");
+        let e = parse(&twice).unwrap_err().to_string();
+        assert!(
+            e.contains("bindings[1]") && e.contains("bindings[0]"),
+            "{e}"
+        );
+        assert!(!e.contains("p-002"), "the value is not quoted: {e}");
+        // One device for every user and the same device for user 1: two different bindings.
+        let per_user =
+            format!("{GOOD}[[bindings]]\ndevice = \"meter-1\"\nuser_id = 1\npatient = \"p-002\"\n");
+        parse(&per_user).unwrap();
+        let huge =
+            format!("{GOOD}[[simulated]]\nkind = \"glucometer\"\nid = \"m\"\nstored = 100000000\n");
+        let e = parse(&huge).unwrap_err().to_string();
+        assert!(
+            e.contains("simulated[0].stored") && e.contains("65535"),
+            "{e}"
+        );
+        let e = parse(&GOOD.replace("p-001", "JohnSmith"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bindings[0].patient") && !e.contains("JohnSmith"),
+            "{e}"
+        );
+        let e = parse(&GOOD.replace("[journal]\n", "max_config_bytes = 1048576\n[journal]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mqtt.max_packet_bytes"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The `gateway` command line: `run`, `demo`, `decode`, `pair`, `devices`. Each subcommand reports its own error on stderr
-//! (`error: …`) and exits non-zero; nothing is started when the configuration is bad.
+//! The `gateway` command line: `run`, `check`, `demo`, `decode`, `pair`, `devices`. Each subcommand reports its own
+//! error on stderr (`error: …`, one line) and exits non-zero: 2 for a configuration that cannot be used
+//! (nothing is started), 1 for anything else — the habits `ingest` has too (`check`, `-c/--config`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,7 +22,14 @@ enum Command {
     /// Run the gateway from a TOML configuration (see gateway/config.example.toml).
     Run {
         /// The configuration file.
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Check a configuration without starting anything (no journal, no connection) and print what it
+    /// resolves to; exit 2 with one `error:` line naming the file and key when it cannot be used.
+    Check {
+        /// The configuration file.
+        #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
     /// Everything on one machine: an embedded broker, simulated devices, the real pipeline and journal in
@@ -116,9 +124,10 @@ fn check_patient(p: &str) -> Result<(), String> {
     if protocol::wire::is_valid_pseudonym(p) {
         Ok(())
     } else {
-        Err(format!(
-            "patient {p:?} must be a pseudonymous id (letters, digits, '._:-'; no names or national ids)"
-        ))
+        // The value is not repeated: it may be a name (it goes to the terminal, and from there to logs).
+        Err("the patient id is not a pseudonymous id (letters, digits and '._:-', with at least one letter and \
+             one digit; no names or national id numbers)"
+            .to_owned())
     }
 }
 
@@ -327,6 +336,40 @@ fn stop_on_signal(token: CancellationToken, limit: Option<Duration>) {
     });
 }
 
+/// Loads and checks a configuration as `run` does before starting anything: the file, then the uplink
+/// settings it describes (TLS files read, plaintext to a remote host refused). Errors name the file.
+fn load_checked(path: &std::path::Path) -> Result<gateway::config::Config, String> {
+    let config = gateway::config::Config::load(path).map_err(|e| e.to_string())?;
+    let topics = gateway::app::topics(&config);
+    gateway::app::uplink_config(&config, &topics)
+        .and_then(|u| u.validate().map_err(gateway::app::RunError::from))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(config)
+}
+
+/// `gateway check`: the one-line summary of a usable configuration.
+fn summary(c: &gateway::config::Config) -> String {
+    let raw = &c.raw;
+    format!(
+        "ok: gateway {}, broker {} (MQTT {:?}), journal {}, {} bindings, {} simulated devices, ble {}, alerts {}, \
+         max_packet_bytes {}, max_config_bytes {}, CRM configuration kept in {}",
+        raw.gateway_id,
+        raw.mqtt.broker,
+        c.mqtt_version,
+        raw.journal.dir.display(),
+        raw.bindings.len(),
+        raw.simulated.len(),
+        if raw.ble.is_some() { "on" } else { "off" },
+        if c.alert_rules.is_some() { "on" } else { "off" },
+        raw.mqtt.max_packet_bytes,
+        raw.mqtt.max_config_bytes,
+        raw.journal.crm_config_file().display(),
+    )
+}
+
+/// Exit status 2: the configuration cannot be used (as `ingest`).
+const EXIT_CONFIG: u8 = 2;
+
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -369,16 +412,31 @@ fn main() -> ExitCode {
             gateway::telemetry::init_logs(false, "warn");
             runtime()?.block_on(devices(state_dir, adapter, action))
         })(),
-        Command::Run { config: path } => (|| {
-            let config = gateway::config::Config::load(&path).map_err(|e| e.to_string())?;
+        Command::Check { config: path } => match load_checked(&path) {
+            Ok(c) => {
+                println!("{}", summary(&c));
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        Command::Run { config: path } => match (|| {
+            let config = match gateway::config::Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => return Err((EXIT_CONFIG, e.to_string())),
+            };
             gateway::telemetry::init_logs(config.raw.telemetry.json_logs, "info");
-            runtime()?.block_on(async {
+            runtime().map_err(|e| (1, e))?.block_on(async {
                 let stop = CancellationToken::new();
                 stop_on_signal(stop.clone(), None);
                 let s = gateway::app::run(config, stop).await.map_err(|e| match e {
                     // Settings the file holds: named with the file, as the parser's errors are.
-                    gateway::app::RunError::Uplink(_) => format!("{}: {e}", path.display()),
-                    e => e.to_string(),
+                    gateway::app::RunError::Uplink(_) | gateway::app::RunError::Journal(_) => {
+                        (EXIT_CONFIG, format!("{}: {e}", path.display()))
+                    }
+                    e => (1, e.to_string()),
                 })?;
                 tracing::info!(
                     accepted = s.accepted,
@@ -389,7 +447,13 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             })
-        })(),
+        })() {
+            Ok(()) => Ok(()),
+            Err((code, e)) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(code);
+            }
+        },
         Command::Demo { for_seconds, quiet } => (|| {
             // The demo's output is the viewer's lines; logs only for what goes wrong.
             // The embedded broker logs every disconnect as an error; in the demo that is noise.

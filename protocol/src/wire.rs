@@ -204,18 +204,70 @@ pub fn rfc3339_utc(secs: i64) -> Option<String> {
     DateTime::from_epoch_seconds(secs).map(|t| format!("{t}Z"))
 }
 
-/// `true` for a well-formed pseudonymous patient id: 1..=[`MAX_PSEUDONYM_LEN`] characters of ASCII letters,
-/// digits, `.`, `_`, `:` and `-`, starting with a letter or digit (`P-000123`, a UUID, `clinic7:4711`).
+/// `true` for a well-formed pseudonymous patient id. The documented rule (DESIGN.md promise 8), every part
+/// of which must hold:
 ///
-/// The shape is deliberately narrow (DESIGN.md promise 8): a name (`Jane Doe`) or an e-mail address does not
-/// fit. It cannot tell a national id number from a pseudonym; the CRM must never issue one.
+/// 1. 1..=[`MAX_PSEUDONYM_LEN`] characters of ASCII letters, digits, `.`, `_`, `:` and `-`, starting with a
+///    letter or digit — so a name with a space (`Jane Doe`) or an e-mail address does not fit;
+/// 2. at least one ASCII letter **and** at least one digit — a bare name (`JohnSmith`, `john.smith`,
+///    `Mueller`) has no digit, a bare number (a phone or account number) has no letter; the CRM's
+///    pseudonyms carry both (`P-000123`, `p-home-0001`, a UUID, `clinic7:4711`);
+/// 3. it holds no national id number: no US Social Security number (`123-45-6789` anywhere, or
+///    `123456789` as the whole id or a part of it between separators `.`, `_`, `:`, `-`), no Chinese
+///    resident id (a run of 17 digits and a check digit or `X`, anywhere), no UK National Insurance number
+///    (`AB123456C`, as the whole id or a part).
+///
+/// A shape check cannot prove an id is a pseudonym; it refuses the mistakes a person typing an id would
+/// make (a name, a national id), and the CRM must never issue anything else.
 pub fn is_valid_pseudonym(s: &str) -> bool {
     let b = s.as_bytes();
-    !b.is_empty()
+    let well_formed = !b.is_empty()
         && b.len() <= MAX_PSEUDONYM_LEN
         && b[0].is_ascii_alphanumeric()
         && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'));
+    well_formed
+        && b.iter().any(u8::is_ascii_alphabetic)
+        && b.iter().any(u8::is_ascii_digit)
+        && !contains_national_id(b)
+        && !b
+            .split(|c| matches!(c, b'.' | b'_' | b':' | b'-'))
+            .any(looks_like_national_id)
+}
+
+/// The shapes of national id numbers [`is_valid_pseudonym`] refuses (rule 3), on one part of an id.
+fn looks_like_national_id(b: &[u8]) -> bool {
+    let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
+    // US SSN without its dashes (with them it is found by `contains_national_id`).
+    let ssn = b.len() == 9 && digits(b);
+    // UK National Insurance number: two letters, six digits, a suffix letter A-D.
+    let nino = b.len() == 9
+        && b[..2].iter().all(u8::is_ascii_alphabetic)
+        && digits(&b[2..8])
+        && matches!(b[8].to_ascii_uppercase(), b'A'..=b'D');
+    ssn || nino
+}
+
+/// Rule 3 anywhere in an id, not only as a whole part: a US SSN with its dashes (`AAA-GG-SSSS`) and a
+/// Chinese resident id (GB 11643-1999: 17 digits and a check character 0-9 or X), each bounded by
+/// non-digits.
+fn contains_national_id(b: &[u8]) -> bool {
+    let digit = |i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
+    (0..b.len()).any(|i| {
+        if i > 0 && digit(i - 1) {
+            return false;
+        }
+        let run = (i..b.len()).take_while(|&j| digit(j)).count();
+        let after = b.get(i + run).copied();
+        let cn = run == 18 || (run == 17 && matches!(after, Some(b'X' | b'x')));
+        let ssn = run == 3
+            && after == Some(b'-')
+            && (i + 4..i + 6).all(digit)
+            && b.get(i + 6) == Some(&b'-')
+            && (i + 7..i + 11).all(digit)
+            && !digit(i + 11);
+        cn || ssn
+    })
 }
 
 /// Lower-case hex of `bytes`, no separators (`gateway decode` reads it back).
@@ -1566,6 +1618,46 @@ mod tests {
             assert!(is_valid_pseudonym(ok), "{ok}");
         }
         for bad in ["", "Jane Doe", "jane@example.org", "-x", &"a".repeat(129)] {
+            assert!(!is_valid_pseudonym(bad), "{bad}");
+        }
+    }
+
+    /// Issue 11 defect 9: names and national ids that fit the character set are refused too (the rule
+    /// in `is_valid_pseudonym`'s doc), and the ids the project's examples use stay valid.
+    #[test]
+    fn names_and_national_ids_are_not_pseudonyms() {
+        for ok in [
+            "p-home-0001",
+            "p-clinic-0042",
+            "p-7f3a-0001",
+            "p-001",
+            "P-000123",
+            "5b8e2f43-910c-4d6a-9f27-3ad160c48b1e",
+            "clinic7:4711",
+            "p-1234567890123456789",
+        ] {
+            assert!(is_valid_pseudonym(ok), "{ok}");
+        }
+        for bad in [
+            // Names: no digit.
+            "JohnSmith",
+            "john.smith",
+            "Mueller",
+            "p-home",
+            // Numbers: no letter.
+            "0123456789",
+            "123-45-6789",
+            // US SSN, CN resident id, UK NINO inside an otherwise well-formed id.
+            "p-123-45-6789",
+            "ssn123-45-6789",
+            "11010519491231002X",
+            "11010519491231002x",
+            "p-110105194912310021",
+            "p11010519491231002X",
+            "AB123456C",
+            "p-AB123456C",
+            "p-123456789",
+        ] {
             assert!(!is_valid_pseudonym(bad), "{bad}");
         }
         let rx = Reception {

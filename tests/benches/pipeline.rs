@@ -14,7 +14,10 @@
 //!   `SessionSink::value` (decode, validate, attribute, reading id, journal group commit with fsync) →
 //!   the real uplink (publish, PUBACK, journal ack) until the journal is empty → readings/s;
 //! - (c) latency at a steady 100 readings/s: accepted → PUBACK, next to a raw publish round trip;
-//! - (d) RSS around (b); (e) journal bytes (and block-device bytes) written per reading.
+//! - (d) RSS around (b); (e) journal bytes (and block-device bytes) written per reading;
+//! - (f) idle: the real `gateway run` process, connected, no device, a journal that never held a record
+//!   → share of one core over 10 s (5 s with `--quick`), from `/proc/PID/stat` (DESIGN.md promise 10:
+//!   under 1 %).
 //!
 //! Options: `--quick` / `PHG_BENCH_QUICK=1` (smaller sizes); `--broker-defaults` /
 //! `PHG_BENCH_BROKER_DEFAULTS=1` (Mosquitto as `TestBroker::start` configures it: receive-maximum 20).
@@ -1814,6 +1817,18 @@ async fn run(sizes: Sizes) -> Result<(), String> {
         tp.disk.as_ref().map_or("n/a", |(n, _)| n.as_str()),
         disk_per.map_or_else(|| "n/a".into(), |b| format!("{b:.0} B"))
     );
+    // (f)
+    let idle_over = Duration::from_secs(if sizes.quick { 5 } else { 10 });
+    println!("## (f) idle: `gateway run`, connected, nothing to do, {idle_over:?}");
+    let idle = idle_cpu(&broker, idle_over).await?;
+    println!("idle gateway: {:.2} % of one core", idle * 100.0);
+    println!();
+    let _ = writeln!(
+        t,
+        "| f | idle `gateway run`, share of one core over {idle_over:?} | {:.2} % | < 1 % | {} |",
+        idle * 100.0,
+        verdict(Some(idle < 0.01))
+    );
     println!("## Summary");
     println!();
     println!(
@@ -1829,6 +1844,39 @@ async fn run(sizes: Sizes) -> Result<(), String> {
          [3] journal pending set polled every 1 ms (includes the uplink's 10 ms ack linger and the ack fdatasync)."
     );
     Ok(())
+}
+
+/// (f): the share of one core an idle `gateway run` uses over `over` (see the module doc).
+async fn idle_cpu(broker: &TestBroker, over: Duration) -> Result<f64, String> {
+    let dir = tempfile::tempdir().map_err(|e| format!("idle: temp dir: {e}"))?;
+    let version = match broker.kind() {
+        BrokerKind::Mosquitto => "5",
+        BrokerKind::Rumqttd => "3.1.1",
+    };
+    let cfg = format!(
+        "gateway_id = \"gw-bench-idle\"\n[mqtt]\nbroker = \"mqtt://{}\"\nversion = \"{version}\"\n\
+         [journal]\ndir = {:?}\n",
+        broker.addr(),
+        dir.path().join("journal").display().to_string()
+    );
+    let gw = phg_tests::process::GatewayProcess::run(&dir.path().join("gateway.toml"), &cfg)
+        .map_err(|e| format!("idle: start the gateway: {e}"))?;
+    if gw
+        .stderr()
+        .wait_for("uplink connected", 0, Duration::from_secs(30))
+        .await
+        .is_none()
+    {
+        return Err(format!(
+            "idle: the gateway did not connect:\n{}",
+            gw.stderr().text()
+        ));
+    }
+    let before = gw.cpu_time().map_err(|e| format!("idle: {e}"))?;
+    tokio::time::sleep(over).await;
+    let after = gw.cpu_time().map_err(|e| format!("idle: {e}"))?;
+    let _ = gw.terminate(Duration::from_secs(15)).await;
+    Ok((after - before).as_secs_f64() / over.as_secs_f64())
 }
 
 fn main() -> ExitCode {

@@ -279,6 +279,34 @@ impl GatewayProcess {
         &self.stdout
     }
 
+    /// CPU time it has used so far, user and system (`utime + stime` of `/proc/PID/stat`).
+    ///
+    /// # Errors
+    ///
+    /// It is not running, or `/proc` could not be read or parsed.
+    pub fn cpu_time(&self) -> io::Result<Duration> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| io::Error::other("the gateway process was already stopped"))?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // After the command name (in parentheses, which may hold spaces): field 3 (state) onwards;
+        // utime and stime are fields 14 and 15, in clock ticks (proc(5)).
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .ok_or_else(|| io::Error::other("unexpected /proc/PID/stat"))?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| -> io::Result<u64> {
+            fields
+                .get(i)
+                .and_then(|f| f.parse().ok())
+                .ok_or_else(|| io::Error::other("unexpected /proc/PID/stat"))
+        };
+        let total = ticks(11)? + ticks(12)?;
+        let per_second = clock_ticks_per_second()?;
+        Ok(Duration::from_secs_f64(total as f64 / per_second as f64))
+    }
+
     /// How long since it was started.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
@@ -399,4 +427,18 @@ async fn wait_timeout(child: &mut Child, timeout: Duration) -> io::Result<Option
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// `sysconf(_SC_CLK_TCK)`, as `getconf CLK_TCK` reports it (the unit of `/proc/PID/stat`'s times).
+fn clock_ticks_per_second() -> io::Result<u64> {
+    static TICKS: OnceLock<u64> = OnceLock::new();
+    if let Some(t) = TICKS.get() {
+        return Ok(*t);
+    }
+    let out = Command::new("getconf").arg("CLK_TCK").output()?;
+    let t: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| io::Error::other("getconf CLK_TCK did not print a number"))?;
+    Ok(*TICKS.get_or_init(|| t))
 }

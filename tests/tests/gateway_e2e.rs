@@ -629,34 +629,59 @@ impl Rng {
     }
 }
 
-/// A meter with 40 000 stored records; the gateway is killed with SIGKILL 5 times at random moments
-/// (50–800 ms after start) and restarted on the same journal. At the end every record 0..39 999 arrived,
-/// the first arrivals are in order, a repeated reading id is the same record (and a record has one id), and
-/// each restart's journal recovery was reported (and found no corruption).
+/// Two meters with 30 000 stored records each; the gateway is killed with SIGKILL 50 times
+/// (`PHG_E2E_KILLS`), each time 0–300 ms after the run's first record arrived, and restarted on the same
+/// journal; every tenth kill the broker is restarted too (Mosquitto; an independent persistent subscriber
+/// counts across its restarts). At the end every record 0..29 999 of each meter arrived, the first
+/// arrivals are in order, a repeated reading id is the same record (and a record has one id), and each
+/// restart's journal recovery was reported (and found no corruption).
 ///
-/// Why 40 000: this machine downloads, journals and delivers ~8 000 records/s, so with 2 000 only the
-/// first kill lands mid-download. With 40 000 the kills fall while records are being downloaded *and*
-/// thousands accepted ones still wait for their PUBACK — the case promise 2 is about. The simulated meter
-/// lives in the gateway process and regenerates the same store at each start; the cursor in the journal
-/// says where the next session resumes.
+/// Why wait for a first record: a debug build on a busy CI machine takes seconds to start (the simulated
+/// stores are generated at start), so fixed delays killed idle gateways; waiting for a delivery puts each
+/// kill into a burst — records being downloaded, journaled and awaiting PUBACK, the case promise 2 is
+/// about. Why 2 × 30 000: how many records a run delivers before its kill depends on the machine's load
+/// (measured here: ~1 700 on a quiet machine, ~400 with five other builds running); 60 000 keep most of
+/// the kills in bursts on a quiet CI machine without making a loaded one crawl for minutes. The simulated meter lives in the gateway process and regenerates
+/// the same store at each start; the cursor in the journal says where the next session resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_a_burst_loses_no_accepted_reading() {
     phg_tests::init_tracing();
     const TEST: &str = "sigkill_during_a_burst_loses_no_accepted_reading";
     const GW: &str = "gw-e2e-kill";
-    const STORED: u64 = 40_000;
-    const KILLS: usize = 5;
+    const STORED: u64 = 30_000;
+    // Two meters. Each kill waits for the run's first delivered record and then falls 0–300 ms later, so
+    // it lands in a burst (records being downloaded, journaled and awaiting PUBACK) however slow the
+    // start is on a busy machine.
+    const METERS: [&str; 2] = ["meter-k", "meter-k2"];
+    // Issue 11: at least 50 kills in CI (about a minute here); more with PHG_E2E_KILLS.
+    let kills: usize = std::env::var("PHG_E2E_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    const BROKER_RESTART_EVERY: usize = 10;
     let t0 = Instant::now();
-    let broker = TestBroker::start().unwrap();
-    let mut sub = Subscriber::connect(broker.addr(), &format!("phg/v1/{GW}/#"))
-        .await
-        .unwrap();
+    let mut broker = TestBroker::start().unwrap();
+    let mut sub = Subscriber::connect_persistent(
+        broker.addr(),
+        &format!("phg/v1/{GW}/#"),
+        &phg_tests::unique_id("sub-kill"),
+    )
+    .await
+    .unwrap();
+    let mut broker_restarts = 0usize;
     let dir = tempfile::tempdir().unwrap();
-    let body = [
-        glucometer("meter-k", STORED as usize, ""),
-        binding("meter-k", None, "p-kill-0001"),
-    ]
-    .concat();
+    let body: String = METERS
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            glucometer(m, STORED as usize, "") + &binding(m, None, &format!("p-kill-000{}", i + 1))
+        })
+        .collect();
+    // The edge alert engine saves its whole state after every reading (gateway/src/alerts.rs), which
+    // makes a 120 000-record download crawl; this test is about the journal and the uplink.
+    let body = format!("{body}[alerts]\nenabled = false\n");
+    let total = |p: &Progress| METERS.iter().map(|m| p.glucose(m)).sum::<usize>();
+    let all = STORED as usize * METERS.len();
     let cfg = for_broker(
         &broker,
         config(GW, &broker.url(), &dir.path().join("journal"), "", &body),
@@ -668,7 +693,7 @@ async fn sigkill_during_a_burst_loses_no_accepted_reading() {
     let mut torn_total = 0u64;
     let mut mid_download = 0usize;
     let mut previous_stderr: Option<Vec<String>> = None;
-    for kill in 0..=KILLS {
+    for kill in 0..=kills {
         let gw = GatewayProcess::run(&cfg_path, &cfg).unwrap();
         let opened = gw
             .stderr()
@@ -709,16 +734,16 @@ async fn sigkill_during_a_burst_loses_no_accepted_reading() {
                 "{TEST}: restart {kill}: journal replayed {segments} segment(s), {pending} pending, {torn} torn bytes"
             );
         }
-        if kill == KILLS {
+        if kill == kills {
             // The last run is left alone: everything must arrive.
-            let done = collect_until(&mut sub, Duration::from_secs(30), |r| {
-                p.update(r).glucose("meter-k") >= STORED as usize
+            let done = collect_until(&mut sub, Duration::from_secs(90), |r| {
+                total(p.update(r)) >= all
             })
             .await;
             assert!(
                 done,
-                "{} of {STORED} records after {KILLS} kills; last stderr:\n{}\nprevious:\n{}",
-                p.glucose("meter-k"),
+                "{} of {all} records after {kills} kills; last stderr:\n{}\nprevious:\n{}",
+                total(&p),
                 gw.stderr().text(),
                 previous_stderr.unwrap_or_default().join("\n")
             );
@@ -727,19 +752,30 @@ async fn sigkill_during_a_burst_loses_no_accepted_reading() {
             assert_eq!(stopped(&exit).pending, 0, "everything delivered");
             break;
         }
-        let delay = Duration::from_millis(50 + rng.below(751));
+        let before = total(p.update(sub.received()));
+        if before < all {
+            collect_until(&mut sub, Duration::from_secs(10), |r| {
+                total(p.update(r)) > before
+            })
+            .await;
+        }
+        let delay = gw.uptime() + Duration::from_millis(rng.below(301));
         tokio::time::sleep(delay.saturating_sub(gw.uptime())).await;
-        let seen = p.update(sub.received()).glucose("meter-k");
+        let seen = total(p.update(sub.received()));
         let exit = gw.kill9().unwrap();
         assert!(!exit.status.success(), "SIGKILL is not a clean exit");
-        if seen < STORED as usize {
+        if seen < all {
             mid_download += 1;
         }
         println!(
-            "{TEST}: kill {} at {delay:?} after start: {seen} of {STORED} records had arrived",
+            "{TEST}: kill {} at {delay:?} after start: {seen} of {all} records had arrived",
             kill + 1
         );
         previous_stderr = Some(exit.stderr);
+        if (kill + 1) % BROKER_RESTART_EVERY == 0 && broker.can_restart() {
+            broker.restart().unwrap();
+            broker_restarts += 1;
+        }
     }
     sub.collect_for(Duration::from_millis(300)).await;
 
@@ -750,22 +786,25 @@ async fn sigkill_during_a_burst_loses_no_accepted_reading() {
         "same id, different record: {:?}",
         a.conflicting
     );
-    assert_eq!(
-        check_sequence("meter-k", &a.seqs("meter-k"), STORED),
-        Ok(())
-    );
-    // Same id ⇔ same sequence number, both ways.
-    let mut ids_per_seq: BTreeMap<u64, BTreeSet<&str>> = BTreeMap::new();
+    for m in METERS {
+        assert_eq!(check_sequence(m, &a.seqs(m), STORED), Ok(()));
+    }
+    // Same id ⇔ same sequence number (per meter), both ways.
+    let mut ids_per_seq: BTreeMap<(&str, u64), BTreeSet<&str>> = BTreeMap::new();
     for r in &rs {
-        ids_per_seq.entry(r.seq.unwrap()).or_default().insert(&r.id);
+        ids_per_seq
+            .entry((&r.device, r.seq.unwrap()))
+            .or_default()
+            .insert(&r.id);
     }
     assert!(
         ids_per_seq.values().all(|ids| ids.len() == 1),
         "a record under two ids"
     );
     println!(
-        "{TEST}: seed {seed}: {KILLS} kills ({mid_download} before all {STORED} records had arrived), \
-         {} messages for {STORED} records = {} duplicates, {torn_total} torn bytes in total; broker {}; {:?}",
+        "{TEST}: seed {seed}: {kills} kills ({mid_download} before all {all} records had arrived), \
+         {broker_restarts} broker restarts, {} messages for {all} records = {} duplicates, \
+         {torn_total} torn bytes in total; broker {}; {:?}",
         rs.len(),
         a.duplicates,
         broker.kind(),
@@ -1139,6 +1178,55 @@ async fn bad_config_is_a_clear_error_and_starts_nothing() {
             "journal.max_bytes",
         ),
         ("missing file", None, "cannot read"),
+        // Issue 11 defect 9: a name or a national id that fits the character set.
+        (
+            "a US SSN as patient id",
+            Some(Box::new(|j: &Path| {
+                config(
+                    "gw-x",
+                    &good_broker,
+                    j,
+                    "",
+                    &body.replace("p-x-0001", "123-45-6789"),
+                )
+            })),
+            "bindings[0].patient",
+        ),
+        (
+            "a bare name as patient id",
+            Some(Box::new(|j: &Path| {
+                config(
+                    "gw-x",
+                    &good_broker,
+                    j,
+                    "",
+                    &body.replace("p-x-0001", "JohnSmith"),
+                )
+            })),
+            "bindings[0].patient",
+        ),
+        // Issue 11 defect 10.
+        (
+            "two bindings for one device",
+            Some(Box::new(|j: &Path| {
+                let twice = format!("{body}{}", binding("meter-x", None, "p-x-0002"));
+                config("gw-x", &good_broker, j, "", &twice)
+            })),
+            "bindings[0]",
+        ),
+        (
+            "a simulated store too large",
+            Some(Box::new(|j: &Path| {
+                config(
+                    "gw-x",
+                    &good_broker,
+                    j,
+                    "",
+                    &body.replace("stored = 5", "stored = 100000000"),
+                )
+            })),
+            "simulated[0].stored",
+        ),
         (
             "plaintext to a non-loopback host",
             Some(Box::new(|j: &Path| {
@@ -1147,20 +1235,24 @@ async fn bad_config_is_a_clear_error_and_starts_nothing() {
             "mqtt.allow_plaintext",
         ),
     ];
-    for (name, text, names) in &cases {
+    // `check` refuses the same configurations with the same line, and `-c` is `--config` (the habits
+    // `ingest` has); `run` refuses them before anything starts. Exit status 2: a configuration error.
+    let runs = cases
+        .iter()
+        .flat_map(|c| [(c, "run", "--config"), (c, "check", "-c")]);
+    for ((name, text, names), verb, flag) in runs {
+        let name = format!("{name} ({verb})");
         let dir = tempfile::tempdir().unwrap();
         let journal = dir.path().join("journal");
         let cfg_path = dir.path().join("gateway.toml");
-        let gw = match text {
-            Some(make) => GatewayProcess::run(&cfg_path, &make(&journal)).unwrap(),
-            None => {
-                GatewayProcess::spawn(&["run".as_ref(), "--config".as_ref(), cfg_path.as_os_str()])
-                    .unwrap()
-            }
-        };
+        if let Some(make) = text {
+            std::fs::write(&cfg_path, make(&journal)).unwrap();
+        }
+        let gw =
+            GatewayProcess::spawn(&[verb.as_ref(), flag.as_ref(), cfg_path.as_os_str()]).unwrap();
         let exit = gw.wait(Duration::from_secs(10)).await.unwrap();
         assert!(!exit.status.success(), "{name}: exit {}", exit.status);
-        assert_eq!(exit.status.code(), Some(1), "{name}");
+        assert_eq!(exit.status.code(), Some(2), "{name}");
         let lines: Vec<&String> = exit
             .stderr
             .iter()
@@ -1178,6 +1270,12 @@ async fn bad_config_is_a_clear_error_and_starts_nothing() {
             line.contains(names),
             "{name}: the error names `{names}`: {line}"
         );
+        for value in ["123-45-6789", "JohnSmith", "Jane Doe"] {
+            assert!(
+                !line.contains(value),
+                "{name}: the value is not quoted: {line}"
+            );
+        }
         assert!(
             line.contains(&*cfg_path.display().to_string()),
             "{name}: the error names the file: {line}"
@@ -1189,6 +1287,27 @@ async fn bad_config_is_a_clear_error_and_starts_nothing() {
         );
         println!("{TEST}: {name}: {line}");
     }
+    // Issue 11 defect 10: a journal directory that cannot be made is named by key and path.
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("not-a-directory");
+    std::fs::write(&blocker, b"").unwrap();
+    let cfg_path = dir.path().join("gateway.toml");
+    let gw = GatewayProcess::run(
+        &cfg_path,
+        &config("gw-x", &good_broker, &blocker.join("journal"), "", &body),
+    )
+    .unwrap();
+    let exit = gw.wait(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(exit.status.code(), Some(2), "{}", exit.stderr.join("\n"));
+    let line = exit.stderr.join("\n");
+    for needle in [
+        "journal.dir",
+        &*cfg_path.display().to_string(),
+        &*blocker.display().to_string(),
+    ] {
+        assert!(line.contains(needle), "names {needle}: {line}");
+    }
+    println!("{TEST}: unusable journal directory: {line}");
     match listener.accept() {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
         Ok((_, peer)) => panic!("a refused configuration connected to the broker (from {peer})"),
@@ -1251,7 +1370,9 @@ async fn publish_retained(broker: SocketAddr, topic: &str, payload: &str) {
         broker.ip().to_string(),
         broker.port(),
     );
-    o.set_keep_alive(Duration::from_secs(5));
+    o.set_keep_alive(Duration::from_secs(5))
+        // rumqttc's default outgoing limit is 10 KiB; the oversized-configuration test sends more.
+        .set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
     client
         .publish(
@@ -1367,7 +1488,7 @@ async fn edge_alerts_follow_the_crm_configuration_and_a_bad_one_changes_nothing(
     publish_retained(
         broker.addr(),
         &config_topic,
-        &crm_config(2, "cuff-a", "p-bp-other", relaxed),
+        &crm_config(2, "cuff-a", "p-bp-o3", relaxed),
     )
     .await;
     let rejected = collect_until(&mut sub, Duration::from_secs(15), |r| {
@@ -1431,4 +1552,512 @@ async fn edge_alerts_follow_the_crm_configuration_and_a_bad_one_changes_nothing(
 
     let exit = gw.terminate(Duration::from_secs(15)).await.unwrap();
     assert_clean_exit(&exit);
+}
+
+// ------------------------------------------------------------------------------------------------------
+// 9. The CRM's configuration is kept; oversized ones are refused visibly (issue 11, defects 4 and 5)
+// ------------------------------------------------------------------------------------------------------
+
+/// `config` with extra `[mqtt]` lines.
+fn with_mqtt(config: String, mqtt_extra: &str) -> String {
+    config.replacen("[journal]", &format!("{mqtt_extra}\n\n[journal]"), 1)
+}
+
+/// The patients the readings of `gateway_id` went to.
+fn patients(received: &[Received], gateway_id: &str) -> BTreeSet<String> {
+    readings(received, gateway_id)
+        .into_iter()
+        .map(|r| r.patient)
+        .collect()
+}
+
+/// The CRM rebinds a meter (its configuration file binds it to `p-local-0001`); the gateway is stopped.
+/// Then, with the broker no longer holding any configuration, a restarted gateway attributes the meter's
+/// readings to the CRM's patient — the CRM's configuration was kept on disk and is in force before the
+/// broker says anything. Then a newer, invalid configuration (a name as patient id) is retained: it is
+/// rejected with an event that names the key and not the value, and the kept one stays in force.
+/// Without the kept configuration both restarts attribute the readings to `p-local-0001` (issue 11,
+/// defect 4: the wrong patient).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crm_configuration_is_kept_across_restarts_and_an_invalid_newer_one_changes_nothing() {
+    phg_tests::init_tracing();
+    const TEST: &str =
+        "crm_configuration_is_kept_across_restarts_and_an_invalid_newer_one_changes_nothing";
+    const GW: &str = "gw-e2e-kept";
+    let t0 = Instant::now();
+    let broker = TestBroker::start().unwrap();
+    let config_topic = topic(GW, "config");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("gateway.toml");
+    let gateway = |journal: &str, stored: usize| {
+        let body = [
+            glucometer("meter-c", stored, ""),
+            binding("meter-c", None, "p-local-0001"),
+        ]
+        .concat();
+        // A fresh journal each time: the meter's records are downloaded again. The kept configuration
+        // lives beside the journal directories (in `dir`), shared by all three.
+        let cfg = for_broker(
+            &broker,
+            config(GW, &broker.url(), &dir.path().join(journal), "", &body),
+        );
+        GatewayProcess::run(&cfg_path, &cfg).unwrap()
+    };
+
+    // 1. The CRM binds the meter to its patient; the gateway applies it (no readings yet).
+    publish_retained(
+        broker.addr(),
+        &config_topic,
+        &crm_config(1, "meter-c", "p-crm-0001", ""),
+    )
+    .await;
+    let gw = gateway("journal-1", 0);
+    let applied = gw
+        .stderr()
+        .wait_for(
+            "configuration from the CRM applied",
+            0,
+            Duration::from_secs(15),
+        )
+        .await;
+    assert!(applied.is_some(), "not applied:\n{}", gw.stderr().text());
+    assert_clean_exit(&gw.terminate(Duration::from_secs(15)).await.unwrap());
+    let kept = dir.path().join("crm-config.json");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&kept).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "the kept configuration is the service user's alone"
+        );
+    }
+
+    // 2. The broker no longer holds it (cleared; as a broker that is unreachable or lost its store).
+    publish_retained(broker.addr(), &config_topic, "").await;
+    let mut sub = Subscriber::connect(broker.addr(), &format!("phg/v1/{GW}/#"))
+        .await
+        .unwrap();
+    let gw = gateway("journal-2", 5);
+    let all = collect_until(&mut sub, Duration::from_secs(20), |r| {
+        readings(r, GW).len() >= 5
+    })
+    .await;
+    assert!(all, "readings missing:\n{}", gw.stderr().text());
+    assert_clean_exit(&gw.terminate(Duration::from_secs(15)).await.unwrap());
+    let restart = patients(sub.received(), GW);
+    assert_eq!(
+        restart,
+        BTreeSet::from(["p-crm-0001".to_owned()]),
+        "after a restart the CRM's binding is in force before the broker says anything"
+    );
+    drop(sub);
+
+    // 3. A newer configuration with a name as patient id is retained: rejected, the kept one stays.
+    publish_retained(
+        broker.addr(),
+        &config_topic,
+        &crm_config(2, "meter-c", "JohnSmith", ""),
+    )
+    .await;
+    let mut sub = Subscriber::connect(broker.addr(), &format!("phg/v1/{GW}/#"))
+        .await
+        .unwrap();
+    let gw = gateway("journal-3", 5);
+    let done = collect_until(&mut sub, Duration::from_secs(20), |r| {
+        readings(r, GW).len() >= 5 && events(r, GW).iter().any(|e| e["type"] == "config_rejected")
+    })
+    .await;
+    assert!(
+        done,
+        "readings or rejection missing:\n{}",
+        gw.stderr().text()
+    );
+    assert_clean_exit(&gw.terminate(Duration::from_secs(15)).await.unwrap());
+    let after_bad = patients(sub.received(), GW);
+    assert_eq!(
+        after_bad,
+        BTreeSet::from(["p-crm-0001".to_owned()]),
+        "an invalid newer configuration leaves the last good one in force"
+    );
+    let ev = events(sub.received(), GW);
+    let rejected = ev.iter().find(|e| e["type"] == "config_rejected").unwrap();
+    assert_eq!(rejected["version"], 2, "{rejected}");
+    let reason = rejected["reason"].as_str().unwrap();
+    assert!(reason.contains("bindings[0].patient"), "{reason}");
+    assert!(
+        !reason.contains("JohnSmith"),
+        "the value is not quoted: {reason}"
+    );
+    println!(
+        "{TEST}: restart: readings on {restart:?}; after an invalid v2: {after_bad:?}, rejected with \
+         {reason:?}; broker {}; {:?}",
+        broker.kind(),
+        t0.elapsed()
+    );
+}
+
+/// A `phg.config/1` message of at least `bytes` bytes: bindings for many devices.
+fn padded_config(version: u64, bytes: usize) -> String {
+    let mut bindings = Vec::new();
+    let mut len = 0;
+    let mut i = 0;
+    while len < bytes {
+        let b = format!(r#"{{"device":"pad-device-{i:06}","patient":"p-pad-{i:06}"}}"#);
+        len += b.len() + 1;
+        bindings.push(b);
+        i += 1;
+    }
+    format!(
+        r#"{{"schema":"phg.config/1","version":{version},"bindings":[{}],"patients":[]}}"#,
+        bindings.join(",")
+    )
+}
+
+/// One protocol version of [`oversized_crm_configuration_is_refused_visibly_and_never_wedges_the_uplink`].
+async fn oversized_config_case(broker: &TestBroker, version: &str) -> String {
+    let gw_id = format!("gw-e2e-big-{}", version.replace('.', ""));
+    let gw_id = gw_id.as_str();
+    let config_topic = topic(gw_id, "config");
+    let dir = tempfile::tempdir().unwrap();
+    let mut sub = Subscriber::connect(broker.addr(), &format!("phg/v1/{gw_id}/#"))
+        .await
+        .unwrap();
+    // Deliverable (under max_packet_bytes) but over the gateway's own limit on a configuration.
+    publish_retained(broker.addr(), &config_topic, &padded_config(1, 24 * 1024)).await;
+    let body = [
+        glucometer("meter-b", 3, "measure_every_s = 1"),
+        binding("meter-b", None, "p-big-0001"),
+    ]
+    .concat();
+    let cfg = with_mqtt(
+        config(gw_id, &broker.url(), &dir.path().join("journal"), "", &body),
+        &format!("version = \"{version}\"\nmax_config_bytes = 16384\nmax_packet_bytes = 32768"),
+    );
+    let gw = GatewayProcess::run(&dir.path().join("gateway.toml"), &cfg).unwrap();
+    let rejected = |r: &[Received], what: &str| {
+        events(r, gw_id)
+            .iter()
+            .filter(|e| e["type"] == "config_rejected")
+            .any(|e| e["reason"].as_str().is_some_and(|s| s.contains(what)))
+    };
+    let first = collect_until(&mut sub, Duration::from_secs(20), |r| {
+        readings(r, gw_id).len() >= 3 && rejected(r, "mqtt.max_config_bytes")
+    })
+    .await;
+    assert!(
+        first,
+        "MQTT {version}: a configuration over max_config_bytes must be rejected with an event; stderr:\n{}",
+        gw.stderr().text()
+    );
+
+    // Over max_packet_bytes: MQTT 5's broker drops it for this client (the announced Maximum Packet
+    // Size); MQTT 3.1.1 breaks one connection at its header, and the gateway carries on without the
+    // configuration subscription and says so. Either way readings keep flowing without a reconnect loop.
+    let before = readings(sub.received(), gw_id).len();
+    publish_retained(broker.addr(), &config_topic, &padded_config(2, 100 * 1024)).await;
+    let flowing = collect_until(&mut sub, Duration::from_secs(20), |r| {
+        readings(r, gw_id).len() >= before + 4
+            && (version == "5" || rejected(r, "mqtt.max_packet_bytes"))
+    })
+    .await;
+    let connections = gw
+        .stderr()
+        .all()
+        .iter()
+        .filter(|l| l.contains("uplink connected"))
+        .count();
+    let exit = gw.terminate(Duration::from_secs(15)).await.unwrap();
+    assert!(
+        flowing,
+        "MQTT {version}: readings stopped or no rejection after an oversized configuration; stderr:\n{}",
+        exit.stderr.join("\n")
+    );
+    assert_clean_exit(&exit);
+    let bound = if version == "5" { 1 } else { 2 };
+    assert!(
+        connections <= bound,
+        "MQTT {version}: {connections} connections: the uplink reconnected in a loop; stderr:\n{}",
+        exit.stderr.join("\n")
+    );
+    let n = readings(sub.received(), gw_id).len();
+    format!("MQTT {version}: {n} readings, {connections} connection(s)")
+}
+
+/// A configuration over the gateway's `max_config_bytes` but deliverable is rejected with a
+/// `config_rejected` event naming the setting; one over `max_packet_bytes` never wedges the uplink —
+/// with MQTT 5 the broker honours the announced Maximum Packet Size, with MQTT 3.1.1 one connection breaks
+/// and the gateway reports it and stops subscribing for a while. Both protocol versions the gateway
+/// speaks. Without the fix the first configuration is applied (no size limit) and, with 3.1.1, the
+/// second makes the uplink reconnect again and again (issue 11, defect 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_crm_configuration_is_refused_visibly_and_never_wedges_the_uplink() {
+    phg_tests::init_tracing();
+    const TEST: &str = "oversized_crm_configuration_is_refused_visibly_and_never_wedges_the_uplink";
+    let t0 = Instant::now();
+    let Some(broker) = TestBroker::start_mosquitto() else {
+        return skip(TEST, "needs Mosquitto (MQTT 5 and 3.1.1 on one broker)");
+    };
+    let broker = broker.unwrap();
+    let mut figures = Vec::new();
+    for version in ["5", "3.1.1"] {
+        figures.push(oversized_config_case(&broker, version).await);
+    }
+    println!("{TEST}: {}; {:?}", figures.join("; "), t0.elapsed());
+}
+
+// ------------------------------------------------------------------------------------------------------
+// 10. Idle is free; restarts with the default configuration; a full disk (issue 11)
+// ------------------------------------------------------------------------------------------------------
+
+/// The share of one core the gateway uses over `over`, from its `/proc` CPU times.
+async fn cpu_share(gw: &GatewayProcess, over: Duration) -> f64 {
+    let before = gw.cpu_time().unwrap();
+    tokio::time::sleep(over).await;
+    let after = gw.cpu_time().unwrap();
+    (after - before).as_secs_f64() / over.as_secs_f64()
+}
+
+/// A gateway with nothing to do — connected, no device, a journal that never held a record — sleeps:
+/// under 10 % of a core over 10 s (a generous bound for a shared CI machine; the bench prints the real
+/// figure, which DESIGN.md promise 10 puts under 1 %). Before the fix it took 0.92 s of CPU per second
+/// (issue 11, defect 6: the uplink re-read the empty journal in a loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_gateway_sleeps() {
+    phg_tests::init_tracing();
+    const TEST: &str = "an_idle_gateway_sleeps";
+    const GW: &str = "gw-e2e-idle";
+    let broker = TestBroker::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = for_broker(
+        &broker,
+        config(GW, &broker.url(), &dir.path().join("journal"), "", ""),
+    );
+    let gw = GatewayProcess::run(&dir.path().join("gateway.toml"), &cfg).unwrap();
+    let connected = gw
+        .stderr()
+        .wait_for("uplink connected", 0, Duration::from_secs(15))
+        .await;
+    assert!(connected.is_some(), "{}", gw.stderr().text());
+    let share = cpu_share(&gw, Duration::from_secs(10)).await;
+    let exit = gw.terminate(Duration::from_secs(15)).await.unwrap();
+    assert_clean_exit(&exit);
+    println!(
+        "{TEST}: idle gateway used {:.2} % of a core over 10 s",
+        share * 100.0
+    );
+    assert!(
+        share < 0.10,
+        "an idle gateway used {:.1} % of a core",
+        share * 100.0
+    );
+}
+
+/// The default configuration (only the keys that have no default, a meter and its binding), the broker
+/// down: the meter's records are journaled, the gateway is killed with SIGKILL, the broker comes back,
+/// the gateway is started again: every record arrives, in order, once per id (at least once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_configuration_kill9_with_queued_readings_then_restart_delivers_all() {
+    phg_tests::init_tracing();
+    const TEST: &str = "default_configuration_kill9_with_queued_readings_then_restart_delivers_all";
+    const GW: &str = "gw-e2e-default";
+    const STORED: u64 = 300;
+    let t0 = Instant::now();
+    let Some(broker) = TestBroker::start_mosquitto() else {
+        return skip(
+            TEST,
+            "needs a broker that can be stopped and started (mosquitto)",
+        );
+    };
+    let mut broker = broker.unwrap();
+    let mut sub = Subscriber::connect_persistent(
+        broker.addr(),
+        &format!("phg/v1/{GW}/#"),
+        &phg_tests::unique_id("sub-default"),
+    )
+    .await
+    .unwrap();
+    broker.stop().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "gateway_id = \"{GW}\"\n[mqtt]\nbroker = \"{}\"\n[journal]\ndir = {:?}\n{}{}",
+        broker.url(),
+        dir.path().join("journal").display().to_string(),
+        glucometer("meter-d", STORED as usize, ""),
+        binding("meter-d", None, "p-default-0001"),
+    );
+    let cfg_path = dir.path().join("gateway.toml");
+    let gw = GatewayProcess::run(&cfg_path, &cfg).unwrap();
+    // Readings are queued once the uplink has failed to connect at least once (the download of 300
+    // records takes far less than that); whatever is not journaled yet stays in the meter.
+    let down = gw
+        .stderr()
+        .wait_for("cannot connect to the broker", 0, Duration::from_secs(15))
+        .await;
+    assert!(down.is_some(), "{}", gw.stderr().text());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    gw.kill9().unwrap();
+    broker.restart().unwrap();
+    let gw = GatewayProcess::run(&cfg_path, &cfg).unwrap();
+    let mut p = Progress::new(GW);
+    let done = collect_until(&mut sub, Duration::from_secs(30), |r| {
+        p.update(r).glucose("meter-d") >= STORED as usize
+    })
+    .await;
+    assert!(
+        done,
+        "{} of {STORED}:\n{}",
+        p.glucose("meter-d"),
+        gw.stderr().text()
+    );
+    let exit = gw.terminate(Duration::from_secs(15)).await.unwrap();
+    assert_clean_exit(&exit);
+    sub.collect_for(Duration::from_millis(300)).await;
+    let a = Arrivals::of(&readings(sub.received(), GW));
+    assert!(a.conflicting.is_empty(), "{:?}", a.conflicting);
+    assert_eq!(
+        check_sequence("meter-d", &a.seqs("meter-d"), STORED),
+        Ok(())
+    );
+    println!(
+        "{TEST}: all {STORED} records after kill -9 with the broker down, {} duplicates; {:?}",
+        a.duplicates,
+        t0.elapsed()
+    );
+}
+
+/// Unmounts a tmpfs when the test ends, however it ends.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. "10m") on `at`; `None` when not root or mount refused.
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        if !rustix::process::geteuid().is_root() {
+            return None;
+        }
+        std::fs::create_dir_all(at).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| Tmpfs(at.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The journal on a 10 MiB tmpfs, the broker down, a meter with 20 000 records: the file system fills,
+/// the download stops with a `journal_full` notice, the gateway keeps running; when the broker returns,
+/// delivered records free their segments and the download resumes — every record arrives, in order,
+/// and a restart finds the journal undamaged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_stops_downloading_and_recovers_when_space_returns() {
+    phg_tests::init_tracing();
+    const TEST: &str = "disk_full_stops_downloading_and_recovers_when_space_returns";
+    const GW: &str = "gw-e2e-disk";
+    const STORED: u64 = 20_000;
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_fs) = Tmpfs::mount(&dir.path().join("fs"), "10m") else {
+        return skip(TEST, "skipped: needs root to mount tmpfs");
+    };
+    let Some(broker) = TestBroker::start_mosquitto() else {
+        return skip(
+            TEST,
+            "needs a broker that can be stopped and started (mosquitto)",
+        );
+    };
+    let mut broker = broker.unwrap();
+    let mut sub = Subscriber::connect_persistent(
+        broker.addr(),
+        &format!("phg/v1/{GW}/#"),
+        &phg_tests::unique_id("sub-disk"),
+    )
+    .await
+    .unwrap();
+    broker.stop().unwrap();
+    let body = [
+        glucometer("meter-s", STORED as usize, ""),
+        binding("meter-s", None, "p-disk-0001"),
+    ]
+    .concat();
+    let cfg = config(GW, &broker.url(), &dir.path().join("fs/journal"), "", &body);
+    let cfg_path = dir.path().join("gateway.toml");
+    let mut gw = GatewayProcess::run(&cfg_path, &cfg).unwrap();
+    let full = gw
+        .stderr()
+        .wait_for("journal full", 0, Duration::from_secs(30))
+        .await;
+    assert!(
+        full.is_some(),
+        "the disk never filled:\n{}",
+        gw.stderr().text()
+    );
+    assert!(
+        gw.is_running().unwrap(),
+        "a full disk must not stop the gateway"
+    );
+    let full_at = t0.elapsed();
+
+    broker.restart().unwrap();
+    let mut p = Progress::new(GW);
+    let done = collect_until(&mut sub, Duration::from_secs(90), |r| {
+        let p = p.update(r);
+        p.glucose("meter-s") >= STORED as usize && p.events.iter().any(|e| e == "journal_full")
+    })
+    .await;
+    assert!(
+        done,
+        "{} of {STORED} records, events {:?}:\n{}",
+        p.glucose("meter-s"),
+        p.events,
+        gw.stderr().text()
+    );
+    let exit = gw.terminate(Duration::from_secs(15)).await.unwrap();
+    assert_clean_exit(&exit);
+    sub.collect_for(Duration::from_millis(300)).await;
+    let a = Arrivals::of(&readings(sub.received(), GW));
+    assert!(a.conflicting.is_empty(), "{:?}", a.conflicting);
+    assert_eq!(
+        check_sequence("meter-s", &a.seqs("meter-s"), STORED),
+        Ok(())
+    );
+
+    // Nothing corrupt: the journal opens clean.
+    let gw = GatewayProcess::run(&cfg_path, &cfg).unwrap();
+    let opened = gw
+        .stderr()
+        .wait_for("journal opened", 0, Duration::from_secs(15))
+        .await;
+    let exit = gw.terminate(Duration::from_secs(15)).await.unwrap();
+    assert!(opened.is_some(), "{}", exit.stderr.join("\n"));
+    assert!(
+        !exit
+            .stderr
+            .iter()
+            .any(|l| l.contains("recovered from damage")),
+        "{}",
+        exit.stderr.join("\n")
+    );
+    println!(
+        "{TEST}: disk full at {full_at:?}; all {STORED} records and the journal_full event arrived, {} \
+         duplicates; journal clean on restart; {:?}",
+        a.duplicates,
+        t0.elapsed()
+    );
 }

@@ -252,12 +252,12 @@ async fn ingest_consumes_over_tls_with_its_client_certificate() {
     // A shared subscription keeps nothing published before its first subscriber: probe readings go out
     // over TLS until ingest has stored one, so the readings below cannot race its subscription.
     let mut probes = 0u64;
-    while stored("p-probe").await == 0 {
+    while stored("p-probe-1").await == 0 {
         assert!(probes < 100, "ingest never took a probe over TLS");
         journal
             .lock()
             .unwrap()
-            .append(&[record(format!("tls-probe-{probes}"), "p-probe", probes)])
+            .append(&[record(format!("tls-probe-{probes}"), "p-probe-1", probes)])
             .unwrap();
         up.wake.wake();
         probes += 1;

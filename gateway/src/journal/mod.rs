@@ -1083,6 +1083,12 @@ impl Journal {
         self.cursors.get(device).copied()
     }
 
+    /// The highest seq ever issued (`0` when the journal never held a record): a reader that has seen
+    /// every pending record up to it knows the next record appended gets a higher one.
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq.saturating_sub(1)
+    }
+
     /// Records pending (accepted, not yet acked).
     pub fn depth(&self) -> u64 {
         self.pending.len() as u64

@@ -134,6 +134,10 @@ pub struct Counters {
     pub refused: AtomicU64,
     /// Edge alert decisions journaled for `…/alerts`.
     pub alerts: AtomicU64,
+    /// `journal_full` notices that found no room either (a full file system: even the journal's notice
+    /// reserve needs a new segment). Kept here and journaled at the next session's start, so the CRM
+    /// learns of the stop once space has returned, instead of never.
+    pub unwritten_notices: Mutex<Vec<NewRecord>>,
 }
 
 /// What every session of a gateway shares.
@@ -180,13 +184,53 @@ impl Pipeline {
         match j.append_notice(std::slice::from_ref(&record)) {
             Ok(_) => wake.wake(),
             Err(e) => {
-                tracing::error!(error = %e, device, "journal full: even its notice did not fit")
+                tracing::error!(error = %e, device, "journal full: even its notice did not fit; it is journaled when there is room");
+                let mut unwritten = self
+                    .counters
+                    .unwritten_notices
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                // One per device and minute, as the reading id says.
+                if !unwritten.iter().any(|r| r.reading_id == record.reading_id) {
+                    unwritten.push(record);
+                }
             }
+        }
+    }
+
+    /// Journals the notices that found no room before (see [`Counters::unwritten_notices`]); what still
+    /// does not fit is kept for the next try. The uplink finds them at its next journal look (within
+    /// seconds).
+    fn write_unwritten_notices(&self) {
+        let pending = std::mem::take(
+            &mut *self
+                .counters
+                .unwritten_notices
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if pending.is_empty() {
+            return;
+        }
+        let result = self
+            .journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append_notice(&pending);
+        if let Err(e) = result {
+            tracing::debug!(error = %e, notices = pending.len(), "journal_full notices still find no room");
+            let mut unwritten = self
+                .counters
+                .unwritten_notices
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            unwritten.extend(pending);
         }
     }
 
     /// A sink for one device session.
     pub fn session(&self) -> SessionSink {
+        self.write_unwritten_notices();
         SessionSink {
             pipeline: self.clone(),
             joiner: ContextJoiner::new(),

@@ -24,9 +24,6 @@ use rumqttc::v5::mqttbytes::v5 as mqtt5;
 
 use super::config::{CheckedUplinkConfig, MqttVersion};
 
-/// The largest packet accepted from the broker. The uplink only receives acks (and retained config
-/// later); 64 KiB is generous.
-const MAX_INCOMING_PACKET: usize = 64 * 1024;
 /// The largest publish handed to the broker: above the journal's 1 MiB record cap, so a record the
 /// journal accepted is never refused here (that would wedge it in a reconnect loop).
 const MAX_OUTGOING_PACKET: usize = 2 * 1024 * 1024;
@@ -67,6 +64,24 @@ pub(crate) enum Signal {
 pub(crate) enum LinkError {
     V4(rumqttc::ConnectionError),
     V5(rumqttc::v5::ConnectionError),
+}
+
+impl LinkError {
+    /// The size of an incoming packet that was over the configured maximum (the read stopped at its
+    /// header; the connection is unusable after it), or `None` for any other failure.
+    pub(crate) fn too_large(&self) -> Option<usize> {
+        match self {
+            Self::V4(rumqttc::ConnectionError::MqttState(
+                rumqttc::StateError::Deserialization(rumqttc::Error::PayloadSizeLimitExceeded(n)),
+            )) => Some(*n),
+            Self::V5(rumqttc::v5::ConnectionError::MqttState(
+                rumqttc::v5::StateError::Deserialization(
+                    rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded { pkt_size, .. },
+                ),
+            )) => Some(*pkt_size),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for LinkError {
@@ -140,7 +155,8 @@ pub(crate) fn build(cfg: &CheckedUplinkConfig) -> (Publisher, Driver) {
             o.set_keep_alive(cfg.keep_alive)
                 .set_clean_session(true)
                 .set_inflight(rumqttc_inflight(cfg.inflight))
-                .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
+                // MQTT 3.1.1 cannot announce it; a larger packet fails the read (LinkError::too_large).
+                .set_max_packet_size(cfg.max_packet_bytes as usize, MAX_OUTGOING_PACKET)
                 .set_last_will(rumqttc::LastWill::new(
                     &cfg.status_topic,
                     cfg.offline_payload.clone(),
@@ -185,7 +201,9 @@ pub(crate) fn build(cfg: &CheckedUplinkConfig) -> (Publisher, Driver) {
             o.set_keep_alive(cfg.keep_alive)
                 .set_clean_start(true)
                 .set_outgoing_inflight_upper_limit(rumqttc_inflight(cfg.inflight))
-                .set_max_packet_size(Some(MAX_INCOMING_PACKET as u32))
+                // Announced in CONNECT (MQTT 5.0 §3.1.2.11.4): the broker drops a larger message for us
+                // instead of sending it, so the connection never breaks on it.
+                .set_max_packet_size(Some(cfg.max_packet_bytes))
                 .set_connection_timeout(cfg.connect_timeout_secs)
                 .set_network_options(net)
                 .set_last_will(will);

@@ -108,12 +108,42 @@ pub struct UplinkConfig {
     pub config_topic: Option<String>,
     /// Where the messages of `config_topic` go. A message that finds the channel full is dropped with a
     /// warning: the configuration is retained, so the next connection brings it again.
-    pub inbound: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    pub inbound: Option<tokio::sync::mpsc::Sender<Inbound>>,
+    /// The largest MQTT packet the gateway takes from the broker, bytes: announced as the MQTT 5 CONNECT
+    /// property *Maximum Packet Size* (MQTT 5.0 §3.1.2.11.4: the broker must not send a larger packet,
+    /// it drops it instead) and enforced on reading with either version. It must hold the largest
+    /// legitimate message the gateway subscribes to — the CRM's configuration — with room for its topic
+    /// and headers. At least [`MIN_MAX_PACKET_BYTES`].
+    pub max_packet_bytes: u32,
     /// Renders the online status afresh (journal depth, devices, adapter) for every CONNACK and every
     /// `status_every`; `None`: `online_payload` as it is.
     pub status_source: Option<StatusSource>,
     /// How often the online status is published again while connected (retained; at least 1 s).
     pub status_every: Duration,
+}
+
+/// The default of [`UplinkConfig::max_packet_bytes`]: 1 MiB, four times the default limit on a CRM
+/// configuration (`[mqtt] max_config_bytes`, 256 KiB) — the configuration is the largest message the
+/// gateway receives; everything else it receives is an ack.
+pub const DEFAULT_MAX_PACKET_BYTES: u32 = 1024 * 1024;
+/// The smallest [`UplinkConfig::max_packet_bytes`]: acks, and a small configuration.
+pub const MIN_MAX_PACKET_BYTES: u32 = 16 * 1024;
+
+/// What the uplink passes on from the configuration topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A message's payload.
+    Message(Vec<u8>),
+    /// A packet over [`UplinkConfig::max_packet_bytes`] came from the broker (MQTT 3.1.1 has no way to
+    /// announce the limit). It was not read; the uplink reconnected without the configuration
+    /// subscription, so the retained message cannot bring the connection down again, and subscribes
+    /// again after a while (see the uplink's module doc).
+    TooLarge {
+        /// The packet's size as its header announced it.
+        bytes: usize,
+        /// The limit.
+        max: u32,
+    },
 }
 
 /// A function that renders the current online status payload (see [`UplinkConfig::status_source`]).
@@ -152,6 +182,7 @@ impl UplinkConfig {
             connect_timeout: Duration::from_secs(10),
             config_topic: None,
             inbound: None,
+            max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
             status_source: None,
             status_every: Duration::from_secs(60),
         }
@@ -200,6 +231,9 @@ impl UplinkConfig {
                 return Err(ConfigError::ConfigTopic(t.clone()));
             }
         }
+        if self.max_packet_bytes < MIN_MAX_PACKET_BYTES {
+            return Err(ConfigError::MaxPacketBytes(self.max_packet_bytes));
+        }
 
         let tls = match (endpoint.tls, &self.tls) {
             (false, Some(_)) => return Err(ConfigError::TlsWithPlainUrl),
@@ -234,6 +268,7 @@ impl UplinkConfig {
             connect_timeout_secs: self.connect_timeout.as_secs(),
             config_topic: self.config_topic.clone(),
             inbound: self.inbound.clone(),
+            max_packet_bytes: self.max_packet_bytes,
             status_source: self.status_source.clone(),
             status_every: self.status_every.max(Duration::from_secs(1)),
         })
@@ -314,6 +349,9 @@ pub enum ConfigError {
         /// `backoff_max`.
         max: Duration,
     },
+    /// `max_packet_bytes` is below [`MIN_MAX_PACKET_BYTES`].
+    #[error("uplink.max_packet_bytes {0} is below the minimum of {MIN_MAX_PACKET_BYTES}")]
+    MaxPacketBytes(u32),
     /// `config_topic` is empty or has wildcards.
     #[error("uplink.config_topic `{0}` is not a valid topic name (empty, or has + or #)")]
     ConfigTopic(String),
@@ -363,7 +401,8 @@ pub struct CheckedUplinkConfig {
     pub(crate) shutdown_grace: Duration,
     pub(crate) connect_timeout_secs: u64,
     pub(crate) config_topic: Option<String>,
-    pub(crate) inbound: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    pub(crate) inbound: Option<tokio::sync::mpsc::Sender<Inbound>>,
+    pub(crate) max_packet_bytes: u32,
     pub(crate) status_source: Option<StatusSource>,
     pub(crate) status_every: Duration,
 }

@@ -31,6 +31,14 @@
 //! - **Graceful shutdown.** When `shutdown` fires, no new records are handed over; the uplink waits up to
 //!   `shutdown_grace` for the outstanding PUBACKs, acks what came back, and disconnects. What is still
 //!   unacked stays in the journal for the next start.
+//! - **No message wedges it.** The largest packet taken from the broker is `max_packet_bytes`, announced
+//!   in the MQTT 5 CONNECT (the broker drops a larger message for this client). MQTT 3.1.1 cannot announce
+//!   it: a larger packet breaks the connection at its header, and since the only subscription is the
+//!   retained configuration, the following connections go without it for ten minutes (reported to the
+//!   application as [`Inbound::TooLarge`]) instead of reconnecting in a loop.
+//! - **Idle is free.** With nothing to send the uplink sleeps on the [`Handoff`]'s notification; a short
+//!   journal read tells it the journal's last seq, so the handoff's next records are placed without
+//!   another read even when the journal never held a record.
 //! - **Privacy.** Payloads are never logged; logs carry topic, seq and packet id only.
 //!
 //! # Metrics (through the `metrics` facade)
@@ -63,7 +71,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 pub use config::{
-    CheckedUplinkConfig, ConfigError, MqttVersion, Secret, StatusSource, TlsFiles, UplinkConfig,
+    CheckedUplinkConfig, ConfigError, DEFAULT_MAX_PACKET_BYTES, Inbound, MIN_MAX_PACKET_BYTES,
+    MqttVersion, Secret, StatusSource, TlsFiles, UplinkConfig,
 };
 
 use crate::journal::{Journal, JournalError, Record};
@@ -87,6 +96,10 @@ const ACK_SYNC_AFTER: Duration = Duration::from_secs(1);
 const READ_AHEAD: usize = 512;
 /// After a failed journal read, the next one waits this long.
 const READ_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// After a packet over `max_packet_bytes` broke a connection (MQTT 3.1.1, which cannot announce the
+/// limit: the retained configuration would come back at every subscription), the configuration topic is
+/// left alone this long, so the uplink keeps delivering instead of reconnecting in a loop.
+const CONFIG_RESUBSCRIBE_AFTER: Duration = Duration::from_secs(600);
 /// How long a clean disconnect may take after the shutdown grace.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(1);
 
@@ -187,7 +200,10 @@ pub async fn run_checked(
         connected_at: None,
         drain_deadline: None,
         maybe_more: true,
+        read_through: None,
         next_recheck: Instant::now() + RECHECK_EVERY,
+        config_paused_until: None,
+        config_subscribed: false,
         next_status: Instant::now(),
         attempt: 0,
         stats: UplinkStats::default(),
@@ -247,7 +263,15 @@ struct AckJob {
 struct ReadJob {
     /// The window it was started for (see `Uplink::connection_generation`).
     generation: u64,
-    handle: JoinHandle<Result<Vec<Record>, UplinkError>>,
+    handle: JoinHandle<Result<JournalRead, UplinkError>>,
+}
+
+/// What a background journal read found.
+struct JournalRead {
+    /// Pending records after the read's start, in seq order, at most `READ_AHEAD`.
+    records: Vec<Record>,
+    /// The journal's highest seq at the time of the read ([`Journal::last_seq`]).
+    last_seq: u64,
 }
 
 /// Completes when the running job does; never, when there is none (a `select!` branch).
@@ -289,7 +313,17 @@ struct Uplink {
     drain_deadline: Option<Instant>,
     /// The journal may hold records after the window's cursor (cleared when a read came back short).
     maybe_more: bool,
+    /// After a short read: the journal's highest seq then. Every pending record up to it was read, so
+    /// the next one to publish follows it even when the window's cursor is behind it or unset (a journal
+    /// that never held a record, or whose records were all acked before this start). Without it the
+    /// handoff cannot place its records and sends the uplink back to the journal, which finds nothing —
+    /// a read loop that burnt a whole core on an idle gateway (issue 11, defect 6).
+    read_through: Option<u64>,
     next_recheck: Instant,
+    /// Set after an oversized packet: subscribe to the configuration topic again only from then on.
+    config_paused_until: Option<Instant>,
+    /// The configuration topic is subscribed in this connection.
+    config_subscribed: bool,
     /// When the online status is published again.
     next_status: Instant,
     /// Failed connection attempts since a record was last PUBACKed or a connection last held for
@@ -314,7 +348,9 @@ impl Uplink {
                     }
                 }
                 Step::Polled(Err(e)) => {
-                    if self.connected {
+                    if let Some(bytes) = e.too_large() {
+                        self.on_too_large(bytes);
+                    } else if self.connected {
                         warn!(error = %e, unacked = self.window.records(), "uplink connection lost");
                     } else {
                         warn!(error = %e, attempt = self.attempt, "uplink cannot connect to the broker");
@@ -375,6 +411,12 @@ impl Uplink {
                     self.next_status = Instant::now() + self.cfg.status_every;
                     self.publish_status(true);
                 }
+                _ = sleep_until(self.config_paused_until.unwrap_or_else(Instant::now)),
+                    if self.connected && !draining && !self.config_subscribed && self.config_paused_until.is_some() =>
+                {
+                    self.config_paused_until = None;
+                    self.subscribe_config();
+                }
                 _ = sleep_until(self.next_recheck), if self.connected && !draining => {
                     self.next_recheck = Instant::now() + RECHECK_EVERY;
                     self.maybe_more = true;
@@ -398,10 +440,10 @@ impl Uplink {
                 // Status first: the CRM sees "online" before the backlog.
                 self.publish_status(true);
                 self.next_status = Instant::now() + self.cfg.status_every;
-                if let Some(topic) = self.cfg.config_topic.clone() {
-                    if let Err(e) = self.publisher.subscribe(&topic) {
-                        warn!(?e, topic = %topic, "could not subscribe to the configuration topic");
-                    }
+                self.config_subscribed = false;
+                if self.config_paused_until.is_none_or(|t| Instant::now() >= t) {
+                    self.config_paused_until = None;
+                    self.subscribe_config();
                 }
                 Ok(Flow::Continue)
             }
@@ -436,6 +478,39 @@ impl Uplink {
         }
     }
 
+    fn subscribe_config(&mut self) {
+        if let Some(topic) = self.cfg.config_topic.clone() {
+            match self.publisher.subscribe(&topic) {
+                Ok(()) => self.config_subscribed = true,
+                Err(e) => {
+                    warn!(?e, topic = %topic, "could not subscribe to the configuration topic")
+                }
+            }
+        }
+    }
+
+    /// A packet over `max_packet_bytes` broke the connection. The only topic subscribed to is the
+    /// configuration's, and it is retained: subscribing again at once would bring it back and break
+    /// the next connection too. The next connections go without it for [`CONFIG_RESUBSCRIBE_AFTER`] and
+    /// the application is told (it reports a `config_rejected` event).
+    fn on_too_large(&mut self, bytes: usize) {
+        let max = self.cfg.max_packet_bytes;
+        warn!(
+            bytes,
+            max,
+            resubscribe_in_s = CONFIG_RESUBSCRIBE_AFTER.as_secs(),
+            "uplink: the broker sent a packet over max_packet_bytes; reconnecting without the configuration subscription"
+        );
+        self.config_paused_until = Some(Instant::now() + CONFIG_RESUBSCRIBE_AFTER);
+        if let Some(tx) = &self.cfg.inbound {
+            if tx.try_send(Inbound::TooLarge { bytes, max }).is_err() {
+                warn!(
+                    "oversized configuration notice dropped (the previous message is still being applied)"
+                );
+            }
+        }
+    }
+
     /// A message on the configuration topic: handed on, never waited for (the event loop is ours).
     fn on_message(&self, topic: &str, payload: Vec<u8>) {
         if self.cfg.config_topic.as_deref() != Some(topic) {
@@ -443,7 +518,7 @@ impl Uplink {
             return;
         }
         if let Some(tx) = &self.cfg.inbound {
-            if tx.try_send(payload).is_err() {
+            if tx.try_send(Inbound::Message(payload)).is_err() {
                 warn!(topic = %topic, "configuration message dropped (the previous one is still being applied)");
             }
         }
@@ -501,6 +576,16 @@ impl Uplink {
         self.read_ahead.clear();
         self.connection_generation = self.connection_generation.wrapping_add(1);
         self.maybe_more = true;
+        self.read_through = None;
+    }
+
+    /// The last seq dealt with in this connection: handed over, skipped, or known absent from the
+    /// journal by a short read. Records after it are the next to publish.
+    fn position(&self) -> Option<u64> {
+        match (self.window.cursor(), self.read_through) {
+            (Some(c), Some(r)) => Some(c.max(r)),
+            (c, r) => c.or(r),
+        }
     }
 
     /// Hands records to the client until the window is full or there are no more at hand, and starts a
@@ -538,7 +623,7 @@ impl Uplink {
             if self.maybe_more {
                 break;
             }
-            let taken = self.handoff.take(self.window.cursor(), room);
+            let taken = self.handoff.take(self.position(), room);
             if taken.read_journal {
                 self.maybe_more = true;
             }
@@ -557,19 +642,19 @@ impl Uplink {
         if self.read_job.is_some() || self.read_retry_at.is_some_and(|t| Instant::now() < t) {
             return;
         }
-        let after = self
-            .read_ahead
-            .back()
-            .map(|r| r.seq)
-            .or(self.window.cursor());
+        let after = self.read_ahead.back().map(|r| r.seq).or(self.position());
         let journal = Arc::clone(&self.journal);
         let handle = tokio::task::spawn_blocking(move || {
             let guard = journal
                 .lock()
                 .map_err(|_| UplinkError::JournalLockPoisoned)?;
-            guard
+            let records = guard
                 .pending(after, READ_AHEAD)
-                .map_err(UplinkError::Journal)
+                .map_err(UplinkError::Journal)?;
+            Ok(JournalRead {
+                records,
+                last_seq: guard.last_seq(),
+            })
         });
         self.read_job = Some(ReadJob {
             generation: self.connection_generation,
@@ -580,7 +665,7 @@ impl Uplink {
     /// The background read finished: keep what follows on from the records at hand.
     fn on_read_done(
         &mut self,
-        done: Result<Result<Vec<Record>, UplinkError>, tokio::task::JoinError>,
+        done: Result<Result<JournalRead, UplinkError>, tokio::task::JoinError>,
     ) -> Result<(), UplinkError> {
         let Some(job) = self.read_job.take() else {
             return Ok(());
@@ -591,15 +676,14 @@ impl Uplink {
             return Ok(());
         }
         match result {
-            Ok(records) => {
+            Ok(JournalRead { records, last_seq }) => {
+                // Where this read started, before `read_through` moves past what it returned.
+                let last = self.read_ahead.back().map(|r| r.seq).or(self.position());
                 if records.len() < READ_AHEAD {
                     self.maybe_more = false;
+                    self.read_through =
+                        Some(self.read_through.map_or(last_seq, |r| r.max(last_seq)));
                 }
-                let last = self
-                    .read_ahead
-                    .back()
-                    .map(|r| r.seq)
-                    .or(self.window.cursor());
                 self.read_ahead.extend(
                     records
                         .into_iter()
