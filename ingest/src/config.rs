@@ -23,7 +23,11 @@
 //!
 //! [rules]
 //! file = "/etc/phg/rules.toml"           # default: protocol's default rules (CLINICAL.md)
-//! window_interval_s = 3600               # how often time-based rules run (7-day BP average, adherence)
+//! window_interval_s = 3600               # how often window rules run (7-day BP average, adherence);
+//!                                        # confirmation timeouts and escalation fire at their deadlines
+//! notify_from = "ADVISORY"               # alert changes pushed one by one from this severity up; those
+//!                                        # below are stored and sent in a per-patient digest
+//! digest_interval_s = 604800             # the digest period (weekly; 0: no digest)
 //!
 //! [webhook]
 //! url = "https://crm.example/phg/alerts"
@@ -49,7 +53,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use protocol::rules::{PatientSettings, RuleSet};
+use protocol::rules::{PatientSettings, RuleSet, Severity};
 use serde::Deserialize;
 
 /// A configuration error: one line, naming the file and the key.
@@ -161,6 +165,8 @@ struct RawDatabase {
 struct RawRules {
     file: Option<PathBuf>,
     window_interval_s: u64,
+    notify_from: Severity,
+    digest_interval_s: u64,
 }
 
 impl Default for RawRules {
@@ -168,6 +174,8 @@ impl Default for RawRules {
         RawRules {
             file: None,
             window_interval_s: 3600,
+            notify_from: crate::evaluate::DEFAULT_NOTIFY_FROM,
+            digest_interval_s: 7 * 86_400,
         }
     }
 }
@@ -386,6 +394,11 @@ pub struct Config {
     pub rules: RuleSet,
     /// Window-rule interval.
     pub window_interval: Duration,
+    /// Alert changes are pushed one by one from this severity up (CLINICAL.md §4.1: INFO is "none or
+    /// weekly summary").
+    pub notify_from: Severity,
+    /// The digest period of the alerts below `notify_from`; `None`: no digest.
+    pub digest_interval: Option<Duration>,
     /// Webhook, if any.
     pub webhook: Option<WebhookConfig>,
     /// Outbox lease.
@@ -723,6 +736,9 @@ impl Config {
             database_ca_pem,
             rules,
             window_interval: Duration::from_secs(raw.rules.window_interval_s),
+            notify_from: raw.rules.notify_from,
+            digest_interval: (raw.rules.digest_interval_s > 0)
+                .then(|| Duration::from_secs(raw.rules.digest_interval_s)),
             webhook,
             lease: Duration::from_secs(raw.outbox.lease_s),
             poll: Duration::from_millis(raw.outbox.poll_ms),
