@@ -287,6 +287,9 @@ pub struct Counts {
     pub outbox_delivered: i64,
     /// Bad messages kept.
     pub bad_messages: i64,
+    /// Events queued for the sinks (alert changes at or above the push threshold, and digests); the
+    /// other alert events are stored only.
+    pub notified_events: i64,
 }
 
 /// The result of acknowledging an alert.

@@ -727,7 +727,8 @@ impl Store for PgStore {
                         (SELECT count(*) FROM alert_events),
                         (SELECT count(*) FROM outbox WHERE delivered_ms IS NULL),
                         (SELECT count(*) FROM outbox WHERE delivered_ms IS NOT NULL),
-                        (SELECT count(*) FROM bad_messages)",
+                        (SELECT count(*) FROM bad_messages),
+                        (SELECT count(DISTINCT event_id) FROM outbox)",
                 &[],
             )
             .await?;
@@ -738,6 +739,7 @@ impl Store for PgStore {
             outbox_pending: row.get(3),
             outbox_delivered: row.get(4),
             bad_messages: row.get(5),
+            notified_events: row.get(6),
         })
     }
 }

@@ -621,6 +621,7 @@ impl Store for SqliteStore {
                 outbox_pending: n("SELECT count(*) FROM outbox WHERE delivered_ms IS NULL")?,
                 outbox_delivered: n("SELECT count(*) FROM outbox WHERE delivered_ms IS NOT NULL")?,
                 bad_messages: n("SELECT count(*) FROM bad_messages")?,
+                notified_events: n("SELECT count(DISTINCT event_id) FROM outbox")?,
             })
         })
         .await
