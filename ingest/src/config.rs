@@ -757,6 +757,18 @@ mod tests {
         Config::parse(s, Path::new("ingest.toml")).map_err(|e| e.to_string())
     }
 
+    /// Issue 11 item 14: INFO is not pushed per change by default, and is digested weekly.
+    #[test]
+    fn alert_push_threshold_and_digest() {
+        let c = parse("").expect("defaults");
+        assert_eq!(c.notify_from, Severity::Advisory);
+        assert_eq!(c.digest_interval, Some(Duration::from_secs(7 * 86_400)));
+        let c = parse("[rules]\nnotify_from = \"INFO\"\ndigest_interval_s = 0\n").expect("valid");
+        assert_eq!((c.notify_from, c.digest_interval), (Severity::Info, None));
+        let e = parse("[rules]\nnotify_from = \"loud\"\n").expect_err("not a severity");
+        assert!(e.contains("line 2"), "{e}");
+    }
+
     #[test]
     fn empty_file_runs_on_defaults() {
         let c = parse("").expect("defaults");
