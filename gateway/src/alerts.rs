@@ -213,9 +213,16 @@ impl EdgeAlerts {
 
     /// Sleeps until the engine's next deadline or `window_at`, whichever is first, and says which. A
     /// reading that sets an earlier deadline meanwhile wakes it to sleep for that one instead; a
-    /// deadline already past is due at once (a reading downloaded after its confirmation window).
-    /// `now_utc` reads the wall clock the deadlines are on.
-    pub async fn wait_due(&self, window_at: Instant, now_utc: impl Fn() -> i64) -> Due {
+    /// deadline already past is due at once (a reading downloaded after its confirmation window), but
+    /// not before `not_before`: the caller spaces deadline passes (a download of old records sets one
+    /// past deadline per episode, and one pass a second handles them together). `now_utc` reads the
+    /// wall clock the deadlines are on.
+    pub async fn wait_due(
+        &self,
+        window_at: Instant,
+        not_before: Instant,
+        now_utc: impl Fn() -> i64,
+    ) -> Due {
         loop {
             // Registered before the deadline is read, so a reading in between still wakes us.
             let changed = self.changed.notified();
@@ -223,7 +230,9 @@ impl EdgeAlerts {
             changed.as_mut().enable();
             let deadline = self.next_deadline().and_then(|d| {
                 let wait = u64::try_from(d.saturating_sub(now_utc())).unwrap_or(0);
-                Instant::now().checked_add(std::time::Duration::from_secs(wait))
+                Instant::now()
+                    .checked_add(std::time::Duration::from_secs(wait))
+                    .map(|d| d.max(not_before))
             });
             let (at, due) = match deadline {
                 Some(d) if d <= window_at => (d, Due::Deadline),
@@ -501,7 +510,7 @@ mod tests {
         let window_at = Instant::now() + Duration::from_secs(3600);
         let waiter = tokio::spawn({
             let a = Arc::clone(&a);
-            async move { a.wait_due(window_at, now).await }
+            async move { a.wait_due(window_at, Instant::now(), now).await }
         });
         tokio::time::sleep(Duration::from_millis(200)).await;
         // Measured 15 min ago less a second: its window ends in a second, its timeout is due a

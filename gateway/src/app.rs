@@ -224,14 +224,20 @@ async fn alert_tick_task(
     shutdown: CancellationToken,
 ) {
     let mut window_at = tokio::time::Instant::now();
+    let mut not_before = window_at;
     loop {
         let due = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            due = alerts.wait_due(window_at, unix_now) => due,
+            due = alerts.wait_due(window_at, not_before, unix_now) => due,
         };
         let records = match due {
-            Due::Deadline => alerts.on_deadlines(unix_now()),
+            Due::Deadline => {
+                // At most one deadline pass a second: deadlines are whole seconds, and a burst of old
+                // records is handled in one pass.
+                not_before = tokio::time::Instant::now() + Duration::from_secs(1);
+                alerts.on_deadlines(unix_now())
+            }
             Due::Window => {
                 window_at = tokio::time::Instant::now() + every;
                 alerts.on_tick(unix_now())
