@@ -3,8 +3,15 @@
 //! Ingest is authoritative; the edge copy is for the kiosk's instant feedback and for the hours a home
 //! gateway is offline. After a reading is **accepted** (fsynced in the journal) the session evaluates it
 //! here; every [`AlertAction`] becomes a record on `…/alerts`, journaled like a reading and published by the
-//! uplink. A clock tick ([`EdgeAlerts::on_tick`]) confirms pending alerts whose repeat never came (a
-//! missing repeat never silences a critical or urgent alert, CLINICAL.md §4.2) and runs the window rules.
+//! uplink.
+//!
+//! Time drives two kinds of work. **Deadlines** — a pending alert whose repeat never came is raised
+//! anyway 15 minutes on (a missing repeat never silences a critical or urgent alert, CLINICAL.md §4.2),
+//! an unacknowledged CRITICAL/URGENT alert moves to the next tier (§4.3) — fire at their second:
+//! [`EdgeAlerts::wait_due`] sleeps until the engine's next deadline and wakes early when a reading
+//! changes it, then [`EdgeAlerts::on_deadlines`] runs them. **Window rules** (7-day average, trend,
+//! adherence) are about days and run on the `[alerts] tick_s` interval ([`EdgeAlerts::on_tick`], which
+//! runs the deadlines too). Issue 11 item 13: deadlines used to wait for that interval.
 //!
 //! Patient settings (profile, overrides with guard-rails) come from the CRM's configuration
 //! ([`EdgeAlerts::set_patients`]): all of them are validated before any is applied.
@@ -23,6 +30,8 @@ use protocol::rules::{
     AlertAction, Engine, EngineState, OverrideError, PatientSettings, ReadingInput, RuleSet,
 };
 use protocol::wire::{AlertMessage, Topics};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::journal::NewRecord;
 
@@ -33,6 +42,18 @@ pub struct EdgeAlerts {
     gateway_id: String,
     topics: Topics,
     state_file: Option<StateFile>,
+    /// Signalled after every reading: it may have set an earlier deadline than the one
+    /// [`EdgeAlerts::wait_due`] sleeps for.
+    changed: Notify,
+}
+
+/// What [`EdgeAlerts::wait_due`] woke up for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// A confirmation or acknowledgement deadline: call [`EdgeAlerts::on_deadlines`].
+    Deadline,
+    /// The window-rule interval: call [`EdgeAlerts::on_tick`].
+    Window,
 }
 
 /// Where the engine's state is kept between runs.
@@ -64,6 +85,7 @@ impl EdgeAlerts {
             gateway_id: gateway_id.to_owned(),
             topics,
             state_file: None,
+            changed: Notify::new(),
         })
     }
 
@@ -100,6 +122,7 @@ impl EdgeAlerts {
                 taken: AtomicU64::new(0),
                 written: Mutex::new(0),
             }),
+            changed: Notify::new(),
         })
     }
 
@@ -166,15 +189,70 @@ impl EdgeAlerts {
             (actions, snapshot)
         };
         self.save(snapshot);
+        // The reading may have opened a pending confirmation or an alert to acknowledge.
+        self.changed.notify_one();
         self.records(actions, now_utc)
     }
 
     /// Advances the engine's clock (confirmation timeouts, escalation, window rules); returns the alert
     /// records to journal.
     pub fn on_tick(&self, now_utc: i64) -> Vec<NewRecord> {
+        self.advance(now_utc, Engine::on_tick)
+    }
+
+    /// Runs the deadlines due at `now_utc` (confirmation timeouts, unacknowledged escalation) without
+    /// the window rules; returns the alert records to journal.
+    pub fn on_deadlines(&self, now_utc: i64) -> Vec<NewRecord> {
+        self.advance(now_utc, Engine::on_deadlines)
+    }
+
+    /// The engine's next deadline (Unix s), if anything waits for one.
+    pub fn next_deadline(&self) -> Option<i64> {
+        self.engine().next_deadline()
+    }
+
+    /// Sleeps until the engine's next deadline or `window_at`, whichever is first, and says which. A
+    /// reading that sets an earlier deadline meanwhile wakes it to sleep for that one instead; a
+    /// deadline already past is due at once (a reading downloaded after its confirmation window), but
+    /// not before `not_before`: the caller spaces deadline passes (a download of old records sets one
+    /// past deadline per episode, and one pass a second handles them together). `now_utc` reads the
+    /// wall clock the deadlines are on.
+    pub async fn wait_due(
+        &self,
+        window_at: Instant,
+        not_before: Instant,
+        now_utc: impl Fn() -> i64,
+    ) -> Due {
+        loop {
+            // Registered before the deadline is read, so a reading in between still wakes us.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let deadline = self.next_deadline().and_then(|d| {
+                let wait = u64::try_from(d.saturating_sub(now_utc())).unwrap_or(0);
+                Instant::now()
+                    .checked_add(std::time::Duration::from_secs(wait))
+                    .map(|d| d.max(not_before))
+            });
+            let (at, due) = match deadline {
+                Some(d) if d <= window_at => (d, Due::Deadline),
+                _ => (window_at, Due::Window),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => return due,
+                _ = &mut changed => {}
+            }
+        }
+    }
+
+    fn advance(
+        &self,
+        now_utc: i64,
+        step: impl FnOnce(&mut Engine, i64) -> Vec<AlertAction>,
+    ) -> Vec<NewRecord> {
         let (actions, snapshot) = {
             let mut engine = self.engine();
-            let actions = engine.on_tick(now_utc);
+            let actions = step(&mut engine, now_utc);
             // A tick that decided nothing changed nothing worth a write (at most some pruning).
             let snapshot = if actions.is_empty() {
                 None
@@ -418,6 +496,42 @@ mod tests {
             actions(&feed(&open(), "p-1", "r-3", T0 + 1200, &cuff(185, 125))),
             ["open"]
         );
+    }
+
+    /// Issue 11 item 13: a crisis reading with no repeat is raised when its 15-minute confirmation
+    /// window ends, not at the next window tick (an hour away here). The ticker sleeps before the
+    /// reading arrives, so this also shows the reading wakes it to sleep for the new deadline.
+    #[tokio::test]
+    async fn a_pending_confirmation_is_raised_at_its_deadline_not_at_the_window_tick() {
+        use std::sync::Arc;
+        use std::time::Duration;
+        let now = crate::sources::collector::now_utc;
+        let a = Arc::new(alerts(Vec::new()).expect("engine"));
+        let window_at = Instant::now() + Duration::from_secs(3600);
+        let waiter = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { a.wait_due(window_at, Instant::now(), now).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Measured 15 min ago less a second: its window ends in a second, its timeout is due a
+        // second later.
+        let measured = now() - 899;
+        let opened = feed(&a, "p-1", "r-1", measured, &cuff(185, 125));
+        assert_eq!(payload(&opened[0])["update"]["status"], "pending");
+        assert_eq!(a.next_deadline(), Some(measured + 901));
+        let due = tokio::time::timeout(Duration::from_secs(20), waiter)
+            .await
+            .expect("woken within seconds of the deadline, not at the window tick")
+            .expect("waiter");
+        assert_eq!(due, Due::Deadline);
+        assert!(now() >= measured + 901, "not before the deadline");
+        let raised = a.on_deadlines(now());
+        assert_eq!(raised.len(), 1);
+        let v = payload(&raised[0]);
+        assert_eq!(v["update"]["action"], "confirm", "{v}");
+        assert_eq!(v["update"]["by"], "timeout", "{v}");
+        // With nothing waiting, the window tick is what comes next.
+        assert_eq!(a.next_deadline().map(|d| d > now() + 3600), Some(true));
     }
 
     #[test]

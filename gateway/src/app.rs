@@ -14,7 +14,7 @@ use protocol::wire::{StatusMessage, Topics};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::alerts::EdgeAlerts;
+use crate::alerts::{Due, EdgeAlerts};
 use crate::config::{Config, SimKind, SimulatedSection};
 use crate::journal::NewRecord;
 use crate::journal::{Journal, JournalConfig, Recovery};
@@ -217,25 +217,39 @@ async fn journal_records(pipeline: &Pipeline, records: Vec<NewRecord>, what: &st
 }
 
 /// Advances the edge alert engine's clock: confirmation timeouts (a missing repeat never silences a
-/// critical or urgent alert), unacknowledged escalation, window rules.
+/// critical or urgent alert) and unacknowledged escalation at their deadlines, window rules every
+/// `every` (the first at once).
 async fn alert_tick_task(
     alerts: Arc<EdgeAlerts>,
     pipeline: Pipeline,
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut window_at = tokio::time::Instant::now();
+    let mut not_before = window_at;
     loop {
-        tokio::select! {
+        let due = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {
-                let records = alerts.on_tick(unix_now());
-                let n = journal_records(&pipeline, records, "alert").await;
-                pipeline.counters.alerts.fetch_add(n as u64, Ordering::Relaxed);
+            due = alerts.wait_due(window_at, not_before, unix_now) => due,
+        };
+        let records = match due {
+            Due::Deadline => {
+                // At most one deadline pass a second: deadlines are whole seconds, and a burst of old
+                // records is handled in one pass.
+                not_before = tokio::time::Instant::now() + Duration::from_secs(1);
+                alerts.on_deadlines(unix_now())
             }
-        }
+            Due::Window => {
+                window_at = tokio::time::Instant::now() + every;
+                alerts.on_tick(unix_now())
+            }
+        };
+        let n = journal_records(&pipeline, records, "alert").await;
+        pipeline
+            .counters
+            .alerts
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 

@@ -175,7 +175,8 @@ pub struct AlertsSection {
     pub enabled: bool,
     /// A rule file (TOML, the format of `protocol`'s default rules); absent: the built-in CLINICAL.md rules.
     pub rules_file: Option<PathBuf>,
-    /// How often the engine's clock advances (confirmation timeouts, window rules), seconds.
+    /// How often the window rules (7-day average, trend, adherence) run, seconds. Confirmation timeouts
+    /// and unacknowledged escalation do not wait for it: they fire at their deadlines.
     #[serde(default = "default_tick_s")]
     pub tick_s: u64,
     /// Where the engine keeps its state (open episodes, pending confirmations, the readings window rules

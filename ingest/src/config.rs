@@ -28,7 +28,11 @@
 //!
 //! [rules]
 //! file = "/etc/phg/rules.toml"           # default: protocol's default rules (CLINICAL.md)
-//! window_interval_s = 3600               # how often time-based rules run (7-day BP average, adherence)
+//! window_interval_s = 3600               # how often window rules run (7-day BP average, adherence);
+//!                                        # confirmation timeouts and escalation fire at their deadlines
+//! notify_from = "ADVISORY"               # alert changes pushed one by one from this severity up; those
+//!                                        # below are stored and sent in a per-patient digest
+//! digest_interval_s = 604800             # the digest period (weekly; 0: no digest)
 //!
 //! [webhook]
 //! url = "https://crm.example/phg/alerts"   # http:// only to loopback, unless allow_plaintext = true
@@ -55,7 +59,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use protocol::rules::{PatientSettings, RuleSet};
+use protocol::rules::{PatientSettings, RuleSet, Severity};
 use serde::Deserialize;
 use sha2::Digest;
 
@@ -178,6 +182,8 @@ struct RawDatabase {
 struct RawRules {
     file: Option<PathBuf>,
     window_interval_s: u64,
+    notify_from: Severity,
+    digest_interval_s: u64,
 }
 
 impl Default for RawRules {
@@ -185,6 +191,8 @@ impl Default for RawRules {
         RawRules {
             file: None,
             window_interval_s: 3600,
+            notify_from: crate::evaluate::DEFAULT_NOTIFY_FROM,
+            digest_interval_s: 7 * 86_400,
         }
     }
 }
@@ -417,6 +425,11 @@ pub struct Config {
     pub rules: RuleSet,
     /// Window-rule interval.
     pub window_interval: Duration,
+    /// Alert changes are pushed one by one from this severity up (CLINICAL.md §4.1: INFO is "none or
+    /// weekly summary").
+    pub notify_from: Severity,
+    /// The digest period of the alerts below `notify_from`; `None`: no digest.
+    pub digest_interval: Option<Duration>,
     /// Webhook, if any.
     pub webhook: Option<WebhookConfig>,
     /// Outbox lease.
@@ -849,6 +862,9 @@ impl Config {
             database_ca_pem,
             rules,
             window_interval: Duration::from_secs(raw.rules.window_interval_s),
+            notify_from: raw.rules.notify_from,
+            digest_interval: (raw.rules.digest_interval_s > 0)
+                .then(|| Duration::from_secs(raw.rules.digest_interval_s)),
             webhook,
             lease: Duration::from_secs(raw.outbox.lease_s),
             poll: Duration::from_millis(raw.outbox.poll_ms),
@@ -865,6 +881,18 @@ mod tests {
 
     fn parse(s: &str) -> Result<Config, String> {
         Config::parse(s, Path::new("ingest.toml")).map_err(|e| e.to_string())
+    }
+
+    /// Issue 11 item 14: INFO is not pushed per change by default, and is digested weekly.
+    #[test]
+    fn alert_push_threshold_and_digest() {
+        let c = parse("").expect("defaults");
+        assert_eq!(c.notify_from, Severity::Advisory);
+        assert_eq!(c.digest_interval, Some(Duration::from_secs(7 * 86_400)));
+        let c = parse("[rules]\nnotify_from = \"INFO\"\ndigest_interval_s = 0\n").expect("valid");
+        assert_eq!((c.notify_from, c.digest_interval), (Severity::Info, None));
+        let e = parse("[rules]\nnotify_from = \"loud\"\n").expect_err("not a severity");
+        assert!(e.contains("line 2"), "{e}");
     }
 
     #[test]

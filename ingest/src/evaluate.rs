@@ -10,14 +10,20 @@
 //! (the unique reading id) evaluates it.
 //!
 //! The engine's [`EngineState`] is one map over patients; each patient's part is stored on its own row as
-//! JSON (the `patients.{id}` member of the state's serde form).
+//! JSON (the `patients.{id}` member of the state's serde form), beside the patient's next deadline
+//! ([`NewState::next_deadline_utc`]): the time a pending confirmation is raised anyway or an
+//! unacknowledged alert moves to the next tier. The service's clock sleeps until the earliest stored
+//! deadline (any instance's) and runs [`Evaluator::on_deadlines`] for the patients due, so those fire at
+//! their second rather than at the window-rule interval (issue 11 item 13).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError, RwLock};
 
+use tokio::sync::Notify;
+
 use protocol::rules::{
     Alert, AlertAction, Engine, EngineState, OverrideError, PatientSettings, ReadingInput, RuleSet,
-    Symptoms,
+    Severity, Symptoms,
 };
 use protocol::wire::ReadingMessage;
 use serde::Serialize;
@@ -28,6 +34,13 @@ use crate::convert::EngineReading;
 
 /// The schema of an alert notice (webhook body and MQTT payload).
 pub const ALERT_NOTICE_SCHEMA: &str = "phg.ingest.alert/1";
+
+/// The schema of a digest notice: one patient's alerts below the push threshold over a period.
+pub const DIGEST_NOTICE_SCHEMA: &str = "phg.ingest.digest/1";
+
+/// The least severity pushed per change by default (CLINICAL.md §4.1: INFO is "none or weekly
+/// summary"; §4.4: no per-reading notifications for mild excursions; issue 11 item 14).
+pub const DEFAULT_NOTIFY_FROM: Severity = Severity::Advisory;
 
 /// Where an alert notice goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,8 +64,9 @@ impl Sink {
 /// An evaluation failure (the transaction is rolled back and the messages are not acknowledged).
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    /// A stored state row is not the engine's state (written by an incompatible version).
-    #[error("patient state of {patient} is unreadable: {source}")]
+    /// A stored state row is not the engine's state (written by an incompatible version). The message
+    /// leaves the patient out: it is logged at ERROR (issue 11 item 9).
+    #[error("a patient's stored alert state is unreadable: {source}")]
     State {
         /// The patient.
         patient: String,
@@ -62,6 +76,16 @@ pub enum EvalError {
     /// The patient's settings were rejected by the guard-rails.
     #[error("{0}")]
     Override(Box<OverrideError>),
+}
+
+/// A patient's engine state after an evaluation, to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewState {
+    /// The state (the `patient_state.state` column).
+    pub json: String,
+    /// When time alone next changes it (Unix s; the `patient_state.next_deadline_utc` column): a
+    /// pending confirmation's timeout or an acknowledgement deadline. `None` when nothing waits.
+    pub next_deadline_utc: Option<i64>,
 }
 
 /// One alert change to write: the alert row, its event, the outbox rows.
@@ -77,6 +101,9 @@ pub struct AlertWrite {
     pub event_id: String,
     /// The notice delivered to every sink.
     pub notice: String,
+    /// `false`: stored (alerts, alert_events) but not pushed to the sinks one by one; it reaches the
+    /// care team in the patient's digest instead ([`Evaluator::notify_from`]).
+    pub notify: bool,
 }
 
 /// The alert notice: what the webhook and the MQTT alerts topic carry.
@@ -99,11 +126,18 @@ pub struct Evaluator {
     /// Validated settings by patient. A `std` lock: held for a clone, never across an await.
     patients: RwLock<HashMap<String, PatientSettings>>,
     sinks: Vec<Sink>,
+    notify_from: Severity,
     /// The engine last used per patient, with the state it left behind. Reused only when the stored
     /// state is exactly that string (so another instance's change, or a rolled-back transaction, is
     /// never missed); it saves rebuilding the rules and parsing the state for every reading. A `std`
     /// lock, held only to take or put an entry.
     cache: Mutex<HashMap<String, (String, Engine)>>,
+    /// The earliest deadline this instance's evaluations set since the clock last looked
+    /// ([`Evaluator::take_deadline_hint`]), and a signal to wake the clock for it. A hint, not the truth:
+    /// the transaction that set it may still be open or roll back; the clock runs whatever the
+    /// database says is due when the time comes. A `std` lock, held to read or replace one number.
+    hint: Mutex<Option<i64>>,
+    changed: Notify,
 }
 
 /// Engines kept at most (the cache is emptied when full).
@@ -116,13 +150,61 @@ impl Evaluator {
             rules,
             patients: RwLock::new(HashMap::new()),
             sinks,
+            notify_from: DEFAULT_NOTIFY_FROM,
             cache: Mutex::new(HashMap::new()),
+            hint: Mutex::new(None),
+            changed: Notify::new(),
         }
     }
 
-    /// The sinks every alert event is queued for.
+    /// The earliest deadline evaluations set since the last call (and forgets it).
+    pub fn take_deadline_hint(&self) -> Option<i64> {
+        self.hint
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// Completes when an evaluation set a deadline after the last [`Evaluator::take_deadline_hint`]
+    /// (at once if one did since the last wait).
+    pub async fn deadline_set(&self) {
+        self.changed.notified().await;
+    }
+
+    fn new_state(&self, engine: Engine, patient: &str) -> Result<NewState, EvalError> {
+        let json = Self::state_of(&engine, patient)?;
+        let next_deadline_utc = engine.next_deadline();
+        if let Some(d) = next_deadline_utc {
+            let mut hint = self.hint.lock().unwrap_or_else(PoisonError::into_inner);
+            if hint.is_none_or(|h| d < h) {
+                *hint = Some(d);
+                drop(hint);
+                // `notify_one` keeps a permit when the clock is not waiting yet: the hint is not lost.
+                self.changed.notify_one();
+            }
+        }
+        self.keep(patient, &json, engine);
+        Ok(NewState {
+            json,
+            next_deadline_utc,
+        })
+    }
+
+    /// The sinks every notified alert event (and every digest) is queued for.
     pub fn sinks(&self) -> &[Sink] {
         &self.sinks
+    }
+
+    /// Pushes alert changes one by one from `severity` up ([`DEFAULT_NOTIFY_FROM`] unless set); those
+    /// below are stored and summarised in digests.
+    pub fn with_notify_from(mut self, severity: Severity) -> Evaluator {
+        self.notify_from = severity;
+        self
+    }
+
+    /// The least severity pushed per change.
+    pub fn notify_from(&self) -> Severity {
+        self.notify_from
     }
 
     /// The rules.
@@ -223,7 +305,7 @@ impl Evaluator {
         state: Option<&str>,
         msg: &ReadingMessage,
         reading: &EngineReading,
-    ) -> Result<(String, Vec<AlertWrite>), EvalError> {
+    ) -> Result<(NewState, Vec<AlertWrite>), EvalError> {
         let (state, mut writes) = self.on_readings(&msg.patient, state, &[(msg, reading)])?;
         Ok((state, writes.pop().unwrap_or_default()))
     }
@@ -239,7 +321,7 @@ impl Evaluator {
         patient: &str,
         state: Option<&str>,
         readings: &[(&ReadingMessage, &EngineReading)],
-    ) -> Result<(String, Vec<Vec<AlertWrite>>), EvalError> {
+    ) -> Result<(NewState, Vec<Vec<AlertWrite>>), EvalError> {
         let mut engine = self.engine(patient, state)?;
         let mut out = Vec::with_capacity(readings.len());
         for (msg, reading) in readings {
@@ -251,11 +333,9 @@ impl Evaluator {
                 verdict: &reading.verdict,
                 symptoms: Symptoms::NONE,
             });
-            out.push(writes(&actions)?);
+            out.push(writes(&actions, self.notify_from)?);
         }
-        let new_state = Self::state_of(&engine, patient)?;
-        self.keep(patient, &new_state, engine);
-        Ok((new_state, out))
+        Ok((self.new_state(engine, patient)?, out))
     }
 
     /// Time passes for one patient (confirmation timeouts, escalation, window rules, adherence).
@@ -267,16 +347,40 @@ impl Evaluator {
         patient: &str,
         state: Option<&str>,
         now_utc: i64,
-    ) -> Result<(String, Vec<AlertWrite>), EvalError> {
+    ) -> Result<(NewState, Vec<AlertWrite>), EvalError> {
+        self.advance(patient, state, now_utc, Engine::on_tick)
+    }
+
+    /// A patient's deadlines due at `now_utc` (confirmation timeouts, unacknowledged escalation),
+    /// without the window rules.
+    ///
+    /// # Errors
+    /// As [`Self::on_reading`].
+    pub fn on_deadlines(
+        &self,
+        patient: &str,
+        state: Option<&str>,
+        now_utc: i64,
+    ) -> Result<(NewState, Vec<AlertWrite>), EvalError> {
+        self.advance(patient, state, now_utc, Engine::on_deadlines)
+    }
+
+    fn advance(
+        &self,
+        patient: &str,
+        state: Option<&str>,
+        now_utc: i64,
+        step: impl FnOnce(&mut Engine, i64) -> Vec<AlertAction>,
+    ) -> Result<(NewState, Vec<AlertWrite>), EvalError> {
         let mut engine = self.engine(patient, state)?;
-        let actions: Vec<AlertAction> = engine
-            .on_tick(now_utc)
+        let actions: Vec<AlertAction> = step(&mut engine, now_utc)
             .into_iter()
             .filter(|a| a.alert().patient == patient)
             .collect();
-        let new_state = Self::state_of(&engine, patient)?;
-        self.keep(patient, &new_state, engine);
-        Ok((new_state, writes(&actions)?))
+        Ok((
+            self.new_state(engine, patient)?,
+            writes(&actions, self.notify_from)?,
+        ))
     }
 
     /// Marks an alert acknowledged in the patient's state (stops its unacknowledged escalation).
@@ -289,12 +393,10 @@ impl Evaluator {
         patient: &str,
         state: Option<&str>,
         alert_id: &str,
-    ) -> Result<(String, bool), EvalError> {
+    ) -> Result<(NewState, bool), EvalError> {
         let mut engine = self.engine(patient, state)?;
         let open = engine.acknowledge(patient, alert_id);
-        let new_state = Self::state_of(&engine, patient)?;
-        self.keep(patient, &new_state, engine);
-        Ok((new_state, open))
+        Ok((self.new_state(engine, patient)?, open))
     }
 }
 
@@ -326,7 +428,17 @@ fn event_id(alert: &Alert, action: &str) -> String {
     protocol::wire::to_hex(h.finalize().get(..16).unwrap_or_default())
 }
 
-fn writes(actions: &[AlertAction]) -> Result<Vec<AlertWrite>, EvalError> {
+/// Whether a change is pushed on its own: the alert is at least `from`, or it was before (a pending
+/// URGENT downgraded to INFO by an in-range repeat is news to whoever saw it open).
+fn notified(action: &AlertAction, from: Severity) -> bool {
+    let before = match action {
+        AlertAction::Downgrade { from: f, .. } => Some(*f),
+        _ => None,
+    };
+    action.alert().severity >= from || before.is_some_and(|b| b >= from)
+}
+
+fn writes(actions: &[AlertAction], notify_from: Severity) -> Result<Vec<AlertWrite>, EvalError> {
     let err = |e| EvalError::State {
         patient: String::new(),
         source: e,
@@ -364,7 +476,77 @@ fn writes(actions: &[AlertAction]) -> Result<Vec<AlertWrite>, EvalError> {
                 action,
                 event_id,
                 notice,
+                notify: notified(a, notify_from),
             })
         })
         .collect()
+}
+
+/// One line of a digest: a rule's alerts below the push threshold in the period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DigestItem {
+    /// The rule.
+    pub rule_id: String,
+    /// Its severity (as stored).
+    pub severity: String,
+    /// Alerts (episodes) changed in the period.
+    pub alerts: i64,
+    /// The first one opened at (Unix s).
+    pub first_utc: i64,
+    /// The last change at (Unix s).
+    pub last_utc: i64,
+}
+
+#[derive(Debug, Serialize)]
+struct DigestNotice<'a> {
+    schema: &'static str,
+    event_id: &'a str,
+    action: &'static str,
+    patient: &'a str,
+    /// The period, `[from_utc, to_utc)`, Unix s.
+    from_utc: i64,
+    to_utc: i64,
+    items: &'a [DigestItem],
+}
+
+/// A patient's digest for `[from_utc, to_utc)`: (event id, notice). The id is deterministic, so every
+/// instance and every retry of the same period writes one event.
+///
+/// # Errors
+/// When the notice cannot be serialised.
+pub fn digest_notice(
+    patient: &str,
+    from_utc: i64,
+    to_utc: i64,
+    items: &[DigestItem],
+) -> Result<(String, String), serde_json::Error> {
+    let mut h = Sha256::new();
+    for part in [
+        "digest",
+        patient,
+        &from_utc.to_string(),
+        &to_utc.to_string(),
+    ] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    let event_id = protocol::wire::to_hex(h.finalize().get(..16).unwrap_or_default());
+    let notice = serde_json::to_string(&DigestNotice {
+        schema: DIGEST_NOTICE_SCHEMA,
+        event_id: &event_id,
+        action: "digest",
+        patient,
+        from_utc,
+        to_utc,
+        items,
+    })?;
+    Ok((event_id, notice))
+}
+
+/// The digest period that ended last at or before `now_utc`: `[end − every, end)`, periods aligned to
+/// multiples of `every` since the Unix epoch (UTC).
+pub fn last_digest_period(now_utc: i64, every_s: i64) -> (i64, i64) {
+    let every = every_s.max(1);
+    let end = now_utc - now_utc.rem_euclid(every);
+    (end - every, end)
 }

@@ -3,7 +3,7 @@
 //! ```text
 //! broker ──$share QoS1──▶ event loop ──▶ (bounded channel) ──▶ storer: one transaction per batch ──▶ PUBACKs
 //!                                                                      │ readings, engine state, alerts, outbox
-//! ticker (every window_interval): time-based rules ───────────────────┤
+//! clock (window rules every window_interval; deadlines at their second) ┤
 //! outbox deliverers: webhook (HMAC), MQTT alerts topic ◀──────────────┘
 //! API (axum): readings, alerts, acknowledgement
 //! ```
@@ -110,7 +110,7 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
     if cfg.webhook.is_some() {
         sinks.push(Sink::Webhook);
     }
-    let ev = Arc::new(Evaluator::new(cfg.rules.clone(), sinks));
+    let ev = Arc::new(Evaluator::new(cfg.rules.clone(), sinks).with_notify_from(cfg.notify_from));
     for p in &cfg.patients {
         let json = serde_json::to_string(p).map_err(|e| RunError::Settings(e.to_string()))?;
         store.put_patient(&p.patient, &json, now_ms()).await?;
@@ -170,28 +170,14 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
         token.clone(),
     ));
 
-    // Time-based rules and settings refresh.
-    {
-        let (store, ev, token) = (store.clone(), Arc::clone(&ev), token.clone());
-        let every = cfg.window_interval;
-        tasks.spawn(async move {
-            let mut interval = tokio::time::interval(every);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = interval.tick() => {}
-                }
-                if let Err(e) = load_patients(&store, &ev).await {
-                    tracing::warn!(error = %e, "patient settings refresh failed");
-                }
-                match store.tick(Arc::clone(&ev), now_ms() / 1000).await {
-                    Ok(n) => tracing::info!(alert_events = n, "time-based rules evaluated"),
-                    Err(e) => tracing::warn!(error = %e, "time-based rules failed"),
-                }
-            }
-        });
-    }
+    // Time-based rules, deadlines and settings refresh.
+    tasks.spawn(clock(
+        store.clone(),
+        Arc::clone(&ev),
+        cfg.window_interval,
+        cfg.digest_interval,
+        token.clone(),
+    ));
 
     // Outbox deliverers.
     tasks.spawn(run_mqtt(
@@ -226,6 +212,104 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
         evaluator: ev,
         api_addr,
     })
+}
+
+/// How often the clock looks at the database's earliest deadline even when nothing woke it: a deadline
+/// set by another instance (which then died) is run within this long of its time.
+const DEADLINE_RECHECK: Duration = Duration::from_secs(15);
+
+/// The clock: window rules (and a settings refresh) every `every`, the first at once; deadlines
+/// (confirmation timeouts, unacknowledged escalation) at their second (issue 11 item 13).
+///
+/// It sleeps until the earliest of: the next window tick, the earliest deadline stored in the database
+/// (whichever instance set it), [`DEADLINE_RECHECK`] from now. An evaluation on this instance that sets
+/// an earlier deadline wakes it ([`Evaluator::deadline_set`]). When a deadline's time comes it runs the
+/// deadlines of every patient due ([`Store::deadlines`]); running them twice (two instances) changes
+/// nothing (deterministic event ids).
+async fn clock(
+    store: AnyStore,
+    ev: Arc<Evaluator>,
+    every: Duration,
+    digest_every: Option<Duration>,
+    token: CancellationToken,
+) {
+    use tokio::time::Instant;
+    let mut window_at = Instant::now();
+    // After a failed or fruitless pass, not again within a second (a state that cannot be read would
+    // otherwise stay due and spin).
+    let mut not_before = Instant::now();
+    loop {
+        let now_s = now_ms() / 1000;
+        let hint = ev.take_deadline_hint();
+        let stored = match store.next_deadline().await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the next deadline failed");
+                None
+            }
+        };
+        let next = match (hint, stored) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let deadline_at = next.map(|d| {
+            let wait = Duration::from_secs(u64::try_from(d.saturating_sub(now_s)).unwrap_or(0));
+            Instant::now()
+                .checked_add(wait)
+                .unwrap_or(window_at)
+                .max(not_before)
+        });
+        let recheck_at = Instant::now() + DEADLINE_RECHECK;
+        let at = [Some(window_at), deadline_at, Some(recheck_at)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(window_at);
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep_until(at) => {}
+            // A new deadline on this instance: look again.
+            _ = ev.deadline_set() => continue,
+        }
+        let now = Instant::now();
+        if now >= window_at {
+            window_at = now + every;
+            if let Err(e) = load_patients(&store, &ev).await {
+                tracing::warn!(error = %e, "patient settings refresh failed");
+            }
+            // The window pass runs the deadlines too.
+            match store.tick(Arc::clone(&ev), now_ms() / 1000).await {
+                Ok(n) => tracing::info!(alert_events = n, "time-based rules evaluated"),
+                Err(e) => tracing::warn!(error = %e, "time-based rules failed"),
+            }
+            if let Some(d) = digest_every {
+                digest(&store, &ev, d).await;
+            }
+        } else if deadline_at.is_some_and(|d| now >= d) {
+            match store.deadlines(Arc::clone(&ev), now_ms() / 1000).await {
+                Ok(n) => tracing::info!(alert_events = n, "alert deadlines run"),
+                Err(e) => tracing::warn!(error = %e, "alert deadlines failed"),
+            }
+            not_before = now + Duration::from_secs(1);
+        }
+    }
+}
+
+/// Writes the digests of the last completed period (idempotent: each pass after the period ends tries,
+/// the first to commit writes them). Alerts below [`Evaluator::notify_from`] reach the care team only
+/// this way (CLINICAL.md §4.1: INFO "shown in weekly report"; issue 11 item 14).
+async fn digest(store: &AnyStore, ev: &Evaluator, every: Duration) {
+    let now = now_ms();
+    let every_s = i64::try_from(every.as_secs()).unwrap_or(i64::MAX);
+    let (from, to) = crate::evaluate::last_digest_period(now / 1000, every_s);
+    match store
+        .digest(from, to, ev.notify_from(), ev.sinks().to_vec(), now)
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(digests = n, "alert digests written"),
+        Err(e) => tracing::warn!(error = %e, "alert digests failed"),
+    }
 }
 
 /// Runs until `shutdown` completes.

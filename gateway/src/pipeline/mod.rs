@@ -355,7 +355,9 @@ impl SessionSink {
         };
         let records = alerts.on_reading(&input, crate::sources::collector::now_utc());
         if !records.is_empty() {
-            tracing::info!(patient = %e.patient, alerts = records.len(), "edge alert decisions");
+            // Patient ids stay out of INFO lines (issue 11 item 9): the count here, the id at DEBUG.
+            tracing::info!(alerts = records.len(), "edge alert decisions");
+            tracing::debug!(patient = %e.patient, alerts = records.len(), "edge alert decisions for a patient");
         }
         self.alerts_due.extend(records);
     }

@@ -20,7 +20,8 @@
 //! # Tables
 //!
 //! `readings` (id, patient, gateway, kind, time_utc, received_utc, stored_ms, instance, payload,
-//! eval_error), `patient_state` (the engine state per patient, JSON), `patient_settings` (profile and
+//! eval_error), `patient_state` (the engine state per patient, JSON, and its next deadline: see
+//! [`crate::evaluate`]), `patient_settings` (profile and
 //! overrides, JSON), `alerts` (one row per episode, latest state), `alert_events` (every transition),
 //! `outbox` (event × sink, with attempts, next attempt, lease, delivered time), `gateway_events` (the
 //! gateways' `…/events` messages), `bad_messages` (payloads that did not parse, kept for inspection).
@@ -33,7 +34,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::convert::{ConvertError, EngineReading, engine_reading};
-use crate::evaluate::{EvalError, Evaluator, Sink};
+use crate::evaluate::{DigestItem, EvalError, Evaluator, Sink, digest_notice};
+use protocol::rules::Severity;
 
 mod postgres;
 mod sqlite;
@@ -395,6 +397,9 @@ pub struct Counts {
     pub outbox_delivered: i64,
     /// Bad messages kept.
     pub bad_messages: i64,
+    /// Events queued for the sinks (alert changes at or above the push threshold, and digests); the
+    /// other alert events are stored only.
+    pub notified_events: i64,
 }
 
 /// The result of acknowledging an alert.
@@ -426,6 +431,29 @@ pub trait Store: Send + Sync + 'static {
         ev: Arc<Evaluator>,
         now_utc: i64,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Runs the deadlines (confirmation timeouts, unacknowledged escalation) of the patients whose
+    /// stored next deadline is at or before `now_utc`; returns the alert events written.
+    fn deadlines(
+        &self,
+        ev: Arc<Evaluator>,
+        now_utc: i64,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Writes each patient's digest of `[from_utc, to_utc)`: the alerts changed in the period whose
+    /// severity is below `below` (not pushed one by one), per rule, as one event queued for `sinks`.
+    /// Idempotent per patient and period (deterministic event id); returns the digests written.
+    fn digest(
+        &self,
+        from_utc: i64,
+        to_utc: i64,
+        below: Severity,
+        sinks: Vec<Sink>,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// The earliest stored next deadline of any patient (whichever instance evaluated it).
+    fn next_deadline(&self) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
 
     /// Claims up to `limit` due, undelivered rows of `sink` for `owner` until `lease_until_ms`.
     fn claim(
@@ -575,6 +603,22 @@ impl Store for AnyStore {
     async fn tick(&self, ev: Arc<Evaluator>, now_utc: i64) -> Result<usize, StoreError> {
         delegate!(self, s => s.tick(ev, now_utc))
     }
+    async fn deadlines(&self, ev: Arc<Evaluator>, now_utc: i64) -> Result<usize, StoreError> {
+        delegate!(self, s => s.deadlines(ev, now_utc))
+    }
+    async fn next_deadline(&self) -> Result<Option<i64>, StoreError> {
+        delegate!(self, s => s.next_deadline())
+    }
+    async fn digest(
+        &self,
+        from_utc: i64,
+        to_utc: i64,
+        below: Severity,
+        sinks: Vec<Sink>,
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        delegate!(self, s => s.digest(from_utc, to_utc, below, sinks, now_ms))
+    }
     async fn claim(
         &self,
         sink: Sink,
@@ -634,6 +678,54 @@ impl Store for AnyStore {
     }
 }
 
+/// The stored severity names below `from`.
+pub(crate) fn severities_below(from: Severity) -> Vec<&'static str> {
+    [
+        Severity::Info,
+        Severity::Advisory,
+        Severity::Urgent,
+        Severity::Critical,
+    ]
+    .into_iter()
+    .filter(|s| *s < from)
+    .map(Severity::name)
+    .collect()
+}
+
+/// A period's digest rows `(patient, item)`, sorted by patient, as one event per patient:
+/// `(digest id, event id, notice)`.
+pub(crate) fn digests(
+    rows: Vec<(String, DigestItem)>,
+    from_utc: i64,
+    to_utc: i64,
+) -> Result<Vec<(String, String, String)>, StoreError> {
+    let mut out = Vec::new();
+    let mut rows = rows.into_iter().peekable();
+    while let Some((patient, first)) = rows.next() {
+        let mut items = vec![first];
+        while let Some((_, item)) = rows.next_if(|(p, _)| *p == patient) {
+            items.push(item);
+        }
+        let (event_id, notice) = digest_notice(&patient, from_utc, to_utc, &items)?;
+        out.push((format!("digest/{patient}/{to_utc}"), event_id, notice));
+    }
+    Ok(out)
+}
+
+/// What a clock pass runs per patient: [`Evaluator::on_tick`] or [`Evaluator::on_deadlines`].
+pub(crate) type Step =
+    fn(
+        &Evaluator,
+        &str,
+        Option<&str>,
+        i64,
+    ) -> Result<(crate::evaluate::NewState, Vec<crate::evaluate::AlertWrite>), EvalError>;
+
+/// Run after [`schema`] and after a database created before `patient_state.next_deadline_utc` existed
+/// has had the column added (each backend's dialect for that).
+pub(crate) const DEADLINE_INDEX: &str =
+    "CREATE INDEX IF NOT EXISTS patient_state_deadline ON patient_state (next_deadline_utc)";
+
 /// The schema, shared by both backends except for the outbox sequence column type.
 pub(crate) fn schema(seq_type: &str) -> String {
     format!(
@@ -653,7 +745,8 @@ pub(crate) fn schema(seq_type: &str) -> String {
         CREATE TABLE IF NOT EXISTS patient_state (
             patient TEXT PRIMARY KEY,
             state TEXT NOT NULL,
-            updated_ms BIGINT NOT NULL
+            updated_ms BIGINT NOT NULL,
+            next_deadline_utc BIGINT
         );
         CREATE TABLE IF NOT EXISTS patient_settings (
             patient TEXT PRIMARY KEY,

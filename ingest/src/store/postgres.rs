@@ -21,11 +21,12 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 type P<'a> = dyn ToSql + Sync + 'a;
 
 use super::{
-    AckResult, AlertRow, BadRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, Store,
-    StoreError, Stored, prepare, schema, sqlite::kind_name,
+    AckResult, AlertRow, BadRow, Counts, DEADLINE_INDEX, Inbound, OutboxItem, Prepared, ReadingRow,
+    Step, Store, StoreError, Stored, digests, prepare, schema, severities_below, sqlite::kind_name,
 };
 use crate::convert::EngineReading;
-use crate::evaluate::{AlertWrite, Evaluator, Sink};
+use crate::evaluate::{AlertWrite, DigestItem, Evaluator, NewState, Sink};
+use protocol::rules::Severity;
 use protocol::wire::ReadingMessage;
 
 /// The PostgreSQL store (cheap to clone).
@@ -128,7 +129,14 @@ impl PgStore {
         writer
             .execute("SELECT pg_advisory_lock(728374)", &[])
             .await?;
-        let migrated = writer.batch_execute(&schema("BIGSERIAL PRIMARY KEY")).await;
+        let migrated = writer
+            .batch_execute(&format!(
+                "{};
+                 ALTER TABLE patient_state ADD COLUMN IF NOT EXISTS next_deadline_utc BIGINT;
+                 {DEADLINE_INDEX};",
+                schema("BIGSERIAL PRIMARY KEY")
+            ))
+            .await;
         writer
             .execute("SELECT pg_advisory_unlock(728374)", &[])
             .await?;
@@ -140,6 +148,33 @@ impl PgStore {
             writer: Arc::new(Mutex::new(writer)),
             reader: Arc::new(Mutex::new(reader)),
         })
+    }
+
+    /// Runs `step` at `now_utc` for each patient `select` (with `params`) lists, one transaction each.
+    async fn pass(
+        &self,
+        select: &str,
+        params: &[&P<'_>],
+        ev: Arc<Evaluator>,
+        now_utc: i64,
+        step: Step,
+    ) -> Result<usize, StoreError> {
+        let now_ms = now_utc.saturating_mul(1000);
+        let mut client = self.get(&self.writer).await?;
+        let rows = client.query(select, params).await?;
+        let patients: Vec<String> = rows.into_iter().map(|r| r.get(0)).collect();
+        let mut events = 0;
+        for p in patients {
+            let tx = client.transaction().await?;
+            let one: BTreeSet<String> = std::iter::once(p.clone()).collect();
+            let states = lock_states(&tx, &one, now_ms).await?;
+            let state = states.get(&p).cloned().flatten();
+            let (new_state, writes) = step(&ev, &p, state.as_deref(), now_utc)?;
+            events += writes.len();
+            write_all(&tx, &writes, ev.sinks(), &[(&p, &new_state)], now_ms).await?;
+            tx.commit().await?;
+        }
+        Ok(events)
     }
 
     /// The client behind `m`, re-connected when its connection was lost.
@@ -193,7 +228,9 @@ const UPSERT_ALERT: &str =
 const INSERT_OUTBOX: &str =
     "INSERT INTO outbox (event_id, sink, payload, next_attempt_ms) VALUES ($1, $2, $3, $4)
      ON CONFLICT (event_id, sink) DO NOTHING";
-const SAVE_STATE: &str = "UPDATE patient_state SET state = $2, updated_ms = $3 WHERE patient = $1";
+const SAVE_STATE: &str =
+    "UPDATE patient_state SET state = $2, updated_ms = $3, next_deadline_utc = $4
+     WHERE patient = $1";
 
 /// Writes alert changes and patient states, pipelined: every statement is sent before the first answer
 /// is awaited (tokio-postgres sends in polling order, and the server runs them in that order, so two
@@ -202,7 +239,7 @@ async fn write_all(
     tx: &Transaction<'_>,
     writes: &[AlertWrite],
     sinks: &[Sink],
-    states: &[(&str, &str)],
+    states: &[(&str, &NewState)],
     now_ms: i64,
 ) -> Result<(), StoreError> {
     if writes.is_empty() && states.is_empty() {
@@ -236,13 +273,14 @@ async fn write_all(
             &w.alert_json,
         ];
         futs.push(tx.execute_raw(&al, p));
-        for s in &sink_names {
+        // Below the push threshold: stored, and summarised in the patient's digest instead.
+        for s in sink_names.iter().filter(|_| w.notify) {
             let p: Vec<&P<'_>> = vec![&w.event_id, s, &w.notice, &now_ms];
             futs.push(tx.execute_raw(&ob, p));
         }
     }
     for (patient, state) in states {
-        let p: Vec<&P<'_>> = vec![patient, state, &now_ms];
+        let p: Vec<&P<'_>> = vec![patient, &state.json, &now_ms, &state.next_deadline_utc];
         futs.push(tx.execute_raw(&st, p));
     }
     futures_util::future::try_join_all(futs).await?;
@@ -436,15 +474,14 @@ impl Store for PgStore {
                 Prepared::Bad { .. } => out.push(insert_bad(&tx, p, now_ms).await?),
             }
         }
-        let mut changed: BTreeSet<String> = BTreeSet::new();
+        let mut changed: BTreeMap<String, NewState> = BTreeMap::new();
         let mut pending: Vec<AlertWrite> = Vec::new();
         for (patient, readings) in by_patient {
-            let state = states.entry(patient.to_owned()).or_default();
+            let state = states.remove(patient).flatten();
             let inputs: Vec<(&ReadingMessage, &EngineReading)> =
                 readings.iter().map(|(_, m, r)| (*m, *r)).collect();
             let (new_state, writes) = ev.on_readings(patient, state.as_deref(), &inputs)?;
-            *state = Some(new_state);
-            changed.insert(patient.to_owned());
+            changed.insert(patient.to_owned(), new_state);
             for ((i, _, _), w) in readings.iter().zip(writes) {
                 if let Some(slot) = out.get_mut(*i) {
                     *slot = Stored::New { alerts: w.len() };
@@ -452,43 +489,96 @@ impl Store for PgStore {
                 pending.extend(w);
             }
         }
-        let saves: Vec<(&str, &str)> = changed
-            .iter()
-            .filter_map(|p| match states.get(p) {
-                Some(Some(s)) => Some((p.as_str(), s.as_str())),
-                _ => None,
-            })
-            .collect();
+        let saves: Vec<(&str, &NewState)> = changed.iter().map(|(p, s)| (p.as_str(), s)).collect();
         write_all(&tx, &pending, ev.sinks(), &saves, now_ms).await?;
         tx.commit().await?;
         Ok(out)
     }
 
     async fn tick(&self, ev: Arc<Evaluator>, now_utc: i64) -> Result<usize, StoreError> {
-        let now_ms = now_utc.saturating_mul(1000);
+        self.pass(
+            "SELECT patient FROM patient_state UNION SELECT patient FROM patient_settings
+             ORDER BY 1",
+            &[],
+            ev,
+            now_utc,
+            Evaluator::on_tick,
+        )
+        .await
+    }
+
+    async fn deadlines(&self, ev: Arc<Evaluator>, now_utc: i64) -> Result<usize, StoreError> {
+        self.pass(
+            "SELECT patient FROM patient_state WHERE next_deadline_utc <= $1 ORDER BY 1",
+            &[&now_utc],
+            ev,
+            now_utc,
+            Evaluator::on_deadlines,
+        )
+        .await
+    }
+
+    async fn digest(
+        &self,
+        from_utc: i64,
+        to_utc: i64,
+        below: Severity,
+        sinks: Vec<Sink>,
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        let severities = severities_below(below);
         let mut client = self.get(&self.writer).await?;
-        let patients: Vec<String> = client
+        let tx = client.transaction().await?;
+        let rows: Vec<(String, DigestItem)> = tx
             .query(
-                "SELECT patient FROM patient_state UNION SELECT patient FROM patient_settings
-                 ORDER BY 1",
-                &[],
+                "SELECT patient, rule_id, severity, count(*), min(opened_utc), max(updated_utc)
+                 FROM alerts WHERE updated_utc >= $1 AND updated_utc < $2 AND severity = ANY($3)
+                 GROUP BY patient, rule_id, severity ORDER BY patient, rule_id, severity",
+                &[&from_utc, &to_utc, &severities],
             )
             .await?
             .into_iter()
-            .map(|r| r.get(0))
+            .map(|r| {
+                (
+                    r.get(0),
+                    DigestItem {
+                        rule_id: r.get(1),
+                        severity: r.get(2),
+                        alerts: r.get(3),
+                        first_utc: r.get(4),
+                        last_utc: r.get(5),
+                    },
+                )
+            })
             .collect();
-        let mut events = 0;
-        for p in patients {
-            let tx = client.transaction().await?;
-            let one: BTreeSet<String> = std::iter::once(p.clone()).collect();
-            let states = lock_states(&tx, &one, now_ms).await?;
-            let state = states.get(&p).cloned().flatten();
-            let (new_state, writes) = ev.on_tick(&p, state.as_deref(), now_utc)?;
-            events += writes.len();
-            write_all(&tx, &writes, ev.sinks(), &[(&p, &new_state)], now_ms).await?;
-            tx.commit().await?;
+        let mut new = 0;
+        for (digest_id, event_id, notice) in digests(rows, from_utc, to_utc)? {
+            let n = tx
+                .execute(
+                    "INSERT INTO alert_events (id, alert_id, action, created_ms, notice)
+                     VALUES ($1, $2, 'digest', $3, $4) ON CONFLICT (id) DO NOTHING",
+                    &[&event_id, &digest_id, &now_ms, &notice],
+                )
+                .await?;
+            if n == 0 {
+                continue; // another instance, or an earlier pass, wrote it
+            }
+            new += 1;
+            for s in &sinks {
+                tx.execute(INSERT_OUTBOX, &[&event_id, &s.name(), &notice, &now_ms])
+                    .await?;
+            }
         }
-        Ok(events)
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    async fn next_deadline(&self) -> Result<Option<i64>, StoreError> {
+        let client = self.get(&self.reader).await?;
+        let row = client
+            .query_one("SELECT min(next_deadline_utc) FROM patient_state", &[])
+            .await?;
+        Ok(row.get(0))
     }
 
     async fn claim(
@@ -683,7 +773,8 @@ impl Store for PgStore {
                         (SELECT count(*) FROM alert_events),
                         (SELECT count(*) FROM outbox WHERE delivered_ms IS NULL),
                         (SELECT count(*) FROM outbox WHERE delivered_ms IS NOT NULL),
-                        (SELECT count(*) FROM bad_messages)",
+                        (SELECT count(*) FROM bad_messages),
+                        (SELECT count(DISTINCT event_id) FROM outbox)",
                 &[],
             )
             .await?;
@@ -694,6 +785,7 @@ impl Store for PgStore {
             outbox_pending: row.get(3),
             outbox_delivered: row.get(4),
             bad_messages: row.get(5),
+            notified_events: row.get(6),
         })
     }
 

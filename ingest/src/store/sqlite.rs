@@ -14,11 +14,12 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AckResult, AlertRow, BadRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, Store,
-    StoreError, Stored, prepare, schema,
+    AckResult, AlertRow, BadRow, Counts, DEADLINE_INDEX, Inbound, OutboxItem, Prepared, ReadingRow,
+    Step, Store, StoreError, Stored, digests, prepare, schema, severities_below,
 };
 use crate::convert::EngineReading;
-use crate::evaluate::{AlertWrite, Evaluator, Sink};
+use crate::evaluate::{AlertWrite, DigestItem, Evaluator, NewState, Sink};
+use protocol::rules::Severity;
 use protocol::wire::ReadingMessage;
 
 /// The SQLite store (cheap to clone: the connections are shared).
@@ -50,6 +51,19 @@ impl SqliteStore {
             }
             let writer = connection(&path)?;
             writer.execute_batch(&schema("INTEGER PRIMARY KEY AUTOINCREMENT"))?;
+            // SQLite has no `ADD COLUMN IF NOT EXISTS`: a database from before the column gets it here.
+            let has_deadline: bool = writer.query_row(
+                "SELECT count(*) > 0 FROM pragma_table_info('patient_state')
+                 WHERE name = 'next_deadline_utc'",
+                [],
+                |r| r.get(0),
+            )?;
+            if !has_deadline {
+                writer.execute_batch(
+                    "ALTER TABLE patient_state ADD COLUMN next_deadline_utc BIGINT",
+                )?;
+            }
+            writer.execute_batch(DEADLINE_INDEX)?;
             let reader = connection(&path)?;
             Ok(SqliteStore {
                 writer: Arc::new(Mutex::new(writer)),
@@ -74,7 +88,42 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
     }
+
+    /// Runs `step` for each of `patients` at `now_utc`, one transaction each.
+    async fn pass(
+        &self,
+        mut patients: Vec<String>,
+        ev: Arc<Evaluator>,
+        now_utc: i64,
+        step: Step,
+    ) -> Result<usize, StoreError> {
+        let now_ms = now_utc.saturating_mul(1000);
+        patients.sort();
+        let mut events = 0;
+        // One patient per hold of the writer connection: ingestion's batches take turns with the pass
+        // instead of waiting for all of it (with thousands of patients, a whole pass takes seconds).
+        for p in patients {
+            let ev = Arc::clone(&ev);
+            events += Self::with(&self.writer, move |c| {
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let state = load_state(&tx, &p)?;
+                let (new_state, writes) = step(&ev, &p, state.as_deref(), now_utc)?;
+                let events = write_alerts(&tx, &writes, ev.sinks(), now_ms)?;
+                save_state(&tx, &p, &new_state, now_ms)?;
+                tx.commit()?;
+                Ok(events)
+            })
+            .await?;
+        }
+        Ok(events)
+    }
 }
+
+/// A period's alerts below the push threshold, per patient and rule (`?3`: a JSON array of severities).
+const DIGEST_SELECT_SQLITE: &str =
+    "SELECT patient, rule_id, severity, count(*), min(opened_utc), max(updated_utc) FROM alerts
+     WHERE updated_utc >= ?1 AND updated_utc < ?2 AND severity IN (SELECT value FROM json_each(?3))
+     GROUP BY patient, rule_id, severity ORDER BY patient, rule_id, severity";
 
 fn load_state(tx: &rusqlite::Transaction<'_>, patient: &str) -> Result<Option<String>, StoreError> {
     Ok(tx
@@ -89,13 +138,15 @@ fn load_state(tx: &rusqlite::Transaction<'_>, patient: &str) -> Result<Option<St
 fn save_state(
     tx: &rusqlite::Transaction<'_>,
     patient: &str,
-    state: &str,
+    state: &NewState,
     now_ms: i64,
 ) -> Result<(), StoreError> {
     tx.execute(
-        "INSERT INTO patient_state (patient, state, updated_ms) VALUES (?1, ?2, ?3)
-         ON CONFLICT (patient) DO UPDATE SET state = excluded.state, updated_ms = excluded.updated_ms",
-        params![patient, state, now_ms],
+        "INSERT INTO patient_state (patient, state, updated_ms, next_deadline_utc)
+         VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (patient) DO UPDATE SET state = excluded.state, updated_ms = excluded.updated_ms,
+           next_deadline_utc = excluded.next_deadline_utc",
+        params![patient, state.json, now_ms, state.next_deadline_utc],
     )?;
     Ok(())
 }
@@ -134,7 +185,8 @@ fn write_alerts(
                 w.alert_json
             ],
         )?;
-        for s in sinks {
+        // Below the push threshold: stored, and summarised in the patient's digest instead.
+        for s in sinks.iter().filter(|_| w.notify) {
             tx.execute(
                 "INSERT INTO outbox (event_id, sink, payload, next_attempt_ms) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (event_id, sink) DO NOTHING",
@@ -309,8 +361,7 @@ impl Store for SqliteStore {
     }
 
     async fn tick(&self, ev: Arc<Evaluator>, now_utc: i64) -> Result<usize, StoreError> {
-        let now_ms = now_utc.saturating_mul(1000);
-        let mut patients: Vec<String> = Self::with(&self.writer, |c| {
+        let patients: Vec<String> = Self::with(&self.writer, |c| {
             let mut st = c.prepare(
                 "SELECT patient FROM patient_state UNION SELECT patient FROM patient_settings",
             )?;
@@ -318,24 +369,84 @@ impl Store for SqliteStore {
             Ok(patients)
         })
         .await?;
-        patients.sort();
-        let mut events = 0;
-        // One patient per hold of the writer connection: ingestion's batches take turns with the pass
-        // instead of waiting for all of it (with thousands of patients, a whole pass takes seconds).
-        for p in patients {
-            let ev = Arc::clone(&ev);
-            events += Self::with(&self.writer, move |c| {
-                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let state = load_state(&tx, &p)?;
-                let (new_state, writes) = ev.on_tick(&p, state.as_deref(), now_utc)?;
-                let events = write_alerts(&tx, &writes, ev.sinks(), now_ms)?;
-                save_state(&tx, &p, &new_state, now_ms)?;
-                tx.commit()?;
-                Ok(events)
-            })
-            .await?;
-        }
-        Ok(events)
+        self.pass(patients, ev, now_utc, Evaluator::on_tick).await
+    }
+
+    async fn deadlines(&self, ev: Arc<Evaluator>, now_utc: i64) -> Result<usize, StoreError> {
+        let patients: Vec<String> = Self::with(&self.writer, move |c| {
+            let mut st =
+                c.prepare("SELECT patient FROM patient_state WHERE next_deadline_utc <= ?1")?;
+            let patients = st
+                .query_map([now_utc], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            Ok(patients)
+        })
+        .await?;
+        self.pass(patients, ev, now_utc, Evaluator::on_deadlines)
+            .await
+    }
+
+    async fn digest(
+        &self,
+        from_utc: i64,
+        to_utc: i64,
+        below: Severity,
+        sinks: Vec<Sink>,
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        let severities = serde_json::to_string(&severities_below(below))?;
+        Self::with(&self.writer, move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let rows: Vec<(String, DigestItem)> = {
+                let mut st = tx.prepare(DIGEST_SELECT_SQLITE)?;
+                st.query_map(params![from_utc, to_utc, severities], |r| {
+                    Ok((
+                        r.get(0)?,
+                        DigestItem {
+                            rule_id: r.get(1)?,
+                            severity: r.get(2)?,
+                            alerts: r.get(3)?,
+                            first_utc: r.get(4)?,
+                            last_utc: r.get(5)?,
+                        },
+                    ))
+                })?
+                .collect::<Result<_, _>>()?
+            };
+            let mut new = 0;
+            for (digest_id, event_id, notice) in digests(rows, from_utc, to_utc)? {
+                let n = tx.execute(
+                    "INSERT INTO alert_events (id, alert_id, action, created_ms, notice)
+                     VALUES (?1, ?2, 'digest', ?3, ?4) ON CONFLICT (id) DO NOTHING",
+                    params![event_id, digest_id, now_ms, notice],
+                )?;
+                if n == 0 {
+                    continue; // another instance, or an earlier pass, wrote it
+                }
+                new += 1;
+                for s in &sinks {
+                    tx.execute(
+                        "INSERT INTO outbox (event_id, sink, payload, next_attempt_ms)
+                         VALUES (?1, ?2, ?3, ?4) ON CONFLICT (event_id, sink) DO NOTHING",
+                        params![event_id, s.name(), notice, now_ms],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(new)
+        })
+        .await
+    }
+
+    async fn next_deadline(&self) -> Result<Option<i64>, StoreError> {
+        Self::with(&self.reader, |c| {
+            Ok(c.query_row(
+                "SELECT min(next_deadline_utc) FROM patient_state",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .await
     }
 
     async fn claim(
@@ -537,6 +648,7 @@ impl Store for SqliteStore {
                 outbox_pending: n("SELECT count(*) FROM outbox WHERE delivered_ms IS NULL")?,
                 outbox_delivered: n("SELECT count(*) FROM outbox WHERE delivered_ms IS NOT NULL")?,
                 bad_messages: n("SELECT count(*) FROM bad_messages")?,
+                notified_events: n("SELECT count(DISTINCT event_id) FROM outbox")?,
             })
         })
         .await

@@ -2,7 +2,15 @@
 //!
 //! Inputs: [`Engine::on_reading`] (a validated reading), [`Engine::on_symptoms`] (a symptom/event report),
 //! [`Engine::on_tick`] (time passing: confirmation timeouts, unacknowledged escalation, window rules),
+//! [`Engine::on_deadlines`] (the timeouts and escalations alone, at [`Engine::next_deadline`]),
 //! [`Engine::acknowledge`]. Output: [`AlertAction`]s. State: [`EngineState`], plain data to persist.
+//!
+//! # Time
+//!
+//! Pure: `now` is an argument. Two kinds of time-driven work differ in how exact they must be. Window
+//! rules (7-day average, trend, adherence) are about days and may run on a coarse interval. Deadlines
+//! (a confirmation's timeout, an acknowledgement's) are minutes and must fire at their second:
+//! [`Engine::next_deadline`] says when the next one is due, so the caller can sleep until then.
 //!
 //! # Per reading
 //!
@@ -580,7 +588,12 @@ fn eval_glucose(
                 Some((
                     Some((th.reference(param, tv, u), th.source())),
                     vec![observed("glucose", v.to_f64(), u)],
-                    format!("glucose {v} {u} {} {tv} {u}{ctx_note}", th.eff.op),
+                    format!(
+                        "glucose {} {u} {} {} {u}{ctx_note}",
+                        shown(*v, *unit),
+                        th.eff.op,
+                        shown(tv, *unit)
+                    ),
                 ))
             } else {
                 None
@@ -633,13 +646,23 @@ fn eval_glucose(
     })
 }
 
-/// The first of `params` the entry meets: (param, threshold in force, value).
+/// A glucose value as people see it: mmol/L with at least one decimal, mg/dL whole (CLINICAL.md §3.4
+/// rule 2). Never fewer digits than the value has, so the meter's resolution is kept and nothing is
+/// rounded across the threshold ("3.0 mmol/L < 3.9", not "3 mmol/L"; issue 11 item 15).
+fn shown(v: Dec, unit: GlucoseUnit) -> Dec {
+    match unit {
+        GlucoseUnit::MmolPerL => v.with_places(1),
+        GlucoseUnit::MgPerDl => v,
+    }
+}
+
+/// The first of `params` the entry meets: (param, threshold in force, value as shown).
 fn bp_hit<'a>(
     ctx: &Ctx<'a>,
     r: &'a RuleDef,
     e: &BpEntry,
     t: i64,
-) -> Option<(&'static str, Th<'a>, Dec, f64)> {
+) -> Option<(&'static str, Th<'a>, Dec, String)> {
     let params: &[&'static str] = match r.kind {
         RuleKind::PulseLevel => &[PARAM_PULSE],
         _ => &[PARAM_SBP, PARAM_DBP],
@@ -652,11 +675,11 @@ fn bp_hit<'a>(
             let (Some(pulse), Some(tv)) = (e.pulse, th.eff.bpm) else {
                 continue;
             };
-            (pulse.cmp(&tv), tv, pulse.to_f64())
+            (pulse.cmp(&tv), tv, pulse.to_string())
         } else {
             let Some(tv) = th.eff.mmhg else { continue };
             let obs = if *p == PARAM_SBP { e.sbp } else { e.dbp };
-            (obs.cmp_dec(tv), tv, obs.to_f64())
+            (obs.cmp_dec(tv), tv, obs.to_string())
         };
         if th.eff.op.holds(ord) {
             return Some((p, th, tv, v));
@@ -1148,7 +1171,7 @@ fn timeouts(ctx: &Ctx<'_>, st: &mut PatientState, now: i64, out: &mut Vec<AlertA
     let due: Vec<(String, i64)> = st
         .pending
         .iter()
-        .filter(|(_, p)| p.deadline_utc < now)
+        .filter(|(_, p)| timeout_due(p) <= now)
         .map(|(f, p)| (f.clone(), p.deadline_utc))
         .collect();
     for (family, deadline) in due {
@@ -1165,16 +1188,31 @@ fn timeouts(ctx: &Ctx<'_>, st: &mut PatientState, now: i64, out: &mut Vec<AlertA
     }
 }
 
+/// When an episode moves to the next care tier if nobody acknowledges it (§4.3: CRITICAL after
+/// 15–30 min, URGENT after 4 h); `None` when it never does (acknowledged, already escalated, or a
+/// severity without an acknowledgement deadline).
+fn ack_deadline(rules: &RuleSet, e: &Episode) -> Option<i64> {
+    let ack = rules.file().escalation.ack_s;
+    let limit = match e.alert.severity {
+        Severity::Critical => ack.critical,
+        Severity::Urgent => ack.urgent,
+        _ => return None,
+    };
+    if e.alert.acknowledged || e.ack_escalated {
+        return None;
+    }
+    Some(e.active_since_utc.saturating_add(limit))
+}
+
+/// The first second at which [`timeouts`] confirms `p`: the window's last second still waits for the
+/// repeat (a repeat at `deadline_utc` confirms), so the timeout is due one second after it.
+fn timeout_due(p: &Pending) -> i64 {
+    p.deadline_utc.saturating_add(1)
+}
+
 fn ack_escalations(ctx: &Ctx<'_>, st: &mut PatientState, now: i64, out: &mut Vec<AlertAction>) {
-    let ack = ctx.rules.file().escalation.ack_s;
     for e in st.episodes.values_mut() {
-        let limit = match e.alert.severity {
-            Severity::Critical => ack.critical,
-            Severity::Urgent => ack.urgent,
-            _ => continue,
-        };
-        if e.alert.acknowledged || e.ack_escalated || now.saturating_sub(e.active_since_utc) < limit
-        {
+        if ack_deadline(ctx.rules, e).is_none_or(|due| now < due) {
             continue;
         }
         e.ack_escalated = true;
@@ -1696,6 +1734,40 @@ impl Engine {
     /// alerts move to the next tier, window rules (7-day average, trend, adherence) are evaluated, old
     /// BP history is dropped. Idempotent: calling it again at the same time does nothing more.
     pub fn on_tick(&mut self, now_utc: i64) -> Vec<AlertAction> {
+        self.pass(now_utc, true)
+    }
+
+    /// The deadlines of [`Engine::on_tick`] alone, without the window rules: pending confirmations
+    /// past their window are alerted anyway (§4.2), unacknowledged CRITICAL/URGENT alerts move to the
+    /// next tier (§4.3). A service calls it at [`Engine::next_deadline`]. Idempotent.
+    pub fn on_deadlines(&mut self, now_utc: i64) -> Vec<AlertAction> {
+        self.pass(now_utc, false)
+    }
+
+    /// The earliest time (Unix s) at which time alone changes something: a pending confirmation times
+    /// out ("no repeat within 15 min → alert anyway", CLINICAL.md §4.2) or an unacknowledged
+    /// CRITICAL/URGENT alert moves to the next tier (§4.3). `None` when nothing waits.
+    ///
+    /// These deadlines are minutes apart and clinically bound, so a service must not leave them to its
+    /// window-rule interval (an hour by default): it sleeps until this time or its next window tick,
+    /// whichever is first, and calls [`Engine::on_deadlines`] (issue 11 item 13). Every call that changes
+    /// the state may change it.
+    pub fn next_deadline(&self) -> Option<i64> {
+        self.state
+            .patients
+            .values()
+            .flat_map(|st| {
+                st.pending.values().map(timeout_due).chain(
+                    st.episodes
+                        .values()
+                        .filter_map(|e| ack_deadline(&self.rules, e)),
+                )
+            })
+            .min()
+    }
+
+    /// One pass over every patient at `now_utc`: deadlines, and with `window` the window rules.
+    fn pass(&mut self, now_utc: i64, window: bool) -> Vec<AlertAction> {
         let mut out = Vec::new();
         let Engine {
             rules,
@@ -1703,9 +1775,11 @@ impl Engine {
             state,
         } = self;
         // Patients with settings get adherence checks even before their first reading.
-        for id in patients.keys() {
-            if !state.patients.contains_key(id) {
-                state.patients.insert(id.clone(), PatientState::default());
+        if window {
+            for id in patients.keys() {
+                if !state.patients.contains_key(id) {
+                    state.patients.insert(id.clone(), PatientState::default());
+                }
             }
         }
         for (id, st) in state.patients.iter_mut() {
@@ -1725,6 +1799,9 @@ impl Engine {
             };
             timeouts(&ctx, st, now_utc, &mut out);
             ack_escalations(&ctx, st, now_utc, &mut out);
+            if !window {
+                continue;
+            }
             for r in rules.rules() {
                 if !r.kind.is_window() || !ctx.enabled(r, now_utc) {
                     continue;

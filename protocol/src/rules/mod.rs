@@ -11,7 +11,8 @@
 //!   pacemaker, threshold overrides with guard-rails (CLINICAL.md §4.6). An invalid override is an
 //!   [`OverrideError`] that names the rule and says why.
 //! - [`engine`] — the state machine: [`Engine::on_reading`], [`Engine::on_tick`],
-//!   [`Engine::on_symptoms`], [`Engine::acknowledge`] → [`AlertAction`]s. Confirmation by a repeat
+//!   [`Engine::on_deadlines`] (at [`Engine::next_deadline`]), [`Engine::on_symptoms`],
+//!   [`Engine::acknowledge`] → [`AlertAction`]s. Confirmation by a repeat
 //!   (§4.2), episodes with escalation (§4.3), window rules (§2.2 7-day average, §2.3 trend, §4.5
 //!   adherence). Its [`EngineState`] is plain data (serde with the `serde` feature) for a service to
 //!   persist.

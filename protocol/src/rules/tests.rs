@@ -807,6 +807,91 @@ fn crisis_alerted_anyway_when_no_repeat_comes() {
     );
 }
 
+/// Issue 11 item 13: a confirmation's timeout and an acknowledgement's deadline are announced by
+/// `next_deadline`, and `on_deadlines` fires each at its second without running the window rules.
+#[test]
+fn deadlines_are_announced_and_fire_at_their_second() {
+    let mut e = h(Profile::CN);
+    assert_eq!(e.e.next_deadline(), None);
+    e.bp(T0, 185, 95, 70); // pending crisis: no repeat within 15 min → alert anyway (§4.2)
+    assert_eq!(e.e.next_deadline(), Some(T0 + 901));
+    assert!(e.e.on_deadlines(T0 + 900).is_empty());
+    let a = e.e.on_deadlines(T0 + 901);
+    assert_eq!(summary(&a), ["confirm BP_CRISIS URGENT active"]);
+    // Now an active URGENT: the next deadline is its acknowledgement (4 h from activation, §4.3).
+    let active = a[0].alert().updated_utc;
+    assert_eq!(e.e.next_deadline(), Some(active + 14_400));
+    assert!(e.e.on_deadlines(active + 14_399).is_empty());
+    assert_eq!(
+        summary(&e.e.on_deadlines(active + 14_400)),
+        ["escalate BP_CRISIS URGENT active"]
+    );
+    assert_eq!(e.e.next_deadline(), None, "escalated once; nothing waits");
+
+    // A CRITICAL glucose alert: acknowledgement due 30 min after it opened; acknowledging it ends the
+    // wait.
+    let mut e = h(Profile::US);
+    let id = e.glu(T0, mg(50))[0].alert().id.clone();
+    assert_eq!(e.e.next_deadline(), Some(T0 + 1800));
+    assert!(e.e.acknowledge("p1", &id));
+    assert_eq!(e.e.next_deadline(), None);
+
+    // Deadlines only: an adherence step that `on_tick` would open is left to the window rules.
+    let mut e = with(PatientSettings {
+        monitors_bp: true,
+        enrolled_utc: Some(T0),
+        ..PatientSettings::new("p1")
+    });
+    assert!(e.e.on_deadlines(T0 + 7 * DAY).is_empty());
+    assert_eq!(e.e.next_deadline(), None);
+    assert_eq!(
+        summary(&e.on_tick(T0 + 7 * DAY)),
+        ["open ADH_BP_REMIND INFO active"]
+    );
+}
+
+/// Issue 11 item 15, CLINICAL.md §3.4 rule 2: messages show mmol/L with one decimal whatever the
+/// SFLOAT's exponent, mg/dL and mmHg whole, and a kPa cuff's converted value to one decimal.
+#[test]
+fn messages_keep_each_units_resolution() {
+    let msg = |a: &[AlertAction]| a[0].alert().message.clone();
+    // 3.0 mmol/L sent as 3 × 10^-3 mol/L (as ingest rebuilds it from JSON's 3.0).
+    let mut e = h(Profile::CN);
+    let m = msg(&e.glu(
+        T0,
+        glucose_record(SFloat::new(3, -3).expect("SFLOAT"), true, None),
+    ));
+    assert!(m.contains("glucose 3.0 mmol/L < 3.9 mmol/L"), "{m}");
+    let mut e = h(Profile::US);
+    let m = msg(&e.glu(T0, mg(54)));
+    assert!(m.contains("glucose 54 mg/dL < 70 mg/dL"), "{m}");
+    let mut e = h(Profile::CN);
+    let m = msg(&e.bp(T0, 185, 95, 70));
+    assert!(m.contains("sbp 185 mmHg >= 180 mmHg"), "{m}");
+    // 24.0 kPa = 180.01 mmHg.
+    let kpa = |v| Pressure {
+        raw: SFloat::new(v, -1).expect("SFLOAT"),
+        unit: PressureUnit::KPa,
+    };
+    let mut e = h(Profile::CN);
+    let m = msg(&e.feed(
+        T0,
+        Measurement::BloodPressure(BloodPressureRecord {
+            systolic: kpa(240),
+            diastolic: kpa(107),
+            mean_arterial_pressure: kpa(0),
+            timestamp: None,
+            pulse_rate: None,
+            user_id: None,
+            measurement_status: None,
+        }),
+        Outcome::Valid,
+        Flags::default(),
+        Symptoms::NONE,
+    ));
+    assert!(m.contains("sbp 180.0 mmHg >= 180 mmHg"), "{m}");
+}
+
 /// CLINICAL.md §3.2: a low-quality reading never fires a crisis without a clean repeat.
 #[test]
 fn low_quality_crisis_needs_a_clean_repeat() {

@@ -20,6 +20,17 @@ pub(crate) enum Obs {
     Approx(f64),
 }
 
+/// As people see it: an mmHg reading exactly as the cuff sent it (whole mmHg, CLINICAL.md §3.4); a value
+/// converted from kPa to one decimal, enough not to round it across a whole-mmHg threshold.
+impl core::fmt::Display for Obs {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Obs::Exact(v) => write!(f, "{v}"),
+            Obs::Approx(v) => write!(f, "{v:.1}"),
+        }
+    }
+}
+
 impl Obs {
     /// `self.cmp(threshold)`: exact for mmHg, `f64` for kPa-derived values (no published kPa value).
     pub(crate) fn cmp_dec(&self, d: Dec) -> Ordering {
