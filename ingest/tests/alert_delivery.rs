@@ -49,14 +49,14 @@ async fn info_is_stored_and_digested_not_pushed(url: &str) {
     let ev = ev();
     store
         .ingest(
-            vec![reading(bp_message(&id(1), "p-info", 165, 95, 70, T0))],
+            vec![reading(bp_message(&id(1), "p-info-1", 165, 95, 70, T0))],
             Arc::clone(&ev),
             "a",
             1,
         )
         .await
         .unwrap();
-    let alerts = store.alerts_of("p-info", 10).await.unwrap();
+    let alerts = store.alerts_of("p-info-1", 10).await.unwrap();
     assert_eq!(alerts.len(), 1, "{alerts:?}");
     assert_eq!(
         (alerts[0].rule_id.as_str(), alerts[0].severity.as_str()),
@@ -68,7 +68,7 @@ async fn info_is_stored_and_digested_not_pushed(url: &str) {
 
     store
         .ingest(
-            vec![reading(glucose_message(&id(2), "p-hypo", 45, T0))],
+            vec![reading(glucose_message(&id(2), "p-hypo-1", 45, T0))],
             Arc::clone(&ev),
             "a",
             2,
@@ -80,8 +80,8 @@ async fn info_is_stored_and_digested_not_pushed(url: &str) {
 
     // A crisis waits for its repeat (pushed: the patient is prompted), the repeat is in range.
     let batch = vec![
-        reading(bp_message(&id(3), "p-crisis", 185, 125, 70, T0)),
-        reading(bp_message(&id(4), "p-crisis", 120, 80, 70, T0 + 120)),
+        reading(bp_message(&id(3), "p-crisis-1", 185, 125, 70, T0)),
+        reading(bp_message(&id(4), "p-crisis-1", 120, 80, 70, T0 + 120)),
     ];
     store.ingest(batch, Arc::clone(&ev), "a", 3).await.unwrap();
     let c = store.counts().await.unwrap();
@@ -106,7 +106,7 @@ async fn info_is_stored_and_digested_not_pushed(url: &str) {
         .unwrap()
         .into_iter()
         .map(|i| serde_json::from_str::<serde_json::Value>(&i.payload).unwrap())
-        .find(|v| v["schema"] == DIGEST_NOTICE_SCHEMA && v["patient"] == "p-info")
+        .find(|v| v["schema"] == DIGEST_NOTICE_SCHEMA && v["patient"] == "p-info-1")
         .expect("p-info's digest queued for the webhook");
     assert_eq!(item["items"][0]["rule_id"], "BP_GRADE2");
     assert_eq!(item["items"][0]["alerts"], 1);
@@ -130,7 +130,7 @@ async fn deadlines_are_stored_and_run_at_their_second(url: &str) {
     assert_eq!(store.next_deadline().await.unwrap(), None);
     store
         .ingest(
-            vec![reading(bp_message(&id(1), "p-late", 185, 125, 70, T0))],
+            vec![reading(bp_message(&id(1), "p-late-1", 185, 125, 70, T0))],
             Arc::clone(&ev),
             "a",
             1,
@@ -140,11 +140,11 @@ async fn deadlines_are_stored_and_run_at_their_second(url: &str) {
     assert_eq!(store.next_deadline().await.unwrap(), Some(T0 + 901));
     assert_eq!(store.deadlines(Arc::clone(&ev), T0 + 900).await.unwrap(), 0);
     assert_eq!(
-        store.alerts_of("p-late", 1).await.unwrap()[0].status,
+        store.alerts_of("p-late-1", 1).await.unwrap()[0].status,
         "pending"
     );
     assert_eq!(store.deadlines(Arc::clone(&ev), T0 + 901).await.unwrap(), 1);
-    let a = &store.alerts_of("p-late", 1).await.unwrap()[0];
+    let a = &store.alerts_of("p-late-1", 1).await.unwrap()[0];
     assert_eq!(
         (a.status.as_str(), a.severity.as_str()),
         ("active", "URGENT")

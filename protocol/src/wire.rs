@@ -1643,7 +1643,7 @@ mod tests {
             "JohnSmith",
             "john.smith",
             "Mueller",
-            "p-home",
+            "p-home-1",
             // Numbers: no letter.
             "0123456789",
             "123-45-6789",

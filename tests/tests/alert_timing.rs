@@ -64,13 +64,13 @@ async fn a_pending_crisis_is_alerted_within_seconds_of_its_confirmation_deadline
     loop {
         n += 1;
         assert!(n < 100, "ingest never took a probe reading");
-        let probe = bp_message(&id(n), "p-probe", 118, 76, 70, now_s());
+        let probe = bp_message(&id(n), "p-probe-1", 118, 76, 70, now_s());
         client
             .publish(topic, QoS::AtLeastOnce, false, probe)
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let stored = running.store().readings_of("p-probe", 1).await.unwrap();
+        let stored = running.store().readings_of("p-probe-1", 1).await.unwrap();
         if !stored.is_empty() {
             break;
         }

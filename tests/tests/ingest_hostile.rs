@@ -67,7 +67,7 @@ fn edit(message: &str, f: impl FnOnce(&mut Value)) -> String {
 /// subscription keeps nothing for a group before its first member subscribes).
 async fn wait_until_subscribed(publisher: &mut Publisher, store: &AnyStore, name: &str) {
     let id = reading_uuid(name);
-    let message = glucose_message(name, "p-probe", 100, now_s() - 60);
+    let message = glucose_message(name, "p-probe-1", 100, now_s() - 60);
     let stored = until(Duration::from_secs(30), async || {
         publisher
             .publish(READINGS, message.clone(), ACK)
@@ -118,15 +118,17 @@ async fn hostile_messages_end_stored_or_recorded_and_ingestion_goes_on() {
     let t = now_s() - 3600;
     let good = |name: &str, patient: &str| glucose_message(name, patient, 100, t);
     let pad = |name: &str, bytes: usize| {
-        edit(&good(name, "p-pad"), |v| {
+        edit(&good(name, "p-pad-1"), |v| {
             v["pad"] = json!("x".repeat(bytes))
         })
     };
     let glucose = |name: &str, value: Value| {
-        edit(&good(name, "p-hostile"), |v| v["glucose"]["value"] = value)
+        edit(&good(name, "p-hostile-1"), |v| {
+            v["glucose"]["value"] = value
+        })
     };
     let bp = |name: &str, sys: Value, dia: Value| {
-        edit(&bp_message(name, "p-hostile", 120, 80, 70, t), |v| {
+        edit(&bp_message(name, "p-hostile-1", 120, 80, 70, t), |v| {
             v["blood_pressure"]["systolic"] = sys;
             v["blood_pressure"]["diastolic"] = dia;
         })
@@ -171,7 +173,7 @@ async fn hostile_messages_end_stored_or_recorded_and_ingestion_goes_on() {
         // Impossible times: a far-future received time confirmed open alerts.
         (
             READINGS,
-            edit(&good("future", "p-hostile"), |v| {
+            edit(&good("future", "p-hostile-1"), |v| {
                 v["time"]["received"] = json!(far_future);
                 v["time"]["corrected"] = json!(far_future);
             })
@@ -180,7 +182,7 @@ async fn hostile_messages_end_stored_or_recorded_and_ingestion_goes_on() {
         ),
         (
             READINGS,
-            edit(&good("ahead", "p-hostile"), |v| {
+            edit(&good("ahead", "p-hostile-1"), |v| {
                 v["time"]["corrected"] = json!(far_future)
             })
             .into(),
@@ -188,7 +190,7 @@ async fn hostile_messages_end_stored_or_recorded_and_ingestion_goes_on() {
         ),
         (
             READINGS,
-            edit(&good("badtime", "p-hostile"), |v| {
+            edit(&good("badtime", "p-hostile-1"), |v| {
                 v["time"]["received"] = json!("yesterday")
             })
             .into(),
@@ -197,7 +199,7 @@ async fn hostile_messages_end_stored_or_recorded_and_ingestion_goes_on() {
         // Not the contract.
         (
             READINGS,
-            edit(&good("v2", "p-hostile"), |v| {
+            edit(&good("v2", "p-hostile-1"), |v| {
                 v["schema"] = json!("phg.reading/2")
             })
             .into(),
@@ -205,12 +207,12 @@ async fn hostile_messages_end_stored_or_recorded_and_ingestion_goes_on() {
         ),
         (
             READINGS,
-            edit(&good("x", "p-hostile"), |v| v["id"] = json!("not-a-uuid")).into(),
+            edit(&good("x", "p-hostile-1"), |v| v["id"] = json!("not-a-uuid")).into(),
             Outcome::Bad("version 5 UUID"),
         ),
         (
             READINGS,
-            edit(&good("x", "p-hostile"), |v| {
+            edit(&good("x", "p-hostile-1"), |v| {
                 v["id"] = json!("0b8e7a3c-1f2d-4c5b-8a9e-0123456789ab") // version 4
             })
             .into(),
@@ -218,7 +220,7 @@ async fn hostile_messages_end_stored_or_recorded_and_ingestion_goes_on() {
         ),
         (
             READINGS,
-            edit(&good("othergw", "p-hostile"), |v| {
+            edit(&good("othergw", "p-hostile-1"), |v| {
                 v["gateway"] = json!("gw-other")
             })
             .into(),
@@ -232,17 +234,17 @@ async fn hostile_messages_end_stored_or_recorded_and_ingestion_goes_on() {
         // One id, two contents: the first stored, the second recorded as a conflict.
         (
             READINGS,
-            good("twice", "p-twice").into(),
+            good("twice", "p-twice-1").into(),
             reading("twice", None),
         ),
         (
             READINGS,
-            good("twice", "p-twice").into(),
+            good("twice", "p-twice-1").into(),
             reading("twice", None),
         ),
         (
             READINGS,
-            edit(&good("twice", "p-twice"), |v| {
+            edit(&good("twice", "p-twice-1"), |v| {
                 v["glucose"]["value"] = json!(180)
             })
             .into(),
@@ -251,7 +253,7 @@ async fn hostile_messages_end_stored_or_recorded_and_ingestion_goes_on() {
         // Broken payloads.
         (
             READINGS,
-            good("cut", "p-hostile")[..40].into(),
+            good("cut", "p-hostile-1")[..40].into(),
             Outcome::Bad("truncated"),
         ),
         (
@@ -326,7 +328,7 @@ async fn hostile_messages_end_stored_or_recorded_and_ingestion_goes_on() {
         .publish(READINGS, over, Duration::from_secs(2))
         .await;
     // After all of it, a good reading.
-    let last = glucose_message("after", "p-after", 100, t + 60);
+    let last = glucose_message("after", "p-after-1", 100, t + 60);
     publisher.publish(READINGS, last, ACK).await.unwrap();
     batch.push((READINGS, Vec::new(), reading("after", None)));
 
@@ -445,15 +447,15 @@ async fn the_default_instance_keeps_what_was_published_while_ingest_was_killed()
 
     let t = now_s() - 600;
     for i in 0..3 {
-        let m = glucose_message(&format!("down-{i}"), "p-down", 100, t + i);
+        let m = glucose_message(&format!("down-{i}"), "p-down-1", 100, t + i);
         publisher.publish(READINGS, m, ACK).await.unwrap();
     }
     let second = start_ingest(&config);
     let all = until(Duration::from_secs(30), async || {
-        store.readings_of("p-down", 10).await.unwrap().len() == 3
+        store.readings_of("p-down-1", 10).await.unwrap().len() == 3
     })
     .await;
-    let n = store.readings_of("p-down", 10).await.unwrap().len();
+    let n = store.readings_of("p-down-1", 10).await.unwrap().len();
     println!("{label}: {n} of 3 readings published while ingest was down were stored");
     assert!(
         all,
@@ -641,7 +643,7 @@ async fn a_full_disk_stops_acknowledging_and_recovers() {
     let n = 300;
     for i in 0..n {
         let m = edit(
-            &glucose_message(&format!("full-{i}"), "p-full", 100, t + i),
+            &glucose_message(&format!("full-{i}"), "p-full-1", 100, t + i),
             |v| v["pad"] = json!("x".repeat(2048)),
         );
         publisher.publish(READINGS, m, ACK).await.unwrap();
@@ -662,10 +664,10 @@ async fn a_full_disk_stops_acknowledging_and_recovers() {
 
     std::fs::remove_file(&filler).unwrap();
     let all = until(Duration::from_secs(60), async || {
-        store.readings_of("p-full", 1000).await.unwrap().len() == n as usize
+        store.readings_of("p-full-1", 1000).await.unwrap().len() == n as usize
     })
     .await;
-    let got = store.readings_of("p-full", 1000).await.unwrap().len();
+    let got = store.readings_of("p-full-1", 1000).await.unwrap().len();
     println!("{label}: {got} of {n} stored after space returned");
     assert!(all, "{got} of {n}: {}", ingest.stderr().text());
     drop(ingest);
