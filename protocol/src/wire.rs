@@ -1643,7 +1643,7 @@ mod tests {
             "JohnSmith",
             "john.smith",
             "Mueller",
-            "p-home-1",
+            "p-home",
             // Numbers: no letter.
             "0123456789",
             "123-45-6789",
