@@ -17,10 +17,11 @@
 //! ([`EdgeAlerts::set_patients`]): all of them are validated before any is applied.
 //!
 //! The engine's state (open episodes, pending confirmations, the readings the window rules look back on)
-//! is kept in a state file ([`EdgeAlerts::open`]), rewritten (temporary file + rename, mode 0600) after
-//! every reading and every tick that decided something, so a restart does not open an ongoing episode a
-//! second time. It is not fsynced: after a power cut the engine may resume from a slightly older state,
-//! and ingest, which keeps its state transactionally, stays the one the CRM trusts for episodes.
+//! is kept in a state file ([`EdgeAlerts::open`]), replaced whole ([`crate::state_file::replace`]:
+//! temporary file, fsync, rename, mode 0600) after every reading and every tick that decided something,
+//! so a restart or a power cut does not open an ongoing episode a second time. Readings arrive at human
+//! rates, so an fsync each is cheap; ingest, which keeps its state transactionally, stays the one the CRM
+//! trusts for episodes.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -147,7 +148,7 @@ impl EdgeAlerts {
         if n <= *written {
             return;
         }
-        match write_replacing(&file.path, &bytes) {
+        match crate::state_file::replace(&file.path, &bytes) {
             Ok(()) => *written = n,
             Err(e) => {
                 tracing::warn!(path = %file.path.display(), error = %e, "cannot save the edge alert state; a restart may open an ongoing episode again at the edge")
@@ -304,25 +305,6 @@ impl EdgeAlerts {
             }
         }
     }
-}
-
-/// Replaces `path` with `bytes` all at once (a temporary file renamed over it), readable by the service
-/// user alone (it holds pseudonymous patient ids and their recent values).
-fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    drop(f);
-    std::fs::rename(&tmp, path)
 }
 
 fn action_name(action: &AlertAction) -> &'static str {

@@ -24,6 +24,7 @@ use crate::sources::collector::{self, CollectorConfig, DeviceRef};
 use crate::sources::simulator::cuff::{CuffConfig, SimCuff};
 use crate::sources::simulator::glucometer::{GlucometerConfig, SimGlucometer};
 use crate::sources::simulator::{SimDevice, SimLink, unix_now};
+use crate::state_file;
 use crate::uplink::{self, UplinkConfig, UplinkStats};
 
 /// Why the gateway could not start or stopped with an error.
@@ -281,47 +282,18 @@ impl CrmConfigStore {
         }
     }
 
-    /// Keeps `payload` (durably: see [`write_durably`]).
+    /// Keeps `payload` (durably: see [`state_file::replace`]).
     ///
     /// # Errors
     /// It could not be written; the previous one is still there, whole.
     pub fn save(&self, payload: &[u8]) -> std::io::Result<()> {
-        write_durably(&self.path, payload)
+        state_file::replace(&self.path, payload)
     }
 
     /// The file.
     pub fn path(&self) -> &std::path::Path {
         &self.path
     }
-}
-
-/// Replaces `path` with `bytes` so that a crash or power cut leaves either the old file or the new one,
-/// whole: a temporary file in the same directory, written and `fsync`ed, renamed over `path`, and the
-/// directory `fsync`ed so the rename itself is durable. Mode 0600: it holds pseudonymous patient ids.
-///
-/// # Errors
-/// Any step failed; `path` is as it was (a stale `.tmp` beside it is overwritten next time).
-pub fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => std::path::Path::new("."),
-    };
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Where the CRM's configuration handling stands.

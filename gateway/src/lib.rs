@@ -38,4 +38,5 @@ pub mod broker;
 pub mod config;
 pub mod decode;
 pub mod demo;
+pub mod state_file;
 pub mod telemetry;

@@ -9,7 +9,6 @@
 //! directory of mode 0700.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -234,7 +233,7 @@ fn read_json<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T, S
 }
 
 fn write_json<T: Serialize>(dir: &Path, path: &Path, value: &T) -> Result<(), StoreError> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -244,18 +243,7 @@ fn write_json<T: Serialize>(dir: &Path, path: &Path, value: &T) -> Result<(), St
         path: path.to_owned(),
         message: e.to_string(),
     })?;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(&bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    Ok(())
+    crate::state_file::replace(path, &bytes).map_err(io(path))
 }
 
 #[cfg(test)]
