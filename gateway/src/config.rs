@@ -447,13 +447,13 @@ impl Config {
                 ),
             ));
         }
-        if let Some(tls) = &raw.mqtt.tls {
-            if tls.client_cert.is_some() != tls.client_key.is_some() {
-                return Err(invalid(
-                    "mqtt.tls",
-                    "client_cert and client_key go together",
-                ));
-            }
+        if let Some(tls) = &raw.mqtt.tls
+            && tls.client_cert.is_some() != tls.client_key.is_some()
+        {
+            return Err(invalid(
+                "mqtt.tls",
+                "client_cert and client_key go together",
+            ));
         }
         if raw.journal.max_bytes < 64 * 1024 {
             return Err(invalid("journal.max_bytes", "must be at least 65536"));
@@ -476,13 +476,14 @@ impl Config {
                     "must be non-empty and unique",
                 ));
             }
-            if let Some(u) = &s.unit {
-                if u != "mg/dL" && u != "mmol/L" {
-                    return Err(invalid(
-                        &format!("simulated[{i}].unit"),
-                        "must be \"mg/dL\" or \"mmol/L\"",
-                    ));
-                }
+            if let Some(u) = &s.unit
+                && u != "mg/dL"
+                && u != "mmol/L"
+            {
+                return Err(invalid(
+                    &format!("simulated[{i}].unit"),
+                    "must be \"mg/dL\" or \"mmol/L\"",
+                ));
             }
             if s.stored > MAX_SIMULATED_STORED {
                 return Err(invalid(

@@ -778,14 +778,13 @@ impl Config {
                 "lease_s and poll_ms must be positive".into(),
             ));
         }
-        if let Some(w) = &webhook {
-            if Duration::from_secs(raw.outbox.lease_s) <= w.timeout {
-                return Err(invalid(
-                    "outbox.lease_s",
-                    "must be longer than webhook.timeout_s (a lease must outlive a delivery)"
-                        .into(),
-                ));
-            }
+        if let Some(w) = &webhook
+            && Duration::from_secs(raw.outbox.lease_s) <= w.timeout
+        {
+            return Err(invalid(
+                "outbox.lease_s",
+                "must be longer than webhook.timeout_s (a lease must outlive a delivery)".into(),
+            ));
         }
         let api_listen = if raw.api.listen.is_empty() {
             None

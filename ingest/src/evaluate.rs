@@ -255,10 +255,10 @@ impl Evaluator {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(patient);
-        if let Some((s, e)) = cached {
-            if state == Some(s.as_str()) {
-                return Ok(e);
-            }
+        if let Some((s, e)) = cached
+            && state == Some(s.as_str())
+        {
+            return Ok(e);
         }
         let state = match state.filter(|s| !s.is_empty()) {
             None => EngineState::default(),

@@ -28,10 +28,10 @@ fn has_initdb(dir: &Path) -> bool {
 
 /// The directory holding `initdb`, `pg_ctl` and `postgres`, if any.
 pub fn postgres_bin() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("PG_BIN").map(PathBuf::from) {
-        if has_initdb(&d) {
-            return Some(d);
-        }
+    if let Some(d) = std::env::var_os("PG_BIN").map(PathBuf::from)
+        && has_initdb(&d)
+    {
+        return Some(d);
     }
     if let Some(path) = std::env::var_os("PATH") {
         for d in std::env::split_paths(&path) {

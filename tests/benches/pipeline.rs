@@ -369,7 +369,7 @@ fn thousands(x: f64) -> String {
     let s = n.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(' ');
         }
         out.push(c);
@@ -1676,26 +1676,25 @@ async fn run(sizes: Sizes) -> Result<(), String> {
     );
     // Reference: the same MQTT 5 ceiling against Mosquitto's default receive-maximum.
     let mut default_broker_row = None;
-    if v5_ok && !sizes.broker_defaults {
-        if let Some(Ok(b2)) = TestBroker::start_mosquitto() {
-            if let Ok(r) = raw_throughput(
-                &b2,
-                MqttVersion::V5,
-                sizes.raw_messages,
-                RAW_PAYLOAD,
-                "MQTT 5",
-            )
-            .await
-            {
-                println!(
-                    "reference: raw MQTT 5 against a second Mosquitto with its defaults (receive-maximum {}): {} msg/s",
-                    r.receive_max
-                        .map_or_else(|| "65 535".into(), |m| m.to_string()),
-                    thousands(r.rate())
-                );
-                default_broker_row = Some(r);
-            }
-        }
+    if v5_ok
+        && !sizes.broker_defaults
+        && let Some(Ok(b2)) = TestBroker::start_mosquitto()
+        && let Ok(r) = raw_throughput(
+            &b2,
+            MqttVersion::V5,
+            sizes.raw_messages,
+            RAW_PAYLOAD,
+            "MQTT 5",
+        )
+        .await
+    {
+        println!(
+            "reference: raw MQTT 5 against a second Mosquitto with its defaults (receive-maximum {}): {} msg/s",
+            r.receive_max
+                .map_or_else(|| "65 535".into(), |m| m.to_string()),
+            thousands(r.rate())
+        );
+        default_broker_row = Some(r);
     }
     println!("load average at end: {}", loadavg());
     println!();

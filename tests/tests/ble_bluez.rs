@@ -1902,10 +1902,10 @@ async fn run_fault_plan(
         d.refuse_racp_writes = 0;
     });
     for _ in 0..3 {
-        if let Ok(r) = session_of(&rig, &a, METER, &cfg).await {
-            if r.completion == Completion::Complete {
-                break;
-            }
+        if let Ok(r) = session_of(&rig, &a, METER, &cfg).await
+            && r.completion == Completion::Complete
+        {
+            break;
         }
     }
     (rig.journaled(), stored)

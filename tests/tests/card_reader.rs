@@ -48,7 +48,7 @@ struct PtySerial {
 impl PtySerial {
     fn damage(&mut self, b: &mut u8) {
         self.bytes += 1;
-        if self.corrupt_every > 0 && self.bytes % self.corrupt_every == 0 {
+        if self.corrupt_every > 0 && self.bytes.is_multiple_of(self.corrupt_every) {
             *b ^= 0x24;
             self.damaged.fetch_add(1, Ordering::Relaxed);
         }

@@ -181,10 +181,10 @@ impl PendingSet {
                 }
             }
             IdKey::Other => {
-                if let Some(id) = self.other_of_seq.remove(&seq) {
-                    if self.by_other.get(&id) == Some(&seq) {
-                        self.by_other.remove(&id);
-                    }
+                if let Some(id) = self.other_of_seq.remove(&seq)
+                    && self.by_other.get(&id) == Some(&seq)
+                {
+                    self.by_other.remove(&id);
                 }
             }
         }

@@ -1250,11 +1250,9 @@ impl Journal {
                 }
             }
         }
-        if removed {
-            if let Err(e) = self.storage.sync_dir(&self.cfg.dir) {
-                tracing::warn!(dir = %self.cfg.dir.display(), error = %e,
+        if removed && let Err(e) = self.storage.sync_dir(&self.cfg.dir) {
+            tracing::warn!(dir = %self.cfg.dir.display(), error = %e,
                     "journal: could not fsync the directory after deleting segments");
-            }
         }
     }
 

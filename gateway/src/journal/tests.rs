@@ -937,8 +937,8 @@ fn half_made_segments_and_foreign_files_are_ignored() {
 fn varied(i: u64) -> NewRecord {
     NewRecord {
         device: format!("dev-{}", i % 3),
-        device_seq: (i % 4 != 0).then_some(i),
-        reading_id: if i % 2 == 0 {
+        device_seq: (!i.is_multiple_of(4)).then_some(i),
+        reading_id: if i.is_multiple_of(2) {
             format!("{i:08x}-9cc1-5407-9253-b99b9ffbffec")
         } else {
             format!("id-{i}")
@@ -1254,13 +1254,13 @@ fn model_record(device: u8, id: u8, len: u8) -> NewRecord {
     NewRecord {
         device: format!("dev-{device}"),
         // The id determines the reading; the device sequence number rises with it.
-        device_seq: if id % 5 == 0 {
+        device_seq: if id.is_multiple_of(5) {
             None
         } else {
             Some(u64::from(id))
         },
         // Both kinds of dedup key: canonical UUIDs (as `protocol::reading_id` makes them) and others.
-        reading_id: if id % 2 == 0 {
+        reading_id: if id.is_multiple_of(2) {
             format!("5e1ec7ed-0000-5000-8000-{device:04x}{id:08x}")
         } else {
             format!("reading-{device}-{id}")
@@ -1695,7 +1695,7 @@ fn journal_memory_with_100k_pending() {
             .collect();
         n += batch.len() as u64;
         j.append(&batch).unwrap();
-        if std::env::var_os("JOURNAL_RSS_STEPS").is_some() && n % 12_800 == 0 {
+        if std::env::var_os("JOURNAL_RSS_STEPS").is_some() && n.is_multiple_of(12_800) {
             let (rss, _, anon) = rss_kib();
             println!("{n}: RSS {rss} KiB, anonymous {anon} KiB");
         }

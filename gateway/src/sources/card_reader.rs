@@ -214,11 +214,10 @@ impl Task {
                         Ok(n) => n,
                     };
                     for &byte in buf.get(..n).unwrap_or(&[]) {
-                        if let Some(message) = link.receive(byte) {
-                            if !self.deliver(message).await {
+                        if let Some(message) = link.receive(byte)
+                            && !self.deliver(message).await {
                                 return End::Shutdown;
                             }
-                        }
                     }
                 }
                 // Once every CardReader handle is gone, `None` disables this branch; taps still flow.

@@ -226,10 +226,10 @@ impl UplinkConfig {
         if self.password.is_some() && self.username.is_none() {
             return Err(ConfigError::PasswordWithoutUsername);
         }
-        if let Some(t) = &self.config_topic {
-            if t.is_empty() || !rumqttc::valid_topic(t) {
-                return Err(ConfigError::ConfigTopic(t.clone()));
-            }
+        if let Some(t) = &self.config_topic
+            && (t.is_empty() || !rumqttc::valid_topic(t))
+        {
+            return Err(ConfigError::ConfigTopic(t.clone()));
         }
         if self.max_packet_bytes < MIN_MAX_PACKET_BYTES {
             return Err(ConfigError::MaxPacketBytes(self.max_packet_bytes));

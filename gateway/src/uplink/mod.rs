@@ -502,12 +502,12 @@ impl Uplink {
             "uplink: the broker sent a packet over max_packet_bytes; reconnecting without the configuration subscription"
         );
         self.config_paused_until = Some(Instant::now() + CONFIG_RESUBSCRIBE_AFTER);
-        if let Some(tx) = &self.cfg.inbound {
-            if tx.try_send(Inbound::TooLarge { bytes, max }).is_err() {
-                warn!(
-                    "oversized configuration notice dropped (the previous message is still being applied)"
-                );
-            }
+        if let Some(tx) = &self.cfg.inbound
+            && tx.try_send(Inbound::TooLarge { bytes, max }).is_err()
+        {
+            warn!(
+                "oversized configuration notice dropped (the previous message is still being applied)"
+            );
         }
     }
 
@@ -517,10 +517,10 @@ impl Uplink {
             debug!(topic = %topic, "message on a topic not subscribed to (ignored)");
             return;
         }
-        if let Some(tx) = &self.cfg.inbound {
-            if tx.try_send(Inbound::Message(payload)).is_err() {
-                warn!(topic = %topic, "configuration message dropped (the previous one is still being applied)");
-            }
+        if let Some(tx) = &self.cfg.inbound
+            && tx.try_send(Inbound::Message(payload)).is_err()
+        {
+            warn!(topic = %topic, "configuration message dropped (the previous one is still being applied)");
         }
     }
 

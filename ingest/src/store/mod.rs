@@ -286,10 +286,10 @@ pub(crate) fn prepare(m: &Inbound) -> Prepared {
             if !v.is_object() {
                 return bad("not a JSON object".into());
             }
-            if let Some(schema) = v.get("schema").and_then(|s| s.as_str()) {
-                if !is_major_1(schema, "phg.event") {
-                    return bad("unknown schema: ingest reads phg.event/1".into());
-                }
+            if let Some(schema) = v.get("schema").and_then(|s| s.as_str())
+                && !is_major_1(schema, "phg.event")
+            {
+                return bad("unknown schema: ingest reads phg.event/1".into());
             }
             let gateway = match v.get("gateway") {
                 None => gateway_of_topic.to_owned(),

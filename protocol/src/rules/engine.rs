@@ -870,12 +870,12 @@ fn confirm_pending(
         }
         p.alert.observed = f.observed;
     }
-    if let Some(s) = raise_to {
-        if s > p.alert.severity {
-            p.alert.severity = s;
-            p.alert.message = format!("{} (symptoms reported)", p.alert.message);
-            p.merge_s = ctx.rules.file().episodes.merge_s.get(s);
-        }
+    if let Some(s) = raise_to
+        && s > p.alert.severity
+    {
+        p.alert.severity = s;
+        p.alert.message = format!("{} (symptoms reported)", p.alert.message);
+        p.merge_s = ctx.rules.file().episodes.merge_s.get(s);
     }
     if by == ConfirmedBy::Timeout && p.low_quality {
         // CLINICAL.md §3.2: never a crisis alert from a low-quality reading without a clean repeat.
@@ -1043,15 +1043,13 @@ fn apply_episode(
                 .episodes
                 .get(family)
                 .is_some_and(|e| t.saturating_sub(e.window_start_utc) > e.merge_s);
-            if expired {
-                if let Some(mut e) = st.episodes.remove(family) {
-                    e.alert.status = AlertStatus::Closed;
-                    e.alert.updated_utc = t;
-                    out.push(AlertAction::Close {
-                        alert: e.alert,
-                        reason: CloseReason::Expired,
-                    });
-                }
+            if expired && let Some(mut e) = st.episodes.remove(family) {
+                e.alert.status = AlertStatus::Closed;
+                e.alert.updated_utc = t;
+                out.push(AlertAction::Close {
+                    alert: e.alert,
+                    reason: CloseReason::Expired,
+                });
             }
             if let Some(e) = st.episodes.get_mut(family) {
                 e.in_range = 0;
@@ -1128,15 +1126,13 @@ fn apply_episode(
                 }
                 None => false,
             };
-            if done {
-                if let Some(mut e) = st.episodes.remove(family) {
-                    e.alert.status = AlertStatus::Closed;
-                    e.alert.updated_utc = t;
-                    out.push(AlertAction::Close {
-                        alert: e.alert,
-                        reason: CloseReason::InRange,
-                    });
-                }
+            if done && let Some(mut e) = st.episodes.remove(family) {
+                e.alert.status = AlertStatus::Closed;
+                e.alert.updated_utc = t;
+                out.push(AlertAction::Close {
+                    alert: e.alert,
+                    reason: CloseReason::InRange,
+                });
             }
         }
     }

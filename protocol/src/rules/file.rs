@@ -983,20 +983,20 @@ fn check_rule(r: &RuleDef) -> Result<(), RuleFileError> {
     if r.escalate_to.is_some() == r.escalate_if.is_empty() {
         return Err(invalid(&at, "escalate_to and escalate_if go together"));
     }
-    if let Some(p) = r.pattern {
-        if p.sessions == 0 || p.within_days == 0 {
-            return Err(invalid(&at, "pattern needs sessions and within_days > 0"));
-        }
+    if let Some(p) = r.pattern
+        && (p.sessions == 0 || p.within_days == 0)
+    {
+        return Err(invalid(&at, "pattern needs sessions and within_days > 0"));
     }
-    if let Some(o) = r.of_last {
-        if o.count == 0 || o.count > o.of {
-            return Err(invalid(&at, "of_last needs 0 < count <= of"));
-        }
+    if let Some(o) = r.of_last
+        && (o.count == 0 || o.count > o.of)
+    {
+        return Err(invalid(&at, "of_last needs 0 < count <= of"));
     }
-    if let Some(w) = r.window {
-        if w.days == 0 || w.min_readings == 0 {
-            return Err(invalid(&at, "window needs days and min_readings > 0"));
-        }
+    if let Some(w) = r.window
+        && (w.days == 0 || w.min_readings == 0)
+    {
+        return Err(invalid(&at, "window needs days and min_readings > 0"));
     }
     if r.single_severity.is_some() && r.pattern.is_none() {
         return Err(invalid(

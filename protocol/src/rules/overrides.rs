@@ -473,16 +473,16 @@ fn check_override(
             if o.mmhg.is_some() || o.bpm.is_some() || (o.mg_dl.is_none() && o.mmol_l.is_none()) {
                 return Err(wrong_unit("mg_dl and/or mmol_l"));
             }
-            if let (Some(mg), Some(mmol)) = (o.mg_dl, o.mmol_l) {
-                if !glucose_pair_agrees(mg, mmol) {
-                    return Err(OverrideError::InconsistentUnits {
-                        patient: patient.into(),
-                        rule_id,
-                        param,
-                        mg_dl: mg,
-                        mmol_l: mmol,
-                    });
-                }
+            if let (Some(mg), Some(mmol)) = (o.mg_dl, o.mmol_l)
+                && !glucose_pair_agrees(mg, mmol)
+            {
+                return Err(OverrideError::InconsistentUnits {
+                    patient: patient.into(),
+                    rule_id,
+                    param,
+                    mg_dl: mg,
+                    mmol_l: mmol,
+                });
             }
             derive_glucose(o);
             o.mmol_l = o.mmol_l.map(|v| v.with_places(1));

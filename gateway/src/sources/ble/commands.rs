@@ -138,11 +138,11 @@ pub async fn pair_and_store(
         .await
         .map_err(|e| BleError::Scan(e.to_string()))?
     {
-        if let Ok(Some(props)) = p.properties().await {
-            if props.address.to_string().eq_ignore_ascii_case(&address) {
-                found = kind_of(&props.services).map(|k| (p, props, k));
-                break;
-            }
+        if let Ok(Some(props)) = p.properties().await
+            && props.address.to_string().eq_ignore_ascii_case(&address)
+        {
+            found = kind_of(&props.services).map(|k| (p, props, k));
+            break;
         }
     }
     let Some((peripheral, props, kind)) = found else {

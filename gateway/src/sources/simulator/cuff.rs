@@ -659,10 +659,10 @@ impl SimCuff {
     /// Takes the next output.
     pub fn poll_output(&mut self) -> Option<DeviceOutput> {
         let q = self.server.outbox.pop_front()?;
-        if let Effect::Delivered(key) = q.effect {
-            if self.config.delete_after_transfer {
-                self.readings.retain(|r| r.key != key);
-            }
+        if let Effect::Delivered(key) = q.effect
+            && self.config.delete_after_transfer
+        {
+            self.readings.retain(|r| r.key != key);
         }
         if q.output == DeviceOutput::Disconnect {
             self.disconnect();
