@@ -291,13 +291,20 @@ async fn remote_config_task(
     }
 }
 
-/// Checks and applies one configuration message. `Ok(Some(v))`: version `v` is now in force;
-/// `Ok(None)`: the version in force again, nothing to do; `Err((version, reason))`: rejected.
-fn apply_remote_config(
-    pipeline: &Pipeline,
+/// Checks one configuration message from the CRM (`…/config`) without applying anything: the JSON, the
+/// schema, the version against the one in force (`in_force`), every device binding and patient id.
+/// `Ok(None)`: the version in force again, nothing to do; `Ok(Some((msg, bindings)))`: valid, to be
+/// applied whole; `Err((version, reason))`: rejected (`version` when it could be read at all). Public
+/// so the fuzz target `crm_config` runs exactly what the gateway runs on an MQTT payload. The patients'
+/// alert settings are checked against the rules when applied ([`EdgeAlerts::set_patients`]).
+///
+/// # Errors
+/// `(version, reason)`: why the message is refused.
+#[allow(clippy::type_complexity)]
+pub fn check_remote_config(
     payload: &[u8],
     in_force: Option<u64>,
-) -> Result<Option<u64>, (Option<u64>, String)> {
+) -> Result<Option<(protocol::wire::ConfigMessage, Bindings)>, (Option<u64>, String)> {
     use protocol::wire::{CONFIG_SCHEMA, ConfigMessage, is_valid_pseudonym};
     // The version first, so a rejection can name it even when the rest does not parse.
     let version = serde_json::from_slice::<serde_json::Value>(payload)
@@ -343,6 +350,20 @@ fn apply_remote_config(
             ));
         }
     }
+    Ok(Some((msg, bindings)))
+}
+
+/// Checks and applies one configuration message. `Ok(Some(v))`: version `v` is now in force;
+/// `Ok(None)`: the version in force again, nothing to do; `Err((version, reason))`: rejected.
+fn apply_remote_config(
+    pipeline: &Pipeline,
+    payload: &[u8],
+    in_force: Option<u64>,
+) -> Result<Option<u64>, (Option<u64>, String)> {
+    let Some((msg, bindings)) = check_remote_config(payload, in_force)? else {
+        return Ok(None);
+    };
+    let version = Some(msg.version);
     if let Some(alerts) = &pipeline.alerts {
         alerts
             .set_patients(&msg.patients)
