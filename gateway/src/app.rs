@@ -437,15 +437,22 @@ fn config_parse_reason(e: &serde_path_to_error::Error<serde_json::Error>) -> Str
     }
 }
 
-/// Checks and applies one configuration message. `Ok(Some(v))`: version `v` is now in force;
-/// `Ok(None)`: the version in force again, nothing to do; `Err((version, reason))`: rejected. A reason
-/// names the key and why, never the value.
-fn apply_remote_config(
-    pipeline: &Pipeline,
+/// Checks one configuration message from the CRM (`…/config`) without applying anything: its size
+/// against `max_bytes` (`mqtt.max_config_bytes`), the JSON, the schema, the version against the one in
+/// force (`in_force`), every device binding and patient id. `Ok(None)`: the version in force again,
+/// nothing to do; `Ok(Some((msg, bindings)))`: valid, to be applied whole; `Err((version, reason))`:
+/// rejected (`version` when it could be read at all). A reason names the key and why, never the value.
+/// Public so the fuzz target `crm_config` runs exactly what the gateway runs on an MQTT payload. The
+/// patients' alert settings are checked against the rules when applied ([`EdgeAlerts::set_patients`]).
+///
+/// # Errors
+/// `(version, reason)`: why the message is refused.
+#[allow(clippy::type_complexity)]
+pub fn check_remote_config(
     payload: &[u8],
     in_force: Option<u64>,
     max_bytes: usize,
-) -> Result<Option<u64>, (Option<u64>, String)> {
+) -> Result<Option<(protocol::wire::ConfigMessage, Bindings)>, (Option<u64>, String)> {
     use protocol::wire::{CONFIG_SCHEMA, ConfigMessage};
     // The version first, so a rejection can name it even when the rest does not parse.
     let version = serde_json::from_slice::<serde_json::Value>(payload)
@@ -495,6 +502,22 @@ fn apply_remote_config(
             ));
         }
     }
+    Ok(Some((msg, bindings)))
+}
+
+/// Checks ([`check_remote_config`]) and applies one configuration message. `Ok(Some(v))`: version `v`
+/// is now in force; `Ok(None)`: the version in force again, nothing to do; `Err((version, reason))`:
+/// rejected.
+fn apply_remote_config(
+    pipeline: &Pipeline,
+    payload: &[u8],
+    in_force: Option<u64>,
+    max_bytes: usize,
+) -> Result<Option<u64>, (Option<u64>, String)> {
+    let Some((msg, bindings)) = check_remote_config(payload, in_force, max_bytes)? else {
+        return Ok(None);
+    };
+    let version = Some(msg.version);
     if let Some(alerts) = &pipeline.alerts {
         alerts
             .set_patients(&msg.patients)

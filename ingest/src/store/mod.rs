@@ -113,26 +113,42 @@ pub enum Stored {
     Bad(String),
 }
 
-/// A message parsed for storing.
+/// A message parsed for storing ([`prepare`]).
 #[derive(Debug)]
-pub(crate) enum Prepared {
+pub enum Prepared {
+    /// A reading to store (and evaluate, when `engine` is `Ok`).
     Reading {
+        /// The parsed message.
         msg: Box<ReadingMessage>,
+        /// The payload as received.
         payload: String,
+        /// Measured at (Unix s); the received time when the reading cannot be evaluated.
         time_utc: i64,
+        /// Received by the gateway at (Unix s).
         received_utc: i64,
+        /// The reading for the rule engine, or why there is none.
         engine: Result<EngineReading, ConvertError>,
     },
+    /// A gateway event to store.
     Event {
+        /// Its id (a digest of topic and payload).
         id: String,
+        /// The gateway it names.
         gateway: String,
+        /// Its kind.
         kind: String,
+        /// The payload as received.
         payload: String,
     },
+    /// A message kept in `bad_messages`.
     Bad {
+        /// Its id (a digest of topic and payload).
         id: String,
+        /// Its topic.
         topic: String,
+        /// What is wrong, never a value.
         error: String,
+        /// The payload (lossy UTF-8).
         payload: String,
     },
 }
@@ -211,8 +227,9 @@ pub(crate) fn conflict_record(topic: &str, payload: &str) -> Prepared {
 }
 
 /// Parses a message. Never fails: what does not parse, or is not a reading or event
-/// ingest may store, becomes [`Prepared::Bad`] (with a reason that names no value).
-pub(crate) fn prepare(m: &Inbound) -> Prepared {
+/// ingest may store, becomes [`Prepared::Bad`] (with a reason that names no value). Public so the fuzz
+/// target `ingest_payload` runs exactly what ingest runs on every MQTT payload.
+pub fn prepare(m: &Inbound) -> Prepared {
     let bad = |error: String| Prepared::Bad {
         id: digest_hex(&[m.topic.as_bytes(), &m.payload]),
         topic: m.topic.clone(),
