@@ -15,6 +15,8 @@ fuzz_target!(|data: &[u8]| {
             topic: topic.to_owned(),
             channel,
             payload: data.to_vec(),
+            // As ingest runs: a payload over the default limit is recorded as too large.
+            max_len: Some(ingest::config::DEFAULT_MAX_MESSAGE_SIZE),
         };
         if let Prepared::Reading { msg, .. } = prepare(&inbound) {
             assert!(
