@@ -90,7 +90,11 @@ async fn load_patients(store: &AnyStore, ev: &Evaluator) -> Result<(), StoreErro
         match serde_json::from_str(&json) {
             Ok(p) => {
                 if let Err(e) = ev.set_patient(p) {
-                    tracing::warn!(error = %e, "stored patient settings rejected");
+                    // The guard-rail's message names the patient: kept out of WARN (privacy rule).
+                    tracing::warn!(
+                        "stored patient settings rejected; that patient is evaluated with the profile defaults"
+                    );
+                    tracing::debug!(error = %e, "stored patient settings rejected");
                 }
             }
             Err(e) => tracing::warn!(error = %e, "stored patient settings unreadable"),
