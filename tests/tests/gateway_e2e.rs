@@ -230,6 +230,30 @@ fn check_sequence(device: &str, got: &[u64], n: u64) -> Result<(), String> {
     ))
 }
 
+/// Waits (up to `within`) until every one of `device`'s `stored` records and the `journal_full` event
+/// have arrived at `sub`, as they must once the broker is back after the journal filled.
+async fn all_records_and_the_journal_full_event(
+    sub: &mut Subscriber,
+    gw: &GatewayProcess,
+    (gateway, device): (&str, &str),
+    stored: u64,
+    within: Duration,
+) {
+    let mut p = Progress::new(gateway);
+    let done = collect_until(sub, within, |r| {
+        let p = p.update(r);
+        p.glucose(device) >= stored as usize && p.events.iter().any(|e| e == "journal_full")
+    })
+    .await;
+    assert!(
+        done,
+        "{} of {stored} records, events {:?}; stderr:\n{}",
+        p.glucose(device),
+        p.events,
+        gw.stderr().text()
+    );
+}
+
 /// Collects until `done` holds for what has arrived, or `timeout`.
 async fn collect_until(
     sub: &mut Subscriber,
@@ -888,19 +912,14 @@ async fn journal_full_stops_downloading_and_nothing_is_lost() {
     let full_at = t0.elapsed();
 
     broker.restart().unwrap();
-    let mut p = Progress::new(GW);
-    let done = collect_until(&mut sub, Duration::from_secs(40), |r| {
-        let p = p.update(r);
-        p.glucose("meter-f") >= STORED as usize && p.events.iter().any(|e| e == "journal_full")
-    })
+    all_records_and_the_journal_full_event(
+        &mut sub,
+        &gw,
+        (GW, "meter-f"),
+        STORED,
+        Duration::from_secs(40),
+    )
     .await;
-    assert!(
-        done,
-        "{} of {STORED} records, events {:?}; stderr:\n{}",
-        p.glucose("meter-f"),
-        p.events,
-        gw.stderr().text()
-    );
     let fulls = gw
         .stderr()
         .all()
@@ -2015,19 +2034,14 @@ async fn disk_full_stops_downloading_and_recovers_when_space_returns() {
     let full_at = t0.elapsed();
 
     broker.restart().unwrap();
-    let mut p = Progress::new(GW);
-    let done = collect_until(&mut sub, Duration::from_secs(90), |r| {
-        let p = p.update(r);
-        p.glucose("meter-s") >= STORED as usize && p.events.iter().any(|e| e == "journal_full")
-    })
+    all_records_and_the_journal_full_event(
+        &mut sub,
+        &gw,
+        (GW, "meter-s"),
+        STORED,
+        Duration::from_secs(90),
+    )
     .await;
-    assert!(
-        done,
-        "{} of {STORED} records, events {:?}:\n{}",
-        p.glucose("meter-s"),
-        p.events,
-        gw.stderr().text()
-    );
     let exit = gw.terminate(Duration::from_secs(15)).await.unwrap();
     assert_clean_exit(&exit);
     sub.collect_for(Duration::from_millis(300)).await;
