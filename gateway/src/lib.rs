@@ -15,6 +15,8 @@
 //! - [`uplink`] — the one task that drives the MQTT client: publishes in journal order, acks on PUBACK,
 //!   reconnects with backoff, keeps the retained status and last will.
 //!
+//! - [`kiosk`] — the clinic kiosk: check-in sessions, attribution of kiosk readings, the unattributed hold,
+//!   the patient and staff pages.
 //! - [`alerts`] — the edge alert engine: evaluates each accepted reading, journals the alerts for the
 //!   `…/alerts` topic.
 //!
@@ -30,6 +32,8 @@ pub mod pipeline;
 pub mod alerts;
 
 pub mod journal;
+
+pub mod kiosk;
 
 pub mod uplink;
 
