@@ -233,7 +233,10 @@ pub trait KioskControl: Send + Sync + 'static {
     ) -> impl Future<Output = Result<SessionView, KioskError>> + Send;
 
     /// Ends the current session (from the patient page's "done" button, `by` is `None`).
-    fn check_out(&self, by: Option<&StaffId>) -> impl Future<Output = Result<(), KioskError>> + Send;
+    fn check_out(
+        &self,
+        by: Option<&StaffId>,
+    ) -> impl Future<Output = Result<(), KioskError>> + Send;
 
     /// Assigns a held reading to a patient: the reading is journaled under its original id, with an audit
     /// event (staff id, time, reading, from unattributed to the patient).
