@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use protocol::rules::{
     AlertAction, Engine, EngineState, OverrideError, PatientSettings, ReadingInput, RuleSet,
+    Symptoms,
 };
 use protocol::wire::{AlertMessage, Topics};
 use tokio::sync::Notify;
@@ -205,6 +206,15 @@ impl EdgeAlerts {
     /// the window rules; returns the alert records to journal.
     pub fn on_deadlines(&self, now_utc: i64) -> Vec<NewRecord> {
         self.advance(now_utc, Engine::on_deadlines)
+    }
+
+    /// The patient reported symptoms (the kiosk's yes/no question, CLINICAL.md §2.3, §4.2: symptoms skip
+    /// confirmation): confirms pending alerts whose rule names them, escalates open episodes, fires
+    /// `reported` rules. Returns the alert records to journal.
+    pub fn on_symptoms(&self, patient: &str, symptoms: Symptoms, now_utc: i64) -> Vec<NewRecord> {
+        self.advance(now_utc, |engine, now| {
+            engine.on_symptoms(patient, now, symptoms)
+        })
     }
 
     /// The engine's next deadline (Unix s), if anything waits for one.

@@ -13,6 +13,8 @@
 
 use std::future::Future;
 
+pub mod web;
+
 use serde::Serialize;
 
 /// What the patient screen shows now. Sent to the page on every change (live updates).
@@ -195,6 +197,24 @@ pub struct StaffView {
 /// never a person's name). Goes into the audit events.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StaffId(pub String);
+
+/// A staff token and the id it is known by in audit events (configured in `[kiosk]`). The token is a
+/// secret: its `Debug` shows only the id.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StaffToken {
+    /// Who used it (goes into audit events).
+    pub id: StaffId,
+    /// The bearer token the staff page sends in a header (compared in constant time).
+    pub token: String,
+}
+
+impl std::fmt::Debug for StaffToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaffToken")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Why a kiosk action was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
