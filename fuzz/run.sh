@@ -38,7 +38,7 @@ targets() {
 # The dictionary of the format a target reads.
 dict() {
     case "$1" in
-        config_gateway | config_ingest | crm_config | ingest_payload) echo "dict/$1.dict" ;;
+        config_gateway | config_ingest | crm_config | ingest_payload | link_frame) echo "dict/$1.dict" ;;
         *) echo "dict/gatt.dict" ;;
     esac
 }

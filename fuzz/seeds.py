@@ -117,6 +117,20 @@ def main():
                          {"device": "A4:C1:38:0B:5E:21", "user_id": 2, "patient": "p-bp-b2"}],
             "patients": patients}, separators=(",", ":")).encode())
 
+    # Kiosk card-reader link frames: the known-answer frames of protocol/src/link.rs's module doc, each
+    # alone, all in one stream, and behind line noise (the decoder must resynchronise at the delimiter).
+    frames = {
+        "hello": "00010201020109F8ACD19101017 4E100".replace(" ", ""),
+        "card4": "000A0502040 4A22B1A56E900".replace(" ", ""),
+        "ack": "00020503FF7100",
+        "show": "00060201012 57B00".replace(" ", ""),
+        "ping": "000503023D0600",
+    }
+    for hexed in frames.values():
+        write("link_frame", bytes.fromhex(hexed))
+    write("link_frame", b"".join(bytes.fromhex(h) for h in frames.values()))
+    write("link_frame", b"\x137garbage" + bytes.fromhex(frames["card4"]))
+
 
 if __name__ == "__main__":
     main()

@@ -210,8 +210,18 @@ impl EdgeAlerts {
 
     /// The patient reported symptoms (the kiosk's yes/no question, CLINICAL.md §2.3, §4.2: symptoms skip
     /// confirmation): confirms pending alerts whose rule names them, escalates open episodes, fires
-    /// `reported` rules. Returns the alert records to journal.
-    pub fn on_symptoms(&self, patient: &str, symptoms: Symptoms, now_utc: i64) -> Vec<NewRecord> {
+    /// `reported` rules. `reading_id` is the reading whose question was answered. Returns the records to
+    /// journal.
+    pub fn on_symptoms(
+        &self,
+        patient: &str,
+        reading_id: &str,
+        symptoms: Symptoms,
+        now_utc: i64,
+    ) -> Vec<NewRecord> {
+        // The report itself travels to ingest (the authoritative engine) in a record of its own: the
+        // "symptoms" branch adds it here; until then only the edge engine learns of it.
+        let _ = reading_id;
         self.advance(now_utc, |engine, now| {
             engine.on_symptoms(patient, now, symptoms)
         })
