@@ -394,7 +394,8 @@ fn prepare_symptoms(text: &str, gateway_of_topic: &str) -> Result<Prepared, Stri
             symptom_names()
         ));
     }
-    let msg: SymptomsMessage = serde_json::from_value(v)
+    // From the text again (not the value): the error then says where.
+    let msg: SymptomsMessage = serde_json::from_str(text)
         .map_err(|e| format!("not a phg.symptoms/1 message: {}", json_error(&e)))?;
     if !is_major_1(&msg.schema, "phg.symptoms") {
         return Err(WANT.into());
