@@ -122,10 +122,10 @@ mod tests {
                 continue;
             }
             let rest = text[at + macro_name.len()..].trim_start();
-            if let Some(literal) = rest.strip_prefix('"') {
-                if let Some(end) = literal.find('"') {
-                    names.insert(literal[..end].to_string());
-                }
+            if let Some(literal) = rest.strip_prefix('"')
+                && let Some(end) = literal.find('"')
+            {
+                names.insert(literal[..end].to_string());
             }
         }
         names
