@@ -433,6 +433,17 @@ impl Kiosk {
         }
     }
 
+    /// What the board should show for the screen now.
+    fn indication_now(&self) -> Indication {
+        match self.screen_now() {
+            PatientScreen::Idle => Indication::Ready,
+            PatientScreen::CardUnknown => Indication::Error,
+            PatientScreen::CheckedIn { .. } => Indication::CheckedIn,
+            PatientScreen::Measuring { .. } => Indication::Measuring,
+            PatientScreen::Result { result, .. } => indication_of(result.advice),
+        }
+    }
+
     fn show(&self, indication: Indication) {
         let reader = self
             .reader
@@ -507,6 +518,35 @@ impl Kiosk {
             None => Vec::new(),
         }
     }
+}
+
+/// Runs the card reader board: each card presented checks its patient in (or shows "card unknown"), and
+/// the kiosk sends the board `Show` as the session goes on. Runs until `shutdown`.
+pub async fn card_reader_task(
+    kiosk: Arc<Kiosk>,
+    config: crate::sources::card_reader::Config,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use crate::sources::card_reader::{self, Event};
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let (reader, task) = card_reader::spawn(config, tx, shutdown.clone());
+    kiosk.attach_reader(reader);
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => break,
+            e = rx.recv() => e,
+        };
+        match event {
+            None => break,
+            Some(Event::CardPresented(uid)) => {
+                kiosk.card_presented(uid.as_bytes(), crate::sources::collector::now_utc());
+            }
+            // A board that (re)starts shows what the kiosk is doing now.
+            Some(Event::Hello(_)) => kiosk.show(kiosk.indication_now()),
+            Some(Event::Fault(_) | Event::Unplugged) => {}
+        }
+    }
+    let _ = task.await;
 }
 
 /// The patient page's words for the engine's decisions on one reading.

@@ -271,6 +271,7 @@ impl UplinkConfig {
             max_packet_bytes: self.max_packet_bytes,
             status_source: self.status_source.clone(),
             status_every: self.status_every.max(Duration::from_secs(1)),
+            connected_flag: None,
         })
     }
 }
@@ -405,6 +406,8 @@ pub struct CheckedUplinkConfig {
     pub(crate) max_packet_bytes: u32,
     pub(crate) status_source: Option<StatusSource>,
     pub(crate) status_every: Duration,
+    /// Kept `true` while connected (the kiosk's staff page shows it).
+    pub(crate) connected_flag: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl CheckedUplinkConfig {
