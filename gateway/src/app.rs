@@ -622,6 +622,27 @@ fn status_source(
 /// # Errors
 /// [`RunError`]: at start (nothing started), or the uplink's fatal error.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSummary, RunError> {
+    run_with(config, shutdown, RunHooks::default()).await
+}
+
+/// What a caller inside the process (the demo, tests) gets of a running gateway.
+#[derive(Debug, Default)]
+pub struct RunHooks {
+    /// Receives the kiosk once it is up (with `[kiosk]`) and the address its pages are served on: the
+    /// demo's simulated staff drive it as the staff page would.
+    pub kiosk:
+        Option<tokio::sync::oneshot::Sender<(Arc<crate::kiosk::Kiosk>, std::net::SocketAddr)>>,
+}
+
+/// [`run`], handing `hooks` what they ask for.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with(
+    config: Config,
+    shutdown: CancellationToken,
+    mut hooks: RunHooks,
+) -> Result<RunSummary, RunError> {
     let topics = topics(&config);
     // Everything that can be checked is checked before anything starts.
     let (config_tx, config_rx) = tokio::sync::mpsc::channel(4);
@@ -707,6 +728,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
                 .local_addr()
                 .map_err(|e| RunError::Start(format!("kiosk.listen: {e}")))?;
             tracing::info!(%addr, "kiosk pages: patient at /, staff at /staff");
+            if let Some(tx) = hooks.kiosk.take() {
+                let _ = tx.send((kiosk.clone(), addr));
+            }
             Some((kiosk, listener, checked.staff.clone(), section.clone()))
         }
         _ => None,
