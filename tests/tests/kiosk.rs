@@ -290,7 +290,7 @@ fn json(payload: &[u8]) -> Value {
     serde_json::from_slice(payload).unwrap()
 }
 
-fn of_type<'a>(sub: &'a mut Subscriber, suffix: &str) -> Vec<Value> {
+fn of_type(sub: &mut Subscriber, suffix: &str) -> Vec<Value> {
     sub.received()
         .iter()
         .filter(|r| r.topic.ends_with(suffix))
