@@ -632,6 +632,9 @@ pub struct RunHooks {
     /// demo's simulated staff drive it as the staff page would.
     pub kiosk:
         Option<tokio::sync::oneshot::Sender<(Arc<crate::kiosk::Kiosk>, std::net::SocketAddr)>>,
+    /// Simulated devices the caller keeps a handle on (it takes their measurements), run like the
+    /// configuration's `[[simulated]]` ones.
+    pub simulated: Vec<(SimulatedSection, SimDevice)>,
 }
 
 /// [`run`], handing `hooks` what they ask for.
@@ -767,6 +770,16 @@ pub async fn run_with(
         let device = simulated_device(s, unix_now(), i as u64 + 1)?;
         devices.spawn(simulated_device_task(
             s.clone(),
+            device,
+            pipeline.clone(),
+            collector_cfg,
+            appended.clone(),
+            shutdown.clone(),
+        ));
+    }
+    for (s, device) in std::mem::take(&mut hooks.simulated) {
+        devices.spawn(simulated_device_task(
+            s,
             device,
             pipeline.clone(),
             collector_cfg,

@@ -444,7 +444,10 @@ async fn held_readings_survive_sigkill_and_staff_assign_or_discard_them_with_an_
     .unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let hooks = gateway::app::RunHooks { kiosk: Some(tx) };
+    let hooks = gateway::app::RunHooks {
+        kiosk: Some(tx),
+        ..Default::default()
+    };
     let run = tokio::spawn(gateway::app::run_with(config, stop.clone(), hooks));
     let (kiosk, _addr) = tokio::time::timeout(Duration::from_secs(20), rx)
         .await
