@@ -723,6 +723,7 @@ pub async fn run_with(
             );
             pipeline.bindings.set_kiosk(Some(kiosk.clone()));
             kiosk.attach(pipeline.clone());
+            kiosk.attach_ble(ble_status.clone());
             uplink_cfg.connected_flag = Some(kiosk.broker_flag());
             let listener = tokio::net::TcpListener::bind(section.listen)
                 .await

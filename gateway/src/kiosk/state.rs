@@ -67,6 +67,8 @@ pub struct Kiosk {
     reader: Mutex<Option<crate::sources::card_reader::CardReader>>,
     /// The uplink's connection, as last seen.
     broker_connected: Arc<AtomicBool>,
+    /// The Bluetooth source's device records (last failure), when the kiosk's devices are real ones.
+    ble: Mutex<Option<crate::sources::ble::BleStatusHandle>>,
 }
 
 #[derive(Debug, Default)]
@@ -133,6 +135,7 @@ impl Kiosk {
             pipeline: Mutex::new(None),
             reader: Mutex::new(None),
             broker_connected: Arc::new(AtomicBool::new(false)),
+            ble: Mutex::new(None),
         })
     }
 
@@ -163,6 +166,11 @@ impl Kiosk {
     /// Gives the kiosk the card reader it sends `Show` to.
     pub fn attach_reader(&self, reader: crate::sources::card_reader::CardReader) {
         *self.reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(reader);
+    }
+
+    /// Gives the kiosk the Bluetooth source's status (each device's last failure, for the staff page).
+    pub fn attach_ble(&self, status: crate::sources::ble::BleStatusHandle) {
+        *self.ble.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
     }
 
     /// Where the uplink reports whether it is connected (shown on the staff page).
@@ -628,6 +636,19 @@ impl KioskControl for Kiosk {
             .collect();
         drop(inner);
         devices.sort_by(|a, b| a.device.cmp(&b.device));
+        let ble = self.ble.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(ble) = ble {
+            let snapshot = ble.snapshot();
+            for d in &mut devices {
+                if let Some(f) = snapshot
+                    .devices
+                    .get(&d.device)
+                    .and_then(|s| s.last_failure.as_ref())
+                {
+                    d.last_failure = Some(format!("{}: {}", f.stage, f.cause));
+                }
+            }
+        }
         let journal_depth = self
             .pipeline()
             .and_then(|p| p.journal.try_lock().ok().map(|j| j.depth()))
