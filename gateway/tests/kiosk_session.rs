@@ -292,3 +292,41 @@ async fn cards_check_in_by_their_hash_and_an_unknown_card_says_so() {
         "p-kiosk-0100"
     );
 }
+
+#[tokio::test]
+async fn the_cuff_pressure_shows_while_measuring_but_only_for_a_checked_in_patient() {
+    use protocol::gatt::bp::IntermediateCuffPressure;
+    let rig = rig();
+    let session = SessionInfo {
+        device: DeviceRef {
+            id: CUFF.into(),
+            model: None,
+            numbering: Default::default(),
+        },
+        clock_offset_s: Some(0),
+    };
+    let pressure =
+        IntermediateCuffPressure::new(PressureUnit::MmHg, SFloat::new(152, 0).unwrap()).to_vec();
+    let mut sink = rig.pipeline.session();
+    sink.live(&session, uuid::INTERMEDIATE_CUFF_PRESSURE, &pressure);
+    assert_eq!(
+        rig.kiosk.screen_now(),
+        PatientScreen::Idle,
+        "nobody checked in"
+    );
+    let s = rig
+        .kiosk
+        .check_in("p-kiosk-0042", &StaffId("desk-1".into()))
+        .await
+        .unwrap();
+    sink.live(&session, uuid::INTERMEDIATE_CUFF_PRESSURE, &pressure);
+    assert_eq!(
+        rig.kiosk.screen_now(),
+        PatientScreen::Measuring {
+            session: s.session,
+            patient_hint: "0042".into(),
+            kind: gateway::kiosk::MeasurementKind::BloodPressure,
+            cuff_pressure_mmhg: Some(152.0),
+        }
+    );
+}

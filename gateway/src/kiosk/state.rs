@@ -243,6 +243,34 @@ impl Kiosk {
         got
     }
 
+    /// A kiosk cuff's pressure while it measures (Intermediate Cuff Pressure): "measuring" with the
+    /// pressure, for the checked-in patient; nothing without a session (it may be anyone's arm).
+    pub fn cuff_pressure(&self, device: &str, mmhg: f32) {
+        let now = crate::sources::collector::now_utc();
+        let mut inner = self.inner();
+        inner.seen.insert(
+            device.to_owned(),
+            (Some(MeasurementKind::BloodPressure), now),
+        );
+        let Some(c) = inner.current.as_mut() else {
+            return;
+        };
+        c.active_utc = c.active_utc.max(now);
+        let screen = PatientScreen::Measuring {
+            session: c.session,
+            patient_hint: c.hint(),
+            kind: MeasurementKind::BloodPressure,
+            cuff_pressure_mmhg: Some(mmhg.round()),
+        };
+        drop(inner);
+        let was_measuring = matches!(self.screen_now(), PatientScreen::Measuring { .. });
+        self.screen.send_replace(screen);
+        if !was_measuring {
+            self.activity.notify_one();
+            self.show(Indication::Measuring);
+        }
+    }
+
     /// Holds a kiosk reading for staff (durably, before its `unattributed` event is journaled). `Ok(false)`:
     /// held already (a re-delivery).
     ///

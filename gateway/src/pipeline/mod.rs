@@ -726,6 +726,26 @@ impl RecordSink for SessionSink {
         }
     }
 
+    fn live(&mut self, session: &SessionInfo, uuid: u16, bytes: &[u8]) {
+        use protocol::gatt::bp::{IntermediateCuffPressure, PressureUnit};
+        if uuid != uuid::INTERMEDIATE_CUFF_PRESSURE {
+            return;
+        }
+        let Some(kiosk) = self.pipeline.bindings.kiosk_of(&session.device.id) else {
+            return;
+        };
+        let Ok(p) = IntermediateCuffPressure::parse(bytes) else {
+            return; // a display value: a damaged one is simply not shown
+        };
+        let mmhg = p.cuff_pressure.value().map(|v| match p.unit {
+            PressureUnit::MmHg => v,
+            PressureUnit::KPa => v * protocol::model::MMHG_PER_KPA,
+        });
+        if let Some(mmhg) = mmhg.filter(|v| v.is_finite() && (0.0..=400.0).contains(v)) {
+            kiosk.cuff_pressure(&session.device.id, mmhg as f32);
+        }
+    }
+
     async fn end_of_transfer(&mut self, session: &SessionInfo) -> Result<(), SinkError> {
         if let Some(held) = self.joiner.finish() {
             self.measurement(
