@@ -767,18 +767,17 @@ pub async fn run_with(
         bp_idle: Duration::from_secs(2),
         ..CollectorConfig::default()
     };
-    for (i, s) in raw.simulated.iter().enumerate() {
-        let device = simulated_device(s, unix_now(), i as u64 + 1)?;
-        devices.spawn(simulated_device_task(
-            s.clone(),
-            device,
-            pipeline.clone(),
-            collector_cfg,
-            appended.clone(),
-            shutdown.clone(),
-        ));
-    }
-    for (s, device) in std::mem::take(&mut hooks.simulated) {
+    // The configuration's simulated devices, then those a caller (the demo) keeps handles on.
+    let configured = raw
+        .simulated
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Ok((s.clone(), simulated_device(s, unix_now(), i as u64 + 1)?)))
+        .collect::<Result<Vec<_>, RunError>>()?;
+    for (s, device) in configured
+        .into_iter()
+        .chain(std::mem::take(&mut hooks.simulated))
+    {
         devices.spawn(simulated_device_task(
             s,
             device,
@@ -789,6 +788,22 @@ pub async fn run_with(
         ));
     }
     devices.spawn(remote_config_task(config_rx, remote, shutdown.clone()));
+    if let Some(a) = alerts {
+        devices.spawn(alert_tick_task(
+            a,
+            pipeline.clone(),
+            Duration::from_secs(raw.alerts.tick_s),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(ble) = &raw.ble {
+        devices.spawn(crate::sources::ble::run(
+            ble.to_ble_config(),
+            pipeline.clone(),
+            ble_status.clone(),
+            shutdown.clone(),
+        ));
+    }
     let kiosk = match kiosk {
         Some((kiosk, listener, staff, section)) => {
             devices.spawn(kiosk.clone().run_idle(shutdown.clone()));
@@ -814,22 +829,6 @@ pub async fn run_with(
         }
         None => None,
     };
-    if let Some(a) = alerts {
-        devices.spawn(alert_tick_task(
-            a,
-            pipeline.clone(),
-            Duration::from_secs(raw.alerts.tick_s),
-            shutdown.clone(),
-        ));
-    }
-    if let Some(ble) = &raw.ble {
-        devices.spawn(crate::sources::ble::run(
-            ble.to_ble_config(),
-            pipeline.clone(),
-            ble_status.clone(),
-            shutdown.clone(),
-        ));
-    }
     devices.close();
 
     shutdown.cancelled().await;
