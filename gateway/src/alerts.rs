@@ -183,6 +183,17 @@ impl EdgeAlerts {
 
     /// Evaluates an accepted reading; returns the alert records to journal.
     pub fn on_reading(&self, input: &ReadingInput<'_>, now_utc: i64) -> Vec<NewRecord> {
+        self.on_reading_with(input, now_utc, |_| {})
+    }
+
+    /// [`EdgeAlerts::on_reading`], showing the engine's decisions to `inspect` first (the kiosk's patient
+    /// page puts them in plain words).
+    pub fn on_reading_with(
+        &self,
+        input: &ReadingInput<'_>,
+        now_utc: i64,
+        inspect: impl FnOnce(&[AlertAction]),
+    ) -> Vec<NewRecord> {
         let (actions, snapshot) = {
             let mut engine = self.engine();
             let actions = engine.on_reading(input);
@@ -191,6 +202,7 @@ impl EdgeAlerts {
             (actions, snapshot)
         };
         self.save(snapshot);
+        inspect(&actions);
         // The reading may have opened a pending confirmation or an alert to acknowledge.
         self.changed.notify_one();
         self.records(actions, now_utc)

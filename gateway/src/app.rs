@@ -453,11 +453,28 @@ pub fn check_remote_config(
     in_force: Option<u64>,
     max_bytes: usize,
 ) -> Result<Option<(protocol::wire::ConfigMessage, Bindings)>, (Option<u64>, String)> {
-    use protocol::wire::{CONFIG_SCHEMA, ConfigMessage};
+    use protocol::wire::{CONFIG_SCHEMA, CONFIG_SCHEMA_V1, ConfigMessage};
     // The version first, so a rejection can name it even when the rest does not parse.
-    let version = serde_json::from_slice::<serde_json::Value>(payload)
-        .ok()
+    let value = serde_json::from_slice::<serde_json::Value>(payload).ok();
+    let version = value
+        .as_ref()
         .and_then(|v| v.get("version").and_then(serde_json::Value::as_u64));
+    // The schema before the fields: a newer CRM's message is refused for what it is, not for a field
+    // this gateway does not know.
+    if let Some(schema) = value
+        .as_ref()
+        .and_then(|v| v.get("schema").and_then(serde_json::Value::as_str))
+        && schema != CONFIG_SCHEMA
+        && schema != CONFIG_SCHEMA_V1
+    {
+        return Err((
+            version,
+            format!(
+                "`schema` is not one this gateway reads ({CONFIG_SCHEMA_V1} or {CONFIG_SCHEMA}); \
+                 update the gateway or send {CONFIG_SCHEMA}"
+            ),
+        ));
+    }
     if payload.len() > max_bytes {
         return Err((
             version,
@@ -471,8 +488,14 @@ pub fn check_remote_config(
         serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(payload))
             .map_err(|e| (version, config_parse_reason(&e)))?;
     let version = Some(msg.version);
-    if msg.schema != CONFIG_SCHEMA {
-        return Err((version, format!("`schema` is not {CONFIG_SCHEMA}")));
+    if msg.schema != CONFIG_SCHEMA && msg.schema != CONFIG_SCHEMA_V1 {
+        return Err((
+            version,
+            format!("`schema` is not {CONFIG_SCHEMA_V1} or {CONFIG_SCHEMA}"),
+        ));
+    }
+    if msg.schema == CONFIG_SCHEMA_V1 && !msg.cards.is_empty() {
+        return Err((version, format!("`cards` needs `schema` {CONFIG_SCHEMA}")));
     }
     match in_force {
         Some(v) if msg.version == v => return Ok(None),
@@ -502,6 +525,27 @@ pub fn check_remote_config(
             ));
         }
     }
+    let mut cards = std::collections::HashSet::new();
+    for (i, c) in msg.cards.iter().enumerate() {
+        if !crate::kiosk::card::is_card_hash(&c.card) {
+            return Err((
+                version,
+                format!(
+                    "cards[{i}].card is not a card hash (HMAC-SHA256, 64 lower-case hex digits; \
+                     `gateway kiosk card-hash` computes it): never send a card's UID"
+                ),
+            ));
+        }
+        if !protocol::wire::is_valid_pseudonym(&c.patient) {
+            return Err((
+                version,
+                format!("cards[{i}].patient is not a pseudonymous id"),
+            ));
+        }
+        if !cards.insert(c.card.as_str()) {
+            return Err((version, format!("cards[{i}].card is listed twice")));
+        }
+    }
     Ok(Some((msg, bindings)))
 }
 
@@ -525,6 +569,14 @@ fn apply_remote_config(
     }
     let (n_bindings, n_patients) = (msg.bindings.len(), msg.patients.len());
     pipeline.bindings.replace_with(bindings);
+    if let Some(kiosk) = pipeline.bindings.kiosk() {
+        kiosk.set_cards(
+            msg.cards
+                .iter()
+                .map(|c| (c.card.clone(), c.patient.clone()))
+                .collect(),
+        );
+    }
     tracing::info!(
         version = msg.version,
         bindings = n_bindings,
@@ -570,6 +622,30 @@ fn status_source(
 /// # Errors
 /// [`RunError`]: at start (nothing started), or the uplink's fatal error.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSummary, RunError> {
+    run_with(config, shutdown, RunHooks::default()).await
+}
+
+/// What a caller inside the process (the demo, tests) gets of a running gateway.
+#[derive(Debug, Default)]
+pub struct RunHooks {
+    /// Receives the kiosk once it is up (with `[kiosk]`) and the address its pages are served on: the
+    /// demo's simulated staff drive it as the staff page would.
+    pub kiosk:
+        Option<tokio::sync::oneshot::Sender<(Arc<crate::kiosk::Kiosk>, std::net::SocketAddr)>>,
+    /// Simulated devices the caller keeps a handle on (it takes their measurements), run like the
+    /// configuration's `[[simulated]]` ones.
+    pub simulated: Vec<(SimulatedSection, SimDevice)>,
+}
+
+/// [`run`], handing `hooks` what they ask for.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with(
+    config: Config,
+    shutdown: CancellationToken,
+    mut hooks: RunHooks,
+) -> Result<RunSummary, RunError> {
     let topics = topics(&config);
     // Everything that can be checked is checked before anything starts.
     let (config_tx, config_rx) = tokio::sync::mpsc::channel(4);
@@ -633,6 +709,36 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         counters: counters.clone(),
         alerts: alerts.clone(),
     };
+    // The kiosk before the CRM's configuration is loaded (it carries the card map).
+    let kiosk = match (&raw.kiosk, &config.kiosk) {
+        (Some(section), Some(checked)) => {
+            let kiosk = Arc::new(
+                crate::kiosk::Kiosk::open(crate::kiosk::KioskSettings {
+                    devices: section.devices.clone(),
+                    idle_timeout: Duration::from_secs(section.idle_timeout_s),
+                    hold_file: section.hold_file(&raw.journal.dir),
+                    card_key: checked.card_key.clone(),
+                })
+                .map_err(|e| RunError::Start(e.to_string()))?,
+            );
+            pipeline.bindings.set_kiosk(Some(kiosk.clone()));
+            kiosk.attach(pipeline.clone());
+            kiosk.attach_ble(ble_status.clone());
+            uplink_cfg.connected_flag = Some(kiosk.broker_flag());
+            let listener = tokio::net::TcpListener::bind(section.listen)
+                .await
+                .map_err(|e| RunError::Start(format!("kiosk.listen {}: {e}", section.listen)))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| RunError::Start(format!("kiosk.listen: {e}")))?;
+            tracing::info!(%addr, "kiosk pages: patient at /, staff at /staff");
+            if let Some(tx) = hooks.kiosk.take() {
+                let _ = tx.send((kiosk.clone(), addr));
+            }
+            Some((kiosk, listener, checked.staff.clone(), section.clone()))
+        }
+        _ => None,
+    };
     // The CRM's last configuration before any device is read: the file's bindings are only the start.
     let mut remote = RemoteConfig {
         pipeline: pipeline.clone(),
@@ -661,10 +767,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         bp_idle: Duration::from_secs(2),
         ..CollectorConfig::default()
     };
-    for (i, s) in raw.simulated.iter().enumerate() {
-        let device = simulated_device(s, unix_now(), i as u64 + 1)?;
+    // The configuration's simulated devices, then those a caller (the demo) keeps handles on.
+    let configured = raw
+        .simulated
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Ok((s.clone(), simulated_device(s, unix_now(), i as u64 + 1)?)))
+        .collect::<Result<Vec<_>, RunError>>()?;
+    for (s, device) in configured
+        .into_iter()
+        .chain(std::mem::take(&mut hooks.simulated))
+    {
         devices.spawn(simulated_device_task(
-            s.clone(),
+            s,
             device,
             pipeline.clone(),
             collector_cfg,
@@ -689,11 +804,41 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
             shutdown.clone(),
         ));
     }
+    let kiosk = match kiosk {
+        Some((kiosk, listener, staff, section)) => {
+            devices.spawn(kiosk.clone().run_idle(shutdown.clone()));
+            {
+                let (kiosk, shutdown) = (kiosk.clone(), shutdown.clone());
+                devices.spawn(async move {
+                    if let Err(e) = crate::kiosk::web::serve(listener, kiosk, staff, shutdown).await
+                    {
+                        tracing::error!(error = %e, "kiosk web server stopped");
+                    }
+                });
+            }
+            if let Some(path) = &section.reader {
+                let mut cfg = crate::sources::card_reader::Config::new(path.clone());
+                cfg.baud = section.baud;
+                devices.spawn(crate::kiosk::state::card_reader_task(
+                    kiosk.clone(),
+                    cfg,
+                    shutdown.clone(),
+                ));
+            }
+            Some(kiosk)
+        }
+        None => None,
+    };
     devices.close();
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: finishing device sessions");
     devices.wait().await;
+    // The kiosk and the pipeline refer to each other: let go, so the writer handle can be dropped.
+    if let Some(kiosk) = kiosk {
+        kiosk.detach();
+        pipeline.bindings.set_kiosk(None);
+    }
     // Dropping the last writer handle ends the writer thread after its queue is committed.
     drop(pipeline);
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;

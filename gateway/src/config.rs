@@ -337,6 +337,82 @@ impl BleSection {
     }
 }
 
+/// `[kiosk]`: a clinic kiosk with shared devices (docs/kiosk.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KioskSection {
+    /// The patient and staff pages' address; loopback by default (a kiosk browser on the same machine).
+    #[serde(default = "default_kiosk_listen")]
+    pub listen: SocketAddr,
+    /// The shared kiosk devices (device ids): their readings go to the checked-in patient, not to a binding.
+    pub devices: Vec<String>,
+    /// A session ends after this long without activity, seconds.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_s: u64,
+    /// Where held (unattributed) readings are kept; absent: `kiosk-hold.json` beside the journal directory.
+    pub hold_file: Option<PathBuf>,
+    /// The card reader board's serial port (absent: check-in by staff only).
+    pub reader: Option<PathBuf>,
+    /// Its baud rate.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// The per-deployment card key, hex (at least 32 bytes); or `card_key_file`.
+    pub card_key: Option<String>,
+    /// A file whose first line is the card key, hex.
+    pub card_key_file: Option<PathBuf>,
+    /// `[[kiosk.staff]]`: staff tokens.
+    #[serde(default)]
+    pub staff: Vec<StaffSection>,
+}
+
+/// `[[kiosk.staff]]`: a staff token and the id audit events name it by.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaffSection {
+    /// The id in audit events (a desk or a role, never a person's name): letters, digits, `._-`.
+    pub id: String,
+    /// The token (at least 32 characters); or `token_file`.
+    pub token: Option<String>,
+    /// A file whose first line is the token.
+    pub token_file: Option<PathBuf>,
+}
+
+fn default_kiosk_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8088))
+}
+
+const fn default_idle_timeout() -> u64 {
+    180
+}
+
+const fn default_baud() -> u32 {
+    115_200
+}
+
+/// The shortest staff token accepted, characters.
+pub const MIN_STAFF_TOKEN: usize = 32;
+
+impl KioskSection {
+    /// The held-readings file: as configured, or `kiosk-hold.json` beside the journal directory.
+    pub fn hold_file(&self, journal_dir: &Path) -> PathBuf {
+        self.hold_file.clone().unwrap_or_else(|| {
+            journal_dir
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("kiosk-hold.json")
+        })
+    }
+}
+
+/// `[kiosk]` checked: the secrets read from their files.
+#[derive(Debug, Clone)]
+pub struct KioskConfig {
+    /// The card key, if cards are used.
+    pub card_key: Option<crate::kiosk::card::CardKey>,
+    /// The staff tokens.
+    pub staff: Vec<crate::kiosk::StaffToken>,
+}
+
 /// The file, as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -361,6 +437,8 @@ pub struct RawConfig {
     pub simulated: Vec<SimulatedSection>,
     /// `[ble]`.
     pub ble: Option<BleSection>,
+    /// `[kiosk]`.
+    pub kiosk: Option<KioskSection>,
 }
 
 /// A checked configuration.
@@ -376,6 +454,8 @@ pub struct Config {
     pub password: Option<String>,
     /// The edge alert rules (`[alerts]`), loaded and validated; `None` when alerts are off.
     pub alert_rules: Option<protocol::rules::RuleSet>,
+    /// `[kiosk]`'s secrets, read and checked; `None` without a kiosk.
+    pub kiosk: Option<KioskConfig>,
 }
 
 impl Config {
@@ -550,14 +630,121 @@ impl Config {
                     .map_err(|e| invalid("alerts", &format!("built-in rules: {e}")))?,
             )
         };
+        let kiosk = match &raw.kiosk {
+            Some(k) => Some(
+                check_kiosk(k, alert_rules.is_some()).map_err(|(key, why)| invalid(&key, &why))?,
+            ),
+            None => None,
+        };
         Ok(Config {
             mqtt_version,
             keep_alive: Duration::from_secs(raw.mqtt.keep_alive_s),
             raw,
             password,
             alert_rules,
+            kiosk,
         })
     }
+}
+
+/// Checks `[kiosk]` and reads its secrets. Errors name the key, never the value (a token, a key).
+fn check_kiosk(k: &KioskSection, alerts_on: bool) -> Result<KioskConfig, (String, String)> {
+    let bad = |key: &str, why: &str| (key.to_owned(), why.to_owned());
+    if !alerts_on {
+        return Err(bad(
+            "kiosk",
+            "needs the edge alert engine ([alerts] enabled = true): the patient page's advice is its decision",
+        ));
+    }
+    if k.devices.is_empty() {
+        return Err(bad("kiosk.devices", "must name at least one device"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, d) in k.devices.iter().enumerate() {
+        if d.is_empty() || !seen.insert(d) {
+            return Err(bad(
+                &format!("kiosk.devices[{i}]"),
+                "must be non-empty and unique",
+            ));
+        }
+    }
+    if k.idle_timeout_s < 2 {
+        return Err(bad("kiosk.idle_timeout_s", "must be at least 2 seconds"));
+    }
+    let first_line = |key: &str, file: &Path| -> Result<String, (String, String)> {
+        std::fs::read_to_string(file)
+            .map(|t| t.lines().next().unwrap_or_default().trim().to_owned())
+            .map_err(|e| bad(key, &format!("{}: {}", file.display(), e.kind())))
+    };
+    let card_key = match (&k.card_key, &k.card_key_file) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "kiosk.card_key",
+                "give card_key or card_key_file, not both",
+            ));
+        }
+        (Some(hex), None) => Some(
+            crate::kiosk::card::CardKey::from_hex(hex)
+                .map_err(|e| bad("kiosk.card_key", &e.to_string()))?,
+        ),
+        (None, Some(file)) => Some(
+            crate::kiosk::card::CardKey::from_hex(&first_line("kiosk.card_key_file", file)?)
+                .map_err(|e| bad("kiosk.card_key_file", &e.to_string()))?,
+        ),
+        (None, None) => None,
+    };
+    if k.reader.is_some() && card_key.is_none() {
+        return Err(bad(
+            "kiosk.reader",
+            "a card reader needs the card key (card_key or card_key_file) to recognise cards",
+        ));
+    }
+    if k.baud == 0 {
+        return Err(bad("kiosk.baud", "must be at least 1"));
+    }
+    if k.staff.is_empty() {
+        return Err(bad(
+            "kiosk.staff",
+            "at least one staff token is needed for the staff page",
+        ));
+    }
+    let mut staff = Vec::new();
+    for (i, s) in k.staff.iter().enumerate() {
+        let key = format!("kiosk.staff[{i}]");
+        let id_ok = !s.id.is_empty()
+            && s.id.len() <= 64
+            && s.id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !id_ok {
+            return Err(bad(
+                &format!("{key}.id"),
+                "must be 1-64 letters, digits or '._-'",
+            ));
+        }
+        let token = match (&s.token, &s.token_file) {
+            (Some(t), None) => t.clone(),
+            (None, Some(file)) => first_line(&format!("{key}.token_file"), file)?,
+            _ => return Err(bad(&key, "give token or token_file (one of them)")),
+        };
+        if token.chars().count() < MIN_STAFF_TOKEN {
+            return Err(bad(
+                &format!("{key}.token"),
+                &format!("must be at least {MIN_STAFF_TOKEN} characters"),
+            ));
+        }
+        if staff
+            .iter()
+            .any(|t: &crate::kiosk::StaffToken| t.id.0 == s.id || t.token == token)
+        {
+            return Err(bad(&key, "each staff id and token must be unique"));
+        }
+        staff.push(crate::kiosk::StaffToken {
+            id: crate::kiosk::StaffId(s.id.clone()),
+            token,
+        });
+    }
+    Ok(KioskConfig { card_key, staff })
 }
 
 /// What [`check_bindings`] says is wrong: the key (`bindings[i].patient`) and why. Never the value: a

@@ -1,9 +1,11 @@
 //! `gateway demo`: the whole gateway on one machine, with nothing installed.
 //!
 //! An embedded broker (rumqttd, MQTT 3.1.1) on a loopback port, a simulated home patient (a glucometer and
-//! a cuff), a simulated clinic cuff with two users — one checked in, one not, so unattributed readings show
-//! up — the real pipeline and journal in a temporary directory, and a subscriber that prints each delivered
-//! message as a readable line. The configuration goes through the same parser as `gateway run`.
+//! a cuff), a clinic kiosk with a shared cuff and meter — its pages served on a loopback port, simulated
+//! patients checking in by card and at the staff desk, one who forgets to check in (held unattributed) and
+//! one with a crisis-range reading (see a nurse) — the real pipeline and journal in a temporary directory,
+//! and a subscriber that prints each delivered message as a readable line. The configuration goes through
+//! the same parser as `gateway run`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,9 +14,14 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
 use crate::app::{self, RunSummary};
 use crate::broker::EmbeddedBroker;
 use crate::config::Config;
+use crate::config::{SimKind, SimulatedSection};
+use crate::kiosk::{Kiosk, KioskControl, PatientScreen, StaffId};
+use crate::sources::simulator::SimDevice;
 
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +51,23 @@ pub struct DemoSummary {
     pub events_seen: u64,
 }
 
-fn demo_config(broker: &str, journal: &Path) -> String {
+/// The demo's clinic kiosk devices (driven by [`clinic`], not by a timer).
+const CLINIC_CUFF: &str = "sim-clinic-cuff";
+const CLINIC_METER: &str = "sim-clinic-meter";
+/// The demo's staff token id.
+const DEMO_DESK: &str = "demo-desk";
+/// The demo's clinic cards (UIDs as a reader reports them) and their patients.
+const CARDS: [([u8; 7], &str); 2] = [
+    ([0x04, 0x5A, 0x3C, 0x21, 0x7F, 0x61, 0x80], "p-clinic-0042"),
+    ([0x04, 0x11, 0x9E, 0x52, 0x3A, 0x61, 0x81], "p-clinic-0044"),
+];
+
+fn random_hex(bytes: usize) -> String {
+    let b: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    protocol::wire::to_hex(&b)
+}
+
+fn demo_config(broker: &str, journal: &Path, card_key: &str, token: &str) -> String {
     format!(
         r#"
 gateway_id = "demo"
@@ -64,11 +87,15 @@ patient = "p-home-0001"
 device = "sim-home-cuff"
 patient = "p-home-0001"
 
-# The clinic cuff: user 1 is checked in; user 2 is nobody's, so their readings wait as unattributed.
-[[bindings]]
-device = "sim-clinic-cuff"
-user_id = 1
-patient = "p-clinic-0042"
+# The clinic kiosk: a shared cuff and meter; readings go to whoever is checked in when they are measured.
+[kiosk]
+listen = "127.0.0.1:0"
+devices = ["{CLINIC_CUFF}", "{CLINIC_METER}"]
+card_key = "{card_key}"
+
+[[kiosk.staff]]
+id = "{DEMO_DESK}"
+token = "{token}"
 
 [[simulated]]
 kind = "glucometer"
@@ -84,16 +111,130 @@ stored = 4
 measure_every_s = 6
 connect_every_s = 6
 
-[[simulated]]
-kind = "cuff"
-id = "sim-clinic-cuff"
-users = [1, 2]
-stored = 6
-measure_every_s = 3
-connect_every_s = 4
 "#,
         journal = journal.display()
     )
+}
+
+/// The clinic's devices: measured by [`clinic`]'s patients, read every 2 s like a kiosk's devices.
+fn clinic_devices() -> Result<Vec<(SimulatedSection, SimDevice)>, DemoError> {
+    let section = |kind, id: &str| SimulatedSection {
+        kind,
+        id: id.to_owned(),
+        // Yesterday's readings in the shared devices' memories: replayed on connect, held, never guessed.
+        stored: 2,
+        measure_every_s: 0,
+        connect_every_s: 2,
+        clock_offset_s: 0,
+        unit: Some("mmol/L".to_owned()),
+        users: vec![1],
+    };
+    let now = crate::sources::simulator::unix_now();
+    let cuff = section(SimKind::Cuff, CLINIC_CUFF);
+    let meter = section(SimKind::Glucometer, CLINIC_METER);
+    Ok(vec![
+        (cuff.clone(), app::simulated_device(&cuff, now - 86_400, 7)?),
+        (
+            meter.clone(),
+            app::simulated_device(&meter, now - 86_400, 8)?,
+        ),
+    ])
+}
+
+/// One clinic day, again and again: the simulated patients at the kiosk.
+async fn clinic(kiosk: Arc<Kiosk>, devices: Vec<SimDevice>, stop: CancellationToken, quiet: bool) {
+    let say = |line: &str| {
+        if !quiet {
+            println!("kiosk    {line}");
+        }
+    };
+    let [cuff, meter] = [devices.first().cloned(), devices.get(1).cloned()];
+    let (Some(cuff), Some(meter)) = (cuff, meter) else {
+        return;
+    };
+    let staff = StaffId(DEMO_DESK.to_owned());
+    let pause = |s: u64| {
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                () = stop.cancelled() => false,
+                () = tokio::time::sleep(Duration::from_secs(s)) => true,
+            }
+        }
+    };
+    let now = crate::sources::simulator::unix_now;
+    let measure_bp = |sys: u16, dia: u16| {
+        let _ = cuff.with_cuff(|c| c.measure(1, sys, dia, 72, Default::default(), now()));
+    };
+    let mut round: u16 = 0;
+    loop {
+        round = round.wrapping_add(1);
+        let jitter = round % 7;
+        // 1. A card tap, a blood pressure in range, "done".
+        if !pause(2).await {
+            return;
+        }
+        say("card tapped: checked in");
+        kiosk.card_presented(&CARDS[0].0, now());
+        if !pause(2).await {
+            return;
+        }
+        measure_bp(124 + jitter, 79);
+        if !pause(7).await {
+            return;
+        }
+        let _ = kiosk.check_out(None).await;
+        say("patient pressed done");
+        // 2. Checked in at the staff desk, a glucose reading.
+        if !pause(3).await {
+            return;
+        }
+        if kiosk.check_in("p-clinic-0043", &staff).await.is_ok() {
+            say("staff checked a patient in");
+        }
+        if !pause(2).await {
+            return;
+        }
+        let _ =
+            meter.with_glucometer(|g| g.add_record(now(), 6.2 + f64::from(jitter) / 10.0, Some(1)));
+        if !pause(7).await {
+            return;
+        }
+        let _ = kiosk.check_out(Some(&staff)).await;
+        // 3. Someone measures without checking in: held for staff.
+        if !pause(3).await {
+            return;
+        }
+        say("a patient measured without checking in: held as unattributed");
+        measure_bp(138, 86 + jitter);
+        // 4. A crisis-range reading: the page asks about symptoms; "yes" means see a nurse now.
+        if !pause(6).await {
+            return;
+        }
+        say("card tapped: checked in");
+        kiosk.card_presented(&CARDS[1].0, now());
+        if !pause(2).await {
+            return;
+        }
+        measure_bp(192, 118);
+        if !pause(6).await {
+            return;
+        }
+        if let PatientScreen::Result {
+            session, result, ..
+        } = kiosk.screen_now()
+            && result.question.is_some()
+        {
+            say("patient answered yes to the symptom question: see a nurse now");
+            let _ = kiosk
+                .answer_symptoms(session, &result.reading_id, true)
+                .await;
+        }
+        if !pause(6).await {
+            return;
+        }
+        let _ = kiosk.check_out(None).await;
+    }
 }
 
 /// One delivered message as a line a person reads.
@@ -158,6 +299,15 @@ pub fn describe(topic: &str, payload: &[u8]) -> String {
             s("/event/device"),
             s("/event/type")
         )
+    } else if topic.ends_with("/config") {
+        let n = |k: &str| v.get(k).and_then(Value::as_array).map_or(0, Vec::len);
+        format!(
+            "config   the CRM's {} version {}: {} bindings, {} kiosk cards",
+            s("/schema"),
+            v.get("version").and_then(Value::as_u64).unwrap_or(0),
+            n("bindings"),
+            n("cards")
+        )
     } else if topic.ends_with("/status") {
         format!("status   gateway {} is {}", s("/gateway"), s("/state"))
     } else if topic.ends_with("/alerts") {
@@ -193,10 +343,26 @@ pub async fn run(shutdown: CancellationToken, quiet: bool) -> Result<DemoSummary
     )?;
     let dir = std::env::temp_dir().join(format!("phg-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let card_key = random_hex(32);
+    let token = random_hex(20);
     let config = Config::parse(
-        &demo_config(&broker.url(), &dir.join("journal")),
+        &demo_config(&broker.url(), &dir.join("journal"), &card_key, &token),
         Path::new("(demo)"),
     )?;
+    // The CRM's side of the kiosk: its configuration maps the cards' keyed hashes to patients.
+    let key = crate::kiosk::card::CardKey::from_hex(&card_key)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let crm_config = serde_json::json!({
+        "schema": protocol::wire::CONFIG_SCHEMA,
+        "version": 1,
+        "bindings": [
+            {"device": "sim-home-meter", "patient": "p-home-0001"},
+            {"device": "sim-home-cuff", "patient": "p-home-0001"},
+        ],
+        "cards": CARDS.iter().map(|(uid, p)| serde_json::json!({"card": key.hash(uid), "patient": p})).collect::<Vec<_>>(),
+    })
+    .to_string();
+    let config_topic = crate::app::topics(&config).config();
     println!(
         "demo: broker {} (embedded), journal {}",
         broker.url(),
@@ -227,6 +393,14 @@ pub async fn run(shutdown: CancellationToken, quiet: bool) -> Result<DemoSummary
                         let _ = client
                             .subscribe(topic_filter.clone(), QoS::AtLeastOnce)
                             .await;
+                        let _ = client
+                            .publish(
+                                config_topic.clone(),
+                                QoS::AtLeastOnce,
+                                true,
+                                crm_config.clone(),
+                            )
+                            .await;
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if p.topic.ends_with("/readings") {
@@ -246,7 +420,24 @@ pub async fn run(shutdown: CancellationToken, quiet: bool) -> Result<DemoSummary
         })
     };
 
-    let run = app::run(config, shutdown).await;
+    let clinic_devices = clinic_devices()?;
+    let handles: Vec<SimDevice> = clinic_devices.iter().map(|(_, d)| d.clone()).collect();
+    let (kiosk_tx, kiosk_rx) = tokio::sync::oneshot::channel();
+    let hooks = app::RunHooks {
+        kiosk: Some(kiosk_tx),
+        simulated: clinic_devices,
+    };
+    let clinic_stop = shutdown.clone();
+    let clinic_task = tokio::spawn(async move {
+        let Ok((kiosk, addr)) = kiosk_rx.await else {
+            return;
+        };
+        println!("kiosk page: http://{addr}/");
+        println!("staff page: http://{addr}/staff  (token: {token})");
+        clinic(kiosk, handles, clinic_stop, quiet).await;
+    });
+    let run = app::run_with(config, shutdown, hooks).await;
+    clinic_task.abort();
     // Let the last deliveries reach the viewer.
     tokio::time::sleep(Duration::from_millis(500)).await;
     viewer_stop.cancel();

@@ -82,6 +82,11 @@ enum Command {
         #[command(subcommand)]
         action: Option<DevicesAction>,
     },
+    /// Clinic kiosk tools.
+    Kiosk {
+        #[command(subcommand)]
+        action: KioskAction,
+    },
     /// Decode one characteristic value, as captured with nRF Connect or btmon, and print it as JSON.
     ///
     /// CHAR is the 16-bit UUID in hex (2A18 glucose, 2A34 glucose context, 2A51 glucose feature, 2A52 RACP,
@@ -95,6 +100,20 @@ enum Command {
         /// The value as transmitted, in hex.
         #[arg(value_name = "HEX", allow_hyphen_values = true, default_value = "")]
         hex: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KioskAction {
+    /// Print a card's hash, HMAC-SHA256(card key, UID), as the CRM's configuration lists it (`cards`).
+    /// The UID is not stored or printed; give the key by file so it stays out of the shell history.
+    CardHash {
+        /// The card key file (`[kiosk] card_key_file`): its first line, hex.
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+        /// The card's UID in hex (4, 7 or 10 bytes), as the reader reports it.
+        #[arg(long, value_name = "HEX")]
+        uid: String,
     },
 }
 
@@ -380,6 +399,18 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: Result<(), String> = match cli.command {
+        Command::Kiosk {
+            action: KioskAction::CardHash { key_file, uid },
+        } => (|| {
+            let text = std::fs::read_to_string(&key_file)
+                .map_err(|e| format!("{}: {e}", key_file.display()))?;
+            let key =
+                gateway::kiosk::card::CardKey::from_hex(text.lines().next().unwrap_or_default())
+                    .map_err(|e| format!("{}: {e}", key_file.display()))?;
+            let uid = gateway::kiosk::card::uid_from_hex(&uid).map_err(|e| e.to_string())?;
+            println!("{}", key.hash(&uid));
+            Ok(())
+        })(),
         Command::Decode {
             characteristic,
             hex,

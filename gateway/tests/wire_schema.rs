@@ -451,6 +451,29 @@ fn all_events() -> Vec<(&'static str, Value)> {
                 &"too short (3 bytes, need 10)",
             )),
         ),
+        (
+            "kiosk reading assigned",
+            event(Event::ReadingAssigned {
+                reading_id: "94271e75-c46f-5b34-8576-702696c5b216".into(),
+                device: CUFF.into(),
+                kind: Kind::BloodPressure,
+                from: "unattributed".into(),
+                held_reason: "no_session".into(),
+                patient: "p-kiosk-0042".into(),
+                staff: "desk-1".into(),
+            }),
+        ),
+        (
+            "kiosk reading discarded",
+            event(Event::ReadingDiscarded {
+                reading_id: "94271e75-c46f-5b34-8576-702696c5b216".into(),
+                device: CUFF.into(),
+                kind: Kind::BloodPressure,
+                held_reason: "outside_session".into(),
+                reason: "cuff demonstration".into(),
+                staff: "desk-1".into(),
+            }),
+        ),
     ]
 }
 

@@ -65,8 +65,11 @@ pub const EVENT_SCHEMA: &str = "phg.event/1";
 pub const STATUS_SCHEMA: &str = "phg.status/1";
 /// The `schema` of an [`AlertMessage`] (`…/alerts`).
 pub const ALERT_SCHEMA: &str = "phg.alert/1";
-/// The `schema` of a [`ConfigMessage`] (`…/config`, CRM → gateway).
-pub const CONFIG_SCHEMA: &str = "phg.config/1";
+/// The `schema` of a [`ConfigMessage`] (`…/config`, CRM → gateway). Version 2 added `cards` (the
+/// kiosk's card → patient map); a gateway of version 2 still reads [`CONFIG_SCHEMA_V1`].
+pub const CONFIG_SCHEMA: &str = "phg.config/2";
+/// The first `schema` of a [`ConfigMessage`]: no `cards`.
+pub const CONFIG_SCHEMA_V1: &str = "phg.config/1";
 /// The `schema` of a [`SymptomsMessage`] (`…/symptoms`).
 pub const SYMPTOMS_SCHEMA: &str = "phg.symptoms/1";
 /// The default topic prefix; the gateway id follows it ([`Topics::default_root`]).
@@ -1036,6 +1039,40 @@ pub enum Event {
         /// The decoder's error.
         error: String,
     },
+    /// Staff assigned a held (unattributed) kiosk reading to a patient: the audit record. The reading
+    /// itself is published on `…/readings` under its original `reading_id` at the same time.
+    ReadingAssigned {
+        /// The reading's id (the id of the reading message published with it).
+        reading_id: String,
+        /// The device id.
+        device: String,
+        /// Glucose or blood pressure.
+        kind: Kind,
+        /// What it was before: `unattributed`.
+        from: String,
+        /// Why it had been held: `no_session`, `outside_session`, `replayed_memory`.
+        held_reason: String,
+        /// The pseudonymous patient it now belongs to.
+        patient: String,
+        /// The id of the staff token used (never a person's name).
+        staff: String,
+    },
+    /// Staff discarded a held (unattributed) kiosk reading (a test, a demonstration): it is not a
+    /// patient's and is not published as a reading.
+    ReadingDiscarded {
+        /// The reading's id.
+        reading_id: String,
+        /// The device id.
+        device: String,
+        /// Glucose or blood pressure.
+        kind: Kind,
+        /// Why it had been held: `no_session`, `outside_session`, `replayed_memory`.
+        held_reason: String,
+        /// Why staff discarded it, in their words.
+        reason: String,
+        /// The id of the staff token used (never a person's name).
+        staff: String,
+    },
 }
 
 /// The numbers behind a [`Rejection`]; each is present when the reason has it.
@@ -1335,6 +1372,21 @@ pub struct ConfigMessage {
     /// Per-patient alert settings (profile, overrides with guard-rails).
     #[serde(default)]
     pub patients: Vec<crate::rules::PatientSettings>,
+    /// The kiosk's cards (`phg.config/2`): which card checks in which patient. Never a card's UID: its
+    /// keyed hash. Replaces the gateway's card map.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cards: Vec<ConfigCard>,
+}
+
+/// One kiosk card of a [`ConfigMessage`] (`phg.config/2`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigCard {
+    /// `HMAC-SHA256(card_key, UID)`, 64 lower-case hex digits (`gateway kiosk card-hash` computes it
+    /// with the deployment's key); never the UID.
+    pub card: String,
+    /// The pseudonymous patient id the card checks in.
+    pub patient: String,
 }
 
 /// One device binding of a [`ConfigMessage`].

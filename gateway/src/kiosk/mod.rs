@@ -13,7 +13,13 @@
 
 use std::future::Future;
 
+pub mod attribution;
+pub mod card;
+pub mod hold;
+pub mod state;
 pub mod web;
+
+pub use state::{Kiosk, KioskSettings};
 
 use serde::Serialize;
 

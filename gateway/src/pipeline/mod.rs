@@ -55,6 +55,8 @@ use writer::{Outcome, Refusal, WriterHandle};
 pub struct Bindings {
     map: std::sync::RwLock<HashMap<(String, Option<u8>), String>>,
     from_crm: AtomicBool,
+    /// The clinic kiosk, whose shared devices are attributed by check-in session instead of a binding.
+    kiosk: std::sync::RwLock<Option<Arc<crate::kiosk::Kiosk>>>,
 }
 
 impl Clone for Bindings {
@@ -64,6 +66,7 @@ impl Clone for Bindings {
         Bindings {
             map: std::sync::RwLock::new(map),
             from_crm: AtomicBool::new(self.from_crm()),
+            kiosk: std::sync::RwLock::new(self.kiosk()),
         }
     }
 }
@@ -92,6 +95,21 @@ impl Bindings {
         let new = other.map.into_inner().unwrap_or_else(|p| p.into_inner());
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = new;
         self.from_crm.store(true, Ordering::Release);
+    }
+
+    /// Makes `kiosk` attribute its devices' readings (`None`: no kiosk, or shutdown letting go of it).
+    pub fn set_kiosk(&self, kiosk: Option<Arc<crate::kiosk::Kiosk>>) {
+        *self.kiosk.write().unwrap_or_else(|p| p.into_inner()) = kiosk;
+    }
+
+    /// The kiosk, if there is one.
+    pub fn kiosk(&self) -> Option<Arc<crate::kiosk::Kiosk>> {
+        self.kiosk.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The kiosk if `device` is one of its shared devices.
+    pub fn kiosk_of(&self, device: &str) -> Option<Arc<crate::kiosk::Kiosk>> {
+        self.kiosk().filter(|k| k.has_device(device))
     }
 
     /// Whether these are the CRM's bindings (a configuration from the CRM has been applied).
@@ -279,6 +297,8 @@ struct ToEvaluate {
     time_utc: i64,
     measurement: Measurement,
     verdict: protocol::validate::Verdict,
+    /// A kiosk reading: the kiosk, its session, and the reading as the page shows it.
+    kiosk: Option<(Arc<crate::kiosk::Kiosk>, u64, Box<wire::ReadingBody>)>,
 }
 
 /// What a journaled record is, for the counters.
@@ -343,6 +363,9 @@ impl SessionSink {
     /// journal refused — which the device still has — is not evaluated twice).
     fn evaluate(&mut self, e: Box<ToEvaluate>) {
         let Some(alerts) = &self.pipeline.alerts else {
+            if let Some((kiosk, session, body)) = &e.kiosk {
+                kiosk.result(*session, &e.reading_id, body, None);
+            }
             return;
         };
         let input = protocol::rules::ReadingInput {
@@ -353,7 +376,13 @@ impl SessionSink {
             verdict: &e.verdict,
             symptoms: protocol::rules::Symptoms::NONE,
         };
-        let records = alerts.on_reading(&input, crate::sources::collector::now_utc());
+        let records =
+            alerts.on_reading_with(&input, crate::sources::collector::now_utc(), |actions| {
+                // The kiosk's patient page shows the engine's decision on this reading.
+                if let Some((kiosk, session, body)) = &e.kiosk {
+                    kiosk.result(*session, &e.reading_id, body, Some(actions));
+                }
+            });
         if !records.is_empty() {
             // Patient ids stay out of INFO lines (issue 11 item 9): the count here, the id at DEBUG.
             tracing::info!(alerts = records.len(), "edge alert decisions");
@@ -462,9 +491,35 @@ impl SessionSink {
             Measurement::BloodPressure(b) => b.user_id,
             Measurement::Glucose(_) => None,
         };
-        let patient = self.pipeline.bindings.patient(device, user_id);
         let gateway = self.pipeline.gateway_id.clone();
         let reading_id = wire::reading_id_of(device, &m).to_string();
+        // A kiosk's shared device has no binding: its session decides (crate::kiosk::attribution).
+        let kiosk = self.pipeline.bindings.kiosk_of(device);
+        let mut kiosk_session = None;
+        let mut kiosk_hold = None;
+        let patient = match &kiosk {
+            None => self.pipeline.bindings.patient(device, user_id),
+            Some(k) => {
+                let kind = match &m {
+                    Measurement::Glucose(_) => crate::kiosk::MeasurementKind::Glucose,
+                    Measurement::BloodPressure(_) => crate::kiosk::MeasurementKind::BloodPressure,
+                };
+                let trusted = verdict
+                    .time
+                    .corrected_utc
+                    .filter(|_| verdict.time.doubt.is_none());
+                match k.attribute(device, kind, received_utc, trusted) {
+                    crate::kiosk::attribution::Attribution::Patient { session, patient } => {
+                        kiosk_session = Some(session);
+                        Some(patient)
+                    }
+                    crate::kiosk::attribution::Attribution::Held(reason) => {
+                        kiosk_hold = Some(reason);
+                        None
+                    }
+                }
+            }
+        };
         let mut evaluate = None;
         let (kind, topic, payload) = if let Some(event) =
             Event::for_excluded(device, patient.as_deref(), &m, &verdict)
@@ -487,13 +542,18 @@ impl SessionSink {
                 })?;
             let payload =
                 serde_json::to_vec(&msg).map_err(|e| SinkError::Unavailable(e.to_string()))?;
-            if self.pipeline.alerts.is_some() {
+            let kiosk = match (kiosk, kiosk_session) {
+                (Some(k), Some(session)) => Some((k, session, Box::new(msg.body))),
+                _ => None,
+            };
+            if self.pipeline.alerts.is_some() || kiosk.is_some() {
                 evaluate = Some(Box::new(ToEvaluate {
                     patient: patient.clone(),
                     reading_id: reading_id.clone(),
                     time_utc: verdict.time.corrected_utc.unwrap_or(received_utc),
                     measurement: m,
                     verdict,
+                    kiosk,
                 }));
             }
             (Kind::Reading, self.pipeline.topics.readings(), payload)
@@ -508,18 +568,37 @@ impl SessionSink {
             let event = Event::unattributed(dref, &m, &verdict, &rx).map_err(|e| {
                 SinkError::Unavailable(format!("cannot build the unattributed event: {e}"))
             })?;
+            if let (Some(k), Some(reason), Event::Unattributed { reading, .. }) =
+                (&kiosk, kiosk_hold, &event)
+            {
+                // Held for staff before the event is journaled (the cursor moves with the journal):
+                // a crash in between re-delivers the reading, which the hold keeps once.
+                let (k, reading, id) = (k.clone(), (**reading).clone(), reading_id.clone());
+                tokio::task::spawn_blocking(move || k.hold(&id, reason, &reading))
+                    .await
+                    .map_err(|e| SinkError::Unavailable(e.to_string()))?
+                    .map_err(|e| SinkError::Unavailable(e.to_string()))?;
+            }
             (
                 Kind::Unattributed,
                 self.pipeline.topics.events(),
                 event_json(&gateway, received_utc, event)?,
             )
         };
+        // A held kiosk reading's event is journaled under an id of its own: its reading id is the
+        // reading's, published once staff assign it — which must not be taken for a duplicate of the
+        // event while that is still pending.
+        let record_id = if kind == Kind::Unattributed && kiosk_hold.is_some() {
+            format!("unattributed:{reading_id}")
+        } else {
+            reading_id
+        };
         self.submit(
             kind,
             NewRecord {
                 device: key,
                 device_seq,
-                reading_id,
+                reading_id: record_id,
                 topic,
                 payload,
             },
@@ -644,6 +723,26 @@ impl RecordSink for SessionSink {
                 };
                 self.submit(Kind::DecodeFailed, record, None).await
             }
+        }
+    }
+
+    fn live(&mut self, session: &SessionInfo, uuid: u16, bytes: &[u8]) {
+        use protocol::gatt::bp::{IntermediateCuffPressure, PressureUnit};
+        if uuid != uuid::INTERMEDIATE_CUFF_PRESSURE {
+            return;
+        }
+        let Some(kiosk) = self.pipeline.bindings.kiosk_of(&session.device.id) else {
+            return;
+        };
+        let Ok(p) = IntermediateCuffPressure::parse(bytes) else {
+            return; // a display value: a damaged one is simply not shown
+        };
+        let mmhg = p.cuff_pressure.value().map(|v| match p.unit {
+            PressureUnit::MmHg => v,
+            PressureUnit::KPa => v * protocol::model::MMHG_PER_KPA,
+        });
+        if let Some(mmhg) = mmhg.filter(|v| v.is_finite() && (0.0..=400.0).contains(v)) {
+            kiosk.cuff_pressure(&session.device.id, mmhg as f32);
         }
     }
 

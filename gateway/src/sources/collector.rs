@@ -81,6 +81,12 @@ pub trait RecordSink: Send {
         received_utc: i64,
     ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
 
+    /// A value for a display only, never part of the record: a cuff's Intermediate Cuff Pressure while it
+    /// measures (the kiosk's patient screen shows it). Nothing by default.
+    fn live(&mut self, session: &SessionInfo, uuid: u16, bytes: &[u8]) {
+        let _ = (session, uuid, bytes);
+    }
+
     /// The transfer ended (response code, time-out, disconnect): release held state (a measurement whose
     /// context never came) and wait until everything handed over is accepted or refused.
     fn end_of_transfer(
@@ -785,8 +791,13 @@ pub async fn blood_pressure_session<L: GattLink, S: RecordSink>(
             Ok(None) => break,
             Ok(Some(n)) => n,
         };
+        if next.uuid == uuid::INTERMEDIATE_CUFF_PRESSURE {
+            // Live cuff pressure is for a display, not the record.
+            sink.live(&session, next.uuid, &next.value);
+            continue;
+        }
         if next.uuid != uuid::BP_MEASUREMENT {
-            continue; // live cuff pressure is for a display, not the record
+            continue;
         }
         held.push((next.uuid, next.value, now_utc()));
     }

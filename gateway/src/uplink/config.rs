@@ -268,6 +268,7 @@ impl UplinkConfig {
             connect_timeout_secs: self.connect_timeout.as_secs(),
             config_topic: self.config_topic.clone(),
             inbound: self.inbound.clone(),
+            connected_flag: None,
             max_packet_bytes: self.max_packet_bytes,
             status_source: self.status_source.clone(),
             status_every: self.status_every.max(Duration::from_secs(1)),
@@ -402,6 +403,8 @@ pub struct CheckedUplinkConfig {
     pub(crate) connect_timeout_secs: u64,
     pub(crate) config_topic: Option<String>,
     pub(crate) inbound: Option<tokio::sync::mpsc::Sender<Inbound>>,
+    /// Kept `true` while connected (the kiosk's staff page shows it).
+    pub(crate) connected_flag: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     pub(crate) max_packet_bytes: u32,
     pub(crate) status_source: Option<StatusSource>,
     pub(crate) status_every: Duration,

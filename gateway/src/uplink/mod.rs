@@ -426,10 +426,17 @@ impl Uplink {
         }
     }
 
+    fn set_connected_flag(&self, connected: bool) {
+        if let Some(flag) = &self.cfg.connected_flag {
+            flag.store(connected, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     async fn on_signal(&mut self, signal: Signal) -> Result<Flow, UplinkError> {
         match signal {
             Signal::ConnAck => {
                 self.connected = true;
+                self.set_connected_flag(true);
                 self.connected_at = Some(Instant::now());
                 self.stats.connections += 1;
                 if self.stats.connections > 1 {
@@ -801,6 +808,7 @@ impl Uplink {
         }
         self.connected_at = None;
         self.connected = false;
+        self.set_connected_flag(false);
         self.reset_window();
         self.set_inflight_gauge();
         self.flush_acks().await
@@ -946,6 +954,7 @@ impl Uplink {
         self.wait_for_ack_job().await?;
         self.sync_due = None;
         self.connected = false;
+        self.set_connected_flag(false);
         self.stats.unacked_at_exit = self.window.records() as u64;
         if self.stats.unacked_at_exit > 0 {
             warn!(

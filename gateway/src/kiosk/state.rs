@@ -1,0 +1,887 @@
+//! The kiosk's state: the session, the hold, the patient screen — and [`KioskControl`] over them.
+//!
+//! The pipeline asks [`Kiosk::attribute`] for every reading of a kiosk device (where it resolves device
+//! bindings for the other devices), holds what it is told to hold ([`Kiosk::hold`]), and reports each
+//! attributed reading once it is accepted, with the edge engine's decision ([`Kiosk::result`]). Staff and
+//! the card reader open and close sessions; a task ends a session after the idle timeout
+//! ([`Kiosk::run_idle`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protocol::link::Indication;
+use protocol::rules::{AlertAction, AlertStatus, Severity, Symptom, Symptoms};
+use protocol::wire::{self, Event, EventMessage, ReadingBody, ReadingMessage};
+use tokio::sync::{Notify, watch};
+
+use super::attribution::{Attribution, HoldReason, ReadingTimes, SessionLog, attribute};
+use super::card::CardKey;
+use super::hold::{HeldEntry, Hold, HoldError, Shown};
+use super::{
+    Advice, CheckInBy, DeviceView, KioskControl, KioskError, MeasurementKind, PatientScreen,
+    ResultView, SessionView, StaffId, StaffView, SymptomQuestion,
+};
+use crate::journal::NewRecord;
+use crate::pipeline::Pipeline;
+use crate::pipeline::writer::Refusal;
+
+/// What a kiosk is configured with (`[kiosk]`).
+#[derive(Debug, Clone)]
+pub struct KioskSettings {
+    /// The shared kiosk devices (device ids).
+    pub devices: Vec<String>,
+    /// A session ends after this long without activity.
+    pub idle_timeout: Duration,
+    /// Where the hold is kept.
+    pub hold_file: PathBuf,
+    /// The per-deployment card key; `None`: cards are not used (staff check-in only).
+    pub card_key: Option<CardKey>,
+}
+
+/// How long an unknown card's message stays on the screen.
+const CARD_UNKNOWN_FOR: Duration = Duration::from_secs(5);
+/// The longest discard reason, characters.
+const MAX_REASON: usize = 200;
+/// A device that sent a value this recently is shown as connected.
+const CONNECTED_WITHIN_S: i64 = 30;
+
+/// The kiosk.
+#[derive(Debug)]
+pub struct Kiosk {
+    devices: HashSet<String>,
+    idle_timeout: Duration,
+    card_key: Option<CardKey>,
+    inner: Mutex<Inner>,
+    hold: Mutex<Hold>,
+    /// Card hash → patient, from the CRM's configuration.
+    cards: Mutex<HashMap<String, String>>,
+    screen: watch::Sender<PatientScreen>,
+    /// Wakes the idle timer when a session starts, ends or sees activity.
+    activity: Notify,
+    /// Journals assignments, discards and symptom answers; taken away at shutdown ([`Kiosk::detach`]).
+    pipeline: Mutex<Option<Pipeline>>,
+    /// The card reader, when there is one: `Show` as the session goes on.
+    reader: Mutex<Option<crate::sources::card_reader::CardReader>>,
+    /// The uplink's connection, as last seen.
+    broker_connected: Arc<AtomicBool>,
+    /// The Bluetooth source's device records (last failure), when the kiosk's devices are real ones.
+    ble: Mutex<Option<crate::sources::ble::BleStatusHandle>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    log: SessionLog,
+    next_session: u64,
+    current: Option<Current>,
+    /// Per kiosk device: kind, last value received (Unix s), last failure.
+    seen: BTreeMap<String, (Option<MeasurementKind>, i64)>,
+}
+
+#[derive(Debug, Clone)]
+struct Current {
+    session: u64,
+    patient: String,
+    by: CheckInBy,
+    started_utc: i64,
+    /// Last activity (check-in, a reading, an answer), Unix s: the idle timeout counts from it.
+    active_utc: i64,
+    /// The latest result shown, and the question still open.
+    result: Option<ResultView>,
+}
+
+impl Current {
+    fn hint(&self) -> String {
+        patient_hint(&self.patient)
+    }
+}
+
+/// At most the last 4 characters of a pseudonymous id (what the patient page may show).
+pub fn patient_hint(patient: &str) -> String {
+    let chars: Vec<char> = patient.chars().collect();
+    chars[chars.len().saturating_sub(4)..].iter().collect()
+}
+
+impl Kiosk {
+    /// A kiosk with its hold loaded from `settings.hold_file`.
+    ///
+    /// # Errors
+    /// The hold file exists but cannot be read.
+    pub fn open(settings: KioskSettings) -> Result<Kiosk, HoldError> {
+        let hold = Hold::open(&settings.hold_file)?;
+        let (screen, _) = watch::channel(PatientScreen::Idle);
+        // Session numbers from the clock in milliseconds: a page open across a restart never sees a
+        // number again for another patient.
+        let next_session = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis()),
+        )
+        .unwrap_or(1);
+        Ok(Kiosk {
+            devices: settings.devices.into_iter().collect(),
+            idle_timeout: settings.idle_timeout,
+            card_key: settings.card_key,
+            inner: Mutex::new(Inner {
+                next_session,
+                ..Inner::default()
+            }),
+            hold: Mutex::new(hold),
+            cards: Mutex::new(HashMap::new()),
+            screen,
+            activity: Notify::new(),
+            pipeline: Mutex::new(None),
+            reader: Mutex::new(None),
+            broker_connected: Arc::new(AtomicBool::new(false)),
+            ble: Mutex::new(None),
+        })
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Plain data, consistent after every statement: a poisoned lock still holds valid state.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn hold_lock(&self) -> std::sync::MutexGuard<'_, Hold> {
+        self.hold.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives the kiosk the pipeline it journals through (after the pipeline is built).
+    pub fn attach(&self, pipeline: Pipeline) {
+        *self.pipeline.lock().unwrap_or_else(|p| p.into_inner()) = Some(pipeline);
+    }
+
+    /// Lets go of the pipeline, so the journal writer can stop (the pipeline's bindings refer back to
+    /// the kiosk). Called at shutdown after the device sessions and the web server have ended.
+    pub fn detach(&self) {
+        self.pipeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.reader.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Gives the kiosk the card reader it sends `Show` to.
+    pub fn attach_reader(&self, reader: crate::sources::card_reader::CardReader) {
+        *self.reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(reader);
+    }
+
+    /// Gives the kiosk the Bluetooth source's status (each device's last failure, for the staff page).
+    pub fn attach_ble(&self, status: crate::sources::ble::BleStatusHandle) {
+        *self.ble.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+    }
+
+    /// Where the uplink reports whether it is connected (shown on the staff page).
+    pub fn broker_flag(&self) -> Arc<AtomicBool> {
+        self.broker_connected.clone()
+    }
+
+    fn pipeline(&self) -> Option<Pipeline> {
+        self.pipeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether `device` is one of this kiosk's shared devices.
+    pub fn has_device(&self, device: &str) -> bool {
+        self.devices.contains(device)
+    }
+
+    /// Replaces the card map (from the CRM's configuration: card hash → patient).
+    pub fn set_cards(&self, cards: HashMap<String, String>) {
+        *self.cards.lock().unwrap_or_else(|p| p.into_inner()) = cards;
+    }
+
+    /// The current screen.
+    pub fn screen_now(&self) -> PatientScreen {
+        self.screen.borrow().clone()
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // The pipeline's side
+    // ---------------------------------------------------------------------------------------------
+
+    /// Who a reading of a kiosk device belongs to (see [`super::attribution`]). A reading attributed to
+    /// the open session counts as activity and shows "measuring" until its result is in.
+    pub fn attribute(
+        &self,
+        device: &str,
+        kind: MeasurementKind,
+        received_utc: i64,
+        trusted_measured_utc: Option<i64>,
+    ) -> Attribution {
+        let times = ReadingTimes {
+            trusted_measured_utc,
+            received_utc,
+            // Every source today delivers a memory transfer (GLS RACP, a cuff's dump): see the rule.
+            from_memory: true,
+        };
+        let mut inner = self.inner();
+        inner
+            .seen
+            .insert(device.to_owned(), (Some(kind), received_utc));
+        let got = attribute(&inner.log.spans(), &times);
+        if let Attribution::Patient { session, .. } = &got
+            && let Some(c) = inner.current.as_mut()
+            && c.session == *session
+        {
+            c.active_utc = c.active_utc.max(received_utc);
+            let screen = PatientScreen::Measuring {
+                session: c.session,
+                patient_hint: c.hint(),
+                kind,
+                cuff_pressure_mmhg: None,
+            };
+            drop(inner);
+            self.screen.send_replace(screen);
+            self.activity.notify_one();
+            self.show(Indication::Measuring);
+        }
+        got
+    }
+
+    /// A kiosk cuff's pressure while it measures (Intermediate Cuff Pressure): "measuring" with the
+    /// pressure, for the checked-in patient; nothing without a session (it may be anyone's arm).
+    pub fn cuff_pressure(&self, device: &str, mmhg: f32) {
+        let now = crate::sources::collector::now_utc();
+        let mut inner = self.inner();
+        inner.seen.insert(
+            device.to_owned(),
+            (Some(MeasurementKind::BloodPressure), now),
+        );
+        let Some(c) = inner.current.as_mut() else {
+            return;
+        };
+        c.active_utc = c.active_utc.max(now);
+        let screen = PatientScreen::Measuring {
+            session: c.session,
+            patient_hint: c.hint(),
+            kind: MeasurementKind::BloodPressure,
+            cuff_pressure_mmhg: Some(mmhg.round()),
+        };
+        drop(inner);
+        let was_measuring = matches!(self.screen_now(), PatientScreen::Measuring { .. });
+        self.screen.send_replace(screen);
+        if !was_measuring {
+            self.activity.notify_one();
+            self.show(Indication::Measuring);
+        }
+    }
+
+    /// Holds a kiosk reading for staff (durably, before its `unattributed` event is journaled). `Ok(false)`:
+    /// held already (a re-delivery).
+    ///
+    /// # Errors
+    /// The hold file could not be written: the reading must not be accepted (the device keeps it).
+    pub fn hold(
+        &self,
+        reading_id: &str,
+        reason: HoldReason,
+        reading: &ReadingBody,
+    ) -> Result<bool, HoldError> {
+        let added = self.hold_lock().insert(HeldEntry {
+            reading_id: reading_id.to_owned(),
+            reason,
+            reading: reading.clone(),
+        })?;
+        if added {
+            tracing::info!(reason = reason.name(), "kiosk reading held as unattributed");
+        }
+        Ok(added)
+    }
+
+    /// The result of an attributed reading, once it is accepted: shown if its session is still the
+    /// current one (never to the next patient).
+    pub fn result(
+        &self,
+        session: u64,
+        reading_id: &str,
+        body: &ReadingBody,
+        actions: Option<&[AlertAction]>,
+    ) {
+        let shown = Shown::of(body);
+        let (advice, question) = match actions {
+            Some(a) => advice_of(a),
+            // Alerts off: the page shows the value; `[kiosk]` requires alerts, so this is a test setup.
+            None => (Advice::Normal, None),
+        };
+        let view = ResultView {
+            reading_id: reading_id.to_owned(),
+            kind: shown.kind,
+            value: shown.value,
+            unit: shown.unit,
+            pulse_bpm: shown.pulse_bpm,
+            advice,
+            question,
+        };
+        let mut inner = self.inner();
+        let Some(c) = inner.current.as_mut().filter(|c| c.session == session) else {
+            return;
+        };
+        c.result = Some(view.clone());
+        let screen = PatientScreen::Result {
+            session,
+            patient_hint: c.hint(),
+            result: view,
+        };
+        drop(inner);
+        self.screen.send_replace(screen);
+        self.activity.notify_one();
+        self.show(indication_of(advice));
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Sessions
+    // ---------------------------------------------------------------------------------------------
+
+    fn open_session(&self, patient: &str, by: CheckInBy, now: i64) -> SessionView {
+        let mut inner = self.inner();
+        inner.next_session += 1;
+        let session = inner.next_session;
+        inner.log.open(session, patient, now);
+        inner.log.prune(now);
+        let c = Current {
+            session,
+            patient: patient.to_owned(),
+            by,
+            started_utc: now,
+            active_utc: now,
+            result: None,
+        };
+        let view = self.session_view(&c);
+        let screen = PatientScreen::CheckedIn {
+            session,
+            patient_hint: c.hint(),
+        };
+        inner.current = Some(c);
+        drop(inner);
+        tracing::info!(session, by = ?by, "kiosk check-in");
+        self.screen.send_replace(screen);
+        self.activity.notify_one();
+        self.show(Indication::CheckedIn);
+        view
+    }
+
+    fn close_session(&self, now: i64, why: &'static str) -> bool {
+        let mut inner = self.inner();
+        let Some(c) = inner.current.take() else {
+            return false;
+        };
+        inner.log.close(now);
+        drop(inner);
+        tracing::info!(session = c.session, why, "kiosk session ended");
+        self.screen.send_replace(PatientScreen::Idle);
+        self.activity.notify_one();
+        self.show(Indication::Ready);
+        true
+    }
+
+    fn session_view(&self, c: &Current) -> SessionView {
+        let expires = c.active_utc + i64::try_from(self.idle_timeout.as_secs()).unwrap_or(i64::MAX);
+        SessionView {
+            session: c.session,
+            patient: c.patient.clone(),
+            by: c.by,
+            started_utc: wire::rfc3339_utc(c.started_utc).unwrap_or_default(),
+            expires_utc: wire::rfc3339_utc(expires).unwrap_or_default(),
+        }
+    }
+
+    /// A card on the reader: the session of the patient the CRM maps its hash to, or "card unknown".
+    pub fn card_presented(self: &Arc<Self>, uid: &[u8], now: i64) {
+        let patient = self.card_key.as_ref().and_then(|key| {
+            let hash = key.hash(uid);
+            self.cards
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&hash)
+                .cloned()
+        });
+        match patient {
+            Some(p) => {
+                self.open_session(&p, CheckInBy::Card, now);
+            }
+            None => {
+                // The hash is not logged either: with the key it names the card.
+                tracing::info!("kiosk: a card no patient is registered for");
+                self.screen.send_replace(PatientScreen::CardUnknown);
+                self.show(Indication::Error);
+                let kiosk = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(CARD_UNKNOWN_FOR).await;
+                    if kiosk.screen_now() == PatientScreen::CardUnknown {
+                        kiosk.screen.send_replace(kiosk.base_screen());
+                    }
+                });
+            }
+        }
+    }
+
+    /// What the screen shows when nothing new happens: the session's state, or idle.
+    fn base_screen(&self) -> PatientScreen {
+        let inner = self.inner();
+        match &inner.current {
+            None => PatientScreen::Idle,
+            Some(c) => match &c.result {
+                Some(r) => PatientScreen::Result {
+                    session: c.session,
+                    patient_hint: c.hint(),
+                    result: r.clone(),
+                },
+                None => PatientScreen::CheckedIn {
+                    session: c.session,
+                    patient_hint: c.hint(),
+                },
+            },
+        }
+    }
+
+    /// Ends the session after the idle timeout; runs until `shutdown`.
+    pub async fn run_idle(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            let notified = self.activity.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let expires = {
+                let inner = self.inner();
+                inner.current.as_ref().map(|c| {
+                    c.active_utc + i64::try_from(self.idle_timeout.as_secs()).unwrap_or(i64::MAX)
+                })
+            };
+            let now = crate::sources::collector::now_utc();
+            if let Some(e) = expires
+                && e <= now
+            {
+                self.close_session(e, "idle timeout");
+                continue;
+            }
+            let wait = expires.map_or(Duration::from_secs(3600), |e| {
+                Duration::from_secs(u64::try_from(e - now).unwrap_or(0))
+            });
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = &mut notified => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// What the board should show for the screen now.
+    fn indication_now(&self) -> Indication {
+        match self.screen_now() {
+            PatientScreen::Idle => Indication::Ready,
+            PatientScreen::CardUnknown => Indication::Error,
+            PatientScreen::CheckedIn { .. } => Indication::CheckedIn,
+            PatientScreen::Measuring { .. } => Indication::Measuring,
+            PatientScreen::Result { result, .. } => indication_of(result.advice),
+        }
+    }
+
+    fn show(&self, indication: Indication) {
+        let reader = self
+            .reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(r) = reader {
+            tokio::spawn(async move {
+                r.show(indication).await;
+            });
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Journaling
+    // ---------------------------------------------------------------------------------------------
+
+    async fn journal(&self, records: Vec<NewRecord>) -> Result<(), KioskError> {
+        let pipeline = self
+            .pipeline()
+            .ok_or_else(|| KioskError::Storage("the gateway is stopping".into()))?;
+        let refused = Arc::new(AtomicBool::new(false));
+        for record in records {
+            let rx = pipeline
+                .writer
+                .submit(record, refused.clone())
+                .await
+                .map_err(|e| KioskError::Storage(e.to_string()))?;
+            match rx.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(KioskError::Storage(e.to_string())),
+                Err(_) => {
+                    return Err(KioskError::Storage(
+                        Refusal::Failed("writer stopped".into()).to_string(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn event_record(
+        &self,
+        pipeline: &Pipeline,
+        record_id: String,
+        device: &str,
+        now: i64,
+        event: Event,
+    ) -> Result<NewRecord, KioskError> {
+        let msg = EventMessage::new(&pipeline.gateway_id, now, event)
+            .map_err(|e| KioskError::Storage(e.to_string()))?;
+        Ok(NewRecord {
+            device: device.to_owned(),
+            device_seq: None,
+            reading_id: record_id,
+            topic: pipeline.topics.events(),
+            payload: serde_json::to_vec(&msg).map_err(|e| KioskError::Storage(e.to_string()))?,
+        })
+    }
+
+    /// The records that carry a symptom answer: the edge engine's decisions, and (the "symptoms" branch
+    /// fills this in through [`crate::alerts::EdgeAlerts::on_symptoms`]) the report for ingest.
+    fn symptom_answer_records(
+        pipeline: &Pipeline,
+        patient: &str,
+        reading_id: &str,
+        symptoms: Symptoms,
+        now: i64,
+    ) -> Vec<NewRecord> {
+        match &pipeline.alerts {
+            Some(a) => a.on_symptoms(patient, reading_id, symptoms, now),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// Runs the card reader board: each card presented checks its patient in (or shows "card unknown"), and
+/// the kiosk sends the board `Show` as the session goes on. Runs until `shutdown`.
+pub async fn card_reader_task(
+    kiosk: Arc<Kiosk>,
+    config: crate::sources::card_reader::Config,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use crate::sources::card_reader::{self, Event};
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let (reader, task) = card_reader::spawn(config, tx, shutdown.clone());
+    kiosk.attach_reader(reader);
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => break,
+            e = rx.recv() => e,
+        };
+        match event {
+            None => break,
+            Some(Event::CardPresented(uid)) => {
+                kiosk.card_presented(uid.as_bytes(), crate::sources::collector::now_utc());
+            }
+            // A board that (re)starts shows what the kiosk is doing now.
+            Some(Event::Hello(_)) => kiosk.show(kiosk.indication_now()),
+            Some(Event::Fault(_) | Event::Unplugged) => {}
+        }
+    }
+    let _ = task.await;
+}
+
+/// The patient page's words for the engine's decisions on one reading.
+pub fn advice_of(actions: &[AlertAction]) -> (Advice, Option<SymptomQuestion>) {
+    let raised: Vec<_> = actions
+        .iter()
+        .filter(|a| {
+            matches!(
+                a,
+                AlertAction::Open(_) | AlertAction::Escalate { .. } | AlertAction::Confirm { .. }
+            )
+        })
+        .map(AlertAction::alert)
+        .collect();
+    let serious = |s: Severity| s >= Severity::Urgent;
+    let question = raised.iter().find_map(|a| match a.family.as_str() {
+        "BP_HIGH" if serious(a.severity) => Some(SymptomQuestion::CrisisSymptoms),
+        "GLU_LOW" if serious(a.severity) => Some(SymptomQuestion::LowGlucoseSymptoms),
+        _ => None,
+    });
+    let advice = if raised
+        .iter()
+        .any(|a| a.status == AlertStatus::Active && serious(a.severity))
+    {
+        Advice::SeeNurse
+    } else if raised.iter().any(|a| a.status == AlertStatus::Pending) {
+        Advice::MeasureAgain
+    } else if raised.iter().any(|a| a.family.contains("LOW")) {
+        Advice::Low
+    } else if raised.iter().any(|a| a.family.contains("HIGH")) {
+        Advice::High
+    } else {
+        Advice::Normal
+    };
+    (advice, question)
+}
+
+fn indication_of(advice: Advice) -> Indication {
+    match advice {
+        Advice::SeeNurse => Indication::SeeANurse,
+        Advice::Normal | Advice::Low | Advice::High | Advice::MeasureAgain => Indication::ResultOk,
+    }
+}
+
+fn check_patient(patient: &str) -> Result<(), KioskError> {
+    if wire::is_valid_pseudonym(patient) {
+        Ok(())
+    } else {
+        Err(KioskError::InvalidPatient(
+            "letters, digits and '._:-', with at least one letter and one digit".into(),
+        ))
+    }
+}
+
+impl KioskControl for Kiosk {
+    fn screen(&self) -> watch::Receiver<PatientScreen> {
+        self.screen.subscribe()
+    }
+
+    fn staff_view(&self) -> StaffView {
+        let now = crate::sources::collector::now_utc();
+        let inner = self.inner();
+        let session = inner.current.as_ref().map(|c| self.session_view(c));
+        let mut devices: Vec<DeviceView> = self
+            .devices
+            .iter()
+            .map(|d| {
+                let seen = inner.seen.get(d);
+                DeviceView {
+                    device: d.clone(),
+                    kind: seen
+                        .and_then(|(k, _)| *k)
+                        .unwrap_or(MeasurementKind::BloodPressure),
+                    connected: seen.is_some_and(|(_, t)| now - t <= CONNECTED_WITHIN_S),
+                    battery_percent: None,
+                    last_failure: None,
+                }
+            })
+            .collect();
+        drop(inner);
+        devices.sort_by(|a, b| a.device.cmp(&b.device));
+        let ble = self.ble.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(ble) = ble {
+            let snapshot = ble.snapshot();
+            for d in &mut devices {
+                if let Some(f) = snapshot
+                    .devices
+                    .get(&d.device)
+                    .and_then(|s| s.last_failure.as_ref())
+                {
+                    d.last_failure = Some(format!("{}: {}", f.stage, f.cause));
+                }
+            }
+        }
+        let journal_depth = self
+            .pipeline()
+            .and_then(|p| p.journal.try_lock().ok().map(|j| j.depth()))
+            .unwrap_or(0);
+        StaffView {
+            session,
+            held: self.hold_lock().view(),
+            devices,
+            journal_depth,
+            broker_connected: self.broker_connected.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn check_in(&self, patient: &str, by: &StaffId) -> Result<SessionView, KioskError> {
+        check_patient(patient)?;
+        tracing::debug!(staff = %by.0, "staff check-in");
+        Ok(self.open_session(
+            patient,
+            CheckInBy::Staff,
+            crate::sources::collector::now_utc(),
+        ))
+    }
+
+    async fn check_out(&self, by: Option<&StaffId>) -> Result<(), KioskError> {
+        let why = if by.is_some() {
+            "staff check-out"
+        } else {
+            "patient done"
+        };
+        self.close_session(crate::sources::collector::now_utc(), why);
+        Ok(())
+    }
+
+    async fn assign(
+        &self,
+        reading_id: &str,
+        patient: &str,
+        by: &StaffId,
+    ) -> Result<(), KioskError> {
+        check_patient(patient)?;
+        let entry = self
+            .hold_lock()
+            .get(reading_id)
+            .cloned()
+            .ok_or(KioskError::NoSuchReading)?;
+        let pipeline = self
+            .pipeline()
+            .ok_or_else(|| KioskError::Storage("the gateway is stopping".into()))?;
+        let now = crate::sources::collector::now_utc();
+        let reading = ReadingMessage {
+            schema: wire::READING_SCHEMA.to_owned(),
+            id: entry.reading_id.clone(),
+            gateway: pipeline.gateway_id.clone(),
+            patient: patient.to_owned(),
+            body: entry.reading.clone(),
+        };
+        let device = entry.reading.device.id.clone();
+        let records = vec![
+            NewRecord {
+                device: device.clone(),
+                device_seq: None,
+                // The reading's own id: the CRM upserts on it.
+                reading_id: entry.reading_id.clone(),
+                topic: pipeline.topics.readings(),
+                payload: serde_json::to_vec(&reading)
+                    .map_err(|e| KioskError::Storage(e.to_string()))?,
+            },
+            self.event_record(
+                &pipeline,
+                format!("assigned:{}", entry.reading_id),
+                &device,
+                now,
+                Event::ReadingAssigned {
+                    reading_id: entry.reading_id.clone(),
+                    device: device.clone(),
+                    kind: entry.reading.kind,
+                    from: "unattributed".to_owned(),
+                    held_reason: entry.reason.name().to_owned(),
+                    patient: patient.to_owned(),
+                    staff: by.0.clone(),
+                },
+            )?,
+        ];
+        self.journal(records).await?;
+        self.hold_lock()
+            .remove(reading_id)
+            .map_err(|e| KioskError::Storage(e.to_string()))?;
+        tracing::info!(staff = %by.0, "held kiosk reading assigned");
+        Ok(())
+    }
+
+    async fn discard(
+        &self,
+        reading_id: &str,
+        reason: &str,
+        by: &StaffId,
+    ) -> Result<(), KioskError> {
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err(KioskError::InvalidReason("required".into()));
+        }
+        if reason.chars().count() > MAX_REASON {
+            return Err(KioskError::InvalidReason(format!(
+                "at most {MAX_REASON} characters"
+            )));
+        }
+        let entry = self
+            .hold_lock()
+            .get(reading_id)
+            .cloned()
+            .ok_or(KioskError::NoSuchReading)?;
+        let pipeline = self
+            .pipeline()
+            .ok_or_else(|| KioskError::Storage("the gateway is stopping".into()))?;
+        let now = crate::sources::collector::now_utc();
+        let device = entry.reading.device.id.clone();
+        let record = self.event_record(
+            &pipeline,
+            format!("discarded:{}", entry.reading_id),
+            &device,
+            now,
+            Event::ReadingDiscarded {
+                reading_id: entry.reading_id.clone(),
+                device: device.clone(),
+                kind: entry.reading.kind,
+                held_reason: entry.reason.name().to_owned(),
+                reason: reason.to_owned(),
+                staff: by.0.clone(),
+            },
+        )?;
+        self.journal(vec![record]).await?;
+        self.hold_lock()
+            .remove(reading_id)
+            .map_err(|e| KioskError::Storage(e.to_string()))?;
+        tracing::info!(staff = %by.0, "held kiosk reading discarded");
+        Ok(())
+    }
+
+    async fn answer_symptoms(
+        &self,
+        session: u64,
+        reading_id: &str,
+        yes: bool,
+    ) -> Result<(), KioskError> {
+        let now = crate::sources::collector::now_utc();
+        let (patient, question) = {
+            let mut inner = self.inner();
+            let c = inner
+                .current
+                .as_mut()
+                .filter(|c| c.session == session)
+                .ok_or(KioskError::StaleSession)?;
+            let r = c
+                .result
+                .as_ref()
+                .filter(|r| r.reading_id == reading_id)
+                .ok_or(KioskError::NoSuchReading)?;
+            let question = r.question.ok_or(KioskError::NoSuchReading)?;
+            c.active_utc = now;
+            (c.patient.clone(), question)
+        };
+        if yes {
+            let symptoms = Symptoms::of(&[match question {
+                SymptomQuestion::CrisisSymptoms => Symptom::CrisisSymptoms,
+                SymptomQuestion::LowGlucoseSymptoms => Symptom::SevereHypoglycaemia,
+            }]);
+            let pipeline = self
+                .pipeline()
+                .ok_or_else(|| KioskError::Storage("the gateway is stopping".into()))?;
+            let records =
+                Self::symptom_answer_records(&pipeline, &patient, reading_id, symptoms, now);
+            let n = records.len();
+            self.journal(records).await?;
+            pipeline
+                .counters
+                .alerts
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        // The answer is in: the question goes, and "yes" means see a nurse now.
+        let screen = {
+            let mut inner = self.inner();
+            let Some(c) = inner.current.as_mut().filter(|c| c.session == session) else {
+                return Ok(());
+            };
+            let patient_hint = c.hint();
+            let Some(r) = c.result.as_mut().filter(|r| r.reading_id == reading_id) else {
+                return Ok(());
+            };
+            r.question = None;
+            if yes {
+                r.advice = Advice::SeeNurse;
+            }
+            PatientScreen::Result {
+                session,
+                patient_hint,
+                result: r.clone(),
+            }
+        };
+        let advice = match &screen {
+            PatientScreen::Result { result, .. } => result.advice,
+            _ => Advice::Normal,
+        };
+        self.screen.send_replace(screen);
+        self.activity.notify_one();
+        self.show(indication_of(advice));
+        Ok(())
+    }
+}
