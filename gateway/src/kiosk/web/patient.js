@@ -43,6 +43,8 @@
       }
     }
     if (s.state === "result") renderResult(s.result, session);
+    else clearResult();
+    if (s.state !== "measuring") $("cuff").textContent = "";
     speakScreen();
   }
 
@@ -65,6 +67,17 @@
     $("yes").disabled = false;
     $("no").disabled = false;
     $("question").dataset.session = String(session);
+  }
+
+  // A hidden result is still in the page: the next patient must not find it there.
+  function clearResult() {
+    for (const id of ["result-kind", "result-value", "result-unit", "result-pulse", "advice-title",
+                      "advice-detail", "question-text"]) {
+      $(id).textContent = "";
+    }
+    $("advice").dataset.advice = "";
+    $("question").hidden = true;
+    $("answered").hidden = true;
   }
 
   // What the page says aloud for the current screen: the result (value, unit, advice) and its question.
