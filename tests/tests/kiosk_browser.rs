@@ -3,7 +3,8 @@
 //!
 //! Skips (printing why) when Chromium or chromedriver is not installed; CI installs both, and
 //! `fonts-wqy-microhei` for the zh-CN text. `PHG_SCREENSHOTS=docs/img` writes the result screen in both
-//! languages (docs/img/kiosk-result-zh-CN.png, kiosk-result-en.png).
+//! languages (docs/img/kiosk-result-zh-CN.png, kiosk-result-en.png), the result after a "yes" and the
+//! staff page.
 
 use std::time::Duration;
 
@@ -301,6 +302,7 @@ async fn the_staff_page_needs_the_token_then_lists_and_assigns_held_readings() {
     b.wait_text("#device-rows", "AA:BB:CC:00:11:22").await;
     b.wait_text("#journal-depth", "2").await;
     b.wait_text("#broker", "正常").await;
+    b.screenshot_if_asked("kiosk-staff-zh-CN.png").await;
 
     // Assign one to a patient: it reaches the kiosk under the token's id, and leaves the list.
     let row = "#held-rows tr[data-reading-id='r-held-1']";

@@ -61,6 +61,15 @@
     return td;
   }
 
+  // A time from the API (RFC 3339, UTC) in the clinic's local time; the exact value stays in its title.
+  function when(td, iso) {
+    if (!iso) return;
+    const d = new Date(iso);
+    if (Number.isNaN(d.getTime())) return;
+    td.textContent = d.toLocaleString(KioskI18n.current() || undefined, { hour12: false });
+    td.title = iso;
+  }
+
   function heldReason(code) {
     const text = KioskI18n.t("held_" + code);
     return text === "held_" + code ? code : text;
@@ -73,8 +82,8 @@
     cell(tr, h.device);
     cell(tr, t("staff_kind_" + h.kind));
     cell(tr, h.value + " " + h.unit);
-    cell(tr, h.measured_utc || "");
-    cell(tr, h.received_utc);
+    when(cell(tr, h.measured_utc || ""), h.measured_utc);
+    when(cell(tr, h.received_utc), h.received_utc);
     cell(tr, heldReason(h.reason));
     const td = cell(tr, "");
     const patient = document.createElement("input");
@@ -113,6 +122,8 @@
       $("session-by").textContent = t("staff_by_" + s.by);
       $("session-started").textContent = s.started_utc;
       $("session-expires").textContent = s.expires_utc;
+      when($("session-started"), s.started_utc);
+      when($("session-expires"), s.expires_utc);
     }
     // Rows are kept by reading id, so a refresh never wipes what staff is typing into one.
     const body = $("held-rows");
