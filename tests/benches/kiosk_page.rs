@@ -43,6 +43,8 @@ async fn main() {
     server.kiosk.card_check_in("pt-0000bench0001");
 
     let mut ms = Vec::with_capacity(samples);
+    // An upper bound on one clock: the send until WebDriver has brought the observer's answer back.
+    let mut round_trip_ms = Vec::with_capacity(samples);
     for i in 0..samples + 5 {
         // Distinct values, as consecutive readings would be.
         let value = format!("{}.{}", 4 + i % 10, i % 10);
@@ -60,6 +62,7 @@ async fn main() {
             .expect("after 1970")
             .as_secs_f64()
             * 1000.0;
+        let t0 = std::time::Instant::now();
         server.kiosk.show_result(ResultView {
             reading_id: format!("r-bench-{i}"),
             kind: MeasurementKind::Glucose,
@@ -81,10 +84,14 @@ async fn main() {
         // The first few warm up the page's code paths (not counted).
         if i >= 5 {
             ms.push((seen - sent).max(0.0));
+            round_trip_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
         }
     }
     ms.sort_by(f64::total_cmp);
-    let pct = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1];
+    round_trip_ms.sort_by(f64::total_cmp);
+    let pct_of =
+        |v: &[f64], p: f64| v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1];
+    let pct = |p: f64| pct_of(&ms, p);
     println!(
         "kiosk state -> DOM over {} results: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (goal p99 < 300 ms)",
         ms.len(),
@@ -92,6 +99,11 @@ async fn main() {
         pct(0.90),
         pct(0.99),
         ms[ms.len() - 1]
+    );
+    println!(
+        "upper bound (send until WebDriver returned the observer's answer): p50 {:.1} ms, p99 {:.1} ms",
+        pct_of(&round_trip_ms, 0.50),
+        pct_of(&round_trip_ms, 0.99)
     );
     println!("P99_MS kiosk_state_to_dom {:.1}", pct(0.99));
     b.close().await;
