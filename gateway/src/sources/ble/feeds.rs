@@ -34,6 +34,9 @@
 //!   peripheral's service table, so every session with the device uses that same peripheral (its
 //!   `discover_services` refreshes the table the stream reads). Values go to the one link attached at the
 //!   time over an unbounded channel, as btleplug's own stream does: none is dropped for a slow reader.
+//!   What a kept stream adds is values that outlive their connection; [`Feeds::attach`] drops those, and
+//!   a link confirms a `DeviceDisconnected` with BlueZ before it believes it (it may be the last
+//!   connection's, forwarded late).
 //!
 //! The streams are dropped only when the [`Feeds`] is (the adapter was lost and is selected again, or the
 //! source stops): a few rules per adapter loss at worst, not per session.
@@ -42,13 +45,14 @@
 //! the panic message, `remove_match` and `MessageStream`).
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use btleplug::api::{Central as _, CentralEvent, Peripheral as _, ValueNotification};
 use btleplug::platform::{Adapter, Peripheral, PeripheralId};
-use futures_util::StreamExt;
-use tokio::sync::{Mutex, OnceCell, broadcast, mpsc};
+use futures_util::{FutureExt as _, Stream, StreamExt};
+use tokio::sync::{Mutex, OnceCell, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 /// Events a scanner may fall behind by before it skips some (they are advertisements; they repeat).
@@ -83,21 +87,54 @@ struct EventFeed {
     task: JoinHandle<()>,
 }
 
-/// Where a device's values go: the link attached now, if any.
-type Slot = Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<ValueNotification>>>>;
-
 /// A device's notification stream, while its forwarding task runs.
 struct DeviceFeed {
     peripheral: Peripheral,
-    slot: Slot,
+    /// A new link's channel, for the task to send values to from then on (it acknowledges).
+    attach: mpsc::UnboundedSender<(
+        mpsc::UnboundedSender<ValueNotification>,
+        oneshot::Sender<()>,
+    )>,
     task: JoinHandle<()>,
 }
 
-fn lock(
-    slot: &Slot,
-) -> std::sync::MutexGuard<'_, Option<mpsc::UnboundedSender<ValueNotification>>> {
-    slot.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Forwards `stream` to the link attached last; see [`Feeds::attach`] for what an attachment drops.
+async fn forward_values(
+    mut stream: Pin<Box<dyn Stream<Item = ValueNotification> + Send>>,
+    mut attach: mpsc::UnboundedReceiver<(
+        mpsc::UnboundedSender<ValueNotification>,
+        oneshot::Sender<()>,
+    )>,
+) {
+    let mut to: Option<mpsc::UnboundedSender<ValueNotification>> = None;
+    loop {
+        tokio::select! {
+            biased;
+            a = attach.recv() => {
+                let Some((tx, done)) = a else { return };
+                // What the stream holds now arrived before the caller's barrier: an earlier connection's
+                // values (its link is gone). btleplug's mapping is synchronous, so all of it is ready.
+                let mut stale = 0u32;
+                while let Some(Some(_)) = stream.next().now_or_never() {
+                    stale += 1;
+                }
+                if stale > 0 {
+                    tracing::debug!(stale, "values of an earlier connection dropped");
+                }
+                to = Some(tx);
+                let _ = done.send(());
+            }
+            v = stream.next() => {
+                let Some(v) = v else {
+                    // The stream ended (the bus connection is gone): the attached link sees the end.
+                    return;
+                };
+                if to.as_ref().is_some_and(|tx| tx.send(v).is_err()) {
+                    to = None;
+                }
+            }
+        }
+    }
 }
 
 /// What a link gets from [`Feeds::attach`].
@@ -190,49 +227,57 @@ impl Feeds {
     /// (before anything is subscribed: btleplug does not buffer values nobody listens for). A link
     /// attached earlier to the same device stops receiving (its channel ends).
     ///
+    /// The stream outlives connections, so values of the device's previous connection may still be on
+    /// their way (a transfer aborted by the session, then the link dropped). They must not reach the new
+    /// link: a D-Bus call to bluetoothd on btleplug's connection first (its reply comes after every signal
+    /// bluetoothd sent before it, and dbus-rs dispatches in order), then the forwarding task drops what
+    /// its stream holds before it sends to the new link.
+    ///
     /// # Errors
-    /// The stream could not be opened (bus trouble).
-    pub async fn attach(&self, peripheral: Peripheral) -> Result<Attached, String> {
+    /// The stream could not be opened, or bluetoothd did not answer within `timeout`.
+    pub async fn attach(
+        &self,
+        peripheral: Peripheral,
+        timeout: Duration,
+    ) -> Result<Attached, String> {
         let id = peripheral.id();
-        let mut devices = self.devices.lock().await;
-        let feed = match devices.get(&id) {
-            Some(f) if !f.task.is_finished() => f,
-            _ => {
-                let mut stream = peripheral
-                    .notifications()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let slot = Slot::default();
-                let to = slot.clone();
-                let task = tokio::spawn(async move {
-                    while let Some(v) = stream.next().await {
-                        let mut to = lock(&to);
-                        if to.as_ref().is_some_and(|tx| tx.send(v).is_err()) {
-                            *to = None;
-                        }
+        let (attach, peripheral) = {
+            let mut devices = self.devices.lock().await;
+            let feed = match devices.get(&id) {
+                Some(f) if !f.task.is_finished() => f,
+                _ => {
+                    let stream = peripheral
+                        .notifications()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let (attach, requests) = mpsc::unbounded_channel();
+                    let feed = DeviceFeed {
+                        peripheral,
+                        attach,
+                        task: tokio::spawn(forward_values(stream, requests)),
+                    };
+                    if let Some(old) = devices.insert(id.clone(), feed) {
+                        old.task.abort();
                     }
-                    // The stream ended (the bus connection is gone): the attached link sees the end.
-                    *lock(&to) = None;
-                });
-                let feed = DeviceFeed {
-                    peripheral,
-                    slot,
-                    task,
-                };
-                if let Some(old) = devices.insert(id.clone(), feed) {
-                    old.task.abort();
+                    devices
+                        .get(&id)
+                        .ok_or_else(|| "device feed vanished".to_owned())?
                 }
-                devices
-                    .get(&id)
-                    .ok_or_else(|| "device feed vanished".to_owned())?
-            }
+            };
+            (feed.attach.clone(), feed.peripheral.clone())
         };
+        // The barrier; its answer (an error for a device BlueZ forgot, too) is not the point.
+        tokio::time::timeout(timeout, peripheral.is_connected())
+            .await
+            .map_err(|_| "bluetoothd not answering".to_owned())?
+            .ok();
         let (tx, values) = mpsc::unbounded_channel();
-        *lock(&feed.slot) = Some(tx);
-        Ok(Attached {
-            peripheral: feed.peripheral.clone(),
-            values,
-        })
+        let (done, attached) = oneshot::channel();
+        attach
+            .send((tx, done))
+            .map_err(|_| "device feed ended".to_owned())?;
+        attached.await.map_err(|_| "device feed ended".to_owned())?;
+        Ok(Attached { peripheral, values })
     }
 
     /// `Device1.Connect`, then `ServicesResolved` read until true — what btleplug's `connect()` does,

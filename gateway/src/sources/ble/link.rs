@@ -143,8 +143,10 @@ impl BleLink {
         // Events first: a disconnect during the set-up must not be missed.
         let events = feeds.connections().await.map_err(OpenError::Streams)?;
         // Values before anything is subscribed; from the peripheral the device's stream resolves them with.
-        let Attached { peripheral, values } =
-            feeds.attach(peripheral).await.map_err(OpenError::Streams)?;
+        let Attached { peripheral, values } = feeds
+            .attach(peripheral, op_timeout)
+            .await
+            .map_err(OpenError::Streams)?;
         match tokio::time::timeout(connect_timeout, feeds.connect(&peripheral)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(OpenError::Connect(e)),
@@ -229,6 +231,14 @@ impl BleLink {
         }
     }
 
+    /// Whether BlueZ still has the device connected (not answering in time counts as no).
+    async fn still_connected(&self) -> bool {
+        matches!(
+            tokio::time::timeout(self.op_timeout, self.peripheral.is_connected()).await,
+            Ok(Ok(true))
+        )
+    }
+
     /// The RSSI BlueZ last reported, if any.
     pub async fn rssi(&self) -> Option<i16> {
         self.peripheral.properties().await.ok().flatten()?.rssi
@@ -283,20 +293,19 @@ impl GattLink for BleLink {
                     }
                 },
                 e = self.events.recv() => {
-                    let gone = match e {
+                    let maybe_gone = match e {
                         Ok(CentralEvent::DeviceDisconnected(id)) => id == self.id,
                         Ok(_) => false,
-                        // Fell behind the adapter's connection changes: ask BlueZ instead.
-                        Err(RecvError::Lagged(_)) => !matches!(
-                            tokio::time::timeout(self.op_timeout, self.peripheral.is_connected()).await,
-                            Ok(Ok(true))
-                        ),
+                        // Fell behind the adapter's connection changes.
+                        Err(RecvError::Lagged(_)) => true,
                         Err(RecvError::Closed) => {
                             self.closed = true;
                             return None;
                         }
                     };
-                    if gone {
+                    // The adapter's events are shared and forwarded late under a flood: a disconnect
+                    // may be the previous connection's. BlueZ's `Connected` says which.
+                    if maybe_gone && !self.still_connected().await {
                         // The two streams are fed separately: values the device sent just before it
                         // dropped the link may still be on their way. Hand those out first.
                         self.draining = true;
