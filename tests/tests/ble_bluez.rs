@@ -1733,8 +1733,11 @@ async fn a_full_journal_aborts_the_transfer_and_the_rest_comes_later() {
 /// Issue 11, defect 12: bluez-async's `MessageStream` drop panics ("No match with that id found",
 /// messagestream.rs:40) when a signal its match covers arrives before its clean-up task runs (the cause
 /// is in `gateway::sources::ble::upstream`). Streams opened and dropped while the device's properties
-/// change quickly hit it; each panic is contained by the gateway's hook — counted and logged at WARN, not
-/// printed as a crash — and the BLE path keeps working.
+/// change quickly hit it. The gateway no longer opens streams per session (`feeds`; see
+/// `repeated_sessions_leave_the_bus_match_rules_bounded`), so this test opens them through btleplug
+/// itself, to prove that any such panic that still happens (an adapter's feeds dropped when it is lost)
+/// is contained by the gateway's hook — counted and logged at WARN, not printed as a crash — and that
+/// the BLE path keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bluez_async_stream_cleanup_panics_are_contained_and_counted() {
     let Some(rig) = rig().await else { return };
