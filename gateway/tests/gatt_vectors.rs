@@ -459,6 +459,18 @@ fn trailing_octets_are_reported_alike_for_every_characteristic() {
         assert_eq!(extended, alone, "{ch}: the defined fields decode as before");
         checked.push(ch);
     }
+    // RACP: a response code has two octets and may be trailed like any fixed-size value (a request's
+    // operand and a count have no fixed size: their length is part of them, so nothing trails there).
+    let (ok, alone, err) = decode_cli("2A52", "06000101");
+    assert!(ok, "2A52 06000101: {err}");
+    let alone: Map<String, Value> = serde_json::from_str(&alone).unwrap();
+    let (ok, extended, err) = decode_cli("2A52", "06000101ABCD");
+    assert!(ok, "2A52 06000101ABCD: {err}");
+    let mut extended: Map<String, Value> = serde_json::from_str(&extended).unwrap();
+    assert_eq!(extended.remove("trailing_bytes"), Some(Value::from(2)));
+    assert_eq!(extended.remove("trailing_hex"), Some(Value::from("ABCD")));
+    assert_eq!(extended, alone, "2A52: the response code decodes as before");
+    checked.push("2A52 response code");
     // The example: `sfloat 07FF00` is the SFLOAT 0xFF07 (−24.9) and one trailing octet.
     let (ok, out, err) = decode_cli("sfloat", "07FF00");
     assert!(ok, "{err}");

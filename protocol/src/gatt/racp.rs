@@ -21,9 +21,13 @@
 //! - an empty value ([`Error::DecodeEmpty`]) or an op code without an operator ([`Error::DecodeTruncated`]);
 //! - a response (op codes 5 and 6) with an operator other than null
 //!   ([`Error::DecodeBadResponseOperator`]), a count of 0 or 3 or more than 4 octets
-//!   ([`Error::DecodeTruncated`], [`Error::DecodeBadCountSize`]), or a response code that is not exactly
-//!   two octets ([`Error::DecodeTruncated`], [`Error::DecodeBadOperand`]): a collector cannot act on a
-//!   response it cannot read, and it treats the procedure as failed.
+//!   ([`Error::DecodeTruncated`], [`Error::DecodeBadCountSize`]), or a response code shorter than two
+//!   octets ([`Error::DecodeTruncated`]): a collector cannot act on a response it cannot read, and it
+//!   treats the procedure as failed.
+//!
+//! Octets after a response code's two are tolerated like those after any fixed-size value (GLP.TS
+//! GLP/COL/GLF/BI-04) and reported through [`Codec::defined_len`]; the count of a number-of-records
+//! response has no fixed size (its length *is* its size), so there nothing can trail.
 
 use super::time::DateTime;
 use super::{Codec, Reader, Writer, open_enum};
@@ -508,7 +512,8 @@ impl<'a> Codec<'a> for Racp<'a> {
                     return Err(Error::DecodeBadResponseOperator(operator.0));
                 }
                 match *rest {
-                    [req, code] => Ok(Racp::ResponseCode {
+                    // Anything after the two is trailing (`defined_len` says where it starts).
+                    [req, code, ..] => Ok(Racp::ResponseCode {
                         request_op_code: OpCode(req),
                         response: ResponseCode(code),
                     }),
@@ -516,7 +521,6 @@ impl<'a> Codec<'a> for Racp<'a> {
                         need: 4,
                         got: bytes.len(),
                     }),
-                    _ => Err(Error::DecodeBadOperand),
                 }
             }
             OpCode::REPORT_STORED_RECORDS
@@ -730,7 +734,10 @@ mod tests {
             Racp::parse(hex("060001")),
             Err(Error::DecodeTruncated { need: 4, got: 3 })
         );
-        assert_eq!(Racp::parse(hex("0600010100")), Err(Error::DecodeBadOperand));
+        // Octets after the response code trail it: tolerated, and `defined_len` says where they start.
+        let trailed = Racp::parse(hex("06000101ABCD")).unwrap();
+        assert_eq!(trailed, Racp::parse(hex("06000101")).unwrap());
+        assert_eq!(trailed.defined_len(), 4);
     }
 
     #[test]
@@ -1108,11 +1115,14 @@ mod tests {
             }
         }
 
-        /// emit(parse(x)) == x for every x that parses.
+        /// emit(parse(x)) == x for every x that parses, but for the octets trailing a response code.
         #[test]
         fn bytes_round_trip(bytes in proptest::collection::vec(any::<u8>(), 0..24)) {
             if let Ok(v) = Racp::parse(&bytes) {
-                prop_assert_eq!(v.to_vec(), bytes);
+                if !matches!(v, Racp::ResponseCode { .. }) {
+                    prop_assert_eq!(v.defined_len(), bytes.len());
+                }
+                prop_assert_eq!(v.to_vec(), &bytes[..v.defined_len()]);
             }
         }
 

@@ -152,14 +152,9 @@ pub async fn pair_and_store(
     pairing
         .pair(&adapter.name, &address, passkey, Duration::from_secs(60))
         .await?;
-    let mut link = BleLink::open(
-        &adapter.adapter,
-        peripheral,
-        cfg.op_timeout,
-        cfg.connect_timeout,
-    )
-    .await
-    .map_err(|e| PairFlowError::DeviceInfo(e.to_string()))?;
+    let mut link = BleLink::open(adapter, peripheral, cfg.op_timeout, cfg.connect_timeout)
+        .await
+        .map_err(|e| PairFlowError::DeviceInfo(e.to_string()))?;
     let model = read_string(&mut link, uuid::MODEL_NUMBER).await;
     let manufacturer = read_string(&mut link, uuid::MANUFACTURER_NAME).await;
     let serial = read_string(&mut link, uuid::SERIAL_NUMBER).await;

@@ -1,10 +1,12 @@
 //! [`BleLink`]: the [`GattLink`] over btleplug (BlueZ over D-Bus) that the GLP / BLP collectors run on.
 //!
-//! A link is one connection to one device: [`BleLink::open`] connects, discovers the services and creates
-//! the notification stream *before* anything is subscribed (btleplug does not buffer values that arrive
-//! before `notifications()` is called; BLUEZ.md "Easy to get wrong" 5). Every operation has its own
-//! time-out, so a wedged bluetoothd ends a session instead of hanging it; the session's overall deadline is
-//! the supervisor's.
+//! A link is one connection to one device: [`BleLink::open`] attaches to the device's notification feed
+//! *before* anything is subscribed (btleplug does not buffer values that arrive before `notifications()`
+//! is called; BLUEZ.md "Easy to get wrong" 5), connects and discovers the services. The streams
+//! themselves belong to the adapter's [`Feeds`] and outlive the link: opening and dropping them per
+//! session leaks D-Bus match rules (see [`super::feeds`]). Every operation has its own time-out, so a
+//! wedged bluetoothd ends a session instead of hanging it; the session's overall deadline is the
+//! supervisor's.
 //!
 //! BlueZ reports the device's ATT errors as D-Bus errors (bluetoothd `gatt-client.c`,
 //! `create_gatt_dbus_error`): `org.bluez.Error.NotPermitted "Not paired"` for Insufficient Authentication /
@@ -13,20 +15,20 @@
 //! collector can tell "subscribe first" from "pair first".
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::time::Duration;
 
-use btleplug::api::{
-    Central, CentralEvent, Characteristic, Peripheral as _, ValueNotification, WriteType,
-};
-use btleplug::platform::{Adapter, Peripheral, PeripheralId};
-use futures_util::{Stream, StreamExt};
+use btleplug::api::{CentralEvent, Characteristic, Peripheral as _, ValueNotification, WriteType};
+use btleplug::platform::{Peripheral, PeripheralId};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::mpsc;
 
+use super::SelectedAdapter;
+use super::feeds::{Attached, Feeds};
 use super::quirks::Quirks;
 use crate::sources::{GattLink, LinkError, Notification};
 
-type Events = Pin<Box<dyn Stream<Item = CentralEvent> + Send>>;
-type Values = Pin<Box<dyn Stream<Item = ValueNotification> + Send>>;
+type Events = broadcast::Receiver<CentralEvent>;
+type Values = mpsc::UnboundedReceiver<ValueNotification>;
 
 /// How long values may trail a disconnect event before the link is reported gone.
 const DRAIN_QUIET: Duration = Duration::from_millis(100);
@@ -123,26 +125,31 @@ impl std::fmt::Debug for BleLink {
 }
 
 impl BleLink {
-    /// Connects to `peripheral`, discovers its services and opens the notification stream.
+    /// Connects to `peripheral` on `adapter`, discovers its services, and receives its values from the
+    /// adapter's feeds.
     ///
     /// # Errors
     /// [`OpenError`]; the device is disconnected again when discovery fails.
     pub async fn open(
-        adapter: &Adapter,
+        adapter: &SelectedAdapter,
         peripheral: Peripheral,
         op_timeout: Duration,
         connect_timeout: Duration,
     ) -> Result<BleLink, OpenError> {
-        // The streams opened here hit bluez-async's clean-up race when dropped (upstream.rs).
+        // Streams dropped elsewhere (an adapter's feeds, a caller's own) can still hit bluez-async's
+        // clean-up race: count those (upstream.rs).
         super::upstream::contain();
+        let feeds: &Feeds = &adapter.feeds;
         // Events first: a disconnect during the set-up must not be missed.
-        let events = adapter
-            .events()
+        let events = feeds.connections().await.map_err(OpenError::Streams)?;
+        // Values before anything is subscribed; from the peripheral the device's stream resolves them with.
+        let Attached { peripheral, values } = feeds
+            .attach(peripheral, op_timeout)
             .await
-            .map_err(|e| OpenError::Streams(e.to_string()))?;
-        match tokio::time::timeout(connect_timeout, peripheral.connect()).await {
+            .map_err(OpenError::Streams)?;
+        match tokio::time::timeout(connect_timeout, feeds.connect(&peripheral)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(OpenError::Connect(e.to_string())),
+            Ok(Err(e)) => return Err(OpenError::Connect(e)),
             Err(_) => {
                 let _ = tokio::time::timeout(op_timeout, peripheral.disconnect()).await;
                 return Err(OpenError::Connect("timed out".into()));
@@ -162,10 +169,6 @@ impl BleLink {
             .into_iter()
             .filter_map(|c| short_uuid(&c.uuid).map(|u| (u, c)))
             .collect();
-        let values = peripheral
-            .notifications()
-            .await
-            .map_err(|e| OpenError::Streams(e.to_string()))?;
         Ok(BleLink {
             id: peripheral.id(),
             peripheral,
@@ -212,7 +215,7 @@ impl BleLink {
     /// After a disconnect: the next value still in the stream, waiting at most [`DRAIN_QUIET`] for one.
     async fn drain(&mut self) -> Option<Notification> {
         loop {
-            match tokio::time::timeout(DRAIN_QUIET, self.values.next()).await {
+            match tokio::time::timeout(DRAIN_QUIET, self.values.recv()).await {
                 Ok(Some(v)) => {
                     let Some(uuid) = short_uuid(&v.uuid) else {
                         continue;
@@ -226,6 +229,14 @@ impl BleLink {
                 }
             }
         }
+    }
+
+    /// Whether BlueZ still has the device connected (not answering in time counts as no).
+    async fn still_connected(&self) -> bool {
+        matches!(
+            tokio::time::timeout(self.op_timeout, self.peripheral.is_connected()).await,
+            Ok(Ok(true))
+        )
     }
 
     /// The RSSI BlueZ last reported, if any.
@@ -258,7 +269,7 @@ impl GattLink for BleLink {
         self.timed(async move { p.subscribe(&c).await }).await
     }
 
-    /// Cancel-safe: both streams' `next()` are. Values already queued are handed out before a disconnect
+    /// Cancel-safe: both channels' `recv()` are. Values already queued are handed out before a disconnect
     /// is reported (`biased`), so nothing the device sent before dropping the link is lost.
     async fn next_notification(&mut self) -> Option<Notification> {
         loop {
@@ -270,7 +281,7 @@ impl GattLink for BleLink {
             }
             tokio::select! {
                 biased;
-                v = self.values.next() => match v {
+                v = self.values.recv() => match v {
                     Some(v) => {
                         let Some(uuid) = short_uuid(&v.uuid) else { continue };
                         let value = self.quirks.normalize(uuid, v.value);
@@ -281,20 +292,27 @@ impl GattLink for BleLink {
                         return None;
                     }
                 },
-                e = self.events.next() => match e {
-                    Some(CentralEvent::DeviceDisconnected(id)) if id == self.id => {
+                e = self.events.recv() => {
+                    let maybe_gone = match e {
+                        Ok(CentralEvent::DeviceDisconnected(id)) => id == self.id,
+                        Ok(_) => false,
+                        // Fell behind the adapter's connection changes.
+                        Err(RecvError::Lagged(_)) => true,
+                        Err(RecvError::Closed) => {
+                            self.closed = true;
+                            return None;
+                        }
+                    };
+                    // The adapter's events are shared and forwarded late under a flood: a disconnect
+                    // may be the previous connection's. BlueZ's `Connected` says which.
+                    if maybe_gone && !self.still_connected().await {
                         // The two streams are fed separately: values the device sent just before it
                         // dropped the link may still be on their way. Hand those out first.
                         self.draining = true;
                         self.closed = true;
                         return self.drain().await;
                     }
-                    Some(_) => {}
-                    None => {
-                        self.closed = true;
-                        return None;
-                    }
-                },
+                }
             }
         }
     }

@@ -8,6 +8,8 @@
 //!   last session outcome.
 //! - [`pairing`] — `Device1.Pair` with an `Agent1` for the passkey, over zbus (btleplug cannot pair).
 //! - [`quirks`] — device quirks as data, keyed on the Device Information model.
+//! - [`feeds`] — the adapter's event stream and each device's notification stream, opened once and
+//!   shared, so that sessions do not open and drop btleplug streams (each drop can leak a D-Bus match).
 //! - [`upstream`] — containment of a known panic inside bluez-async (counted, logged at WARN).
 //! - this module — adapter selection, the scanner, the allow-list check, and the session supervisor.
 //!
@@ -31,6 +33,7 @@
 //! scanning resumes. What was accepted stays accepted; the devices keep the rest (promise 4).
 
 pub mod commands;
+pub mod feeds;
 pub mod link;
 pub mod pairing;
 pub mod quirks;
@@ -44,10 +47,10 @@ use std::time::Duration;
 
 use btleplug::api::{Central, CentralEvent, Manager as _, Peripheral as _, ScanFilter};
 use btleplug::platform::{Adapter, Manager, Peripheral, PeripheralId};
-use futures_util::StreamExt;
 use protocol::model::RecordNumbering;
 use serde::Serialize;
 use tokio::sync::Semaphore;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -148,6 +151,8 @@ pub struct SelectedAdapter {
     pub name: String,
     /// Its address, if known.
     pub address: Option<String>,
+    /// Its event stream and its devices' notification streams, shared by the scanner and the sessions.
+    pub feeds: Arc<feeds::Feeds>,
 }
 
 /// Finds the adapter by name or address (`None`: the first).
@@ -189,6 +194,7 @@ pub async fn select_adapter(
         };
         if matches {
             return Ok(SelectedAdapter {
+                feeds: Arc::new(feeds::Feeds::new(adapter.clone(), name.clone())),
                 adapter,
                 name,
                 address,
@@ -359,18 +365,13 @@ pub async fn session_once(
     pipeline: &Pipeline,
     cfg: &BleConfig,
 ) -> Result<SessionReport, SessionFailure> {
-    let mut link = BleLink::open(
-        &adapter.adapter,
-        peripheral,
-        cfg.op_timeout,
-        cfg.connect_timeout,
-    )
-    .await
-    .map_err(|e| match e {
-        OpenError::Connect(c) => SessionFailure::new("connect", c),
-        OpenError::Discover(c) => SessionFailure::new("discover", c),
-        OpenError::Streams(c) => SessionFailure::new("connect", c),
-    })?;
+    let mut link = BleLink::open(adapter, peripheral, cfg.op_timeout, cfg.connect_timeout)
+        .await
+        .map_err(|e| match e {
+            OpenError::Connect(c) => SessionFailure::new("connect", c),
+            OpenError::Discover(c) => SessionFailure::new("discover", c),
+            OpenError::Streams(c) => SessionFailure::new("connect", c),
+        })?;
     // The device's own binding from the allow-list, as it is now: a device paired or rebound while the
     // gateway runs lands on the right patient from its next session on — unless the CRM's configuration
     // names this device: the CRM is then the system of record, and the local binding is not used.
@@ -740,10 +741,7 @@ async fn scan(
     shutdown: &CancellationToken,
 ) -> Result<(), BleError> {
     let a = &adapter.adapter;
-    let mut events = a
-        .events()
-        .await
-        .map_err(|e| BleError::Scan(e.to_string()))?;
+    let mut events = adapter.feeds.events().await.map_err(BleError::Scan)?;
     let filter = ScanFilter {
         services: vec![
             btleplug::api::bleuuid::uuid_from_u16(GLUCOSE_SERVICE),
@@ -778,15 +776,19 @@ async fn scan(
                     Err(e) => tracing::error!(error = %e, "cannot read the paired-device store; keeping the previous allow-list"),
                 }
             }
-            ev = events.next() => match ev {
-                None => return Err(BleError::Scan("event stream ended".into())),
-                Some(
+            ev = events.recv() => match ev {
+                Err(RecvError::Closed) => return Err(BleError::Scan("event stream ended".into())),
+                Err(RecvError::Lagged(skipped)) => {
+                    // Advertisements repeat: a device skipped now is considered at its next one.
+                    tracing::debug!(skipped, "the scanner fell behind the adapter's events");
+                }
+                Ok(
                     CentralEvent::DeviceDiscovered(id)
                     | CentralEvent::DeviceUpdated(id)
                     | CentralEvent::RssiUpdate { id, .. }
                     | CentralEvent::ServicesAdvertisement { id, .. },
                 ) => consider(shared, adapter, &allow, id).await,
-                Some(_) => {}
+                Ok(_) => {}
             },
         }
     }

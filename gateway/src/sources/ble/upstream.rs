@@ -13,15 +13,19 @@
 //! `Connected=false` of the very disconnect that ended the session) — the match is already gone when the
 //! task asks for it, `remove_match` fails with "No match with that id found" (nonblock.rs:299) and the
 //! `unwrap` panics in a runtime worker. Tokio catches the panic (the task's handle is dropped), so the
-//! gateway lives on; nothing it relies on was in that task. Every adapter `events()` and peripheral
-//! `notifications()` stream a session opens and drops can hit it. No upstream issue was found for it in
-//! bluez-rs/bluez-async or deviceplug/btleplug (searched for the message and the file); the report to
-//! file is this paragraph.
+//! gateway lives on; nothing it relies on was in that task. Any btleplug `events()` or `notifications()`
+//! stream dropped while its objects' properties change can hit it, and so can `Peripheral::connect()`,
+//! which opens and drops one inside (bluez-async lib.rs:700-726). No upstream issue was found for it in
+//! bluez-rs/bluez-async or deviceplug/btleplug (searched for the message, `remove_match` and the file);
+//! the report to file is this paragraph.
 //!
-//! A side effect to know: the bus-side rule of such a match is never removed (`RemoveMatch` is not sent),
-//! so each occurrence leaves one match rule registered on the system bus for the gateway's connection
-//! until the connection closes (the system bus allows 512 per connection by default). The counter below
-//! is how an operator sees it accumulate.
+//! The side effect that matters: the bus-side rule of such a match is never removed (`RemoveMatch` is not
+//! sent), so each occurrence leaves one match rule registered on the system bus for the gateway's
+//! connection until the connection closes, and the system bus allows 512 per connection by default.
+//! The gateway therefore does not open and drop streams per session: [`super::feeds`] keeps one adapter
+//! stream and one stream per device for as long as the adapter is in use, and connects without
+//! btleplug's `connect()`. What can still drop a stream is losing the adapter (its feeds go with it): a
+//! few rules per adapter loss. The counter below is how an operator sees any occurrence.
 //!
 //! # The containment
 //!
