@@ -366,8 +366,8 @@ async fn the_staff_page_needs_the_token_then_lists_and_assigns_held_readings() {
 /// The pages served by the real gateway (`gateway demo`: its kiosk state, pipeline and edge engine, with
 /// simulated clinic devices and patients): a card check-in's measurement shows as a result with advice,
 /// the screen clears at check-out, a crisis-range reading asks about symptoms and the patient's "yes" on the
-/// page turns it into "see a nurse"; on the staff page, a reading measured without a check-in is listed and
-/// assigned.
+/// page turns it into "see a nurse"; the staff API refuses without the token; on the staff page, a reading
+/// measured without a check-in is listed and assigned.
 #[tokio::test]
 async fn the_demo_gateways_pages_follow_its_clinic_day() {
     let Some(b) = Browser::start().await else {
@@ -400,6 +400,24 @@ async fn the_demo_gateways_pages_follow_its_clinic_day() {
         .to_owned();
 
     b.open(&url).await;
+    // The staff API refuses without the token or with a wrong one, and answers with it.
+    for (auth, expected) in [
+        ("", 401),
+        ("Bearer wrong-token", 401),
+        (&*format!("Bearer {token}"), 200),
+    ] {
+        let status = b
+            .client()
+            .execute_async(
+                "const done = arguments[arguments.length - 1];\
+                 const headers = arguments[0] ? {Authorization: arguments[0]} : {};\
+                 fetch('/api/staff', {headers}).then(r => done(r.status));",
+                vec![serde_json::json!(auth)],
+            )
+            .await
+            .expect("script runs");
+        assert_eq!(status, serde_json::json!(expected), "{auth:?}");
+    }
     // 1. A card check-in and a blood pressure in range.
     b.wait_for(
         "the first patient's result",
