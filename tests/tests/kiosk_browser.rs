@@ -362,3 +362,132 @@ async fn the_staff_page_needs_the_token_then_lists_and_assigns_held_readings() {
     b.close().await;
     server.stop().await;
 }
+
+/// The pages served by the real gateway (`gateway demo`: its kiosk state, pipeline and edge engine, with
+/// simulated clinic devices and patients): a card check-in's measurement shows as a result with advice,
+/// the screen clears at check-out, a crisis-range reading asks about symptoms and the patient's "yes" on the
+/// page turns it into "see a nurse"; the staff API refuses without the token; on the staff page, a reading
+/// measured without a check-in is listed and assigned.
+#[tokio::test]
+async fn the_demo_gateways_pages_follow_its_clinic_day() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let mut demo = Some(
+        phg_tests::process::GatewayProcess::spawn(&["demo", "--for", "150", "--quiet"])
+            .expect("gateway demo starts"),
+    );
+    let out = demo.as_ref().expect("running").stdout().clone();
+    let page = out
+        .wait_for("kiosk page: http://", 0, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|| panic!("no kiosk page line; stdout:\n{}", out.text()));
+    let url = page
+        .split("kiosk page: ")
+        .nth(1)
+        .expect("a URL")
+        .trim()
+        .to_owned();
+    let staff_line = out
+        .wait_for("staff page: ", 0, Duration::from_secs(5))
+        .await
+        .expect("a staff page line");
+    let token = staff_line
+        .split("(token: ")
+        .nth(1)
+        .and_then(|t| t.strip_suffix(')'))
+        .expect("the demo token")
+        .to_owned();
+
+    b.open(&url).await;
+    // The staff API refuses without the token or with a wrong one, and answers with it.
+    for (auth, expected) in [
+        ("", 401),
+        ("Bearer wrong-token", 401),
+        (&*format!("Bearer {token}"), 200),
+    ] {
+        let status = b
+            .client()
+            .execute_async(
+                "const done = arguments[arguments.length - 1];\
+                 const headers = arguments[0] ? {Authorization: arguments[0]} : {};\
+                 fetch('/api/staff', {headers}).then(r => done(r.status));",
+                vec![serde_json::json!(auth)],
+            )
+            .await
+            .expect("script runs");
+        assert_eq!(status, serde_json::json!(expected), "{auth:?}");
+    }
+    // 1. A card check-in and a blood pressure in range.
+    b.wait_for(
+        "the first patient's result",
+        "return document.getElementById('screen').dataset.state === 'result' \
+                && document.getElementById('result-unit').textContent === 'mmHg';",
+        Duration::from_secs(40),
+    )
+    .await;
+    b.wait_text("#who", "0042").await;
+    let value = b.text("#result-value").await;
+    assert!(value.contains('/'), "{value}");
+    let advice = b.attr("#advice", "data-advice").await;
+    assert!(!advice.is_empty(), "no advice shown");
+    // 2. "done": the screen clears, nothing of that patient stays.
+    b.wait_for(
+        "the screen to clear after check-out",
+        "return document.getElementById('screen').dataset.state === 'idle';",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(!b.text("body").await.contains(&value));
+    // 4. The crisis-range reading asks about symptoms; the patient answers on the page.
+    b.wait_for(
+        "the symptom question",
+        "const q = document.getElementById('question'); return q.offsetParent !== null;",
+        Duration::from_secs(60),
+    )
+    .await;
+    b.wait_text("#question-text", "胸痛").await;
+    b.click("#yes").await;
+    b.wait_for(
+        "see a nurse",
+        "return document.getElementById('advice').dataset.advice === 'see_nurse';",
+        Duration::from_secs(10),
+    )
+    .await;
+    b.wait_text("#advice-title", "请马上找护士").await;
+
+    // 3. On the staff page: the reading measured without a check-in, assigned by the desk.
+    b.open(&format!("{}staff", url)).await;
+    b.type_into("#token", &token).await;
+    b.click("#token-save").await;
+    let id = b
+        .wait_for(
+            "a held reading measured without a check-in",
+            "for (const tr of document.querySelectorAll('#held-rows tr')) \
+               if (tr.textContent.includes('138/')) return tr.dataset.readingId; \
+             return '';",
+            Duration::from_secs(10),
+        )
+        .await;
+    let id = id.as_str().expect("a reading id").to_owned();
+    let row = format!("#held-rows tr[data-reading-id='{id}']");
+    b.type_into(&format!("{row} .assign-patient"), "p-clinic-0045")
+        .await;
+    b.click(&format!("{row} .assign")).await;
+    b.wait_text("#message", "已完成").await;
+    b.wait_for(
+        "the assigned reading to leave the list",
+        &format!(
+            "return document.querySelector(\"#held-rows tr[data-reading-id='{id}']\") === null;"
+        ),
+        Duration::from_secs(10),
+    )
+    .await;
+
+    b.close().await;
+    if let Some(d) = demo.take() {
+        d.terminate(Duration::from_secs(10))
+            .await
+            .expect("the demo stops");
+    }
+}
