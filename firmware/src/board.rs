@@ -17,6 +17,18 @@ pub const HEARTBEAT_MS: u64 = 5_000;
 /// The loop's period in [`Board::run`].
 pub const TICK_MS: u32 = 5;
 
+/// What resets the board unless fed: the MCU's independent watchdog on the board image. [`Board::run`]
+/// feeds it once per completed loop turn, so a turn that never ends (a bus that hangs, a driver stuck
+/// waiting) resets the board instead of leaving a kiosk with a dead card reader.
+pub trait Watchdog {
+    /// Restarts the watchdog's countdown.
+    fn feed(&mut self);
+}
+
+/// The board's worst loop turn is a reader re-initialisation plus a poll (tens of milliseconds); the
+/// watchdog allows this much, with the margin the STM32's LSI clock needs (17–47 kHz, DS10314 §6.3.8).
+pub const WATCHDOG_MS: u32 = 2_000;
+
 /// The board: reader, indicator and link, joined.
 #[derive(Debug)]
 pub struct Board<'a, SPI: SpiDevice, G, R, B, S> {
@@ -180,11 +192,18 @@ where
     }
 
     /// Runs forever: a step every [`TICK_MS`], the time counted from the delays (the loop's own work
-    /// is not counted, so time runs a little slow; nothing here needs better).
-    pub fn run<D: DelayNs>(&mut self, delay: &mut D, start_ms: u64) -> ! {
+    /// is not counted, so time runs a little slow; nothing here needs better). The watchdog is fed after
+    /// each completed step.
+    pub fn run<D: DelayNs, W: Watchdog>(
+        &mut self,
+        delay: &mut D,
+        watchdog: &mut W,
+        start_ms: u64,
+    ) -> ! {
         let mut now = start_ms;
         loop {
             self.step(now);
+            watchdog.feed();
             delay.delay_ms(TICK_MS);
             now = now.wrapping_add(u64::from(TICK_MS));
         }
@@ -312,6 +331,35 @@ mod tests {
             gw.exchange(t);
             t += 5;
         }
+    }
+
+    /// Counts feeds; the delay ends the forever-loop (by unwinding) after a number of turns.
+    #[derive(Default)]
+    struct CountingWatchdog(u32);
+    impl Watchdog for CountingWatchdog {
+        fn feed(&mut self) {
+            self.0 += 1;
+        }
+    }
+    struct StopAfter(u32);
+    impl DelayNs for StopAfter {
+        fn delay_ns(&mut self, _: u32) {}
+        fn delay_ms(&mut self, _: u32) {
+            self.0 = self.0.checked_sub(1).expect("end of the test's loop turns");
+        }
+    }
+
+    #[test]
+    fn the_watchdog_is_fed_once_per_completed_loop_turn() {
+        let r = rig();
+        let (mut board, _gw) = start(&r, true);
+        let mut watchdog = CountingWatchdog::default();
+        let turns = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            board.run(&mut StopAfter(40), &mut watchdog, 0)
+        }));
+        assert!(turns.is_err(), "run never returns");
+        // 41 turns began; the 41st delay ended the loop after its feed.
+        assert_eq!(watchdog.0, 41);
     }
 
     fn uid(b: &[u8]) -> Uid {

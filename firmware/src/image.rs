@@ -75,6 +75,16 @@ impl embedded_io::Write for Port {
     }
 }
 
+/// The STM32's independent watchdog (RM0383 §17): clocked by the LSI, so it resets a board whose
+/// main clock or loop stopped.
+struct Iwdg(stm32f4xx_hal::watchdog::IndependentWatchdog);
+
+impl crate::board::Watchdog for Iwdg {
+    fn feed(&mut self) {
+        self.0.feed();
+    }
+}
+
 /// A number for this board in `Hello`: the 96-bit factory id folded to 32 bits (RM0383 §24.1).
 #[cfg(feature = "black-pill")]
 fn board_id() -> u32 {
@@ -144,5 +154,10 @@ pub fn run() -> ! {
     );
     let mut delay = cp.SYST.delay(&rcc.clocks);
     let mut board = Board::new(Reader::new(&spi), indicator, port, board_id(), 0);
-    board.run(&mut delay, 0)
+    // Started last, after the reader's first probe in `Board::new`. QEMU 7.2's netduinoplus2 does not
+    // model the IWDG (its registers read 0 and ignore writes), so there it never fires: only hardware
+    // exercises a reset.
+    let mut watchdog = Iwdg(stm32f4xx_hal::watchdog::IndependentWatchdog::new(dp.IWDG));
+    watchdog.0.start(crate::board::WATCHDOG_MS.millis());
+    board.run(&mut delay, &mut watchdog, 0)
 }

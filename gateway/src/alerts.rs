@@ -31,7 +31,7 @@ use protocol::rules::{
     AlertAction, Engine, EngineState, OverrideError, PatientSettings, ReadingInput, RuleSet,
     Symptoms,
 };
-use protocol::wire::{AlertMessage, Topics};
+use protocol::wire::{AlertMessage, SymptomsMessage, Topics};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -223,7 +223,8 @@ impl EdgeAlerts {
     /// The patient reported symptoms (the kiosk's yes/no question, CLINICAL.md §2.3, §4.2: symptoms skip
     /// confirmation): confirms pending alerts whose rule names them, escalates open episodes, fires
     /// `reported` rules. `reading_id` is the reading whose question was answered. Returns the records to
-    /// journal.
+    /// journal: first the report itself (`phg.symptoms/1` on `…/symptoms`, so ingest's authoritative
+    /// engine learns of it too), then the edge engine's alert records.
     pub fn on_symptoms(
         &self,
         patient: &str,
@@ -231,12 +232,50 @@ impl EdgeAlerts {
         symptoms: Symptoms,
         now_utc: i64,
     ) -> Vec<NewRecord> {
-        // The report itself travels to ingest (the authoritative engine) in a record of its own: the
-        // "symptoms" branch adds it here; until then only the edge engine learns of it.
-        let _ = reading_id;
-        self.advance(now_utc, |engine, now| {
+        let report = self.report(patient, reading_id, symptoms, now_utc);
+        let alerts = self.advance(now_utc, |engine, now| {
             engine.on_symptoms(patient, now, symptoms)
-        })
+        });
+        report.into_iter().chain(alerts).collect()
+    }
+
+    /// The record carrying a symptom report to the uplink. Its journal key is the report's deterministic
+    /// id, so the same answer journaled twice is published once; `None` (logged) when the report cannot
+    /// be built, which only a bug upstream causes (the kiosk answers about its own attributed readings):
+    /// the edge engine still acts on the symptoms.
+    fn report(
+        &self,
+        patient: &str,
+        reading_id: &str,
+        symptoms: Symptoms,
+        now_utc: i64,
+    ) -> Option<NewRecord> {
+        let message = match SymptomsMessage::new(
+            &self.gateway_id,
+            patient,
+            reading_id,
+            symptoms,
+            now_utc,
+        ) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build a symptom report; only the edge engine learns of it");
+                return None;
+            }
+        };
+        match serde_json::to_vec(&message) {
+            Ok(payload) => Some(NewRecord {
+                device: format!("symptoms:{patient}"),
+                device_seq: None,
+                reading_id: format!("symptoms:{}", message.id),
+                topic: self.topics.symptoms(),
+                payload,
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serialise a symptom report");
+                None
+            }
+        }
     }
 
     /// The engine's next deadline (Unix s), if anything waits for one.
@@ -353,8 +392,11 @@ fn action_name(action: &AlertAction) -> &'static str {
 mod tests {
     use super::*;
     use protocol::ieee11073::SFloat;
-    use protocol::model::{BloodPressureRecord, Measurement, Pressure, PressureUnit};
-    use protocol::rules::{Dec, Override, Symptoms};
+    use protocol::model::{
+        BloodPressureRecord, Glucose, GlucoseRecord, Measurement, Pressure, PressureUnit,
+        RecordNumbering,
+    };
+    use protocol::rules::{Dec, Override, Symptom, Symptoms};
     use protocol::validate::{Reception, validate};
     use serde_json::Value;
 
@@ -546,6 +588,136 @@ mod tests {
         assert_eq!(v["update"]["by"], "timeout", "{v}");
         // With nothing waiting, the window tick is what comes next.
         assert_eq!(a.next_deadline().map(|d| d > now() + 3600), Some(true));
+    }
+
+    /// A glucose reading of `mg_dl` mg/dL (a GLS record, sequence `seq`).
+    fn meter(seq: u16, mg_dl: i32) -> Measurement {
+        Measurement::Glucose(GlucoseRecord {
+            sequence_number: seq,
+            numbering: RecordNumbering::Gls,
+            base_time: protocol::gatt::time::DateTime::default(),
+            time_offset_min: None,
+            concentration: Some(Glucose::from_wire(
+                SFloat::new(mg_dl, -5).expect("SFLOAT"),
+                false,
+            )),
+            sample_type: Some(1),
+            sample_location: Some(1),
+            sensor_status: None,
+            context: None,
+        })
+    }
+
+    /// The `(action, rule_id, severity, status)` of each alert record, in order.
+    fn decisions(records: &[NewRecord]) -> Vec<(String, String, String, String)> {
+        records
+            .iter()
+            .filter(|r| r.topic.ends_with("/alerts"))
+            .map(|r| {
+                let v = payload(r);
+                let u = &v["update"];
+                // `open` carries the alert inline; the other actions under `alert`.
+                let a = if u["action"] == "open" {
+                    u
+                } else {
+                    &u["alert"]
+                };
+                let s = |v: &Value| v.as_str().unwrap_or("?").to_owned();
+                (
+                    s(&u["action"]),
+                    s(&a["rule_id"]),
+                    s(&a["severity"]),
+                    s(&a["status"]),
+                )
+            })
+            .collect()
+    }
+
+    const READING: &str = "94271e75-c46f-5b34-8576-702696c5b216";
+
+    /// Issue 12 item 5: "yes" to the crisis question raises the pending crisis to CRITICAL at once (no
+    /// wait for a repeat), and the report itself is the first record, on its own topic, for ingest.
+    #[test]
+    fn crisis_symptoms_make_a_pending_crisis_critical_at_once_and_travel_to_ingest() {
+        let a = alerts(Vec::new()).expect("engine");
+        let opened = feed(&a, "p-1", READING, T0, &cuff(185, 125));
+        assert_eq!(
+            decisions(&opened),
+            [(
+                "open".into(),
+                "BP_CRISIS".into(),
+                "URGENT".into(),
+                "pending".into()
+            )]
+        );
+        let records = a.on_symptoms(
+            "p-1",
+            READING,
+            Symptoms::of(&[Symptom::CrisisSymptoms]),
+            T0 + 40,
+        );
+        assert_eq!(records.len(), 2, "the report, then the decision");
+        let report = &records[0];
+        assert_eq!(report.topic, "phg/v1/gw-1/symptoms");
+        let v = payload(report);
+        assert_eq!(v["schema"], "phg.symptoms/1");
+        assert_eq!(v["gateway"], "gw-1");
+        assert_eq!(v["patient"], "p-1");
+        assert_eq!(v["reading_id"], READING);
+        assert_eq!(v["symptoms"], serde_json::json!(["crisis_symptoms"]));
+        assert_eq!(v["answered"], "2024-06-14T08:00:40Z");
+        let id = v["id"].as_str().expect("an id");
+        assert_eq!(report.reading_id, format!("symptoms:{id}"));
+        assert_eq!(
+            decisions(&records),
+            [(
+                "confirm".into(),
+                "BP_CRISIS".into(),
+                "CRITICAL".into(),
+                "active".into()
+            )]
+        );
+        assert_eq!(payload(&records[1])["update"]["by"], "symptoms");
+        // Nothing waits for the confirmation window any more.
+        assert!(a.on_deadlines(T0 + 901).is_empty());
+    }
+
+    /// "Yes" to the low-glucose question is a severe (Level 3) hypoglycaemia: GLU_HYPO_L3, CRITICAL.
+    #[test]
+    fn severe_hypoglycaemia_symptoms_raise_glu_hypo_l3() {
+        let a = alerts(Vec::new()).expect("engine");
+        let low = feed(&a, "p-2", READING, T0, &meter(7, 60));
+        assert!(
+            decisions(&low).iter().all(|d| d.2 != "CRITICAL"),
+            "60 mg/dL alone is not critical: {:?}",
+            decisions(&low)
+        );
+        let records = a.on_symptoms(
+            "p-2",
+            READING,
+            Symptoms::of(&[Symptom::SevereHypoglycaemia]),
+            T0 + 30,
+        );
+        assert_eq!(payload(&records[0])["symptoms"][0], "severe_hypoglycaemia");
+        let d = decisions(&records);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(
+            (d[0].1.as_str(), d[0].2.as_str()),
+            ("GLU_HYPO_L3", "CRITICAL")
+        );
+    }
+
+    /// "No" is reported too (the CRM sees the question was answered) and raises nothing.
+    #[test]
+    fn no_symptoms_is_reported_and_raises_nothing() {
+        let a = alerts(Vec::new()).expect("engine");
+        feed(&a, "p-3", READING, T0, &cuff(185, 125));
+        let records = a.on_symptoms("p-3", READING, Symptoms::NONE, T0 + 40);
+        assert_eq!(records.len(), 1);
+        assert_eq!(payload(&records[0])["symptoms"], serde_json::json!([]));
+        // The same answer again is the same report (one message after the journal's deduplication).
+        let again = a.on_symptoms("p-3", READING, Symptoms::NONE, T0 + 50);
+        assert_eq!(again[0].reading_id, records[0].reading_id);
     }
 
     #[test]

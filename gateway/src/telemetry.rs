@@ -54,6 +54,7 @@ pub fn spawn_exporter(
         return None;
     }
     tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    describe_metrics();
     Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -75,4 +76,97 @@ pub fn spawn_exporter(
                 .absolute(crate::sources::ble::upstream::contained_panics());
         }
     }))
+}
+
+/// The exporter's own metrics, described for the Prometheus endpoint (its `# HELP` lines); the uplink and
+/// the card reader describe theirs where they emit them.
+fn describe_metrics() {
+    metrics::describe_gauge!(
+        "phg_journal_depth",
+        "Records in the journal not yet acknowledged by the broker."
+    );
+    metrics::describe_counter!(
+        "phg_readings_accepted_total",
+        "Readings validated and journaled."
+    );
+    metrics::describe_counter!(
+        "phg_readings_rejected_total",
+        "Readings refused by validation (recorded as events)."
+    );
+    metrics::describe_counter!(
+        "phg_readings_unattributed_total",
+        "Readings no binding or kiosk session could give a patient (held or sent as events)."
+    );
+    metrics::describe_counter!(
+        "phg_journal_refused_total",
+        "Records the journal could not take (full, or a disk error)."
+    );
+    metrics::describe_counter!(
+        "phg_ble_dependency_panics_total",
+        "Panics inside bluez-async contained by the gateway (sources::ble::upstream)."
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    /// The names a source file passes to `<macro>!("…"` (whitespace between allowed).
+    fn names_after(text: &str, macro_name: &str) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        for (at, _) in text.match_indices(macro_name) {
+            // `counter!(` must not be the tail of `describe_counter!(` when looking for emitted ones.
+            let before = text[..at].chars().next_back();
+            if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                continue;
+            }
+            let rest = text[at + macro_name.len()..].trim_start();
+            if let Some(literal) = rest.strip_prefix('"')
+                && let Some(end) = literal.find('"')
+            {
+                names.insert(literal[..end].to_string());
+            }
+        }
+        names
+    }
+
+    fn sources(dir: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).expect("the crate's src directory is readable") {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(std::fs::read_to_string(&path).expect("a source file is readable"));
+            }
+        }
+    }
+
+    /// Every metric the gateway emits has a `# HELP` description, so an operator reading /metrics (or a
+    /// dashboard built from it) is told what each one counts. Scans the sources, so a metric added
+    /// without a description fails here.
+    #[test]
+    fn every_metric_the_gateway_emits_is_described() {
+        let mut files = Vec::new();
+        sources(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut files,
+        );
+        let (mut emitted, mut described) = (BTreeSet::new(), BTreeSet::new());
+        for text in &files {
+            for kind in ["counter", "gauge", "histogram"] {
+                emitted.extend(names_after(text, &format!("{kind}!(")));
+                described.extend(names_after(text, &format!("describe_{kind}!(")));
+            }
+        }
+        assert!(
+            emitted.len() >= 15,
+            "the scan found the gateway's metrics: {emitted:?}"
+        );
+        let undescribed: Vec<_> = emitted.difference(&described).collect();
+        assert!(
+            undescribed.is_empty(),
+            "metrics without a description: {undescribed:?}"
+        );
+    }
 }

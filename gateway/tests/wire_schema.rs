@@ -1291,3 +1291,157 @@ fn asyncapi_examples_validate() {
         .expect("an unattributed example");
     assert_eq!(example["payload"], unattributed_bp());
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Symptom reports (`phg.symptoms/1`, issue 12 item 5)
+// ---------------------------------------------------------------------------------------------------------
+
+const SYMPTOMS_SCHEMA_SRC: &str = include_str!("../../docs/schemas/symptoms.schema.json");
+
+/// The reading the asyncapi examples answer about (the `unattributed` example's, once assigned).
+const ANSWERED_READING: &str = "94271e75-c46f-5b34-8576-702696c5b216";
+
+fn symptom_report(symptoms: &[protocol::rules::Symptom]) -> Value {
+    let m = protocol::wire::SymptomsMessage::new(
+        GATEWAY,
+        PATIENT,
+        ANSWERED_READING,
+        protocol::rules::Symptoms::of(symptoms),
+        rx().received_utc + 50,
+    )
+    .unwrap();
+    serde_json::to_value(m).unwrap()
+}
+
+#[test]
+fn real_symptom_reports_validate() {
+    use protocol::rules::Symptom;
+    let s = schema_value(SYMPTOMS_SCHEMA_SRC);
+    jsonschema::draft202012::meta::validate(&s).expect("valid against the 2020-12 meta-schema");
+    assert_eq!(s["additionalProperties"], true);
+    assert_eq!(
+        s["properties"]["schema"]["const"],
+        protocol::wire::SYMPTOMS_SCHEMA
+    );
+    // Every name the engine knows is in the schema's list, and nothing else.
+    let names: Vec<&str> = s["properties"]["symptoms"]["items"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        Symptom::ALL.iter().map(|s| s.name()).collect::<Vec<_>>()
+    );
+    for set in [
+        &[][..],
+        &[Symptom::CrisisSymptoms],
+        &[Symptom::SevereHypoglycaemia],
+        &[Symptom::DizzinessOrSyncope],
+        &Symptom::ALL,
+    ] {
+        assert_valid(SYMPTOMS_SCHEMA_SRC, &symptom_report(set));
+    }
+}
+
+#[test]
+fn broken_symptom_reports_are_rejected() {
+    use protocol::rules::Symptom;
+    let good = symptom_report(&[Symptom::CrisisSymptoms]);
+    for field in [
+        "/schema",
+        "/id",
+        "/gateway",
+        "/patient",
+        "/reading_id",
+        "/symptoms",
+        "/answered",
+    ] {
+        assert_invalid(
+            SYMPTOMS_SCHEMA_SRC,
+            &without(good.clone(), field),
+            &format!("without {field}"),
+        );
+    }
+    for (pointer, value, why) in [
+        ("/schema", json!("phg.symptoms/2"), "another major version"),
+        (
+            "/symptoms",
+            json!(["crisis_symptoms", "palpitations"]),
+            "an unknown symptom",
+        ),
+        (
+            "/symptoms",
+            json!(["crisis_symptoms", "crisis_symptoms"]),
+            "a symptom twice",
+        ),
+        (
+            "/reading_id",
+            json!("r-1"),
+            "a reading id that is not a UUID",
+        ),
+        (
+            "/id",
+            json!("0f8fad5b-d9cb-469f-a165-70867728950e"),
+            "a version 4 id",
+        ),
+        ("/patient", json!("Jane Doe"), "a name"),
+        ("/answered", json!("2024-06-15T07:53:00+02:00"), "not UTC"),
+    ] {
+        assert_invalid(
+            SYMPTOMS_SCHEMA_SRC,
+            &with(good.clone(), pointer, value),
+            why,
+        );
+    }
+}
+
+/// The document's symptom examples validate and are exactly what the gateway sends (their ids are the
+/// deterministic ones).
+#[test]
+fn asyncapi_symptom_examples_are_real() {
+    use protocol::rules::Symptom;
+    let doc = to_json(&asyncapi());
+    let examples = doc["components"]["messages"]["symptoms"]["examples"]
+        .as_array()
+        .expect("examples");
+    assert_eq!(examples.len(), 2);
+    for (ex, set) in examples
+        .iter()
+        .zip([&[Symptom::CrisisSymptoms][..], &[][..]])
+    {
+        eprintln!("symptoms: {}", ex["name"]);
+        assert_valid(SYMPTOMS_SCHEMA_SRC, &ex["payload"]);
+        let answered = utc_seconds(&ex["payload"]["answered"]);
+        let m = protocol::wire::SymptomsMessage::new(
+            GATEWAY,
+            PATIENT,
+            ANSWERED_READING,
+            protocol::rules::Symptoms::of(set),
+            answered,
+        )
+        .unwrap();
+        assert_eq!(ex["payload"], serde_json::to_value(m).unwrap());
+    }
+    assert!(
+        doc["channels"]["symptoms"]["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("GLU_HYPO_L3") && d.contains("CRITICAL")),
+        "the channel maps the answers to CLINICAL.md's rules"
+    );
+}
+
+/// Seconds since the epoch of the examples' whole-second UTC time.
+fn utc_seconds(v: &Value) -> i64 {
+    let s = v.as_str().unwrap();
+    let t = protocol::gatt::time::DateTime {
+        year: s[0..4].parse().unwrap(),
+        month: s[5..7].parse().unwrap(),
+        day: s[8..10].parse().unwrap(),
+        hours: s[11..13].parse().unwrap(),
+        minutes: s[14..16].parse().unwrap(),
+        seconds: s[17..19].parse().unwrap(),
+    };
+    t.to_epoch_seconds().unwrap()
+}

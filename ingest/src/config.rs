@@ -13,7 +13,7 @@
 //! [mqtt]
 //! broker = "mqtt://127.0.0.1:1883"
 //! group = "phg-ingest"                   # the shared-subscription group: instances share the stream
-//! topic_root = "phg/v1"                  # subscribes $share/{group}/{topic_root}/+/readings (and events)
+//! topic_root = "phg/v1"                  # subscribes $share/{group}/{topic_root}/+/readings (events, symptoms)
 //! alerts_topic = "phg/ingest/alerts"     # where alert notices are published (QoS 1)
 //! keep_alive_s = 30
 //! max_batch = 256                        # messages stored per transaction, at most
@@ -385,11 +385,12 @@ impl MqttConfig {
 }
 
 impl MqttConfig {
-    /// The subscriptions: `$share/{group}/{root}/+/readings` and `…/events`.
-    pub fn filters(&self) -> [String; 2] {
+    /// The subscriptions: `$share/{group}/{root}/+/readings`, `…/events` and `…/symptoms`.
+    pub fn filters(&self) -> [String; 3] {
         [
             format!("$share/{}/{}/+/readings", self.group, self.topic_root),
             format!("$share/{}/{}/+/events", self.group, self.topic_root),
+            format!("$share/{}/{}/+/symptoms", self.group, self.topic_root),
         ]
     }
 }
@@ -908,7 +909,8 @@ mod tests {
             c.mqtt.filters(),
             [
                 "$share/phg-ingest/phg/v1/+/readings".to_owned(),
-                "$share/phg-ingest/phg/v1/+/events".to_owned()
+                "$share/phg-ingest/phg/v1/+/events".to_owned(),
+                "$share/phg-ingest/phg/v1/+/symptoms".to_owned()
             ]
         );
         assert!(c.webhook.is_none());

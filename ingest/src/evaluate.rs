@@ -119,6 +119,29 @@ struct Notice<'a> {
     alert: &'a Alert,
 }
 
+/// One thing a batch evaluates for a patient ([`Evaluator::on_inputs`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    /// A newly stored reading, with the symptoms of the reports about it stored before it (a report
+    /// that reached ingest before its reading: see [`crate::store`]).
+    Reading {
+        /// The message.
+        msg: &'a ReadingMessage,
+        /// The engine's view of it.
+        reading: &'a EngineReading,
+        /// Symptoms reported about it earlier; usually none.
+        symptoms: Symptoms,
+    },
+    /// A newly stored symptom report: the engine's `on_symptoms` at the answer time (CLINICAL.md §4.2:
+    /// symptoms skip confirmation).
+    Symptoms {
+        /// When the patient answered (Unix s).
+        answered_utc: i64,
+        /// What they reported.
+        symptoms: Symptoms,
+    },
+}
+
 /// The rules and the patients' settings; evaluates readings against a patient's stored state.
 #[derive(Debug)]
 pub struct Evaluator {
@@ -322,17 +345,55 @@ impl Evaluator {
         state: Option<&str>,
         readings: &[(&ReadingMessage, &EngineReading)],
     ) -> Result<(NewState, Vec<Vec<AlertWrite>>), EvalError> {
-        let mut engine = self.engine(patient, state)?;
-        let mut out = Vec::with_capacity(readings.len());
-        for (msg, reading) in readings {
-            let actions = engine.on_reading(&ReadingInput {
-                patient,
-                reading_id: &msg.id,
-                time_utc: reading.time_utc,
-                measurement: &reading.measurement,
-                verdict: &reading.verdict,
+        let inputs: Vec<Input<'_>> = readings
+            .iter()
+            .map(|(msg, reading)| Input::Reading {
+                msg,
+                reading,
                 symptoms: Symptoms::NONE,
-            });
+            })
+            .collect();
+        self.on_inputs(patient, state, &inputs)
+    }
+
+    /// Evaluates one patient's stored readings and symptom reports, in arrival order, against the
+    /// patient's `state` (one engine, one state serialisation). Returns the new state and the alert
+    /// changes per input.
+    ///
+    /// # Errors
+    /// As [`Self::on_reading`].
+    pub fn on_inputs(
+        &self,
+        patient: &str,
+        state: Option<&str>,
+        inputs: &[Input<'_>],
+    ) -> Result<(NewState, Vec<Vec<AlertWrite>>), EvalError> {
+        let mut engine = self.engine(patient, state)?;
+        let mut out = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let actions = match input {
+                Input::Reading {
+                    msg,
+                    reading,
+                    symptoms,
+                } => engine.on_reading(&ReadingInput {
+                    patient,
+                    reading_id: &msg.id,
+                    time_utc: reading.time_utc,
+                    measurement: &reading.measurement,
+                    verdict: &reading.verdict,
+                    symptoms: *symptoms,
+                }),
+                // The engine's state is per patient; a report is only ever about its own patient.
+                Input::Symptoms {
+                    answered_utc,
+                    symptoms,
+                } => engine
+                    .on_symptoms(patient, *answered_utc, *symptoms)
+                    .into_iter()
+                    .filter(|a| a.alert().patient == patient)
+                    .collect(),
+            };
             out.push(writes(&actions, self.notify_from)?);
         }
         Ok((self.new_state(engine, patient)?, out))

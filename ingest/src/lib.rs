@@ -4,9 +4,10 @@
 //!
 //! The modules follow the data:
 //!
-//! - [`service`] — the MQTT consumer: a shared subscription (`$share/{group}/{root}/+/readings` and
-//!   `…/events`), QoS 1, **manual acknowledgements**: a message is PUBACKed only after the transaction
-//!   that stores it has committed. Messages are stored in batches (whatever has arrived, up to a cap).
+//! - [`service`] — the MQTT consumer: a shared subscription (`$share/{group}/{root}/+/readings`,
+//!   `…/events` and `…/symptoms`), QoS 1, **manual acknowledgements**: a message is PUBACKed only after
+//!   the transaction that stores it has committed. Messages are stored in batches (whatever has arrived,
+//!   up to a cap).
 //! - [`convert`] — a wire [`protocol::wire::ReadingMessage`] back into the engine's exact input.
 //! - [`evaluate`] — protocol's rule engine, run per patient with the patient's settings and its state
 //!   loaded from the database in the storing transaction (ingest is authoritative).

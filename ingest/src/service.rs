@@ -332,7 +332,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 async fn consume(
     client: AsyncClient,
     mut eventloop: rumqttc::EventLoop,
-    filters: [String; 2],
+    filters: [String; 3],
     tx: mpsc::Sender<Publish>,
     token: CancellationToken,
 ) {
@@ -414,6 +414,8 @@ async fn consume(
 fn channel_of(topic: &str) -> Channel {
     if topic.ends_with("/events") {
         Channel::Events
+    } else if topic.ends_with("/symptoms") {
+        Channel::Symptoms
     } else {
         Channel::Readings
     }
@@ -480,7 +482,7 @@ async fn storer(
                 Stored::Rejected(reason) => {
                     rejected += 1;
                     // The reason names the check and the field, never a value.
-                    tracing::warn!(reason = %reason, "reading rejected: stored, not evaluated");
+                    tracing::warn!(reason = %reason, "reading or symptom report rejected: stored, not evaluated");
                 }
                 Stored::Event => {}
                 Stored::Bad(error) => {

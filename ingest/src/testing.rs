@@ -316,3 +316,25 @@ pub fn bp_message(
     })
     .to_string()
 }
+
+/// A `phg.symptoms/1` report as the gateway publishes it (built by `protocol::wire`): `patient`'s answer
+/// `symptoms` to the question of the reading [`reading_uuid`]`(reading)`, at `answered_utc`.
+///
+/// # Panics
+/// When `patient` is not a pseudonym or the time is out of range (a test's mistake).
+pub fn symptoms_message(
+    reading: &str,
+    patient: &str,
+    symptoms: &[protocol::rules::Symptom],
+    answered_utc: i64,
+) -> String {
+    let m = protocol::wire::SymptomsMessage::new(
+        TEST_GATEWAY,
+        patient,
+        &reading_uuid(reading),
+        protocol::rules::Symptoms::of(symptoms),
+        answered_utc,
+    )
+    .expect("a valid test report");
+    serde_json::to_string(&m).expect("a report serialises")
+}

@@ -11,8 +11,10 @@ use std::sync::Arc;
 
 use ingest::evaluate::{Evaluator, Sink};
 use ingest::store::{AckResult, AnyStore, Channel, Inbound, Store, Stored};
-use ingest::testing::{SKIP_MESSAGE, TempPostgres, bp_message, glucose_message, reading_uuid};
-use protocol::rules::RuleSet;
+use ingest::testing::{
+    SKIP_MESSAGE, TempPostgres, bp_message, glucose_message, reading_uuid, symptoms_message,
+};
+use protocol::rules::{RuleSet, Symptom};
 
 /// 2026-01-01 08:00:00 UTC: in the past, with room after it (ingest rejects readings from the future).
 const T0: i64 = 1_767_254_400;
@@ -430,6 +432,286 @@ async fn window_rules_run_on_tick(url: &str) {
     );
 }
 
+fn report(payload: String) -> Inbound {
+    Inbound {
+        topic: "phg/v1/gw-test/symptoms".into(),
+        channel: Channel::Symptoms,
+        payload: payload.into_bytes(),
+        max_len: None,
+    }
+}
+
+/// `(rule_id, severity, status)` of a patient's alerts.
+async fn alert_states(store: &AnyStore, patient: &str) -> Vec<(String, String, String)> {
+    store
+        .alerts_of(patient, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.rule_id, a.severity, a.status))
+        .collect()
+}
+
+fn state(rule: &str, severity: &str, status: &str) -> (String, String, String) {
+    (rule.into(), severity.into(), status.into())
+}
+
+/// Issue 12 item 5: "yes" to the crisis question makes the pending crisis CRITICAL at once, whichever
+/// of the reading and the report is stored first (or both in one batch); a redelivered report changes
+/// nothing; "yes" to the low-glucose question is GLU_HYPO_L3.
+async fn symptom_reports_raise_critical_once_in_either_order(url: &str) {
+    let store = AnyStore::open(url).await.unwrap();
+    let ev = ev();
+    let crisis = Symptom::CrisisSymptoms;
+    // The reading first: pending (URGENT until confirmed), then confirmed by the report.
+    let r = store
+        .ingest(
+            vec![reading(bp_message("bp-1", "p-sym-1", 185, 125, 70, T0))],
+            Arc::clone(&ev),
+            "a",
+            1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, vec![Stored::New { alerts: 1 }]);
+    assert_eq!(
+        alert_states(&store, "p-sym-1").await,
+        [state("BP_CRISIS", "URGENT", "pending")]
+    );
+    let yes = symptoms_message("bp-1", "p-sym-1", &[crisis], T0 + 60);
+    let r = store
+        .ingest(vec![report(yes.clone())], Arc::clone(&ev), "a", 2)
+        .await
+        .unwrap();
+    assert_eq!(r, vec![Stored::New { alerts: 1 }]);
+    assert_eq!(
+        alert_states(&store, "p-sym-1").await,
+        [state("BP_CRISIS", "CRITICAL", "active")]
+    );
+    let before = store.counts().await.unwrap();
+    // Redelivered, alone and twice in one batch (another instance): nothing new.
+    let r = store
+        .ingest(
+            vec![report(yes.clone()), report(yes)],
+            Arc::clone(&ev),
+            "b",
+            3,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, vec![Stored::Duplicate, Stored::Duplicate]);
+    let after = store.counts().await.unwrap();
+    assert_eq!(after, before, "a redelivered report changes nothing");
+    assert_eq!(after.symptom_reports, 1);
+
+    // The report first (the reading went to another instance, or the other topic was slower): stored
+    // and evaluated (nothing to confirm yet); the reading then comes with its symptoms: CRITICAL.
+    let r = store
+        .ingest(
+            vec![report(symptoms_message(
+                "bp-2",
+                "p-sym-2",
+                &[crisis],
+                T0 + 60,
+            ))],
+            Arc::clone(&ev),
+            "a",
+            4,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, vec![Stored::New { alerts: 0 }]);
+    let r = store
+        .ingest(
+            vec![reading(bp_message("bp-2", "p-sym-2", 185, 125, 70, T0))],
+            Arc::clone(&ev),
+            "a",
+            5,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, vec![Stored::New { alerts: 1 }]);
+    assert_eq!(
+        alert_states(&store, "p-sym-2").await,
+        [state("BP_CRISIS", "CRITICAL", "active")]
+    );
+
+    // Both in one batch, in either order: one CRITICAL alert.
+    for (n, report_first) in [(3, false), (4, true)] {
+        let patient = format!("p-sym-{n}");
+        let id = format!("bp-{n}");
+        let mut batch = vec![
+            reading(bp_message(&id, &patient, 185, 125, 70, T0)),
+            report(symptoms_message(&id, &patient, &[crisis], T0 + 60)),
+        ];
+        if report_first {
+            batch.reverse();
+        }
+        store.ingest(batch, Arc::clone(&ev), "a", 6).await.unwrap();
+        assert_eq!(
+            alert_states(&store, &patient).await,
+            [state("BP_CRISIS", "CRITICAL", "active")],
+            "report first: {report_first}"
+        );
+    }
+
+    // "No" is stored and raises nothing: the crisis stays pending.
+    store
+        .ingest(
+            vec![
+                reading(bp_message("bp-5", "p-sym-5", 185, 125, 70, T0)),
+                report(symptoms_message("bp-5", "p-sym-5", &[], T0 + 60)),
+            ],
+            Arc::clone(&ev),
+            "a",
+            7,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        alert_states(&store, "p-sym-5").await,
+        [state("BP_CRISIS", "URGENT", "pending")]
+    );
+
+    // A low glucose, then "yes" to the question about severe hypoglycaemia: GLU_HYPO_L3, CRITICAL.
+    store
+        .ingest(
+            vec![reading(glucose_message("glu-6", "p-sym-6", 60, T0))],
+            Arc::clone(&ev),
+            "a",
+            8,
+        )
+        .await
+        .unwrap();
+    let r = store
+        .ingest(
+            vec![report(symptoms_message(
+                "glu-6",
+                "p-sym-6",
+                &[Symptom::SevereHypoglycaemia],
+                T0 + 120,
+            ))],
+            Arc::clone(&ev),
+            "a",
+            9,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, vec![Stored::New { alerts: 1 }]);
+    let alerts = alert_states(&store, "p-sym-6").await;
+    assert!(
+        alerts.contains(&state("GLU_HYPO_L3", "CRITICAL", "active")),
+        "{alerts:?}"
+    );
+}
+
+/// A report ingest cannot read is recorded with its reason, never misread: another major version, a
+/// symptom this version does not know, an id that is not its content's, a gateway or patient that does
+/// not fit; an answer from the future is stored and not evaluated; the same report under another
+/// patient is a conflict.
+async fn bad_symptom_reports_are_recorded_not_misread(url: &str) {
+    let store = AnyStore::open(url).await.unwrap();
+    let ev = ev();
+    let good = symptoms_message("bp-9", "p-bad-9", &[Symptom::CrisisSymptoms], T0 + 60);
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+        f(&mut v);
+        report(v.to_string())
+    };
+    let cases: Vec<(Inbound, &str)> = vec![
+        (
+            edit(&|v| v["schema"] = "phg.symptoms/2".into()),
+            "unknown schema: ingest reads phg.symptoms/1",
+        ),
+        (
+            edit(&|v| v["symptoms"] = serde_json::json!(["crisis_symptoms", "palpitations"])),
+            "unknown symptom in `symptoms`",
+        ),
+        (
+            edit(&|v| v["symptoms"] = serde_json::json!([])),
+            "id is not the report id of its reading_id and symptoms",
+        ),
+        (
+            edit(&|v| v["reading_id"] = "r-1".into()),
+            "reading_id is not a version 5 UUID",
+        ),
+        (
+            edit(&|v| v["gateway"] = "gw-other".into()),
+            "gateway differs from the topic's gateway",
+        ),
+        (
+            edit(&|v| v["patient"] = "Jane Doe".into()),
+            "patient is not a pseudonymous id",
+        ),
+        (
+            edit(&|v| v["answered"] = "yesterday".into()),
+            "answered is not RFC 3339 UTC",
+        ),
+        (
+            edit(&|v| {
+                v.as_object_mut().unwrap().remove("symptoms");
+            }),
+            "not a phg.symptoms/1 message",
+        ),
+        (report("{not json".into()), "not a phg.symptoms/1 message"),
+    ];
+    let n = cases.len();
+    let (batch, reasons): (Vec<Inbound>, Vec<&str>) = cases.into_iter().unzip();
+    let r = store.ingest(batch, Arc::clone(&ev), "a", 1).await.unwrap();
+    for (got, want) in r.iter().zip(&reasons) {
+        assert!(
+            matches!(got, Stored::Bad(e) if e.contains(want)),
+            "want {want:?}, got {got:?}"
+        );
+    }
+    let c = store.counts().await.unwrap();
+    assert_eq!((c.bad_messages, c.symptom_reports), (n as i64, 0), "{c:?}");
+    let bad = store.bad_messages(100).await.unwrap();
+    assert!(bad.iter().all(|b| b.topic == "phg/v1/gw-test/symptoms"));
+
+    // From the future (past the skew ingest allows readings): stored, not evaluated.
+    let now = ingest::now_ms() / 1000;
+    let future = symptoms_message("bp-9", "p-bad-9", &[Symptom::CrisisSymptoms], now + 3600);
+    let r = store
+        .ingest(
+            vec![
+                reading(bp_message("bp-9", "p-bad-9", 185, 125, 70, T0)),
+                report(future),
+            ],
+            Arc::clone(&ev),
+            "a",
+            2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        vec![
+            Stored::New { alerts: 1 },
+            Stored::Rejected("rejected: time_in_future: answered".into())
+        ]
+    );
+    assert_eq!(
+        alert_states(&store, "p-bad-9").await,
+        [state("BP_CRISIS", "URGENT", "pending")],
+        "a report from the future raises nothing"
+    );
+    // The same report (same id) under another patient: a conflict, kept for inspection.
+    let other = edit(&|v| v["patient"] = "p-bad-10".into());
+    store
+        .ingest(vec![report(good.clone())], Arc::clone(&ev), "a", 3)
+        .await
+        .unwrap();
+    let r = store
+        .ingest(vec![other], Arc::clone(&ev), "a", 4)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&r[0], Stored::Bad(e) if e.starts_with("conflict")),
+        "{r:?}"
+    );
+}
+
 // ------------------------------------------------------------------------------------------------------
 // SQLite: one test per scenario
 // ------------------------------------------------------------------------------------------------------
@@ -456,6 +738,8 @@ sqlite_tests!(
     conflicts_are_recorded_and_impossible_values_rejected,
     acknowledge_and_patient_queries,
     window_rules_run_on_tick,
+    symptom_reports_raise_critical_once_in_either_order,
+    bad_symptom_reports_are_recorded_not_misread,
 );
 
 // ------------------------------------------------------------------------------------------------------
@@ -489,5 +773,8 @@ async fn postgres_runs_the_same_storage_scenarios() {
     .await;
     acknowledge_and_patient_queries(&pg.create_database(&db()).await.unwrap()).await;
     window_rules_run_on_tick(&pg.create_database(&db()).await.unwrap()).await;
-    println!("postgres: 7 storage scenarios passed in {:?}", t.elapsed());
+    symptom_reports_raise_critical_once_in_either_order(&pg.create_database(&db()).await.unwrap())
+        .await;
+    bad_symptom_reports_are_recorded_not_misread(&pg.create_database(&db()).await.unwrap()).await;
+    println!("postgres: 9 storage scenarios passed in {:?}", t.elapsed());
 }

@@ -11,6 +11,7 @@
 //! | `{root}/status` | gateway → CRM | 1 / retained, also the last will | [`StatusMessage`] (`phg.status/1`) |
 //! | `{root}/alerts` | gateway → CRM | 1 / no | reserved for the alerts issue |
 //! | `{root}/config` | CRM → gateway | 1 / retained | reserved for the configuration issue |
+//! | `{root}/symptoms` | gateway → CRM | 1 / no | [`SymptomsMessage`] (`phg.symptoms/1`) |
 //!
 //! The root is configurable and defaults to `phg/v1/{gateway_id}` ([`Topics::default_root`]). Every payload
 //! is one JSON object with a `schema` field naming its type and major version; MQTT 5 publishes also carry
@@ -48,6 +49,7 @@ use uuid::Uuid;
 use crate::gatt::time::DateTime;
 use crate::model::{GlucoseContextInfo, GlucoseUnit, Measurement, PressureUnit, RecordNumbering};
 use crate::reading_id::{self, BpIdentity, GlucoseTimeIdentity};
+use crate::rules::{Symptom, Symptoms};
 use crate::validate::{
     Censor, Field, Outcome, PULSE_PRESSURE_MIN_MMHG, Reception, Rejection, TimeDoubt, TimeVerdict,
     Verdict,
@@ -68,6 +70,8 @@ pub const ALERT_SCHEMA: &str = "phg.alert/1";
 pub const CONFIG_SCHEMA: &str = "phg.config/2";
 /// The first `schema` of a [`ConfigMessage`]: no `cards`.
 pub const CONFIG_SCHEMA_V1: &str = "phg.config/1";
+/// The `schema` of a [`SymptomsMessage`] (`…/symptoms`).
+pub const SYMPTOMS_SCHEMA: &str = "phg.symptoms/1";
 /// The default topic prefix; the gateway id follows it ([`Topics::default_root`]).
 pub const DEFAULT_TOPIC_PREFIX: &str = "phg/v1";
 /// The longest pseudonymous patient id accepted ([`is_valid_pseudonym`]).
@@ -90,16 +94,19 @@ pub enum Channel {
     Alerts,
     /// `{root}/config`: the CRM's configuration for this gateway (payload reserved for its issue).
     Config,
+    /// `{root}/symptoms`: a patient's answer to the symptom question a reading's result asked.
+    Symptoms,
 }
 
 impl Channel {
     /// Every channel, in the contract's order.
-    pub const ALL: [Channel; 5] = [
+    pub const ALL: [Channel; 6] = [
         Channel::Readings,
         Channel::Events,
         Channel::Status,
         Channel::Alerts,
         Channel::Config,
+        Channel::Symptoms,
     ];
 
     /// The last topic level.
@@ -110,6 +117,7 @@ impl Channel {
             Channel::Status => "status",
             Channel::Alerts => "alerts",
             Channel::Config => "config",
+            Channel::Symptoms => "symptoms",
         }
     }
 
@@ -194,6 +202,11 @@ impl Topics {
     /// `{root}/config`.
     pub fn config(&self) -> String {
         self.topic(Channel::Config)
+    }
+
+    /// `{root}/symptoms`.
+    pub fn symptoms(&self) -> String {
+        self.topic(Channel::Symptoms)
     }
 }
 
@@ -361,6 +374,8 @@ pub enum WireError {
     },
     /// The patient id is not a pseudonym ([`is_valid_pseudonym`]).
     InvalidPatientId,
+    /// A reading id that is not a version 5 UUID (every reading id is one, [`reading_id_of`]).
+    InvalidReadingId,
 }
 
 impl fmt::Display for WireError {
@@ -377,6 +392,7 @@ impl fmt::Display for WireError {
                 write!(f, "time {seconds} s is outside RFC 3339's years")
             }
             WireError::InvalidPatientId => f.write_str("patient id is not a pseudonymous id"),
+            WireError::InvalidReadingId => f.write_str("reading id is not a version 5 UUID"),
         }
     }
 }
@@ -1386,6 +1402,218 @@ pub struct ConfigBinding {
     pub patient: String,
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Symptom reports
+// ---------------------------------------------------------------------------------------------------------
+
+/// A patient's answer to the symptom question a reading's result asked (the kiosk's yes/no question,
+/// CLINICAL.md §2.3: a crisis-range blood pressure asks about chest pain, shortness of breath, severe
+/// headache, confusion or weakness; a low glucose asks about the signs of a severe hypoglycaemia), on
+/// `{root}/symptoms` (QoS 1, not retained): schema `phg.symptoms/1`.
+///
+/// Ingest runs its rule engine's `on_symptoms` on it, as the gateway's edge engine did: symptoms skip
+/// confirmation (CLINICAL.md §4.2), so a pending crisis becomes CRITICAL at once, and a reported severe
+/// hypoglycaemia is `GLU_HYPO_L3`. It has a topic of its own, not an event type on `…/events`: events
+/// are what went wrong or needs a person, stored as they come and never evaluated, and their `type`s are
+/// fixed for version 1; a report is clinical input that is evaluated once per id, like a reading.
+///
+/// Unknown fields are ignored on reading; an unknown symptom name is not (a consumer must refuse the
+/// message rather than read a symptom it does not know as none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SymptomsMessage {
+    /// [`SYMPTOMS_SCHEMA`].
+    pub schema: String,
+    /// The report's id, [`symptoms_report_id`] over `reading_id` and `symptoms`: the same answer to the
+    /// same reading's question is the same report however often it is delivered.
+    pub id: String,
+    /// The gateway id.
+    pub gateway: String,
+    /// The pseudonymous patient id (the patient the reading was attributed to).
+    pub patient: String,
+    /// The id of the reading whose result asked the question.
+    pub reading_id: String,
+    /// The symptoms the patient said they have, by [`Symptom::name`]; empty when they answered "no".
+    pub symptoms: Vec<Symptom>,
+    /// When the patient answered, RFC 3339 UTC: the time the rule engine decides at.
+    pub answered: String,
+}
+
+/// The deterministic id of a symptom report ([`SymptomsMessage::id`]): a version 5 UUID in
+/// [`reading_id::NAMESPACE`] over the tag `sym.v1`, the reading's 16 bytes and the set of symptoms (one
+/// bit per [`Symptom::ALL`] position).
+pub fn symptoms_report_id(reading_id: &Uuid, symptoms: Symptoms) -> Uuid {
+    let mask = Symptom::ALL
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| symptoms.contains(**s))
+        .fold(0u8, |m, (i, _)| m | (1 << i));
+    let mut name = [0u8; 24];
+    name[..7].copy_from_slice(b"sym.v1\0");
+    name[7..23].copy_from_slice(reading_id.as_bytes());
+    name[23] = mask;
+    Uuid::new_v5(&reading_id::NAMESPACE, &name)
+}
+
+impl SymptomsMessage {
+    /// The answer `symptoms` of `patient` to the question of the reading `reading_id`, given at
+    /// `answered_utc` (Unix s) on `gateway`.
+    ///
+    /// # Errors
+    /// [`WireError::InvalidPatientId`] when `patient` is not a pseudonym, [`WireError::InvalidReadingId`]
+    /// when `reading_id` is not a version 5 UUID, [`WireError::TimeOutOfRange`].
+    pub fn new(
+        gateway: &str,
+        patient: &str,
+        reading_id: &str,
+        symptoms: Symptoms,
+        answered_utc: i64,
+    ) -> Result<SymptomsMessage, WireError> {
+        if !is_valid_pseudonym(patient) {
+            return Err(WireError::InvalidPatientId);
+        }
+        let reading = Uuid::try_parse(reading_id)
+            .ok()
+            .filter(|u| u.get_version_num() == 5)
+            .ok_or(WireError::InvalidReadingId)?;
+        Ok(SymptomsMessage {
+            schema: SYMPTOMS_SCHEMA.to_owned(),
+            id: symptoms_report_id(&reading, symptoms).to_string(),
+            gateway: gateway.to_owned(),
+            patient: patient.to_owned(),
+            reading_id: reading.to_string(),
+            symptoms: symptoms.iter().collect(),
+            answered: time_string(answered_utc)?,
+        })
+    }
+
+    /// The reported symptoms as a set (what the rule engine takes).
+    pub fn symptom_set(&self) -> Symptoms {
+        Symptoms::of(&self.symptoms)
+    }
+
+    /// The id this report must carry ([`symptoms_report_id`] over its content); `None` when its
+    /// `reading_id` is not a UUID.
+    pub fn expected_id(&self) -> Option<String> {
+        let reading = Uuid::try_parse(&self.reading_id).ok()?;
+        Some(symptoms_report_id(&reading, self.symptom_set()).to_string())
+    }
+}
+
+#[cfg(test)]
+mod symptoms_tests {
+    use super::*;
+
+    const READING: &str = "94271e75-c46f-5b34-8576-702696c5b216";
+    /// 2024-06-15T05:53:00Z.
+    const ANSWERED: i64 = 1_718_430_780;
+
+    #[test]
+    fn a_report_names_its_reading_and_symptoms_and_round_trips() {
+        let crisis = Symptoms::of(&[Symptom::CrisisSymptoms]);
+        let m = SymptomsMessage::new("gw-0001", "P-000123", READING, crisis, ANSWERED)
+            .expect("a valid report");
+        let json = serde_json::to_value(&m).expect("serialises");
+        assert_eq!(json["schema"], "phg.symptoms/1");
+        assert_eq!(json["reading_id"], READING);
+        assert_eq!(json["symptoms"], serde_json::json!(["crisis_symptoms"]));
+        assert_eq!(json["answered"], "2024-06-15T05:53:00Z");
+        let back: SymptomsMessage = serde_json::from_value(json).expect("parses");
+        assert_eq!(back, m);
+        assert_eq!(back.symptom_set(), crisis);
+        assert_eq!(back.expected_id().as_deref(), Some(m.id.as_str()));
+        let id = Uuid::try_parse(&m.id).expect("a UUID");
+        assert_eq!(id.get_version_num(), 5);
+    }
+
+    /// The same answer is the same report (a redelivery, a second journaling), whenever it was built; a
+    /// different answer or another reading is another report.
+    #[test]
+    fn the_id_is_deterministic_over_reading_and_answer() {
+        let reading = Uuid::try_parse(READING).expect("uuid");
+        let other = Uuid::try_parse("1d5b623e-3efd-5e60-8ffc-38fa2e8cac8f").expect("uuid");
+        let yes = Symptoms::of(&[Symptom::CrisisSymptoms]);
+        let a = SymptomsMessage::new("gw-0001", "P-000123", READING, yes, ANSWERED).expect("ok");
+        let b =
+            SymptomsMessage::new("gw-0001", "P-000123", READING, yes, ANSWERED + 30).expect("ok");
+        assert_eq!(a.id, b.id);
+        // Upper-case input is the same reading.
+        let c = SymptomsMessage::new(
+            "gw-0001",
+            "P-000123",
+            &READING.to_uppercase(),
+            yes,
+            ANSWERED,
+        )
+        .expect("ok");
+        assert_eq!(
+            (c.id.as_str(), c.reading_id.as_str()),
+            (a.id.as_str(), READING)
+        );
+        let ids = [
+            symptoms_report_id(&reading, yes),
+            symptoms_report_id(&reading, Symptoms::NONE),
+            symptoms_report_id(&reading, Symptoms::of(&[Symptom::SevereHypoglycaemia])),
+            symptoms_report_id(&reading, Symptoms::of(&Symptom::ALL)),
+            symptoms_report_id(&other, yes),
+        ];
+        for (i, x) in ids.iter().enumerate() {
+            for y in ids.iter().skip(i + 1) {
+                assert_ne!(x, y);
+            }
+        }
+    }
+
+    #[test]
+    fn a_no_answer_is_an_empty_list() {
+        let m = SymptomsMessage::new("gw-0001", "P-000123", READING, Symptoms::NONE, ANSWERED)
+            .expect("ok");
+        assert!(m.symptoms.is_empty());
+        let text = serde_json::to_string(&m).expect("serialises");
+        assert!(text.contains(r#""symptoms":[]"#), "{text}");
+    }
+
+    #[test]
+    fn bad_inputs_are_refused() {
+        let yes = Symptoms::of(&[Symptom::CrisisSymptoms]);
+        assert_eq!(
+            SymptomsMessage::new("gw", "Jane Doe", READING, yes, ANSWERED),
+            Err(WireError::InvalidPatientId)
+        );
+        assert_eq!(
+            SymptomsMessage::new("gw", "P-000123", "r-1", yes, ANSWERED),
+            Err(WireError::InvalidReadingId)
+        );
+        assert!(matches!(
+            SymptomsMessage::new("gw", "P-000123", READING, yes, i64::MAX / 2),
+            Err(WireError::TimeOutOfRange { .. })
+        ));
+    }
+
+    /// A symptom this version does not know is not read as no symptom: the message does not parse.
+    #[test]
+    fn an_unknown_symptom_name_does_not_parse() {
+        let m = SymptomsMessage::new(
+            "gw-0001",
+            "P-000123",
+            READING,
+            Symptoms::of(&[Symptom::CrisisSymptoms]),
+            ANSWERED,
+        )
+        .expect("ok");
+        let mut json = serde_json::to_value(&m).expect("serialises");
+        json["symptoms"] = serde_json::json!(["crisis_symptoms", "palpitations"]);
+        assert!(serde_json::from_value::<SymptomsMessage>(json).is_err());
+        for s in Symptom::ALL {
+            assert_eq!(Symptom::from_name(s.name()), Some(s));
+            assert_eq!(
+                serde_json::to_value(s).expect("serialises"),
+                serde_json::json!(s.name())
+            );
+        }
+        assert_eq!(Symptom::from_name("palpitations"), None);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1753,6 +1981,7 @@ mod tests {
         assert_eq!(t.status(), "phg/v1/gw-0001/status");
         assert_eq!(t.alerts(), "phg/v1/gw-0001/alerts");
         assert_eq!(t.config(), "phg/v1/gw-0001/config");
+        assert_eq!(t.symptoms(), "phg/v1/gw-0001/symptoms");
         assert_eq!(Topics::new("clinic/a/").readings(), "clinic/a/readings");
         assert!(
             Channel::Status.retained()

@@ -5,11 +5,13 @@
 //!   gateway's embedded rumqttd; it prints which one a test runs against.
 //! - [`Subscriber`] — an MQTT 3.1.1 QoS 1 subscriber on a topic filter, with
 //!   [`wait_for`](Subscriber::wait_for).
+//! - [`browser`] — headless Chromium over WebDriver, and a scripted kiosk for the kiosk's web server.
 //! - [`readings`] — readings with checkable ids, a spawned uplink, and the delivery analysis
 //!   ([`Delivery`]: complete, in order per device, duplicates identical).
 
 pub mod bluez;
 mod broker;
+pub mod browser;
 pub mod process;
 mod publisher;
 pub mod readings;

@@ -104,6 +104,7 @@ pub fn spawn(
     events: mpsc::Sender<Event>,
     shutdown: CancellationToken,
 ) -> (CardReader, tokio::task::JoinHandle<()>) {
+    describe_metrics();
     let (shows_tx, shows_rx) = mpsc::channel(8);
     let counters = Arc::new(Mutex::new(Counters::default()));
     let task = Task {
@@ -121,6 +122,42 @@ pub fn spawn(
         },
         handle,
     )
+}
+
+/// The card reader's metrics, described once for the Prometheus endpoint (its `# HELP` lines).
+fn describe_metrics() {
+    metrics::describe_counter!(
+        "phg_card_reader_unplugged_total",
+        "Times the card reader's serial port went away (unplugged, or the board reset)."
+    );
+    metrics::describe_counter!(
+        "phg_card_reader_device_errors_total",
+        "Streaks of failures to open the card reader's serial port (one per streak)."
+    );
+    metrics::describe_counter!(
+        "phg_card_reader_faults_total",
+        "Card reader (MFRC522) faults the board reported."
+    );
+    metrics::describe_counter!(
+        "phg_card_link_frames_good_total",
+        "Link frames from the board that decoded."
+    );
+    metrics::describe_counter!(
+        "phg_card_link_frames_bad_total",
+        "Link frames from the board dropped as corrupt, truncated, oversized or undecodable."
+    );
+    metrics::describe_counter!(
+        "phg_card_link_retransmissions_total",
+        "Frames the gateway sent to the board again for want of an acknowledgement."
+    );
+    metrics::describe_counter!(
+        "phg_card_link_given_up_total",
+        "Frames to the board given up after the last retransmission."
+    );
+    metrics::describe_counter!(
+        "phg_card_link_duplicates_total",
+        "Repeated frames from the board, acknowledged again and acted on once."
+    );
 }
 
 struct Task {

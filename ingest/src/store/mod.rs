@@ -24,17 +24,30 @@
 //! [`crate::evaluate`]), `patient_settings` (profile and
 //! overrides, JSON), `alerts` (one row per episode, latest state), `alert_events` (every transition),
 //! `outbox` (event × sink, with attempts, next attempt, lease, delivered time), `gateway_events` (the
-//! gateways' `…/events` messages), `bad_messages` (payloads that did not parse, kept for inspection).
+//! gateways' `…/events` messages), `bad_messages` (payloads that did not parse, kept for inspection),
+//! `symptom_reports` (the gateways' `…/symptoms` messages: see [Symptom reports](#symptom-reports)).
+//!
+//! # Symptom reports
+//!
+//! A `phg.symptoms/1` report (a patient's answer to the kiosk's question about one reading) is stored
+//! once by its deterministic id and evaluated once, like a reading: in the batch's transaction, under
+//! the patient's lock, the engine's `on_symptoms` at the answer time. The report follows its reading on
+//! the gateway's journal, but the two travel on two topics and may reach two instances, so the reading
+//! can be stored second; a reading is therefore evaluated with the symptoms of the reports about it
+//! stored before it (in an earlier commit, or earlier in its batch). Both checks run under the
+//! patient's lock, so whichever of the two commits second sees the first: a crisis reading and a "yes"
+//! give one CRITICAL alert in either order.
 
 use std::future::Future;
 use std::sync::Arc;
 
-use protocol::wire::ReadingMessage;
+use protocol::rules::Symptoms;
+use protocol::wire::{ReadingMessage, SymptomsMessage};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::convert::{ConvertError, EngineReading, engine_reading};
-use crate::evaluate::{DigestItem, EvalError, Evaluator, Sink, digest_notice};
+use crate::evaluate::{DigestItem, EvalError, Evaluator, Input, Sink, digest_notice};
 use protocol::rules::Severity;
 
 mod postgres;
@@ -77,6 +90,8 @@ pub enum Channel {
     Readings,
     /// `…/events`.
     Events,
+    /// `…/symptoms`.
+    Symptoms,
 }
 
 /// One MQTT message to store.
@@ -96,17 +111,17 @@ pub struct Inbound {
 /// What storing one message did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stored {
-    /// A new reading: stored and evaluated; `alerts` alert events were written.
+    /// A new reading or symptom report: stored and evaluated; `alerts` alert events were written.
     New {
         /// Alert events written.
         alerts: usize,
     },
-    /// A reading already stored (redelivery or duplicate): nothing written.
+    /// A reading or symptom report already stored (redelivery or duplicate): nothing written.
     Duplicate,
     /// A gateway event, stored (or already stored).
     Event,
-    /// A new reading that is rejected (impossible value or time, see [`ConvertError`]): stored with its
-    /// reason, never evaluated.
+    /// A new reading (or symptom report) that is rejected (impossible value or time, see
+    /// [`ConvertError`]): stored with its reason, never evaluated.
     Rejected(String),
     /// A message that is not a valid reading/event (or a reading id already stored with other content):
     /// kept in `bad_messages`, acknowledged.
@@ -139,6 +154,18 @@ pub enum Prepared {
         kind: String,
         /// The payload as received.
         payload: String,
+    },
+    /// A symptom report to store (and evaluate, when `symptoms` is `Ok`).
+    Symptoms {
+        /// The parsed message.
+        msg: Box<SymptomsMessage>,
+        /// The payload as received.
+        payload: String,
+        /// Answered at (Unix s).
+        answered_utc: i64,
+        /// The symptoms for the rule engine, or why the report is not evaluated (an answer time in the
+        /// future).
+        symptoms: Result<Symptoms, String>,
     },
     /// A message kept in `bad_messages`.
     Bad {
@@ -295,6 +322,10 @@ pub fn prepare(m: &Inbound) -> Prepared {
                 engine,
             }
         }
+        Channel::Symptoms => match prepare_symptoms(text, gateway_of_topic) {
+            Ok(p) => p,
+            Err(error) => bad(error),
+        },
         Channel::Events => {
             let v: serde_json::Value = match serde_json::from_str(text) {
                 Ok(v) => v,
@@ -327,6 +358,194 @@ pub fn prepare(m: &Inbound) -> Prepared {
             }
         }
     }
+}
+
+/// The symptom names this version reads, for a rejection's reason.
+fn symptom_names() -> String {
+    protocol::rules::Symptom::ALL
+        .iter()
+        .map(|s| s.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A `phg.symptoms/1` report, checked as readings are (schema version, v5 ids, the gateway of the topic,
+/// the pseudonym) and more: its id must be the one its content gives, and every symptom must be one
+/// this version knows (a newer gateway's symptom is refused, not read as no symptom). `Err` is the
+/// reason it goes to `bad_messages`, naming no value.
+fn prepare_symptoms(text: &str, gateway_of_topic: &str) -> Result<Prepared, String> {
+    const WANT: &str = "unknown schema: ingest reads phg.symptoms/1";
+    let v: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| format!("not a phg.symptoms/1 message: {}", json_error(&e)))?;
+    if let Some(schema) = v.get("schema").and_then(|s| s.as_str())
+        && !is_major_1(schema, "phg.symptoms")
+    {
+        return Err(WANT.into());
+    }
+    if let Some(list) = v.get("symptoms").and_then(|s| s.as_array())
+        && list.iter().any(|n| {
+            n.as_str()
+                .and_then(protocol::rules::Symptom::from_name)
+                .is_none()
+        })
+    {
+        return Err(format!(
+            "unknown symptom in `symptoms`: ingest reads {}",
+            symptom_names()
+        ));
+    }
+    // From the text again (not the value): the error then says where.
+    let msg: SymptomsMessage = serde_json::from_str(text)
+        .map_err(|e| format!("not a phg.symptoms/1 message: {}", json_error(&e)))?;
+    if !is_major_1(&msg.schema, "phg.symptoms") {
+        return Err(WANT.into());
+    }
+    if !is_v5_uuid(&msg.reading_id) {
+        return Err("reading_id is not a version 5 UUID".into());
+    }
+    if !is_v5_uuid(&msg.id) {
+        return Err("id is not a version 5 UUID".into());
+    }
+    let mut names = msg.symptoms.clone();
+    names.sort_by_key(|s| s.name());
+    names.dedup();
+    if names.len() != msg.symptoms.len() {
+        return Err("a symptom is listed twice in `symptoms`".into());
+    }
+    if msg.expected_id().as_deref() != Some(msg.id.as_str()) {
+        return Err("id is not the report id of its reading_id and symptoms".into());
+    }
+    if msg.gateway != gateway_of_topic {
+        return Err("gateway differs from the topic's gateway".into());
+    }
+    if !protocol::wire::is_valid_pseudonym(&msg.patient) {
+        return Err("patient is not a pseudonymous id".into());
+    }
+    let answered_utc =
+        crate::convert::parse_rfc3339_utc(&msg.answered).ok_or("answered is not RFC 3339 UTC")?;
+    // As a reading's received time: an answer from the future would be decided at a time not yet come.
+    let now = crate::now_ms().div_euclid(1000);
+    let symptoms = if answered_utc.saturating_sub(now) > protocol::validate::FUTURE_SKEW_S {
+        Err("rejected: time_in_future: answered".to_owned())
+    } else {
+        Ok(msg.symptom_set())
+    };
+    Ok(Prepared::Symptoms {
+        payload: text.to_owned(),
+        answered_utc,
+        symptoms,
+        msg: Box::new(msg),
+    })
+}
+
+/// Whether `new` is another report than the one stored under its id (`stored`, the stored payload). The
+/// id covers the reading and the symptoms, so only the patient can differ: the same answer filed under
+/// two patients is recorded as a conflict, not dropped.
+pub(crate) fn report_conflicts(stored: &str, new: &SymptomsMessage) -> bool {
+    match serde_json::from_str::<SymptomsMessage>(stored) {
+        Ok(old) => {
+            (old.patient.as_str(), old.reading_id.as_str())
+                != (new.patient.as_str(), new.reading_id.as_str())
+        }
+        Err(_) => true,
+    }
+}
+
+/// The `bad_messages` record of a symptom report whose id is stored with other content.
+pub(crate) fn report_conflict_record(topic: &str, payload: &str) -> Prepared {
+    Prepared::Bad {
+        id: digest_hex(&[topic.as_bytes(), payload.as_bytes()]),
+        topic: topic.to_owned(),
+        error: "conflict: this symptom report id is stored with other content".into(),
+        payload: payload.to_owned(),
+    }
+}
+
+/// What a batch evaluates for one patient, with its position in the batch.
+#[derive(Debug)]
+pub(crate) enum Item<'a> {
+    /// A newly stored, evaluable reading.
+    Reading(&'a ReadingMessage, &'a EngineReading),
+    /// A newly stored, evaluable symptom report.
+    Symptoms {
+        /// Its id.
+        id: &'a str,
+        /// Answered at (Unix s).
+        answered_utc: i64,
+        /// What was reported.
+        symptoms: Symptoms,
+    },
+}
+
+/// A stored symptom report about a reading the batch evaluates (the `symptom_reports` columns
+/// `reading_id`, `id`, `patient`, `symptoms`).
+#[derive(Debug)]
+pub(crate) struct ReportAbout {
+    /// The reading it is about.
+    pub reading_id: String,
+    /// The report's id.
+    pub id: String,
+    /// The patient it names.
+    pub patient: String,
+    /// What was reported.
+    pub symptoms: Symptoms,
+}
+
+/// The `symptom_reports.symptoms` column: the names, comma-separated; empty when the patient answered no.
+pub(crate) fn symptoms_column(s: Symptoms) -> String {
+    s.iter()
+        .map(protocol::rules::Symptom::name)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The set a `symptom_reports.symptoms` column holds (only known names are ever stored).
+pub(crate) fn symptoms_of_column(c: &str) -> Symptoms {
+    let list: Vec<protocol::rules::Symptom> = c
+        .split(',')
+        .filter_map(protocol::rules::Symptom::from_name)
+        .collect();
+    Symptoms::of(&list)
+}
+
+/// The engine's inputs for one patient's `items` (in batch order). A reading takes the symptoms of the
+/// stored reports about it (`reports`: the reading's patient's) that were stored before it: in an
+/// earlier commit, or earlier in this batch (a report of the same patient later in `items` is left to
+/// its own `on_symptoms`).
+pub(crate) fn inputs<'a>(items: &[(usize, Item<'a>)], reports: &[ReportAbout]) -> Vec<Input<'a>> {
+    let batch_reports: std::collections::HashMap<&str, usize> = items
+        .iter()
+        .filter_map(|(at, item)| match item {
+            Item::Symptoms { id, .. } => Some((*id, *at)),
+            Item::Reading(..) => None,
+        })
+        .collect();
+    items
+        .iter()
+        .map(|(at, item)| match item {
+            Item::Reading(msg, reading) => {
+                let earlier: Vec<protocol::rules::Symptom> = reports
+                    .iter()
+                    .filter(|r| r.reading_id == msg.id && r.patient == msg.patient)
+                    .filter(|r| batch_reports.get(r.id.as_str()).is_none_or(|p| p < at))
+                    .flat_map(|r| r.symptoms.iter())
+                    .collect();
+                Input::Reading {
+                    msg,
+                    reading,
+                    symptoms: Symptoms::of(&earlier),
+                }
+            }
+            Item::Symptoms {
+                answered_utc,
+                symptoms,
+                ..
+            } => Input::Symptoms {
+                answered_utc: *answered_utc,
+                symptoms: *symptoms,
+            },
+        })
+        .collect()
 }
 
 /// A stored reading, as the API returns it.
@@ -414,6 +633,8 @@ pub struct Counts {
     pub outbox_delivered: i64,
     /// Bad messages kept.
     pub bad_messages: i64,
+    /// Symptom reports stored (rejected ones included).
+    pub symptom_reports: i64,
     /// Events queued for the sinks (alert changes at or above the push threshold, and digests); the
     /// other alert events are stored only.
     pub notified_events: i64,
@@ -817,6 +1038,19 @@ pub(crate) fn schema(seq_type: &str) -> String {
             error TEXT NOT NULL,
             received_ms BIGINT NOT NULL,
             payload TEXT NOT NULL
-        );"
+        );
+        CREATE TABLE IF NOT EXISTS symptom_reports (
+            id TEXT PRIMARY KEY,
+            reading_id TEXT NOT NULL,
+            patient TEXT NOT NULL,
+            gateway TEXT NOT NULL,
+            symptoms TEXT NOT NULL,
+            answered_utc BIGINT NOT NULL,
+            stored_ms BIGINT NOT NULL,
+            instance TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            eval_error TEXT
+        );
+        CREATE INDEX IF NOT EXISTS symptom_reports_by_reading ON symptom_reports (reading_id, patient);"
     )
 }

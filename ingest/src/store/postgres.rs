@@ -21,13 +21,12 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 type P<'a> = dyn ToSql + Sync + 'a;
 
 use super::{
-    AckResult, AlertRow, BadRow, Counts, DEADLINE_INDEX, Inbound, OutboxItem, Prepared, ReadingRow,
-    Step, Store, StoreError, Stored, digests, prepare, schema, severities_below, sqlite::kind_name,
+    AckResult, AlertRow, BadRow, Counts, DEADLINE_INDEX, Inbound, Item, OutboxItem, Prepared,
+    ReadingRow, ReportAbout, Step, Store, StoreError, Stored, digests, prepare, schema,
+    severities_below, sqlite::kind_name,
 };
-use crate::convert::EngineReading;
 use crate::evaluate::{AlertWrite, DigestItem, Evaluator, NewState, Sink};
 use protocol::rules::Severity;
-use protocol::wire::ReadingMessage;
 
 /// The PostgreSQL store (cheap to clone).
 #[derive(Clone)]
@@ -354,6 +353,7 @@ impl Store for PgStore {
             .iter()
             .filter_map(|p| match p {
                 Prepared::Reading { msg, .. } => Some(msg.patient.clone()),
+                Prepared::Symptoms { msg, .. } => Some(msg.patient.clone()),
                 _ => None,
             })
             .collect();
@@ -424,9 +424,8 @@ impl Store for PgStore {
             }
         }
         let mut out: Vec<Stored> = Vec::with_capacity(prepared.len());
-        // New, evaluable readings by patient, in arrival order.
-        let mut by_patient: BTreeMap<&str, Vec<(usize, &ReadingMessage, &EngineReading)>> =
-            BTreeMap::new();
+        // New, evaluable readings and symptom reports by patient, in arrival order.
+        let mut by_patient: BTreeMap<&str, Vec<(usize, Item<'_>)>> = BTreeMap::new();
         for (i, (p, m)) in prepared.iter().zip(&batch).enumerate() {
             match p {
                 Prepared::Reading {
@@ -452,9 +451,67 @@ impl Store for PgStore {
                             by_patient
                                 .entry(msg.patient.as_str())
                                 .or_default()
-                                .push((i, msg, reading));
+                                .push((i, Item::Reading(msg, reading)));
                         }
                         Err(e) => out.push(Stored::Rejected(e.to_string())),
+                    }
+                }
+                Prepared::Symptoms {
+                    msg,
+                    payload,
+                    answered_utc,
+                    symptoms,
+                } => {
+                    // Reports are rare (a kiosk answer): one statement each.
+                    let eval_error = symptoms.as_ref().err();
+                    let n = tx
+                        .execute(
+                            "INSERT INTO symptom_reports (id, reading_id, patient, gateway, symptoms,
+                               answered_utc, stored_ms, instance, payload, eval_error)
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING",
+                            &[
+                                &msg.id,
+                                &msg.reading_id,
+                                &msg.patient,
+                                &msg.gateway,
+                                &super::symptoms_column(msg.symptom_set()),
+                                answered_utc,
+                                &now_ms,
+                                &instance,
+                                payload,
+                                &eval_error,
+                            ],
+                        )
+                        .await?;
+                    if n == 0 {
+                        let stored: String = tx
+                            .query_one(
+                                "SELECT payload FROM symptom_reports WHERE id = $1",
+                                &[&msg.id],
+                            )
+                            .await?
+                            .get(0);
+                        if super::report_conflicts(&stored, msg) {
+                            let record = super::report_conflict_record(&m.topic, payload);
+                            out.push(insert_bad(&tx, &record, now_ms).await?);
+                        } else {
+                            out.push(Stored::Duplicate);
+                        }
+                        continue;
+                    }
+                    match symptoms {
+                        Ok(symptoms) => {
+                            out.push(Stored::New { alerts: 0 });
+                            by_patient.entry(msg.patient.as_str()).or_default().push((
+                                i,
+                                Item::Symptoms {
+                                    id: &msg.id,
+                                    answered_utc: *answered_utc,
+                                    symptoms: *symptoms,
+                                },
+                            ));
+                        }
+                        Err(e) => out.push(Stored::Rejected(e.clone())),
                     }
                 }
                 Prepared::Event {
@@ -474,15 +531,47 @@ impl Store for PgStore {
                 Prepared::Bad { .. } => out.push(insert_bad(&tx, p, now_ms).await?),
             }
         }
+        // The reports stored about this batch's new readings (one statement; the patients are locked,
+        // so a report committed by another instance is either seen here or sees these readings).
+        let reading_ids: Vec<&str> = by_patient
+            .values()
+            .flatten()
+            .filter_map(|(_, item)| match item {
+                Item::Reading(msg, _) => Some(msg.id.as_str()),
+                Item::Symptoms { .. } => None,
+            })
+            .collect();
+        let mut reports: HashMap<String, Vec<ReportAbout>> = HashMap::new();
+        if !reading_ids.is_empty() {
+            for r in tx
+                .query(
+                    "SELECT reading_id, id, patient, symptoms FROM symptom_reports
+                     WHERE reading_id = ANY($1::text[]) AND eval_error IS NULL",
+                    &[&reading_ids],
+                )
+                .await?
+            {
+                let report = ReportAbout {
+                    reading_id: r.get(0),
+                    id: r.get(1),
+                    patient: r.get(2),
+                    symptoms: super::symptoms_of_column(r.get(3)),
+                };
+                reports
+                    .entry(report.patient.clone())
+                    .or_default()
+                    .push(report);
+            }
+        }
         let mut changed: BTreeMap<String, NewState> = BTreeMap::new();
         let mut pending: Vec<AlertWrite> = Vec::new();
-        for (patient, readings) in by_patient {
+        for (patient, items) in by_patient {
             let state = states.remove(patient).flatten();
-            let inputs: Vec<(&ReadingMessage, &EngineReading)> =
-                readings.iter().map(|(_, m, r)| (*m, *r)).collect();
-            let (new_state, writes) = ev.on_readings(patient, state.as_deref(), &inputs)?;
+            let about = reports.remove(patient).unwrap_or_default();
+            let inputs = super::inputs(&items, &about);
+            let (new_state, writes) = ev.on_inputs(patient, state.as_deref(), &inputs)?;
             changed.insert(patient.to_owned(), new_state);
-            for ((i, _, _), w) in readings.iter().zip(writes) {
+            for ((i, _), w) in items.iter().zip(writes) {
                 if let Some(slot) = out.get_mut(*i) {
                     *slot = Stored::New { alerts: w.len() };
                 }
@@ -774,7 +863,8 @@ impl Store for PgStore {
                         (SELECT count(*) FROM outbox WHERE delivered_ms IS NULL),
                         (SELECT count(*) FROM outbox WHERE delivered_ms IS NOT NULL),
                         (SELECT count(*) FROM bad_messages),
-                        (SELECT count(DISTINCT event_id) FROM outbox)",
+                        (SELECT count(DISTINCT event_id) FROM outbox),
+                        (SELECT count(*) FROM symptom_reports)",
                 &[],
             )
             .await?;
@@ -786,6 +876,7 @@ impl Store for PgStore {
             outbox_delivered: row.get(4),
             bad_messages: row.get(5),
             notified_events: row.get(6),
+            symptom_reports: row.get(7),
         })
     }
 

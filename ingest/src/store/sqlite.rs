@@ -14,13 +14,12 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AckResult, AlertRow, BadRow, Counts, DEADLINE_INDEX, Inbound, OutboxItem, Prepared, ReadingRow,
-    Step, Store, StoreError, Stored, digests, prepare, schema, severities_below,
+    AckResult, AlertRow, BadRow, Counts, DEADLINE_INDEX, Inbound, Item, OutboxItem, Prepared,
+    ReadingRow, ReportAbout, Step, Store, StoreError, Stored, digests, prepare, schema,
+    severities_below,
 };
-use crate::convert::EngineReading;
 use crate::evaluate::{AlertWrite, DigestItem, Evaluator, NewState, Sink};
 use protocol::rules::Severity;
-use protocol::wire::ReadingMessage;
 
 /// The SQLite store (cheap to clone: the connections are shared).
 #[derive(Debug, Clone)]
@@ -207,9 +206,9 @@ fn ingest_sync(
     let prepared: Vec<Prepared> = batch.iter().map(prepare).collect();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut out: Vec<Stored> = Vec::with_capacity(prepared.len());
-    // New, evaluable readings by patient, in arrival order: (position in the batch, message, input).
-    let mut by_patient: BTreeMap<&str, Vec<(usize, &ReadingMessage, &EngineReading)>> =
-        BTreeMap::new();
+    // New, evaluable readings and symptom reports by patient, in arrival order (with the position in
+    // the batch).
+    let mut by_patient: BTreeMap<&str, Vec<(usize, Item<'_>)>> = BTreeMap::new();
     for (i, (p, m)) in prepared.iter().zip(batch).enumerate() {
         match p {
             Prepared::Reading {
@@ -260,9 +259,64 @@ fn ingest_sync(
                         by_patient
                             .entry(msg.patient.as_str())
                             .or_default()
-                            .push((i, msg, reading));
+                            .push((i, Item::Reading(msg, reading)));
                     }
                     Err(e) => out.push(Stored::Rejected(e.to_string())),
+                }
+            }
+            Prepared::Symptoms {
+                msg,
+                payload,
+                answered_utc,
+                symptoms,
+            } => {
+                let n = tx.execute(
+                    "INSERT INTO symptom_reports (id, reading_id, patient, gateway, symptoms,
+                       answered_utc, stored_ms, instance, payload, eval_error)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO NOTHING",
+                    params![
+                        msg.id,
+                        msg.reading_id,
+                        msg.patient,
+                        msg.gateway,
+                        super::symptoms_column(msg.symptom_set()),
+                        answered_utc,
+                        now_ms,
+                        instance,
+                        payload,
+                        symptoms.as_ref().err()
+                    ],
+                )?;
+                if n == 0 {
+                    let stored: String = tx.query_row(
+                        "SELECT payload FROM symptom_reports WHERE id = ?1",
+                        [&msg.id],
+                        |r| r.get(0),
+                    )?;
+                    if super::report_conflicts(&stored, msg) {
+                        out.push(insert_bad(
+                            &tx,
+                            &super::report_conflict_record(&m.topic, payload),
+                            now_ms,
+                        )?);
+                    } else {
+                        out.push(Stored::Duplicate);
+                    }
+                    continue;
+                }
+                match symptoms {
+                    Ok(symptoms) => {
+                        out.push(Stored::New { alerts: 0 });
+                        by_patient.entry(msg.patient.as_str()).or_default().push((
+                            i,
+                            Item::Symptoms {
+                                id: &msg.id,
+                                answered_utc: *answered_utc,
+                                symptoms: *symptoms,
+                            },
+                        ));
+                    }
+                    Err(e) => out.push(Stored::Rejected(e.clone())),
                 }
             }
             Prepared::Event {
@@ -281,13 +335,19 @@ fn ingest_sync(
             Prepared::Bad { .. } => out.push(insert_bad(&tx, p, now_ms)?),
         }
     }
-    // Each patient's new readings through one engine, against the state under the writer lock.
-    for (patient, readings) in by_patient {
+    // Each patient's new readings and reports through one engine, against the state under the writer
+    // lock; a reading with the reports about it stored before it.
+    for (patient, items) in by_patient {
         let state = load_state(&tx, patient)?;
-        let inputs: Vec<(&ReadingMessage, &EngineReading)> =
-            readings.iter().map(|(_, m, r)| (*m, *r)).collect();
-        let (new_state, writes) = ev.on_readings(patient, state.as_deref(), &inputs)?;
-        for ((i, _, _), w) in readings.iter().zip(writes) {
+        let mut reports = Vec::new();
+        for (_, item) in &items {
+            if let Item::Reading(msg, _) = item {
+                reports.extend(reports_about(&tx, &msg.id, patient)?);
+            }
+        }
+        let inputs = super::inputs(&items, &reports);
+        let (new_state, writes) = ev.on_inputs(patient, state.as_deref(), &inputs)?;
+        for ((i, _), w) in items.iter().zip(writes) {
             let alerts = write_alerts(&tx, &w, ev.sinks(), now_ms)?;
             if let Some(slot) = out.get_mut(*i) {
                 *slot = Stored::New { alerts };
@@ -297,6 +357,27 @@ fn ingest_sync(
     }
     tx.commit()?;
     Ok(out)
+}
+
+/// The evaluable reports stored about `reading_id` for `patient`.
+fn reports_about(
+    tx: &rusqlite::Transaction<'_>,
+    reading_id: &str,
+    patient: &str,
+) -> Result<Vec<ReportAbout>, StoreError> {
+    let mut st = tx.prepare_cached(
+        "SELECT id, symptoms FROM symptom_reports
+         WHERE reading_id = ?1 AND patient = ?2 AND eval_error IS NULL",
+    )?;
+    let rows = st.query_map(params![reading_id, patient], |r| {
+        Ok(ReportAbout {
+            reading_id: reading_id.to_owned(),
+            id: r.get(0)?,
+            patient: patient.to_owned(),
+            symptoms: super::symptoms_of_column(&r.get::<_, String>(1)?),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Records a [`Prepared::Bad`] in `bad_messages` (once per id).
@@ -648,6 +729,7 @@ impl Store for SqliteStore {
                 outbox_pending: n("SELECT count(*) FROM outbox WHERE delivered_ms IS NULL")?,
                 outbox_delivered: n("SELECT count(*) FROM outbox WHERE delivered_ms IS NOT NULL")?,
                 bad_messages: n("SELECT count(*) FROM bad_messages")?,
+                symptom_reports: n("SELECT count(*) FROM symptom_reports")?,
                 notified_events: n("SELECT count(DISTINCT event_id) FROM outbox")?,
             })
         })

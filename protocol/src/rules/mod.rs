@@ -147,6 +147,27 @@ pub enum Symptom {
 }
 
 impl Symptom {
+    /// Every symptom, in a fixed order (the order [`Symptoms::iter`] yields them in).
+    pub const ALL: [Symptom; 3] = [
+        Symptom::SevereHypoglycaemia,
+        Symptom::CrisisSymptoms,
+        Symptom::DizzinessOrSyncope,
+    ];
+
+    /// The name as in the rule file and on the wire (`"crisis_symptoms"`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Symptom::SevereHypoglycaemia => "severe_hypoglycaemia",
+            Symptom::CrisisSymptoms => "crisis_symptoms",
+            Symptom::DizzinessOrSyncope => "dizziness_or_syncope",
+        }
+    }
+
+    /// The symptom named `name` ([`Symptom::name`]); `None` for a name this version does not know.
+    pub fn from_name(name: &str) -> Option<Symptom> {
+        Symptom::ALL.into_iter().find(|s| s.name() == name)
+    }
+
     fn bit(self) -> u8 {
         match self {
             Symptom::SevereHypoglycaemia => 1,
@@ -182,5 +203,10 @@ impl Symptoms {
     /// `true` for the empty set.
     pub fn is_empty(self) -> bool {
         self.0 == 0
+    }
+
+    /// The symptoms in the set, in [`Symptom::ALL`]'s order.
+    pub fn iter(self) -> impl Iterator<Item = Symptom> {
+        Symptom::ALL.into_iter().filter(move |s| self.contains(*s))
     }
 }
