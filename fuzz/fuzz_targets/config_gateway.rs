@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 
 /// The keys whose value `Config::parse` opens as a file.
-const FILE_KEYS: &[&str] = &["password_file", "rules_file"];
+const FILE_KEYS: &[&str] = &["password_file", "rules_file", "card_key_file", "token_file"];
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -383,7 +383,25 @@ fn summary(c: &gateway::config::Config) -> String {
         raw.mqtt.max_packet_bytes,
         raw.mqtt.max_config_bytes,
         raw.journal.crm_config_file().display(),
-    )
+    ) + &kiosk_summary(c)
+}
+
+/// `gateway check`'s words for `[kiosk]` (never its secrets).
+fn kiosk_summary(c: &gateway::config::Config) -> String {
+    match (&c.raw.kiosk, &c.kiosk) {
+        (Some(k), Some(checked)) => format!(
+            ", kiosk on {} ({} devices, idle timeout {} s, {} staff tokens, card reader {}, held readings in {})",
+            k.listen,
+            k.devices.len(),
+            k.idle_timeout_s,
+            checked.staff.len(),
+            k.reader
+                .as_ref()
+                .map_or_else(|| "off".to_owned(), |r| r.display().to_string()),
+            k.hold_file(&c.raw.journal.dir).display(),
+        ),
+        _ => ", kiosk off".to_owned(),
+    }
 }
 
 /// Exit status 2: the configuration cannot be used (as `ingest`).

@@ -355,6 +355,17 @@ async fn a_card_tap_checks_in_and_readings_measured_in_the_session_go_to_that_pa
     );
     assert!(held_ids(&setup.hold_file()).len() >= 3);
 
+    assert!(
+        gw.stderr()
+            .wait_for(
+                "configuration from the CRM applied",
+                0,
+                Duration::from_secs(20)
+            )
+            .await
+            .is_some(),
+        "the CRM's card map was never applied"
+    );
     // A card the CRM does not know: an error on the board, no session.
     board.tap(&UNKNOWN_CARD).await;
     board
@@ -544,20 +555,36 @@ async fn a_session_that_timed_out_attributes_nothing_measured_afterwards() {
     // A 2 s idle timeout and a measurement every 5 s.
     let gw = setup.start(&setup.config(&broker.url(), Some(&pty_path), 2, Some((0, 5))));
     board.wait_showing(&[Indication::Ready], "ready").await;
-    // Wait for the gateway's link to the board before tapping.
+    // Wait for the gateway's link to the board and for the CRM's card map before tapping (a card
+    // tapped before the map arrives is unknown, as it should be).
+    for line in [
+        "card reader board says hello",
+        "configuration from the CRM applied",
+    ] {
+        assert!(
+            gw.stderr()
+                .wait_for(line, 0, Duration::from_secs(20))
+                .await
+                .is_some(),
+            "never logged {line:?}"
+        );
+    }
+    board.tap(&CARD).await;
     assert!(
         gw.stderr()
-            .wait_for("card reader board says hello", 0, Duration::from_secs(20))
+            .wait_for("kiosk check-in", 0, Duration::from_secs(20))
             .await
-            .is_some()
+            .is_some(),
+        "the card never checked in; log:\n{}",
+        gw.stderr().text()
     );
-    board.tap(&CARD).await;
     assert!(
         gw.stderr()
             .wait_for("idle timeout", 0, Duration::from_secs(20))
             .await
             .is_some(),
-        "the session never timed out"
+        "the session never timed out; log:\n{}",
+        gw.stderr().text()
     );
     // Whole seconds, and a second of slack for the timer.
     let ended = now_rfc3339(1);

@@ -49,7 +49,6 @@ const MAX_REASON: usize = 200;
 const CONNECTED_WITHIN_S: i64 = 30;
 
 /// The kiosk.
-#[derive(Debug)]
 pub struct Kiosk {
     devices: HashSet<String>,
     idle_timeout: Duration,
@@ -69,6 +68,21 @@ pub struct Kiosk {
     broker_connected: Arc<AtomicBool>,
     /// The Bluetooth source's device records (last failure), when the kiosk's devices are real ones.
     ble: Mutex<Option<crate::sources::ble::BleStatusHandle>>,
+}
+
+impl std::fmt::Debug for Kiosk {
+    /// Counts only: the state holds patient ids and readings, which have no place in a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kiosk")
+            .field("devices", &self.devices.len())
+            .field("idle_timeout", &self.idle_timeout)
+            // Never wait for the lock from a Debug (it may be held by the caller).
+            .field(
+                "held",
+                &self.hold.try_lock().ok().map(|h| h.entries().len()),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
