@@ -140,7 +140,8 @@ fn next_request(
     };
     loop {
         hb.check_in();
-        if let Ok(r) = rt.block_on(tokio::time::timeout(hb.every(), rx.recv())) {
+        // The timer is made inside `block_on`: it needs the runtime's time driver.
+        if let Ok(r) = rt.block_on(async { tokio::time::timeout(hb.every(), rx.recv()).await }) {
             return r;
         }
     }
