@@ -32,8 +32,9 @@ pub struct LinkState(Arc<Mutex<Link>>);
 #[derive(Debug, Clone, Copy)]
 struct Link {
     connected: bool,
-    /// When `connected` last changed (at start: the start), Unix s.
-    since: i64,
+    /// When `connected` last changed (at start: the start), Unix ms: a threshold of a few seconds is
+    /// not rounded to whole ones.
+    since_ms: i64,
     last_puback: Option<i64>,
 }
 
@@ -41,7 +42,7 @@ impl Default for LinkState {
     fn default() -> Self {
         LinkState(Arc::new(Mutex::new(Link {
             connected: false,
-            since: unix_now(),
+            since_ms: unix_now_ms(),
             last_puback: None,
         })))
     }
@@ -53,7 +54,7 @@ impl LinkState {
         let mut l = self.lock();
         if !l.connected {
             l.connected = true;
-            l.since = unix_now();
+            l.since_ms = unix_now_ms();
         }
     }
 
@@ -62,7 +63,7 @@ impl LinkState {
         let mut l = self.lock();
         if l.connected {
             l.connected = false;
-            l.since = unix_now();
+            l.since_ms = unix_now_ms();
         }
     }
 
@@ -188,7 +189,8 @@ pub struct JournalReport {
     pub max_bytes: u64,
     /// At a bound: downloads stop.
     pub full: bool,
-    /// How long the oldest waiting record has waited, seconds (from its receive time).
+    /// How long the oldest waiting record has waited, seconds (from its receive time; absent when the
+    /// journal is empty).
     pub oldest_waiting_s: Option<u64>,
 }
 
@@ -300,7 +302,8 @@ impl Context {
         let mut problems = Vec::new();
 
         let link = s.live.link.get();
-        let link_for = u64::try_from(now.saturating_sub(link.since)).unwrap_or(0);
+        let link_for_ms = u64::try_from(unix_now_ms().saturating_sub(link.since_ms)).unwrap_or(0);
+        let link_for = link_for_ms / 1000;
         let journal = {
             let j = s.journal.lock().unwrap_or_else(|p| p.into_inner());
             let cfg = j.config();
@@ -319,7 +322,10 @@ impl Context {
                 oldest_waiting_s: oldest.map(|t| u64::try_from(now - t).unwrap_or(0)),
             }
         };
-        if !link.connected && journal.depth > 0 && link_for >= self.broker_down_s {
+        if !link.connected
+            && journal.depth > 0
+            && link_for_ms >= self.broker_down_s.saturating_mul(1000)
+        {
             problems.push(format!(
                 "the broker has been unreachable for {link_for} s with {} records waiting",
                 journal.depth
@@ -384,7 +390,7 @@ impl Context {
             problems,
             broker: BrokerReport {
                 connected: link.connected,
-                since: protocol::wire::rfc3339_utc(link.since),
+                since: protocol::wire::rfc3339_utc(link.since_ms.div_euclid(1000)),
                 for_s: link_for,
                 last_puback: link.last_puback.and_then(protocol::wire::rfc3339_utc),
             },
@@ -402,13 +408,18 @@ impl Context {
     }
 }
 
-/// When a journaled message was received (a reading's `body.time.received`, an event's `time`).
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// When a journaled message was received: a reading's `time.received` (its body is flattened into the
+/// message), an event's `time`.
 fn received_at(payload: &[u8]) -> Option<i64> {
     let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    let t = v
-        .pointer("/body/time/received")
-        .or_else(|| v.get("time"))?
-        .as_str()?;
+    let time = v.get("time")?;
+    let t = time.get("received").unwrap_or(time).as_str()?;
     protocol::wire::parse_rfc3339_utc(t)
 }
 
@@ -557,5 +568,19 @@ fn human_duration(s: u64) -> String {
         120..=7199 => format!("{} min", s / 60),
         7200..=172_799 => format!("{} h", s / 3600),
         _ => format!("{} days", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn received_at_reads_readings_and_events() {
+        let reading = br#"{"schema":"phg.reading/1","time":{"device":"2026-12-05T08:00:00","received":"2026-12-05T08:03:11Z"}}"#;
+        assert_eq!(received_at(reading), Some(1_796_457_791));
+        let event = br#"{"schema":"phg.event/1","time":"2026-12-05T08:03:11Z","event":{}}"#;
+        assert_eq!(received_at(event), Some(1_796_457_791));
+        assert_eq!(received_at(b"not json"), None);
     }
 }

@@ -120,8 +120,8 @@ async fn status_follows_the_broker_and_the_journal() {
 
     // The broker goes away; the meter keeps measuring, so the journal grows. Unhealthy once the broker
     // has been down BROKER_DOWN_S with readings waiting — not before the threshold.
-    broker.stop().unwrap();
     let stopped = Instant::now();
+    broker.stop().unwrap();
     let (code, down) = wait_status(&config_path, Duration::from_secs(60), |code, _| {
         code == Some(1)
     })
