@@ -41,7 +41,7 @@ for deb in "$gw_amd64" "$in_amd64" "$gw_arm64" "$in_arm64"; do
 done
 
 step "lintian (errors fail; warnings and infos are printed)"
-lintian --fail-on error --no-tag-display-limit "$gw_amd64" "$in_amd64" "$gw_arm64" "$in_arm64" || fail "lintian"
+lintian --fail-on error --tag-display-limit 0 "$gw_amd64" "$in_amd64" "$gw_arm64" "$in_arm64" || fail "lintian"
 
 step "units, offline"
 packaging/check-units.sh

@@ -761,8 +761,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     // shutdown grace for PUBACKs (TimeoutStopSec= in the unit allows for both).
     notify_systemd(sd_notify::NotifyState::Stopping);
     watchdog_stop.cancel();
+    // It ends on `shutdown` by itself and removes its socket: `gateway status` then says "not running".
     if let Some(s) = status_server {
-        s.abort();
+        let _ = s.await;
     }
     tracing::info!("shutting down: finishing device sessions");
     devices.wait().await;
