@@ -157,6 +157,17 @@ impl EdgeAlerts {
         }
     }
 
+    /// Open episodes by severity name (`"CRITICAL"`, …) and the alerts waiting for confirmation: counts
+    /// only, no patient data (`gateway status`).
+    pub fn open_counts(&self) -> (std::collections::BTreeMap<&'static str, u64>, u64) {
+        let engine = self.engine();
+        let mut by_severity = std::collections::BTreeMap::new();
+        for alert in engine.state().episodes() {
+            *by_severity.entry(alert.severity.name()).or_insert(0) += 1;
+        }
+        (by_severity, engine.state().pending_confirmations() as u64)
+    }
+
     fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
         // The engine's state is plain data updated per call; a panic mid-call would be a bug in the
         // engine, and alerting on with the state as it is serves the patient better than stopping.

@@ -18,6 +18,7 @@ use crate::alerts::{Due, EdgeAlerts};
 use crate::config::{Config, SimKind, SimulatedSection};
 use crate::journal::NewRecord;
 use crate::journal::{Journal, JournalConfig, Recovery};
+use crate::liveness::{Heartbeat, Liveness};
 use crate::pipeline::handoff::Handoff;
 use crate::pipeline::{Bindings, Counters, Pipeline, writer};
 use crate::sources::collector::{self, CollectorConfig, DeviceRef};
@@ -136,14 +137,19 @@ pub fn simulated_device(s: &SimulatedSection, now: i64, seed: u64) -> Result<Sim
 }
 
 /// One simulated device's life: a new measurement now and then, a session every `connect_every_s`.
+// Each argument is a separate shared handle the task needs; a struct of them would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn simulated_device_task(
     s: SimulatedSection,
     device: SimDevice,
     pipeline: Pipeline,
     collector_cfg: CollectorConfig,
     appended: Arc<Handoff>,
+    heartbeat: Heartbeat,
+    live: Arc<crate::status::Live>,
     shutdown: CancellationToken,
 ) {
+    let mut alive = heartbeat.ticker();
     let dref = DeviceRef {
         id: s.id.clone(),
         model: None,
@@ -164,6 +170,7 @@ async fn simulated_device_task(
             // new sessions (a cuff's lasts `bp_idle`) with even odds, again and again, before it noticed.
             biased;
             _ = shutdown.cancelled() => break,
+            _ = alive.tick() => heartbeat.check_in(),
             _ = measure.tick(), if s.measure_every_s > 0 => {
                 n += 1;
                 let now = unix_now();
@@ -186,10 +193,18 @@ async fn simulated_device_task(
                     Ok(report) if report.completion == collector::Completion::JournalFull => {
                         tracing::warn!(device = %s.id, "journal full: download stopped; the device keeps its records");
                         pipeline.journal_full_notice(&s.id, unix_now(), &appended);
+                        live.record_session(&s.id, "stopped: journal full");
                     }
-                    Ok(report) => tracing::debug!(device = %s.id, ?report, "session ended"),
-                    Err(e) => tracing::warn!(device = %s.id, error = %e, "session failed; the device keeps its records"),
+                    Ok(report) => {
+                        tracing::debug!(device = %s.id, ?report, "session ended");
+                        live.record_session(&s.id, "complete");
+                    }
+                    Err(e) => {
+                        tracing::warn!(device = %s.id, error = %e, "session failed; the device keeps its records");
+                        live.record_session(&s.id, format!("failed: {e}"));
+                    }
                 }
+                heartbeat.check_in();
                 use crate::sources::GattLink;
                 link.disconnect().await;
             }
@@ -224,14 +239,20 @@ async fn alert_tick_task(
     alerts: Arc<EdgeAlerts>,
     pipeline: Pipeline,
     every: Duration,
+    heartbeat: Heartbeat,
     shutdown: CancellationToken,
 ) {
     let mut window_at = tokio::time::Instant::now();
     let mut not_before = window_at;
+    let mut alive = heartbeat.ticker();
     loop {
         let due = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            _ = alive.tick() => {
+                heartbeat.check_in();
+                continue;
+            }
             due = alerts.wait_due(window_at, not_before, unix_now) => due,
         };
         let records = match due {
@@ -304,6 +325,8 @@ struct RemoteConfig {
     in_force: Option<u64>,
     /// `[mqtt] max_config_bytes`.
     max_bytes: usize,
+    /// What `gateway status` shows of it.
+    live: Arc<crate::status::Live>,
 }
 
 impl RemoteConfig {
@@ -316,6 +339,7 @@ impl RemoteConfig {
                 match apply_remote_config(&self.pipeline, &payload, None, self.max_bytes) {
                     Ok(v) => {
                         self.in_force = v;
+                        self.live.set_config_version(v);
                         tracing::info!(version = ?v, file = %self.store.path().display(), "the CRM's last configuration is in force");
                     }
                     Err((version, reason)) => tracing::error!(
@@ -350,6 +374,7 @@ impl RemoteConfig {
         match apply_remote_config(&self.pipeline, &payload, self.in_force, self.max_bytes) {
             Ok(Some(version)) => {
                 self.in_force = Some(version);
+                self.live.set_config_version(Some(version));
                 // Kept only once applied: the file always holds a configuration that passed the checks.
                 if let Err(e) = self.store.save(&payload) {
                     tracing::error!(error = %e, file = %self.store.path().display(), version, "cannot keep the CRM configuration; after a restart the previous one is in force until the broker sends this one again");
@@ -617,6 +642,13 @@ fn status_source(
     }))
 }
 
+/// Tells systemd (`NOTIFY_SOCKET`; nothing without one) how the service stands.
+fn notify_systemd(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
 /// Runs the gateway until `shutdown` is cancelled.
 ///
 /// # Errors
@@ -647,6 +679,10 @@ pub async fn run_with(
     mut hooks: RunHooks,
 ) -> Result<RunSummary, RunError> {
     let topics = topics(&config);
+    // systemd's watchdog (WATCHDOG_USEC), if it runs one: every long-lived task checks in to `liveness`.
+    let watchdog = sd_notify::watchdog_enabled();
+    let liveness = Liveness::new(watchdog);
+    let live = Arc::new(crate::status::Live::default());
     // Everything that can be checked is checked before anything starts.
     let (config_tx, config_rx) = tokio::sync::mpsc::channel(4);
     let mut uplink_cfg = uplink_config(&config, &topics)?;
@@ -685,9 +721,16 @@ pub async fn run_with(
     let journal = Arc::new(Mutex::new(journal));
     let ble_status = crate::sources::ble::BleStatusHandle::default();
     uplink_cfg.status_source = Some(status_source(&config, journal.clone(), ble_status.clone()));
+    uplink_cfg.heartbeat = Some(liveness.register("uplink"));
+    uplink_cfg.link_state = Some(live.link.clone());
     let appended = Arc::new(Handoff::default());
-    let (writer, writer_thread) = writer::spawn(journal.clone(), appended.clone(), 1024)
-        .map_err(|e| RunError::Start(e.to_string()))?;
+    let (writer, writer_thread) = writer::spawn_with_heartbeat(
+        journal.clone(),
+        appended.clone(),
+        1024,
+        Some(liveness.register("journal writer")),
+    )
+    .map_err(|e| RunError::Start(e.to_string()))?;
     let mut bindings = Bindings::default();
     for b in &raw.bindings {
         bindings.bind(&b.device, b.user_id, &b.patient);
@@ -745,6 +788,7 @@ pub async fn run_with(
         store: CrmConfigStore::new(raw.journal.crm_config_file()),
         in_force: None,
         max_bytes: raw.mqtt.max_config_bytes as usize,
+        live: live.clone(),
     };
     remote.load_kept();
 
@@ -784,21 +828,26 @@ pub async fn run_with(
             pipeline.clone(),
             collector_cfg,
             appended.clone(),
+            liveness.register(format!("source {}", s.id)),
+            live.clone(),
             shutdown.clone(),
         ));
     }
     devices.spawn(remote_config_task(config_rx, remote, shutdown.clone()));
-    if let Some(a) = alerts {
+    if let Some(a) = alerts.clone() {
         devices.spawn(alert_tick_task(
             a,
             pipeline.clone(),
             Duration::from_secs(raw.alerts.tick_s),
+            liveness.register("edge alerts"),
             shutdown.clone(),
         ));
     }
     if let Some(ble) = &raw.ble {
+        let mut ble_cfg = ble.to_ble_config();
+        ble_cfg.heartbeat = Some(liveness.register("ble source"));
         devices.spawn(crate::sources::ble::run(
-            ble.to_ble_config(),
+            ble_cfg,
             pipeline.clone(),
             ble_status.clone(),
             shutdown.clone(),
@@ -830,8 +879,34 @@ pub async fn run_with(
         None => None,
     };
     devices.close();
+    let status_server = crate::status::serve(
+        &config,
+        crate::status::Sources {
+            journal: journal.clone(),
+            live: live.clone(),
+            liveness: liveness.clone(),
+            ble_status: ble_status.clone(),
+            alerts,
+        },
+        shutdown.clone(),
+    );
+
+    // The journal is recovered, the uplink and the sources run.
+    notify_systemd(sd_notify::NotifyState::Ready);
+    let watchdog_stop = CancellationToken::new();
+    if let Some(interval) = watchdog {
+        tokio::spawn(liveness.clone().watchdog(interval, watchdog_stop.clone()));
+    }
 
     shutdown.cancelled().await;
+    // Then the bounded wait below: sessions end at their deadline, the uplink waits at most its
+    // shutdown grace for PUBACKs (TimeoutStopSec= in the unit allows for both).
+    notify_systemd(sd_notify::NotifyState::Stopping);
+    watchdog_stop.cancel();
+    // It ends on `shutdown` by itself and removes its socket: `gateway status` then says "not running".
+    if let Some(s) = status_server {
+        let _ = s.await;
+    }
     tracing::info!("shutting down: finishing device sessions");
     devices.wait().await;
     // The kiosk and the pipeline refer to each other: let go, so the writer handle can be dropped.

@@ -166,6 +166,43 @@ pub struct TelemetrySection {
     pub metrics_listen: Option<SocketAddr>,
 }
 
+/// `[status]`: what `gateway status` asks and when it calls the gateway unhealthy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusSection {
+    /// The status socket; absent: `gateway.sock` beside the journal directory (the service's state
+    /// directory). Created mode 0660: the service's group may ask.
+    pub socket: Option<PathBuf>,
+    /// Unhealthy when the broker has been unreachable this long, seconds, with readings waiting.
+    #[serde(default = "default_broker_down_s")]
+    pub broker_down_s: u64,
+}
+
+impl Default for StatusSection {
+    fn default() -> Self {
+        StatusSection {
+            socket: None,
+            broker_down_s: default_broker_down_s(),
+        }
+    }
+}
+
+impl StatusSection {
+    /// The socket: as configured, or `gateway.sock` in the journal directory's parent.
+    pub fn socket_path(&self, journal_dir: &Path) -> PathBuf {
+        self.socket.clone().unwrap_or_else(|| {
+            journal_dir
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("gateway.sock")
+        })
+    }
+}
+
+const fn default_broker_down_s() -> u64 {
+    300
+}
+
 /// `[alerts]`: the edge alert engine.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -429,6 +466,9 @@ pub struct RawConfig {
     /// `[alerts]`.
     #[serde(default)]
     pub alerts: AlertsSection,
+    /// `[status]`.
+    #[serde(default)]
+    pub status: StatusSection,
     /// `[[bindings]]`.
     #[serde(default)]
     pub bindings: Vec<BindingSection>,

@@ -42,5 +42,7 @@ pub mod broker;
 pub mod config;
 pub mod decode;
 pub mod demo;
+pub mod liveness;
 pub mod state_file;
+pub mod status;
 pub mod telemetry;

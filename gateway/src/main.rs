@@ -1,4 +1,4 @@
-//! The `gateway` command line: `run`, `check`, `demo`, `decode`, `pair`, `devices`. Each subcommand reports its own
+//! The `gateway` command line: `run`, `check`, `status`, `demo`, `decode`, `pair`, `devices`. Each subcommand reports its own
 //! error on stderr (`error: …`, one line) and exits non-zero: 2 for a configuration that cannot be used
 //! (nothing is started), 1 for anything else — the habits `ingest` has too (`check`, `-c/--config`).
 
@@ -31,6 +31,17 @@ enum Command {
         /// The configuration file.
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Ask the running gateway how it is: broker link, journal backlog, devices, configuration version,
+    /// open edge-alert episodes. Exit 0 healthy, 1 unhealthy, 2 unusable configuration, 3 not running,
+    /// 4 not allowed to ask (run as root or as a member of group phg).
+    Status {
+        /// The configuration file the gateway runs with (it names the status socket).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Print the report as JSON (one line, for scripts).
+        #[arg(long)]
+        json: bool,
     },
     /// Everything on one machine: an embedded broker, simulated devices, the real pipeline and journal in
     /// a temporary directory, and a viewer printing each delivered reading.
@@ -407,6 +418,40 @@ fn kiosk_summary(c: &gateway::config::Config) -> String {
 /// Exit status 2: the configuration cannot be used (as `ingest`).
 const EXIT_CONFIG: u8 = 2;
 
+/// `gateway status`: exit 0 healthy, 1 unhealthy, 2 configuration unusable, 3 not running, 4 denied.
+fn status(path: &std::path::Path, json: bool) -> ExitCode {
+    let config = match gateway::config::Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let socket = config.raw.status.socket_path(&config.raw.journal.dir);
+    match gateway::status::ask(&socket) {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                print!("{}", report.render());
+            }
+            if report.healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(match e {
+                gateway::status::AskError::NotRunning(_) => 3,
+                gateway::status::AskError::Denied(_) => 4,
+                gateway::status::AskError::Failed { .. } => 1,
+            })
+        }
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -461,6 +506,7 @@ fn main() -> ExitCode {
             gateway::telemetry::init_logs(false, "warn");
             runtime()?.block_on(devices(state_dir, adapter, action))
         })(),
+        Command::Status { config: path, json } => return status(&path, json),
         Command::Check { config: path } => match load_checked(&path) {
             Ok(c) => {
                 println!("{}", summary(&c));

@@ -322,10 +322,33 @@ async fn digest(store: &AnyStore, ev: &Evaluator, every: Duration) {
 /// As [`start`].
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let running = start(cfg).await?;
+    // systemd (`Type=notify`; nothing without NOTIFY_SOCKET): ready once the database is open and the
+    // consumer runs. The watchdog pings come from a task on the same runtime, so a wedged runtime (every
+    // worker stuck) stops them; ingest has no per-task liveness registry as the gateway does.
+    notify_systemd(sd_notify::NotifyState::Ready);
+    let pinger = sd_notify::watchdog_enabled().map(|interval| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tick.tick().await;
+                notify_systemd(sd_notify::NotifyState::Watchdog);
+            }
+        })
+    });
     shutdown.await;
+    notify_systemd(sd_notify::NotifyState::Stopping);
+    if let Some(p) = pinger {
+        p.abort();
+    }
     tracing::info!("ingest stopping");
     running.stop().await;
     Ok(())
+}
+
+fn notify_systemd(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
 }
 
 /// Polls the MQTT event loop: (re)subscribes at each connection, forwards publishes to the storer.

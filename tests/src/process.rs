@@ -240,8 +240,23 @@ impl GatewayProcess {
     ///
     /// The process could not be started.
     pub fn spawn_exe<S: AsRef<std::ffi::OsStr>>(exe: &Path, args: &[S]) -> io::Result<Self> {
+        Self::spawn_exe_with_env(exe, args, &[])
+    }
+
+    /// [`spawn_exe`](Self::spawn_exe) with extra environment variables for the child (e.g. systemd's
+    /// `NOTIFY_SOCKET`).
+    ///
+    /// # Errors
+    ///
+    /// The process could not be started.
+    pub fn spawn_exe_with_env<S: AsRef<std::ffi::OsStr>>(
+        exe: &Path,
+        args: &[S],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> io::Result<Self> {
         let mut child = Command::new(exe)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

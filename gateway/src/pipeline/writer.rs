@@ -88,12 +88,30 @@ pub fn spawn(
     handoff: Arc<Handoff>,
     queue: usize,
 ) -> std::io::Result<(WriterHandle, std::thread::JoinHandle<()>)> {
+    spawn_with_heartbeat(journal, handoff, queue, None)
+}
+
+/// [`spawn`], with the thread checking in to `heartbeat` (the watchdog's liveness registry) between
+/// commits and while idle. Must be called within a tokio runtime when `heartbeat` is set: the idle
+/// wait is a timed receive on the runtime's clock.
+///
+/// # Errors
+/// When the OS refuses a new thread.
+pub fn spawn_with_heartbeat(
+    journal: Arc<Mutex<Journal>>,
+    handoff: Arc<Handoff>,
+    queue: usize,
+    heartbeat: Option<crate::liveness::Heartbeat>,
+) -> std::io::Result<(WriterHandle, std::thread::JoinHandle<()>)> {
     let (tx, mut rx) = mpsc::channel::<Request>(queue.max(1));
+    let runtime = heartbeat
+        .as_ref()
+        .and_then(|_| tokio::runtime::Handle::try_current().ok());
     let thread = std::thread::Builder::new()
         .name("journal-writer".into())
         .spawn(move || {
             let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
-            while let Some(first) = rx.blocking_recv() {
+            while let Some(first) = next_request(&mut rx, heartbeat.as_ref(), runtime.as_ref()) {
                 batch.push(first);
                 while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
@@ -107,6 +125,26 @@ pub fn spawn(
             }
         })?;
     Ok((WriterHandle { tx }, thread))
+}
+
+/// The next request, `None` once every handle is dropped. With a heartbeat the thread still wakes every
+/// check-in period while idle: a writer stuck in an fdatasync (a dying SD card) stops checking in, and
+/// the watchdog restarts the gateway.
+fn next_request(
+    rx: &mut mpsc::Receiver<Request>,
+    heartbeat: Option<&crate::liveness::Heartbeat>,
+    runtime: Option<&tokio::runtime::Handle>,
+) -> Option<Request> {
+    let (Some(hb), Some(rt)) = (heartbeat, runtime) else {
+        return rx.blocking_recv();
+    };
+    loop {
+        hb.check_in();
+        // The timer is made inside `block_on`: it needs the runtime's time driver.
+        if let Ok(r) = rt.block_on(async { tokio::time::timeout(hb.every(), rx.recv()).await }) {
+            return r;
+        }
+    }
 }
 
 /// Appends a batch: the records of sessions already refused are refused; the rest go in one append. If

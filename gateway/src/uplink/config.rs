@@ -120,6 +120,10 @@ pub struct UplinkConfig {
     pub status_source: Option<StatusSource>,
     /// How often the online status is published again while connected (retained; at least 1 s).
     pub status_every: Duration,
+    /// The watchdog's handle: the uplink checks in from its loop (see [`crate::liveness`]).
+    pub heartbeat: Option<crate::liveness::Heartbeat>,
+    /// Where the uplink records connection changes and PUBACKs for `gateway status`.
+    pub link_state: Option<crate::status::LinkState>,
 }
 
 /// The default of [`UplinkConfig::max_packet_bytes`]: 1 MiB, four times the default limit on a CRM
@@ -185,6 +189,8 @@ impl UplinkConfig {
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
             status_source: None,
             status_every: Duration::from_secs(60),
+            heartbeat: None,
+            link_state: None,
         }
     }
 
@@ -272,6 +278,8 @@ impl UplinkConfig {
             max_packet_bytes: self.max_packet_bytes,
             status_source: self.status_source.clone(),
             status_every: self.status_every.max(Duration::from_secs(1)),
+            heartbeat: self.heartbeat.clone(),
+            link_state: self.link_state.clone(),
         })
     }
 }
@@ -408,6 +416,8 @@ pub struct CheckedUplinkConfig {
     pub(crate) max_packet_bytes: u32,
     pub(crate) status_source: Option<StatusSource>,
     pub(crate) status_every: Duration,
+    pub(crate) heartbeat: Option<crate::liveness::Heartbeat>,
+    pub(crate) link_state: Option<crate::status::LinkState>,
 }
 
 impl CheckedUplinkConfig {

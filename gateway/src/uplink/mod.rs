@@ -378,6 +378,9 @@ impl Uplink {
     async fn next_step(&mut self, driver: &mut Driver) -> Result<Step, UplinkError> {
         let poll = driver.poll();
         tokio::pin!(poll);
+        // Every event handled is a check-in; the ticker covers quiet times.
+        self.check_in();
+        let mut alive = self.heartbeat_ticker();
         loop {
             let draining = self.drain_deadline.is_some();
             let drain_deadline = self.drain_deadline.unwrap_or_else(Instant::now);
@@ -394,6 +397,7 @@ impl Uplink {
                     }
                 }
                 _ = sleep_until(drain_deadline), if draining => return Ok(Step::Stop),
+                _ = alive.tick() => self.check_in(),
                 res = &mut poll => return Ok(Step::Polled(res)),
                 done = job_done(self.ack_job.as_mut().map(|j| &mut j.handle)) => self.on_ack_done(done)?,
                 done = job_done(self.read_job.as_mut().map(|j| &mut j.handle)) => {
@@ -438,6 +442,9 @@ impl Uplink {
                 self.connected = true;
                 self.set_connected_flag(true);
                 self.connected_at = Some(Instant::now());
+                if let Some(l) = &self.cfg.link_state {
+                    l.connected();
+                }
                 self.stats.connections += 1;
                 if self.stats.connections > 1 {
                     metrics::counter!("phg_mqtt_reconnects_total").increment(1);
@@ -535,6 +542,9 @@ impl Uplink {
         match self.window.acked(pkid, std::time::Instant::now()) {
             Some((Item::Record(seq), latency)) => {
                 debug!(seq, pkid, "record PUBACKed");
+                if let Some(l) = &self.cfg.link_state {
+                    l.puback();
+                }
                 self.attempt = 0;
                 self.stats.delivered += 1;
                 metrics::counter!("phg_readings_delivered_total").increment(1);
@@ -798,6 +808,9 @@ impl Uplink {
         if self.connected {
             self.stats.connection_losses += 1;
         }
+        if let Some(l) = &self.cfg.link_state {
+            l.disconnected();
+        }
         // A connection that held for a while was healthy whatever it carried (an idle gateway delivers
         // nothing): the next reconnect starts from the shortest delay.
         if self
@@ -828,9 +841,34 @@ impl Uplink {
             attempt = self.attempt,
             "uplink reconnect backoff"
         );
-        tokio::select! {
-            _ = sleep(delay) => true,
-            _ = self.shutdown.cancelled() => false,
+        let sleep = sleep(delay);
+        tokio::pin!(sleep);
+        self.check_in();
+        let mut alive = self.heartbeat_ticker();
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return true,
+                _ = self.shutdown.cancelled() => return false,
+                _ = alive.tick() => self.check_in(),
+            }
+        }
+    }
+
+    /// Ticks at the watchdog's check-in period (never, without a heartbeat).
+    fn heartbeat_ticker(&self) -> tokio::time::Interval {
+        match &self.cfg.heartbeat {
+            Some(h) => h.ticker(),
+            // An hour: the branch is inert without a heartbeat.
+            None => tokio::time::interval_at(
+                Instant::now() + Duration::from_secs(3600),
+                Duration::from_secs(3600),
+            ),
+        }
+    }
+
+    fn check_in(&self) {
+        if let Some(h) = &self.cfg.heartbeat {
+            h.check_in();
         }
     }
 

@@ -310,6 +310,19 @@ impl EngineState {
                 .collect()
         })
     }
+
+    /// Every patient's active episodes (each one's current alert): for counts without patient ids
+    /// (`gateway status`).
+    pub fn episodes(&self) -> impl Iterator<Item = &Alert> + '_ {
+        self.patients
+            .values()
+            .flat_map(|p| p.episodes.values().map(|e| &e.alert))
+    }
+
+    /// How many alerts wait for a confirming reading, over every patient.
+    pub fn pending_confirmations(&self) -> usize {
+        self.patients.values().map(|p| p.pending.len()).sum()
+    }
 }
 
 /// The rule engine: rules, validated patient settings, state.

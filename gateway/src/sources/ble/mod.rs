@@ -96,6 +96,8 @@ pub struct BleConfig {
     pub repair_just_works: bool,
     /// The collectors' timing.
     pub collector: CollectorConfig,
+    /// The watchdog's handle: the supervisor checks in from its loops (see [`crate::liveness`]).
+    pub heartbeat: Option<crate::liveness::Heartbeat>,
 }
 
 impl BleConfig {
@@ -116,7 +118,26 @@ impl BleConfig {
             clock_set_above: None,
             device_zone_offset_min: 0,
             collector: CollectorConfig::default(),
+            heartbeat: None,
         }
+    }
+
+    /// Checks in to the watchdog's registry, if there is one.
+    fn check_in(&self) {
+        if let Some(h) = &self.heartbeat {
+            h.check_in();
+        }
+    }
+
+    /// Ticks at the watchdog's check-in period (hourly, inert, without one).
+    fn heartbeat_ticker(&self) -> tokio::time::Interval {
+        let every = self
+            .heartbeat
+            .as_ref()
+            .map_or(Duration::from_secs(3600), crate::liveness::Heartbeat::every);
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
     }
 }
 
@@ -701,10 +722,18 @@ pub async fn run(
                     cause: cause.clone(),
                 };
                 reported = Some(cause);
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(shared.cfg.adapter_poll) => continue,
+                shared.cfg.check_in();
+                let poll = tokio::time::sleep(shared.cfg.adapter_poll);
+                tokio::pin!(poll);
+                let mut alive = shared.cfg.heartbeat_ticker();
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = &mut poll => break,
+                        _ = alive.tick() => shared.cfg.check_in(),
+                    }
                 }
+                continue;
             }
         };
         if reported.take().is_some() {
@@ -757,8 +786,10 @@ async fn scan(
     });
     let mut check = tokio::time::interval(shared.cfg.adapter_poll);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut alive = shared.cfg.heartbeat_ticker();
     loop {
         tokio::select! {
+            _ = alive.tick() => shared.cfg.check_in(),
             _ = shutdown.cancelled() => {
                 let _ = tokio::time::timeout(shared.cfg.op_timeout, a.stop_scan()).await;
                 return Ok(());

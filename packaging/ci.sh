@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Packaging CI (docs/install.md; .ci/run calls it): builds the four packages (amd64 natively, arm64
+# cross-built with the linker in .cargo/config.toml), runs lintian on them (errors fail), checks the units
+# offline, installs the amd64 gateway package with dpkg, checks the user, the owners and modes and the
+# installed unit, runs the installed binary as user phg with the packaged configuration pointed at a local
+# Mosquitto and checks that a reading arrives, purges the package and checks that nothing is left, and
+# runs the arm64 binaries under qemu-aarch64-static. Prints the figures: package and binary sizes,
+# exposure scores.
+#
+# systemd is not PID 1 in CI (a container): the unit cannot be started. The installed binary is run the way
+# the unit's ExecStart= runs it — as user phg, no new privileges, the state directory as StateDirectory=
+# makes it (/var/lib/phg, 0750 phg:phg) — with setpriv. The unit itself is checked offline
+# (systemd-analyze verify, security --offline=true).
+#
+# Needs root (dpkg -i), cargo-deb, lintian, mosquitto, mosquitto-clients, qemu-user-static and the arm64
+# cross toolchain (.ci/run installs them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+ARM=aarch64-unknown-linux-gnu
+step() { printf '\n=== %s\n' "$*"; }
+fail() { echo "packaging/ci.sh: FAIL: $*" >&2; exit 1; }
+
+command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
+
+step "build the packages"
+cargo deb -p gateway
+cargo deb -p ingest
+cargo deb -p gateway --target "$ARM"
+cargo deb -p ingest --target "$ARM"
+version=$(cargo metadata --no-deps --format-version 1 \
+  | python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="gateway"))')
+gw_amd64=target/debian/phg-gateway_${version}-1_amd64.deb
+in_amd64=target/debian/phg-ingest_${version}-1_amd64.deb
+gw_arm64=target/$ARM/debian/phg-gateway_${version}-1_arm64.deb
+in_arm64=target/$ARM/debian/phg-ingest_${version}-1_arm64.deb
+for deb in "$gw_amd64" "$in_amd64" "$gw_arm64" "$in_arm64"; do
+  [ -f "$deb" ] || fail "no $deb"
+done
+
+step "lintian (errors fail; warnings and infos are printed)"
+lintian --fail-on error --tag-display-limit 0 "$gw_amd64" "$in_amd64" "$gw_arm64" "$in_arm64" || fail "lintian"
+
+step "units, offline"
+packaging/check-units.sh
+
+step "dpkg -i $gw_amd64"
+$SUDO dpkg -i "$gw_amd64"
+getent passwd phg >/dev/null || fail "no user phg"
+[ "$(getent passwd phg | cut -d: -f7)" = /usr/sbin/nologin ] || fail "phg has a login shell"
+if getent group bluetooth >/dev/null; then
+  id -nG phg | tr ' ' '\n' | grep -qx bluetooth || fail "phg is not in group bluetooth"
+fi
+expect_stat() { # path owner:group mode
+  got=$(stat -c '%U:%G %a' "$1")
+  [ "$got" = "$2 $3" ] || fail "$1 is $got, expected $2 $3"
+  echo "ok: $1 $got"
+}
+expect_stat /etc/phg/gateway.toml root:phg 640
+expect_stat /usr/bin/phg-gateway root:root 755
+expect_stat /usr/lib/systemd/system/phg-gateway.service root:root 644
+grep -qx /etc/phg/gateway.toml /var/lib/dpkg/info/phg-gateway.conffiles || fail "gateway.toml is not a conffile"
+/usr/bin/phg-gateway check -c /etc/phg/gateway.toml
+packaging/check-units.sh --installed
+
+step "run the installed binary as user phg (the unit's ExecStart; systemd is not PID 1 here)"
+work=$(mktemp -d)
+mosquitto_pid="" gateway_pid=""
+cleanup() {
+  [ -n "$gateway_pid" ] && kill "$gateway_pid" 2>/dev/null || true
+  [ -n "$mosquitto_pid" ] && kill "$mosquitto_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n' "$port" > "$work/mosquitto.conf"
+mosquitto -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
+mosquitto_pid=$!
+# What StateDirectory=phg + StateDirectoryMode=0750 would make.
+$SUDO install -d -o phg -g phg -m 0750 /var/lib/phg
+# The packaged configuration, pointed at this broker, without the radio (no adapter here), with a
+# simulated meter bound to a patient.
+chmod 755 "$work"
+sed -e "s|^broker = .*|broker = \"mqtt://127.0.0.1:$port\"|" -e '/^\[ble\]/,/^$/d' /etc/phg/gateway.toml > "$work/gateway.toml"
+cat >> "$work/gateway.toml" <<'TOML'
+
+[[bindings]]
+device = "sim-meter-1"
+patient = "p-ci-0001"
+
+[[simulated]]
+kind = "glucometer"
+id = "sim-meter-1"
+stored = 3
+connect_every_s = 2
+TOML
+chmod 644 "$work/gateway.toml"
+timeout 60 mosquitto_sub -h 127.0.0.1 -p "$port" -t 'phg/v1/+/readings' -C 1 -W 60 > "$work/reading.json" &
+sub_pid=$!
+sleep 1
+setpriv --reuid=phg --regid=phg --init-groups --no-new-privs \
+  /usr/bin/phg-gateway run --config "$work/gateway.toml" 2> "$work/gateway.log" &
+gateway_pid=$!
+wait "$sub_pid" || { cat "$work/gateway.log"; fail "no reading arrived at the broker"; }
+grep -q '"schema":"phg.reading/1"' "$work/reading.json" || fail "not a reading: $(cat "$work/reading.json")"
+echo "ok: a reading arrived: $(head -c 120 "$work/reading.json")…"
+status_json=$(setpriv --reuid=phg --regid=phg --init-groups /usr/bin/phg-gateway status --json -c "$work/gateway.toml") \
+  || fail "phg-gateway status (as phg) exit $?: $status_json"
+echo "ok: phg-gateway status (as phg): healthy"
+expect_stat /var/lib/phg phg:phg 750
+expect_stat /var/lib/phg/journal phg:phg 700
+expect_stat /var/lib/phg/gateway.sock phg:phg 660
+kill -TERM "$gateway_pid"
+wait "$gateway_pid" || fail "the gateway did not stop cleanly on SIGTERM"
+gateway_pid=""
+
+step "dpkg --purge phg-gateway"
+$SUDO dpkg --purge phg-gateway
+for p in /usr/bin/phg-gateway /etc/phg /var/lib/phg /usr/lib/systemd/system/phg-gateway.service /usr/share/doc/phg-gateway; do
+  [ ! -e "$p" ] || fail "$p is left after purge"
+done
+! getent passwd phg >/dev/null || fail "user phg is left after purge"
+! getent group phg >/dev/null || fail "group phg is left after purge"
+! dpkg-statoverride --list /etc/phg/gateway.toml >/dev/null || fail "a statoverride is left after purge"
+echo "ok: nothing left"
+
+step "the arm64 binaries under qemu-aarch64-static"
+for deb in "$gw_arm64" "$in_arm64"; do dpkg-deb -x "$deb" "$work/arm64"; done
+file "$work/arm64/usr/bin/phg-gateway" | grep -q 'ARM aarch64' || fail "phg-gateway in $gw_arm64 is not arm64"
+qemu() { timeout 120 qemu-aarch64-static -L /usr/aarch64-linux-gnu "$@"; }
+qemu "$work/arm64/usr/bin/phg-gateway" --version
+qemu "$work/arm64/usr/bin/phg-gateway" decode 2A18 133100E2070A060F2F325CFE7EB0FA | grep -q '"sequence_number":49' \
+  || fail "the arm64 gateway does not decode"
+echo "ok: the arm64 gateway decodes"
+qemu "$work/arm64/usr/bin/phg-ingest" --version
+
+step "figures"
+for deb in "$gw_amd64" "$in_amd64" "$gw_arm64" "$in_arm64"; do
+  printf '%-60s %8s bytes  (installed %s KiB)\n' "$(basename "$deb")" "$(stat -c %s "$deb")" \
+    "$(dpkg-deb -f "$deb" Installed-Size)"
+done
+for b in phg-gateway phg-ingest; do
+  printf 'arm64 %-12s %10s bytes stripped\n' "$b" "$(stat -c %s "$work/arm64/usr/bin/$b")"
+done
+packaging/check-units.sh | grep exposure
