@@ -286,18 +286,18 @@ impl Evaluator {
         let state = match state.filter(|s| !s.is_empty()) {
             None => EngineState::default(),
             Some(s) => {
-                let value: Value = serde_json::from_str(s).map_err(|e| EvalError::State {
+                let err = |e| EvalError::State {
                     patient: patient.into(),
                     source: e,
-                })?;
-                let mut patients = Map::new();
-                patients.insert(patient.into(), value);
-                let mut root = Map::new();
-                root.insert("patients".into(), Value::Object(patients));
-                serde_json::from_value(Value::Object(root)).map_err(|e| EvalError::State {
-                    patient: patient.into(),
-                    source: e,
-                })?
+                };
+                // The row must be one JSON value (checked first: the text is spliced into the engine's
+                // serde form below, parsed in one pass rather than through a `Value` tree).
+                if json_value_end(s) != Some(s.trim_end().len()) {
+                    return Err(err(serde_json::from_str::<Value>(s)
+                        .err()
+                        .unwrap_or_else(|| serde::de::Error::custom("not one JSON value"))));
+                }
+                serde_json::from_str(&format!("{}{s}}}}}", state_prefix(patient)?)).map_err(err)?
             }
         };
         Engine::with_state(self.rules.clone(), self.settings(patient), state)
@@ -309,7 +309,21 @@ impl Evaluator {
             patient: patient.into(),
             source: e,
         };
-        let mut v = serde_json::to_value(engine.state()).map_err(err)?;
+        // Straight to text (a `Value` tree first costs twice the time): the engine holds this patient
+        // only, so the text is `{"patients":{"<patient>":<part>}}`; anything else takes the general way.
+        let text = serde_json::to_string(engine.state()).map_err(err)?;
+        let prefix = state_prefix(patient)?;
+        if let Some(part) = text
+            .strip_prefix(prefix.as_str())
+            .and_then(|t| t.strip_suffix("}}"))
+            .filter(|part| json_value_end(part) == Some(part.len()))
+        {
+            return Ok(part.to_owned());
+        }
+        if text == r#"{"patients":{}}"# {
+            return Ok("{}".to_owned());
+        }
+        let mut v: Value = serde_json::from_str(&text).map_err(err)?;
         let part = v
             .get_mut("patients")
             .and_then(|p| p.get_mut(patient))
@@ -459,6 +473,47 @@ impl Evaluator {
         let open = engine.acknowledge(patient, alert_id);
         Ok((self.new_state(engine, patient)?, open))
     }
+}
+
+/// `{"patients":{"<patient>":`, the start of the engine state's serde form for one patient.
+fn state_prefix(patient: &str) -> Result<String, EvalError> {
+    let key = serde_json::to_string(patient).map_err(|e| EvalError::State {
+        patient: patient.into(),
+        source: e,
+    })?;
+    Ok(format!(r#"{{"patients":{{{key}:"#))
+}
+
+/// Where the first JSON value of `s` ends (its length in bytes, leading whitespace included), found
+/// by matching brackets outside strings; `None` when `s` does not start with a complete object or
+/// array. Not a validator: serde parses the value afterwards; this only tells one value from several.
+fn json_value_end(s: &str) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, b) in s.bytes().enumerate() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            b' ' | b'\t' | b'\n' | b'\r' => {}
+            _ if depth == 0 => return None,
+            _ => {}
+        }
+    }
+    None
 }
 
 fn action_name(a: &AlertAction) -> &'static str {
