@@ -16,6 +16,10 @@
 //!   the pass takes, and the slowest batch stored meanwhile (the pass holds the writer one patient at a
 //!   time, so a batch waits for one patient's transaction, not for the pass).
 //!
+//! After each database's table: the bytes written per batch (SQLite: what this process wrote, its WAL;
+//! PostgreSQL: the server's WAL), which is what a commit waits for on a busy disk; and the headline
+//! ratios as `RATIO ingest_<db>[_backlog]_vs_raw_insert X` lines, comparable across runs and machines.
+//!
 //! The readings: 200 patients, glucose and blood pressure alternating, 1 in 12 of each kind abnormal
 //! (50 mg/dL, 185 mmHg systolic), the rest within the CN pre-meal and BP targets, times a
 //! few minutes apart.
@@ -79,6 +83,47 @@ fn messages_in(n: usize, prefix: &str, catch_up: bool) -> Vec<Inbound> {
 
 fn messages(n: usize, prefix: &str) -> Vec<Inbound> {
     messages_in(n, prefix, false)
+}
+
+/// Bytes this process has written (`wchar` in `/proc/self/io`; 0 where there is none): what SQLite
+/// wrote to its WAL, which is what a commit waits for.
+fn written_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("wchar:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The server's WAL position (bytes): the difference over a run is the WAL it wrote.
+async fn wal_position(url: &str) -> i64 {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// `  written per batch of 64: …` from the bytes written by the raw run, the stored run and the stored
+/// run in backlog order over `n` readings.
+fn per_batch(what: &str, n: usize, [raw, stored, backlog]: [u64; 3]) {
+    let kb = |b: u64| b as f64 / 1024.0 / (n as f64 / BATCH as f64);
+    println!(
+        "  {what} per batch of {BATCH}: raw {:.0} KB, stored {:.0} KB, backlog order {:.0} KB",
+        kb(raw),
+        kb(stored),
+        kb(backlog)
+    );
 }
 
 fn rate(n: usize, d: Duration) -> String {
@@ -199,8 +244,9 @@ async fn ingest_during_window_pass(url: &str, more: &[Inbound]) -> (Duration, us
 
 /// Prints one database's figures: `(n, n1)` readings batched and one per transaction; the times of the
 /// raw ceiling and the stored run batched, the same one per transaction, and the stored run in backlog
-/// order.
-fn report(label: &str, (n, n1): (usize, usize), times: [Duration; 5], alerts: i64) {
+/// order; then the headline ratios as `RATIO ingest_<key>_vs_raw_insert X` lines, comparable across runs
+/// (absolute rates depend on the machine and its load; a ratio within one run much less).
+fn report(label: &str, key: &str, (n, n1): (usize, usize), times: [Duration; 5], alerts: i64) {
     let [raw, d, raw1, d1, dc] = times;
     println!("{label}");
     println!("  raw INSERT ceiling, batch {BATCH:>3}: {}", rate(n, raw));
@@ -214,6 +260,10 @@ fn report(label: &str, (n, n1): (usize, usize), times: [Duration; 5], alerts: i6
         "  stored + evaluated, batch {BATCH:>3}, backlog order: {}",
         rate(n, dc)
     );
+    // Same n on both sides, so the ratio of rates is the inverse ratio of times.
+    let ratio = |stored: Duration| raw.as_secs_f64() / stored.as_secs_f64();
+    println!("RATIO ingest_{key}_vs_raw_insert {:.2}", ratio(d));
+    println!("RATIO ingest_{key}_backlog_vs_raw_insert {:.2}", ratio(dc));
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -229,20 +279,28 @@ async fn main() {
     );
 
     let dir = tempfile::tempdir().unwrap();
+    let w0 = written_bytes();
     let raw = raw_sqlite(&dir.path().join("raw.sqlite"), &msgs, BATCH);
+    let w_raw = written_bytes() - w0;
     let raw1 = raw_sqlite(&dir.path().join("raw1.sqlite"), &singles, 1);
     let url = format!("sqlite://{}", dir.path().join("ingest.sqlite").display());
+    let w0 = written_bytes();
     let (d, alerts) = stored(&url, &msgs, BATCH).await;
+    let w_stored = written_bytes() - w0;
     let url1 = format!("sqlite://{}", dir.path().join("ingest1.sqlite").display());
     let (d1, _) = stored(&url1, &singles, 1).await;
     let urlc = format!("sqlite://{}", dir.path().join("ingestc.sqlite").display());
+    let w0 = written_bytes();
     let (dc, _) = stored(&urlc, &backlog, BATCH).await;
+    let w_backlog = written_bytes() - w0;
     report(
         "SQLite (WAL, synchronous=FULL)",
+        "sqlite",
         (n, n1),
         [raw, d, raw1, d1, dc],
         alerts,
     );
+    per_batch("written", n, [w_raw, w_stored, w_backlog]);
     let (pass, batches, slowest) = ingest_during_window_pass(&url, &messages(n, "w")).await;
     println!(
         "  window pass over 200 patients: {:.0} ms; meanwhile {batches} batches of {BATCH} stored, the slowest in {:.1} ms",
@@ -253,20 +311,33 @@ async fn main() {
     match TempPostgres::start(true) {
         Ok(Some(pg)) => {
             let raw_url = pg.create_database("raw").await.unwrap();
+            let wal0 = wal_position(&raw_url).await;
             let raw = raw_pg(&raw_url, &msgs, BATCH).await;
+            let wal_raw = wal_position(&raw_url).await - wal0;
             let raw1_url = pg.create_database("raw1").await.unwrap();
             let raw1 = raw_pg(&raw1_url, &singles, 1).await;
             let url = pg.create_database("ingest").await.unwrap();
+            let wal0 = wal_position(&raw_url).await;
             let (d, alerts) = stored(&url, &msgs, BATCH).await;
+            let wal_stored = wal_position(&raw_url).await - wal0;
             let url1 = pg.create_database("ingest1").await.unwrap();
             let (d1, _) = stored(&url1, &singles, 1).await;
             let urlc = pg.create_database("ingestc").await.unwrap();
+            let wal0 = wal_position(&raw_url).await;
             let (dc, _) = stored(&urlc, &backlog, BATCH).await;
+            let wal_backlog = wal_position(&raw_url).await - wal0;
             report(
                 "PostgreSQL (local server, fsync=on, synchronous_commit=on)",
+                "postgres",
                 (n, n1),
                 [raw, d, raw1, d1, dc],
                 alerts,
+            );
+            let wal = |b: i64| u64::try_from(b).unwrap_or(0);
+            per_batch(
+                "WAL written",
+                n,
+                [wal(wal_raw), wal(wal_stored), wal(wal_backlog)],
             );
         }
         Ok(None) => println!("PostgreSQL: {}", ingest::testing::SKIP_MESSAGE),

@@ -286,18 +286,18 @@ impl Evaluator {
         let state = match state.filter(|s| !s.is_empty()) {
             None => EngineState::default(),
             Some(s) => {
-                let value: Value = serde_json::from_str(s).map_err(|e| EvalError::State {
+                let err = |e| EvalError::State {
                     patient: patient.into(),
                     source: e,
-                })?;
-                let mut patients = Map::new();
-                patients.insert(patient.into(), value);
-                let mut root = Map::new();
-                root.insert("patients".into(), Value::Object(patients));
-                serde_json::from_value(Value::Object(root)).map_err(|e| EvalError::State {
-                    patient: patient.into(),
-                    source: e,
-                })?
+                };
+                // The row must be one JSON value (checked first: the text is spliced into the engine's
+                // serde form below, parsed in one pass rather than through a `Value` tree).
+                if json_value_end(s) != Some(s.trim_end().len()) {
+                    return Err(err(serde_json::from_str::<Value>(s)
+                        .err()
+                        .unwrap_or_else(|| serde::de::Error::custom("not one JSON value"))));
+                }
+                serde_json::from_str(&format!("{}{s}}}}}", state_prefix(patient)?)).map_err(err)?
             }
         };
         Engine::with_state(self.rules.clone(), self.settings(patient), state)
@@ -309,7 +309,21 @@ impl Evaluator {
             patient: patient.into(),
             source: e,
         };
-        let mut v = serde_json::to_value(engine.state()).map_err(err)?;
+        // Straight to text (a `Value` tree first costs twice the time): the engine holds this patient
+        // only, so the text is `{"patients":{"<patient>":<part>}}`; anything else takes the general way.
+        let text = serde_json::to_string(engine.state()).map_err(err)?;
+        let prefix = state_prefix(patient)?;
+        if let Some(part) = text
+            .strip_prefix(prefix.as_str())
+            .and_then(|t| t.strip_suffix("}}"))
+            .filter(|part| json_value_end(part) == Some(part.len()))
+        {
+            return Ok(part.to_owned());
+        }
+        if text == r#"{"patients":{}}"# {
+            return Ok("{}".to_owned());
+        }
+        let mut v: Value = serde_json::from_str(&text).map_err(err)?;
         let part = v
             .get_mut("patients")
             .and_then(|p| p.get_mut(patient))
@@ -461,6 +475,47 @@ impl Evaluator {
     }
 }
 
+/// `{"patients":{"<patient>":`, the start of the engine state's serde form for one patient.
+fn state_prefix(patient: &str) -> Result<String, EvalError> {
+    let key = serde_json::to_string(patient).map_err(|e| EvalError::State {
+        patient: patient.into(),
+        source: e,
+    })?;
+    Ok(format!(r#"{{"patients":{{{key}:"#))
+}
+
+/// Where the first JSON value of `s` ends (its length in bytes, leading whitespace included), found
+/// by matching brackets outside strings; `None` when `s` does not start with a complete object or
+/// array. Not a validator: serde parses the value afterwards; this only tells one value from several.
+fn json_value_end(s: &str) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, b) in s.bytes().enumerate() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            b' ' | b'\t' | b'\n' | b'\r' => {}
+            _ if depth == 0 => return None,
+            _ => {}
+        }
+    }
+    None
+}
+
 fn action_name(a: &AlertAction) -> &'static str {
     match a {
         AlertAction::Open(_) => "open",
@@ -610,4 +665,89 @@ pub fn last_digest_period(now_utc: i64, every_s: i64) -> (i64, i64) {
     let every = every_s.max(1);
     let end = now_utc - now_utc.rem_euclid(every);
     (end - every, end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Channel, Inbound, Prepared, prepare};
+    use crate::testing::{TEST_GATEWAY, bp_message};
+
+    const T0: i64 = 1_795_420_800;
+
+    fn evaluator() -> Evaluator {
+        Evaluator::new(RuleSet::default_rules().expect("rules"), vec![Sink::Mqtt])
+    }
+
+    /// Evaluates a blood-pressure reading of `patient` at `t` against `state`.
+    fn bp(ev: &Evaluator, patient: &str, state: Option<&str>, t: i64, sys: u32) -> NewState {
+        let m = Inbound {
+            topic: format!("phg/v1/{TEST_GATEWAY}/readings"),
+            channel: Channel::Readings,
+            payload: bp_message(&format!("r-{t}"), patient, sys, 80, 70, t).into_bytes(),
+            max_len: None,
+        };
+        let Prepared::Reading { msg, engine, .. } = prepare(&m) else {
+            panic!("not a reading");
+        };
+        let reading = engine.expect("evaluable");
+        let input = Input::Reading {
+            msg: &msg,
+            reading: &reading,
+            symptoms: Symptoms::NONE,
+        };
+        ev.on_inputs(patient, state, &[input]).expect("evaluated").0
+    }
+
+    #[test]
+    fn a_value_ends_where_its_brackets_close_outside_strings() {
+        assert_eq!(json_value_end(r#"{"a":"}]\"{"}"#), Some(13));
+        assert_eq!(json_value_end(r#" {"a":1},"b":{}"#), Some(8));
+        assert_eq!(json_value_end("[[]]  "), Some(4));
+        assert_eq!(json_value_end("null"), None);
+        assert_eq!(json_value_end(r#""{}""#), None);
+        assert_eq!(json_value_end("{"), None);
+        assert_eq!(json_value_end("}"), None);
+    }
+
+    /// The state row is the patient's part of the engine state, written without a `Value` tree and read
+    /// back by an instance that never saw the patient: both continue alike.
+    #[test]
+    fn a_stored_state_is_the_patients_part_and_reads_back() {
+        let (a, b) = (evaluator(), evaluator());
+        let mut state = bp(&a, "p-0001", None, T0, 185);
+        for i in 1..5 {
+            state = bp(
+                &a,
+                "p-0001",
+                Some(&state.json),
+                T0 + i * 600,
+                120 + i as u32,
+            );
+        }
+        let part: Value = serde_json::from_str(&state.json).expect("one JSON value");
+        assert!(part.get("bp").is_some_and(Value::is_array), "{part}");
+        assert!(!state.json.contains("patients"));
+        // `a` continues from its cached engine, `b` parses the row: the same next state.
+        let t = T0 + 3_000;
+        assert_eq!(
+            bp(&a, "p-0001", Some(&state.json), t, 190),
+            bp(&b, "p-0001", Some(&state.json), t, 190)
+        );
+    }
+
+    #[test]
+    fn a_state_row_that_is_not_one_value_is_an_error() {
+        for bad in ["{} {}", "{\"bp\":[]},{}", "[", "null", "7"] {
+            let ev = evaluator();
+            assert!(
+                matches!(
+                    ev.on_tick("p-0001", Some(bad), T0),
+                    Err(EvalError::State { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert!(evaluator().on_tick("p-0001", Some(" {} "), T0).is_ok());
+    }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Row, Transaction};
+use tokio_postgres::{Client, NoTls, Row, Statement, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// A statement parameter.
@@ -34,8 +34,87 @@ pub struct PgStore {
     url: Arc<str>,
     /// TLS to the server (rustls, verifying its certificate); `None`: plaintext.
     tls: Option<MakeRustlsConnect>,
-    writer: Arc<Mutex<Client>>,
-    reader: Arc<Mutex<Client>>,
+    writer: Arc<Mutex<Conn>>,
+    reader: Arc<Mutex<Conn>>,
+}
+
+/// A connection and, once used for writing, its prepared statements (a statement belongs to the
+/// connection that prepared it: a re-opened connection prepares them again).
+struct Conn {
+    client: Client,
+    statements: Option<Statements>,
+}
+
+impl Conn {
+    fn new(client: Client) -> Conn {
+        Conn {
+            client,
+            statements: None,
+        }
+    }
+
+    /// The write path's statements, prepared at the first call (one round trip for all of them).
+    async fn statements(&mut self) -> Result<Statements, StoreError> {
+        if let Some(s) = &self.statements {
+            return Ok(s.clone());
+        }
+        let c = &self.client;
+        let (seed_states, lock_states, insert_readings, reports) = futures_util::future::try_join4(
+            c.prepare(SEED_STATES),
+            c.prepare(LOCK_STATES),
+            c.prepare(INSERT_READINGS),
+            c.prepare(REPORTS_ABOUT),
+        )
+        .await?;
+        let (insert_event, upsert_alert, insert_outbox, save_state) =
+            futures_util::future::try_join4(
+                c.prepare(INSERT_EVENT),
+                c.prepare(UPSERT_ALERT),
+                c.prepare(INSERT_OUTBOX),
+                c.prepare(SAVE_STATE),
+            )
+            .await?;
+        let s = Statements {
+            seed_states,
+            lock_states,
+            insert_readings,
+            reports,
+            insert_event,
+            upsert_alert,
+            insert_outbox,
+            save_state,
+        };
+        self.statements = Some(s.clone());
+        Ok(s)
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
+/// The statements of the ingest path, prepared once per connection: preparing is a round trip of its
+/// own, and a batch's statements are otherwise sent together ([`write_all`], [`PgStore::ingest`]), which
+/// only works for prepared ones (a statement given as text is prepared first, out of turn).
+#[derive(Clone)]
+struct Statements {
+    seed_states: Statement,
+    lock_states: Statement,
+    insert_readings: Statement,
+    reports: Statement,
+    insert_event: Statement,
+    upsert_alert: Statement,
+    insert_outbox: Statement,
+    save_state: Statement,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -144,8 +223,8 @@ impl PgStore {
         Ok(PgStore {
             url: url.into(),
             tls,
-            writer: Arc::new(Mutex::new(writer)),
-            reader: Arc::new(Mutex::new(reader)),
+            writer: Arc::new(Mutex::new(Conn::new(writer))),
+            reader: Arc::new(Mutex::new(Conn::new(reader))),
         })
     }
 
@@ -160,17 +239,17 @@ impl PgStore {
     ) -> Result<usize, StoreError> {
         let now_ms = now_utc.saturating_mul(1000);
         let mut client = self.get(&self.writer).await?;
+        let st = client.statements().await?;
         let rows = client.query(select, params).await?;
         let patients: Vec<String> = rows.into_iter().map(|r| r.get(0)).collect();
         let mut events = 0;
         for p in patients {
             let tx = client.transaction().await?;
-            let one: BTreeSet<String> = std::iter::once(p.clone()).collect();
-            let states = lock_states(&tx, &one, now_ms).await?;
+            let states = lock_states(&tx, &st, &[p.as_str()], now_ms).await?;
             let state = states.get(&p).cloned().flatten();
             let (new_state, writes) = step(&ev, &p, state.as_deref(), now_utc)?;
             events += writes.len();
-            write_all(&tx, &writes, ev.sinks(), &[(&p, &new_state)], now_ms).await?;
+            write_all(&tx, &st, &writes, ev.sinks(), &[(&p, &new_state)], now_ms).await?;
             tx.commit().await?;
         }
         Ok(events)
@@ -179,35 +258,29 @@ impl PgStore {
     /// The client behind `m`, re-connected when its connection was lost.
     async fn get<'a>(
         &self,
-        m: &'a Mutex<Client>,
-    ) -> Result<tokio::sync::MutexGuard<'a, Client>, StoreError> {
+        m: &'a Mutex<Conn>,
+    ) -> Result<tokio::sync::MutexGuard<'a, Conn>, StoreError> {
         let mut g = m.lock().await;
         if g.is_closed() {
-            *g = client(&self.url, self.tls.as_ref()).await?;
+            *g = Conn::new(client(&self.url, self.tls.as_ref()).await?);
         }
         Ok(g)
     }
 }
 
+/// Creates the missing state rows of `patients` (sorted) and locks them all, in that order: two
+/// instances never deadlock and never evaluate one patient at once. Both statements go out together.
 async fn lock_states(
     tx: &Transaction<'_>,
-    patients: &BTreeSet<String>,
+    st: &Statements,
+    patients: &[&str],
     now_ms: i64,
 ) -> Result<HashMap<String, Option<String>>, StoreError> {
-    let list: Vec<&str> = patients.iter().map(String::as_str).collect();
-    tx.execute(
-        "INSERT INTO patient_state (patient, state, updated_ms)
-         SELECT p, '', $2 FROM unnest($1::text[]) AS p ORDER BY p ON CONFLICT (patient) DO NOTHING",
-        &[&list, &now_ms],
+    let (_, rows) = futures_util::future::try_join(
+        tx.execute(&st.seed_states, &[&patients, &now_ms]),
+        tx.query(&st.lock_states, &[&patients]),
     )
     .await?;
-    let rows = tx
-        .query(
-            "SELECT patient, state FROM patient_state WHERE patient = ANY($1)
-             ORDER BY patient FOR UPDATE",
-            &[&list],
-        )
-        .await?;
     Ok(rows
         .into_iter()
         .map(|r| {
@@ -217,6 +290,22 @@ async fn lock_states(
         .collect())
 }
 
+const SEED_STATES: &str = "INSERT INTO patient_state (patient, state, updated_ms)
+     SELECT p, '', $2 FROM unnest($1::text[]) AS p ORDER BY p ON CONFLICT (patient) DO NOTHING";
+const LOCK_STATES: &str = "SELECT patient, state FROM patient_state WHERE patient = ANY($1)
+     ORDER BY patient FOR UPDATE";
+/// All of a batch's readings in one statement; the ids it returns are the new ones.
+const INSERT_READINGS: &str =
+    "INSERT INTO readings (id, patient, gateway, kind, time_utc, received_utc, payload, eval_error,
+       stored_ms, instance)
+     SELECT id, patient, gateway, kind, time_utc, received_utc, payload, eval_error, $9, $10
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
+                 $7::text[], $8::text[])
+       AS t(id, patient, gateway, kind, time_utc, received_utc, payload, eval_error)
+     ON CONFLICT (id) DO NOTHING RETURNING id";
+/// The evaluable reports stored about the readings `$1`.
+const REPORTS_ABOUT: &str = "SELECT reading_id, id, patient, symptoms FROM symptom_reports
+     WHERE reading_id = ANY($1::text[]) AND eval_error IS NULL";
 const INSERT_EVENT: &str = "INSERT INTO alert_events (id, alert_id, action, created_ms, notice)
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING";
 const UPSERT_ALERT: &str =
@@ -236,6 +325,7 @@ const SAVE_STATE: &str =
 /// changes of one alert apply in order). A replayed event id changes nothing (`ON CONFLICT`).
 async fn write_all(
     tx: &Transaction<'_>,
+    st: &Statements,
     writes: &[AlertWrite],
     sinks: &[Sink],
     states: &[(&str, &NewState)],
@@ -244,13 +334,12 @@ async fn write_all(
     if writes.is_empty() && states.is_empty() {
         return Ok(());
     }
-    let (ev, al, ob, st) = futures_util::future::try_join4(
-        tx.prepare(INSERT_EVENT),
-        tx.prepare(UPSERT_ALERT),
-        tx.prepare(INSERT_OUTBOX),
-        tx.prepare(SAVE_STATE),
-    )
-    .await?;
+    let (ev, al, ob, save) = (
+        &st.insert_event,
+        &st.upsert_alert,
+        &st.insert_outbox,
+        &st.save_state,
+    );
     let statuses: Vec<String> = writes
         .iter()
         .map(|w| format!("{:?}", w.alert.status).to_lowercase())
@@ -260,7 +349,7 @@ async fn write_all(
     let mut futs = Vec::new();
     for ((w, status), severity) in writes.iter().zip(&statuses).zip(&severities) {
         let p: Vec<&P<'_>> = vec![&w.event_id, &w.alert.id, &w.action, &now_ms, &w.notice];
-        futs.push(tx.execute_raw(&ev, p));
+        futs.push(tx.execute_raw(ev, p));
         let p: Vec<&P<'_>> = vec![
             &w.alert.id,
             &w.alert.patient,
@@ -271,16 +360,16 @@ async fn write_all(
             &w.alert.updated_utc,
             &w.alert_json,
         ];
-        futs.push(tx.execute_raw(&al, p));
+        futs.push(tx.execute_raw(al, p));
         // Below the push threshold: stored, and summarised in the patient's digest instead.
         for s in sink_names.iter().filter(|_| w.notify) {
             let p: Vec<&P<'_>> = vec![&w.event_id, s, &w.notice, &now_ms];
-            futs.push(tx.execute_raw(&ob, p));
+            futs.push(tx.execute_raw(ob, p));
         }
     }
     for (patient, state) in states {
         let p: Vec<&P<'_>> = vec![patient, &state.json, &now_ms, &state.next_deadline_utc];
-        futs.push(tx.execute_raw(&st, p));
+        futs.push(tx.execute_raw(save, p));
     }
     futures_util::future::try_join_all(futs).await?;
     Ok(())
@@ -348,21 +437,18 @@ impl Store for PgStore {
     ) -> Result<Vec<Stored>, StoreError> {
         let prepared: Vec<Prepared> = batch.iter().map(prepare).collect();
         let mut client = self.get(&self.writer).await?;
+        let st = client.statements().await?;
         let tx = client.transaction().await?;
-        let patients: BTreeSet<String> = prepared
+        let patients: Vec<&str> = prepared
             .iter()
             .filter_map(|p| match p {
-                Prepared::Reading { msg, .. } => Some(msg.patient.clone()),
-                Prepared::Symptoms { msg, .. } => Some(msg.patient.clone()),
+                Prepared::Reading { msg, .. } => Some(msg.patient.as_str()),
+                Prepared::Symptoms { msg, .. } => Some(msg.patient.as_str()),
                 _ => None,
             })
+            .collect::<BTreeSet<&str>>()
+            .into_iter()
             .collect();
-        let mut states = if patients.is_empty() {
-            HashMap::new()
-        } else {
-            lock_states(&tx, &patients, now_ms).await?
-        };
-        // All readings in one statement; the ids it returns are the new ones.
         let mut cols: ReadingColumns<'_> = Default::default();
         for p in &prepared {
             if let Prepared::Reading {
@@ -383,25 +469,39 @@ impl Store for PgStore {
                 cols.7.push(engine.as_ref().err().map(ToString::to_string));
             }
         }
-        let mut new_ids: HashSet<String> = HashSet::new();
-        if !cols.0.is_empty() {
-            let rows = tx
-                .query(
-                    "INSERT INTO readings (id, patient, gateway, kind, time_utc, received_utc, payload,
-                       eval_error, stored_ms, instance)
-                     SELECT id, patient, gateway, kind, time_utc, received_utc, payload, eval_error, $9, $10
-                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
-                                 $6::bigint[], $7::text[], $8::text[])
-                       AS t(id, patient, gateway, kind, time_utc, received_utc, payload, eval_error)
-                     ON CONFLICT (id) DO NOTHING RETURNING id",
-                    &[
-                        &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7,
-                        &now_ms, &instance,
-                    ],
-                )
-                .await?;
-            new_ids = rows.into_iter().map(|r| r.get(0)).collect();
-        }
+        // A batch without symptom reports (nearly all) reads the reports about its readings at once;
+        // one with reports reads them after storing its own (below), which the readings may need.
+        let has_reports = prepared
+            .iter()
+            .any(|p| matches!(p, Prepared::Symptoms { .. }));
+        // The patients' locks, the readings and (usually) the reports, sent together: the server runs
+        // them in this order, so the readings are stored and the reports read under the locks.
+        let lock = async {
+            if patients.is_empty() {
+                Ok(HashMap::new())
+            } else {
+                lock_states(&tx, &st, &patients, now_ms).await
+            }
+        };
+        let insert = async {
+            if cols.0.is_empty() {
+                return Ok(Vec::new());
+            }
+            let params: [&P<'_>; 10] = [
+                &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7, &now_ms,
+                &instance,
+            ];
+            Ok::<_, StoreError>(tx.query(&st.insert_readings, &params).await?)
+        };
+        let early_reports = async {
+            if has_reports || cols.0.is_empty() {
+                return Ok(None);
+            }
+            Ok::<_, StoreError>(Some(tx.query(&st.reports, &[&cols.0]).await?))
+        };
+        let (mut states, inserted, early_reports) =
+            futures_util::future::try_join3(lock, insert, early_reports).await?;
+        let mut new_ids: HashSet<String> = inserted.into_iter().map(|r| r.get(0)).collect();
         // What is stored under the ids that were not new or come twice in this batch: a duplicate, or a
         // conflict when the content differs.
         let mut seen: HashSet<&str> = HashSet::new();
@@ -533,35 +633,36 @@ impl Store for PgStore {
         }
         // The reports stored about this batch's new readings (one statement; the patients are locked,
         // so a report committed by another instance is either seen here or sees these readings).
-        let reading_ids: Vec<&str> = by_patient
-            .values()
-            .flatten()
-            .filter_map(|(_, item)| match item {
-                Item::Reading(msg, _) => Some(msg.id.as_str()),
-                Item::Symptoms { .. } => None,
-            })
-            .collect();
-        let mut reports: HashMap<String, Vec<ReportAbout>> = HashMap::new();
-        if !reading_ids.is_empty() {
-            for r in tx
-                .query(
-                    "SELECT reading_id, id, patient, symptoms FROM symptom_reports
-                     WHERE reading_id = ANY($1::text[]) AND eval_error IS NULL",
-                    &[&reading_ids],
-                )
-                .await?
-            {
-                let report = ReportAbout {
-                    reading_id: r.get(0),
-                    id: r.get(1),
-                    patient: r.get(2),
-                    symptoms: super::symptoms_of_column(r.get(3)),
-                };
-                reports
-                    .entry(report.patient.clone())
-                    .or_default()
-                    .push(report);
+        let rows = match early_reports {
+            Some(rows) => rows,
+            None => {
+                let reading_ids: Vec<&str> = by_patient
+                    .values()
+                    .flatten()
+                    .filter_map(|(_, item)| match item {
+                        Item::Reading(msg, _) => Some(msg.id.as_str()),
+                        Item::Symptoms { .. } => None,
+                    })
+                    .collect();
+                if reading_ids.is_empty() {
+                    Vec::new()
+                } else {
+                    tx.query(&st.reports, &[&reading_ids]).await?
+                }
             }
+        };
+        let mut reports: HashMap<String, Vec<ReportAbout>> = HashMap::new();
+        for r in rows {
+            let report = ReportAbout {
+                reading_id: r.get(0),
+                id: r.get(1),
+                patient: r.get(2),
+                symptoms: super::symptoms_of_column(r.get(3)),
+            };
+            reports
+                .entry(report.patient.clone())
+                .or_default()
+                .push(report);
         }
         let mut changed: BTreeMap<String, NewState> = BTreeMap::new();
         let mut pending: Vec<AlertWrite> = Vec::new();
@@ -579,7 +680,7 @@ impl Store for PgStore {
             }
         }
         let saves: Vec<(&str, &NewState)> = changed.iter().map(|(p, s)| (p.as_str(), s)).collect();
-        write_all(&tx, &pending, ev.sinks(), &saves, now_ms).await?;
+        write_all(&tx, &st, &pending, ev.sinks(), &saves, now_ms).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -825,6 +926,7 @@ impl Store for PgStore {
         now_ms: i64,
     ) -> Result<AckResult, StoreError> {
         let mut client = self.get(&self.writer).await?;
+        let st = client.statements().await?;
         let tx = client.transaction().await?;
         let row = tx
             .query_opt(
@@ -845,11 +947,10 @@ impl Store for PgStore {
             &[&alert_id, &by, &now_ms],
         )
         .await?;
-        let one: BTreeSet<String> = std::iter::once(patient.clone()).collect();
-        let states = lock_states(&tx, &one, now_ms).await?;
+        let states = lock_states(&tx, &st, &[patient.as_str()], now_ms).await?;
         let state = states.get(&patient).cloned().flatten();
         let (new_state, _open) = ev.acknowledge(&patient, state.as_deref(), alert_id)?;
-        write_all(&tx, &[], &[], &[(&patient, &new_state)], now_ms).await?;
+        write_all(&tx, &st, &[], &[], &[(&patient, &new_state)], now_ms).await?;
         tx.commit().await?;
         Ok(AckResult::Acknowledged)
     }
