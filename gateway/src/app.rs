@@ -822,13 +822,14 @@ pub async fn run_with(
         .into_iter()
         .chain(std::mem::take(&mut hooks.simulated))
     {
+        let heartbeat = liveness.register(format!("source {}", s.id));
         devices.spawn(simulated_device_task(
             s,
             device,
             pipeline.clone(),
             collector_cfg,
             appended.clone(),
-            liveness.register(format!("source {}", s.id)),
+            heartbeat,
             live.clone(),
             shutdown.clone(),
         ));
