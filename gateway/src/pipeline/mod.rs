@@ -279,6 +279,8 @@ struct ToEvaluate {
     time_utc: i64,
     measurement: Measurement,
     verdict: protocol::validate::Verdict,
+    /// Taken before the reading goes to the journal: the edge alerts' snapshot waits for it.
+    ticket: crate::alerts::Ticket,
 }
 
 /// What a journaled record is, for the counters.
@@ -341,10 +343,11 @@ impl SessionSink {
 
     /// Evaluates an accepted reading at the edge (DESIGN.md "Alerts": after acceptance, so a reading the
     /// journal refused — which the device still has — is not evaluated twice).
-    fn evaluate(&mut self, e: Box<ToEvaluate>) {
+    fn evaluate(&mut self, e: Box<ToEvaluate>, seq: u64) {
         let Some(alerts) = &self.pipeline.alerts else {
             return;
         };
+        let e = *e;
         let input = protocol::rules::ReadingInput {
             patient: &e.patient,
             reading_id: &e.reading_id,
@@ -353,7 +356,8 @@ impl SessionSink {
             verdict: &e.verdict,
             symptoms: protocol::rules::Symptoms::NONE,
         };
-        let records = alerts.on_reading(&input, crate::sources::collector::now_utc());
+        let records =
+            alerts.on_reading(&input, seq, e.ticket, crate::sources::collector::now_utc());
         if !records.is_empty() {
             // Patient ids stay out of INFO lines (issue 11 item 9): the count here, the id at DEBUG.
             tracing::info!(alerts = records.len(), "edge alert decisions");
@@ -391,7 +395,7 @@ impl SessionSink {
             };
             let c = &self.pipeline.counters;
             match outcome {
-                Ok(_) => {
+                Ok(seq) => {
                     let counter = match kind {
                         Kind::Reading => &c.accepted,
                         Kind::Rejected => &c.rejected,
@@ -401,7 +405,7 @@ impl SessionSink {
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
                     if let Some(e) = evaluate {
-                        self.evaluate(e);
+                        self.evaluate(e, seq);
                     }
                 }
                 Err(Refusal::Full) => {
@@ -487,13 +491,14 @@ impl SessionSink {
                 })?;
             let payload =
                 serde_json::to_vec(&msg).map_err(|e| SinkError::Unavailable(e.to_string()))?;
-            if self.pipeline.alerts.is_some() {
+            if let Some(alerts) = &self.pipeline.alerts {
                 evaluate = Some(Box::new(ToEvaluate {
                     patient: patient.clone(),
                     reading_id: reading_id.clone(),
                     time_utc: verdict.time.corrected_utc.unwrap_or(received_utc),
                     measurement: m,
                     verdict,
+                    ticket: alerts.ticket(),
                 }));
             }
             (Kind::Reading, self.pipeline.topics.readings(), payload)
