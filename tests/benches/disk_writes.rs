@@ -16,7 +16,10 @@
 //!   counted per page dirtied: 4 KiB for a page written again after an fsync cleaned it);
 //! - fsyncs: `fsync` + `fdatasync` calls, from `strace -f` (installed on the CI image; without it the
 //!   figure is left out and the bench says so); renames too (each is a state file replaced whole);
-//! - readings: the reading messages the subscriber received (accepted and delivered) in the window.
+//! - readings: the reading messages the subscriber received (accepted and delivered) in the window;
+//!   the edge alert decisions (`…/alerts` messages) are counted too: the simulated meter's random values
+//!   cross a threshold now and then, and each decision is one more journaled record and a snapshot of
+//!   the edge-alert state (a rename), so they are part of the cost.
 //!
 //! Two ways devices hand over a reading a second: a meter that syncs every 10 s (what a BLE device that
 //! keeps its records and connects now and then does: a few readings per session, committed together),
@@ -38,6 +41,8 @@ const GW: &str = "gw-disk";
 #[derive(Debug)]
 struct Figures {
     readings: usize,
+    /// Edge alert decisions in the window: each is a journaled record and a state snapshot.
+    alerts: usize,
     bytes: u64,
     fsyncs: Option<u64>,
     renames: Option<u64>,
@@ -132,9 +137,13 @@ async fn run(broker: &TestBroker, connect_every_s: u64, window: Duration) -> Opt
     let dir = tempfile::tempdir().expect("temp dir");
     let cfg = dir.path().join("gateway.toml");
     std::fs::write(&cfg, config(broker, dir.path(), connect_every_s)).expect("write config");
-    let mut sub = Subscriber::connect(broker.addr(), &format!("phg/v1/{GW}/readings"))
+    let mut sub = Subscriber::connect(broker.addr(), &format!("phg/v1/{GW}/#"))
         .await
         .expect("subscriber");
+    let count = |sub: &mut Subscriber, what: &str| {
+        let topic = format!("phg/v1/{GW}/{what}");
+        sub.received().iter().filter(|r| r.topic == topic).count()
+    };
     let trace = dir.path().join("strace.txt");
     let strace = strace_path();
     let gateway = gateway_bin();
@@ -167,9 +176,11 @@ async fn run(broker: &TestBroker, connect_every_s: u64, window: Duration) -> Opt
     sub.wait_for(1, Duration::from_secs(30)).await;
     sub.collect_for(Duration::from_secs(5 + connect_every_s))
         .await;
-    let (t0, b0, n0) = (unix_now(), write_bytes(pid), sub.received().len());
+    let (t0, b0) = (unix_now(), write_bytes(pid));
+    let (n0, a0) = (count(&mut sub, "readings"), count(&mut sub, "alerts"));
     sub.collect_for(window).await;
-    let (t1, b1, n1) = (unix_now(), write_bytes(pid), sub.received().len());
+    let (t1, b1) = (unix_now(), write_bytes(pid));
+    let (n1, a1) = (count(&mut sub, "readings"), count(&mut sub, "alerts"));
     let _ = rustix::process::kill_process(
         rustix::process::Pid::from_raw(pid as i32).expect("a pid"),
         rustix::process::Signal::TERM,
@@ -184,6 +195,7 @@ async fn run(broker: &TestBroker, connect_every_s: u64, window: Duration) -> Opt
     };
     Some(Figures {
         readings: n1.saturating_sub(n0),
+        alerts: a1.saturating_sub(a0),
         bytes: b1?.saturating_sub(b0?),
         fsyncs,
         renames,
@@ -194,8 +206,9 @@ async fn run(broker: &TestBroker, connect_every_s: u64, window: Duration) -> Opt
 fn print(label: &str, f: &Figures) {
     let per = |x: u64| x as f64 / f.readings.max(1) as f64;
     println!(
-        "  {label}: {} readings in {:.0} s, {} bytes written, {} fsyncs, {} renames",
+        "  {label}: {} readings ({} edge alert decisions) in {:.0} s, {} bytes written, {} fsyncs, {} renames",
         f.readings,
+        f.alerts,
         f.seconds,
         f.bytes,
         f.fsyncs.map_or("?".into(), |n| n.to_string()),
