@@ -887,7 +887,7 @@ mod tests {
         let mut seq = 100;
         let mut next = |patient: &str, t: i64, m: &Measurement| {
             seq += 1;
-            journal.push((journaled(seq, patient, t, m), m.clone()));
+            journal.push((journaled(seq, patient, t, m), *m));
         };
         // p-9's crisis: decided at once, so saved at once (the snapshot the restart starts from).
         next("p-9", T0, &cuff(185, 125));

@@ -169,6 +169,7 @@ async fn run(broker: &TestBroker, connect_every_s: u64, window: Duration) -> Opt
     let Some(pid) = gateway_pid(&child, strace.is_some()) else {
         eprintln!("the gateway process did not start under strace");
         let _ = child.kill();
+        let _ = child.wait();
         return None;
     };
     // Warm-up: the first readings delivered, then a few seconds more (start-up writes are not steady
