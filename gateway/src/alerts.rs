@@ -17,36 +17,127 @@
 //! ([`EdgeAlerts::set_patients`]): all of them are validated before any is applied.
 //!
 //! The engine's state (open episodes, pending confirmations, the readings the window rules look back on)
-//! is kept in a state file ([`EdgeAlerts::open`]), replaced whole ([`crate::state_file::replace`]:
-//! temporary file, fsync, rename, mode 0600) after every reading and every tick that decided something,
-//! so a restart or a power cut does not open an ongoing episode a second time. Readings arrive at human
-//! rates, so an fsync each is cheap; ingest, which keeps its state transactionally, stays the one the CRM
-//! trusts for episodes.
+//! is kept in a state file ([`EdgeAlerts::open`]) so that a restart or a power cut does not open an
+//! ongoing episode a second time. The Pi's SD card wears with every write, so the file is not rewritten
+//! per reading (issue 14 item 6): it is a *snapshot*, replaced whole ([`crate::state_file::replace`]:
+//! temporary file, fsync, rename, mode 0600) when the engine decided something (an alert opened, was
+//! confirmed, escalated, closed — rare, and worth having on disk at once), every
+//! [`SNAPSHOT_EVERY`] while readings arrive, and at shutdown. The journal is the source for what came
+//! after it: the snapshot names the journal seqs of the readings it includes (`through`, and the few
+//! evaluated out of order beyond it), the journal keeps the readings after `through` on disk even once
+//! they are acked ([`KeepAfter`]), and at start [`EdgeAlerts::replay`] runs them through the engine
+//! again — each exactly once, rebuilt from the reading message as ingest rebuilds it
+//! ([`protocol::engine_input`]). A reading accepted but not yet evaluated when the power went is
+//! evaluated then, and its alerts journaled: the snapshot loses nothing the journal accepted. Ingest,
+//! which keeps its state transactionally, stays the one the CRM trusts for episodes.
+//!
+//! `through` advances only at a quiet moment: when every reading handed to the journal for evaluation
+//! ([`EdgeAlerts::ticket`]) has been evaluated (or refused), all readings at or below the highest seq
+//! evaluated are in the state, and all later ones are not.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use protocol::rules::{
     AlertAction, Engine, EngineState, OverrideError, PatientSettings, ReadingInput, RuleSet,
     Symptoms,
 };
-use protocol::wire::{AlertMessage, SymptomsMessage, Topics};
+use protocol::wire::{AlertMessage, ReadingMessage, SymptomsMessage, Topics};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::journal::NewRecord;
+use crate::journal::{KeepAfter, NewRecord, Record};
+
+/// How often the state is saved while readings arrive and nothing is decided (a restart replays at most
+/// this much of the journal).
+pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(300);
+
+/// The state file's format: a snapshot with the journal seqs it includes. Version 1 (gateway 0.1 before
+/// issue 14) was the bare engine state; it is still read (then nothing is replayed).
+const STATE_FORMAT: u32 = 2;
 
 /// The engine and where its alerts go.
 #[derive(Debug)]
 pub struct EdgeAlerts {
-    engine: Mutex<Engine>,
+    inner: Mutex<Inner>,
     gateway_id: String,
     topics: Topics,
     state_file: Option<StateFile>,
+    /// Readings handed to the journal for evaluation and not yet evaluated or refused ([`Ticket`]).
+    in_flight: Arc<AtomicUsize>,
     /// Signalled after every reading: it may have set an earlier deadline than the one
     /// [`EdgeAlerts::wait_due`] sleeps for.
     changed: Notify,
+}
+
+/// The engine and which journaled readings its state includes.
+#[derive(Debug)]
+struct Inner {
+    engine: Engine,
+    book: Book,
+}
+
+/// Which journal seqs the engine's state includes.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+struct Book {
+    /// Every reading at or below this seq that was to be evaluated has been; `None`: unknown (a
+    /// version 1 state file), nothing is replayed until the next quiet moment sets it.
+    through: Option<u64>,
+    /// Readings above `through` evaluated already (out of order, between quiet moments).
+    also: Vec<u64>,
+    /// The highest seq evaluated.
+    #[serde(skip)]
+    max_seen: Option<u64>,
+    /// Evaluated since the last snapshot.
+    #[serde(skip)]
+    dirty: bool,
+}
+
+impl Book {
+    fn evaluated(&mut self, seq: u64) {
+        self.max_seen = self.max_seen.max(Some(seq));
+        if self.through.is_none_or(|t| seq > t) {
+            self.also.push(seq);
+        }
+        self.dirty = true;
+    }
+
+    /// Nothing is in flight: every reading up to the highest seen is in the state.
+    fn quiet(&mut self) {
+        if let Some(max) = self.max_seen {
+            self.through = self.through.max(Some(max));
+            let through = max;
+            self.also.retain(|&s| s > through);
+        }
+    }
+
+    /// Whether reading `seq` still has to be evaluated (a replay after a restart).
+    fn wants(&self, seq: u64) -> bool {
+        self.through.is_some_and(|t| seq > t) && !self.also.contains(&seq)
+    }
+}
+
+/// The state file's content (format 2).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Snapshot<S> {
+    format: u32,
+    #[serde(flatten)]
+    book: Book,
+    state: S,
+}
+
+/// A reading on its way to the journal and then to [`EdgeAlerts::on_reading`]; dropping it unused (the
+/// journal refused the reading) says it will not come.
+#[derive(Debug)]
+pub struct Ticket(Arc<AtomicUsize>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What [`EdgeAlerts::wait_due`] woke up for.
@@ -66,7 +157,16 @@ struct StateFile {
     taken: AtomicU64,
     /// The number of the snapshot on disk: a slower writer never replaces a newer snapshot.
     written: Mutex<u64>,
+    /// The journal keeps the readings after the `through` of the snapshot on disk.
+    keep: KeepAfter,
+    /// When the last snapshot was taken.
+    last: Mutex<Instant>,
+    /// [`SNAPSHOT_EVERY`], shorter in tests.
+    every: Duration,
 }
+
+/// A snapshot taken under the engine lock: its number, its bytes, its `through`.
+type Taken = (u64, Vec<u8>, Option<u64>);
 
 impl EdgeAlerts {
     /// An engine with `rules` and the `patients`' settings (every other patient on the rule file's
@@ -81,19 +181,23 @@ impl EdgeAlerts {
         topics: Topics,
     ) -> Result<EdgeAlerts, Box<OverrideError>> {
         Ok(EdgeAlerts {
-            engine: Mutex::new(
-                Engine::with_state(rules, patients, EngineState::default()).map_err(Box::new)?,
-            ),
+            inner: Mutex::new(Inner {
+                engine: Engine::with_state(rules, patients, EngineState::default())
+                    .map_err(Box::new)?,
+                book: Book::default(),
+            }),
             gateway_id: gateway_id.to_owned(),
             topics,
             state_file: None,
+            in_flight: Arc::new(AtomicUsize::new(0)),
             changed: Notify::new(),
         })
     }
 
     /// As [`EdgeAlerts::new`], with the engine's state read from `state_file` (when it exists) and kept
     /// there. A state file that cannot be read or parsed is reported and the engine starts afresh: edge
-    /// alerts then behave as after a first start, and ingest's are unaffected.
+    /// alerts then behave as after a first start, and ingest's are unaffected. Open the journal with
+    /// [`EdgeAlerts::keep_after`] and pass what it kept to [`EdgeAlerts::replay`].
     ///
     /// # Errors
     /// The first invalid patient override.
@@ -104,35 +208,148 @@ impl EdgeAlerts {
         topics: Topics,
         state_file: &Path,
     ) -> Result<EdgeAlerts, Box<OverrideError>> {
-        let state = match std::fs::read(state_file) {
-            Ok(bytes) => serde_json::from_slice::<EngineState>(&bytes).unwrap_or_else(|e| {
-                tracing::error!(path = %state_file.display(), error = %e, "edge alert state unreadable; the edge engine starts afresh");
-                EngineState::default()
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => EngineState::default(),
-            Err(e) => {
-                tracing::error!(path = %state_file.display(), error = %e, "edge alert state unreadable; the edge engine starts afresh");
-                EngineState::default()
-            }
+        let afresh = |why: &dyn std::fmt::Display| {
+            tracing::error!(path = %state_file.display(), error = %why, "edge alert state unreadable; the edge engine starts afresh");
+            // Nothing is in the state: every reading the journal still has is replayed.
+            (
+                EngineState::default(),
+                Book {
+                    through: Some(0),
+                    ..Book::default()
+                },
+            )
         };
+        let (state, book) = match std::fs::read(state_file) {
+            Ok(bytes) => parse_state(&bytes).unwrap_or_else(|e| afresh(&e)),
+            // A first start: the journal's readings (if any) are all to be evaluated.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                EngineState::default(),
+                Book {
+                    through: Some(0),
+                    ..Book::default()
+                },
+            ),
+            Err(e) => afresh(&e),
+        };
+        let keep = KeepAfter::new(book.through);
         Ok(EdgeAlerts {
-            engine: Mutex::new(Engine::with_state(rules, patients, state).map_err(Box::new)?),
+            inner: Mutex::new(Inner {
+                engine: Engine::with_state(rules, patients, state).map_err(Box::new)?,
+                book,
+            }),
             gateway_id: gateway_id.to_owned(),
             topics,
             state_file: Some(StateFile {
                 path: state_file.to_owned(),
                 taken: AtomicU64::new(0),
                 written: Mutex::new(0),
+                keep,
+                last: Mutex::new(Instant::now()),
+                every: SNAPSHOT_EVERY,
             }),
+            in_flight: Arc::new(AtomicUsize::new(0)),
             changed: Notify::new(),
         })
     }
 
-    /// A numbered snapshot of the engine's state, taken while `engine` is locked.
-    fn snapshot(&self, engine: &Engine) -> Option<(u64, Vec<u8>)> {
+    /// Saves the state at most every `every` while readings arrive (default [`SNAPSHOT_EVERY`]).
+    #[must_use]
+    pub fn snapshot_every(mut self, every: Duration) -> Self {
+        if let Some(f) = &mut self.state_file {
+            f.every = every;
+        }
+        self
+    }
+
+    /// What the journal must keep after acking for [`EdgeAlerts::replay`] ([`crate::journal::Journal::open_keeping`]);
+    /// `None` without a state file.
+    pub fn keep_after(&self) -> Option<KeepAfter> {
+        self.state_file.as_ref().map(|f| f.keep.clone())
+    }
+
+    /// Takes a ticket for a reading about to be journaled, to be passed to [`EdgeAlerts::on_reading`]
+    /// once it is accepted (or dropped if it is not).
+    pub fn ticket(&self) -> Ticket {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Ticket(self.in_flight.clone())
+    }
+
+    /// Evaluates again the readings the journal kept (`records`, from
+    /// [`crate::journal::Journal::take_replay`]) that the state on disk does not include — those
+    /// accepted after its snapshot, before a restart or a power cut — each once, in journal order, then
+    /// saves the state. Call it before any reading arrives. Returns the alert records to journal (the
+    /// same decisions journaled before the restart are the same messages, with the same ids).
+    pub fn replay(&self, records: &[Record], now_utc: i64) -> Vec<NewRecord> {
+        let readings = self.topics.readings();
+        let (actions, replayed, snapshot) = {
+            let mut inner = self.inner();
+            let mut actions = Vec::new();
+            let mut replayed = 0u64;
+            for r in records {
+                if r.topic != readings || !inner.book.wants(r.seq) {
+                    continue;
+                }
+                let reading = serde_json::from_slice::<ReadingMessage>(&r.payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|msg| {
+                        protocol::engine_input::engine_reading(&msg, now_utc)
+                            .map(|e| (msg, e))
+                            .map_err(|e| e.to_string())
+                    });
+                match reading {
+                    Ok((msg, e)) => {
+                        actions.extend(inner.engine.on_reading(&ReadingInput {
+                            patient: &msg.patient,
+                            reading_id: &msg.id,
+                            time_utc: e.time_utc,
+                            measurement: &e.measurement,
+                            verdict: &e.verdict,
+                            symptoms: Symptoms::NONE,
+                        }));
+                        replayed += 1;
+                    }
+                    // Not evaluated before either (the gateway wrote it; the engine would not take it).
+                    Err(e) => {
+                        tracing::debug!(seq = r.seq, error = %e, "edge alerts: a kept reading is not evaluated")
+                    }
+                }
+                inner.book.evaluated(r.seq);
+            }
+            // Nothing else runs yet: every kept reading is in the state now.
+            inner.book.quiet();
+            let snapshot = self.snapshot(&mut inner);
+            (actions, replayed, snapshot)
+        };
+        if replayed > 0 {
+            tracing::info!(
+                readings = replayed,
+                alerts = actions.len(),
+                "edge alerts: replayed the readings accepted after the last snapshot"
+            );
+        }
+        self.save(snapshot);
+        self.changed.notify_one();
+        self.records(actions, now_utc)
+    }
+
+    /// A numbered snapshot of the engine's state, taken while the engine is locked.
+    fn snapshot(&self, inner: &mut Inner) -> Option<Taken> {
         let file = self.state_file.as_ref()?;
-        match serde_json::to_vec(engine.state()) {
-            Ok(bytes) => Some((file.taken.fetch_add(1, Ordering::Relaxed) + 1, bytes)),
+        let snapshot = Snapshot {
+            format: STATE_FORMAT,
+            book: inner.book.clone(),
+            state: inner.engine.state(),
+        };
+        *file.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        match serde_json::to_vec(&snapshot) {
+            Ok(bytes) => {
+                inner.book.dirty = false;
+                Some((
+                    file.taken.fetch_add(1, Ordering::Relaxed) + 1,
+                    bytes,
+                    inner.book.through,
+                ))
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot serialise the edge alert state");
                 None
@@ -140,9 +357,26 @@ impl EdgeAlerts {
         }
     }
 
-    /// Writes a snapshot unless a newer one is on disk already.
-    fn save(&self, snapshot: Option<(u64, Vec<u8>)>) {
-        let (Some(file), Some((n, bytes))) = (&self.state_file, snapshot) else {
+    /// Whether a snapshot is due: something was decided, or readings were evaluated and the last
+    /// snapshot is [`SNAPSHOT_EVERY`] old.
+    fn due(&self, inner: &Inner, decided: bool) -> bool {
+        let Some(file) = &self.state_file else {
+            return false;
+        };
+        decided
+            || (inner.book.dirty
+                && file
+                    .last
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .elapsed()
+                    >= file.every)
+    }
+
+    /// Writes a snapshot unless a newer one is on disk already; then the journal may let go of the
+    /// readings it includes.
+    fn save(&self, snapshot: Option<Taken>) {
+        let (Some(file), Some((n, bytes, through))) = (&self.state_file, snapshot) else {
             return;
         };
         let mut written = file.written.lock().unwrap_or_else(|p| p.into_inner());
@@ -150,7 +384,13 @@ impl EdgeAlerts {
             return;
         }
         match crate::state_file::replace(&file.path, &bytes) {
-            Ok(()) => *written = n,
+            Ok(()) => {
+                *written = n;
+                // Only a `through` known to be on disk lets the journal delete what a replay needs.
+                if through.is_some() {
+                    file.keep.set(through);
+                }
+            }
             Err(e) => {
                 tracing::warn!(path = %file.path.display(), error = %e, "cannot save the edge alert state; a restart may open an ongoing episode again at the edge")
             }
@@ -160,7 +400,8 @@ impl EdgeAlerts {
     /// Open episodes by severity name (`"CRITICAL"`, …) and the alerts waiting for confirmation: counts
     /// only, no patient data (`gateway status`).
     pub fn open_counts(&self) -> (std::collections::BTreeMap<&'static str, u64>, u64) {
-        let engine = self.engine();
+        let inner = self.inner();
+        let engine = &inner.engine;
         let mut by_severity = std::collections::BTreeMap::new();
         for alert in engine.state().episodes() {
             *by_severity.entry(alert.severity.name()).or_insert(0) += 1;
@@ -168,10 +409,26 @@ impl EdgeAlerts {
         (by_severity, engine.state().pending_confirmations() as u64)
     }
 
-    fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+    /// Saves the state if anything changed since the last snapshot (at shutdown, after the sessions
+    /// ended).
+    pub fn flush(&self) {
+        let snapshot = {
+            let mut inner = self.inner();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                inner.book.quiet();
+            }
+            if !inner.book.dirty {
+                return;
+            }
+            self.snapshot(&mut inner)
+        };
+        self.save(snapshot);
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         // The engine's state is plain data updated per call; a panic mid-call would be a bug in the
         // engine, and alerting on with the state as it is serves the patient better than stopping.
-        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Validates every patient's settings against the rules, then applies them all — or none: the first
@@ -180,7 +437,8 @@ impl EdgeAlerts {
     /// # Errors
     /// The first [`OverrideError`] (it names the rule and says why).
     pub fn set_patients(&self, patients: &[PatientSettings]) -> Result<(), Box<OverrideError>> {
-        let mut engine = self.engine();
+        let mut inner = self.inner();
+        let engine = &mut inner.engine;
         // Validate on a scratch engine first: `set_patient` applies one at a time.
         let mut scratch = Engine::new(engine.rules().clone(), Vec::new()).map_err(Box::new)?;
         for p in patients {
@@ -192,9 +450,16 @@ impl EdgeAlerts {
         Ok(())
     }
 
-    /// Evaluates an accepted reading; returns the alert records to journal.
-    pub fn on_reading(&self, input: &ReadingInput<'_>, now_utc: i64) -> Vec<NewRecord> {
-        self.on_reading_with(input, now_utc, |_| {})
+    /// Evaluates a reading the journal accepted as seq `seq` (its `ticket` taken before it was handed
+    /// to the journal); returns the alert records to journal.
+    pub fn on_reading(
+        &self,
+        input: &ReadingInput<'_>,
+        seq: u64,
+        ticket: Ticket,
+        now_utc: i64,
+    ) -> Vec<NewRecord> {
+        self.on_reading_with(input, seq, ticket, now_utc, |_| {})
     }
 
     /// [`EdgeAlerts::on_reading`], showing the engine's decisions to `inspect` first (the kiosk's patient
@@ -202,14 +467,26 @@ impl EdgeAlerts {
     pub fn on_reading_with(
         &self,
         input: &ReadingInput<'_>,
+        seq: u64,
+        ticket: Ticket,
         now_utc: i64,
         inspect: impl FnOnce(&[AlertAction]),
     ) -> Vec<NewRecord> {
         let (actions, snapshot) = {
-            let mut engine = self.engine();
-            let actions = engine.on_reading(input);
-            // Every reading changes the state (the window rules' history), so it is saved each time.
-            let snapshot = self.snapshot(&engine);
+            let mut inner = self.inner();
+            let actions = inner.engine.on_reading(input);
+            inner.book.evaluated(seq);
+            drop(ticket);
+            // Under the engine lock: a reading evaluated after this check waits for the lock, so it
+            // is not in the snapshot and its seq is above the highest seen.
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                inner.book.quiet();
+            }
+            let snapshot = if self.due(&inner, !actions.is_empty()) {
+                self.snapshot(&mut inner)
+            } else {
+                None
+            };
             (actions, snapshot)
         };
         self.save(snapshot);
@@ -291,7 +568,7 @@ impl EdgeAlerts {
 
     /// The engine's next deadline (Unix s), if anything waits for one.
     pub fn next_deadline(&self) -> Option<i64> {
-        self.engine().next_deadline()
+        self.inner().engine.next_deadline()
     }
 
     /// Sleeps until the engine's next deadline or `window_at`, whichever is first, and says which. A
@@ -334,13 +611,17 @@ impl EdgeAlerts {
         step: impl FnOnce(&mut Engine, i64) -> Vec<AlertAction>,
     ) -> Vec<NewRecord> {
         let (actions, snapshot) = {
-            let mut engine = self.engine();
-            let actions = step(&mut engine, now_utc);
-            // A tick that decided nothing changed nothing worth a write (at most some pruning).
-            let snapshot = if actions.is_empty() {
-                None
+            let mut inner = self.inner();
+            let actions = step(&mut inner.engine, now_utc);
+            // A tick that decided nothing changed nothing worth a write (at most some pruning); it
+            // still saves readings evaluated long enough ago (a gateway whose readings stopped).
+            let snapshot = if self.due(&inner, !actions.is_empty()) {
+                if self.in_flight.load(Ordering::Acquire) == 0 {
+                    inner.book.quiet();
+                }
+                self.snapshot(&mut inner)
             } else {
-                self.snapshot(&engine)
+                None
             };
             (actions, snapshot)
         };
@@ -399,6 +680,32 @@ fn action_name(action: &AlertAction) -> &'static str {
     }
 }
 
+/// The engine state and the book of a state file: format 2, or the bare engine state of format 1.
+fn parse_state(bytes: &[u8]) -> Result<(EngineState, Book), String> {
+    #[derive(serde::Deserialize)]
+    struct Format {
+        format: Option<u32>,
+    }
+    let format = serde_json::from_slice::<Format>(bytes)
+        .map_err(|e| e.to_string())?
+        .format;
+    match format {
+        Some(STATE_FORMAT) => {
+            let s: Snapshot<EngineState> =
+                serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+            Ok((s.state, s.book))
+        }
+        Some(other) => Err(format!(
+            "format {other}, this gateway reads formats 1 and {STATE_FORMAT} (written by a newer gateway?)"
+        )),
+        // Format 1: the engine state alone. Which readings it includes is unknown: none are replayed.
+        None => Ok((
+            serde_json::from_slice(bytes).map_err(|e| e.to_string())?,
+            Book::default(),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,7 +741,11 @@ mod tests {
         })
     }
 
+    /// Journal seqs for the readings fed, increasing across engines (as across restarts).
+    static SEQ: AtomicU64 = AtomicU64::new(1);
+
     fn feed(a: &EdgeAlerts, patient: &str, id: &str, t: i64, m: &Measurement) -> Vec<NewRecord> {
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let verdict = validate(
             m,
             &Reception {
@@ -451,6 +762,8 @@ mod tests {
                 verdict: &verdict,
                 symptoms: Symptoms::NONE,
             },
+            seq,
+            a.ticket(),
             t,
         )
     }
@@ -562,6 +875,161 @@ mod tests {
         assert_eq!(
             actions(&feed(&open(), "p-1", "r-3", T0 + 1200, &cuff(185, 125))),
             ["open"]
+        );
+    }
+
+    /// A reading as the journal holds it (its message on the readings topic), and the engine input the
+    /// pipeline evaluated it with.
+    fn journaled(seq: u64, patient: &str, t: i64, m: &Measurement) -> Record {
+        let rx = Reception {
+            received_utc: t,
+            clock_offset_s: None,
+        };
+        let verdict = validate(m, &rx);
+        let dref = protocol::wire::DeviceRef {
+            id: "cuff-1".into(),
+            model: None,
+            user_id: None,
+        };
+        let msg = ReadingMessage::new("gw-1", patient, dref, m, &verdict, &rx)
+            .expect("a reading message");
+        Record {
+            seq,
+            device: "cuff-1".into(),
+            device_seq: None,
+            reading_id: msg.id.clone(),
+            topic: Topics::for_gateway("gw-1").readings(),
+            payload: serde_json::to_vec(&msg).expect("JSON"),
+        }
+    }
+
+    /// Evaluates a journaled reading the way the pipeline does once the journal accepted it.
+    fn accept(a: &EdgeAlerts, r: &Record, m: &Measurement) -> Vec<NewRecord> {
+        let msg: ReadingMessage = serde_json::from_slice(&r.payload).expect("JSON");
+        let t = protocol::engine_input::parse_rfc3339_utc(&msg.body.time.received).expect("time");
+        let verdict = validate(
+            m,
+            &Reception {
+                received_utc: t,
+                clock_offset_s: None,
+            },
+        );
+        a.on_reading(
+            &ReadingInput {
+                patient: &msg.patient,
+                reading_id: &msg.id,
+                time_utc: t,
+                measurement: m,
+                verdict: &verdict,
+                symptoms: Symptoms::NONE,
+            },
+            r.seq,
+            a.ticket(),
+            t,
+        )
+    }
+
+    fn state(a: &EdgeAlerts) -> EngineState {
+        a.inner().engine.state().clone()
+    }
+
+    /// Issue 14 item 6: the state is not written per reading; after a power cut the readings accepted
+    /// after the last snapshot come back from the journal and are evaluated again exactly once — the
+    /// engine ends where it would have been without the power cut, and a crisis reading accepted just
+    /// before it (never evaluated) raises its alert at the restart.
+    #[test]
+    fn readings_after_the_snapshot_are_replayed_once_after_a_power_cut() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("edge-alerts.json");
+        let open = || {
+            EdgeAlerts::open(
+                RuleSet::default_rules().expect("the default rules load"),
+                Vec::new(),
+                "gw-1",
+                Topics::for_gateway("gw-1"),
+                &file,
+            )
+            .expect("engine")
+        };
+        let mut journal = Vec::new();
+        let mut seq = 100;
+        let mut next = |patient: &str, t: i64, m: &Measurement| {
+            seq += 1;
+            journal.push((journaled(seq, patient, t, m), *m));
+        };
+        // p-9's crisis: decided at once, so saved at once (the snapshot the restart starts from).
+        next("p-9", T0, &cuff(185, 125));
+        // p-1's ordinary readings: evaluated, not saved (the snapshot is minutes away).
+        for i in 0..5 {
+            next("p-1", T0 + 60 + i * 60, &cuff(120 + i as i32, 78));
+        }
+        // p-1's crisis: accepted by the journal; the power goes before it is evaluated.
+        next("p-1", T0 + 400, &cuff(190, 126));
+        let (crisis, earlier) = journal.split_last().expect("readings");
+
+        let before = open();
+        let (first, ordinary) = earlier.split_first().expect("readings");
+        assert_eq!(
+            accept(&before, &first.0, &first.1).len(),
+            1,
+            "p-9's episode opened"
+        );
+        let saved = std::fs::read(&file).expect("the decision was saved at once");
+        for (r, m) in ordinary {
+            assert!(accept(&before, r, m).is_empty());
+        }
+        // Nothing was written for p-1's ordinary readings.
+        assert_eq!(std::fs::read(&file).expect("state file"), saved);
+        // Where the engine would be without the power cut.
+        let reference = alerts(Vec::new()).expect("engine");
+        for (r, m) in &journal {
+            accept(&reference, r, m);
+        }
+        drop(before); // the power cut: no flush
+
+        let records: Vec<Record> = journal.iter().map(|(r, _)| r.clone()).collect();
+        let after = open();
+        let raised = after.replay(&records, T0 + 500);
+        let raised: Vec<Value> = raised.iter().map(payload).collect();
+        assert_eq!(raised.len(), 1, "{raised:?}");
+        assert_eq!(raised[0]["update"]["patient"], "p-1");
+        assert_eq!(raised[0]["update"]["action"], "open");
+        assert_eq!(raised[0]["update"]["reading_ids"][0], crisis.0.reading_id);
+        assert_eq!(
+            state(&after),
+            state(&reference),
+            "each reading once, none twice"
+        );
+
+        // The replay was saved: a second restart replays nothing.
+        let again = open();
+        assert!(again.replay(&records, T0 + 600).is_empty());
+        assert_eq!(state(&again), state(&reference));
+    }
+
+    /// Issue 14 item 8: a state file written before issue 14 (the bare engine state) is read after an
+    /// upgrade: the open episode continues.
+    #[test]
+    fn a_version_1_state_file_is_read_after_an_upgrade() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("edge-alerts.json");
+        let old = alerts(Vec::new()).expect("engine");
+        assert_eq!(feed(&old, "p-1", "r-1", T0, &cuff(185, 125)).len(), 1);
+        std::fs::write(&file, serde_json::to_vec(&state(&old)).expect("JSON")).expect("write");
+        let upgraded = EdgeAlerts::open(
+            RuleSet::default_rules().expect("the default rules load"),
+            Vec::new(),
+            "gw-1",
+            Topics::for_gateway("gw-1"),
+            &file,
+        )
+        .expect("engine");
+        assert_eq!(state(&upgraded), state(&old));
+        let next = feed(&upgraded, "p-1", "r-2", T0 + 600, &cuff(186, 124));
+        assert!(
+            next.iter()
+                .all(|r| payload(r)["update"]["action"] != "open"),
+            "the episode continues"
         );
     }
 

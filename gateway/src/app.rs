@@ -706,7 +706,13 @@ pub async fn run_with(
     let mut jcfg = JournalConfig::new(raw.journal.dir.clone());
     jcfg.max_bytes = raw.journal.max_bytes;
     jcfg.max_records = raw.journal.max_records;
-    let (journal, recovery) = Journal::open(jcfg)?;
+    // The journal keeps what the edge alerts' snapshot does not include yet, for the replay below.
+    let keep = alerts.as_ref().and_then(|a| a.keep_after());
+    let (mut journal, recovery) = match keep {
+        Some(keep) => Journal::open_keeping(jcfg, keep)?,
+        None => Journal::open(jcfg)?,
+    };
+    let kept = journal.take_replay();
     if recovery.is_clean() {
         tracing::info!(pending = recovery.records, "journal opened");
     } else {
@@ -791,6 +797,14 @@ pub async fn run_with(
         live: live.clone(),
     };
     remote.load_kept();
+    // With the CRM's patient settings in force, the readings accepted after the edge alerts' last
+    // snapshot (a power cut, a crash) are evaluated again, before any new one.
+    if let Some(a) = &alerts {
+        let records = a.replay(&kept, unix_now());
+        let n = journal_records(&pipeline, records, "alert").await;
+        counters.alerts.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    drop(kept);
 
     let uplink_stop = CancellationToken::new();
     let uplink_task = tokio::spawn(uplink::run_checked(
@@ -835,6 +849,7 @@ pub async fn run_with(
         ));
     }
     devices.spawn(remote_config_task(config_rx, remote, shutdown.clone()));
+    let alerts_at_exit = alerts.clone();
     if let Some(a) = alerts.clone() {
         devices.spawn(alert_tick_task(
             a,
@@ -914,6 +929,11 @@ pub async fn run_with(
     if let Some(kiosk) = kiosk {
         kiosk.detach();
         pipeline.bindings.set_kiosk(None);
+    }
+    if let Some(a) = &alerts_at_exit {
+        // Readings still settling in the background journal their alerts through `pipeline`; the
+        // state is saved as it stands now (what comes later is in the journal, for the replay).
+        a.flush();
     }
     // Dropping the last writer handle ends the writer thread after its queue is committed.
     drop(pipeline);

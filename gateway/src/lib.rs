@@ -21,8 +21,8 @@
 //!   `…/alerts` topic.
 //!
 //! Beside them: [`app`] assembles a gateway and shuts it down in order; [`config`] is `run`'s TOML;
-//! [`telemetry`] logs and metrics; [`broker`] the embedded MQTT broker for [`demo`]; [`decode`] the
-//! `gateway decode` user tool.
+//! [`telemetry`] logs and metrics; `broker` the embedded MQTT broker for `demo` (cargo feature
+//! `embedded-broker`, on by default, left out of the packages); [`decode`] the `gateway decode` user tool.
 #![warn(missing_docs)]
 
 pub mod sources;
@@ -38,9 +38,11 @@ pub mod kiosk;
 pub mod uplink;
 
 pub mod app;
+#[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod config;
 pub mod decode;
+#[cfg(feature = "embedded-broker")]
 pub mod demo;
 pub mod liveness;
 pub mod state_file;

@@ -44,7 +44,8 @@ enum Command {
         json: bool,
     },
     /// Everything on one machine: an embedded broker, simulated devices, the real pipeline and journal in
-    /// a temporary directory, and a viewer printing each delivered reading.
+    /// a temporary directory, and a viewer printing each delivered reading (builds with the default
+    /// feature `embedded-broker`; the packaged gateway has no embedded broker).
     Demo {
         /// Stop after this many seconds and print a summary (default: until Ctrl-C).
         #[arg(long = "for", value_name = "SECONDS")]
@@ -549,6 +550,14 @@ fn main() -> ExitCode {
                 return ExitCode::from(code);
             }
         },
+        #[cfg(not(feature = "embedded-broker"))]
+        Command::Demo { .. } => Err(
+            "this gateway was built without the embedded broker (cargo feature `embedded-broker`; \
+                 the packages leave it out): `gateway demo` needs it — run `cargo run --release -p \
+                 gateway -- demo` from the sources, or `gateway run` against your broker"
+                .to_owned(),
+        ),
+        #[cfg(feature = "embedded-broker")]
         Command::Demo { for_seconds, quiet } => (|| {
             // The demo's output is the viewer's lines; logs only for what goes wrong.
             // The embedded broker logs every disconnect as an error; in the demo that is noise.

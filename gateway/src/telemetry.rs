@@ -13,27 +13,47 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::Config;
 use crate::journal::Journal;
 use crate::pipeline::Counters;
 
 /// Installs the log subscriber: `RUST_LOG` filters (default `default_filter`), JSON lines when `json`.
+///
+/// `RUST_LOG` takes `target=level` directives and a default level (`info,gateway::uplink=debug`):
+/// tracing-subscriber's `Targets`, which is `EnvFilter`'s syntax without span and field filters — and
+/// without the regular-expression engine `EnvFilter` brings into the binary (issue 14 item 5). A value
+/// that does not parse is ignored (the default applies), as before.
 pub fn init_logs(json: bool, default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let parse = |s: &str| s.parse::<Targets>().ok();
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| parse(&s))
+        .or_else(|| parse(default_filter))
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
     // Colour only on a terminal: under systemd, journald would store the escape codes.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     // A second init (tests, demo after run) is harmless: the first subscriber stays.
     let _ = if json {
-        builder.json().try_init()
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()
     } else {
-        builder.try_init()
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()
     };
 }
 

@@ -21,6 +21,8 @@
 //! - `link` (feature `link`) — the kiosk card-reader serial link: messages, frames (postcard, CRC-16,
 //!   COBS) and the stop-and-wait delivery both ends run.
 //! - `wire` (features `alloc` + `serde`) — the MQTT contract v1: topics and the JSON payload types.
+//! - `engine_input` (features `alloc` + `serde`) — a reading message back to the rule engine's input
+//!   (ingest's evaluation, the gateway's edge-alert replay).
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -40,5 +42,8 @@ pub mod rules;
 pub mod validate;
 #[cfg(all(feature = "alloc", feature = "serde"))]
 pub mod wire;
+
+#[cfg(all(feature = "alloc", feature = "serde"))]
+pub mod engine_input;
 
 pub use error::Error;

@@ -131,6 +131,11 @@
 //!   An ack only ever prevents a resend, so a power cut that loses one costs a duplicate delivery, not a
 //!   reading, and one disk then sustains twice the appends-plus-acks. Like a torn multi-frame append,
 //!   an unsynced ack tail whose sectors landed out of order can read as corruption after a power cut.
+//! - **Kept after ack** ([`Journal::open_keeping`], [`KeepAfter`]): a segment that holds a record after
+//!   the keep seq is not deleted even when all its records are acked, and `open` hands those records
+//!   back once ([`Journal::take_replay`]). The edge alerts use it to save their state every few minutes
+//!   instead of per reading: the readings after their snapshot are replayed from here after a crash.
+//!   The keep seq trails the newest record by minutes, so it rarely keeps more than the active segment.
 //! - A new segment is created as `<id>.log.tmp`, preallocated, given its checkpoint, `fdatasync`ed,
 //!   renamed to `<id>.log` and the directory `fsync`ed. A `.log` file therefore always starts with a
 //!   complete checkpoint, and a half-made segment is never mistaken for a real one.
@@ -292,6 +297,39 @@ impl JournalConfig {
             return Ok(());
         };
         Err(JournalError::InvalidConfig { reason })
+    }
+}
+
+/// The seq after which records stay on disk once acked, and are handed back by [`Journal::open_keeping`]
+/// ([`Journal::take_replay`]): the edge alerts' snapshot names the last reading it includes, and the
+/// readings after it are what a restart replays through the engine (so the snapshot need not be
+/// rewritten per reading). Shared: the owner of the snapshot raises it as it saves; the journal reads it
+/// when it decides which acked segments to delete. `u64::MAX`: nothing is kept.
+#[derive(Debug, Clone)]
+pub struct KeepAfter(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl KeepAfter {
+    /// Keeps the records after `seq` (`None`: none).
+    pub fn new(seq: Option<u64>) -> Self {
+        KeepAfter(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+            seq.unwrap_or(u64::MAX),
+        )))
+    }
+
+    /// The records after this seq are kept (`None`: none).
+    pub fn get(&self) -> Option<u64> {
+        match self.0.load(std::sync::atomic::Ordering::Acquire) {
+            u64::MAX => None,
+            seq => Some(seq),
+        }
+    }
+
+    /// Keeps the records after `seq` from now on (`None`: none).
+    pub fn set(&self, seq: Option<u64>) {
+        self.0.store(
+            seq.unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Release,
+        );
     }
 }
 
@@ -460,6 +498,12 @@ pub struct Journal {
     /// Ack frames were written without `fdatasync` since the active segment was last synced.
     unsynced: bool,
     poisoned: Option<String>,
+    /// Per segment, the highest seq it holds an Append of.
+    last_seq: BTreeMap<u64, u64>,
+    /// Acked records after this seq are kept on disk ([`Journal::open_keeping`]).
+    keep_after: Option<KeepAfter>,
+    /// The records after `keep_after` found at open, until [`Journal::take_replay`].
+    replay: Vec<Record>,
 }
 
 impl fmt::Debug for Journal {
@@ -631,9 +675,30 @@ impl Journal {
         Self::open_with(cfg, Box::new(OsStorage))
     }
 
+    /// As [`open`](Self::open), and the segments holding records after `keep` stay on disk after
+    /// those records are acked (until `keep` moves past them): the records after `keep` found now,
+    /// acked or not, are handed out once by [`take_replay`](Self::take_replay).
+    ///
+    /// # Errors
+    /// As [`open`](Self::open).
+    pub fn open_keeping(
+        cfg: JournalConfig,
+        keep: KeepAfter,
+    ) -> Result<(Journal, Recovery), JournalError> {
+        Self::open_inner(cfg, Box::new(OsStorage), Some(keep))
+    }
+
     fn open_with(
         cfg: JournalConfig,
         storage: Box<dyn Storage>,
+    ) -> Result<(Journal, Recovery), JournalError> {
+        Self::open_inner(cfg, storage, None)
+    }
+
+    fn open_inner(
+        cfg: JournalConfig,
+        storage: Box<dyn Storage>,
+        keep_after: Option<KeepAfter>,
     ) -> Result<(Journal, Recovery), JournalError> {
         cfg.validate()?;
         let dir = cfg.dir.clone();
@@ -669,7 +734,12 @@ impl Journal {
         }
         ids.sort_unstable();
 
-        let recovered = recovery::recover(&*storage, &dir, &ids)?;
+        let recovered = recovery::recover(
+            &*storage,
+            &dir,
+            &ids,
+            keep_after.as_ref().and_then(KeepAfter::get),
+        )?;
         let mut segments: BTreeMap<u64, u64> = ids.iter().map(|&id| (id, 0)).collect();
         for slot in recovered.pending.iter_after(None) {
             *segments.entry(slot.segment).or_insert(0) += 1;
@@ -698,6 +768,9 @@ impl Journal {
             active,
             unsynced: false,
             poisoned: None,
+            last_seq: recovered.last_seq,
+            keep_after,
+            replay: recovered.replay,
             cfg,
         };
         journal.collect_garbage();
@@ -865,6 +938,8 @@ impl Journal {
             if self.pending.insert(slot, &r.reading_id) {
                 *self.segments.entry(segment).or_insert(0) += 1;
             }
+            let last = self.last_seq.entry(segment).or_insert(seq);
+            *last = (*last).max(seq);
         }
         self.next_seq = next;
         Ok(seqs)
@@ -1218,11 +1293,20 @@ impl Journal {
     /// Deletes the segments, other than the active one, that hold no pending record. A deletion that
     /// fails is logged and retried next time; a deletion that is not yet durable is harmless (a segment
     /// that reappears after a crash is replayed, and every later checkpoint says its records were acked).
+    /// The records found after [`KeepAfter`] at open (acked or not, in seq order); empty afterwards.
+    pub fn take_replay(&mut self) -> Vec<Record> {
+        std::mem::take(&mut self.replay)
+    }
+
     fn collect_garbage(&mut self) {
+        let keep_after = self.keep_after.as_ref().and_then(KeepAfter::get);
+        let kept = |id: &u64| {
+            keep_after.is_some_and(|k| self.last_seq.get(id).is_some_and(|&last| last > k))
+        };
         let dead: Vec<u64> = self
             .segments
             .iter()
-            .filter(|&(&id, &live)| live == 0 && id != self.active.id)
+            .filter(|&(&id, &live)| live == 0 && id != self.active.id && !kept(&id))
             .map(|(&id, _)| id)
             .collect();
         if dead.is_empty() {
@@ -1241,9 +1325,11 @@ impl Journal {
                 Ok(()) => {
                     removed = true;
                     self.segments.remove(&id);
+                    self.last_seq.remove(&id);
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     self.segments.remove(&id);
+                    self.last_seq.remove(&id);
                 }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "journal: could not delete an acked segment")

@@ -197,13 +197,19 @@ pub(super) struct Recovered {
     pub cursors: BTreeMap<String, u64>,
     pub next_seq: u64,
     pub report: Recovery,
+    /// Per segment, the highest seq it holds an Append of (what [`super::KeepAfter`] keeps on disk).
+    pub last_seq: BTreeMap<u64, u64>,
+    /// The readable records (acked or not) after `replay_after`, in seq order.
+    pub replay: Vec<super::Record>,
 }
 
-/// Replays the segments `ids` (ascending) of `dir`. Cuts a torn tail off the last one.
+/// Replays the segments `ids` (ascending) of `dir`. Cuts a torn tail off the last one. The records after
+/// seq `replay_after`, acked or not, are kept whole in [`Recovered::replay`].
 pub(super) fn recover(
     storage: &dyn Storage,
     dir: &Path,
     ids: &[u64],
+    replay_after: Option<u64>,
 ) -> Result<Recovered, JournalError> {
     let mut st = Recovered {
         next_seq: 1,
@@ -236,7 +242,16 @@ pub(super) fn recover(
                 Item::Frame {
                     len,
                     decoded: Ok(f),
-                } => apply(&mut st, &mut missing, &path, id, offset, len, f)?,
+                } => {
+                    if let Frame::Append(r) = &f {
+                        let last = st.last_seq.entry(id).or_insert(r.seq);
+                        *last = (*last).max(r.seq);
+                        if replay_after.is_some_and(|after| r.seq > after) {
+                            st.replay.push(r.clone());
+                        }
+                    }
+                    apply(&mut st, &mut missing, &path, id, offset, len, f)?
+                }
                 Item::Frame {
                     len,
                     decoded: Err(why),
@@ -294,6 +309,8 @@ pub(super) fn recover(
     st.report.records = st.pending.len() as u64;
     st.report.pending_bytes = st.pending.bytes();
     st.report.next_seq = st.next_seq;
+    st.replay.sort_by_key(|r| r.seq);
+    st.replay.dedup_by_key(|r| r.seq);
     Ok(st)
 }
 

@@ -1728,3 +1728,52 @@ fn journal_memory_with_100k_pending() {
         println!("{line}");
     }
 }
+
+/// Issue 14 item 6: with a [`KeepAfter`], acked records after the keep seq stay on disk — through segment
+/// rolls and a restart (which otherwise deletes every segment without a pending record) — and `open`
+/// hands them back once, in seq order; once the keep seq moves past them, their segments go as usual.
+#[test]
+fn records_after_the_keep_seq_survive_ack_and_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = JournalConfig {
+        segment_bytes: 250,
+        ..cfg(tmp.path())
+    };
+    let keep = KeepAfter::new(Some(0));
+    let (mut j, _) = Journal::open_keeping(c.clone(), keep.clone()).unwrap();
+    assert!(j.take_replay().is_empty());
+    let mut seqs = Vec::new();
+    for i in 1..=6u64 {
+        seqs.extend(j.append(&[rec("m", i, &format!("r-{i}"))]).unwrap());
+    }
+    // The snapshot includes the first two; everything is delivered.
+    keep.set(Some(seqs[1]));
+    let before = segment_files(&c.dir).len();
+    assert!(before > 2, "the records span several segments: {before}");
+    j.ack(&seqs).unwrap();
+    assert_eq!(j.depth(), 0);
+    // Without a keep seq only the active segment would be left.
+    assert!(
+        segment_files(&c.dir).len() > 1,
+        "the segments of r-3 … r-6 are kept"
+    );
+    drop(j);
+
+    let (mut j, r) = Journal::open_keeping(c.clone(), keep.clone()).unwrap();
+    assert_eq!(r.records, 0, "nothing pending");
+    let kept = j.take_replay();
+    assert_eq!(ids(&kept), ["r-3", "r-4", "r-5", "r-6"]);
+    assert_eq!(kept[0].seq, seqs[2]);
+    assert!(j.take_replay().is_empty(), "handed out once");
+
+    // The next snapshot includes them all: the next ack (or open) deletes their segments.
+    keep.set(Some(seqs[5]));
+    let more = j.append(&[rec("m", 7, "r-7")]).unwrap();
+    j.ack(&more).unwrap();
+    assert_eq!(segment_files(&c.dir).len(), 1, "only the active segment");
+    drop(j);
+
+    // Without a keep seq (alerts off), a restart keeps nothing acked, as before.
+    let (mut j, _) = open(&c);
+    assert!(j.take_replay().is_empty());
+}

@@ -299,6 +299,8 @@ struct ToEvaluate {
     verdict: protocol::validate::Verdict,
     /// A kiosk reading: the kiosk, its session, and the reading as the page shows it.
     kiosk: Option<(Arc<crate::kiosk::Kiosk>, u64, Box<wire::ReadingBody>)>,
+    /// Taken before the reading goes to the journal when edge alerts run: their snapshot waits for it.
+    ticket: Option<crate::alerts::Ticket>,
 }
 
 /// What a journaled record is, for the counters.
@@ -361,13 +363,14 @@ impl SessionSink {
 
     /// Evaluates an accepted reading at the edge (DESIGN.md "Alerts": after acceptance, so a reading the
     /// journal refused — which the device still has — is not evaluated twice).
-    fn evaluate(&mut self, e: Box<ToEvaluate>) {
-        let Some(alerts) = &self.pipeline.alerts else {
+    fn evaluate(&mut self, mut e: Box<ToEvaluate>, seq: u64) {
+        let (Some(alerts), Some(ticket)) = (&self.pipeline.alerts, e.ticket.take()) else {
             if let Some((kiosk, session, body)) = &e.kiosk {
                 kiosk.result(*session, &e.reading_id, body, None);
             }
             return;
         };
+        let e = *e;
         let input = protocol::rules::ReadingInput {
             patient: &e.patient,
             reading_id: &e.reading_id,
@@ -376,13 +379,18 @@ impl SessionSink {
             verdict: &e.verdict,
             symptoms: protocol::rules::Symptoms::NONE,
         };
-        let records =
-            alerts.on_reading_with(&input, crate::sources::collector::now_utc(), |actions| {
+        let records = alerts.on_reading_with(
+            &input,
+            seq,
+            ticket,
+            crate::sources::collector::now_utc(),
+            |actions| {
                 // The kiosk's patient page shows the engine's decision on this reading.
                 if let Some((kiosk, session, body)) = &e.kiosk {
                     kiosk.result(*session, &e.reading_id, body, Some(actions));
                 }
-            });
+            },
+        );
         if !records.is_empty() {
             // Patient ids stay out of INFO lines (issue 11 item 9): the count here, the id at DEBUG.
             tracing::info!(alerts = records.len(), "edge alert decisions");
@@ -420,7 +428,7 @@ impl SessionSink {
             };
             let c = &self.pipeline.counters;
             match outcome {
-                Ok(_) => {
+                Ok(seq) => {
                     let counter = match kind {
                         Kind::Reading => &c.accepted,
                         Kind::Rejected => &c.rejected,
@@ -430,7 +438,7 @@ impl SessionSink {
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
                     if let Some(e) = evaluate {
-                        self.evaluate(e);
+                        self.evaluate(e, seq);
                     }
                 }
                 Err(Refusal::Full) => {
@@ -554,6 +562,7 @@ impl SessionSink {
                     measurement: m,
                     verdict,
                     kiosk,
+                    ticket: self.pipeline.alerts.as_ref().map(|a| a.ticket()),
                 }));
             }
             (Kind::Reading, self.pipeline.topics.readings(), payload)

@@ -361,12 +361,13 @@ fn signal_v5(event: rumqttc::v5::Event) -> Signal {
     }
 }
 
-/// Makes aws-lc-rs the process's rustls crypto provider, unless one is installed already. rumqttc builds
-/// its TLS configuration from the process default; with both of rustls' providers compiled in (any build
-/// where another crate enables `ring`), there is no default and the first TLS connection would panic.
+/// Makes ring the process's rustls crypto provider, unless one is installed already. rumqttc builds its
+/// TLS configuration from the process default; with both of rustls' providers compiled in (any build
+/// where another crate enables `aws-lc-rs`, such as the workspace's tests), there is no default and the
+/// first TLS connection would panic. ring: the packaged gateway has only it (gateway/Cargo.toml).
 fn install_crypto_provider() {
     // `Err` means a provider is installed already, which is all this needs.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 #[cfg(test)]

@@ -90,8 +90,11 @@ const ACK_BATCH: usize = 64;
 const ACK_LINGER: Duration = Duration::from_millis(10);
 /// Acks are written without their own `fdatasync` ([`Journal::ack_unsynced`]: the next append's covers
 /// them); if no append came, they are synced this long after the first of them. Losing them to a power
-/// cut only means resending those records (same reading ids).
-const ACK_SYNC_AFTER: Duration = Duration::from_secs(1);
+/// cut only means resending those records (same reading ids). 5 s: readings a second or a few apart
+/// (a kiosk, a stream of one-reading sessions) carry their acks in the next append's `fdatasync`
+/// instead of one more each — at 1 s, a third of them paid a second fsync (issue 14 item 6,
+/// `tests/benches/disk_writes.rs`); the kernel's own writeback is no faster.
+const ACK_SYNC_AFTER: Duration = Duration::from_secs(5);
 /// Records read from the journal per background read; the next read starts when half are used.
 const READ_AHEAD: usize = 512;
 /// After a failed journal read, the next one waits this long.

@@ -81,6 +81,9 @@ pub enum StoreError {
     /// TLS to the database could not be set up.
     #[error("database tls: {0}")]
     Tls(String),
+    /// The schema could not be brought to this version (or the database is from a newer ingest).
+    #[error("schema migration: {0}")]
+    Migration(#[from] refinery::Error),
 }
 
 /// Which stream a message came from.
@@ -959,98 +962,16 @@ pub(crate) type Step =
         i64,
     ) -> Result<(crate::evaluate::NewState, Vec<crate::evaluate::AlertWrite>), EvalError>;
 
-/// Run after [`schema`] and after a database created before `patient_state.next_deadline_utc` existed
-/// has had the column added (each backend's dialect for that).
-pub(crate) const DEADLINE_INDEX: &str =
-    "CREATE INDEX IF NOT EXISTS patient_state_deadline ON patient_state (next_deadline_utc)";
-
-/// The schema, shared by both backends except for the outbox sequence column type.
-pub(crate) fn schema(seq_type: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS readings (
-            id TEXT PRIMARY KEY,
-            patient TEXT NOT NULL,
-            gateway TEXT NOT NULL,
-            kind TEXT NOT NULL,
-            time_utc BIGINT NOT NULL,
-            received_utc BIGINT NOT NULL,
-            stored_ms BIGINT NOT NULL,
-            instance TEXT NOT NULL,
-            payload TEXT NOT NULL,
-            eval_error TEXT
-        );
-        CREATE INDEX IF NOT EXISTS readings_by_patient ON readings (patient, time_utc);
-        CREATE TABLE IF NOT EXISTS patient_state (
-            patient TEXT PRIMARY KEY,
-            state TEXT NOT NULL,
-            updated_ms BIGINT NOT NULL,
-            next_deadline_utc BIGINT
-        );
-        CREATE TABLE IF NOT EXISTS patient_settings (
-            patient TEXT PRIMARY KEY,
-            settings TEXT NOT NULL,
-            updated_ms BIGINT NOT NULL
-        );
-        CREATE TABLE IF NOT EXISTS alerts (
-            id TEXT PRIMARY KEY,
-            patient TEXT NOT NULL,
-            rule_id TEXT NOT NULL,
-            severity TEXT NOT NULL,
-            status TEXT NOT NULL,
-            opened_utc BIGINT NOT NULL,
-            updated_utc BIGINT NOT NULL,
-            acknowledged_by TEXT,
-            acknowledged_ms BIGINT,
-            body TEXT NOT NULL
-        );
-        CREATE INDEX IF NOT EXISTS alerts_by_patient ON alerts (patient, opened_utc);
-        CREATE TABLE IF NOT EXISTS alert_events (
-            id TEXT PRIMARY KEY,
-            alert_id TEXT NOT NULL,
-            action TEXT NOT NULL,
-            created_ms BIGINT NOT NULL,
-            notice TEXT NOT NULL
-        );
-        CREATE TABLE IF NOT EXISTS outbox (
-            seq {seq_type},
-            event_id TEXT NOT NULL,
-            sink TEXT NOT NULL,
-            payload TEXT NOT NULL,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            next_attempt_ms BIGINT NOT NULL,
-            lease_owner TEXT,
-            lease_until_ms BIGINT NOT NULL DEFAULT 0,
-            delivered_ms BIGINT,
-            last_error TEXT,
-            UNIQUE (event_id, sink)
-        );
-        CREATE INDEX IF NOT EXISTS outbox_due ON outbox (sink, next_attempt_ms) WHERE delivered_ms IS NULL;
-        CREATE TABLE IF NOT EXISTS gateway_events (
-            id TEXT PRIMARY KEY,
-            gateway TEXT NOT NULL,
-            kind TEXT NOT NULL,
-            received_ms BIGINT NOT NULL,
-            payload TEXT NOT NULL
-        );
-        CREATE TABLE IF NOT EXISTS bad_messages (
-            id TEXT PRIMARY KEY,
-            topic TEXT NOT NULL,
-            error TEXT NOT NULL,
-            received_ms BIGINT NOT NULL,
-            payload TEXT NOT NULL
-        );
-        CREATE TABLE IF NOT EXISTS symptom_reports (
-            id TEXT PRIMARY KEY,
-            reading_id TEXT NOT NULL,
-            patient TEXT NOT NULL,
-            gateway TEXT NOT NULL,
-            symptoms TEXT NOT NULL,
-            answered_utc BIGINT NOT NULL,
-            stored_ms BIGINT NOT NULL,
-            instance TEXT NOT NULL,
-            payload TEXT NOT NULL,
-            eval_error TEXT
-        );
-        CREATE INDEX IF NOT EXISTS symptom_reports_by_reading ON symptom_reports (reading_id, patient);"
-    )
+/// The schema: versioned migrations (refinery), one directory per SQL dialect (`ingest/migrations/`):
+/// applied in order at start, recorded in `refinery_schema_history`; a database that a newer ingest
+/// migrated further is refused with the versions it has that this one does not know.
+pub(crate) mod migrations {
+    /// SQLite's.
+    pub(crate) mod sqlite {
+        refinery::embed_migrations!("migrations/sqlite");
+    }
+    /// PostgreSQL's.
+    pub(crate) mod postgres {
+        refinery::embed_migrations!("migrations/postgres");
+    }
 }

@@ -21,9 +21,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 type P<'a> = dyn ToSql + Sync + 'a;
 
 use super::{
-    AckResult, AlertRow, BadRow, Counts, DEADLINE_INDEX, Inbound, Item, OutboxItem, Prepared,
-    ReadingRow, ReportAbout, Step, Store, StoreError, Stored, digests, prepare, schema,
-    severities_below, sqlite::kind_name,
+    AckResult, AlertRow, BadRow, Counts, Inbound, Item, OutboxItem, Prepared, ReadingRow,
+    ReportAbout, Step, Store, StoreError, Stored, digests, prepare, severities_below,
+    sqlite::kind_name,
 };
 use crate::evaluate::{AlertWrite, DigestItem, Evaluator, NewState, Sink};
 use protocol::rules::Severity;
@@ -190,7 +190,8 @@ impl PgStore {
     /// Connects to `url` and creates the tables (under an advisory lock: instances may start together).
     ///
     /// # Errors
-    /// [`StoreError::Postgres`] when the server cannot be reached or the schema created.
+    /// [`StoreError::Postgres`] when the server cannot be reached; [`StoreError::Migration`] when the
+    /// schema cannot be brought to this version (or the database is from a newer ingest).
     pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
         PgStore::connect_with(url, None).await
     }
@@ -203,17 +204,12 @@ impl PgStore {
         url: &str,
         tls: Option<MakeRustlsConnect>,
     ) -> Result<PgStore, StoreError> {
-        let writer = client(url, tls.as_ref()).await?;
+        let mut writer = client(url, tls.as_ref()).await?;
         writer
             .execute("SELECT pg_advisory_lock(728374)", &[])
             .await?;
-        let migrated = writer
-            .batch_execute(&format!(
-                "{};
-                 ALTER TABLE patient_state ADD COLUMN IF NOT EXISTS next_deadline_utc BIGINT;
-                 {DEADLINE_INDEX};",
-                schema("BIGSERIAL PRIMARY KEY")
-            ))
+        let migrated = super::migrations::postgres::migrations::runner()
+            .run_async(&mut writer)
             .await;
         writer
             .execute("SELECT pg_advisory_unlock(728374)", &[])

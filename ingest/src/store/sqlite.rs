@@ -14,9 +14,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AckResult, AlertRow, BadRow, Counts, DEADLINE_INDEX, Inbound, Item, OutboxItem, Prepared,
-    ReadingRow, ReportAbout, Step, Store, StoreError, Stored, digests, prepare, schema,
-    severities_below,
+    AckResult, AlertRow, BadRow, Counts, Inbound, Item, OutboxItem, Prepared, ReadingRow,
+    ReportAbout, Step, Store, StoreError, Stored, digests, prepare, severities_below,
 };
 use crate::evaluate::{AlertWrite, DigestItem, Evaluator, NewState, Sink};
 use protocol::rules::Severity;
@@ -43,7 +42,8 @@ impl SqliteStore {
     /// Opens (creating) the database file at `path` and its tables.
     ///
     /// # Errors
-    /// [`StoreError::Sqlite`] when the file cannot be opened or the schema created.
+    /// [`StoreError::Sqlite`] when the file cannot be opened; [`StoreError::Migration`] when the schema
+    /// cannot be brought to this version (or the database is from a newer ingest).
     pub async fn open(path: &str) -> Result<SqliteStore, StoreError> {
         let path = Path::new(path).to_path_buf();
         tokio::task::spawn_blocking(move || {
@@ -51,21 +51,21 @@ impl SqliteStore {
                 // A missing data directory is created; a failure shows up as the open's error.
                 let _ = std::fs::create_dir_all(dir);
             }
-            let writer = connection(&path)?;
-            writer.execute_batch(&schema("INTEGER PRIMARY KEY AUTOINCREMENT"))?;
-            // SQLite has no `ADD COLUMN IF NOT EXISTS`: a database from before the column gets it here.
-            let has_deadline: bool = writer.query_row(
-                "SELECT count(*) > 0 FROM pragma_table_info('patient_state')
-                 WHERE name = 'next_deadline_utc'",
+            let mut writer = connection(&path)?;
+            // SQLite has no `ADD COLUMN IF NOT EXISTS`: a database from before the column gets it here,
+            // before V1 (which indexes it) adopts the database.
+            let (has_table, has_deadline): (bool, bool) = writer.query_row(
+                "SELECT count(*) > 0, coalesce(sum(name = 'next_deadline_utc'), 0) > 0
+                 FROM pragma_table_info('patient_state')",
                 [],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            if !has_deadline {
+            if has_table && !has_deadline {
                 writer.execute_batch(
                     "ALTER TABLE patient_state ADD COLUMN next_deadline_utc BIGINT",
                 )?;
             }
-            writer.execute_batch(DEADLINE_INDEX)?;
+            super::migrations::sqlite::migrations::runner().run(&mut writer)?;
             let reader = connection(&path)?;
             Ok(SqliteStore {
                 writer: Arc::new(Mutex::new(writer)),
