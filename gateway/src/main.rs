@@ -299,13 +299,17 @@ async fn devices(
                     (None, Some(_)) => "last session complete".into(),
                     (None, None) => "no session yet".into(),
                 };
+                let battery = st
+                    .battery
+                    .map_or(String::new(), |b| format!("  |  battery {} %", b.percent));
                 println!(
-                    "{}  {:<10}  {:<16}  {}  |  {}",
+                    "{}  {:<10}  {:<16}  {}  |  {}{}",
                     d.address,
                     format!("{:?}", d.kind).to_lowercase(),
                     d.model.as_deref().unwrap_or("?"),
                     describe_binding(d),
-                    last
+                    last,
+                    battery
                 );
             }
             Ok(())

@@ -112,6 +112,8 @@ impl Live {
                     id: device.to_owned(),
                     last_session: protocol::wire::rfc3339_utc(unix_now()),
                     outcome: outcome.into(),
+                    // The simulated devices have no battery.
+                    battery_percent: None,
                 },
             );
     }
@@ -203,6 +205,9 @@ pub struct DeviceReport {
     pub last_session: Option<String>,
     /// `complete`, or the stage and cause of the failure.
     pub outcome: String,
+    /// The battery level last read (Bluetooth devices with a Battery Service), percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub battery_percent: Option<u8>,
 }
 
 /// Edge alerts: counts only.
@@ -362,6 +367,7 @@ impl Context {
                 id: address.clone(),
                 last_session: last.and_then(protocol::wire::rfc3339_utc),
                 outcome,
+                battery_percent: st.battery.map(|b| b.percent),
             });
         }
 
@@ -549,10 +555,12 @@ impl Report {
         for d in &self.devices {
             let _ = writeln!(
                 o,
-                "device:   {}  last session {}  {}",
+                "device:   {}  last session {}  {}{}",
                 d.id,
                 d.last_session.as_deref().unwrap_or("never"),
-                d.outcome
+                d.outcome,
+                d.battery_percent
+                    .map_or(String::new(), |b| format!("  battery {b} %"))
             );
         }
         if !self.stale_tasks.is_empty() {

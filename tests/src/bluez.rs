@@ -15,7 +15,7 @@
 //!   requires, RSSI updates while discovering, as BlueZ does with `DuplicateData`);
 //! - `…/serviceNNNN/charNNNN/descNNNN` — `GattService1` / `GattCharacteristic1` / `GattDescriptor1`, in
 //!   BlueZ's naming (btleplug discovers by `Introspect`), for the device's primary service, Device
-//!   Information (0x180A) and Current Time (0x1805).
+//!   Information (0x180A), Current Time (0x1805) and Battery (0x180F, [`FakeDevice::battery`]).
 //!
 //! # Who answers
 //!
@@ -25,7 +25,9 @@
 //! 0x81 for a RACP write before the CCCDs, Insufficient Authentication before bonding, a dump on
 //! subscribe, a link dropped after N records — are the models', not re-implemented here. ATT errors are
 //! turned into D-Bus errors the way bluetoothd's `gatt-client.c` does (`NotPermitted "Not paired"` for
-//! authentication/encryption, `Failed "Operation failed with ATT error: 0xNN"` for the rest).
+//! authentication/encryption, `Failed "Operation failed with ATT error: 0xNN"` for the rest). Battery
+//! Level is the exception: the models have no battery, so the fake answers it from
+//! [`FakeDevice::battery`] (still only on a live connection, and seen by the model as a request).
 //!
 //! Test controls: [`FakeBluez::add_device`], [`FakeBluez::remove_adapter`] / [`FakeBluez::add_adapter`]
 //! (the USB dongle pulled and plugged back), and [`FakeBluez::calls`], a log of what the gateway asked.
@@ -46,6 +48,8 @@ use zbus::{Connection, interface};
 pub const ADAPTER_PATH: &str = "/org/bluez/hci0";
 /// The adapter's address.
 pub const ADAPTER_ADDRESS: &str = "00:1A:7D:DA:71:13";
+/// The battery level a [`FakeDevice`] reports unless told otherwise.
+pub const DEFAULT_BATTERY_PERCENT: u8 = 87;
 
 // -------------------------------------------------------------------------------------------------------
 // The private bus
@@ -242,6 +246,9 @@ pub struct FakeDevice {
     /// Fault: the next this many RACP writes are refused with ATT 0x80 (a procedure already in progress,
     /// GLS.TS SPE/BI-07) without reaching the meter.
     pub refuse_racp_writes: u32,
+    /// The Battery Level (0x2A19) value as the device sends it, in a Battery Service (0x180F); `None`:
+    /// the device has no Battery Service. Raw octets, so a test can send a malformed level. Default: 87 %.
+    pub battery: Option<Vec<u8>>,
 }
 
 impl FakeDevice {
@@ -257,7 +264,22 @@ impl FakeDevice {
             garble: BTreeMap::new(),
             corrupt: std::collections::BTreeSet::new(),
             refuse_racp_writes: 0,
+            battery: Some(vec![DEFAULT_BATTERY_PERCENT]),
         }
+    }
+
+    /// The Battery Service reports `percent`.
+    #[must_use]
+    pub fn with_battery_level(mut self, percent: u8) -> Self {
+        self.battery = Some(vec![percent]);
+        self
+    }
+
+    /// No Battery Service at all (many meters have none).
+    #[must_use]
+    pub fn without_battery(mut self) -> Self {
+        self.battery = None;
+        self
     }
 
     /// Pairing needs this passkey (the meter displays it).
@@ -781,6 +803,22 @@ impl GattCharacteristic {
         self.inner
             .log(&self.address, format!("ReadValue {:04X}", self.uuid16));
         let uuid = self.uuid16;
+        if uuid == uuid::BATTERY_LEVEL {
+            let battery = self
+                .inner
+                .lock()
+                .devices
+                .get(&self.address)
+                .and_then(|e| e.fake.battery.clone());
+            // The link must be up, and the model sees the request (its CCCD timing counts from it).
+            self.on_model(|m| {
+                m.request_at(Instant::now());
+                Ok(())
+            })?;
+            let v = battery.ok_or_else(|| gatt_error(LinkError::Missing(uuid)))?;
+            self.value.clone_from(&v);
+            return Ok(v);
+        }
         let v = self.on_model(|m| {
             m.request_at(Instant::now());
             m.read(uuid, unix_now())
@@ -934,6 +972,7 @@ fn service_of(u: u16, primary: u16) -> u16 {
     match u {
         uuid::MODEL_NUMBER | uuid::SERIAL_NUMBER | uuid::MANUFACTURER_NAME => 0x180A,
         uuid::CURRENT_TIME => 0x1805,
+        uuid::BATTERY_LEVEL => gateway::sources::BATTERY_SERVICE,
         _ => primary,
     }
 }
@@ -1153,7 +1192,7 @@ impl FakeBluez {
                     .ok();
             }
             let dev = device_path(&address);
-            for s in ["service0001", "service0100", "service0200"] {
+            for s in ["service0001", "service0100", "service0200", "service0300"] {
                 server
                     .remove::<GattService, _>(format!("{dev}/{s}"))
                     .await
@@ -1187,7 +1226,10 @@ impl FakeBluez {
     }
 
     async fn serve_device(&self, fake: &FakeDevice) -> zbus::Result<()> {
-        let (primary, chars) = fake.device.with(|m| (m.service(), m.characteristics()));
+        let (primary, mut chars) = fake.device.with(|m| (m.service(), m.characteristics()));
+        if fake.battery.is_some() && !chars.contains(&uuid::BATTERY_LEVEL) {
+            chars.push(uuid::BATTERY_LEVEL);
+        }
         let dev = fake.path();
         let paired = self
             .inner
@@ -1196,11 +1238,13 @@ impl FakeBluez {
             .get(&fake.address)
             .is_some_and(|d| d.paired);
         let server = self.conn.object_server();
-        // Services: the device's own (0001), Device Information (0100), Current Time (0200).
+        // Services: the device's own (0001), Device Information (0100), Current Time (0200), Battery
+        // (0300).
         let service_path = |s: u16| -> String {
             match s {
                 0x180A => format!("{dev}/service0100"),
                 0x1805 => format!("{dev}/service0200"),
+                gateway::sources::BATTERY_SERVICE => format!("{dev}/service0300"),
                 _ => format!("{dev}/service0001"),
             }
         };

@@ -61,6 +61,7 @@ async fn session_of(
         &paired,
         &rig.pipeline(),
         cfg,
+        &BleStatusHandle::default(),
     )
     .await
 }
@@ -430,9 +431,16 @@ async fn link_drop_at_record_150_resumes_at_first_record_not_accepted() {
     let paired = rig.store.device(METER).unwrap().unwrap();
     let pipeline = rig.pipeline();
 
-    let first = session_once(&a, peripheral(&a, METER).await, &paired, &pipeline, &cfg)
-        .await
-        .expect("first session");
+    let first = session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &pipeline,
+        &cfg,
+        &BleStatusHandle::default(),
+    )
+    .await
+    .expect("first session");
     assert_eq!(first.completion, Completion::Incomplete);
     // The device sent 150 records before dropping the link; the gateway accepts a gap-free prefix of them
     // (all 150 unless the radio lost the last ones with the link).
@@ -444,9 +452,16 @@ async fn link_drop_at_record_150_resumes_at_first_record_not_accepted() {
     device
         .with_glucometer(|g| g.set_faults(GlucometerFaults::default()))
         .unwrap();
-    let second = session_once(&a, peripheral(&a, METER).await, &paired, &pipeline, &cfg)
-        .await
-        .expect("second session");
+    let second = session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &pipeline,
+        &cfg,
+        &BleStatusHandle::default(),
+    )
+    .await
+    .expect("second session");
     assert_eq!(second.completion, Completion::Complete);
     let [le_lo, le_hi] = u16::try_from(k).unwrap().to_le_bytes();
     assert_eq!(
@@ -713,9 +728,16 @@ async fn two_user_cuff_that_dumps_on_subscribe() {
     let pipeline = rig.pipeline();
 
     for _ in 0..2 {
-        let r = session_once(&a, peripheral(&a, CUFF).await, &paired, &pipeline, &cfg)
-            .await
-            .unwrap();
+        let r = session_once(
+            &a,
+            peripheral(&a, CUFF).await,
+            &paired,
+            &pipeline,
+            &cfg,
+            &BleStatusHandle::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(r.values, 12, "the cuff dumps everything each time");
     }
     let records = rig.journaled();
@@ -745,9 +767,16 @@ async fn two_user_cuff_that_dumps_on_subscribe() {
                 .unwrap();
         })
         .unwrap();
-    session_once(&a, peripheral(&a, CUFF).await, &paired, &pipeline, &cfg)
-        .await
-        .unwrap();
+    session_once(
+        &a,
+        peripheral(&a, CUFF).await,
+        &paired,
+        &pipeline,
+        &cfg,
+        &BleStatusHandle::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(rig.journaled().len(), 14);
 }
 
@@ -1310,9 +1339,16 @@ async fn missing_racp_response_times_out_and_the_next_session_resumes() {
     let paired = rig.store.device(METER).unwrap().unwrap();
     let pipeline = rig.pipeline();
 
-    let first = session_once(&a, peripheral(&a, METER).await, &paired, &pipeline, &cfg)
-        .await
-        .unwrap();
+    let first = session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &pipeline,
+        &cfg,
+        &BleStatusHandle::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(first.completion, Completion::Incomplete);
     assert_eq!(sequences(&rig.journaled()), (0..6).collect::<Vec<_>>());
 
@@ -1323,9 +1359,16 @@ async fn missing_racp_response_times_out_and_the_next_session_resumes() {
         })
         .unwrap()
         .unwrap();
-    let second = session_once(&a, peripheral(&a, METER).await, &paired, &pipeline, &cfg)
-        .await
-        .unwrap();
+    let second = session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &pipeline,
+        &cfg,
+        &BleStatusHandle::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(second.completion, Completion::Complete);
     assert_eq!(
         racp_writes(&rig.fake, METER).last().map(String::as_str),
@@ -1557,9 +1600,16 @@ async fn the_crm_binding_wins_over_the_paired_binding() {
     let mut crm = Bindings::default();
     crm.bind(METER, None, "p-crm-0007");
     pipeline.bindings.replace_with(crm);
-    session_once(&a, peripheral(&a, METER).await, &paired, &pipeline, &cfg)
-        .await
-        .expect("session");
+    session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &pipeline,
+        &cfg,
+        &BleStatusHandle::default(),
+    )
+    .await
+    .expect("session");
     assert_eq!(patients(0), ["p-crm-0007"; 3]);
 
     // A new configuration that no longer names the meter: the paired binding applies again.
@@ -1570,9 +1620,16 @@ async fn the_crm_binding_wins_over_the_paired_binding() {
         .with_glucometer(|g| g.generate(2, unix_now(), 11))
         .unwrap()
         .unwrap();
-    session_once(&a, peripheral(&a, METER).await, &paired, &pipeline, &cfg)
-        .await
-        .expect("session");
+    session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &pipeline,
+        &cfg,
+        &BleStatusHandle::default(),
+    )
+    .await
+    .expect("session");
     assert_eq!(patients(3), ["p-0001"; 2]);
 }
 
@@ -2060,4 +2117,161 @@ fn ble_fault_combinations_deliver_every_record_once_under_its_id() {
     if let Err(e) = result {
         panic!("{e}");
     }
+}
+
+/// The record of `address` in `status`, as the supervisor keys it.
+fn battery_in(status: &BleStatusHandle, address: &str) -> Option<u8> {
+    status
+        .snapshot()
+        .devices
+        .get(address)
+        .and_then(|d| d.battery)
+        .map(|b| b.percent)
+}
+
+/// The running BLE source reads Battery Level (0x2A19) in its session, before the download, and keeps it
+/// per device with the time read: the status (what the kiosk's staff page and `gateway status` read), the
+/// kiosk's device view and the device-status file all show the fake's 87 %. A level with trailing octets
+/// is taken from its first; a malformed one is left out and the session still delivers its records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_reads_the_battery_level_for_the_staff_page() {
+    let Some(rig) = rig().await else { return };
+    add_paired_meter(&rig, "Meter", meter(3, false)).await;
+    let cfg = rig.cfg();
+    let before = unix_now();
+    let (source, status, stop) = start_source(cfg.clone(), rig.pipeline());
+    wait_until("a complete session", Duration::from_secs(20), || {
+        status.snapshot().sessions_completed >= 1
+    })
+    .await;
+    stop.cancel();
+    source.await.unwrap();
+
+    let snap = status.snapshot();
+    let battery = snap.devices[METER].battery.expect("battery level read");
+    assert_eq!(battery.percent, phg_tests::bluez::DEFAULT_BATTERY_PERCENT);
+    assert!(
+        (before..=unix_now()).contains(&battery.at),
+        "read time {} not within the session",
+        battery.at
+    );
+    assert_eq!(rig.journaled().len(), 3, "the records came as well");
+    let calls = rig.fake.calls_to(METER);
+    let read = calls.iter().position(|c| c == "ReadValue 2A19");
+    let racp = calls.iter().position(|c| c.starts_with("WriteValue 2A52"));
+    assert!(
+        matches!((read, racp), (Some(r), Some(w)) if r < w),
+        "battery read before the download: {calls:?}"
+    );
+    let stored = rig.store.statuses().unwrap();
+    assert_eq!(
+        stored[METER].battery,
+        Some(battery),
+        "kept in the status file"
+    );
+
+    // The kiosk's staff page shows it for a kiosk device.
+    let kiosk = gateway::kiosk::Kiosk::open(gateway::kiosk::KioskSettings {
+        devices: vec![METER.to_owned()],
+        idle_timeout: Duration::from_secs(300),
+        hold_file: rig.dir.path().join("kiosk-hold.json"),
+        card_key: None,
+    })
+    .unwrap();
+    kiosk.attach_ble(status.clone());
+    let view = gateway::kiosk::KioskControl::staff_view(&kiosk);
+    assert_eq!(
+        view.devices[0].battery_percent,
+        Some(phg_tests::bluez::DEFAULT_BATTERY_PERCENT)
+    );
+
+    // Trailing octets: the first is the level (protocol's decoder ignores the rest).
+    rig.fake
+        .set_faults(METER, |f| f.battery = Some(vec![41, 0x00, 0xFF]));
+    let status = BleStatusHandle::default();
+    let paired = rig.store.device(METER).unwrap().unwrap();
+    let pipeline = rig.pipeline();
+    let a = adapter().await;
+    session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &pipeline,
+        &cfg,
+        &status,
+    )
+    .await
+    .unwrap();
+    assert_eq!(battery_in(&status, METER), Some(41));
+
+    // Out of range (reserved): no level, and the session goes on to deliver a new record.
+    rig.fake.set_faults(METER, |f| f.battery = Some(vec![0xFF]));
+    let fresh = BleStatusHandle::default();
+    rig.fake.set_faults(METER, |f| {
+        f.device
+            .with_glucometer(|g| g.add_record(unix_now(), 101.0, None))
+            .unwrap()
+            .unwrap();
+    });
+    let report = session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &pipeline,
+        &cfg,
+        &fresh,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.completion, Completion::Complete);
+    assert_eq!(
+        battery_in(&fresh, METER),
+        None,
+        "a malformed level is not shown"
+    );
+    assert_eq!(rig.journaled().len(), 4, "the new record was delivered");
+}
+
+/// A meter without a Battery Service: nothing is read, the level stays unknown (`None` on the staff
+/// page, not an error) and the session delivers its records as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_without_a_battery_service_has_no_level_and_still_delivers() {
+    let Some(rig) = rig().await else { return };
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter", meter(5, false)).without_battery())
+        .await
+        .unwrap();
+    rig.allow(METER, DeviceKind::Glucometer, Some("p-0001"), &[]);
+    let cfg = rig.cfg();
+    let a = adapter().await;
+    let paired = rig.store.device(METER).unwrap().unwrap();
+    let status = BleStatusHandle::default();
+    let report = session_once(
+        &a,
+        peripheral(&a, METER).await,
+        &paired,
+        &rig.pipeline(),
+        &cfg,
+        &status,
+    )
+    .await
+    .expect("the session");
+    assert_eq!(report.completion, Completion::Complete);
+    assert_eq!(sequences(&rig.journaled()), vec![0, 1, 2, 3, 4]);
+    assert_eq!(battery_in(&status, METER), None);
+    assert!(
+        !rig.fake.calls_to(METER).iter().any(|c| c.contains("2A19")),
+        "nothing to read"
+    );
+
+    let kiosk = gateway::kiosk::Kiosk::open(gateway::kiosk::KioskSettings {
+        devices: vec![METER.to_owned()],
+        idle_timeout: Duration::from_secs(300),
+        hold_file: rig.dir.path().join("kiosk-hold.json"),
+        card_key: None,
+    })
+    .unwrap();
+    kiosk.attach_ble(status);
+    let view = gateway::kiosk::KioskControl::staff_view(&kiosk);
+    assert_eq!(view.devices[0].battery_percent, None);
 }

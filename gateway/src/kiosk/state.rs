@@ -66,7 +66,8 @@ pub struct Kiosk {
     reader: Mutex<Option<crate::sources::card_reader::CardReader>>,
     /// The uplink's connection, as last seen.
     broker_connected: Arc<AtomicBool>,
-    /// The Bluetooth source's device records (last failure), when the kiosk's devices are real ones.
+    /// The Bluetooth source's device records (last failure, battery), when the kiosk's devices are real
+    /// ones.
     ble: Mutex<Option<crate::sources::ble::BleStatusHandle>>,
 }
 
@@ -182,7 +183,8 @@ impl Kiosk {
         *self.reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(reader);
     }
 
-    /// Gives the kiosk the Bluetooth source's status (each device's last failure, for the staff page).
+    /// Gives the kiosk the Bluetooth source's status (each device's last failure and battery level, for
+    /// the staff page).
     pub fn attach_ble(&self, status: crate::sources::ble::BleStatusHandle) {
         *self.ble.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
     }
@@ -682,13 +684,15 @@ impl KioskControl for Kiosk {
         if let Some(ble) = ble {
             let snapshot = ble.snapshot();
             for d in &mut devices {
-                if let Some(f) = snapshot
-                    .devices
-                    .get(&d.device)
-                    .and_then(|s| s.last_failure.as_ref())
-                {
+                let Some(s) = snapshot.devices.get(&d.device) else {
+                    continue;
+                };
+                if let Some(f) = &s.last_failure {
                     d.last_failure = Some(format!("{}: {}", f.stage, f.cause));
                 }
+                // The last level read, however old: staff see "23 %" and swap batteries before the
+                // cuff dies mid-clinic; a device without a Battery Service stays blank.
+                d.battery_percent = s.battery.map(|b| b.percent);
             }
         }
         let journal_depth = self
@@ -897,5 +901,67 @@ impl KioskControl for Kiosk {
         self.activity.notify_one();
         self.show(indication_of(advice));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::ble::BleStatusHandle;
+
+    fn kiosk(dir: &std::path::Path, devices: &[&str]) -> Kiosk {
+        Kiosk::open(KioskSettings {
+            devices: devices.iter().map(|d| (*d).to_owned()).collect(),
+            idle_timeout: Duration::from_secs(300),
+            hold_file: dir.join("kiosk-hold.json"),
+            card_key: None,
+        })
+        .expect("an empty hold")
+    }
+
+    fn battery_of(view: &StaffView, device: &str) -> Option<u8> {
+        view.devices
+            .iter()
+            .find(|d| d.device == device)
+            .expect("the device is listed")
+            .battery_percent
+    }
+
+    /// The staff view's battery comes from the BLE status: the level read for that device, nothing for a
+    /// device never read (no Battery Service), and a newer read replaces an older one.
+    #[test]
+    fn staff_view_shows_the_battery_the_ble_source_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cuff, meter) = ("C0:26:DA:00:00:02", "C0:26:DA:00:00:01");
+        let k = kiosk(dir.path(), &[cuff, meter]);
+        let ble = BleStatusHandle::default();
+        k.attach_ble(ble.clone());
+        ble.record_battery(cuff, 87, 1_700_000_000);
+
+        let view = k.staff_view();
+        assert_eq!(battery_of(&view, cuff), Some(87));
+        assert_eq!(battery_of(&view, meter), None);
+        let d = view.devices.iter().find(|d| d.device == cuff).unwrap();
+        assert_eq!(d.last_failure, None, "a battery read is not a failure");
+        let json = serde_json::to_value(&view).expect("serialisable");
+        assert!(
+            json["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["device"] == cuff && d["battery_percent"] == 87),
+            "the staff page reads battery_percent: {json}"
+        );
+
+        ble.record_battery(cuff, 23, 1_700_000_600);
+        assert_eq!(battery_of(&k.staff_view(), cuff), Some(23));
+    }
+
+    /// Without a BLE source (simulated devices only) the battery stays unknown.
+    #[test]
+    fn staff_view_without_ble_has_no_battery() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = kiosk(dir.path(), &["sim-cuff"]);
+        assert_eq!(battery_of(&k.staff_view(), "sim-cuff"), None);
     }
 }

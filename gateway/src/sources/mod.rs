@@ -17,6 +17,8 @@ use std::future::Future;
 pub const GLUCOSE_SERVICE: u16 = 0x1808;
 /// Blood Pressure Service.
 pub const BLOOD_PRESSURE_SERVICE: u16 = 0x1810;
+/// Battery Service (BAS): optional on the devices; read for the staff page, never required.
+pub const BATTERY_SERVICE: u16 = 0x180F;
 
 /// Characteristic UUIDs the collectors use.
 pub mod uuid {
@@ -44,6 +46,8 @@ pub mod uuid {
     pub const SERIAL_NUMBER: u16 = 0x2A25;
     /// Manufacturer Name String.
     pub const MANUFACTURER_NAME: u16 = 0x2A29;
+    /// Battery Level (in the Battery Service).
+    pub const BATTERY_LEVEL: u16 = 0x2A19;
 }
 
 /// ATT error codes a collector must tell apart (Core Spec Vol 3 Part F §3.4.1.1; GLS/CSS application errors).

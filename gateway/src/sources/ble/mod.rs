@@ -333,6 +333,16 @@ impl BleStatusHandle {
         self.lock().clone()
     }
 
+    /// Records `percent` as `address`'s battery level, read at `at` (Unix seconds, UTC). The session
+    /// records it as soon as it is read, so a download that fails afterwards does not lose it.
+    pub fn record_battery(&self, address: &str, percent: u8, at: i64) {
+        self.lock()
+            .devices
+            .entry(address.to_ascii_uppercase())
+            .or_default()
+            .battery = Some(store::Battery { percent, at });
+    }
+
     /// Short, await-free critical sections only (std mutex).
     fn lock(&self) -> std::sync::MutexGuard<'_, BleStatus> {
         self.0
@@ -371,20 +381,23 @@ impl SessionFailure {
     }
 }
 
-/// One session with one allow-listed device: connect, read Device Information, apply its quirks, run the
-/// GLP or BLP collector into the pipeline, disconnect. A device that asks for authentication is paired
-/// "just works" once and the collector run again, if `cfg.repair_just_works`; otherwise (or if that
-/// fails) the failure says it needs pairing.
+/// One session with one allow-listed device: connect, read the battery level into `status` (when the
+/// device has a Battery Service), read Device Information, apply its quirks, run the GLP or BLP collector
+/// into the pipeline, disconnect. A device that asks for authentication is paired "just works" once and
+/// the collector run again, if `cfg.repair_just_works`; otherwise (or if that fails) the failure says it
+/// needs pairing.
 ///
 /// # Errors
 /// [`SessionFailure`] with the stage it failed at. A transfer the device cut short is
-/// `Ok` with [`Completion::Incomplete`]: the next session resumes at the cursor.
+/// `Ok` with [`Completion::Incomplete`]: the next session resumes at the cursor. The battery read never
+/// fails a session.
 pub async fn session_once(
     adapter: &SelectedAdapter,
     peripheral: Peripheral,
     device: &PairedDevice,
     pipeline: &Pipeline,
     cfg: &BleConfig,
+    status: &BleStatusHandle,
 ) -> Result<SessionReport, SessionFailure> {
     let mut link = BleLink::open(adapter, peripheral, cfg.op_timeout, cfg.connect_timeout)
         .await
@@ -393,6 +406,11 @@ pub async fn session_once(
             OpenError::Discover(c) => SessionFailure::new("discover", c),
             OpenError::Streams(c) => SessionFailure::new("connect", c),
         })?;
+    // Before the download and recorded at once: the staff page should learn that a cuff's battery is low
+    // even from a session whose transfer then fails (a flat battery is a common reason for that).
+    if let Some(level) = read_battery(&mut link, &device.address).await {
+        status.record_battery(&device.address, level.percent(), now_utc());
+    }
     // The device's own binding from the allow-list, as it is now: a device paired or rebound while the
     // gateway runs lands on the right patient from its next session on — unless the CRM's configuration
     // names this device: the CRM is then the system of record, and the local binding is not used.
@@ -470,6 +488,38 @@ pub async fn set_clock_if_drifted<L: GattLink>(
         Err(e) => {
             tracing::warn!(device = %device, drift_s = drift, error = %e, "device clock could not be set; readings keep carrying the measured offset");
             false
+        }
+    }
+}
+
+/// Reads Battery Level (0x2A19) if the device exposes it. `None` when it does not (the Battery Service is
+/// optional), when the read fails, or when the value is malformed: each is logged (the level is device
+/// state, not patient data) and none is the session's concern — the download goes on. Octets after the
+/// first are ignored, as [`protocol::gatt::battery::BatteryLevel`] decodes them.
+pub async fn read_battery<L: GattLink>(
+    link: &mut L,
+    device: &str,
+) -> Option<protocol::gatt::battery::BatteryLevel> {
+    use protocol::gatt::Codec;
+    if !link.has(uuid::BATTERY_LEVEL) {
+        tracing::debug!(device = %device, "no Battery Level characteristic");
+        return None;
+    }
+    let bytes = match link.read(uuid::BATTERY_LEVEL).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(device = %device, error = %e, "battery level not read; the session goes on");
+            return None;
+        }
+    };
+    match protocol::gatt::battery::BatteryLevel::parse(&bytes) {
+        Ok(level) => {
+            tracing::debug!(device = %device, percent = level.percent(), octets = bytes.len(), "battery level read");
+            Some(level)
+        }
+        Err(e) => {
+            tracing::warn!(device = %device, error = %e, octets = bytes.len(), "malformed battery level ignored");
+            None
         }
     }
 }
@@ -926,7 +976,14 @@ async fn supervised_session(
     tracing::info!(device = %address, "session starts");
     let outcome = tokio::time::timeout(
         cfg.session_deadline,
-        session_once(adapter, peripheral.clone(), device, &shared.pipeline, cfg),
+        session_once(
+            adapter,
+            peripheral.clone(),
+            device,
+            &shared.pipeline,
+            cfg,
+            &shared.status,
+        ),
     )
     .await;
     let failure = match outcome {
@@ -1009,6 +1066,82 @@ async fn supervised_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sources::{LinkError, Notification};
+
+    /// A link whose only characteristic worth reading is Battery Level: `None` — the device has none.
+    struct BatteryLink(Option<Result<Vec<u8>, LinkError>>);
+
+    impl GattLink for BatteryLink {
+        fn has(&self, u: u16) -> bool {
+            u == uuid::BATTERY_LEVEL && self.0.is_some()
+        }
+        async fn read(&mut self, u: u16) -> Result<Vec<u8>, LinkError> {
+            match (&self.0, u) {
+                (Some(r), uuid::BATTERY_LEVEL) => r.clone(),
+                _ => Err(LinkError::Missing(u)),
+            }
+        }
+        async fn write(&mut self, u: u16, _: &[u8]) -> Result<(), LinkError> {
+            Err(LinkError::Missing(u))
+        }
+        async fn subscribe(&mut self, u: u16) -> Result<(), LinkError> {
+            Err(LinkError::Missing(u))
+        }
+        async fn next_notification(&mut self) -> Option<Notification> {
+            None
+        }
+        async fn disconnect(&mut self) {}
+    }
+
+    async fn battery(value: Option<Result<Vec<u8>, LinkError>>) -> Option<u8> {
+        read_battery(&mut BatteryLink(value), "AA:00:00:00:00:01")
+            .await
+            .map(protocol::gatt::battery::BatteryLevel::percent)
+    }
+
+    /// Battery Level is read when present; absent, unreadable or out of range gives no level (and no
+    /// error for the session); octets after the first are ignored as the decoder does.
+    #[tokio::test]
+    async fn battery_level_is_read_when_there_and_otherwise_left_alone() {
+        assert_eq!(battery(Some(Ok(vec![87]))).await, Some(87));
+        assert_eq!(battery(Some(Ok(vec![0]))).await, Some(0));
+        assert_eq!(battery(Some(Ok(vec![100]))).await, Some(100));
+        assert_eq!(battery(Some(Ok(vec![42, 0xFF, 0x01]))).await, Some(42));
+        assert_eq!(battery(None).await, None, "no Battery Service");
+        assert_eq!(battery(Some(Ok(vec![]))).await, None, "empty value");
+        assert_eq!(battery(Some(Ok(vec![101]))).await, None, "reserved value");
+        assert_eq!(battery(Some(Err(LinkError::Att(0x05)))).await, None);
+        assert_eq!(battery(Some(Err(LinkError::Timeout))).await, None);
+    }
+
+    /// The level lands on the device's entry (by its upper-case address, as the sessions key it) with
+    /// the time read, beside what the session outcome keeps there.
+    #[test]
+    fn recorded_battery_lives_beside_the_session_record() {
+        let status = BleStatusHandle::default();
+        status.record_battery("c0:26:da:00:00:02", 64, 1_700_000_000);
+        let snap = status.snapshot();
+        let entry = snap.devices.get("C0:26:DA:00:00:02").expect("an entry");
+        assert_eq!(
+            entry.battery,
+            Some(store::Battery {
+                percent: 64,
+                at: 1_700_000_000
+            })
+        );
+        assert_eq!(entry.last_failure, None);
+        // The status file keeps it; a file from before batteries were read still loads.
+        let json = serde_json::to_string(entry).unwrap();
+        assert!(
+            json.contains(r#""battery":{"percent":64,"at":1700000000}"#),
+            "{json}"
+        );
+        let old: DeviceStatus = serde_json::from_str(
+            r#"{"last_failure":null,"last_success":1700000000,"consecutive_failures":0}"#,
+        )
+        .unwrap();
+        assert_eq!(old.battery, None);
+    }
 
     /// The status topic shows the adapter and, per paired device, when it was last read and its last
     /// failure with stage, cause and RSSI.
@@ -1031,6 +1164,7 @@ mod tests {
                 }),
                 last_success: Some(1_700_000_000),
                 consecutive_failures: 1,
+                battery: None,
             },
         );
         let devices = BTreeMap::from([(

@@ -61,6 +61,15 @@ pub struct Failure {
     pub at: i64,
 }
 
+/// A device's battery level as last read (Battery Level 0x2A19), for the staff page and `gateway devices`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Battery {
+    /// Remaining charge, 0..=100 %.
+    pub percent: u8,
+    /// When it was read (Unix seconds, UTC): a level from last week says little about today.
+    pub at: i64,
+}
+
 /// A device's session record.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStatus {
@@ -70,6 +79,10 @@ pub struct DeviceStatus {
     pub last_success: Option<i64>,
     /// Failures in a row (drives the retry backoff).
     pub consecutive_failures: u32,
+    /// The last battery level read; kept when a later read fails (its `at` shows its age). Absent in
+    /// files written before batteries were read, and for devices without a Battery Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub battery: Option<Battery>,
 }
 
 /// Why the store could not be read or written.
