@@ -228,9 +228,10 @@ impl Home {
     /// `phg.reading/1` payload.
     fn reading(&self, n: usize, time_utc: i64, mg_dl: i32) -> (String, Vec<u8>) {
         let at = DateTime::from_epoch_seconds(time_utc).expect("a time RFC 3339 can carry");
-        let (device, m) = if n % 2 == 0 {
+        let (device, m) = if n.is_multiple_of(2) {
             let g = GlucoseRecord {
-                sequence_number: u16::try_from(n / 2 + 1).expect("fewer than 65 535 glucose readings"),
+                sequence_number: u16::try_from(n / 2 + 1)
+                    .expect("fewer than 65 535 glucose readings"),
                 numbering: RecordNumbering::Gls,
                 base_time: at,
                 time_offset_min: Some(0),
@@ -460,7 +461,9 @@ async fn wait_stored(
 ) -> Result<(), String> {
     loop {
         let n = count(db, "SELECT count(*) FROM readings").await?;
-        stage.set(format!("waiting for the database: {n} of {want} readings stored"));
+        stage.set(format!(
+            "waiting for the database: {n} of {want} readings stored"
+        ));
         if n >= want as i64 {
             return Ok(());
         }
@@ -529,7 +532,9 @@ fn percentile(sorted: &[i64], q: f64) -> i64 {
 
 async fn run_one(o: &Opts, pg: &TempPostgres, k: usize, stage: &Stage) -> Result<Row, String> {
     let label = format!("[{k} instance{}]", if k == 1 { "" } else { "s" });
-    stage.set(format!("{label} starting Mosquitto, the database and ingest"));
+    stage.set(format!(
+        "{label} starting Mosquitto, the database and ingest"
+    ));
     let extra = if o.broker_defaults { "" } else { BROKER_EXTRA };
     let broker = TestBroker::start_mosquitto_with(extra)
         .ok_or("mosquitto is not installed")?
@@ -618,7 +623,7 @@ async fn run_one(o: &Opts, pg: &TempPostgres, k: usize, stage: &Stage) -> Result
                 // The backlog's first two glucose readings (b = 0 and b = 2 when `per` is even, else
                 // b = 1 and 3) are the abnormal ones.
                 let glucose_index = b / 2;
-                let mg = match (n % 2 == 0, glucose_index) {
+                let mg = match (n.is_multiple_of(2), glucose_index) {
                     (true, 0) => HYPO_MG_DL,
                     (true, 1) => HYPER_MG_DL,
                     _ => normal_mg_dl(g, n),
@@ -643,7 +648,11 @@ async fn run_one(o: &Opts, pg: &TempPostgres, k: usize, stage: &Stage) -> Result
     stage.set(format!("{label} measuring"));
 
     let published = std::mem::take(&mut *published.lock().unwrap_or_else(|p| p.into_inner()));
-    let unique: HashSet<&String> = published.steady.keys().chain(published.burst.keys()).collect();
+    let unique: HashSet<&String> = published
+        .steady
+        .keys()
+        .chain(published.burst.keys())
+        .collect();
     assert_eq!(
         unique.len(),
         steady_n + burst_n,
@@ -688,7 +697,11 @@ async fn run_one(o: &Opts, pg: &TempPostgres, k: usize, stage: &Stage) -> Result
         let (rule, n): (String, i64) = (r.get(0), r.get(1));
         let _ = write!(alerts_by_rule, "{rule} {n}  ");
     }
-    let rejected = count(&db, "SELECT count(*) FROM readings WHERE eval_error IS NOT NULL").await?;
+    let rejected = count(
+        &db,
+        "SELECT count(*) FROM readings WHERE eval_error IS NOT NULL",
+    )
+    .await?;
     if rejected > 0 {
         eprintln!("{label} warning: {rejected} readings stored as rejected (eval_error)");
     }
@@ -876,7 +889,9 @@ async fn main() -> ExitCode {
     let rows = rows.lock().unwrap_or_else(|p| p.into_inner()).clone();
     println!();
     print!("{}", table(&rows));
-    println!("readings/s: the burst's readings over its drain time; p50/p99: publish → stored, steady phase");
+    println!(
+        "readings/s: the burst's readings over its drain time; p50/p99: publish → stored, steady phase"
+    );
     print!("{}", details(&rows));
     println!("{}", scaling(&rows));
     let mut bad = failures(&rows);
