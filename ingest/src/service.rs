@@ -157,15 +157,18 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
     opts.set_inflight(cfg.mqtt.inflight);
     let (client, eventloop) = AsyncClient::new(opts, usize::from(cfg.mqtt.inflight).max(64));
     let (tx, rx) = mpsc::channel::<Publish>(cfg.mqtt.max_batch.max(16) * 2);
+    // Committed messages go back to the consumer to be acknowledged (see `consume`); unbounded, but
+    // never more than the messages received and not yet acknowledged.
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Publish>();
     tasks.spawn(consume(
-        client.clone(),
+        client,
         eventloop,
         cfg.mqtt.filters(),
-        tx,
+        (tx, ack_rx),
         token.clone(),
     ));
     tasks.spawn(storer(
-        client,
+        ack_tx,
         rx,
         store.clone(),
         Arc::clone(&ev),
@@ -351,22 +354,56 @@ fn notify_systemd(state: sd_notify::NotifyState<'_>) {
     }
 }
 
-/// Polls the MQTT event loop: (re)subscribes at each connection, forwards publishes to the storer.
+/// Polls the MQTT event loop: (re)subscribes at each connection, forwards publishes to the storer and
+/// queues the acknowledgements of what the storer committed.
+///
+/// This task is the only one that touches the client's request queue, and it never waits on it: rumqttc
+/// drains that queue only inside `eventloop.poll()`, so a storer awaiting `client.ack` on a full queue while
+/// this task awaits room in the storer's channel was a deadlock — found by the thousand-gateway load bench
+/// (`tests/benches/load.rs`): under a burst ingest stopped polling, the broker dropped it for a missed
+/// keep-alive and nothing more was stored. Now a publish waiting for room in the storer's channel is held
+/// here (one at a time, backpressure to the broker), and acknowledgements go into the request queue with
+/// `try_ack`, the rest kept in order until a poll has made room.
 async fn consume(
     client: AsyncClient,
     mut eventloop: rumqttc::EventLoop,
     filters: [String; 3],
-    tx: mpsc::Sender<Publish>,
+    (tx, mut acks_rx): (mpsc::Sender<Publish>, mpsc::UnboundedReceiver<Publish>),
     token: CancellationToken,
 ) {
     let mut failures = 0i32;
     // The configured packet limit, and whether it is raised to let one oversized message in.
     let limit = eventloop.mqtt_options.max_packet_size();
     let mut raised = false;
+    // A publish the storer has no room for yet; while one waits, the event loop is not polled.
+    let mut waiting: Option<Publish> = None;
+    // Committed messages whose PUBACK is not in the request queue yet (it was full).
+    let mut acks: std::collections::VecDeque<Publish> = std::collections::VecDeque::new();
     loop {
+        while let Some(p) = acks.front() {
+            if client.try_ack(p).is_err() {
+                break;
+            }
+            acks.pop_front();
+        }
         let ev = tokio::select! {
             _ = token.cancelled() => break,
-            ev = eventloop.poll() => ev,
+            a = acks_rx.recv() => {
+                match a {
+                    Some(p) => acks.push_back(p),
+                    // The storer has ended.
+                    None => break,
+                }
+                continue;
+            }
+            permit = tx.reserve(), if waiting.is_some() => {
+                match (permit, waiting.take()) {
+                    (Ok(permit), Some(p)) => permit.send(p),
+                    _ => break,
+                }
+                continue;
+            }
+            ev = eventloop.poll(), if waiting.is_none() => ev,
         };
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -388,10 +425,11 @@ async fn consume(
                     eventloop.mqtt_options.set_max_packet_size(limit, limit);
                     raised = false;
                 }
-                // Blocks when the storer is behind: backpressure to the broker.
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    r = tx.send(p) => if r.is_err() { break },
+                // Held when the storer is behind: backpressure to the broker.
+                match tx.try_send(p) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(p)) => waiting = Some(p),
+                    Err(mpsc::error::TrySendError::Closed(_)) => break,
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(s))) => {
@@ -444,9 +482,9 @@ fn channel_of(topic: &str) -> Channel {
     }
 }
 
-/// Stores batches; acknowledges each batch's messages after its commit.
+/// Stores batches; hands each batch's messages to the consumer to acknowledge after its commit.
 async fn storer(
-    client: AsyncClient,
+    acks: mpsc::UnboundedSender<Publish>,
     mut rx: mpsc::Receiver<Publish>,
     store: AnyStore,
     ev: Arc<Evaluator>,
@@ -523,9 +561,11 @@ async fn storer(
             alert_events = alerts,
             "batch stored"
         );
+        // Acknowledged by the consumer, which owns the request queue (see `consume`).
         for p in batch.drain(..) {
-            if let Err(e) = client.ack(&p).await {
-                tracing::warn!(error = %e, "PUBACK not queued (the broker will redeliver)");
+            if acks.send(p).is_err() {
+                // The consumer has ended (shutdown): not acknowledged, the broker redelivers.
+                return;
             }
         }
     }

@@ -672,3 +672,55 @@ async fn a_full_disk_stops_acknowledging_and_recovers() {
     assert!(all, "{got} of {n}: {}", ingest.stderr().text());
     drop(ingest);
 }
+
+/// The thousand-gateway load bench (`tests/benches/load.rs`) found ingest wedged after a burst: its
+/// consumer waited for room in the storer's channel while the storer waited for room in rumqttc's request
+/// queue to acknowledge, a queue only the consumer's `poll` drains; the broker then dropped ingest for a
+/// missed keep-alive and nothing more was stored. Here the burst is a backlog the broker queued while ingest
+/// was down, released at once (no in-flight window on the broker): every reading must be stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_released_at_once_after_a_restart_is_stored_whole() {
+    const N: usize = 3000;
+    let label = "backlog flood";
+    // Unlimited in flight and queued: the whole backlog arrives as fast as the socket takes it.
+    let Some(broker) = mosquitto("max_inflight_messages 0\nmax_queued_messages 0\n", label) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("ingest.toml");
+    std::fs::write(&config, default_config(&broker, &data, None)).unwrap();
+    let first = start_ingest(&config);
+    let store = open_store(&data).await;
+    let mut publisher = Publisher::connect(broker.addr());
+    wait_until_subscribed(&mut publisher, &store, "probe-flood").await;
+    first.kill9().unwrap();
+
+    let t = now_s() - 2 * N as i64;
+    for i in 0..N {
+        let patient = format!("p-flood-{}", i % 50 + 1);
+        let m = glucose_message(&format!("flood-{i}"), &patient, 100, t + i as i64);
+        publisher.publish(READINGS, m, ACK).await.unwrap();
+    }
+    let second = start_ingest(&config);
+    let count = async || {
+        let mut n = 0;
+        for p in 1..=50 {
+            n += store
+                .readings_of(&format!("p-flood-{p}"), N as i64)
+                .await
+                .unwrap()
+                .len();
+        }
+        n
+    };
+    let all = until(Duration::from_secs(90), async || count().await == N).await;
+    let n = count().await;
+    println!("{label}: {n} of {N} readings of a backlog released at once were stored");
+    assert!(
+        all,
+        "{n} of {N} stored (ingest wedged?); ingest log:\n{}",
+        second.stderr().text()
+    );
+    drop(second);
+}
