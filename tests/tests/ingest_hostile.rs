@@ -427,14 +427,19 @@ async fn open_store(data_dir: &Path) -> AnyStore {
     AnyStore::open(&url).await.unwrap()
 }
 
-/// Issue 11 defect 2: with the default `instance` (`ingest-{pid}`), the client id changed at each
-/// start and what the broker queued for the old session was never stored (0 of 3).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_default_instance_keeps_what_was_published_while_ingest_was_killed() {
-    let label = "default instance";
-    let Some(broker) = mosquitto("", label) else {
-        return;
-    };
+/// Ingest with the default configuration on a Mosquitto started with `extra`, subscribed (a probe stored),
+/// then killed with SIGKILL: what is published now waits in the broker for its persistent session. `None`
+/// (skipped) without Mosquitto.
+struct KilledIngest {
+    broker: TestBroker,
+    _dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    store: AnyStore,
+    publisher: Publisher,
+}
+
+async fn killed_ingest(extra: &str, label: &str, probe: &str) -> Option<KilledIngest> {
+    let broker = mosquitto(extra, label)?;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = dir.path().join("ingest.toml");
@@ -442,8 +447,32 @@ async fn the_default_instance_keeps_what_was_published_while_ingest_was_killed()
     let first = start_ingest(&config);
     let store = open_store(&data).await;
     let mut publisher = Publisher::connect(broker.addr());
-    wait_until_subscribed(&mut publisher, &store, "probe").await;
+    wait_until_subscribed(&mut publisher, &store, probe).await;
     first.kill9().unwrap();
+    Some(KilledIngest {
+        broker,
+        _dir: dir,
+        config,
+        store,
+        publisher,
+    })
+}
+
+/// Issue 11 defect 2: with the default `instance` (`ingest-{pid}`), the client id changed at each
+/// start and what the broker queued for the old session was never stored (0 of 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_instance_keeps_what_was_published_while_ingest_was_killed() {
+    let label = "default instance";
+    let Some(KilledIngest {
+        broker: _broker,
+        _dir,
+        config,
+        store,
+        mut publisher,
+    }) = killed_ingest("", label, "probe").await
+    else {
+        return;
+    };
 
     let t = now_s() - 600;
     for i in 0..3 {
@@ -683,18 +712,21 @@ async fn a_backlog_released_at_once_after_a_restart_is_stored_whole() {
     const N: usize = 3000;
     let label = "backlog flood";
     // Unlimited in flight and queued: the whole backlog arrives as fast as the socket takes it.
-    let Some(broker) = mosquitto("max_inflight_messages 0\nmax_queued_messages 0\n", label) else {
+    let Some(KilledIngest {
+        broker: _broker,
+        _dir,
+        config,
+        store,
+        mut publisher,
+    }) = killed_ingest(
+        "max_inflight_messages 0\nmax_queued_messages 0\n",
+        label,
+        "probe-flood",
+    )
+    .await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let config = dir.path().join("ingest.toml");
-    std::fs::write(&config, default_config(&broker, &data, None)).unwrap();
-    let first = start_ingest(&config);
-    let store = open_store(&data).await;
-    let mut publisher = Publisher::connect(broker.addr());
-    wait_until_subscribed(&mut publisher, &store, "probe-flood").await;
-    first.kill9().unwrap();
 
     let t = now_s() - 2 * N as i64;
     for i in 0..N {
