@@ -957,6 +957,59 @@ mod tests {
         assert_eq!(battery_of(&k.staff_view(), cuff), Some(23));
     }
 
+    /// After a restart the staff page shows what the last run saved (`device-status.json`): the
+    /// battery level and the last failure, not "unknown" until each device's next session.
+    #[test]
+    fn staff_view_after_a_restart_shows_the_saved_battery_and_failure() {
+        use crate::sources::ble::store::{Battery, DeviceStatus, DeviceStore, Failure};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cuff, meter) = ("C0:26:DA:00:00:02", "C0:26:DA:00:00:01");
+        let store = DeviceStore::new(dir.path().join("ble"));
+        let saved = DeviceStatus {
+            battery: Some(Battery {
+                percent: 41,
+                at: 1_700_000_000,
+            }),
+            ..DeviceStatus::default()
+        };
+        store.put_status(cuff, &saved).expect("written");
+        let failed = DeviceStatus {
+            last_failure: Some(Failure {
+                stage: "connect".into(),
+                cause: "timed out".into(),
+                rssi: Some(-90),
+                at: 1_700_000_100,
+            }),
+            consecutive_failures: 3,
+            ..DeviceStatus::default()
+        };
+        store.put_status(meter, &failed).expect("written");
+
+        // The next run: a fresh status, restored from the file before the first session.
+        let k = kiosk(dir.path(), &[cuff, meter]);
+        let ble = BleStatusHandle::default();
+        k.attach_ble(ble.clone());
+        assert_eq!(battery_of(&k.staff_view(), cuff), None, "nothing before");
+        ble.restore(store.statuses().expect("readable"));
+        let view = k.staff_view();
+        assert_eq!(battery_of(&view, cuff), Some(41));
+        let m = view.devices.iter().find(|d| d.device == meter).unwrap();
+        assert!(
+            m.last_failure.is_some(),
+            "the saved failure is shown: {m:?}"
+        );
+        let restored = ble.snapshot().devices[meter].clone();
+        assert_eq!(
+            restored.consecutive_failures, 0,
+            "a new run reports its first failure and retries at the base interval"
+        );
+
+        // A device this run already read keeps its own, newer record.
+        ble.record_battery(cuff, 90, 1_700_001_000);
+        ble.restore(store.statuses().expect("readable"));
+        assert_eq!(battery_of(&k.staff_view(), cuff), Some(90));
+    }
+
     /// Without a BLE source (simulated devices only) the battery stays unknown.
     #[test]
     fn staff_view_without_ble_has_no_battery() {

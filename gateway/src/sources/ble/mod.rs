@@ -343,6 +343,23 @@ impl BleStatusHandle {
             .battery = Some(store::Battery { percent, at });
     }
 
+    /// Starts from the device records the last run saved (`device-status.json`): the staff page and
+    /// `gateway status` show each device's last battery level, success and failure from before a restart
+    /// instead of nothing until its next session. A device this run has already recorded keeps its own
+    /// record. The failure streak starts again at zero: the first failure after a restart is reported
+    /// (one `device_error` per streak, per run) and its retry waits the base interval.
+    pub fn restore(&self, saved: BTreeMap<String, DeviceStatus>) {
+        let mut st = self.lock();
+        for (address, status) in saved {
+            st.devices
+                .entry(address.to_ascii_uppercase())
+                .or_insert(DeviceStatus {
+                    consecutive_failures: 0,
+                    ..status
+                });
+        }
+    }
+
     /// Short, await-free critical sections only (std mutex).
     fn lock(&self) -> std::sync::MutexGuard<'_, BleStatus> {
         self.0
@@ -735,6 +752,12 @@ pub async fn run(
         schedule: Arc::default(),
         tracker: TaskTracker::new(),
     };
+    match shared.store.statuses() {
+        Ok(saved) => shared.status.restore(saved),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the saved device records; batteries and last failures start unknown");
+        }
+    }
     let mut manager: Option<Manager> = None;
     let mut reported: Option<String> = None;
     while !shutdown.is_cancelled() {
