@@ -766,6 +766,7 @@ pub async fn run_with(
                     devices: section.devices.clone(),
                     idle_timeout: Duration::from_secs(section.idle_timeout_s),
                     hold_file: section.hold_file(&raw.journal.dir),
+                    max_held: section.max_held,
                     card_key: checked.card_key.clone(),
                 })
                 .map_err(|e| RunError::Start(e.to_string()))?,

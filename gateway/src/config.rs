@@ -388,6 +388,10 @@ pub struct KioskSection {
     pub idle_timeout_s: u64,
     /// Where held (unattributed) readings are kept; absent: `kiosk-hold.json` beside the journal directory.
     pub hold_file: Option<PathBuf>,
+    /// At most this many readings held; when full a new unattributed kiosk reading is not taken from the
+    /// device (it keeps it, as with a full journal) until staff assign or discard some.
+    #[serde(default = "default_max_held")]
+    pub max_held: usize,
     /// The card reader board's serial port (absent: check-in by staff only).
     pub reader: Option<PathBuf>,
     /// Its baud rate.
@@ -421,6 +425,14 @@ fn default_kiosk_listen() -> SocketAddr {
 const fn default_idle_timeout() -> u64 {
     180
 }
+
+const fn default_max_held() -> usize {
+    1000
+}
+
+/// The largest `[kiosk] max_held` accepted: the hold file is rewritten whole on each change, and staff
+/// cannot work through more on one page.
+pub const MAX_HELD_LIMIT: usize = 10_000;
 
 const fn default_baud() -> u32 {
     115_200
@@ -710,6 +722,12 @@ fn check_kiosk(k: &KioskSection, alerts_on: bool) -> Result<KioskConfig, (String
     }
     if k.idle_timeout_s < 2 {
         return Err(bad("kiosk.idle_timeout_s", "must be at least 2 seconds"));
+    }
+    if k.max_held == 0 || k.max_held > MAX_HELD_LIMIT {
+        return Err(bad(
+            "kiosk.max_held",
+            &format!("must be 1..={MAX_HELD_LIMIT}"),
+        ));
     }
     let first_line = |key: &str, file: &Path| -> Result<String, (String, String)> {
         std::fs::read_to_string(file)

@@ -47,6 +47,7 @@ fn a_kiosk_section_with_defaults_is_taken() {
         "loopback by default"
     );
     assert_eq!(k.idle_timeout_s, 180, "3 minutes by default");
+    assert_eq!(k.max_held, 1000, "a bounded hold by default");
     let checked = c.kiosk.unwrap();
     assert_eq!(checked.staff[0].id.0, "desk-1");
     assert!(checked.card_key.is_some());
@@ -77,6 +78,12 @@ fn short_tokens_and_keys_are_refused_by_key_without_quoting_them() {
     assert_eq!(key, "kiosk.devices");
     let (key, _) = invalid("[kiosk]\ndevices = [\"cuff-1\"]\n");
     assert_eq!(key, "kiosk.staff");
+    for max in ["0", "10001"] {
+        let (key, _) = invalid(&format!(
+            "[kiosk]\ndevices = [\"cuff-1\"]\nmax_held = {max}\n[[kiosk.staff]]\nid = \"desk-1\"\ntoken = \"{TOKEN}\"\n"
+        ));
+        assert_eq!(key, "kiosk.max_held", "max_held = {max}");
+    }
     let (key, _) = invalid(&format!(
         "[alerts]\nenabled = false\n[kiosk]\ndevices = [\"cuff-1\"]\n[[kiosk.staff]]\nid = \"desk-1\"\ntoken = \"{TOKEN}\"\n"
     ));

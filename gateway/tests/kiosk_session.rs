@@ -35,6 +35,10 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_holding_at_most(1000)
+}
+
+fn rig_holding_at_most(max_held: usize) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let (journal, _) = Journal::open(JournalConfig::new(dir.path().join("journal"))).unwrap();
     let journal = Arc::new(Mutex::new(journal));
@@ -56,6 +60,7 @@ fn rig() -> Rig {
             devices: vec![CUFF.into()],
             idle_timeout: Duration::from_secs(60),
             hold_file: dir.path().join("hold.json"),
+            max_held,
             card_key: Some(CardKey::from_hex(KEY).unwrap()),
         })
         .unwrap(),
@@ -329,4 +334,53 @@ async fn the_cuff_pressure_shows_while_measuring_but_only_for_a_checked_in_patie
             cuff_pressure_mmhg: Some(152.0),
         }
     );
+}
+
+/// `[kiosk] max_held`: a full hold does not take another unattributed reading from the device (the device
+/// keeps it, as with a full journal) and drops nothing to make room; once staff discard one, the same
+/// reading is taken on the next delivery.
+#[tokio::test]
+async fn a_full_hold_leaves_the_next_reading_on_the_device_until_staff_make_room() {
+    let rig = rig_holding_at_most(2);
+    let t = now_utc() - 30;
+    deliver(&rig, &[bp(128, 82, t)]).await;
+    deliver(&rig, &[bp(129, 83, t + 1)]).await;
+    assert_eq!(rig.kiosk.staff_view().held.len(), 2);
+
+    let third = bp(130, 84, t + 2);
+    let session = SessionInfo {
+        device: DeviceRef {
+            id: CUFF.into(),
+            model: None,
+            numbering: Default::default(),
+        },
+        clock_offset_s: Some(0),
+    };
+    let mut sink = rig.pipeline.session();
+    let refused = sink
+        .value(&session, uuid::BP_MEASUREMENT, &third, now_utc())
+        .await;
+    assert!(refused.is_err(), "a full hold must not accept: {refused:?}");
+    drop(sink);
+    let held = rig.kiosk.staff_view().held;
+    assert_eq!(held.len(), 2, "nothing dropped to make room");
+    assert!(held.iter().all(|h| h.value != "130/84"));
+    let events = journaled(&rig)
+        .into_iter()
+        .filter(|(id, _, _)| id.starts_with("unattributed:"))
+        .count();
+    assert_eq!(events, 2, "no event for a reading that was not taken");
+
+    rig.kiosk
+        .discard(
+            &held[0].reading_id,
+            "a demonstration",
+            &StaffId("nurse-desk".into()),
+        )
+        .await
+        .unwrap();
+    deliver(&rig, &[third]).await;
+    let held = rig.kiosk.staff_view().held;
+    assert_eq!(held.len(), 2);
+    assert!(held.iter().any(|h| h.value == "130/84"), "{held:?}");
 }

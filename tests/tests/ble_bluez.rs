@@ -2175,6 +2175,7 @@ async fn the_session_reads_the_battery_level_for_the_staff_page() {
         devices: vec![METER.to_owned()],
         idle_timeout: Duration::from_secs(300),
         hold_file: rig.dir.path().join("kiosk-hold.json"),
+        max_held: 1000,
         card_key: None,
     })
     .unwrap();
@@ -2268,6 +2269,7 @@ async fn a_device_without_a_battery_service_has_no_level_and_still_delivers() {
         devices: vec![METER.to_owned()],
         idle_timeout: Duration::from_secs(300),
         hold_file: rig.dir.path().join("kiosk-hold.json"),
+        max_held: 1000,
         card_key: None,
     })
     .unwrap();

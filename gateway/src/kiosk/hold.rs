@@ -45,6 +45,8 @@ struct HoldFile {
 pub struct Hold {
     path: PathBuf,
     held: Vec<HeldEntry>,
+    /// At most this many held: the file is rewritten whole on each change.
+    max: usize,
 }
 
 /// The file could not be read or written.
@@ -58,12 +60,14 @@ pub struct HoldError {
 }
 
 impl Hold {
-    /// Opens the hold kept at `path` (empty when there is no file yet).
+    /// Opens the hold kept at `path` (empty when there is no file yet), holding at most `max` readings.
+    /// A file holding more (written with a larger `max`) is kept whole: nothing is dropped, new readings
+    /// wait until staff bring it under `max`.
     ///
     /// # Errors
     /// The file exists but cannot be read or is not a hold file: the gateway must not start and forget
     /// what staff still have to see.
-    pub fn open(path: &Path) -> Result<Hold, HoldError> {
+    pub fn open(path: &Path, max: usize) -> Result<Hold, HoldError> {
         let err = |what: String| HoldError {
             path: path.to_owned(),
             what,
@@ -83,16 +87,29 @@ impl Hold {
         Ok(Hold {
             path: path.to_owned(),
             held,
+            max,
         })
     }
 
     /// Holds `entry` (durably). `Ok(false)`: a reading with that id is held already (a re-delivery).
     ///
     /// # Errors
-    /// It could not be written; nothing changed.
+    /// It could not be written, or the hold is full (`max` readings); nothing changed. The caller does
+    /// not accept the reading, so the device keeps it, as with a full journal: nothing is dropped to make
+    /// room, since every held reading waits for a staff decision.
     pub fn insert(&mut self, entry: HeldEntry) -> Result<bool, HoldError> {
         if self.get(&entry.reading_id).is_some() {
             return Ok(false);
+        }
+        if self.held.len() >= self.max {
+            return Err(HoldError {
+                path: self.path.clone(),
+                what: format!(
+                    "full: {} readings held (kiosk.max_held {}); staff must assign or discard some",
+                    self.held.len(),
+                    self.max
+                ),
+            });
         }
         self.held.push(entry);
         if let Err(e) = self.save() {

@@ -37,6 +37,8 @@ pub struct KioskSettings {
     pub idle_timeout: Duration,
     /// Where the hold is kept.
     pub hold_file: PathBuf,
+    /// At most this many readings held (`[kiosk] max_held`).
+    pub max_held: usize,
     /// The per-deployment card key; `None`: cards are not used (staff check-in only).
     pub card_key: Option<CardKey>,
 }
@@ -125,7 +127,7 @@ impl Kiosk {
     /// # Errors
     /// The hold file exists but cannot be read.
     pub fn open(settings: KioskSettings) -> Result<Kiosk, HoldError> {
-        let hold = Hold::open(&settings.hold_file)?;
+        let hold = Hold::open(&settings.hold_file, settings.max_held)?;
         let (screen, _) = watch::channel(PatientScreen::Idle);
         // Session numbers from the clock in milliseconds: a page open across a restart never sees a
         // number again for another patient.
@@ -914,6 +916,7 @@ mod tests {
             devices: devices.iter().map(|d| (*d).to_owned()).collect(),
             idle_timeout: Duration::from_secs(300),
             hold_file: dir.join("kiosk-hold.json"),
+            max_held: 1000,
             card_key: None,
         })
         .expect("an empty hold")
