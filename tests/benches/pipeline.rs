@@ -1532,6 +1532,16 @@ async fn run(sizes: Sizes) -> Result<(), String> {
     );
     let lat_ratio = lat.accepted_to_puback.p99 / rtt.p99;
     println!("p99 ratio gateway [1] / raw = {lat_ratio:.1}×");
+    // The headline figures as `RATIO name value` / `RSS_PEAK_MB name value` lines, comparable across runs
+    // (issue 15 item 6; the ingest bench prints its own).
+    println!("RATIO gateway_p99_accept_to_puback_vs_raw_rtt {lat_ratio:.2}");
+    if let Some(kb) = c_hwm_kb.filter(|_| c_hwm_reset) {
+        println!(
+            "RSS_PEAK_MB gateway_steady_{}_per_s {:.1}",
+            sizes.rate_hz,
+            kb as f64 / 1024.0
+        );
+    }
     println!(
         "peak RSS during (c) (gateway at {}/s, from a {} reset): {}",
         sizes.rate_hz,
@@ -1617,6 +1627,9 @@ async fn run(sizes: Sizes) -> Result<(), String> {
         ceiling.payload,
         percent(ratio)
     );
+    if let Some(r) = ratio {
+        println!("RATIO gateway_durable_path_vs_raw_qos1 {r:.2}");
+    }
     println!();
 
     // (d), (e)
@@ -1635,6 +1648,13 @@ async fn run(sizes: Sizes) -> Result<(), String> {
             " (could not reset: process-lifetime peak)"
         }
     );
+    if let Some(kb) = tp.hwm_during_kb.filter(|_| tp.hwm_reset) {
+        println!(
+            "RSS_PEAK_MB gateway_durable_path_{}_devices {:.1}",
+            tp.devices,
+            kb as f64 / 1024.0
+        );
+    }
     println!("after (b), before teardown: RSS {}", kb_mb(tp.rss_after_kb));
     println!(
         "(all of it: this process also runs the benchmark's own tokio runtime, tracing capture and inputs; \
