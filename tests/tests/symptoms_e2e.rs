@@ -138,7 +138,11 @@ async fn a_yes_to_the_crisis_question_is_critical_at_once_and_pushed_once() {
             .is_some()
     })
     .await;
-    assert!(subscribed, "ingest never stored the probe reading");
+    assert!(
+        subscribed,
+        "ingest never stored the probe reading; ingest log:\n{}",
+        ingest.stderr().text()
+    );
 
     // The kiosk's crisis reading: alerted pending, its confirmation window 15 minutes.
     let measured = now_s() - 20;
