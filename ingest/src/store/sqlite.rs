@@ -65,7 +65,24 @@ impl SqliteStore {
                     "ALTER TABLE patient_state ADD COLUMN next_deadline_utc BIGINT",
                 )?;
             }
-            super::migrations::sqlite::migrations::runner().run(&mut writer)?;
+            // Two openers of a new database at once (two instances, or a tool beside ingest) both read
+            // "nothing applied"; the second's history insert then fails on refinery's UNIQUE version and
+            // its transaction rolls back. The busy timeout has serialised the writes by then, so running
+            // again finds the first opener's migrations and applies nothing; a real error (a database
+            // from a newer ingest, a damaged file) fails every attempt and is returned.
+            // (PostgreSQL takes an advisory lock instead: `postgres.rs`.)
+            let mut attempt = 0u64;
+            loop {
+                match super::migrations::sqlite::migrations::runner().run(&mut writer) {
+                    Ok(_) => break,
+                    Err(e) if attempt < 3 => {
+                        attempt += 1;
+                        tracing::debug!(error = %e, attempt, "migration failed; trying again");
+                        std::thread::sleep(Duration::from_millis(50 * attempt));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             let reader = connection(&path)?;
             Ok(SqliteStore {
                 writer: Arc::new(Mutex::new(writer)),
@@ -744,5 +761,28 @@ impl Store for SqliteStore {
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SqliteStore;
+
+    /// Two processes opening one new database at once (an instance starting while a tool or a test opens
+    /// the file): both must get a migrated store, neither a "table already exists" failure.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_opens_of_a_new_database_at_once_both_succeed() {
+        for round in 0..20 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("ingest.sqlite");
+            let path = path.to_str().expect("utf-8");
+            let (a, b) = tokio::join!(SqliteStore::open(path), SqliteStore::open(path));
+            assert!(
+                a.is_ok() && b.is_ok(),
+                "round {round}: {:?} / {:?}",
+                a.err(),
+                b.err()
+            );
+        }
     }
 }
