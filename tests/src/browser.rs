@@ -569,11 +569,17 @@ impl KioskControl for ScriptedKiosk {
             held: st.held.iter().cloned().collect(),
             devices: vec![gateway::kiosk::DeviceView {
                 device: "AA:BB:CC:00:11:22".into(),
-                kind: MeasurementKind::BloodPressure,
+                kind: Some(MeasurementKind::BloodPressure),
                 connected: true,
                 battery_percent: Some(80),
                 last_failure: None,
             }],
+            // A board whose reader has failed: staff must see that cards will not work.
+            card_reader: Some(gateway::kiosk::CardReaderView {
+                connected: true,
+                reader_ok: Some(false),
+                last_failure: Some("card reader not responding".into()),
+            }),
             journal_depth: 2,
             broker_connected: true,
         }

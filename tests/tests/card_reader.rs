@@ -108,6 +108,8 @@ impl embedded_io::Write for PtySerial {
 enum Cmd {
     Place(Vec<u8>),
     Remove,
+    /// The MFRC522 stops (or starts again) answering on its bus.
+    ReaderAlive(bool),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -153,6 +155,7 @@ impl BoardThread {
                     match cmd {
                         Cmd::Place(uid) => spi.borrow_mut().place_card(&uid),
                         Cmd::Remove => spi.borrow_mut().remove_card(),
+                        Cmd::ReaderAlive(alive) => spi.borrow_mut().set_alive(alive),
                     }
                 }
                 board.step(start.elapsed().as_millis() as u64);
@@ -241,6 +244,12 @@ async fn tap_round_trip(corrupt_every: usize) -> (Counters, Counters, usize) {
     };
     assert!(hello.reader_ok);
     assert_eq!(hello.board_id, 0x7E57);
+    let status = reader.status();
+    assert!(
+        status.port_open && status.last_heard.is_some(),
+        "{status:?}"
+    );
+    assert_eq!((status.reader_ok, status.last_fault), (Some(true), None));
 
     board.cmds.send(Cmd::Place(CARD.to_vec())).unwrap();
     // Held for 3 s: about 30 reader polls, one presentation.
@@ -320,6 +329,8 @@ async fn an_unplugged_board_is_reopened_when_it_comes_back() {
         Event::Hello(_)
     ));
 
+    assert!(reader.answering(tokio::time::Instant::now()));
+
     board.unplug();
     std::fs::remove_file(&link).unwrap();
     loop {
@@ -327,6 +338,9 @@ async fn an_unplugged_board_is_reopened_when_it_comes_back() {
             break;
         }
     }
+    // What the staff page shows meanwhile: the board is gone.
+    assert!(!reader.status().port_open);
+    assert!(!reader.answering(tokio::time::Instant::now()));
     // Away for a while: the gateway keeps trying (and logs the streak once).
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -346,5 +360,50 @@ async fn an_unplugged_board_is_reopened_when_it_comes_back() {
     }
     assert!(reader.show(Indication::ResultOk).await);
     wait_showing(&board, Indication::ResultOk).await;
+    assert!(reader.answering(tokio::time::Instant::now()));
+    stop.cancel();
+}
+
+/// The board's MFRC522 stops answering while the board itself runs on: the gateway hears a `Fault`,
+/// and its state (what the staff page shows) says the board answers but its reader does not work;
+/// when the reader comes back the board says hello again and the state says so, keeping the last fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_card_reader_is_reported_while_the_board_still_answers() {
+    use protocol::link::ReaderFault;
+    phg_tests::init_tracing();
+    let (master, path) = pty();
+    let board = BoardThread::start(master, 0);
+    let (reader, mut events, stop) = gateway_side(&path);
+    assert!(matches!(
+        next_event(&mut events, "Hello").await,
+        Event::Hello(h) if h.reader_ok
+    ));
+
+    board.cmds.send(Cmd::ReaderAlive(false)).unwrap();
+    loop {
+        if let Event::Fault(fault) = next_event(&mut events, "Fault").await {
+            assert_eq!(fault, ReaderFault::NotResponding);
+            break;
+        }
+    }
+    let status = reader.status();
+    assert_eq!(status.reader_ok, Some(false), "{status:?}");
+    assert_eq!(status.last_fault, Some(ReaderFault::NotResponding));
+    assert!(
+        reader.answering(tokio::time::Instant::now()),
+        "the board itself still answers"
+    );
+
+    board.cmds.send(Cmd::ReaderAlive(true)).unwrap();
+    loop {
+        if let Event::Hello(hello) = next_event(&mut events, "Hello after recovery").await
+            && hello.reader_ok
+        {
+            break;
+        }
+    }
+    let status = reader.status();
+    assert_eq!(status.reader_ok, Some(true), "{status:?}");
+    assert_eq!(status.last_fault, Some(ReaderFault::NotResponding), "kept");
     stop.cancel();
 }

@@ -300,6 +300,11 @@ async fn the_staff_page_needs_the_token_then_lists_and_assigns_held_readings() {
     b.wait_text("#held-rows", "141/90").await;
     b.wait_text("#held-rows", "无人签到").await;
     b.wait_text("#device-rows", "AA:BB:CC:00:11:22").await;
+    // The card reader board answers but its reader has failed: staff see it before patients queue.
+    b.wait_text("#card-reader", "读卡器").await;
+    b.wait_text("#card-reader", "读卡模块故障").await;
+    b.wait_text("#card-reader", "card reader not responding")
+        .await;
     b.wait_text("#journal-depth", "2").await;
     b.wait_text("#broker", "正常").await;
     b.screenshot_if_asked("kiosk-staff-zh-CN.png").await;

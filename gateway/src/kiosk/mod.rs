@@ -172,14 +172,30 @@ pub struct HeldReading {
 pub struct DeviceView {
     /// The device id.
     pub device: String,
-    /// Glucose or blood pressure.
-    pub kind: MeasurementKind,
+    /// Glucose or blood pressure, once the device has sent a value (until then the kiosk cannot tell:
+    /// the configuration lists device ids only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<MeasurementKind>,
     /// Connected now.
     pub connected: bool,
     /// Battery level, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub battery_percent: Option<u8>,
     /// The last failure (stage and cause), when there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
+}
+
+/// The card reader board's state, for the staff page: a kiosk whose reader is unplugged or broken can
+/// only check patients in by staff entry, and the desk must see that before the queue does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CardReaderView {
+    /// The board answers on its serial port.
+    pub connected: bool,
+    /// The board's card reader works (`None` before the board first said hello).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reader_ok: Option<bool>,
+    /// What is wrong or went wrong last, in words for staff (never a card UID).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_failure: Option<String>,
 }
@@ -191,8 +207,11 @@ pub struct StaffView {
     pub session: Option<SessionView>,
     /// Unattributed kiosk readings, oldest first.
     pub held: Vec<HeldReading>,
-    /// The kiosk's devices (and the card reader).
+    /// The kiosk's measuring devices.
     pub devices: Vec<DeviceView>,
+    /// The card reader board, when the kiosk has one (`[kiosk] reader`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub card_reader: Option<CardReaderView>,
     /// Records waiting in the journal.
     pub journal_depth: u64,
     /// The broker connection is up.

@@ -21,8 +21,8 @@ use super::attribution::{Attribution, HoldReason, ReadingTimes, SessionLog, attr
 use super::card::CardKey;
 use super::hold::{HeldEntry, Hold, HoldError, Shown};
 use super::{
-    Advice, CheckInBy, DeviceView, KioskControl, KioskError, MeasurementKind, PatientScreen,
-    ResultView, SessionView, StaffId, StaffView, SymptomQuestion,
+    Advice, CardReaderView, CheckInBy, DeviceView, KioskControl, KioskError, MeasurementKind,
+    PatientScreen, ResultView, SessionView, StaffId, StaffView, SymptomQuestion,
 };
 use crate::journal::NewRecord;
 use crate::pipeline::Pipeline;
@@ -178,6 +178,35 @@ impl Kiosk {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         self.reader.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// The card reader board as staff should see it, when there is one.
+    fn card_reader_view(&self) -> Option<CardReaderView> {
+        use protocol::link::ReaderFault;
+        let reader = self
+            .reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let status = reader.status();
+        let connected = reader.answering(tokio::time::Instant::now());
+        let fault = status.last_fault.map(|f| match f {
+            ReaderFault::NotResponding => "card reader not responding",
+            ReaderFault::Bus => "card reader bus error",
+            ReaderFault::Init => "card reader failed to start",
+        });
+        let last_failure = if !status.port_open {
+            Some("board unplugged or its serial port unavailable")
+        } else if !connected {
+            Some("board not answering")
+        } else {
+            fault
+        };
+        Some(CardReaderView {
+            connected,
+            reader_ok: status.reader_ok,
+            last_failure: last_failure.map(str::to_owned),
+        })
     }
 
     /// Gives the kiosk the card reader it sends `Show` to.
@@ -671,9 +700,7 @@ impl KioskControl for Kiosk {
                 let seen = inner.seen.get(d);
                 DeviceView {
                     device: d.clone(),
-                    kind: seen
-                        .and_then(|(k, _)| *k)
-                        .unwrap_or(MeasurementKind::BloodPressure),
+                    kind: seen.and_then(|(k, _)| *k),
                     connected: seen.is_some_and(|(_, t)| now - t <= CONNECTED_WITHIN_S),
                     battery_percent: None,
                     last_failure: None,
@@ -705,6 +732,7 @@ impl KioskControl for Kiosk {
             session,
             held: self.hold_lock().view(),
             devices,
+            card_reader: self.card_reader_view(),
             journal_depth,
             broker_connected: self.broker_connected.load(Ordering::Relaxed),
         }
@@ -1019,5 +1047,55 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let k = kiosk(dir.path(), &["sim-cuff"]);
         assert_eq!(battery_of(&k.staff_view(), "sim-cuff"), None);
+    }
+
+    /// A device that never sent a value is listed without a kind (the configuration names ids only;
+    /// a glucometer must not be shown as a cuff), and gets one with its first value.
+    #[test]
+    fn an_unseen_device_has_no_kind_until_its_first_value() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = kiosk(dir.path(), &["clinic-meter"]);
+        let kind = |k: &Kiosk| {
+            k.staff_view()
+                .devices
+                .iter()
+                .find(|d| d.device == "clinic-meter")
+                .expect("listed")
+                .kind
+        };
+        assert_eq!(kind(&k), None);
+        let json = serde_json::to_value(k.staff_view()).expect("serialisable");
+        assert!(json["devices"][0].get("kind").is_none(), "{json}");
+        let now = crate::sources::collector::now_utc();
+        let _ = k.attribute("clinic-meter", MeasurementKind::Glucose, now, Some(now));
+        assert_eq!(kind(&k), Some(MeasurementKind::Glucose));
+    }
+
+    /// The card reader board on the staff page: absent without one; with one whose port cannot be
+    /// opened, shown as not connected with the reason, and never as working.
+    #[tokio::test]
+    async fn staff_view_shows_a_card_reader_that_cannot_be_reached() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = kiosk(dir.path(), &["sim-cuff"]);
+        assert_eq!(k.staff_view().card_reader, None);
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (reader, task) = crate::sources::card_reader::spawn(
+            crate::sources::card_reader::Config::new(dir.path().join("no-such-tty")),
+            tx,
+            stop.clone(),
+        );
+        k.attach_reader(reader);
+        let view = k.staff_view().card_reader.expect("a card reader row");
+        assert!(!view.connected);
+        assert_eq!(view.reader_ok, None, "never heard: unknown, not working");
+        assert!(
+            view.last_failure
+                .as_deref()
+                .is_some_and(|f| f.contains("unplugged")),
+            "{view:?}"
+        );
+        stop.cancel();
+        task.await.expect("the card reader task ends");
     }
 }

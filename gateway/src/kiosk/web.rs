@@ -590,6 +590,7 @@ mod tests {
                 session: None,
                 held: Vec::new(),
                 devices: Vec::new(),
+                card_reader: None,
                 journal_depth: 3,
                 broker_connected: true,
             }

@@ -13,9 +13,12 @@
 //!   open, which also starts the board's duplicate filter afresh).
 //! - Counts the link: frames good and bad, retransmissions, frames given up ([`CardReader::counters`],
 //!   and as Prometheus counters `phg_card_link_*_total`).
+//! - Keeps the board's state for the staff page ([`CardReader::status`]): port open, when a frame was
+//!   last heard (the board answers every ping, so a silent board is seen within seconds even while its
+//!   port stays open), whether its reader works and the last fault.
 //!
-//! What it does *not* do yet: turn a tap into a check-in (the kiosk, a later issue, maps a keyed hash of
-//! the UID to a patient). A UID identifies a patient's card: it is never logged, at any level.
+//! Turning a tap into a check-in is the kiosk's (`crate::kiosk::state::card_reader_task` maps a keyed
+//! hash of the UID to a patient). A UID identifies a patient's card: it is never logged, at any level.
 //!
 //! # Design
 //!
@@ -77,12 +80,31 @@ pub enum Event {
     Unplugged,
 }
 
-/// The running card reader: send it `Show`s, read its counters.
+/// The running card reader: send it `Show`s, read its counters and its state.
 #[derive(Debug, Clone)]
 pub struct CardReader {
     shows: mpsc::Sender<Indication>,
     counters: Arc<Mutex<Counters>>,
+    status: Arc<Mutex<BoardStatus>>,
+    ping_every: Duration,
 }
+
+/// The board as last seen: no card UID, no patient.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BoardStatus {
+    /// The serial port is open.
+    pub port_open: bool,
+    /// When the last good frame (any message, acknowledgements and heartbeats included) arrived.
+    pub last_heard: Option<Instant>,
+    /// Whether the board's card reader works, as its last `Hello` or `Fault` said; `None` before the
+    /// first `Hello`.
+    pub reader_ok: Option<bool>,
+    /// The last fault the board reported, kept after a recovery (staff see what happened).
+    pub last_fault: Option<ReaderFault>,
+}
+
+/// A board not heard for this many ping intervals is shown as not answering.
+const SILENT_AFTER_PINGS: u32 = 3;
 
 impl CardReader {
     /// Asks the board to show `indication`. Returns `false` if the card-reader task has stopped.
@@ -94,6 +116,21 @@ impl CardReader {
     pub fn counters(&self) -> Counters {
         // A poisoned lock only means a panic elsewhere mid-update: the counters are still readable.
         *self.counters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The board's state now.
+    pub fn status(&self) -> BoardStatus {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the board answers: its port is open and a frame came within a few ping intervals (it
+    /// acknowledges every ping).
+    pub fn answering(&self, now: Instant) -> bool {
+        let status = self.status();
+        status.port_open
+            && status.last_heard.is_some_and(|t| {
+                now.saturating_duration_since(t) <= self.ping_every * SILENT_AFTER_PINGS
+            })
     }
 }
 
@@ -107,11 +144,14 @@ pub fn spawn(
     describe_metrics();
     let (shows_tx, shows_rx) = mpsc::channel(8);
     let counters = Arc::new(Mutex::new(Counters::default()));
+    let status = Arc::new(Mutex::new(BoardStatus::default()));
+    let ping_every = config.ping_every;
     let task = Task {
         config,
         events,
         shows: shows_rx,
         counters: counters.clone(),
+        status: status.clone(),
         exported: Counters::default(),
     };
     let handle = tokio::spawn(task.run(shutdown));
@@ -119,6 +159,8 @@ pub fn spawn(
         CardReader {
             shows: shows_tx,
             counters,
+            status,
+            ping_every,
         },
         handle,
     )
@@ -165,6 +207,7 @@ struct Task {
     events: mpsc::Sender<Event>,
     shows: mpsc::Receiver<Indication>,
     counters: Arc<Mutex<Counters>>,
+    status: Arc<Mutex<BoardStatus>>,
     /// What has been added to the Prometheus counters so far.
     exported: Counters,
 }
@@ -189,7 +232,10 @@ impl Task {
                 Ok(port) => {
                     failing = false;
                     tracing::info!(path = %self.config.path.display(), "card reader port open");
-                    match self.session(port, &shutdown).await {
+                    self.update_status(|s| s.port_open = true);
+                    let end = self.session(port, &shutdown).await;
+                    self.update_status(|s| s.port_open = false);
+                    match end {
                         End::Shutdown => return,
                         End::Lost => {
                             tracing::warn!(path = %self.config.path.display(), "card reader port lost; reopening");
@@ -251,7 +297,14 @@ impl Task {
                         Ok(n) => n,
                     };
                     for &byte in buf.get(..n).unwrap_or(&[]) {
-                        if let Some(message) = link.receive(byte)
+                        let good_before = link.counters().frames_good;
+                        let message = link.receive(byte);
+                        // Any good frame, acknowledgements and repeats included, shows the board
+                        // answers; noted before the message is passed on, so whoever acts on it sees it.
+                        if link.counters().frames_good != good_before {
+                            self.update_status(|s| s.last_heard = Some(Instant::now()));
+                        }
+                        if let Some(message) = message
                             && !self.deliver(message).await {
                                 return End::Shutdown;
                             }
@@ -272,6 +325,14 @@ impl Task {
 
     /// Passes a board message on; `false` if nobody listens any more.
     async fn deliver(&mut self, message: BoardMessage) -> bool {
+        self.update_status(|s| match message {
+            BoardMessage::Hello(hello) => s.reader_ok = Some(hello.reader_ok),
+            BoardMessage::Fault(fault) => {
+                s.reader_ok = Some(false);
+                s.last_fault = Some(fault);
+            }
+            BoardMessage::CardPresented(_) | BoardMessage::Heartbeat | BoardMessage::Ack => {}
+        });
         let event = match message {
             BoardMessage::Hello(hello) => {
                 tracing::info!(
@@ -299,6 +360,10 @@ impl Task {
 
     fn counters(&self) -> Counters {
         *self.counters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update_status(&self, change: impl FnOnce(&mut BoardStatus)) {
+        change(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Stores `base + session` as the totals and adds what is new to the Prometheus counters.

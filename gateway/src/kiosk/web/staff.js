@@ -142,10 +142,26 @@
       const tr = document.createElement("tr");
       tr.dataset.device = d.device;
       cell(tr, d.device);
-      cell(tr, t("staff_kind_" + d.kind));
+      // A device that has not sent a value yet: the kiosk cannot tell its kind.
+      cell(tr, d.kind ? t("staff_kind_" + d.kind) : "");
       cell(tr, t(d.connected ? "staff_connected" : "staff_disconnected"));
       cell(tr, typeof d.battery_percent === "number" ? d.battery_percent + "%" : "");
       cell(tr, d.last_failure || "");
+      devices.appendChild(tr);
+    }
+    const r = view.card_reader;
+    if (r) {
+      // The card reader board: without it (or with its reader broken) check-in is by staff entry only.
+      const tr = document.createElement("tr");
+      tr.id = "card-reader";
+      tr.dataset.connected = String(r.connected);
+      tr.dataset.readerOk = String(r.reader_ok);
+      cell(tr, t("staff_card_reader"));
+      cell(tr, "");
+      cell(tr, t(r.connected && r.reader_ok !== false ? "staff_connected"
+        : r.connected ? "staff_reader_fault" : "staff_disconnected"));
+      cell(tr, "");
+      cell(tr, r.last_failure || "");
       devices.appendChild(tr);
     }
     $("journal-depth").textContent = String(view.journal_depth);
