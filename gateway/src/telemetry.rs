@@ -59,6 +59,10 @@ pub fn init_logs(json: bool, default_filter: &str) {
 
 /// Starts the Prometheus endpoint when the config asks for one, and a task that copies the pipeline's
 /// counters and the journal depth into it once a second.
+///
+/// `GET /metrics` is served by the kiosk's axum (HTTP/1.1), not by the exporter's own listener: that one
+/// brings a second server stack with HTTP/2 (hyper-util `server-auto`, h2: about 0.5 MB of the Raspberry
+/// Pi binary, docs/raspberry-pi.md) for a scrape endpoint that needs neither.
 pub fn spawn_exporter(
     config: &Config,
     journal: Arc<Mutex<Journal>>,
@@ -66,13 +70,49 @@ pub fn spawn_exporter(
     shutdown: CancellationToken,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let addr = config.raw.telemetry.metrics_listen?;
-    if let Err(e) = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
+    let listener = match std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(tokio::net::TcpListener::from_std)
     {
-        tracing::warn!(error = %e, %addr, "metrics endpoint not started; the gateway runs on without it");
-        return None;
-    }
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, %addr, "metrics endpoint not started; the gateway runs on without it");
+            return None;
+        }
+    };
+    let handle = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, %addr, "metrics endpoint not started; the gateway runs on without it");
+            return None;
+        }
+    };
+    let render = handle.clone();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = render.render();
+            async move {
+                (
+                    // The Prometheus text exposition format.
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    text,
+                )
+            }
+        }),
+    );
+    let serve_stop = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(serve_stop.cancelled_owned())
+            .await
+        {
+            tracing::warn!(error = %e, "metrics endpoint stopped");
+        }
+    });
     tracing::info!(%addr, "metrics at http://{addr}/metrics");
     describe_metrics();
     Some(tokio::spawn(async move {
@@ -82,6 +122,8 @@ pub fn spawn_exporter(
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
+            // Without the exporter's own listener, its housekeeping (histogram windows) is ours to run.
+            handle.run_upkeep();
             let depth = journal.lock().unwrap_or_else(|p| p.into_inner()).depth();
             metrics::gauge!("phg_journal_depth").set(depth as f64);
             for (name, c) in [

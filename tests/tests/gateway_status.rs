@@ -20,10 +20,11 @@ const BROKER_DOWN_S: u64 = 3;
 
 const PATIENT: &str = "p-7f3a-0042";
 
-fn config(broker: &str, dir: &Path) -> String {
+fn config(broker: &str, dir: &Path, metrics: std::net::SocketAddr) -> String {
     format!(
         "gateway_id = \"gw-status\"\n\
          [mqtt]\nbroker = \"{broker}\"\nkeep_alive_s = 5\n\
+         [telemetry]\nmetrics_listen = \"{metrics}\"\n\
          [journal]\ndir = {journal:?}\n\
          [status]\nbroker_down_s = {BROKER_DOWN_S}\n\
          [[bindings]]\ndevice = \"sim-meter-1\"\npatient = \"{PATIENT}\"\n\
@@ -75,7 +76,16 @@ async fn status_follows_the_broker_and_the_journal() {
     let mut broker = broker.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("gateway.toml");
-    std::fs::write(&config_path, config(&broker.url(), dir.path())).unwrap();
+    // A free loopback port for the Prometheus endpoint (released before the gateway binds it).
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    std::fs::write(
+        &config_path,
+        config(&broker.url(), dir.path(), metrics_addr),
+    )
+    .unwrap();
 
     // Not running: its own exit status, and a sentence saying so.
     let (code, out) = status(&config_path, false);
@@ -104,6 +114,24 @@ async fn status_follows_the_broker_and_the_journal() {
     assert_eq!(healthy["schema"], "phg.gateway-status/1");
     assert!(healthy["alerts"]["open_episodes"].is_object(), "{healthy}");
     assert_eq!(healthy["stale_tasks"], serde_json::json!([]));
+
+    // The Prometheus endpoint, as a scraper reads it: the counters, the journal depth, and no patient id.
+    let scrape = scrape_metrics(metrics_addr);
+    assert!(
+        scrape.starts_with("HTTP/1.1 200") && scrape.contains("text/plain; version=0.0.4"),
+        "{scrape}"
+    );
+    let accepted = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("phg_readings_accepted_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(accepted.is_some_and(|n| n > 0.0), "{scrape}");
+    assert!(scrape.contains("\nphg_journal_depth "), "{scrape}");
+    assert!(
+        scrape.contains("# HELP phg_readings_accepted_total"),
+        "{scrape}"
+    );
+    assert!(!scrape.contains(PATIENT), "a patient id in the metrics");
 
     // The socket: group phg may ask (0660), nobody else.
     let socket = dir.path().join("gateway.sock");
@@ -164,4 +192,20 @@ async fn status_follows_the_broker_and_the_journal() {
     let (code, _) = status(&config_path, false);
     assert_eq!(code, Some(3));
     assert!(!socket.exists());
+}
+
+/// `GET /metrics` over plain HTTP/1.1, as Prometheus scrapes it: the whole response.
+fn scrape_metrics(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        conn,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    response
 }
