@@ -344,6 +344,16 @@ async fn an_unplugged_board_is_reopened_when_it_comes_back() {
     // Away for a while: the gateway keeps trying (and logs the streak once).
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    // Reopening failed meanwhile: reported once for the streak, not once per attempt.
+    let away = events_for(&mut events, Duration::from_millis(100)).await;
+    assert_eq!(
+        away.iter()
+            .filter(|e| matches!(e, Event::OpenFailed(_)))
+            .count(),
+        1,
+        "{away:?}"
+    );
+
     let (master, pts) = pty();
     std::os::unix::fs::symlink(&pts, &link).unwrap();
     let board = BoardThread::start(master, 0);

@@ -408,6 +408,29 @@ async fn a_card_tap_checks_in_and_readings_measured_in_the_session_go_to_that_pa
         let text = String::from_utf8_lossy(&r.payload).to_lowercase();
         assert!(!text.contains(&uid_hex), "a card UID on {}", r.topic);
     }
+
+    // The board is unplugged: the CRM hears one `device_error` for it, not one per reopen attempt
+    // (the gateway retries every second).
+    let reader_errors = |s: &mut Subscriber| -> Vec<Value> {
+        events(s, "device_error")
+            .into_iter()
+            .filter(|e| e["event"]["device"] == "card-reader")
+            .collect()
+    };
+    assert!(
+        reader_errors(&mut sub).is_empty(),
+        "a device_error while the board worked"
+    );
+    drop(board);
+    wait_until(&mut sub, "the card reader's device_error", |s| {
+        !reader_errors(s).is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let errors = reader_errors(&mut sub);
+    assert_eq!(errors.len(), 1, "one event per streak: {errors:?}");
+    assert_eq!(errors[0]["event"]["stage"], "link", "{}", errors[0]);
+
     let exit = gw.terminate(Duration::from_secs(20)).await.unwrap();
     let log = exit.stderr.join("\n");
     assert!(
@@ -415,7 +438,6 @@ async fn a_card_tap_checks_in_and_readings_measured_in_the_session_go_to_that_pa
         "a card UID in the log"
     );
     assert!(!log.contains(PATIENT), "a patient id in the INFO log");
-    drop(board);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

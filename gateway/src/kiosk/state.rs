@@ -603,6 +603,9 @@ impl Kiosk {
     }
 }
 
+/// The card reader board's device id in `device_error` events (its serial path is not an id: it holds '/').
+pub const CARD_READER_DEVICE: &str = "card-reader";
+
 /// Runs the card reader board: each card presented checks its patient in (or shows "card unknown"), and
 /// the kiosk sends the board `Show` as the session goes on. Runs until `shutdown`.
 pub async fn card_reader_task(
@@ -614,19 +617,50 @@ pub async fn card_reader_task(
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let (reader, task) = card_reader::spawn(config, tx, shutdown.clone());
     kiosk.attach_reader(reader);
+    // The board is unreachable (port gone or never opened) since the last `device_error` about it: one
+    // event per streak, until the board says hello again.
+    let mut down = false;
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
             e = rx.recv() => e,
         };
-        match event {
+        // What to tell the CRM (`device_error` on …/events): stage and cause, never a card UID.
+        let problem = match event {
             None => break,
             Some(Event::CardPresented(uid)) => {
                 kiosk.card_presented(uid.as_bytes(), crate::sources::collector::now_utc());
+                None
             }
             // A board that (re)starts shows what the kiosk is doing now.
-            Some(Event::Hello(_)) => kiosk.show(kiosk.indication_now()),
-            Some(Event::Fault(_) | Event::Unplugged) => {}
+            Some(Event::Hello(_)) => {
+                down = false;
+                kiosk.show(kiosk.indication_now());
+                None
+            }
+            Some(Event::Fault(fault)) => Some((
+                "reader",
+                format!("the board's card reader failed: {fault:?}"),
+            )),
+            Some(Event::Unplugged) if !down => {
+                down = true;
+                Some((
+                    "link",
+                    "the card reader board's serial port went away".to_owned(),
+                ))
+            }
+            Some(Event::OpenFailed(cause)) if !down => {
+                down = true;
+                Some((
+                    "open",
+                    format!("the card reader board's serial port cannot be opened: {cause}"),
+                ))
+            }
+            Some(Event::Unplugged | Event::OpenFailed(_)) => None,
+        };
+        if let (Some((stage, cause)), Some(pipeline)) = (problem, kiosk.pipeline()) {
+            crate::sources::ble::report_device_error(&pipeline, CARD_READER_DEVICE, stage, &cause)
+                .await;
         }
     }
     let _ = task.await;

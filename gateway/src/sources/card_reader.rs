@@ -68,7 +68,7 @@ impl Config {
 }
 
 /// What the card reader reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The board started (or its reader recovered): its firmware, id and whether the reader works.
     Hello(Hello),
@@ -78,6 +78,8 @@ pub enum Event {
     Fault(ReaderFault),
     /// The serial port went away (the board was unplugged or reset its USB).
     Unplugged,
+    /// The serial port could not be opened: the first failure of a streak only (why, for people).
+    OpenFailed(String),
 }
 
 /// The running card reader: send it `Show`s, read its counters and its state.
@@ -252,6 +254,14 @@ impl Task {
                         failing = true;
                         tracing::warn!(path = %self.config.path.display(), %error, "card reader port unavailable");
                         metrics::counter!("phg_card_reader_device_errors_total").increment(1);
+                        if self
+                            .events
+                            .send(Event::OpenFailed(error.to_string()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
                     }
                 }
             }
