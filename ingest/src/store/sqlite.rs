@@ -38,6 +38,24 @@ fn connection(path: &Path) -> Result<Connection, rusqlite::Error> {
     Ok(c)
 }
 
+/// The writer connection, with the schema brought to this version.
+fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+    let mut writer = connection(path)?;
+    // SQLite has no `ADD COLUMN IF NOT EXISTS`: a database from before the column gets it here,
+    // before V1 (which indexes it) adopts the database.
+    let (has_table, has_deadline): (bool, bool) = writer.query_row(
+        "SELECT count(*) > 0, coalesce(sum(name = 'next_deadline_utc'), 0) > 0
+         FROM pragma_table_info('patient_state')",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if has_table && !has_deadline {
+        writer.execute_batch("ALTER TABLE patient_state ADD COLUMN next_deadline_utc BIGINT")?;
+    }
+    super::migrations::sqlite::migrations::runner().run(&mut writer)?;
+    Ok(writer)
+}
+
 impl SqliteStore {
     /// Opens (creating) the database file at `path` and its tables.
     ///
@@ -51,38 +69,25 @@ impl SqliteStore {
                 // A missing data directory is created; a failure shows up as the open's error.
                 let _ = std::fs::create_dir_all(dir);
             }
-            let mut writer = connection(&path)?;
-            // SQLite has no `ADD COLUMN IF NOT EXISTS`: a database from before the column gets it here,
-            // before V1 (which indexes it) adopts the database.
-            let (has_table, has_deadline): (bool, bool) = writer.query_row(
-                "SELECT count(*) > 0, coalesce(sum(name = 'next_deadline_utc'), 0) > 0
-                 FROM pragma_table_info('patient_state')",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
-            if has_table && !has_deadline {
-                writer.execute_batch(
-                    "ALTER TABLE patient_state ADD COLUMN next_deadline_utc BIGINT",
-                )?;
-            }
-            // Two openers of a new database at once (two instances, or a tool beside ingest) both read
-            // "nothing applied"; the second's history insert then fails on refinery's UNIQUE version and
-            // its transaction rolls back. The busy timeout has serialised the writes by then, so running
-            // again finds the first opener's migrations and applies nothing; a real error (a database
-            // from a newer ingest, a damaged file) fails every attempt and is returned.
+            // Two openers of a new database at once (two instances, or a tool beside ingest) race: both
+            // may read "nothing applied", and the second's history insert then fails on refinery's UNIQUE
+            // version; or SQLite answers SQLITE_BUSY at once, without waiting out the busy timeout (the
+            // switch to WAL on a new file, or a read that must become a write while the other holds its
+            // lock: SQLite's deadlock avoidance). Opening again finds the first opener's work done; a real
+            // error (a database from a newer ingest, a damaged file) fails every attempt and is returned.
             // (PostgreSQL takes an advisory lock instead: `postgres.rs`.)
             let mut attempt = 0u64;
-            loop {
-                match super::migrations::sqlite::migrations::runner().run(&mut writer) {
-                    Ok(_) => break,
-                    Err(e) if attempt < 3 => {
+            let writer = loop {
+                match open_writer(&path) {
+                    Ok(w) => break w,
+                    Err(e) if attempt < 5 => {
                         attempt += 1;
-                        tracing::debug!(error = %e, attempt, "migration failed; trying again");
+                        tracing::debug!(error = %e, attempt, "opening the database failed; trying again");
                         std::thread::sleep(Duration::from_millis(50 * attempt));
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(e),
                 }
-            }
+            };
             let reader = connection(&path)?;
             Ok(SqliteStore {
                 writer: Arc::new(Mutex::new(writer)),
