@@ -116,16 +116,24 @@ async fn status_follows_the_broker_and_the_journal() {
     assert_eq!(healthy["stale_tasks"], serde_json::json!([]));
 
     // The Prometheus endpoint, as a scraper reads it: the counters, the journal depth, and no patient id.
-    let scrape = scrape_metrics(metrics_addr);
+    // The pipeline's counters are copied into the exporter once a second: poll until they show.
+    let accepted_of = |scrape: &str| {
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix("phg_readings_accepted_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut scrape = scrape_metrics(metrics_addr);
+    while !accepted_of(&scrape).is_some_and(|n| n > 0.0) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(300));
+        scrape = scrape_metrics(metrics_addr);
+    }
     assert!(
         scrape.starts_with("HTTP/1.1 200") && scrape.contains("text/plain; version=0.0.4"),
         "{scrape}"
     );
-    let accepted = scrape
-        .lines()
-        .find_map(|l| l.strip_prefix("phg_readings_accepted_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok());
-    assert!(accepted.is_some_and(|n| n > 0.0), "{scrape}");
+    assert!(accepted_of(&scrape).is_some_and(|n| n > 0.0), "{scrape}");
     assert!(scrape.contains("\nphg_journal_depth "), "{scrape}");
     assert!(
         scrape.contains("# HELP phg_readings_accepted_total"),
