@@ -659,8 +659,13 @@ pub async fn card_reader_task(
             Some(Event::Unplugged | Event::OpenFailed(_)) => None,
         };
         if let (Some((stage, cause)), Some(pipeline)) = (problem, kiosk.pipeline()) {
-            crate::sources::ble::report_device_error(&pipeline, CARD_READER_DEVICE, stage, &cause)
-                .await;
+            crate::sources::notice::report_device_error(
+                &pipeline,
+                CARD_READER_DEVICE,
+                stage,
+                &cause,
+            )
+            .await;
         }
     }
     let _ = task.await;

@@ -9,6 +9,7 @@
 pub mod ble;
 pub mod card_reader;
 pub mod collector;
+pub mod notice;
 pub mod simulator;
 
 use std::future::Future;

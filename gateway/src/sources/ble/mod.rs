@@ -635,22 +635,6 @@ async fn run_collector(
     }
 }
 
-/// Journals a `device_error` event for the `…/events` topic (DESIGN.md promise 7: a dead adapter or an
-/// unreadable device is reported, and the rest keeps working). `device` is a device address or an adapter
-/// name; no payload values are in it. At most one event per device, stage and minute (its id), so a
-/// device failing in a loop does not flood the CRM. Best effort: a full journal drops the notice, not a
-/// reading.
-pub async fn report_device_error(pipeline: &Pipeline, device: &str, stage: &str, cause: &str) {
-    let now = now_utc();
-    let event = protocol::wire::Event::DeviceError {
-        device: device.to_owned(),
-        stage: stage.to_owned(),
-        cause: cause.to_owned(),
-    };
-    let id = format!("device-error:{device}:{stage}:{}", now.div_euclid(60));
-    journal_notice(pipeline, device, event, id, now).await;
-}
-
 /// Journals an `unpaired_device` event: a health device advertising near the gateway that was not paired
 /// through it (and so is never connected). Called once per device and gateway run.
 pub async fn report_unpaired_device(
@@ -666,44 +650,7 @@ pub async fn report_unpaired_device(
         rssi,
     };
     let id = format!("unpaired:{device}:{}", now.div_euclid(60));
-    journal_notice(pipeline, device, event, id, now).await;
-}
-
-/// Journals a notice event about `device` under the id `id`. Best effort: a notice that the journal
-/// refuses is logged, never retried in place of a reading.
-async fn journal_notice(
-    pipeline: &Pipeline,
-    device: &str,
-    event: protocol::wire::Event,
-    id: String,
-    now: i64,
-) {
-    let payload = match protocol::wire::EventMessage::new(&pipeline.gateway_id, now, event)
-        .map_err(|e| e.to_string())
-        .and_then(|m| serde_json::to_vec(&m).map_err(|e| e.to_string()))
-    {
-        Ok(p) => p,
-        Err(e) => return tracing::error!(error = %e, id, "cannot build the event"),
-    };
-    let record = crate::journal::NewRecord {
-        device: device.to_owned(),
-        device_seq: None,
-        reading_id: id,
-        topic: pipeline.topics.events(),
-        payload,
-    };
-    match pipeline
-        .writer
-        .submit(record, Arc::new(std::sync::atomic::AtomicBool::new(false)))
-        .await
-    {
-        Ok(rx) => {
-            if let Ok(Err(e)) = rx.await {
-                tracing::warn!(device, error = ?e, "event not journaled");
-            }
-        }
-        Err(e) => tracing::warn!(device, error = ?e, "event not journaled"),
-    }
+    super::notice::journal_notice(pipeline, device, event, id, now).await;
 }
 
 /// Per-device scheduling: who has a session, and when each may be tried again.
@@ -789,7 +736,8 @@ pub async fn run(
                 let first = reported.as_deref() != Some(cause.as_str());
                 if first {
                     let name = shared.cfg.adapter.as_deref().unwrap_or("adapter");
-                    report_device_error(&shared.pipeline, name, "adapter", &cause).await;
+                    super::notice::report_device_error(&shared.pipeline, name, "adapter", &cause)
+                        .await;
                 }
                 shared.status.lock().adapter = AdapterState::Missing {
                     cause: cause.clone(),
@@ -822,7 +770,13 @@ pub async fn run(
             Err(e) => {
                 let cause = e.to_string();
                 tracing::error!(adapter = %adapter.name, error = %cause, "Bluetooth adapter lost; sessions end at their deadline, looking for it again");
-                report_device_error(&shared.pipeline, &adapter.name, "adapter", &cause).await;
+                super::notice::report_device_error(
+                    &shared.pipeline,
+                    &adapter.name,
+                    "adapter",
+                    &cause,
+                )
+                .await;
                 let mut st = shared.status.lock();
                 st.adapter = AdapterState::Missing {
                     cause: cause.clone(),
@@ -1061,7 +1015,7 @@ async fn supervised_session(
     if let Some(f) = &failure {
         let new_stage = previous_stage.as_deref() != Some(f.stage);
         if status.consecutive_failures == 1 || new_stage {
-            report_device_error(&shared.pipeline, &address, f.stage, &f.cause).await;
+            super::notice::report_device_error(&shared.pipeline, &address, f.stage, &f.cause).await;
         }
     }
     let wait = match &failure {
