@@ -438,9 +438,10 @@ async fn consume(
             Ok(_) => {}
             // A packet larger than the limit: rumqttc drops the connection on its fixed header, before
             // the message can be read or acknowledged, and the broker redelivers it first on the next
-            // connection — the loop of issue 11 defect 1. With MQTT 3.1.1 the client must cope (MQTT 5's
-            // Maximum Packet Size, §3.1.2.11.4, would let the broker drop it instead): reconnect once with
-            // room for exactly this packet, so the storer records it in bad_messages and acknowledges it.
+            // connection — the loop of issue 11 defect 1. Announcing a limit (MQTT 5's Maximum Packet
+            // Size, §3.1.2.11.4) would make the broker discard such a message without a trace, so ingest
+            // copes instead: reconnect once with room for exactly this packet, so the storer records it in
+            // bad_messages and acknowledges it (docs/ingest.md).
             Err(rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
                 rumqttc::Error::PayloadSizeLimitExceeded(len),
             ))) => {

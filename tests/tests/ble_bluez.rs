@@ -1068,6 +1068,62 @@ async fn adapter_disappears_and_returns() {
     );
 }
 
+/// The adapter lost and back again, five times, with a record measured during each loss: every record is
+/// downloaded after each return through the streams the gateway kept across the loss (`sources::ble::run`
+/// keeps each adapter's feeds: dropping them can leave their D-Bus match rules registered for good, see
+/// `gateway::sources::ble::upstream`), and the bus match rules after the last return are no more than
+/// after the first download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_losses_reuse_the_kept_streams_and_leave_the_bus_match_rules_bounded() {
+    let Some(rig) = rig().await else { return };
+    let device = meter(1, false);
+    add_paired_meter(&rig, "Meter 1", device.clone()).await;
+    let (source, status, stop) = start_source(rig.cfg(), rig.pipeline());
+    wait_until("the first download", Duration::from_secs(20), || {
+        sequences(&rig.journaled()).len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let baseline = bus_match_rules().await;
+    let losses = 5u64;
+    for i in 0..losses {
+        rig.fake.remove_adapter().await.unwrap();
+        wait_until(
+            "the adapter reported missing",
+            Duration::from_secs(10),
+            || u64::from(status.snapshot().adapter_losses) > i,
+        )
+        .await;
+        device
+            .with_glucometer(|g| g.generate(1, unix_now(), i))
+            .expect("a glucometer")
+            .expect("a new record");
+        rig.fake.add_adapter().await.unwrap();
+        wait_until(
+            "the download after the adapter returned",
+            Duration::from_secs(20),
+            || sequences(&rig.journaled()).len() as u64 == i + 2,
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = bus_match_rules().await;
+    println!(
+        "{losses} adapter losses: bus match rules {baseline} after the first download, {after} after the last return"
+    );
+    stop.cancel();
+    source.await.unwrap();
+    assert_eq!(
+        sequences(&rig.journaled()),
+        (0..=losses).collect::<Vec<_>>(),
+        "every record downloaded once"
+    );
+    assert!(
+        after <= baseline,
+        "the bus match rules grew with the adapter losses: {baseline} -> {after}"
+    );
+}
+
 /// `device_error` events journaled for the events topic: (device, stage, cause).
 fn device_errors(
     records: &[(String, Option<u64>, serde_json::Value)],

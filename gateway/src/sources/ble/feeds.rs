@@ -38,8 +38,10 @@
 //!   a link confirms a `DeviceDisconnected` with BlueZ before it believes it (it may be the last
 //!   connection's, forwarded late).
 //!
-//! The streams are dropped only when the [`Feeds`] is (the adapter was lost and is selected again, or the
-//! source stops): a few rules per adapter loss at worst, not per session.
+//! The streams are dropped only when the [`Feeds`] is: when the source stops, or when its bus connection
+//! is replaced. An adapter that is lost and comes back under the same name gets its kept [`Feeds`] again
+//! (`super::run`), so the rules are bounded by the adapters and devices ever seen, not by sessions or
+//! losses.
 //!
 //! No upstream report of the race was found in bluez-rs/bluez-async or deviceplug/btleplug (searched for
 //! the panic message, `remove_match` and `MessageStream`).

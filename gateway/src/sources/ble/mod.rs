@@ -706,6 +706,12 @@ pub async fn run(
         }
     }
     let mut manager: Option<Manager> = None;
+    // The feeds of every adapter selected on this bus connection, kept across its losses: dropping an
+    // adapter's streams can leave their D-Bus match rules registered for good (`feeds`, `upstream`), so an
+    // adapter that comes back (a dongle re-plugged, bluetoothd restarted: the same `hciN` path) gets the
+    // streams it had, and the rules stay bounded by the adapters and devices ever seen, not by the
+    // number of losses. A new connection (`manager` replaced) starts afresh.
+    let mut kept: HashMap<String, Arc<feeds::Feeds>> = HashMap::new();
     let mut reported: Option<String> = None;
     while !shutdown.is_cancelled() {
         let outcome = async {
@@ -732,6 +738,7 @@ pub async fn run(
                 }
                 if matches!(e, BleError::Bus(_)) {
                     manager = None;
+                    kept.clear();
                 }
                 let first = reported.as_deref() != Some(cause.as_str());
                 if first {
@@ -755,6 +762,16 @@ pub async fn run(
                     }
                 }
                 continue;
+            }
+        };
+        let adapter = match kept.get(&adapter.name) {
+            Some(feeds) => SelectedAdapter {
+                feeds: Arc::clone(feeds),
+                ..adapter
+            },
+            None => {
+                kept.insert(adapter.name.clone(), Arc::clone(&adapter.feeds));
+                adapter
             }
         };
         if reported.take().is_some() {

@@ -24,8 +24,9 @@
 //! connection until the connection closes, and the system bus allows 512 per connection by default.
 //! The gateway therefore does not open and drop streams per session: [`super::feeds`] keeps one adapter
 //! stream and one stream per device for as long as the adapter is in use, and connects without
-//! btleplug's `connect()`. What can still drop a stream is losing the adapter (its feeds go with it): a
-//! few rules per adapter loss. The counter below is how an operator sees any occurrence.
+//! btleplug's `connect()`, and an adapter lost and found again gets the streams it had. What still
+//! drops streams is stopping the source or replacing its bus connection. The counter below is how an
+//! operator sees any occurrence.
 //!
 //! # The containment
 //!
