@@ -18,7 +18,7 @@
 //! `Peripheral::connect()` does the same inside: bluez-async `connect_with_timeout` (`src/lib.rs:754-761`)
 //! waits for `ServicesResolved` on a device stream of its own (`await_service_discovery`,
 //! `src/lib.rs:700-726`) and drops it the moment the property turns true, while the device is busiest.
-//! So [`Feeds::connect`] calls `Device1.Connect` itself (over zbus, like [`super::pairing`]) and reads
+//! So [`Feeds::connect`] calls `Device1.Connect` itself (on the gateway's own connection, [`super::bus`]) and reads
 //! `ServicesResolved` until it is true: method calls only, no match.
 //!
 //! # What is kept instead
@@ -53,6 +53,7 @@ use std::time::Duration;
 
 use btleplug::api::{Central as _, CentralEvent, Peripheral as _, ValueNotification};
 use btleplug::platform::{Adapter, Peripheral, PeripheralId};
+use dbus::nonblock::stdintf::org_freedesktop_dbus::Properties as _;
 use futures_util::{FutureExt as _, Stream, StreamExt};
 use tokio::sync::{Mutex, OnceCell, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -61,6 +62,8 @@ use tokio::task::JoinHandle;
 const EVENTS_CAPACITY: usize = 1024;
 /// Connection changes a link may fall behind by; a link that does checks the device's state instead.
 const CONNECTIONS_CAPACITY: usize = 64;
+/// libdbus's reply timeout for `Device1.Connect` (bluetoothd's own page timeout is shorter).
+const CONNECT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often `ServicesResolved` is read after `Device1.Connect` returned.
 const RESOLVED_POLL: Duration = Duration::from_millis(20);
 
@@ -71,7 +74,7 @@ pub struct Feeds {
     adapter_name: String,
     events: Arc<Mutex<Option<EventFeed>>>,
     devices: Mutex<HashMap<PeripheralId, DeviceFeed>>,
-    bus: OnceCell<zbus::Connection>,
+    bus: OnceCell<super::bus::Bus>,
 }
 
 impl std::fmt::Debug for Feeds {
@@ -290,42 +293,23 @@ impl Feeds {
     pub async fn connect(&self, peripheral: &Peripheral) -> Result<(), String> {
         let bus = self
             .bus
-            .get_or_try_init(zbus::Connection::system)
+            .get_or_try_init(|| async { super::bus::Bus::system() })
             .await
             .map_err(|e| format!("D-Bus: {e}"))?;
         let path =
             super::pairing::device_path(&self.adapter_name, &peripheral.address().to_string());
-        bus.call_method(
-            Some("org.bluez"),
-            path.as_str(),
-            Some("org.bluez.Device1"),
-            "Connect",
-            &(),
-        )
-        .await
-        .map_err(|e| match e {
-            zbus::Error::MethodError(name, msg, _) => match msg {
-                Some(m) => format!("{name}: {m}"),
-                None => name.to_string(),
-            },
-            e => e.to_string(),
-        })?;
+        // The caller bounds the whole; libdbus's reply timeout only has to be long enough.
+        let device = bus.bluez(&path, CONNECT_CALL_TIMEOUT);
+        device
+            .method_call::<(), _, _, _>("org.bluez.Device1", "Connect", ())
+            .await
+            .map_err(|e| super::bus::describe(&e))?;
         loop {
-            let reply = bus
-                .call_method(
-                    Some("org.bluez"),
-                    path.as_str(),
-                    Some("org.freedesktop.DBus.Properties"),
-                    "Get",
-                    &("org.bluez.Device1", "ServicesResolved"),
-                )
+            let resolved: bool = device
+                .get("org.bluez.Device1", "ServicesResolved")
                 .await
-                .map_err(|e| format!("ServicesResolved: {e}"))?;
-            let value: zbus::zvariant::OwnedValue = reply
-                .body()
-                .deserialize()
-                .map_err(|e| format!("ServicesResolved: {e}"))?;
-            if bool::try_from(value).unwrap_or(false) {
+                .map_err(|e| format!("ServicesResolved: {}", super::bus::describe(&e)))?;
+            if resolved {
                 return Ok(());
             }
             tokio::time::sleep(RESOLVED_POLL).await;

@@ -6,7 +6,8 @@
 //!   the collectors ([`super::collector`]) run over it exactly as over the simulator.
 //! - [`store`] — the allow-list of devices paired through the gateway, their patient bindings and their
 //!   last session outcome.
-//! - [`pairing`] — `Device1.Pair` with an `Agent1` for the passkey, over zbus (btleplug cannot pair).
+//! - [`bus`] — the gateway's own D-Bus connection (libdbus, as btleplug's), for what btleplug cannot do.
+//! - [`pairing`] — `Device1.Pair` with an `Agent1` for the passkey (btleplug cannot pair).
 //! - [`quirks`] — device quirks as data, keyed on the Device Information model.
 //! - [`feeds`] — the adapter's event stream and each device's notification stream, opened once and
 //!   shared, so that sessions do not open and drop btleplug streams (each drop can leak a D-Bus match).
@@ -32,6 +33,7 @@
 //! running sessions end at their deadline, and goes back to looking for the adapter; when it returns
 //! scanning resumes. What was accepted stays accepted; the devices keep the rest (promise 4).
 
+pub mod bus;
 pub mod commands;
 pub mod feeds;
 pub mod link;

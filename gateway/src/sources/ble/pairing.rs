@@ -1,21 +1,30 @@
-//! Pairing through BlueZ over D-Bus with zbus: `Device1.Pair`, an `Agent1` for the passkey, `Trusted`,
-//! and `Adapter1.RemoveDevice` to unpair.
+//! Pairing through BlueZ over D-Bus: `Device1.Pair`, an `Agent1` for the passkey, `Trusted`, and
+//! `Adapter1.RemoveDevice` to unpair.
 //!
 //! btleplug has no pairing API. bluetoothd asks a registered agent for the passkey a meter displays
 //! (Accu-Chek Guide, SBM69: "enter the PIN shown on the meter"); the agent lives on our own D-Bus
-//! connection, so it is served with zbus (see gateway/Cargo.toml for why zbus). The agent is registered
-//! for the duration of one `pair` call and answers only `RequestPasskey` (with the passkey its owner
-//! supplies), `RequestConfirmation` / `RequestAuthorization` (accepted: the user started this pairing) and
-//! `Cancel`; everything else is refused.
+//! connection ([`super::bus`]). The agent is registered for the duration of one `pair` call and answers
+//! only `RequestPasskey` (with the passkey its owner supplies), `RequestConfirmation` /
+//! `RequestAuthorization` (accepted: the user started this pairing) and `Cancel` / `Release`; everything
+//! else is refused (BlueZ doc/org.bluez.Agent.rst).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use zbus::zvariant::{ObjectPath, OwnedObjectPath};
-use zbus::{Connection, interface};
+use dbus::channel::{MatchingReceiver as _, Sender as _};
+use dbus::message::MatchRule;
+use dbus::nonblock::SyncConnection;
+use dbus::nonblock::stdintf::org_freedesktop_dbus::Properties as _;
+use dbus::{Message, MethodErr};
+
+use super::bus::{self, Bus};
 
 /// Where the agent is served on our connection.
 const AGENT_PATH: &str = "/org/phg/agent";
+/// The agent's interface (BlueZ doc/org.bluez.Agent.rst).
+const AGENT_INTERFACE: &str = "org.bluez.Agent1";
+/// How long a plain call to bluetoothd may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// Why pairing failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,70 +46,69 @@ pub enum PairError {
 /// Supplies the passkey a device displays, for its object path; `None` cancels.
 pub type PasskeyProvider = Arc<dyn Fn(&str) -> Option<u32> + Send + Sync>;
 
-struct Agent {
-    passkey: Option<PasskeyProvider>,
-}
-
-/// `org.bluez.Error.Rejected` / `Canceled`, what an agent answers to refuse.
-#[derive(Debug, zbus::DBusError)]
-#[zbus(prefix = "org.bluez.Error")]
-enum AgentError {
-    #[zbus(error)]
-    ZBus(zbus::Error),
-    Rejected(String),
-    Canceled(String),
-}
-
-#[interface(name = "org.bluez.Agent1")]
-impl Agent {
-    async fn release(&self) {}
-
-    async fn request_passkey(&self, device: ObjectPath<'_>) -> Result<u32, AgentError> {
-        let Some(provider) = &self.passkey else {
-            return Err(AgentError::Rejected(
-                "no passkey entry on this agent".into(),
-            ));
-        };
-        let provider = provider.clone();
-        let device = device.to_string();
-        // The provider may block on a terminal prompt.
-        match tokio::task::spawn_blocking(move || provider(&device)).await {
-            Ok(Some(p)) => Ok(p),
-            _ => Err(AgentError::Canceled("passkey entry cancelled".into())),
+/// Answers one call to the agent. `Some` is the reply to send now; `None`: a task sends it later.
+fn answer(
+    call: &Message,
+    passkey: Option<&PasskeyProvider>,
+    conn: &Arc<SyncConnection>,
+) -> Option<Message> {
+    let rejected = |why: &str| MethodErr::from(("org.bluez.Error.Rejected", why)).to_message(call);
+    let member = call.member().map(|m| m.to_string()).unwrap_or_default();
+    match member.as_str() {
+        "RequestPasskey" => {
+            let Some(provider) = passkey.cloned() else {
+                return Some(rejected("no passkey entry on this agent"));
+            };
+            let device = call
+                .get1::<dbus::Path>()
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            // Both answers made now: a reply must name the call's serial, which a copy of the call
+            // would not keep.
+            let entered = call.method_return();
+            let cancelled =
+                MethodErr::from(("org.bluez.Error.Canceled", "passkey entry cancelled"))
+                    .to_message(call);
+            let conn = Arc::clone(conn);
+            tokio::spawn(async move {
+                // The provider may block on a terminal prompt.
+                let reply = match tokio::task::spawn_blocking(move || provider(&device)).await {
+                    Ok(Some(p)) => entered.append1(p),
+                    _ => cancelled,
+                };
+                let _ = conn.send(reply);
+            });
+            None
         }
+        "RequestPinCode" => Some(rejected("legacy PIN pairing is not supported")),
+        "RequestConfirmation"
+        | "RequestAuthorization"
+        | "Release"
+        | "Cancel"
+        | "DisplayPasskey"
+        | "DisplayPinCode" => Some(call.method_return()),
+        "AuthorizeService" => Some(rejected("not a pairing request")),
+        _ => Some(MethodErr::no_method(&member).to_message(call)),
     }
+}
 
-    async fn request_pin_code(&self, _device: ObjectPath<'_>) -> Result<String, AgentError> {
-        Err(AgentError::Rejected(
-            "legacy PIN pairing is not supported".into(),
-        ))
+fn bus_error(e: &dbus::Error) -> PairError {
+    let name = e.name().unwrap_or("");
+    let described = bus::describe(e);
+    if name.starts_with("org.bluez.Error.Authentication")
+        || name == "org.bluez.Error.ConnectionAttemptFailed"
+    {
+        PairError::Refused(described)
+    } else if name == "org.freedesktop.DBus.Error.UnknownObject"
+        || name == "org.freedesktop.DBus.Error.UnknownMethod"
+        || name == "org.bluez.Error.DoesNotExist"
+    {
+        PairError::UnknownDevice(e.message().unwrap_or("").to_owned())
+    } else if name == "org.freedesktop.DBus.Error.NoReply" {
+        PairError::Timeout
+    } else {
+        PairError::Bus(described)
     }
-
-    async fn display_passkey(&self, _device: ObjectPath<'_>, _passkey: u32, _entered: u16) {}
-
-    async fn display_pin_code(&self, _device: ObjectPath<'_>, _pincode: String) {}
-
-    async fn request_confirmation(
-        &self,
-        _device: ObjectPath<'_>,
-        _passkey: u32,
-    ) -> Result<(), AgentError> {
-        Ok(())
-    }
-
-    async fn request_authorization(&self, _device: ObjectPath<'_>) -> Result<(), AgentError> {
-        Ok(())
-    }
-
-    async fn authorize_service(
-        &self,
-        _device: ObjectPath<'_>,
-        _uuid: String,
-    ) -> Result<(), AgentError> {
-        Err(AgentError::Rejected("not a pairing request".into()))
-    }
-
-    async fn cancel(&self) {}
 }
 
 /// The BlueZ object path of a device on an adapter (`/org/bluez/hci0/dev_AA_BB_…`).
@@ -111,32 +119,10 @@ pub fn device_path(adapter: &str, address: &str) -> String {
     )
 }
 
-fn bus(e: zbus::Error) -> PairError {
-    match e {
-        zbus::Error::MethodError(name, msg, _) => {
-            let name = name.as_str();
-            let msg = msg.unwrap_or_default();
-            if name.starts_with("org.bluez.Error.Authentication")
-                || name == "org.bluez.Error.ConnectionAttemptFailed"
-            {
-                PairError::Refused(format!("{name}: {msg}"))
-            } else if name == "org.freedesktop.DBus.Error.UnknownObject"
-                || name == "org.freedesktop.DBus.Error.UnknownMethod"
-                || name == "org.bluez.Error.DoesNotExist"
-            {
-                PairError::UnknownDevice(msg)
-            } else {
-                PairError::Bus(format!("{name}: {msg}"))
-            }
-        }
-        e => PairError::Bus(e.to_string()),
-    }
-}
-
 /// Pairs with BlueZ on the system bus (`DBUS_SYSTEM_BUS_ADDRESS` is honoured).
 #[derive(Debug, Clone)]
 pub struct Pairing {
-    conn: Connection,
+    bus: Arc<Bus>,
 }
 
 impl Pairing {
@@ -145,8 +131,8 @@ impl Pairing {
     /// # Errors
     /// [`PairError::Bus`].
     pub async fn connect() -> Result<Pairing, PairError> {
-        let conn = Connection::system().await.map_err(bus)?;
-        Ok(Pairing { conn })
+        let bus = Bus::system().map_err(PairError::Bus)?;
+        Ok(Pairing { bus: Arc::new(bus) })
     }
 
     /// Pairs (bonds) with the device at `address` on `adapter` (`hci0`) and marks it trusted. With a
@@ -167,57 +153,50 @@ impl Pairing {
         } else {
             "NoInputNoOutput"
         };
-        let server = self.conn.object_server();
-        server
-            .at(AGENT_PATH, Agent { passkey })
-            .await
-            .map_err(bus)?;
-        let agent =
-            OwnedObjectPath::try_from(AGENT_PATH).map_err(|e| PairError::Bus(e.to_string()))?;
+        let conn = Arc::clone(self.bus.conn());
+        let serving = self.bus.conn().start_receive(
+            MatchRule::new_method_call()
+                .with_path(AGENT_PATH)
+                .with_interface(AGENT_INTERFACE),
+            Box::new(move |call, _| {
+                if let Some(reply) = answer(&call, passkey.as_ref(), &conn) {
+                    let _ = conn.send(reply);
+                }
+                true
+            }),
+        );
+        let agent = dbus::Path::from(AGENT_PATH);
+        let manager = self.bus.bluez("/org/bluez", CALL_TIMEOUT);
         let result = async {
-            self.conn
-                .call_method(
-                    Some("org.bluez"),
-                    "/org/bluez",
-                    Some("org.bluez.AgentManager1"),
+            manager
+                .method_call::<(), _, _, _>(
+                    "org.bluez.AgentManager1",
                     "RegisterAgent",
-                    &(&agent, capability),
+                    (agent.clone(), capability),
                 )
                 .await
-                .map_err(bus)?;
+                .map_err(|e| bus_error(&e))?;
             let path = device_path(adapter, address);
+            // libdbus's own reply timeout a little later than ours, so ours is the one that fires.
+            let device = self.bus.bluez(&path, timeout + Duration::from_secs(5));
             let paired = tokio::time::timeout(
                 timeout,
-                self.conn.call_method(
-                    Some("org.bluez"),
-                    path.as_str(),
-                    Some("org.bluez.Device1"),
-                    "Pair",
-                    &(),
-                ),
+                device.method_call::<(), _, _, _>("org.bluez.Device1", "Pair", ()),
             )
             .await;
             match paired {
                 Err(_) => return Err(PairError::Timeout),
-                Ok(Ok(_)) => {}
-                Ok(Err(zbus::Error::MethodError(name, _, _)))
-                    if name.as_str() == "org.bluez.Error.AlreadyExists" => {}
-                Ok(Err(e)) => return Err(bus(e)),
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if e.name() == Some("org.bluez.Error.AlreadyExists") => {}
+                Ok(Err(e)) => return Err(bus_error(&e)),
             }
             self.set_trusted(adapter, address, true).await
         }
         .await;
-        let _ = self
-            .conn
-            .call_method(
-                Some("org.bluez"),
-                "/org/bluez",
-                Some("org.bluez.AgentManager1"),
-                "UnregisterAgent",
-                &(&agent,),
-            )
+        let _ = manager
+            .method_call::<(), _, _, _>("org.bluez.AgentManager1", "UnregisterAgent", (agent,))
             .await;
-        let _ = server.remove::<Agent, _>(AGENT_PATH).await;
+        self.bus.conn().stop_receive(serving);
         result
     }
 
@@ -232,21 +211,11 @@ impl Pairing {
         trusted: bool,
     ) -> Result<(), PairError> {
         let path = device_path(adapter, address);
-        self.conn
-            .call_method(
-                Some("org.bluez"),
-                path.as_str(),
-                Some("org.freedesktop.DBus.Properties"),
-                "Set",
-                &(
-                    "org.bluez.Device1",
-                    "Trusted",
-                    zbus::zvariant::Value::from(trusted),
-                ),
-            )
+        self.bus
+            .bluez(&path, CALL_TIMEOUT)
+            .set("org.bluez.Device1", "Trusted", trusted)
             .await
-            .map_err(bus)?;
-        Ok(())
+            .map_err(|e| bus_error(&e))
     }
 
     /// Unpairs: `Adapter1.RemoveDevice` (bluetoothd forgets the bond).
@@ -254,18 +223,11 @@ impl Pairing {
     /// # Errors
     /// [`PairError`].
     pub async fn remove(&self, adapter: &str, address: &str) -> Result<(), PairError> {
-        let path = ObjectPath::try_from(device_path(adapter, address))
-            .map_err(|e| PairError::Bus(e.to_string()))?;
-        self.conn
-            .call_method(
-                Some("org.bluez"),
-                format!("/org/bluez/{adapter}").as_str(),
-                Some("org.bluez.Adapter1"),
-                "RemoveDevice",
-                &(path,),
-            )
+        let device = dbus::Path::new(device_path(adapter, address)).map_err(PairError::Bus)?;
+        self.bus
+            .bluez(&format!("/org/bluez/{adapter}"), CALL_TIMEOUT)
+            .method_call::<(), _, _, _>("org.bluez.Adapter1", "RemoveDevice", (device,))
             .await
-            .map_err(bus)?;
-        Ok(())
+            .map_err(|e| bus_error(&e))
     }
 }
