@@ -572,13 +572,16 @@ impl KioskControl for ScriptedKiosk {
                 kind: Some(MeasurementKind::BloodPressure),
                 connected: true,
                 battery_percent: Some(80),
-                last_failure: None,
+                failure: Some(gateway::kiosk::DeviceFailure {
+                    stage: "connect".into(),
+                    cause: "org.bluez.Error.Failed: le-connection-abort-by-local".into(),
+                }),
             }],
             // A board whose reader has failed: staff must see that cards will not work.
             card_reader: Some(gateway::kiosk::CardReaderView {
                 connected: true,
                 reader_ok: Some(false),
-                last_failure: Some("card reader not responding".into()),
+                failure: Some(gateway::kiosk::CardReaderFailure::ReaderNotResponding),
             }),
             journal_depth: 2,
             broker_connected: true,

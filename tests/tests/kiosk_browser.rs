@@ -303,8 +303,15 @@ async fn the_staff_page_needs_the_token_then_lists_and_assigns_held_readings() {
     // The card reader board answers but its reader has failed: staff see it before patients queue.
     b.wait_text("#card-reader", "读卡器").await;
     b.wait_text("#card-reader", "读卡模块故障").await;
-    b.wait_text("#card-reader", "card reader not responding")
-        .await;
+    // Failures in the page's language too, from the server's codes: the board's, and a device
+    // session's stage (its cause is BlueZ's own words).
+    b.wait_text("#card-reader", "读卡模块无响应").await;
+    b.wait_text("#device-rows", "连接: org.bluez.Error.Failed").await;
+    assert!(
+        !b.text("#device-rows").await.contains("connect:")
+            && !b.text("#card-reader").await.contains("not responding"),
+        "English failure words on the zh-CN page"
+    );
     b.wait_text("#journal-depth", "2").await;
     b.wait_text("#broker", "正常").await;
     b.screenshot_if_asked("kiosk-staff-zh-CN.png").await;
@@ -336,6 +343,7 @@ async fn the_staff_page_needs_the_token_then_lists_and_assigns_held_readings() {
     let row = "#held-rows tr[data-reading-id='r-held-2']";
     b.click(&format!("{row} .discard")).await;
     b.wait_text("#message", "未完成").await;
+    b.wait_text("#message", "必须填写原因").await;
     b.type_into(&format!("{row} .discard-reason"), "demonstration")
         .await;
     b.click(&format!("{row} .discard")).await;

@@ -181,9 +181,19 @@ pub struct DeviceView {
     /// Battery level, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub battery_percent: Option<u8>,
-    /// The last failure (stage and cause), when there was one.
+    /// The last failure, when there was one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_failure: Option<String>,
+    pub failure: Option<DeviceFailure>,
+}
+
+/// Where a device's last session failed, and why. The page names the stage in its own language
+/// (`staff_stage_<stage>`); the cause is the technical detail (BlueZ's or the meter's words).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceFailure {
+    /// The session stage (`connect`, `racp`, …: the BLE source's session stages).
+    pub stage: String,
+    /// What went wrong, as reported.
+    pub cause: String,
 }
 
 /// The card reader board's state, for the staff page: a kiosk whose reader is unplugged or broken can
@@ -195,9 +205,25 @@ pub struct CardReaderView {
     /// The board's card reader works (`None` before the board first said hello).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reader_ok: Option<bool>,
-    /// What is wrong or went wrong last, in words for staff (never a card UID).
+    /// What is wrong or went wrong last (the page says it in its language: `staff_failure_<code>`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_failure: Option<String>,
+    pub failure: Option<CardReaderFailure>,
+}
+
+/// What is wrong with the card reader board, as a stable code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CardReaderFailure {
+    /// The board is unplugged, or its serial port cannot be opened.
+    BoardUnplugged,
+    /// The port is open but the board has not been heard within its ping intervals.
+    BoardSilent,
+    /// The board's MFRC522 does not answer.
+    ReaderNotResponding,
+    /// The board's bus to the MFRC522 failed.
+    ReaderBus,
+    /// The MFRC522 did not start.
+    ReaderInit,
 }
 
 /// What the staff page shows.

@@ -21,8 +21,9 @@ use super::attribution::{Attribution, HoldReason, ReadingTimes, SessionLog, attr
 use super::card::CardKey;
 use super::hold::{HeldEntry, Hold, HoldError, Shown};
 use super::{
-    Advice, CardReaderView, CheckInBy, DeviceView, KioskControl, KioskError, MeasurementKind,
-    PatientScreen, ResultView, SessionView, StaffId, StaffView, SymptomQuestion,
+    Advice, CardReaderFailure, CardReaderView, CheckInBy, DeviceFailure, DeviceView, KioskControl,
+    KioskError, MeasurementKind, PatientScreen, ResultView, SessionView, StaffId, StaffView,
+    SymptomQuestion,
 };
 use crate::journal::NewRecord;
 use crate::pipeline::Pipeline;
@@ -191,21 +192,21 @@ impl Kiosk {
         let status = reader.status();
         let connected = reader.answering(tokio::time::Instant::now());
         let fault = status.last_fault.map(|f| match f {
-            ReaderFault::NotResponding => "card reader not responding",
-            ReaderFault::Bus => "card reader bus error",
-            ReaderFault::Init => "card reader failed to start",
+            ReaderFault::NotResponding => CardReaderFailure::ReaderNotResponding,
+            ReaderFault::Bus => CardReaderFailure::ReaderBus,
+            ReaderFault::Init => CardReaderFailure::ReaderInit,
         });
-        let last_failure = if !status.port_open {
-            Some("board unplugged or its serial port unavailable")
+        let failure = if !status.port_open {
+            Some(CardReaderFailure::BoardUnplugged)
         } else if !connected {
-            Some("board not answering")
+            Some(CardReaderFailure::BoardSilent)
         } else {
             fault
         };
         Some(CardReaderView {
             connected,
             reader_ok: status.reader_ok,
-            last_failure: last_failure.map(str::to_owned),
+            failure,
         })
     }
 
@@ -742,7 +743,7 @@ impl KioskControl for Kiosk {
                     kind: seen.and_then(|(k, _)| *k),
                     connected: seen.is_some_and(|(_, t)| now - t <= CONNECTED_WITHIN_S),
                     battery_percent: None,
-                    last_failure: None,
+                    failure: None,
                 }
             })
             .collect();
@@ -756,7 +757,10 @@ impl KioskControl for Kiosk {
                     continue;
                 };
                 if let Some(f) = &s.last_failure {
-                    d.last_failure = Some(format!("{}: {}", f.stage, f.cause));
+                    d.failure = Some(DeviceFailure {
+                        stage: f.stage.clone(),
+                        cause: f.cause.clone(),
+                    });
                 }
                 // The last level read, however old: staff see "23 %" and swap batteries before the
                 // cuff dies mid-clinic; a device without a Battery Service stays blank.
@@ -1012,7 +1016,7 @@ mod tests {
         assert_eq!(battery_of(&view, cuff), Some(87));
         assert_eq!(battery_of(&view, meter), None);
         let d = view.devices.iter().find(|d| d.device == cuff).unwrap();
-        assert_eq!(d.last_failure, None, "a battery read is not a failure");
+        assert_eq!(d.failure, None, "a battery read is not a failure");
         let json = serde_json::to_value(&view).expect("serialisable");
         assert!(
             json["devices"]
@@ -1064,8 +1068,12 @@ mod tests {
         let view = k.staff_view();
         assert_eq!(battery_of(&view, cuff), Some(41));
         let m = view.devices.iter().find(|d| d.device == meter).unwrap();
-        assert!(
-            m.last_failure.is_some(),
+        assert_eq!(
+            m.failure,
+            Some(DeviceFailure {
+                stage: "connect".into(),
+                cause: "timed out".into()
+            }),
             "the saved failure is shown: {m:?}"
         );
         let restored = ble.snapshot().devices[meter].clone();
@@ -1128,10 +1136,9 @@ mod tests {
         let view = k.staff_view().card_reader.expect("a card reader row");
         assert!(!view.connected);
         assert_eq!(view.reader_ok, None, "never heard: unknown, not working");
-        assert!(
-            view.last_failure
-                .as_deref()
-                .is_some_and(|f| f.contains("unplugged")),
+        assert_eq!(
+            view.failure,
+            Some(CardReaderFailure::BoardUnplugged),
             "{view:?}"
         );
         stop.cancel();

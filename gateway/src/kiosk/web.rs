@@ -413,17 +413,23 @@ async fn discard<K: KioskControl>(
     }
 }
 
-/// A refused kiosk action as JSON: `{"error": <what the page shows>, "code": <a stable name>}`.
+/// A refused kiosk action as JSON: `{"error": <the server's words>, "code": <a stable name>}`; the staff
+/// page says it in its own language (`staff_error_<code>`).
 fn kiosk_error(e: &KioskError) -> Response {
-    let (status, code) = match e {
+    let (status, code) = error_code(e);
+    // KioskError's texts name rules, never values (see its docs), so they can be shown.
+    (status, Json(json!({"error": e.to_string(), "code": code}))).into_response()
+}
+
+/// The HTTP status and the stable code of a refused kiosk action.
+fn error_code(e: &KioskError) -> (StatusCode, &'static str) {
+    match e {
         KioskError::InvalidPatient(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_patient"),
         KioskError::NoSuchReading => (StatusCode::NOT_FOUND, "no_such_reading"),
         KioskError::StaleSession => (StatusCode::CONFLICT, "stale_session"),
         KioskError::InvalidReason(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_reason"),
         KioskError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage"),
-    };
-    // KioskError's texts name rules, never values (see its docs), so they can be shown.
-    (status, Json(json!({"error": e.to_string(), "code": code}))).into_response()
+    }
 }
 
 /// A body that could not be read, without quoting it (it may hold a patient id).
@@ -553,7 +559,8 @@ mod tests {
     use tower::ServiceExt as _;
 
     use super::super::{
-        Advice, CheckInBy, MeasurementKind, ResultView, SessionView, StaffView, SymptomQuestion,
+        Advice, CardReaderFailure, CheckInBy, MeasurementKind, ResultView, SessionView, StaffView,
+        SymptomQuestion,
     };
     use super::*;
 
@@ -1172,6 +1179,40 @@ mod tests {
         }
         for by in [CheckInBy::Card, CheckInBy::Staff] {
             keys.push(format!("staff_by_{}", enum_name(&by)));
+        }
+        for f in [
+            CardReaderFailure::BoardUnplugged,
+            CardReaderFailure::BoardSilent,
+            CardReaderFailure::ReaderNotResponding,
+            CardReaderFailure::ReaderBus,
+            CardReaderFailure::ReaderInit,
+        ] {
+            keys.push(format!("staff_failure_{}", enum_name(&f)));
+        }
+        for e in [
+            KioskError::InvalidPatient(String::new()),
+            KioskError::NoSuchReading,
+            KioskError::StaleSession,
+            KioskError::InvalidReason(String::new()),
+            KioskError::Storage(String::new()),
+        ] {
+            keys.push(format!("staff_error_{}", error_code(&e).1));
+        }
+        // The BLE source's session stages (`sources::ble`, `sources::collector`); one without a text is
+        // shown as the source names it, so this list only has to be complete to be all in words.
+        for stage in [
+            "connect",
+            "discover",
+            "discovery",
+            "subscribe",
+            "racp",
+            "racp_write",
+            "transfer",
+            "pipeline",
+            "pairing",
+            "deadline",
+        ] {
+            keys.push(format!("staff_stage_{stage}"));
         }
         for unit in ["mmol/L", "mg/dL", "mmHg", "kPa"] {
             keys.push(format!("unit_{unit}"));

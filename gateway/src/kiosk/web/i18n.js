@@ -18,6 +18,12 @@ const KioskI18n = (() => {
     return s;
   }
 
+  // Whether the current language has a text for `key` (codes from the server without one are shown as
+  // they are).
+  function has(key) {
+    return Object.prototype.hasOwnProperty.call(texts, key);
+  }
+
   function apply(root) {
     for (const el of (root || document).querySelectorAll("[data-t]")) {
       el.textContent = t(el.dataset.t);
@@ -62,6 +68,7 @@ const KioskI18n = (() => {
 
   return {
     t,
+    has,
     apply,
     use,
     init,

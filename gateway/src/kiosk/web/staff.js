@@ -146,7 +146,7 @@
       cell(tr, d.kind ? t("staff_kind_" + d.kind) : "");
       cell(tr, t(d.connected ? "staff_connected" : "staff_disconnected"));
       cell(tr, typeof d.battery_percent === "number" ? d.battery_percent + "%" : "");
-      cell(tr, d.last_failure || "");
+      cell(tr, d.failure ? stageName(d.failure.stage) + ": " + d.failure.cause : "");
       devices.appendChild(tr);
     }
     const r = view.card_reader;
@@ -161,12 +161,19 @@
       cell(tr, t(r.connected && r.reader_ok !== false ? "staff_connected"
         : r.connected ? "staff_reader_fault" : "staff_disconnected"));
       cell(tr, "");
-      cell(tr, r.last_failure || "");
+      cell(tr, r.failure ? t("staff_failure_" + r.failure) : "");
       devices.appendChild(tr);
     }
     $("journal-depth").textContent = String(view.journal_depth);
     $("broker").textContent = t(view.broker_connected ? "staff_broker_up" : "staff_broker_down");
     $("broker").dataset.up = String(view.broker_connected);
+  }
+
+  // A session stage in the page's language ("racp write" -> staff_stage_racp_write), or as the source
+  // named it when the page has no text for it.
+  function stageName(stage) {
+    const key = "staff_stage_" + String(stage).replace(/[^a-z0-9]+/gi, "_");
+    return KioskI18n.has(key) ? KioskI18n.t(key) : stage;
   }
 
   async function act(path, body) {
@@ -179,7 +186,10 @@
       } else {
         let error = String(r.status);
         try {
-          error = (await r.json()).error || error;
+          const body = await r.json();
+          // A refusal with a code is said in the page's language; without one, in the server's words.
+          const key = "staff_error_" + body.code;
+          error = body.code && KioskI18n.has(key) ? KioskI18n.t(key) : body.error || error;
         } catch (_) {}
         msg.textContent = KioskI18n.t("staff_failed", { error });
         msg.dataset.result = "failed";
