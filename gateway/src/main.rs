@@ -299,9 +299,10 @@ async fn devices(
                     (None, Some(_)) => "last session complete".into(),
                     (None, None) => "no session yet".into(),
                 };
-                let battery = st
-                    .battery
-                    .map_or(String::new(), |b| format!("  |  battery {} %", b.percent));
+                let battery = st.battery.map_or(String::new(), |b| {
+                    let low = if b.is_low() { " (low)" } else { "" };
+                    format!("  |  battery {} %{low}", b.percent)
+                });
                 println!(
                     "{}  {:<10}  {:<16}  {}  |  {}{}",
                     d.address,

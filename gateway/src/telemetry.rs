@@ -163,6 +163,10 @@ fn describe_metrics() {
         "phg_journal_refused_total",
         "Records the journal could not take (full, or a disk error)."
     );
+    metrics::describe_gauge!(
+        "phg_device_battery_percent",
+        "Battery level of each Bluetooth device as last read (0..=100), by device address."
+    );
     metrics::describe_counter!(
         "phg_ble_dependency_panics_total",
         "Panics inside bluez-async contained by the gateway (sources::ble::upstream)."

@@ -567,16 +567,28 @@ impl KioskControl for ScriptedKiosk {
         StaffView {
             session: st.session.clone(),
             held: st.held.iter().cloned().collect(),
-            devices: vec![gateway::kiosk::DeviceView {
-                device: "AA:BB:CC:00:11:22".into(),
-                kind: Some(MeasurementKind::BloodPressure),
-                connected: true,
-                battery_percent: Some(80),
-                failure: Some(gateway::kiosk::DeviceFailure {
-                    stage: "connect".into(),
-                    cause: "org.bluez.Error.Failed: le-connection-abort-by-local".into(),
-                }),
-            }],
+            devices: vec![
+                gateway::kiosk::DeviceView {
+                    device: "AA:BB:CC:00:11:22".into(),
+                    kind: Some(MeasurementKind::BloodPressure),
+                    connected: true,
+                    battery_percent: Some(80),
+                    battery_low: false,
+                    failure: Some(gateway::kiosk::DeviceFailure {
+                        stage: "connect".into(),
+                        cause: "org.bluez.Error.Failed: le-connection-abort-by-local".into(),
+                    }),
+                },
+                // A glucometer whose battery is nearly flat: staff should see it before it dies.
+                gateway::kiosk::DeviceView {
+                    device: "AA:BB:CC:00:11:33".into(),
+                    kind: Some(MeasurementKind::Glucose),
+                    connected: false,
+                    battery_percent: Some(12),
+                    battery_low: true,
+                    failure: None,
+                },
+            ],
             // A board whose reader has failed: staff must see that cards will not work.
             card_reader: Some(gateway::kiosk::CardReaderView {
                 connected: true,

@@ -306,7 +306,15 @@ async fn the_staff_page_needs_the_token_then_lists_and_assigns_held_readings() {
     // Failures in the page's language too, from the server's codes: the board's, and a device
     // session's stage (its cause is BlueZ's own words).
     b.wait_text("#card-reader", "读卡模块无响应").await;
-    b.wait_text("#device-rows", "连接: org.bluez.Error.Failed").await;
+    b.wait_text("#device-rows", "连接: org.bluez.Error.Failed")
+        .await;
+    b.wait_text("#device-rows", "12% · 电量低，请更换").await;
+    assert!(
+        !b.text("tr[data-device='AA:BB:CC:00:11:22']")
+            .await
+            .contains("电量低"),
+        "80 % shown as low"
+    );
     assert!(
         !b.text("#device-rows").await.contains("connect:")
             && !b.text("#card-reader").await.contains("not responding"),

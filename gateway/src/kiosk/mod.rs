@@ -181,6 +181,9 @@ pub struct DeviceView {
     /// Battery level, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub battery_percent: Option<u8>,
+    /// The battery is low (`sources::ble::store::LOW_BATTERY_PERCENT`): staff should change it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub battery_low: bool,
     /// The last failure, when there was one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<DeviceFailure>,

@@ -743,6 +743,7 @@ impl KioskControl for Kiosk {
                     kind: seen.and_then(|(k, _)| *k),
                     connected: seen.is_some_and(|(_, t)| now - t <= CONNECTED_WITHIN_S),
                     battery_percent: None,
+                    battery_low: false,
                     failure: None,
                 }
             })
@@ -765,6 +766,7 @@ impl KioskControl for Kiosk {
                 // The last level read, however old: staff see "23 %" and swap batteries before the
                 // cuff dies mid-clinic; a device without a Battery Service stays blank.
                 d.battery_percent = s.battery.map(|b| b.percent);
+                d.battery_low = s.battery.is_some_and(|b| b.is_low());
             }
         }
         let journal_depth = self
@@ -1025,6 +1027,24 @@ mod tests {
                 .iter()
                 .any(|d| d["device"] == cuff && d["battery_percent"] == 87),
             "the staff page reads battery_percent: {json}"
+        );
+
+        let d = view.devices.iter().find(|d| d.device == cuff).unwrap();
+        assert!(!d.battery_low, "87 % is not low");
+        assert!(json["devices"][0].get("battery_low").is_none(), "{json}");
+
+        ble.record_battery(cuff, 20, 1_700_000_300);
+        let view = k.staff_view();
+        let d = view.devices.iter().find(|d| d.device == cuff).unwrap();
+        assert!(d.battery_low, "20 % is low: {d:?}");
+        let json = serde_json::to_value(&view).expect("serialisable");
+        assert!(
+            json["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["device"] == cuff && d["battery_low"] == true),
+            "the staff page reads battery_low: {json}"
         );
 
         ble.record_battery(cuff, 23, 1_700_000_600);

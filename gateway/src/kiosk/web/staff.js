@@ -145,7 +145,9 @@
       // A device that has not sent a value yet: the kiosk cannot tell its kind.
       cell(tr, d.kind ? t("staff_kind_" + d.kind) : "");
       cell(tr, t(d.connected ? "staff_connected" : "staff_disconnected"));
-      cell(tr, typeof d.battery_percent === "number" ? d.battery_percent + "%" : "");
+      const battery = cell(tr, typeof d.battery_percent === "number"
+        ? d.battery_percent + "%" + (d.battery_low ? " · " + t("staff_battery_low") : "") : "");
+      battery.dataset.low = String(Boolean(d.battery_low));
       cell(tr, d.failure ? stageName(d.failure.stage) + ": " + d.failure.cause : "");
       devices.appendChild(tr);
     }

@@ -338,11 +338,21 @@ impl BleStatusHandle {
     /// Records `percent` as `address`'s battery level, read at `at` (Unix seconds, UTC). The session
     /// records it as soon as it is read, so a download that fails afterwards does not lose it.
     pub fn record_battery(&self, address: &str, percent: u8, at: i64) {
-        self.lock()
+        let address = address.to_ascii_uppercase();
+        let battery = store::Battery { percent, at };
+        let was_low = self
+            .lock()
             .devices
-            .entry(address.to_ascii_uppercase())
+            .entry(address.clone())
             .or_default()
-            .battery = Some(store::Battery { percent, at });
+            .battery
+            .replace(battery)
+            .is_some_and(|b| b.is_low());
+        metrics::gauge!("phg_device_battery_percent", "device" => address.clone())
+            .set(f64::from(percent));
+        if battery.is_low() && !was_low {
+            tracing::warn!(device = %address, percent, "device battery low; change or charge it");
+        }
     }
 
     /// Starts from the device records the last run saved (`device-status.json`): the staff page and

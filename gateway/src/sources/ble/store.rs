@@ -70,6 +70,18 @@ pub struct Battery {
     pub at: i64,
 }
 
+/// At or below this level a device's battery is reported low (staff page, `gateway devices`, a WARN
+/// line): a cuff's inflations drain the last fifth quickly, and a kiosk cuff that dies mid-clinic sends
+/// the queue home unmeasured. The Battery Level characteristic itself defines no "low".
+pub const LOW_BATTERY_PERCENT: u8 = 20;
+
+impl Battery {
+    /// Whether the level is at or below [`LOW_BATTERY_PERCENT`].
+    pub fn is_low(&self) -> bool {
+        self.percent <= LOW_BATTERY_PERCENT
+    }
+}
+
 /// A device's session record.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStatus {
