@@ -651,3 +651,104 @@ async fn control_solution_and_ketone_payloads_never_become_patient_readings() {
         )]
     );
 }
+
+/// What a cuff session hands over: (systolic, through `live_value`).
+#[derive(Default)]
+struct LiveRecorder {
+    got: Vec<(u16, bool)>,
+}
+
+impl LiveRecorder {
+    fn record(&mut self, bytes: &[u8], live: bool) {
+        use protocol::gatt::Codec as _;
+        let m = protocol::gatt::bp::BloodPressureMeasurement::parse(bytes).unwrap();
+        self.got.push((m.systolic.value().unwrap() as u16, live));
+    }
+}
+
+impl gateway::sources::collector::RecordSink for LiveRecorder {
+    fn cursor(&self, _key: &str) -> Option<u64> {
+        None
+    }
+
+    async fn value(
+        &mut self,
+        _session: &gateway::sources::collector::SessionInfo,
+        _uuid: u16,
+        bytes: &[u8],
+        _received_utc: i64,
+    ) -> Result<(), gateway::sources::collector::SinkError> {
+        self.record(bytes, false);
+        Ok(())
+    }
+
+    async fn live_value(
+        &mut self,
+        _session: &gateway::sources::collector::SessionInfo,
+        _uuid: u16,
+        bytes: &[u8],
+        _received_utc: i64,
+    ) -> Result<(), gateway::sources::collector::SinkError> {
+        self.record(bytes, true);
+        Ok(())
+    }
+
+    async fn end_of_transfer(
+        &mut self,
+        _session: &gateway::sources::collector::SessionInfo,
+    ) -> Result<(), gateway::sources::collector::SinkError> {
+        Ok(())
+    }
+}
+
+/// One cuff session: the memory it dumps on subscribe, then a reading measured while connected.
+async fn cuff_session_with_a_measurement(send_intermediate: bool) -> Vec<(u16, bool)> {
+    let mut c = CuffConfig::new("cuff");
+    c.send_intermediate = send_intermediate;
+    let mut cuff = SimCuff::new(c);
+    cuff.generate(2, unix_now() - 3600, 3).unwrap();
+    let device = SimDevice::cuff(cuff);
+    let dref = DeviceRef {
+        id: "cuff".into(),
+        model: None,
+        numbering: Default::default(),
+    };
+    let mut link = SimLink::connect(&device);
+    let mut sink = LiveRecorder::default();
+    let measure = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        device
+            .with_cuff(|c| c.measure(1, 151, 92, 70, Default::default(), unix_now()))
+            .unwrap()
+            .unwrap();
+    };
+    let cfg = cfg();
+    let (report, ()) = tokio::join!(
+        blood_pressure_session(&mut link, &mut sink, &dref, &cfg),
+        measure
+    );
+    assert_eq!(report.unwrap().completion, Completion::Complete);
+    sink.got
+}
+
+/// The kiosk's receive-time rule needs to know which reading was measured now: only the cuff's first
+/// measurement after its Intermediate Cuff Pressure in the connection is handed over as live
+/// (`RecordSink::live_value`); the memory it dumped before is not, and a cuff that sends no intermediate
+/// pressure never has a live reading.
+#[tokio::test]
+async fn only_the_measurement_after_the_cuff_pressure_stream_is_live() {
+    let got = cuff_session_with_a_measurement(true).await;
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(
+        got[..2].iter().all(|(_, live)| !live),
+        "the dumped memory is not live: {got:?}"
+    );
+    assert_eq!(got[2], (151, true), "the measurement after the pressures");
+
+    let got = cuff_session_with_a_measurement(false).await;
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(
+        got.iter().all(|(_, live)| !live),
+        "without intermediate pressures nothing is live: {got:?}"
+    );
+}

@@ -384,3 +384,56 @@ async fn a_full_hold_leaves_the_next_reading_on_the_device_until_staff_make_room
     assert_eq!(held.len(), 2);
     assert!(held.iter().any(|h| h.value == "130/84"), "{held:?}");
 }
+
+/// A cuff whose clock was never set (no time stamp): its memory cannot say when it was measured and is
+/// held (`replayed_memory`), but the measurement it indicates live, right after its cuff pressures
+/// (`RecordSink::live_value`), was measured now — the receive time decides, and it goes to the patient
+/// checked in.
+#[tokio::test]
+async fn a_clockless_cuffs_live_measurement_is_the_patients_and_its_memory_is_held() {
+    let rig = rig();
+    let staff = StaffId("desk-1".into());
+    rig.kiosk.check_in("p-kiosk-0011", &staff).await.unwrap();
+    let clockless = |sys: i32, dia: i32| {
+        let s = |v| SFloat::new(v, 0).unwrap();
+        BloodPressureMeasurement::new(PressureUnit::MmHg, s(sys), s(dia), s((sys + 2 * dia) / 3))
+            .to_vec()
+    };
+    let session = SessionInfo {
+        device: DeviceRef {
+            id: CUFF.into(),
+            model: None,
+            numbering: Default::default(),
+        },
+        clock_offset_s: None,
+    };
+    let mut sink = rig.pipeline.session();
+    sink.value(
+        &session,
+        uuid::BP_MEASUREMENT,
+        &clockless(133, 85),
+        now_utc(),
+    )
+    .await
+    .unwrap();
+    sink.live_value(
+        &session,
+        uuid::BP_MEASUREMENT,
+        &clockless(124, 79),
+        now_utc(),
+    )
+    .await
+    .unwrap();
+    sink.end_of_transfer(&session).await.unwrap();
+
+    let r = readings(&rig);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0]["patient"], "p-kiosk-0011");
+    assert_eq!(r[0]["blood_pressure"]["systolic"], 124.0);
+    let held = rig.kiosk.staff_view().held;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(
+        (held[0].value.as_str(), held[0].reason.as_str()),
+        ("133/85", "replayed_memory")
+    );
+}

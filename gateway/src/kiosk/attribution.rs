@@ -13,8 +13,9 @@
 //!    delivers readings as a memory transfer (GLS RACP, a cuff's dump on subscribe), so their receive
 //!    times are all "now" whatever their age.
 //! 2. **The receive time**, only for a reading delivered live — indicated as it was measured, not from a
-//!    memory transfer — whose device time cannot be trusted. No source today marks a reading as live, so
-//!    in practice this branch is for a future live source; the rule is written and tested for it.
+//!    memory transfer — whose device time cannot be trusted. A cuff's measurement is live when it is the
+//!    first to come after the cuff's Intermediate Cuff Pressure in this connection (the patient is
+//!    measuring now, `RecordSink::live_value`); everything else is a memory transfer.
 //! 3. Otherwise — a memory transfer whose device time cannot be trusted — the gateway cannot tell when it
 //!    was measured: the reading is **held** (`replayed_memory`). Never guessed.
 //!

@@ -252,20 +252,21 @@ impl Kiosk {
     // The pipeline's side
     // ---------------------------------------------------------------------------------------------
 
-    /// Who a reading of a kiosk device belongs to (see [`super::attribution`]). A reading attributed to
-    /// the open session counts as activity and shows "measuring" until its result is in.
+    /// Who a reading of a kiosk device belongs to (see [`super::attribution`]); `live`: indicated as it
+    /// was measured (`RecordSink::live_value`), not from the device's memory. A reading attributed to the
+    /// open session counts as activity and shows "measuring" until its result is in.
     pub fn attribute(
         &self,
         device: &str,
         kind: MeasurementKind,
         received_utc: i64,
         trusted_measured_utc: Option<i64>,
+        live: bool,
     ) -> Attribution {
         let times = ReadingTimes {
             trusted_measured_utc,
             received_utc,
-            // Every source today delivers a memory transfer (GLS RACP, a cuff's dump): see the rule.
-            from_memory: true,
+            from_memory: !live,
         };
         let mut inner = self.inner();
         inner
@@ -1134,7 +1135,13 @@ mod tests {
         let json = serde_json::to_value(k.staff_view()).expect("serialisable");
         assert!(json["devices"][0].get("kind").is_none(), "{json}");
         let now = crate::sources::collector::now_utc();
-        let _ = k.attribute("clinic-meter", MeasurementKind::Glucose, now, Some(now));
+        let _ = k.attribute(
+            "clinic-meter",
+            MeasurementKind::Glucose,
+            now,
+            Some(now),
+            false,
+        );
         assert_eq!(kind(&k), Some(MeasurementKind::Glucose));
     }
 

@@ -457,12 +457,87 @@ impl SessionSink {
         result
     }
 
-    /// Validates, attributes and journals one complete measurement.
+    /// [`RecordSink::value`] and [`RecordSink::live_value`]: `live` is whether it was indicated as it
+    /// was measured.
+    async fn take_value(
+        &mut self,
+        session: &SessionInfo,
+        uuid: u16,
+        bytes: &[u8],
+        received_utc: i64,
+        live: bool,
+    ) -> Result<(), SinkError> {
+        let device = &session.device.id;
+        let decoded: Result<Vec<Measurement>, protocol::Error> = match uuid {
+            uuid::GLUCOSE_MEASUREMENT => GlucoseMeasurement::parse(bytes).map(|g| {
+                let (previous, now) = self
+                    .joiner
+                    .measurement(GlucoseRecord::from_gatt(&g), g.context_follows);
+                previous
+                    .into_iter()
+                    .chain(now)
+                    .map(Measurement::Glucose)
+                    .collect()
+            }),
+            uuid::GLUCOSE_CONTEXT => GlucoseContext::parse(bytes).map(|c| {
+                match self
+                    .joiner
+                    .context(c.sequence_number, GlucoseContextInfo::from_gatt(&c))
+                {
+                    Ok(joined) => vec![Measurement::Glucose(joined)],
+                    Err(e) => {
+                        // GLP: an out-of-sequence context has no measurement to join; the measurement it
+                        // belonged to (if any) was already accepted without it.
+                        tracing::warn!(device = %device, ?e, "context without its measurement");
+                        Vec::new()
+                    }
+                }
+            }),
+            uuid::BP_MEASUREMENT => BloodPressureMeasurement::parse(bytes).map(|b| {
+                vec![Measurement::BloodPressure(BloodPressureRecord::from_gatt(
+                    &b,
+                ))]
+            }),
+            _ => Ok(Vec::new()),
+        };
+        match decoded {
+            Ok(ms) => {
+                for m in ms {
+                    self.measurement(session, m, received_utc, live).await?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(device = %device, characteristic = format_args!("{uuid:04X}"), error = %e, "value did not decode");
+                let gateway = self.pipeline.gateway_id.clone();
+                let payload = event_json(
+                    &gateway,
+                    received_utc,
+                    Event::decode_failed(device, uuid, bytes, &e),
+                )?;
+                // The event's id is derived from the bytes so that a re-sent bad value is one event.
+                let reading_id =
+                    format!("decode-failed:{device}:{uuid:04X}:{}", wire::to_hex(bytes));
+                let record = NewRecord {
+                    device: device.clone(),
+                    device_seq: None,
+                    reading_id,
+                    topic: self.pipeline.topics.events(),
+                    payload,
+                };
+                self.submit(Kind::DecodeFailed, record, None).await
+            }
+        }
+    }
+
+    /// Validates, attributes and journals one complete measurement; `live`: indicated as it was measured
+    /// ([`RecordSink::live_value`]).
     async fn measurement(
         &mut self,
         session: &SessionInfo,
         mut m: Measurement,
         received_utc: i64,
+        live: bool,
     ) -> Result<(), SinkError> {
         let device = &session.device.id;
         let key = cursor_key(device, &m);
@@ -516,7 +591,7 @@ impl SessionSink {
                     .time
                     .corrected_utc
                     .filter(|_| verdict.time.doubt.is_none());
-                match k.attribute(device, kind, received_utc, trusted) {
+                match k.attribute(device, kind, received_utc, trusted, live) {
                     crate::kiosk::attribution::Attribution::Patient { session, patient } => {
                         kiosk_session = Some(session);
                         Some(patient)
@@ -672,67 +747,19 @@ impl RecordSink for SessionSink {
         bytes: &[u8],
         received_utc: i64,
     ) -> Result<(), SinkError> {
-        let device = &session.device.id;
-        let decoded: Result<Vec<Measurement>, protocol::Error> = match uuid {
-            uuid::GLUCOSE_MEASUREMENT => GlucoseMeasurement::parse(bytes).map(|g| {
-                let (previous, now) = self
-                    .joiner
-                    .measurement(GlucoseRecord::from_gatt(&g), g.context_follows);
-                previous
-                    .into_iter()
-                    .chain(now)
-                    .map(Measurement::Glucose)
-                    .collect()
-            }),
-            uuid::GLUCOSE_CONTEXT => GlucoseContext::parse(bytes).map(|c| {
-                match self
-                    .joiner
-                    .context(c.sequence_number, GlucoseContextInfo::from_gatt(&c))
-                {
-                    Ok(joined) => vec![Measurement::Glucose(joined)],
-                    Err(e) => {
-                        // GLP: an out-of-sequence context has no measurement to join; the measurement it
-                        // belonged to (if any) was already accepted without it.
-                        tracing::warn!(device = %device, ?e, "context without its measurement");
-                        Vec::new()
-                    }
-                }
-            }),
-            uuid::BP_MEASUREMENT => BloodPressureMeasurement::parse(bytes).map(|b| {
-                vec![Measurement::BloodPressure(BloodPressureRecord::from_gatt(
-                    &b,
-                ))]
-            }),
-            _ => Ok(Vec::new()),
-        };
-        match decoded {
-            Ok(ms) => {
-                for m in ms {
-                    self.measurement(session, m, received_utc).await?;
-                }
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(device = %device, characteristic = format_args!("{uuid:04X}"), error = %e, "value did not decode");
-                let gateway = self.pipeline.gateway_id.clone();
-                let payload = event_json(
-                    &gateway,
-                    received_utc,
-                    Event::decode_failed(device, uuid, bytes, &e),
-                )?;
-                // The event's id is derived from the bytes so that a re-sent bad value is one event.
-                let reading_id =
-                    format!("decode-failed:{device}:{uuid:04X}:{}", wire::to_hex(bytes));
-                let record = NewRecord {
-                    device: device.clone(),
-                    device_seq: None,
-                    reading_id,
-                    topic: self.pipeline.topics.events(),
-                    payload,
-                };
-                self.submit(Kind::DecodeFailed, record, None).await
-            }
-        }
+        self.take_value(session, uuid, bytes, received_utc, false)
+            .await
+    }
+
+    async fn live_value(
+        &mut self,
+        session: &SessionInfo,
+        uuid: u16,
+        bytes: &[u8],
+        received_utc: i64,
+    ) -> Result<(), SinkError> {
+        self.take_value(session, uuid, bytes, received_utc, true)
+            .await
     }
 
     fn live(&mut self, session: &SessionInfo, uuid: u16, bytes: &[u8]) {
@@ -761,6 +788,7 @@ impl RecordSink for SessionSink {
                 session,
                 Measurement::Glucose(held),
                 crate::sources::collector::now_utc(),
+                false,
             )
             .await?;
         }

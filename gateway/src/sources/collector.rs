@@ -81,6 +81,22 @@ pub trait RecordSink: Send {
         received_utc: i64,
     ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
 
+    /// A blood pressure measurement indicated live, as it was measured: the first one after the cuff's
+    /// Intermediate Cuff Pressure in this connection (BLS 1.1.1 §3.2: the cuff sends intermediate
+    /// pressures while it inflates and deflates, then the measurement), not one from its memory. Its
+    /// receive time says when it was measured even when the cuff's clock cannot be trusted (the kiosk's
+    /// attribution rule, `crate::kiosk::attribution`). Otherwise as [`RecordSink::value`], which it is by
+    /// default.
+    fn live_value(
+        &mut self,
+        session: &SessionInfo,
+        uuid: u16,
+        bytes: &[u8],
+        received_utc: i64,
+    ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send {
+        self.value(session, uuid, bytes, received_utc)
+    }
+
     /// A value for a display only, never part of the record: a cuff's Intermediate Cuff Pressure while it
     /// measures (the kiosk's patient screen shows it). Nothing by default.
     fn live(&mut self, session: &SessionInfo, uuid: u16, bytes: &[u8]) {
@@ -530,7 +546,7 @@ impl<S: RecordSink> RecordSink for AfterCursor<'_, S> {
 async fn hand_over_new_bp<S: RecordSink>(
     sink: &mut S,
     session: &SessionInfo,
-    held: Vec<(u16, Vec<u8>, i64)>,
+    held: Vec<BpValue>,
 ) -> Result<Completion, SessionError> {
     use protocol::gatt::bp::BloodPressureMeasurement;
 
@@ -547,8 +563,8 @@ async fn hand_over_new_bp<S: RecordSink>(
 
     let identity: Vec<Option<(String, Option<i64>)>> = held
         .iter()
-        .map(|(_, v, _)| {
-            let m = BloodPressureMeasurement::parse(v).ok()?;
+        .map(|v| {
+            let m = BloodPressureMeasurement::parse(&v.bytes).ok()?;
             Some((
                 bp_cursor_key(&session.device.id, m.user_id),
                 m.timestamp.and_then(|t| t.to_epoch_seconds()),
@@ -574,7 +590,7 @@ async fn hand_over_new_bp<S: RecordSink>(
             s.previous = Some(*t);
         }
     }
-    for (i, (u, v, received_utc)) in held.iter().enumerate() {
+    for (i, v) in held.iter().enumerate() {
         let new = match identity.get(i).and_then(Option::as_ref) {
             // Undecodable: the pipeline reports it.
             None => true,
@@ -597,13 +613,29 @@ async fn hand_over_new_bp<S: RecordSink>(
         if !new {
             continue;
         }
-        match sink.value(session, *u, v, *received_utc).await {
+        let handed = if v.live {
+            sink.live_value(session, uuid::BP_MEASUREMENT, &v.bytes, v.received_utc)
+                .await
+        } else {
+            sink.value(session, uuid::BP_MEASUREMENT, &v.bytes, v.received_utc)
+                .await
+        };
+        match handed {
             Ok(()) => {}
             Err(SinkError::Full) => return Ok(Completion::JournalFull),
             Err(e) => return Err(SessionError::Sink(e)),
         }
     }
     Ok(Completion::Complete)
+}
+
+/// A Blood Pressure Measurement as the BP collector received it.
+#[derive(Debug, Clone)]
+struct BpValue {
+    bytes: Vec<u8>,
+    received_utc: i64,
+    /// The first measurement after Intermediate Cuff Pressure: see [`RecordSink::live_value`].
+    live: bool,
 }
 
 /// A newest-first meter's whole memory, as received: (characteristic, value, received at).
@@ -784,6 +816,8 @@ pub async fn blood_pressure_session<L: GattLink, S: RecordSink>(
     )
     .await?;
     let mut held = Vec::new();
+    // Intermediate Cuff Pressure came since the last measurement: the next one is the live result.
+    let mut measuring = false;
     loop {
         let next = match tokio::time::timeout(cfg.bp_idle, link.next_notification()).await {
             Err(_) => break,
@@ -794,12 +828,19 @@ pub async fn blood_pressure_session<L: GattLink, S: RecordSink>(
         if next.uuid == uuid::INTERMEDIATE_CUFF_PRESSURE {
             // Live cuff pressure is for a display, not the record.
             sink.live(&session, next.uuid, &next.value);
+            measuring = true;
             continue;
         }
         if next.uuid != uuid::BP_MEASUREMENT {
             continue;
         }
-        held.push((next.uuid, next.value, now_utc()));
+        // Only the first measurement after the pressures: a cuff that sends its stored ones after the new
+        // one must not have them taken as live.
+        held.push(BpValue {
+            bytes: next.value,
+            received_utc: now_utc(),
+            live: std::mem::take(&mut measuring),
+        });
     }
     let values = held.len();
     let completion = hand_over_new_bp(sink, &session, held).await?;
@@ -858,13 +899,17 @@ mod tests {
     const T0: i64 = 1_718_352_000; // 2024-06-14T08:00:00Z
 
     /// A cuff reading (systolic `sys`) stamped `t`, as indicated.
-    fn bp(sys: i32, t: i64) -> (u16, Vec<u8>, i64) {
+    fn bp(sys: i32, t: i64) -> BpValue {
         let p = |v| SFloat::new(v, 0).unwrap_or(SFloat::NAN);
         let m = BloodPressureMeasurement {
             timestamp: DateTime::from_epoch_seconds(t),
             ..BloodPressureMeasurement::new(PressureUnit::MmHg, p(sys), p(80), p(95))
         };
-        (uuid::BP_MEASUREMENT, m.to_vec(), t)
+        BpValue {
+            bytes: m.to_vec(),
+            received_utc: t,
+            live: false,
+        }
     }
 
     fn session() -> SessionInfo {
@@ -878,7 +923,7 @@ mod tests {
         }
     }
 
-    async fn handed(last_accepted: Option<(u64, i64)>, dump: Vec<(u16, Vec<u8>, i64)>) -> Vec<u16> {
+    async fn handed(last_accepted: Option<(u64, i64)>, dump: Vec<BpValue>) -> Vec<u16> {
         let mut sink = Recorder::default();
         if let Some((n, t)) = last_accepted {
             sink.cursors
