@@ -31,16 +31,19 @@ step "build the packages"
 # smaller at the cost of a longer build (docs/raspberry-pi.md: 9.7 MB instead of 14.2), and is .ci/run's
 # Pi build, reused. The amd64 packages (a CRM host, a test machine) keep `release`: size matters little
 # there, and CI's time does.
-cargo build --release -p gateway -p ingest --no-default-features
+# AMD64_TARGET_DIR: where the amd64 build goes (default target/). .ci/run builds it apart, beside the tests,
+# whose own cargo calls need target/release (the firmware images' build scripts) and would wait for it.
+amd64_dir=${AMD64_TARGET_DIR:-target}
+CARGO_TARGET_DIR=$amd64_dir cargo build --release -p gateway -p ingest --no-default-features
 cargo build --profile dist -p gateway -p ingest --no-default-features --target "$ARM"
-cargo deb -p gateway --no-build
-cargo deb -p ingest --no-build
+CARGO_TARGET_DIR=$amd64_dir cargo deb -p gateway --no-build
+CARGO_TARGET_DIR=$amd64_dir cargo deb -p ingest --no-build
 cargo deb -p gateway --target "$ARM" --profile dist --no-build
 cargo deb -p ingest --target "$ARM" --profile dist --no-build
 version=$(cargo metadata --no-deps --format-version 1 \
   | python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="gateway"))')
-gw_amd64=target/debian/phg-gateway_${version}-1_amd64.deb
-in_amd64=target/debian/phg-ingest_${version}-1_amd64.deb
+gw_amd64=$amd64_dir/debian/phg-gateway_${version}-1_amd64.deb
+in_amd64=$amd64_dir/debian/phg-ingest_${version}-1_amd64.deb
 gw_arm64=target/$ARM/debian/phg-gateway_${version}-1_arm64.deb
 in_arm64=target/$ARM/debian/phg-ingest_${version}-1_arm64.deb
 for deb in "$gw_amd64" "$in_amd64" "$gw_arm64" "$in_arm64"; do
@@ -85,6 +88,12 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n' "$port" > "$work/mosquitto.conf"
 mosquitto -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
 mosquitto_pid=$!
+# Listening before the subscriber connects: on a loaded CI machine Mosquitto took longer to start than
+# the subscriber, which then failed with "Connection refused" and no retry.
+for _ in $(seq 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+  sleep 0.1
+done
 # What StateDirectory=phg + StateDirectoryMode=0750 would make.
 $SUDO install -d -o phg -g phg -m 0750 /var/lib/phg
 # The packaged configuration, pointed at this broker, without the radio (no adapter here), with a
