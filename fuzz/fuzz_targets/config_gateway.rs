@@ -5,15 +5,5 @@
 
 use libfuzzer_sys::fuzz_target;
 
-/// The keys whose value `Config::parse` opens as a file.
-const FILE_KEYS: &[&str] = &["password_file", "rules_file", "card_key_file", "token_file"];
-
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    if phg_fuzz::names_a_file(text, FILE_KEYS) {
-        return;
-    }
-    let _ = gateway::config::Config::parse(text, std::path::Path::new("fuzz.toml"));
-});
+// The body is in the library (`phg_fuzz::apps`), where `cargo test` also replays the committed corpus.
+fuzz_target!(|data: &[u8]| phg_fuzz::apps::config_gateway(data));

@@ -13,8 +13,15 @@ fn round_trips<M: Message + PartialEq + core::fmt::Debug>(data: &[u8]) {
             let mut wire = [0u8; MAX_WIRE];
             let n = encode_frame(seq, &message, &mut wire).expect("a decoded message encodes");
             let mut again = Decoder::default();
-            let decoded: Vec<_> = wire[..n].iter().filter_map(|&b| again.push::<M>(b)).collect();
-            assert_eq!(decoded, vec![Ok((seq, message))], "a decoded frame encodes to itself");
+            let decoded: Vec<_> = wire[..n]
+                .iter()
+                .filter_map(|&b| again.push::<M>(b))
+                .collect();
+            assert_eq!(
+                decoded,
+                vec![Ok((seq, message))],
+                "a decoded frame encodes to itself"
+            );
         }
     }
 }
