@@ -126,6 +126,28 @@ fn per_batch(what: &str, n: usize, [raw, stored, backlog]: [u64; 3]) {
     );
 }
 
+/// Where a stored batch's bytes go: the mean and largest size of a stored row, per table, after a run
+/// (the engine state is rewritten whole at every batch that touches its patient).
+fn row_sizes(path: &std::path::Path) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    for (table, column) in [
+        ("readings", "payload"),
+        ("patient_state", "state"),
+        ("alert_events", "notice"),
+    ] {
+        let (rows, mean, max): (i64, f64, i64) = c
+            .query_row(
+                &format!(
+                    "SELECT count(*), coalesce(avg(length({column})), 0), coalesce(max(length({column})), 0) FROM {table}"
+                ),
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        println!("  {table}.{column}: {rows} rows, mean {mean:.0} B, largest {max} B");
+    }
+}
+
 fn rate(n: usize, d: Duration) -> String {
     format!("{:>9.0} readings/s", n as f64 / d.as_secs_f64())
 }
@@ -301,6 +323,7 @@ async fn main() {
         alerts,
     );
     per_batch("written", n, [w_raw, w_stored, w_backlog]);
+    row_sizes(&dir.path().join("ingest.sqlite"));
     let (pass, batches, slowest) = ingest_during_window_pass(&url, &messages(n, "w")).await;
     println!(
         "  window pass over 200 patients: {:.0} ms; meanwhile {batches} batches of {BATCH} stored, the slowest in {:.1} ms",
