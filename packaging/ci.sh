@@ -54,6 +54,9 @@ step "lintian (errors fail; warnings and infos are printed)"
 lintian --fail-on error --tag-display-limit 0 "$gw_amd64" "$in_amd64" "$gw_arm64" "$in_arm64" || fail "lintian"
 
 step "units, offline"
+# ExecStart pointed at the amd64 build (verify wants the binary; nothing is installed yet).
+export PHG_BIN_DIR
+PHG_BIN_DIR=$(realpath "$amd64_dir/release")
 packaging/check-units.sh
 
 step "dpkg -i $gw_amd64"
