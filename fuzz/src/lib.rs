@@ -33,27 +33,25 @@ pub mod apps {
         "token_file",
     ];
 
+    /// The input as configuration text, unless it is not UTF-8 or names a file among `keys`.
+    fn config_text<'a>(data: &'a [u8], keys: &[&str]) -> Option<&'a str> {
+        let text = std::str::from_utf8(data).ok()?;
+        (!super::names_a_file(text, keys)).then_some(text)
+    }
+
     /// `gateway::config::Config::parse` (what `gateway run -c` runs on the TOML file): no input may
     /// panic. Inputs naming a file the parser would read are skipped.
     pub fn config_gateway(data: &[u8]) {
-        let Ok(text) = std::str::from_utf8(data) else {
-            return;
-        };
-        if super::names_a_file(text, GATEWAY_FILE_KEYS) {
-            return;
+        if let Some(text) = config_text(data, GATEWAY_FILE_KEYS) {
+            let _ = gateway::config::Config::parse(text, std::path::Path::new("fuzz.toml"));
         }
-        let _ = gateway::config::Config::parse(text, std::path::Path::new("fuzz.toml"));
     }
 
     /// `ingest::config::Config::parse`: no input may panic. Inputs naming a file are skipped.
     pub fn config_ingest(data: &[u8]) {
-        let Ok(text) = std::str::from_utf8(data) else {
-            return;
-        };
-        if super::names_a_file(text, INGEST_FILE_KEYS) {
-            return;
+        if let Some(text) = config_text(data, INGEST_FILE_KEYS) {
+            let _ = ingest::config::Config::parse(text, std::path::Path::new("fuzz.toml"));
         }
-        let _ = ingest::config::Config::parse(text, std::path::Path::new("fuzz.toml"));
     }
 
     fn rules() -> &'static RuleSet {
