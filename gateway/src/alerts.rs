@@ -20,16 +20,22 @@
 //! is kept in a state file ([`EdgeAlerts::open`]) so that a restart or a power cut does not open an
 //! ongoing episode a second time. The Pi's SD card wears with every write, so the file is not rewritten
 //! per reading (issue 14 item 6): it is a *snapshot*, replaced whole ([`crate::state_file::replace`]:
-//! temporary file, fsync, rename, mode 0600) when the engine decided something (an alert opened, was
-//! confirmed, escalated, closed — rare, and worth having on disk at once), every
-//! [`SNAPSHOT_EVERY`] while readings arrive, and at shutdown. The journal is the source for what came
-//! after it: the snapshot names the journal seqs of the readings it includes (`through`, and the few
-//! evaluated out of order beyond it), the journal keeps the readings after `through` on disk even once
-//! they are acked ([`KeepAfter`]), and at start [`EdgeAlerts::replay`] runs them through the engine
-//! again — each exactly once, rebuilt from the reading message as ingest rebuilds it
+//! temporary file, fsync, rename, mode 0600) every [`SNAPSHOT_EVERY`] while readings arrive, at once
+//! after a decision that no journaled reading explains (a deadline passed, an escalation, the patient's
+//! symptoms: a replay could not make them again), and at shutdown. The journal is the source for what
+//! came after it: the snapshot names the journal seqs of the readings it includes (`through`, and the few
+//! evaluated out of order beyond it), the journal keeps the records after `through` on disk even once
+//! they are acked ([`KeepAfter`]), and at start [`EdgeAlerts::replay`] runs those readings through the
+//! engine again — each exactly once, rebuilt from the reading message as ingest rebuilds it
 //! ([`protocol::engine_input`]). A reading accepted but not yet evaluated when the power went is
-//! evaluated then, and its alerts journaled: the snapshot loses nothing the journal accepted. Ingest,
-//! which keeps its state transactionally, stays the one the CRM trusts for episodes.
+//! evaluated then, and its alerts journaled: the snapshot loses nothing the journal accepted.
+//!
+//! A decision a *reading* caused (an alert opened, confirmed, closed by it) does not force a snapshot:
+//! the replay makes it again from the same reading, and the alert record journaled for it the first time
+//! is among the kept records, so the replay journals only the decisions whose records are not there
+//! (the power went between the reading and its alert record). Until 6 December every such decision
+//! replaced the state file at once, which took the disk writes with alerts to 2.9–3.4 KB a reading.
+//! Ingest, which keeps its state transactionally, stays the one the CRM trusts for episodes.
 //!
 //! `through` advances only at a quiet moment: when every reading handed to the journal for evaluation
 //! ([`EdgeAlerts::ticket`]) has been evaluated (or refused), all readings at or below the highest seq
@@ -277,10 +283,18 @@ impl EdgeAlerts {
     /// Evaluates again the readings the journal kept (`records`, from
     /// [`crate::journal::Journal::take_replay`]) that the state on disk does not include — those
     /// accepted after its snapshot, before a restart or a power cut — each once, in journal order, then
-    /// saves the state. Call it before any reading arrives. Returns the alert records to journal (the
-    /// same decisions journaled before the restart are the same messages, with the same ids).
+    /// saves the state. Call it before any reading arrives. Returns the alert records to journal: the
+    /// decisions whose records are not among `records` already (those are delivered or on their way).
     pub fn replay(&self, records: &[Record], now_utc: i64) -> Vec<NewRecord> {
         let readings = self.topics.readings();
+        let alerts_topic = self.topics.alerts();
+        // The journal key of an alert record names the decision (`record`): the same key is the same
+        // decision, journaled before the restart.
+        let journaled: std::collections::HashSet<&str> = records
+            .iter()
+            .filter(|r| r.topic == alerts_topic)
+            .map(|r| r.reading_id.as_str())
+            .collect();
         let (actions, replayed, snapshot) = {
             let mut inner = self.inner();
             let mut actions = Vec::new();
@@ -320,16 +334,23 @@ impl EdgeAlerts {
             let snapshot = self.snapshot(&mut inner);
             (actions, replayed, snapshot)
         };
+        let decisions = actions.len();
+        let new: Vec<NewRecord> = self
+            .records(actions, now_utc)
+            .into_iter()
+            .filter(|r| !journaled.contains(r.reading_id.as_str()))
+            .collect();
         if replayed > 0 {
             tracing::info!(
                 readings = replayed,
-                alerts = actions.len(),
+                decisions,
+                not_journaled_before = new.len(),
                 "edge alerts: replayed the readings accepted after the last snapshot"
             );
         }
         self.save(snapshot);
         self.changed.notify_one();
-        self.records(actions, now_utc)
+        new
     }
 
     /// A numbered snapshot of the engine's state, taken while the engine is locked.
@@ -357,8 +378,8 @@ impl EdgeAlerts {
         }
     }
 
-    /// Whether a snapshot is due: something was decided, or readings were evaluated and the last
-    /// snapshot is [`SNAPSHOT_EVERY`] old.
+    /// Whether a snapshot is due: something the journal cannot replay was decided (`decided`), or
+    /// readings were evaluated and the last snapshot is [`SNAPSHOT_EVERY`] old.
     fn due(&self, inner: &Inner, decided: bool) -> bool {
         let Some(file) = &self.state_file else {
             return false;
@@ -482,7 +503,9 @@ impl EdgeAlerts {
             if self.in_flight.load(Ordering::Acquire) == 0 {
                 inner.book.quiet();
             }
-            let snapshot = if self.due(&inner, !actions.is_empty()) {
+            // What the reading decided is not a reason to save: a replay decides it again from the
+            // journaled reading (module docs).
+            let snapshot = if self.due(&inner, false) {
                 self.snapshot(&mut inner)
             } else {
                 None
@@ -850,6 +873,8 @@ mod tests {
             actions(&feed(&first, "p-1", "r-1", T0, &cuff(185, 125))),
             ["open"]
         );
+        // A shutdown saves the state (a decision alone does not: the journal can replay it).
+        first.flush();
         drop(first);
         let mode = std::fs::metadata(&file)
             .expect("state file")
@@ -933,10 +958,11 @@ mod tests {
         a.inner().engine.state().clone()
     }
 
-    /// Issue 14 item 6: the state is not written per reading; after a power cut the readings accepted
-    /// after the last snapshot come back from the journal and are evaluated again exactly once — the
-    /// engine ends where it would have been without the power cut, and a crisis reading accepted just
-    /// before it (never evaluated) raises its alert at the restart.
+    /// Issue 14 item 6: the state is not written per reading, not even for one that decided something;
+    /// after a power cut the readings accepted after the last snapshot come back from the journal and
+    /// are evaluated again exactly once — the engine ends where it would have been without the power
+    /// cut. A decision whose alert record the journal holds is not journaled again; a crisis reading
+    /// accepted just before the power went (never evaluated) raises its alert at the restart.
     #[test]
     fn readings_after_the_snapshot_are_replayed_once_after_a_power_cut() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -951,47 +977,56 @@ mod tests {
             )
             .expect("engine")
         };
-        let mut journal = Vec::new();
+        let mut readings = Vec::new();
         let mut seq = 100;
         let mut next = |patient: &str, t: i64, m: &Measurement| {
             seq += 1;
-            journal.push((journaled(seq, patient, t, m), *m));
+            readings.push((journaled(seq, patient, t, m), *m));
         };
-        // p-9's crisis: decided at once, so saved at once (the snapshot the restart starts from).
+        // p-9's crisis: decided, its alert record journaled after it.
         next("p-9", T0, &cuff(185, 125));
-        // p-1's ordinary readings: evaluated, not saved (the snapshot is minutes away).
+        // p-1's ordinary readings.
         for i in 0..5 {
             next("p-1", T0 + 60 + i * 60, &cuff(120 + i as i32, 78));
         }
         // p-1's crisis: accepted by the journal; the power goes before it is evaluated.
         next("p-1", T0 + 400, &cuff(190, 126));
-        let (crisis, earlier) = journal.split_last().expect("readings");
+        let (crisis, earlier) = readings.split_last().expect("readings");
 
         let before = open();
         let (first, ordinary) = earlier.split_first().expect("readings");
-        assert_eq!(
-            accept(&before, &first.0, &first.1).len(),
-            1,
-            "p-9's episode opened"
-        );
-        let saved = std::fs::read(&file).expect("the decision was saved at once");
+        let opened = accept(&before, &first.0, &first.1);
+        assert_eq!(opened.len(), 1, "p-9's episode opened");
+        // The journal as the pipeline leaves it: p-9's alert record right after its reading.
+        let mut journal = vec![first.0.clone()];
+        journal.push(Record {
+            seq: 1000,
+            device: opened[0].device.clone(),
+            device_seq: None,
+            reading_id: opened[0].reading_id.clone(),
+            topic: opened[0].topic.clone(),
+            payload: opened[0].payload.clone(),
+        });
         for (r, m) in ordinary {
             assert!(accept(&before, r, m).is_empty());
+            journal.push(r.clone());
         }
-        // Nothing was written for p-1's ordinary readings.
-        assert_eq!(std::fs::read(&file).expect("state file"), saved);
+        journal.push(crisis.0.clone());
+        assert!(
+            !file.exists(),
+            "nothing written: neither the decision nor the ordinary readings are a reason to save"
+        );
         // Where the engine would be without the power cut.
         let reference = alerts(Vec::new()).expect("engine");
-        for (r, m) in &journal {
+        for (r, m) in &readings {
             accept(&reference, r, m);
         }
         drop(before); // the power cut: no flush
 
-        let records: Vec<Record> = journal.iter().map(|(r, _)| r.clone()).collect();
         let after = open();
-        let raised = after.replay(&records, T0 + 500);
+        let raised = after.replay(&journal, T0 + 500);
         let raised: Vec<Value> = raised.iter().map(payload).collect();
-        assert_eq!(raised.len(), 1, "{raised:?}");
+        assert_eq!(raised.len(), 1, "p-9's decision not again: {raised:?}");
         assert_eq!(raised[0]["update"]["patient"], "p-1");
         assert_eq!(raised[0]["update"]["action"], "open");
         assert_eq!(raised[0]["update"]["reading_ids"][0], crisis.0.reading_id);
@@ -1001,9 +1036,19 @@ mod tests {
             "each reading once, none twice"
         );
 
+        // Without its alert record (the power went between the two), p-9's decision is journaled too.
+        std::fs::remove_file(&file).expect("state file");
+        let without: Vec<Record> = readings.iter().map(|(r, _)| r.clone()).collect();
+        let patients: Vec<Value> = open()
+            .replay(&without, T0 + 500)
+            .iter()
+            .map(|r| payload(r)["update"]["patient"].clone())
+            .collect();
+        assert_eq!(patients, ["p-9", "p-1"]);
+
         // The replay was saved: a second restart replays nothing.
         let again = open();
-        assert!(again.replay(&records, T0 + 600).is_empty());
+        assert!(again.replay(&journal, T0 + 600).is_empty());
         assert_eq!(state(&again), state(&reference));
     }
 

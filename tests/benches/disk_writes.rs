@@ -18,8 +18,8 @@
 //!   figure is left out and the bench says so); renames too (each is a state file replaced whole);
 //! - readings: the reading messages the subscriber received (accepted and delivered) in the window;
 //!   the edge alert decisions (`…/alerts` messages) are counted too: the simulated meter's random values
-//!   cross a threshold now and then, and each decision is one more journaled record and a snapshot of
-//!   the edge-alert state (a rename), so they are part of the cost.
+//!   cross a threshold now and then, and each decision is one more journaled record (not a snapshot of
+//!   the edge-alert state: a restart replays it from the journal), so they are part of the cost.
 //!
 //! Two ways devices hand over a reading a second: a meter that syncs every 10 s (what a BLE device that
 //! keeps its records and connects now and then does: a few readings per session, committed together),
@@ -41,7 +41,7 @@ const GW: &str = "gw-disk";
 #[derive(Debug)]
 struct Figures {
     readings: usize,
-    /// Edge alert decisions in the window: each is a journaled record and a state snapshot.
+    /// Edge alert decisions in the window: each is a journaled record.
     alerts: usize,
     bytes: u64,
     fsyncs: Option<u64>,

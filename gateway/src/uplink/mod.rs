@@ -90,11 +90,14 @@ const ACK_BATCH: usize = 64;
 const ACK_LINGER: Duration = Duration::from_millis(10);
 /// Acks are written without their own `fdatasync` ([`Journal::ack_unsynced`]: the next append's covers
 /// them); if no append came, they are synced this long after the first of them. Losing them to a power
-/// cut only means resending those records (same reading ids). 5 s: readings a second or a few apart
-/// (a kiosk, a stream of one-reading sessions) carry their acks in the next append's `fdatasync`
-/// instead of one more each — at 1 s, a third of them paid a second fsync (issue 14 item 6,
-/// `tests/benches/disk_writes.rs`); the kernel's own writeback is no faster.
-const ACK_SYNC_AFTER: Duration = Duration::from_secs(5);
+/// cut only means resending those records (same reading ids). 25 s: readings a second or a few apart
+/// (a kiosk, a stream of one-reading sessions), and a meter syncing every 10 s, carry their acks in the
+/// next append's `fdatasync` instead of one more each, which also writes the journal's tail page again
+/// (at 1 s a third of the readings paid a second fsync; at 5 s a meter syncing every 10 s paid a page
+/// per sync: issue 14 item 6, `tests/benches/disk_writes.rs`). Not longer: the kernel writes a dirty
+/// page back 30 s after it was dirtied anyway (`vm.dirty_expire_centisecs`), so waiting longer would
+/// save no write and only widen what a power cut makes us resend.
+const ACK_SYNC_AFTER: Duration = Duration::from_secs(25);
 /// Records read from the journal per background read; the next read starts when half are used.
 const READ_AHEAD: usize = 512;
 /// After a failed journal read, the next one waits this long.

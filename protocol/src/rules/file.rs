@@ -872,10 +872,23 @@ impl RuleSet {
 
     /// The default rules ([`DEFAULT_RULES_TOML`]).
     ///
+    /// With `std` the file is parsed once per process and cloned after that: every configuration that
+    /// names no rule file asks for it (both programs' `check`, each test, each fuzz input), and parsing
+    /// the TOML costs about a hundred times what a clone does.
+    ///
     /// # Errors
     /// Never for the file this crate ships (a test proves it); typed for the caller's sake.
     #[cfg(feature = "serde")]
     pub fn default_rules() -> Result<RuleSet, RuleFileError> {
+        #[cfg(feature = "std")]
+        {
+            static PARSED: std::sync::OnceLock<Result<RuleSet, RuleFileError>> =
+                std::sync::OnceLock::new();
+            PARSED
+                .get_or_init(|| RuleSet::from_toml(DEFAULT_RULES_TOML))
+                .clone()
+        }
+        #[cfg(not(feature = "std"))]
         RuleSet::from_toml(DEFAULT_RULES_TOML)
     }
 
