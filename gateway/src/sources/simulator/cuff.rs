@@ -658,7 +658,7 @@ impl SimCuff {
 
     /// Takes the next output.
     pub fn poll_output(&mut self) -> Option<DeviceOutput> {
-        let q = self.server.outbox.pop_front()?;
+        let q = self.server.pop()?;
         if let Effect::Delivered(key) = q.effect
             && self.config.delete_after_transfer
         {

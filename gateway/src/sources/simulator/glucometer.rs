@@ -747,7 +747,7 @@ impl SimGlucometer {
 
     /// Takes the next output (a notification, an indication or an injected disconnect).
     pub fn poll_output(&mut self) -> Option<DeviceOutput> {
-        let q = self.server.outbox.pop_front()?;
+        let q = self.server.pop()?;
         if q.effect == Effect::EndProcedure {
             self.procedure = None;
         }
