@@ -502,6 +502,9 @@ pub struct Journal {
     last_seq: BTreeMap<u64, u64>,
     /// Acked records after this seq are kept on disk ([`Journal::open_keeping`]).
     keep_after: Option<KeepAfter>,
+    /// The last segment creation failed for want of disk space: until one succeeds, acked segments go
+    /// even if [`KeepAfter`] would keep them (see [`Journal::collect_garbage`]).
+    short_of_space: bool,
     /// The records after `keep_after` found at open, until [`Journal::take_replay`].
     replay: Vec<Record>,
 }
@@ -542,6 +545,11 @@ fn parse_segment_name(name: &str) -> Option<u64> {
         return None;
     }
     digits.parse().ok()
+}
+
+/// Whether `e` is the file system's "no space left".
+fn is_storage_full(e: &JournalError) -> bool {
+    matches!(e, JournalError::Io { source, .. } if source.kind() == io::ErrorKind::StorageFull)
 }
 
 /// Why creating a segment failed, and whether that poisons the journal.
@@ -748,8 +756,42 @@ impl Journal {
         let id = ids.last().map_or(1, |&last| last.saturating_add(1));
         let checkpoint =
             checkpoint_frame(recovered.next_seq, &recovered.pending, &recovered.cursors)?;
+        let mut last_seq = recovered.last_seq;
         let active = match create_segment(&*storage, &dir, id, cfg.segment_bytes, &checkpoint) {
             Ok(a) => a,
+            // A disk filled by segments only the keep holds (a full disk stops the readings that would
+            // have moved it): as in `collect_garbage`, the keep yields. Their records are in
+            // `recovered.replay` already, so this start's replay still has them.
+            Err(CreateFailure::Clean(e)) if is_storage_full(&e) && keep_after.is_some() => {
+                let delivered: Vec<u64> = segments
+                    .iter()
+                    .filter(|&(_, &live)| live == 0)
+                    .map(|(&id, _)| id)
+                    .collect();
+                tracing::warn!(
+                    segments = delivered.len(),
+                    "journal: disk full at open; deleting delivered segments kept for the edge alerts' replay"
+                );
+                for old in delivered {
+                    let path = segment_path(&dir, old);
+                    match storage.remove(&path) {
+                        Ok(()) => {
+                            segments.remove(&old);
+                            last_seq.remove(&old);
+                        }
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), error = %e, "journal: could not delete an acked segment")
+                        }
+                    }
+                }
+                if let Err(e) = storage.sync_dir(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "journal: could not fsync the directory after deleting segments");
+                }
+                match create_segment(&*storage, &dir, id, cfg.segment_bytes, &checkpoint) {
+                    Ok(a) => a,
+                    Err(CreateFailure::Clean(e) | CreateFailure::Poison(e)) => return Err(e),
+                }
+            }
             Err(CreateFailure::Clean(e) | CreateFailure::Poison(e)) => return Err(e),
         };
         segments.insert(id, 0);
@@ -768,9 +810,10 @@ impl Journal {
             active,
             unsynced: false,
             poisoned: None,
-            last_seq: recovered.last_seq,
+            last_seq,
             keep_after,
             replay: recovered.replay,
+            short_of_space: false,
             cfg,
         };
         journal.collect_garbage();
@@ -1279,10 +1322,18 @@ impl Journal {
                 self.bytes_written += active.len;
                 self.active = active;
                 self.segments.insert(id, 0);
+                self.short_of_space = false;
                 self.collect_garbage();
                 Ok(())
             }
-            Err(CreateFailure::Clean(e)) => Err(e),
+            Err(CreateFailure::Clean(e)) => {
+                if is_storage_full(&e) {
+                    self.short_of_space = true;
+                    // What the keep held is the first room there is.
+                    self.collect_garbage();
+                }
+                Err(e)
+            }
             Err(CreateFailure::Poison(e)) => {
                 self.poison(&e);
                 Err(e)
@@ -1298,8 +1349,19 @@ impl Journal {
         std::mem::take(&mut self.replay)
     }
 
+    ///
+    /// [`KeepAfter`] yields to a full disk: readings come before the edge alerts' replay. Its segments
+    /// hold only delivered records, and the edge engine snapshots every few minutes *while readings
+    /// arrive* — on a full disk none arrive, so a keep that held its segments would keep the disk full
+    /// for good (downloads stopped, the state file unwritable). The cost: after a crash before the next
+    /// snapshot, the edge engine does not see again the readings whose segments went (ingest, which
+    /// keeps its own state, is unaffected).
     fn collect_garbage(&mut self) {
-        let keep_after = self.keep_after.as_ref().and_then(KeepAfter::get);
+        let keep_after = self
+            .keep_after
+            .as_ref()
+            .and_then(KeepAfter::get)
+            .filter(|_| !self.short_of_space);
         let kept = |id: &u64| {
             keep_after.is_some_and(|k| self.last_seq.get(id).is_some_and(|&last| last > k))
         };
@@ -1311,6 +1373,12 @@ impl Journal {
             .collect();
         if dead.is_empty() {
             return;
+        }
+        if self.short_of_space && self.keep_after.as_ref().and_then(KeepAfter::get).is_some() {
+            tracing::warn!(
+                segments = dead.len(),
+                "journal: disk full; deleting delivered segments kept for the edge alerts' replay"
+            );
         }
         let mut removed = false;
         let readers = self

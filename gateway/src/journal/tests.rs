@@ -1777,3 +1777,95 @@ fn records_after_the_keep_seq_survive_ack_and_restart() {
     let (mut j, _) = open(&c);
     assert!(j.take_replay().is_empty());
 }
+
+/// A full disk outranks the edge alerts' replay: when a new segment cannot be created for want of space,
+/// the delivered segments a [`KeepAfter`] held are deleted (on a full disk no reading arrives, so the
+/// edge engine's next snapshot — which would move the keep — never comes, and the disk would stay full:
+/// `tests/tests/gateway_e2e.rs` `disk_full_stops_downloading_and_recovers_when_space_returns` hung at
+/// 10 334 of 20 000 records). Once a segment can be created again, the keep holds as before.
+#[test]
+fn a_full_disk_deletes_the_segments_kept_for_the_replay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = JournalConfig {
+        segment_bytes: 250,
+        ..cfg(tmp.path())
+    };
+    let storage = FaultyStorage::default();
+    let faults = storage.0.clone();
+    let keep = KeepAfter::new(Some(0));
+    let (mut j, _) = Journal::open_inner(c.clone(), Box::new(storage), Some(keep.clone())).unwrap();
+    let mut seqs = Vec::new();
+    for i in 1..=6u64 {
+        seqs.extend(j.append(&[rec("m", i, &format!("r-{i}"))]).unwrap());
+    }
+    j.ack(&seqs).unwrap();
+    let kept = segment_files(&c.dir).len();
+    assert!(kept > 2, "delivered segments kept for the replay: {kept}");
+
+    // The disk fills: the next segment cannot be created.
+    faults.lock().unwrap().create_fails = true;
+    let mut i = 7u64;
+    let err = loop {
+        match j.append(&[rec("m", i, &format!("r-{i}"))]) {
+            Ok(s) => j.ack(&s).unwrap(),
+            Err(e) => break e,
+        }
+        i += 1;
+        assert!(i < 50, "a roll was expected");
+    };
+    assert!(
+        matches!(&err, JournalError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull),
+        "{err}"
+    );
+    assert_eq!(
+        segment_files(&c.dir).len(),
+        1,
+        "only the active segment is left: the kept ones made room"
+    );
+
+    // Space again: the append goes through, and the keep holds again for what comes after.
+    let more = j.append(&[rec("m", i, &format!("r-{i}"))]).unwrap();
+    j.ack(&more).unwrap();
+    for k in i + 1..i + 6 {
+        let s = j.append(&[rec("m", k, &format!("r-{k}"))]).unwrap();
+        j.ack(&s).unwrap();
+    }
+    assert!(
+        segment_files(&c.dir).len() > 1,
+        "kept again once the disk has room"
+    );
+}
+
+/// The same at open: a journal whose disk is full of segments only the keep holds opens (they are
+/// deleted to make room for the new active segment), and their records are still handed to the replay.
+#[test]
+fn a_journal_full_of_kept_segments_opens_on_a_full_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = JournalConfig {
+        segment_bytes: 250,
+        ..cfg(tmp.path())
+    };
+    let keep = KeepAfter::new(Some(0));
+    let (mut j, _) = Journal::open_keeping(c.clone(), keep.clone()).unwrap();
+    let mut seqs = Vec::new();
+    for i in 1..=6u64 {
+        seqs.extend(j.append(&[rec("m", i, &format!("r-{i}"))]).unwrap());
+    }
+    j.ack(&seqs).unwrap();
+    drop(j);
+    assert!(segment_files(&c.dir).len() > 2);
+
+    let storage = FaultyStorage::default();
+    storage.0.lock().unwrap().create_fails = true;
+    let (mut j, _) = Journal::open_inner(c.clone(), Box::new(storage), Some(keep))
+        .expect("opens on a full disk");
+    assert_eq!(
+        ids(&j.take_replay()),
+        ["r-1", "r-2", "r-3", "r-4", "r-5", "r-6"]
+    );
+    assert_eq!(
+        segment_files(&c.dir).len(),
+        1,
+        "only the new active segment"
+    );
+}
