@@ -137,7 +137,10 @@ case "${1:-}" in
             for t in "${list[@]}"; do
                 echo "$(date -u +%FT%TZ) $t: $((total - asan)) executions without a sanitizer" >&2
                 run "$NONE_BIN" "$t" "work/$t" "logs/$t.none.log" -runs="$((total - asan))" "${cap[@]}"
-                summary "$t" "logs/$t.asan.log" "logs/$t.none.log" | tee -a logs/summary.txt
+                # PHASE=none: there may be no ASan log of this campaign to add up.
+                logs=()
+                for l in "logs/$t.asan.log" "logs/$t.none.log"; do [ -f "$l" ] && logs+=("$l"); done
+                summary "$t" "${logs[@]}" | tee -a logs/summary.txt
             done
         fi
         ;;
