@@ -3,7 +3,7 @@
 //! Privacy (DESIGN.md promise 8): logs at info level carry ids, topics and counts, never reading values;
 //! values appear at debug level at most.
 //!
-//! Metrics (all `phg_`): `journal_depth` (gauge), `readings_accepted_total`, `readings_rejected_total`,
+//! Metrics (all `phg_`): `journal_depth` (gauge), `journal_fsyncs_total`, `readings_accepted_total`, `readings_rejected_total`,
 //! `readings_unattributed_total`, `journal_refused_total` (counters, from the pipeline), and from the uplink
 //! `readings_delivered_total`, `mqtt_reconnects_total`, `publish_latency_seconds`, `inflight`; and
 //! `ble_dependency_panics_total`, panics inside bluez-async contained by `sources::ble::upstream`.
@@ -124,8 +124,12 @@ pub fn spawn_exporter(
             }
             // Without the exporter's own listener, its housekeeping (histogram windows) is ours to run.
             handle.run_upkeep();
-            let depth = journal.lock().unwrap_or_else(|p| p.into_inner()).depth();
+            let (depth, fsyncs) = {
+                let j = journal.lock().unwrap_or_else(|p| p.into_inner());
+                (j.depth(), j.fsyncs())
+            };
             metrics::gauge!("phg_journal_depth").set(depth as f64);
+            metrics::counter!("phg_journal_fsyncs_total").absolute(fsyncs);
             for (name, c) in [
                 ("phg_readings_accepted_total", &counters.accepted),
                 ("phg_readings_rejected_total", &counters.rejected),
@@ -146,6 +150,10 @@ fn describe_metrics() {
     metrics::describe_gauge!(
         "phg_journal_depth",
         "Records in the journal not yet acknowledged by the broker."
+    );
+    metrics::describe_counter!(
+        "phg_journal_fsyncs_total",
+        "fdatasync calls on the journal's active segment (one per group commit, plus ack syncs): SD card wear."
     );
     metrics::describe_counter!(
         "phg_readings_accepted_total",

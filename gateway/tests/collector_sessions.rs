@@ -134,6 +134,33 @@ async fn first_contact_downloads_all_then_only_new_records() {
     );
 }
 
+/// A download's records are committed together: one fdatasync per batch of up to 64, not one for the
+/// first record and another for the rest (issue 14 item 6: on an SD card each commit writes the journal's
+/// tail page again, 4 KiB, for readings of ~700 bytes). A meter syncing every 10 s brings ~10 records.
+#[tokio::test]
+async fn a_download_is_committed_in_batches_not_record_by_record() {
+    let rig = rig(100_000);
+    let fsyncs = || rig.journal.lock().unwrap().fsyncs();
+    let device = meter(10);
+    let before = fsyncs();
+    assert_eq!(glucose(&rig, &device).await, Completion::Complete);
+    assert_eq!(journaled_sequences(&rig.journal).len(), 10);
+    assert_eq!(fsyncs() - before, 1, "ten records, one commit");
+
+    device
+        .with_glucometer(|g| g.generate(200, unix_now(), 8))
+        .unwrap()
+        .unwrap();
+    let before = fsyncs();
+    assert_eq!(glucose(&rig, &device).await, Completion::Complete);
+    assert_eq!(journaled_sequences(&rig.journal).len(), 210);
+    let commits = fsyncs() - before;
+    assert!(
+        (200_u64.div_ceil(64)..=200_u64.div_ceil(64) + 1).contains(&commits),
+        "200 records in {commits} commits"
+    );
+}
+
 /// The link drops at record 150: the next session resumes at the first record not accepted.
 #[tokio::test]
 async fn a_dropped_link_resumes_at_the_cursor_without_loss_or_doubles() {

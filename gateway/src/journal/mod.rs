@@ -495,8 +495,11 @@ pub struct Journal {
     active: Active,
     next_segment_id: u64,
     bytes_written: u64,
-    /// Ack frames were written without `fdatasync` since the active segment was last synced.
-    unsynced: bool,
+    /// `fdatasync`s of the active segment (commits, ack syncs) since the journal was opened.
+    fsyncs: u64,
+    /// When the first Ack frame written without `fdatasync` since the active segment was last synced
+    /// was written (`None`: nothing unsynced).
+    unsynced_since: Option<std::time::Instant>,
     poisoned: Option<String>,
     /// Per segment, the highest seq it holds an Append of.
     last_seq: BTreeMap<u64, u64>,
@@ -807,8 +810,9 @@ impl Journal {
             segments,
             next_segment_id: id.saturating_add(1),
             bytes_written: active.len,
+            fsyncs: 0,
             active,
-            unsynced: false,
+            unsynced_since: None,
             poisoned: None,
             last_seq,
             keep_after,
@@ -1131,18 +1135,44 @@ impl Journal {
     /// [`JournalError::Poisoned`].
     pub fn sync(&mut self) -> Result<(), JournalError> {
         self.check_poisoned()?;
-        if !self.unsynced {
+        if self.unsynced_since.is_none() {
             return Ok(());
         }
         self.sync_active()
     }
 
+    /// [`sync`](Self::sync)s once the oldest Ack frame written without `fdatasync` is `age` old. Returns
+    /// when the acks still unsynced are due (`None`: none are): an append's `fdatasync` syncs them
+    /// first if one comes before — a meter syncing every 10 s then never pays an fdatasync of its own
+    /// for its acks, nor a journal tail page written twice (issue 14 item 6).
+    ///
+    /// # Errors
+    /// As [`sync`](Self::sync).
+    pub fn sync_acks_older_than(
+        &mut self,
+        age: std::time::Duration,
+    ) -> Result<Option<std::time::Instant>, JournalError> {
+        if self
+            .acks_due(age)
+            .is_some_and(|due| due <= std::time::Instant::now())
+        {
+            self.sync()?;
+        }
+        Ok(self.acks_due(age))
+    }
+
+    /// When Ack frames written without `fdatasync` will be `age` old (`None`: there are none).
+    pub fn acks_due(&self, age: std::time::Duration) -> Option<std::time::Instant> {
+        self.unsynced_since.map(|since| since + age)
+    }
+
     /// Whether Ack frames were written since the active segment's last `fdatasync`.
     pub fn has_unsynced_acks(&self) -> bool {
-        self.unsynced
+        self.unsynced_since.is_some()
     }
 
     fn sync_active(&mut self) -> Result<(), JournalError> {
+        self.fsyncs += 1;
         if let Err(e) = self.active.file.sync_data() {
             let err = JournalError::Io {
                 op: "fdatasync",
@@ -1152,7 +1182,7 @@ impl Journal {
             self.poison(&err);
             return Err(err);
         }
-        self.unsynced = false;
+        self.unsynced_since = None;
         Ok(())
     }
 
@@ -1221,6 +1251,12 @@ impl Journal {
     /// own metadata). For the benchmark.
     pub fn bytes_written(&self) -> u64 {
         self.bytes_written
+    }
+
+    /// The `fdatasync`s of the active segment since the journal was opened: one per commit (a group of
+    /// records), plus those of acks ([`sync`](Self::sync)). What wears an SD card (issue 14 item 6).
+    pub fn fsyncs(&self) -> u64 {
+        self.fsyncs
     }
 
     /// Segment files on disk (the active one included).
@@ -1294,7 +1330,8 @@ impl Journal {
         if sync {
             self.sync_active()?;
         } else {
-            self.unsynced = true;
+            self.unsynced_since
+                .get_or_insert_with(std::time::Instant::now);
         }
         self.active.len += size;
         self.bytes_written += size;
@@ -1305,7 +1342,7 @@ impl Journal {
     fn roll(&mut self) -> Result<(), JournalError> {
         // Recovery reads any bad frame in an earlier segment as corruption: no segment is left behind
         // with unsynced frames.
-        if self.unsynced {
+        if self.unsynced_since.is_some() {
             self.sync_active()?;
         }
         let id = self.next_segment_id;

@@ -6,6 +6,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use proptest::prelude::*;
 
@@ -1562,6 +1563,35 @@ fn journal_disk_bytes_per_record() {
         (s2 - s1) as f64 * 512.0 / n,
         (j.bytes_written() - w1) as f64 / n
     );
+}
+
+#[test]
+fn unsynced_acks_are_synced_once_due_unless_an_append_synced_them_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut j, _) = open(&cfg(tmp.path()));
+    let hour = Duration::from_secs(3600);
+    j.append(&[rec("m", 1, "a"), rec("m", 2, "b"), rec("m", 3, "c")])
+        .unwrap();
+    assert_eq!(j.sync_acks_older_than(hour).unwrap(), None);
+    let before = j.fsyncs();
+    j.ack_unsynced(&[1]).unwrap();
+    let due = j.acks_due(hour).expect("an ack is unsynced");
+    // Not yet due: no fdatasync, and the same deadline (the first unsynced ack's, not the last one's).
+    j.ack_unsynced(&[2]).unwrap();
+    assert_eq!(j.sync_acks_older_than(hour).unwrap(), Some(due));
+    assert_eq!(j.fsyncs(), before);
+    // An append's fdatasync carries them: nothing left to sync, no deadline.
+    j.append(&[rec("m", 4, "d")]).unwrap();
+    assert_eq!(j.fsyncs(), before + 1);
+    assert_eq!(j.acks_due(hour), None);
+    assert_eq!(j.sync_acks_older_than(Duration::ZERO).unwrap(), None);
+    assert_eq!(j.fsyncs(), before + 1);
+    // A later ack starts a new deadline; once due it is synced.
+    j.ack_unsynced(&[3]).unwrap();
+    assert!(j.acks_due(hour).is_some_and(|d| d > due));
+    assert_eq!(j.sync_acks_older_than(Duration::ZERO).unwrap(), None);
+    assert!(!j.has_unsynced_acks());
+    assert_eq!(j.fsyncs(), before + 2);
 }
 
 #[test]

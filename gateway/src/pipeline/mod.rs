@@ -252,6 +252,7 @@ impl Pipeline {
         SessionSink {
             pipeline: self.clone(),
             joiner: ContextJoiner::new(),
+            staged: Vec::new(),
             in_flight: Vec::new(),
             alerts_due: Vec::new(),
             refused: Arc::new(AtomicBool::new(false)),
@@ -277,6 +278,13 @@ pub fn cursor_key(device: &str, m: &Measurement) -> String {
 pub struct SessionSink {
     pipeline: Pipeline,
     joiner: ContextJoiner,
+    /// Records not yet handed to the writer: a download's records go over together, one commit for up
+    /// to [`writer::MAX_BATCH`] (issue 14 item 6: a record committed alone costs an fdatasync and writes
+    /// the journal's tail page again — on an SD card, 4 KiB for a reading of 700 bytes). Handed over
+    /// when the batch is full, at a live reading, at the end of the transfer, or when the session ends
+    /// without one (`Drop`). Nothing is lost by the wait: the device keeps what the journal has not
+    /// accepted (the cursor comes from the journal), and a reading is only ever "accepted" once fsynced.
+    staged: Vec<(Kind, NewRecord, Option<Box<ToEvaluate>>)>,
     /// Boxed: a session can have thousands in flight, most without anything to evaluate.
     in_flight: Vec<(Kind, oneshot::Receiver<Outcome>, Option<Box<ToEvaluate>>)>,
     /// Alert records decided for accepted readings, not yet handed to the writer.
@@ -322,43 +330,74 @@ impl SessionSink {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Stages a record; `now`: hand what is staged to the writer at once (a live reading).
     async fn submit(
         &mut self,
         kind: Kind,
         record: NewRecord,
         evaluate: Option<Box<ToEvaluate>>,
-    ) -> Result<(), SinkError> {
-        self.hand_over(kind, record, evaluate).await?;
-        // Collect outcomes already decided, so a full journal stops the download promptly.
-        self.settle(false).await?;
-        self.submit_alerts().await
-    }
-
-    async fn hand_over(
-        &mut self,
-        kind: Kind,
-        record: NewRecord,
-        evaluate: Option<Box<ToEvaluate>>,
+        now: bool,
     ) -> Result<(), SinkError> {
         if self.refused.load(Ordering::Acquire) {
             return Err(SinkError::Full);
         }
-        let rx = self
-            .pipeline
-            .writer
-            .submit(record, self.refused.clone())
-            .await
-            .map_err(|e| SinkError::Unavailable(e.to_string()))?;
-        self.in_flight.push((kind, rx, evaluate));
+        self.staged.push((kind, record, evaluate));
+        if now || self.staged.len() >= writer::MAX_BATCH {
+            self.hand_over().await?;
+            // Collect outcomes already decided, so a full journal stops the download promptly.
+            self.settle(false).await?;
+        }
         Ok(())
     }
 
-    /// Hands the alert records decided so far to the writer (behind the readings they are about).
-    async fn submit_alerts(&mut self) -> Result<(), SinkError> {
-        for record in std::mem::take(&mut self.alerts_due) {
-            self.hand_over(Kind::Alert, record, None).await?;
+    /// Hands the staged records, and the alert records decided since the last hand-over (about readings
+    /// already accepted: behind them in the journal), to the writer as one commit.
+    async fn hand_over(&mut self) -> Result<(), SinkError> {
+        self.staged.extend(
+            std::mem::take(&mut self.alerts_due)
+                .into_iter()
+                .map(|record| (Kind::Alert, record, None)),
+        );
+        if self.staged.is_empty() {
+            return Ok(());
         }
+        if self.refused.load(Ordering::Acquire) {
+            self.staged.clear();
+            return Err(SinkError::Full);
+        }
+        // At most two batches in flight per session: the writer's queue bounds requests, not records,
+        // and a download must still wait for the disk (backpressure reaches the device).
+        if self.in_flight.len() >= writer::MAX_BATCH {
+            self.settle(true).await?;
+        }
+        let (records, rest): (Vec<NewRecord>, Vec<_>) = std::mem::take(&mut self.staged)
+            .into_iter()
+            .map(|(kind, record, evaluate)| (record, (kind, evaluate)))
+            .unzip();
+        let receivers = self
+            .pipeline
+            .writer
+            .submit_batch(records, self.refused.clone())
+            .await
+            .map_err(|e| SinkError::Unavailable(e.to_string()))?;
+        self.in_flight.extend(
+            rest.into_iter()
+                .zip(receivers)
+                .map(|((kind, evaluate), rx)| (kind, rx, evaluate)),
+        );
         Ok(())
+    }
+
+    /// Hands over what is staged and waits for every outcome; then the same for the edge alerts the
+    /// accepted readings raised.
+    /// Every step runs whatever an earlier one returned: a refused record must not keep the readings
+    /// accepted before it from being evaluated. The first error is returned.
+    async fn finish(&mut self) -> Result<(), SinkError> {
+        let readings = self.hand_over().await;
+        let accepted = self.settle(true).await;
+        let alerts = self.hand_over().await;
+        let decided = self.settle(true).await;
+        readings.and(accepted).and(alerts).and(decided)
     }
 
     /// Evaluates an accepted reading at the edge (DESIGN.md "Alerts": after acceptance, so a reading the
@@ -525,7 +564,7 @@ impl SessionSink {
                     topic: self.pipeline.topics.events(),
                     payload,
                 };
-                self.submit(Kind::DecodeFailed, record, None).await
+                self.submit(Kind::DecodeFailed, record, None, live).await
             }
         }
     }
@@ -687,32 +726,37 @@ impl SessionSink {
                 payload,
             },
             evaluate,
+            live,
         )
         .await
     }
 }
 
 impl Drop for SessionSink {
-    /// A session can end without [`RecordSink::end_of_transfer`]: its deadline passed, or it failed. The
-    /// readings it handed over may still be accepted by the writer, and their edge alerts (decided once
-    /// each is accepted) must not be lost with the session: a background task waits for the outcomes and
-    /// journals the alerts. Nothing to do (the usual case) costs nothing.
+    /// A session can end without [`RecordSink::end_of_transfer`]: its deadline passed, or it failed (a
+    /// dropped link). The readings it received intact are still journaled — those staged are handed
+    /// over now, those handed over may still be accepted by the writer — and their edge alerts (decided
+    /// once each is accepted) must not be lost with the session: a background task does both. Nothing to
+    /// do (the usual case) costs nothing.
     fn drop(&mut self) {
-        if self.detached
-            || self.pipeline.alerts.is_none()
-            || (self.alerts_due.is_empty() && self.in_flight.iter().all(|(_, _, e)| e.is_none()))
-        {
+        let evaluations = self.pipeline.alerts.is_some()
+            && !(self.alerts_due.is_empty() && self.in_flight.iter().all(|(_, _, e)| e.is_none()));
+        if self.detached || (self.staged.is_empty() && !evaluations) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Outside a runtime (a test's teardown): a glucometer keeps what the journal never accepted
+            // (the cursor comes from the journal) and sends it again at the next session.
             tracing::warn!(
-                "a session ended outside the runtime: the edge alerts of its last readings are left to ingest"
+                staged = self.staged.len(),
+                "a session ended outside the runtime: its staged records are left on the device, the edge alerts of its last readings to ingest"
             );
             return;
         };
         let mut rest = SessionSink {
             pipeline: self.pipeline.clone(),
             joiner: ContextJoiner::new(),
+            staged: std::mem::take(&mut self.staged),
             in_flight: std::mem::take(&mut self.in_flight),
             alerts_due: std::mem::take(&mut self.alerts_due),
             refused: self.refused.clone(),
@@ -722,9 +766,7 @@ impl Drop for SessionSink {
         };
         runtime.spawn(async move {
             // Errors were counted and logged where they arose; the readings are in the journal or not.
-            let _ = rest.settle(true).await;
-            let _ = rest.submit_alerts().await;
-            let _ = rest.settle(true).await;
+            let _ = rest.finish().await;
         });
     }
 }
@@ -792,9 +834,7 @@ impl RecordSink for SessionSink {
             )
             .await?;
         }
-        self.settle(true).await?;
-        // The alerts of the last readings, decided as they were accepted.
-        self.submit_alerts().await?;
-        self.settle(true).await
+        // The readings, then the alerts they raised, decided as they were accepted.
+        self.finish().await
     }
 }

@@ -1,9 +1,10 @@
 //! The journal writer: one thread that owns every append, so that appends from all device sessions are
-//! group-committed — under load up to [`MAX_BATCH`] records share one write and one fdatasync; when idle a
-//! single record is committed at once (one fsync per reading).
+//! group-committed — under load up to [`MAX_BATCH`] records share one write and one fdatasync; when idle
+//! what was handed over is committed at once: one record, or the batch a session handed over together
+//! ([`WriterHandle::submit_batch`]: a download's records, one write and one fdatasync for all).
 //!
 //! A session hands records over through a bounded channel (backpressure reaches the device: a glucometer
-//! keeps its records) and learns the outcome through a oneshot. Once a record of a session is refused
+//! keeps its records) and learns each record's outcome through a oneshot. Once a record of a session is refused
 //! (journal full), every later record of that session is refused too, without trying: otherwise a later
 //! record could be accepted and advance the device's cursor past the refused one, which would then never be
 //! downloaded again (DESIGN.md promise 4).
@@ -33,7 +34,10 @@ pub enum Refusal {
     Failed(String),
 }
 
-struct Request {
+/// What a submitter hands over at once: committed together (unless the journal is full, below).
+type Request = Vec<Item>;
+
+struct Item {
     record: NewRecord,
     /// Set once a record of this session is refused.
     session_refused: Arc<AtomicBool>,
@@ -46,9 +50,9 @@ pub struct WriterHandle {
     tx: mpsc::Sender<Request>,
 }
 
-impl std::fmt::Debug for Request {
+impl std::fmt::Debug for Item {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Request")
+        f.debug_struct("Item")
             .field("reading_id", &self.record.reading_id)
             .finish_non_exhaustive()
     }
@@ -65,16 +69,43 @@ impl WriterHandle {
         record: NewRecord,
         session_refused: Arc<AtomicBool>,
     ) -> Result<oneshot::Receiver<Outcome>, Refusal> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request {
-                record,
-                session_refused,
-                reply,
+        let mut rx = self.submit_batch(vec![record], session_refused).await?;
+        rx.pop()
+            .ok_or_else(|| Refusal::Failed("no reply for the record".into()))
+    }
+
+    /// Hands records to the writer to be committed together, in this order (one write and one
+    /// fdatasync, unless the journal is full: then each record that fits is accepted, up to the first a
+    /// session had refused). One receiver per record, in the same order.
+    ///
+    /// # Errors
+    /// [`Refusal::Failed`] when the writer has stopped (shutdown).
+    pub async fn submit_batch(
+        &self,
+        records: Vec<NewRecord>,
+        session_refused: Arc<AtomicBool>,
+    ) -> Result<Vec<oneshot::Receiver<Outcome>>, Refusal> {
+        let mut receivers = Vec::with_capacity(records.len());
+        let items = records
+            .into_iter()
+            .map(|record| {
+                let (reply, rx) = oneshot::channel();
+                receivers.push(rx);
+                Item {
+                    record,
+                    session_refused: session_refused.clone(),
+                    reply,
+                }
             })
+            .collect::<Request>();
+        if items.is_empty() {
+            return Ok(receivers);
+        }
+        self.tx
+            .send(items)
             .await
             .map_err(|_| Refusal::Failed("journal writer stopped".into()))?;
-        Ok(rx)
+        Ok(receivers)
     }
 }
 
@@ -110,12 +141,13 @@ pub fn spawn_with_heartbeat(
     let thread = std::thread::Builder::new()
         .name("journal-writer".into())
         .spawn(move || {
-            let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
+            let mut batch: Vec<Item> = Vec::with_capacity(MAX_BATCH);
             while let Some(first) = next_request(&mut rx, heartbeat.as_ref(), runtime.as_ref()) {
-                batch.push(first);
+                // A request is never split: a session's batch is one commit even past MAX_BATCH.
+                batch.extend(first);
                 while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(r) => batch.push(r),
+                        Ok(r) => batch.extend(r),
                         Err(_) => break,
                     }
                 }
@@ -150,11 +182,11 @@ fn next_request(
 /// Appends a batch: the records of sessions already refused are refused; the rest go in one append. If
 /// the journal is full for the whole batch, records are tried one at a time so that those that fit are
 /// accepted, and the first refusal of a session refuses the rest of it. Returns the records committed.
-fn commit(journal: &Mutex<Journal>, batch: &mut Vec<Request>) -> Vec<Record> {
+fn commit(journal: &Mutex<Journal>, batch: &mut Vec<Item>) -> Vec<Record> {
     // A poisoned lock means a thread panicked mid-append; the journal's own recovery rules (CRC framing)
     // keep the file consistent, so carrying on with the inner value is safe.
     let mut j = journal.lock().unwrap_or_else(|p| p.into_inner());
-    let mut live: Vec<Request> = Vec::with_capacity(batch.len());
+    let mut live: Vec<Item> = Vec::with_capacity(batch.len());
     for r in batch.drain(..) {
         if r.session_refused.load(Ordering::Acquire) {
             let _ = r.reply.send(Err(Refusal::Full));

@@ -89,7 +89,8 @@ const ACK_BATCH: usize = 64;
 /// a crash.
 const ACK_LINGER: Duration = Duration::from_millis(10);
 /// Acks are written without their own `fdatasync` ([`Journal::ack_unsynced`]: the next append's covers
-/// them); if no append came, they are synced this long after the first of them. Losing them to a power
+/// them); if no append came, they are synced this long after the first of them written since the last
+/// `fdatasync` ([`Journal::sync_acks_older_than`]). Losing them to a power
 /// cut only means resending those records (same reading ids). 25 s: readings a second or a few apart
 /// (a kiosk, a stream of one-reading sessions), and a meter syncing every 10 s, carry their acks in the
 /// next append's `fdatasync` instead of one more each, which also writes the journal's tail page again
@@ -262,7 +263,8 @@ enum Flow {
 /// A journal ack running on a blocking thread, and the seqs it covers (kept to retry them on failure).
 struct AckJob {
     seqs: Vec<u64>,
-    handle: JoinHandle<Result<(), UplinkError>>,
+    /// When the acks the job left unsynced are due ([`ACK_SYNC_AFTER`]), if any.
+    handle: JoinHandle<Result<Option<std::time::Instant>, UplinkError>>,
 }
 
 /// A journal read running on a blocking thread.
@@ -414,7 +416,7 @@ impl Uplink {
                     self.start_ack_job();
                 }
                 _ = sleep_until(sync_due), if self.sync_due.is_some() && self.ack_job.is_none() => {
-                    self.start_sync_job();
+                    self.start_sync_job(false);
                 }
                 _ = self.handoff.notified(), if self.connected && !draining => self.fill(),
                 _ = sleep_until(self.next_status), if self.connected && !draining => {
@@ -888,30 +890,35 @@ impl Uplink {
         let mut seqs = std::mem::take(&mut self.to_ack);
         seqs.sort_unstable();
         seqs.dedup();
-        self.spawn_ack_job(seqs);
+        self.spawn_ack_job(seqs, false);
     }
 
-    /// Starts the `fdatasync` of acks written without one, unless an ack job is running.
-    fn start_sync_job(&mut self) {
+    /// Starts the `fdatasync` of acks written without one — those [`ACK_SYNC_AFTER`] old, or all of them
+    /// (`all`: at exit) — unless an ack job is running.
+    fn start_sync_job(&mut self, all: bool) {
         if self.ack_job.is_some() {
             return;
         }
         self.sync_due = None;
-        self.spawn_ack_job(Vec::new());
+        self.spawn_ack_job(Vec::new(), all);
     }
 
-    /// Acks `seqs` (without `fdatasync`), or with none, syncs the acks written so.
-    fn spawn_ack_job(&mut self, seqs: Vec<u64>) {
+    /// Acks `seqs` (without `fdatasync`), or with none, syncs the acks written so (`all`, or once due).
+    fn spawn_ack_job(&mut self, seqs: Vec<u64>, all: bool) {
         let batch = seqs.clone();
         let journal = Arc::clone(&self.journal);
         let handle = tokio::task::spawn_blocking(move || {
             let mut guard = journal
                 .lock()
                 .map_err(|_| UplinkError::JournalLockPoisoned)?;
-            let result = if batch.is_empty() {
-                guard.sync()
+            let result = if !batch.is_empty() {
+                guard
+                    .ack_unsynced(&batch)
+                    .map(|()| guard.acks_due(ACK_SYNC_AFTER))
+            } else if all {
+                guard.sync().map(|()| None)
             } else {
-                guard.ack_unsynced(&batch)
+                guard.sync_acks_older_than(ACK_SYNC_AFTER)
             };
             result.map_err(UplinkError::Journal)
         });
@@ -923,13 +930,15 @@ impl Uplink {
     /// uplink. Acks that piled up meanwhile are written next, at once if a batch is full.
     fn on_ack_done(
         &mut self,
-        done: Result<Result<(), UplinkError>, tokio::task::JoinError>,
+        done: Result<Result<Option<std::time::Instant>, UplinkError>, tokio::task::JoinError>,
     ) -> Result<(), UplinkError> {
         let Some(job) = self.ack_job.take() else {
             return Ok(());
         };
         match done.map_err(|_| UplinkError::JournalTaskPanicked)? {
-            Ok(()) => {}
+            // Acks left unsynced are synced when due, unless an append's fdatasync comes first (the
+            // job then finds nothing to sync).
+            Ok(due) => self.sync_due = due.map(Instant::from_std),
             Err(UplinkError::Journal(e)) if !matches!(e, JournalError::Poisoned { .. }) => {
                 metrics::counter!("phg_journal_ack_errors_total").increment(1);
                 warn!(error = %e, records = job.seqs.len(), "journal ack failed; will retry");
@@ -938,9 +947,6 @@ impl Uplink {
                 return Ok(());
             }
             Err(e) => return Err(e),
-        }
-        if !job.seqs.is_empty() && self.sync_due.is_none() {
-            self.sync_due = Some(Instant::now() + ACK_SYNC_AFTER);
         }
         if self.to_ack.len() >= ACK_BATCH {
             self.start_ack_job();
@@ -994,7 +1000,7 @@ impl Uplink {
         }
         self.flush_acks().await?;
         // At exit the acks are made durable: a clean stop resends nothing.
-        self.start_sync_job();
+        self.start_sync_job(true);
         self.wait_for_ack_job().await?;
         self.sync_due = None;
         self.connected = false;
