@@ -50,6 +50,7 @@ use crate::convert::{ConvertError, EngineReading, engine_reading};
 use crate::evaluate::{DigestItem, EvalError, Evaluator, Input, Sink, digest_notice};
 use protocol::rules::Severity;
 
+mod batch;
 mod postgres;
 mod sqlite;
 
@@ -492,6 +493,14 @@ pub(crate) struct ReportAbout {
     pub patient: String,
     /// What was reported.
     pub symptoms: Symptoms,
+}
+
+/// The `readings.kind` column.
+pub(crate) fn kind_name(msg: &ReadingMessage) -> &'static str {
+    match msg.body.kind {
+        protocol::wire::Kind::Glucose => "glucose",
+        protocol::wire::Kind::BloodPressure => "blood_pressure",
+    }
 }
 
 /// The `symptom_reports.symptoms` column: the names, comma-separated; empty when the patient answered no.

@@ -9,7 +9,7 @@
 //! Two connections per store: a writer (transactions, behind an async mutex) and a reader (the API).
 //! A lost connection is re-opened at the next call.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::Mutex;
@@ -20,10 +20,10 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 /// A statement parameter.
 type P<'a> = dyn ToSql + Sync + 'a;
 
+use super::batch::{self, BatchTx, Begun, ReadingColumns, ReportRow};
 use super::{
-    AckResult, AlertRow, BadRow, Counts, Inbound, Item, OutboxItem, Prepared, ReadingRow,
-    ReportAbout, Step, Store, StoreError, Stored, digests, prepare, severities_below,
-    sqlite::kind_name,
+    AckResult, AlertRow, BadRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, ReportAbout,
+    Step, Store, StoreError, Stored, digests, prepare, severities_below,
 };
 use crate::evaluate::{AlertWrite, DigestItem, Evaluator, NewState, Sink};
 use protocol::rules::Severity;
@@ -68,9 +68,9 @@ impl Conn {
         .await?;
         let (insert_event, upsert_alert, insert_outbox, save_state) =
             futures_util::future::try_join4(
-                c.prepare(INSERT_EVENT),
-                c.prepare(UPSERT_ALERT),
-                c.prepare(INSERT_OUTBOX),
+                c.prepare(batch::sql::INSERT_ALERT_EVENT),
+                c.prepare(batch::sql::UPSERT_ALERT),
+                c.prepare(batch::sql::INSERT_OUTBOX),
                 c.prepare(SAVE_STATE),
             )
             .await?;
@@ -233,7 +233,6 @@ impl PgStore {
         now_utc: i64,
         step: Step,
     ) -> Result<usize, StoreError> {
-        let now_ms = now_utc.saturating_mul(1000);
         let mut client = self.get(&self.writer).await?;
         let st = client.statements().await?;
         let rows = client.query(select, params).await?;
@@ -241,11 +240,9 @@ impl PgStore {
         let mut events = 0;
         for p in patients {
             let tx = client.transaction().await?;
-            let states = lock_states(&tx, &st, &[p.as_str()], now_ms).await?;
-            let state = states.get(&p).cloned().flatten();
-            let (new_state, writes) = step(&ev, &p, state.as_deref(), now_utc)?;
-            events += writes.len();
-            write_all(&tx, &st, &writes, ev.sinks(), &[(&p, &new_state)], now_ms).await?;
+            events +=
+                batch::pass_patient(&mut PgBatch { tx: &tx, st: &st }, &p, &ev, now_utc, step)
+                    .await?;
             tx.commit().await?;
         }
         Ok(events)
@@ -302,16 +299,6 @@ const INSERT_READINGS: &str =
 /// The evaluable reports stored about the readings `$1`.
 const REPORTS_ABOUT: &str = "SELECT reading_id, id, patient, symptoms FROM symptom_reports
      WHERE reading_id = ANY($1::text[]) AND eval_error IS NULL";
-const INSERT_EVENT: &str = "INSERT INTO alert_events (id, alert_id, action, created_ms, notice)
-     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING";
-const UPSERT_ALERT: &str =
-    "INSERT INTO alerts (id, patient, rule_id, severity, status, opened_utc, updated_utc, body)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-     ON CONFLICT (id) DO UPDATE SET rule_id = excluded.rule_id, severity = excluded.severity,
-       status = excluded.status, updated_utc = excluded.updated_utc, body = excluded.body";
-const INSERT_OUTBOX: &str =
-    "INSERT INTO outbox (event_id, sink, payload, next_attempt_ms) VALUES ($1, $2, $3, $4)
-     ON CONFLICT (event_id, sink) DO NOTHING";
 const SAVE_STATE: &str =
     "UPDATE patient_state SET state = $2, updated_ms = $3, next_deadline_utc = $4
      WHERE patient = $1";
@@ -385,42 +372,180 @@ fn reading_row(r: &Row) -> ReadingRow {
     }
 }
 
-/// The readings of a batch, column by column (for one `unnest` insert).
-type ReadingColumns<'a> = (
-    Vec<&'a str>,
-    Vec<&'a str>,
-    Vec<&'a str>,
-    Vec<&'a str>,
-    Vec<i64>,
-    Vec<i64>,
-    Vec<&'a str>,
-    Vec<Option<String>>,
-);
-
 const READING_COLUMNS: &str = "id, patient, gateway, kind, time_utc, eval_error, payload, instance";
 
-/// Records a [`Prepared::Bad`] in `bad_messages` (once per id).
-async fn insert_bad(
-    tx: &tokio_postgres::Transaction<'_>,
-    p: &Prepared,
-    now_ms: i64,
-) -> Result<Stored, StoreError> {
-    let Prepared::Bad {
-        id,
-        topic,
-        error,
-        payload,
-    } = p
-    else {
-        return Err(StoreError::Task("not a bad message".into()));
-    };
-    tx.execute(
-        "INSERT INTO bad_messages (id, topic, error, received_ms, payload)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
-        &[id, topic, error, &now_ms, payload],
-    )
-    .await?;
-    Ok(Stored::Bad(error.clone()))
+/// One open transaction, for the shared batch loop.
+struct PgBatch<'a, 'c> {
+    tx: &'a Transaction<'c>,
+    st: &'a Statements,
+}
+
+impl BatchTx for PgBatch<'_, '_> {
+    async fn begin(
+        &mut self,
+        patients: &[&str],
+        readings: &ReadingColumns<'_>,
+        reports: bool,
+        now_ms: i64,
+        instance: &str,
+    ) -> Result<Begun, StoreError> {
+        let (tx, st) = (self.tx, self.st);
+        // The patients' locks, the readings and the reports, sent together: the server runs them in
+        // this order, so the readings are stored and the reports read under the locks.
+        let lock = async {
+            if patients.is_empty() {
+                Ok(HashMap::new())
+            } else {
+                lock_states(tx, st, patients, now_ms).await
+            }
+        };
+        let insert = async {
+            if readings.id.is_empty() {
+                return Ok(Vec::new());
+            }
+            let r = readings;
+            let params: [&P<'_>; 10] = [
+                &r.id,
+                &r.patient,
+                &r.gateway,
+                &r.kind,
+                &r.time_utc,
+                &r.received_utc,
+                &r.payload,
+                &r.eval_error,
+                &now_ms,
+                &instance,
+            ];
+            Ok::<_, StoreError>(tx.query(&st.insert_readings, &params).await?)
+        };
+        let about = async {
+            if !reports {
+                return Ok(None);
+            }
+            Ok::<_, StoreError>(Some(tx.query(&st.reports, &[&readings.id]).await?))
+        };
+        let (states, inserted, about) =
+            futures_util::future::try_join3(lock, insert, about).await?;
+        Ok(Begun {
+            states,
+            new_ids: inserted.into_iter().map(|r| r.get(0)).collect(),
+            reports: about.map(|rows| rows.iter().map(report_about).collect()),
+        })
+    }
+
+    async fn stored_payloads(
+        &mut self,
+        ids: &[&str],
+    ) -> Result<HashMap<String, String>, StoreError> {
+        Ok(self
+            .tx
+            .query(
+                "SELECT id, payload FROM readings WHERE id = ANY($1::text[])",
+                &[&ids],
+            )
+            .await?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
+    async fn insert_report(
+        &mut self,
+        report: &ReportRow<'_>,
+        now_ms: i64,
+        instance: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let msg = report.msg;
+        let n = self
+            .tx
+            .execute(
+                batch::sql::INSERT_REPORT,
+                &[
+                    &msg.id,
+                    &msg.reading_id,
+                    &msg.patient,
+                    &msg.gateway,
+                    &super::symptoms_column(msg.symptom_set()),
+                    &report.answered_utc,
+                    &now_ms,
+                    &instance,
+                    &report.payload,
+                    &report.eval_error,
+                ],
+            )
+            .await?;
+        if n > 0 {
+            return Ok(None);
+        }
+        let stored: String = self
+            .tx
+            .query_one(batch::sql::STORED_REPORT, &[&msg.id])
+            .await?
+            .get(0);
+        Ok(Some(stored))
+    }
+
+    async fn insert_gateway_event(
+        &mut self,
+        id: &str,
+        gateway: &str,
+        kind: &str,
+        payload: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                batch::sql::INSERT_GATEWAY_EVENT,
+                &[&id, &gateway, &kind, &now_ms, &payload],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn insert_bad(
+        &mut self,
+        id: &str,
+        topic: &str,
+        error: &str,
+        payload: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                batch::sql::INSERT_BAD,
+                &[&id, &topic, &error, &now_ms, &payload],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn reports_about(
+        &mut self,
+        reading_ids: &[&str],
+    ) -> Result<Vec<ReportAbout>, StoreError> {
+        let rows = self.tx.query(&self.st.reports, &[&reading_ids]).await?;
+        Ok(rows.iter().map(report_about).collect())
+    }
+
+    async fn write(
+        &mut self,
+        writes: &[AlertWrite],
+        sinks: &[Sink],
+        states: &[(&str, &NewState)],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        write_all(self.tx, self.st, writes, sinks, states, now_ms).await
+    }
+}
+
+/// A row of [`REPORTS_ABOUT`].
+fn report_about(r: &Row) -> ReportAbout {
+    ReportAbout {
+        reading_id: r.get(0),
+        id: r.get(1),
+        patient: r.get(2),
+        symptoms: super::symptoms_of_column(r.get(3)),
+    }
 }
 
 impl Store for PgStore {
@@ -435,248 +560,15 @@ impl Store for PgStore {
         let mut client = self.get(&self.writer).await?;
         let st = client.statements().await?;
         let tx = client.transaction().await?;
-        let patients: Vec<&str> = prepared
-            .iter()
-            .filter_map(|p| match p {
-                Prepared::Reading { msg, .. } => Some(msg.patient.as_str()),
-                Prepared::Symptoms { msg, .. } => Some(msg.patient.as_str()),
-                _ => None,
-            })
-            .collect::<BTreeSet<&str>>()
-            .into_iter()
-            .collect();
-        let mut cols: ReadingColumns<'_> = Default::default();
-        for p in &prepared {
-            if let Prepared::Reading {
-                msg,
-                payload,
-                time_utc,
-                received_utc,
-                engine,
-            } = p
-            {
-                cols.0.push(&msg.id);
-                cols.1.push(&msg.patient);
-                cols.2.push(&msg.gateway);
-                cols.3.push(kind_name(msg));
-                cols.4.push(*time_utc);
-                cols.5.push(*received_utc);
-                cols.6.push(payload);
-                cols.7.push(engine.as_ref().err().map(ToString::to_string));
-            }
-        }
-        // A batch without symptom reports (nearly all) reads the reports about its readings at once;
-        // one with reports reads them after storing its own (below), which the readings may need.
-        let has_reports = prepared
-            .iter()
-            .any(|p| matches!(p, Prepared::Symptoms { .. }));
-        // The patients' locks, the readings and (usually) the reports, sent together: the server runs
-        // them in this order, so the readings are stored and the reports read under the locks.
-        let lock = async {
-            if patients.is_empty() {
-                Ok(HashMap::new())
-            } else {
-                lock_states(&tx, &st, &patients, now_ms).await
-            }
-        };
-        let insert = async {
-            if cols.0.is_empty() {
-                return Ok(Vec::new());
-            }
-            let params: [&P<'_>; 10] = [
-                &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7, &now_ms,
-                &instance,
-            ];
-            Ok::<_, StoreError>(tx.query(&st.insert_readings, &params).await?)
-        };
-        let early_reports = async {
-            if has_reports || cols.0.is_empty() {
-                return Ok(None);
-            }
-            Ok::<_, StoreError>(Some(tx.query(&st.reports, &[&cols.0]).await?))
-        };
-        let (mut states, inserted, early_reports) =
-            futures_util::future::try_join3(lock, insert, early_reports).await?;
-        let mut new_ids: HashSet<String> = inserted.into_iter().map(|r| r.get(0)).collect();
-        // What is stored under the ids that were not new or come twice in this batch: a duplicate, or a
-        // conflict when the content differs.
-        let mut seen: HashSet<&str> = HashSet::new();
-        let old_ids: Vec<&str> = cols
-            .0
-            .iter()
-            .copied()
-            .filter(|id| !seen.insert(id) || !new_ids.contains(*id))
-            .collect();
-        let mut stored_payloads: HashMap<String, String> = HashMap::new();
-        if !old_ids.is_empty() {
-            for r in tx
-                .query(
-                    "SELECT id, payload FROM readings WHERE id = ANY($1::text[])",
-                    &[&old_ids],
-                )
-                .await?
-            {
-                stored_payloads.insert(r.get(0), r.get(1));
-            }
-        }
-        let mut out: Vec<Stored> = Vec::with_capacity(prepared.len());
-        // New, evaluable readings and symptom reports by patient, in arrival order.
-        let mut by_patient: BTreeMap<&str, Vec<(usize, Item<'_>)>> = BTreeMap::new();
-        for (i, (p, m)) in prepared.iter().zip(&batch).enumerate() {
-            match p {
-                Prepared::Reading {
-                    msg,
-                    engine,
-                    payload,
-                    ..
-                } => {
-                    // `remove`: a second copy of the same id in this batch is a duplicate.
-                    if !new_ids.remove(&msg.id) {
-                        let stored = stored_payloads.get(&msg.id).map_or("", String::as_str);
-                        if super::conflicts(stored, msg) {
-                            let record = super::conflict_record(&m.topic, payload);
-                            out.push(insert_bad(&tx, &record, now_ms).await?);
-                        } else {
-                            out.push(Stored::Duplicate);
-                        }
-                        continue;
-                    }
-                    match engine {
-                        Ok(reading) => {
-                            out.push(Stored::New { alerts: 0 });
-                            by_patient
-                                .entry(msg.patient.as_str())
-                                .or_default()
-                                .push((i, Item::Reading(msg, reading)));
-                        }
-                        Err(e) => out.push(Stored::Rejected(e.to_string())),
-                    }
-                }
-                Prepared::Symptoms {
-                    msg,
-                    payload,
-                    answered_utc,
-                    symptoms,
-                } => {
-                    // Reports are rare (a kiosk answer): one statement each.
-                    let eval_error = symptoms.as_ref().err();
-                    let n = tx
-                        .execute(
-                            "INSERT INTO symptom_reports (id, reading_id, patient, gateway, symptoms,
-                               answered_utc, stored_ms, instance, payload, eval_error)
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING",
-                            &[
-                                &msg.id,
-                                &msg.reading_id,
-                                &msg.patient,
-                                &msg.gateway,
-                                &super::symptoms_column(msg.symptom_set()),
-                                answered_utc,
-                                &now_ms,
-                                &instance,
-                                payload,
-                                &eval_error,
-                            ],
-                        )
-                        .await?;
-                    if n == 0 {
-                        let stored: String = tx
-                            .query_one(
-                                "SELECT payload FROM symptom_reports WHERE id = $1",
-                                &[&msg.id],
-                            )
-                            .await?
-                            .get(0);
-                        if super::report_conflicts(&stored, msg) {
-                            let record = super::report_conflict_record(&m.topic, payload);
-                            out.push(insert_bad(&tx, &record, now_ms).await?);
-                        } else {
-                            out.push(Stored::Duplicate);
-                        }
-                        continue;
-                    }
-                    match symptoms {
-                        Ok(symptoms) => {
-                            out.push(Stored::New { alerts: 0 });
-                            by_patient.entry(msg.patient.as_str()).or_default().push((
-                                i,
-                                Item::Symptoms {
-                                    id: &msg.id,
-                                    answered_utc: *answered_utc,
-                                    symptoms: *symptoms,
-                                },
-                            ));
-                        }
-                        Err(e) => out.push(Stored::Rejected(e.clone())),
-                    }
-                }
-                Prepared::Event {
-                    id,
-                    gateway,
-                    kind,
-                    payload,
-                } => {
-                    tx.execute(
-                        "INSERT INTO gateway_events (id, gateway, kind, received_ms, payload)
-                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
-                        &[id, gateway, kind, &now_ms, payload],
-                    )
-                    .await?;
-                    out.push(Stored::Event);
-                }
-                Prepared::Bad { .. } => out.push(insert_bad(&tx, p, now_ms).await?),
-            }
-        }
-        // The reports stored about this batch's new readings (one statement; the patients are locked,
-        // so a report committed by another instance is either seen here or sees these readings).
-        let rows = match early_reports {
-            Some(rows) => rows,
-            None => {
-                let reading_ids: Vec<&str> = by_patient
-                    .values()
-                    .flatten()
-                    .filter_map(|(_, item)| match item {
-                        Item::Reading(msg, _) => Some(msg.id.as_str()),
-                        Item::Symptoms { .. } => None,
-                    })
-                    .collect();
-                if reading_ids.is_empty() {
-                    Vec::new()
-                } else {
-                    tx.query(&st.reports, &[&reading_ids]).await?
-                }
-            }
-        };
-        let mut reports: HashMap<String, Vec<ReportAbout>> = HashMap::new();
-        for r in rows {
-            let report = ReportAbout {
-                reading_id: r.get(0),
-                id: r.get(1),
-                patient: r.get(2),
-                symptoms: super::symptoms_of_column(r.get(3)),
-            };
-            reports
-                .entry(report.patient.clone())
-                .or_default()
-                .push(report);
-        }
-        let mut changed: BTreeMap<String, NewState> = BTreeMap::new();
-        let mut pending: Vec<AlertWrite> = Vec::new();
-        for (patient, items) in by_patient {
-            let state = states.remove(patient).flatten();
-            let about = reports.remove(patient).unwrap_or_default();
-            let inputs = super::inputs(&items, &about);
-            let (new_state, writes) = ev.on_inputs(patient, state.as_deref(), &inputs)?;
-            changed.insert(patient.to_owned(), new_state);
-            for ((i, _), w) in items.iter().zip(writes) {
-                if let Some(slot) = out.get_mut(*i) {
-                    *slot = Stored::New { alerts: w.len() };
-                }
-                pending.extend(w);
-            }
-        }
-        let saves: Vec<(&str, &NewState)> = changed.iter().map(|(p, s)| (p.as_str(), s)).collect();
-        write_all(&tx, &st, &pending, ev.sinks(), &saves, now_ms).await?;
+        let out = batch::ingest(
+            &mut PgBatch { tx: &tx, st: &st },
+            &batch,
+            &prepared,
+            &ev,
+            instance,
+            now_ms,
+        )
+        .await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -751,8 +643,11 @@ impl Store for PgStore {
             }
             new += 1;
             for s in &sinks {
-                tx.execute(INSERT_OUTBOX, &[&event_id, &s.name(), &notice, &now_ms])
-                    .await?;
+                tx.execute(
+                    batch::sql::INSERT_OUTBOX,
+                    &[&event_id, &s.name(), &notice, &now_ms],
+                )
+                .await?;
             }
         }
         tx.commit().await?;

@@ -6,16 +6,17 @@
 //! rusqlite is synchronous: each call runs on tokio's blocking pool, holding one of two connections (a
 //! writer and a reader, each behind a `std` mutex held only inside the blocking closure).
 
-use std::collections::BTreeMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use super::batch::{self, BatchTx, Begun, ReadingColumns, ReportRow};
 use super::{
-    AckResult, AlertRow, BadRow, Counts, Inbound, Item, OutboxItem, Prepared, ReadingRow,
-    ReportAbout, Step, Store, StoreError, Stored, digests, prepare, severities_below,
+    AckResult, AlertRow, BadRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, ReportAbout,
+    Step, Store, StoreError, Stored, digests, prepare, severities_below,
 };
 use crate::evaluate::{AlertWrite, DigestItem, Evaluator, NewState, Sink};
 use protocol::rules::Severity;
@@ -121,7 +122,6 @@ impl SqliteStore {
         now_utc: i64,
         step: Step,
     ) -> Result<usize, StoreError> {
-        let now_ms = now_utc.saturating_mul(1000);
         patients.sort();
         let mut events = 0;
         // One patient per hold of the writer connection: ingestion's batches take turns with the pass
@@ -130,10 +130,13 @@ impl SqliteStore {
             let ev = Arc::clone(&ev);
             events += Self::with(&self.writer, move |c| {
                 let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let state = load_state(&tx, &p)?;
-                let (new_state, writes) = step(&ev, &p, state.as_deref(), now_utc)?;
-                let events = write_alerts(&tx, &writes, ev.sinks(), now_ms)?;
-                save_state(&tx, &p, &new_state, now_ms)?;
+                let events = run_ready(batch::pass_patient(
+                    &mut SqliteBatch { tx: &tx },
+                    &p,
+                    &ev,
+                    now_utc,
+                    step,
+                ))?;
                 tx.commit()?;
                 Ok(events)
             })
@@ -179,17 +182,15 @@ fn write_alerts(
 ) -> Result<usize, StoreError> {
     let mut new = 0;
     for w in writes {
-        let n = tx.prepare_cached("INSERT INTO alert_events (id, alert_id, action, created_ms, notice) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (id) DO NOTHING")?.execute(params![w.event_id, w.alert.id, w.action, now_ms, w.notice],
-        )?;
+        let n = tx
+            .prepare_cached(batch::sql::INSERT_ALERT_EVENT)?
+            .execute(params![w.event_id, w.alert.id, w.action, now_ms, w.notice])?;
         if n == 0 {
             continue;
         }
         new += 1;
-        tx.prepare_cached("INSERT INTO alerts (id, patient, rule_id, severity, status, opened_utc, updated_utc, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-             ON CONFLICT (id) DO UPDATE SET rule_id = excluded.rule_id, severity = excluded.severity,
-               status = excluded.status, updated_utc = excluded.updated_utc, body = excluded.body")?.execute(params![
+        tx.prepare_cached(batch::sql::UPSERT_ALERT)?
+            .execute(params![
                 w.alert.id,
                 w.alert.patient,
                 w.alert.rule_id,
@@ -198,228 +199,201 @@ fn write_alerts(
                 w.alert.opened_utc,
                 w.alert.updated_utc,
                 w.alert_json
-            ],
-        )?;
+            ])?;
         // Below the push threshold: stored, and summarised in the patient's digest instead.
         for s in sinks.iter().filter(|_| w.notify) {
-            tx.prepare_cached("INSERT INTO outbox (event_id, sink, payload, next_attempt_ms) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (event_id, sink) DO NOTHING")?.execute(params![w.event_id, s.name(), w.notice, now_ms],
-            )?;
+            tx.prepare_cached(batch::sql::INSERT_OUTBOX)?
+                .execute(params![w.event_id, s.name(), w.notice, now_ms])?;
         }
     }
     Ok(new)
 }
 
-fn ingest_sync(
-    conn: &mut Connection,
-    batch: &[Inbound],
-    ev: &Evaluator,
-    instance: &str,
-    now_ms: i64,
-) -> Result<Vec<Stored>, StoreError> {
-    let prepared: Vec<Prepared> = batch.iter().map(prepare).collect();
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut out: Vec<Stored> = Vec::with_capacity(prepared.len());
-    // New, evaluable readings and symptom reports by patient, in arrival order (with the position in
-    // the batch).
-    let mut by_patient: BTreeMap<&str, Vec<(usize, Item<'_>)>> = BTreeMap::new();
-    for (i, (p, m)) in prepared.iter().zip(batch).enumerate() {
-        match p {
-            Prepared::Reading {
-                msg,
-                payload,
-                time_utc,
-                received_utc,
-                engine,
-            } => {
-                let eval_error = engine.as_ref().err().map(ToString::to_string);
-                let n = tx.prepare_cached("INSERT INTO readings (id, patient, gateway, kind, time_utc, received_utc, stored_ms,
-                       instance, payload, eval_error)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO NOTHING")?.execute(params![
-                        msg.id,
-                        msg.patient,
-                        msg.gateway,
-                        kind_name(msg),
-                        time_utc,
-                        received_utc,
-                        now_ms,
-                        instance,
-                        payload,
-                        eval_error
-                    ],
-                )?;
-                if n == 0 {
-                    let stored: String = tx.query_row(
-                        "SELECT payload FROM readings WHERE id = ?1",
-                        [&msg.id],
-                        |r| r.get(0),
-                    )?;
-                    if super::conflicts(&stored, msg) {
-                        out.push(insert_bad(
-                            &tx,
-                            &super::conflict_record(&m.topic, payload),
-                            now_ms,
-                        )?);
-                    } else {
-                        out.push(Stored::Duplicate);
-                    }
-                    continue;
-                }
-                match engine {
-                    Ok(reading) => {
-                        out.push(Stored::New { alerts: 0 });
-                        by_patient
-                            .entry(msg.patient.as_str())
-                            .or_default()
-                            .push((i, Item::Reading(msg, reading)));
-                    }
-                    Err(e) => out.push(Stored::Rejected(e.to_string())),
-                }
-            }
-            Prepared::Symptoms {
-                msg,
-                payload,
-                answered_utc,
-                symptoms,
-            } => {
-                let n = tx
-                    .prepare_cached(
-                        "INSERT INTO symptom_reports (id, reading_id, patient, gateway, symptoms,
-                       answered_utc, stored_ms, instance, payload, eval_error)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO NOTHING",
-                    )?
-                    .execute(params![
-                        msg.id,
-                        msg.reading_id,
-                        msg.patient,
-                        msg.gateway,
-                        super::symptoms_column(msg.symptom_set()),
-                        answered_utc,
-                        now_ms,
-                        instance,
-                        payload,
-                        symptoms.as_ref().err()
-                    ])?;
-                if n == 0 {
-                    let stored: String = tx.query_row(
-                        "SELECT payload FROM symptom_reports WHERE id = ?1",
-                        [&msg.id],
-                        |r| r.get(0),
-                    )?;
-                    if super::report_conflicts(&stored, msg) {
-                        out.push(insert_bad(
-                            &tx,
-                            &super::report_conflict_record(&m.topic, payload),
-                            now_ms,
-                        )?);
-                    } else {
-                        out.push(Stored::Duplicate);
-                    }
-                    continue;
-                }
-                match symptoms {
-                    Ok(symptoms) => {
-                        out.push(Stored::New { alerts: 0 });
-                        by_patient.entry(msg.patient.as_str()).or_default().push((
-                            i,
-                            Item::Symptoms {
-                                id: &msg.id,
-                                answered_utc: *answered_utc,
-                                symptoms: *symptoms,
-                            },
-                        ));
-                    }
-                    Err(e) => out.push(Stored::Rejected(e.clone())),
-                }
-            }
-            Prepared::Event {
-                id,
-                gateway,
-                kind,
-                payload,
-            } => {
-                tx.prepare_cached(
-                    "INSERT INTO gateway_events (id, gateway, kind, received_ms, payload)
-                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
-                )?
-                .execute(params![id, gateway, kind, now_ms, payload])?;
-                out.push(Stored::Event);
-            }
-            Prepared::Bad { .. } => out.push(insert_bad(&tx, p, now_ms)?),
-        }
+/// Runs a future that never waits — the shared batch loop over a [`SqliteBatch`], whose statements all
+/// run synchronously, on the blocking thread that holds the connection — to its end.
+fn run_ready<T>(
+    f: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let mut f = std::pin::pin!(f);
+    match f
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => Err(StoreError::Task(
+            "a SQLite statement waited (it never should)".into(),
+        )),
     }
-    // Each patient's new readings and reports through one engine, against the state under the writer
-    // lock; a reading with the reports about it stored before it.
-    for (patient, items) in by_patient {
-        let state = load_state(&tx, patient)?;
-        let mut reports = Vec::new();
-        for (_, item) in &items {
-            if let Item::Reading(msg, _) = item {
-                reports.extend(reports_about(&tx, &msg.id, patient)?);
-            }
-        }
-        let inputs = super::inputs(&items, &reports);
-        let (new_state, writes) = ev.on_inputs(patient, state.as_deref(), &inputs)?;
-        for ((i, _), w) in items.iter().zip(writes) {
-            let alerts = write_alerts(&tx, &w, ev.sinks(), now_ms)?;
-            if let Some(slot) = out.get_mut(*i) {
-                *slot = Stored::New { alerts };
-            }
-        }
-        save_state(&tx, patient, &new_state, now_ms)?;
-    }
-    tx.commit()?;
-    Ok(out)
 }
 
-/// The evaluable reports stored about `reading_id` for `patient`.
-fn reports_about(
-    tx: &rusqlite::Transaction<'_>,
-    reading_id: &str,
-    patient: &str,
-) -> Result<Vec<ReportAbout>, StoreError> {
-    let mut st = tx.prepare_cached(
-        "SELECT id, symptoms FROM symptom_reports
-         WHERE reading_id = ?1 AND patient = ?2 AND eval_error IS NULL",
-    )?;
-    let rows = st.query_map(params![reading_id, patient], |r| {
-        Ok(ReportAbout {
-            reading_id: reading_id.to_owned(),
-            id: r.get(0)?,
-            patient: patient.to_owned(),
-            symptoms: super::symptoms_of_column(&r.get::<_, String>(1)?),
+/// One open transaction (under the writer lock: `BEGIN IMMEDIATE`), for the shared batch loop.
+struct SqliteBatch<'a, 'c> {
+    tx: &'a rusqlite::Transaction<'c>,
+}
+
+impl BatchTx for SqliteBatch<'_, '_> {
+    async fn begin(
+        &mut self,
+        patients: &[&str],
+        readings: &ReadingColumns<'_>,
+        reports: bool,
+        now_ms: i64,
+        instance: &str,
+    ) -> Result<Begun, StoreError> {
+        // The writer lock is the lock: `BEGIN IMMEDIATE` took it for the whole database.
+        let mut states = HashMap::with_capacity(patients.len());
+        for &p in patients {
+            states.insert(p.to_owned(), load_state(self.tx, p)?);
+        }
+        let mut new_ids = HashSet::with_capacity(readings.id.len());
+        let mut insert = self.tx.prepare_cached(
+            "INSERT INTO readings (id, patient, gateway, kind, time_utc, received_utc, stored_ms,
+               instance, payload, eval_error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO NOTHING",
+        )?;
+        let r = readings;
+        for i in 0..r.id.len() {
+            let n = insert.execute(params![
+                r.id.get(i),
+                r.patient.get(i),
+                r.gateway.get(i),
+                r.kind.get(i),
+                r.time_utc.get(i),
+                r.received_utc.get(i),
+                now_ms,
+                instance,
+                r.payload.get(i),
+                r.eval_error.get(i).cloned().flatten(),
+            ])?;
+            if let (1.., Some(id)) = (n, r.id.get(i)) {
+                new_ids.insert((*id).to_owned());
+            }
+        }
+        let reports = if reports {
+            Some(self.reports_about(&r.id).await?)
+        } else {
+            None
+        };
+        Ok(Begun {
+            states,
+            new_ids,
+            reports,
         })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
+    }
 
-/// Records a [`Prepared::Bad`] in `bad_messages` (once per id).
-fn insert_bad(
-    tx: &rusqlite::Transaction<'_>,
-    p: &Prepared,
-    now_ms: i64,
-) -> Result<Stored, StoreError> {
-    let Prepared::Bad {
-        id,
-        topic,
-        error,
-        payload,
-    } = p
-    else {
-        return Err(StoreError::Task("not a bad message".into()));
-    };
-    tx.prepare_cached(
-        "INSERT INTO bad_messages (id, topic, error, received_ms, payload)
-         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
-    )?
-    .execute(params![id, topic, error, now_ms, payload])?;
-    Ok(Stored::Bad(error.clone()))
-}
+    async fn stored_payloads(
+        &mut self,
+        ids: &[&str],
+    ) -> Result<HashMap<String, String>, StoreError> {
+        let mut st = self
+            .tx
+            .prepare_cached("SELECT payload FROM readings WHERE id = ?1")?;
+        let mut out = HashMap::with_capacity(ids.len());
+        for &id in ids {
+            if let Some(payload) = st.query_row([id], |r| r.get(0)).optional()? {
+                out.insert(id.to_owned(), payload);
+            }
+        }
+        Ok(out)
+    }
 
-pub(crate) fn kind_name(msg: &protocol::wire::ReadingMessage) -> &'static str {
-    match msg.body.kind {
-        protocol::wire::Kind::Glucose => "glucose",
-        protocol::wire::Kind::BloodPressure => "blood_pressure",
+    async fn insert_report(
+        &mut self,
+        report: &ReportRow<'_>,
+        now_ms: i64,
+        instance: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let msg = report.msg;
+        let n = self
+            .tx
+            .prepare_cached(batch::sql::INSERT_REPORT)?
+            .execute(params![
+                msg.id,
+                msg.reading_id,
+                msg.patient,
+                msg.gateway,
+                super::symptoms_column(msg.symptom_set()),
+                report.answered_utc,
+                now_ms,
+                instance,
+                report.payload,
+                report.eval_error,
+            ])?;
+        if n > 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.tx.query_row(
+            batch::sql::STORED_REPORT,
+            [&msg.id],
+            |r| r.get(0),
+        )?))
+    }
+
+    async fn insert_gateway_event(
+        &mut self,
+        id: &str,
+        gateway: &str,
+        kind: &str,
+        payload: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .prepare_cached(batch::sql::INSERT_GATEWAY_EVENT)?
+            .execute(params![id, gateway, kind, now_ms, payload])?;
+        Ok(())
+    }
+
+    async fn insert_bad(
+        &mut self,
+        id: &str,
+        topic: &str,
+        error: &str,
+        payload: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .prepare_cached(batch::sql::INSERT_BAD)?
+            .execute(params![id, topic, error, now_ms, payload])?;
+        Ok(())
+    }
+
+    async fn reports_about(
+        &mut self,
+        reading_ids: &[&str],
+    ) -> Result<Vec<ReportAbout>, StoreError> {
+        let mut st = self.tx.prepare_cached(
+            "SELECT reading_id, id, patient, symptoms FROM symptom_reports
+             WHERE reading_id = ?1 AND eval_error IS NULL",
+        )?;
+        let mut out = Vec::new();
+        for &id in reading_ids {
+            let rows = st.query_map([id], |r| {
+                Ok(ReportAbout {
+                    reading_id: r.get(0)?,
+                    id: r.get(1)?,
+                    patient: r.get(2)?,
+                    symptoms: super::symptoms_of_column(&r.get::<_, String>(3)?),
+                })
+            })?;
+            for row in rows {
+                out.push(row?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn write(
+        &mut self,
+        writes: &[AlertWrite],
+        sinks: &[Sink],
+        states: &[(&str, &NewState)],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        write_alerts(self.tx, writes, sinks, now_ms)?;
+        for (patient, state) in states {
+            save_state(self.tx, patient, state, now_ms)?;
+        }
+        Ok(())
     }
 }
 
@@ -449,7 +423,18 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Stored>, StoreError> {
         let instance = instance.to_owned();
         Self::with(&self.writer, move |c| {
-            ingest_sync(c, &batch, &ev, &instance, now_ms)
+            let prepared: Vec<Prepared> = batch.iter().map(prepare).collect();
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let out = run_ready(batch::ingest(
+                &mut SqliteBatch { tx: &tx },
+                &batch,
+                &prepared,
+                &ev,
+                &instance,
+                now_ms,
+            ))?;
+            tx.commit()?;
+            Ok(out)
         })
         .await
     }
@@ -520,11 +505,8 @@ impl Store for SqliteStore {
                 }
                 new += 1;
                 for s in &sinks {
-                    tx.prepare_cached(
-                        "INSERT INTO outbox (event_id, sink, payload, next_attempt_ms)
-                         VALUES (?1, ?2, ?3, ?4) ON CONFLICT (event_id, sink) DO NOTHING",
-                    )?
-                    .execute(params![event_id, s.name(), notice, now_ms])?;
+                    tx.prepare_cached(batch::sql::INSERT_OUTBOX)?
+                        .execute(params![event_id, s.name(), notice, now_ms])?;
                 }
             }
             tx.commit()?;

@@ -1,0 +1,390 @@
+//! The one batch loop both stores run (issue 15 item 5): what a batch of messages stores, evaluates and
+//! writes, in which order, under which locks. The SQL dialect is the only difference: each store gives
+//! the loop a [`BatchTx`] — the statements of one open transaction — and commits it when the loop returns
+//! `Ok`. PostgreSQL sends a step's statements together (one round trip); SQLite runs them one after the
+//! other under its single writer lock.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use protocol::wire::SymptomsMessage;
+
+use super::{Inbound, Item, Prepared, ReportAbout, Step, StoreError, Stored};
+use crate::evaluate::{AlertWrite, Evaluator, NewState, Sink};
+
+/// Statements both dialects run as they are: `$1` … is PostgreSQL's placeholder and one of SQLite's
+/// (a named parameter; numbered by first appearance, which is their order here).
+pub(crate) mod sql {
+    /// A symptom report (`$1`…`$10`: id, reading id, patient, gateway, symptoms, answered, stored,
+    /// instance, payload, eval error).
+    pub const INSERT_REPORT: &str = "INSERT INTO symptom_reports (id, reading_id, patient, gateway,
+         symptoms, answered_utc, stored_ms, instance, payload, eval_error)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING";
+    /// The payload stored under a symptom report's id.
+    pub const STORED_REPORT: &str = "SELECT payload FROM symptom_reports WHERE id = $1";
+    /// A gateway event (`$1`…`$5`: id, gateway, kind, received, payload).
+    pub const INSERT_GATEWAY_EVENT: &str =
+        "INSERT INTO gateway_events (id, gateway, kind, received_ms, payload)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING";
+    /// A bad message (`$1`…`$5`: id, topic, error, received, payload).
+    pub const INSERT_BAD: &str = "INSERT INTO bad_messages (id, topic, error, received_ms, payload)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING";
+    /// An alert event (`$1`…`$5`: id, alert id, action, created, notice).
+    pub const INSERT_ALERT_EVENT: &str =
+        "INSERT INTO alert_events (id, alert_id, action, created_ms, notice)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING";
+    /// An alert's latest state (`$1`…`$8`: id, patient, rule, severity, status, opened, updated, body).
+    pub const UPSERT_ALERT: &str =
+        "INSERT INTO alerts (id, patient, rule_id, severity, status, opened_utc, updated_utc, body)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (id) DO UPDATE SET rule_id = excluded.rule_id, severity = excluded.severity,
+           status = excluded.status, updated_utc = excluded.updated_utc, body = excluded.body";
+    /// An outbox row (`$1`…`$4`: event id, sink, payload, next attempt).
+    pub const INSERT_OUTBOX: &str =
+        "INSERT INTO outbox (event_id, sink, payload, next_attempt_ms) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (event_id, sink) DO NOTHING";
+}
+
+/// A batch's readings, column by column (PostgreSQL inserts them with one `unnest`).
+#[derive(Debug, Default)]
+pub(crate) struct ReadingColumns<'a> {
+    pub id: Vec<&'a str>,
+    pub patient: Vec<&'a str>,
+    pub gateway: Vec<&'a str>,
+    pub kind: Vec<&'a str>,
+    pub time_utc: Vec<i64>,
+    pub received_utc: Vec<i64>,
+    pub payload: Vec<&'a str>,
+    pub eval_error: Vec<Option<String>>,
+}
+
+/// What [`BatchTx::begin`] found and did.
+#[derive(Debug, Default)]
+pub(crate) struct Begun {
+    /// Each locked patient's engine state (`None`: none yet).
+    pub states: HashMap<String, Option<String>>,
+    /// The reading ids this batch stored (not stored before).
+    pub new_ids: HashSet<String>,
+    /// The evaluable symptom reports about the batch's readings, when asked for.
+    pub reports: Option<Vec<ReportAbout>>,
+}
+
+/// A symptom report to store (`symptom_reports`).
+#[derive(Debug)]
+pub(crate) struct ReportRow<'a> {
+    pub msg: &'a SymptomsMessage,
+    pub payload: &'a str,
+    pub answered_utc: i64,
+    /// Why it is not evaluated, if it is not.
+    pub eval_error: Option<&'a str>,
+}
+
+/// The statements of one open transaction, in a store's SQL dialect. Every insert is idempotent by id
+/// (`ON CONFLICT DO NOTHING`): a redelivered message stores nothing twice.
+pub(crate) trait BatchTx {
+    /// Locks the engine states of `patients` (sorted, distinct; creating the missing rows), in that
+    /// order — two instances never deadlock and never evaluate one patient at once — and stores
+    /// `readings`; with `reports`, also reads the evaluable symptom reports about them, after storing.
+    async fn begin(
+        &mut self,
+        patients: &[&str],
+        readings: &ReadingColumns<'_>,
+        reports: bool,
+        now_ms: i64,
+        instance: &str,
+    ) -> Result<Begun, StoreError>;
+
+    /// The payloads stored under reading ids (to tell a duplicate from a conflict).
+    async fn stored_payloads(
+        &mut self,
+        ids: &[&str],
+    ) -> Result<HashMap<String, String>, StoreError>;
+
+    /// Stores a symptom report; `Some(the payload stored)` when its id was stored before.
+    async fn insert_report(
+        &mut self,
+        report: &ReportRow<'_>,
+        now_ms: i64,
+        instance: &str,
+    ) -> Result<Option<String>, StoreError>;
+
+    /// Stores a gateway event (once per id).
+    async fn insert_gateway_event(
+        &mut self,
+        id: &str,
+        gateway: &str,
+        kind: &str,
+        payload: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Records a message in `bad_messages` (once per id).
+    async fn insert_bad(
+        &mut self,
+        id: &str,
+        topic: &str,
+        error: &str,
+        payload: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// The evaluable symptom reports about `reading_ids`.
+    async fn reports_about(&mut self, reading_ids: &[&str])
+    -> Result<Vec<ReportAbout>, StoreError>;
+
+    /// Writes alert changes (events, alerts, outbox rows for the pushed ones; a replayed event id
+    /// changes nothing) and the patients' new engine states, in that order.
+    async fn write(
+        &mut self,
+        writes: &[AlertWrite],
+        sinks: &[Sink],
+        states: &[(&str, &NewState)],
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+}
+
+/// Records a [`Prepared::Bad`].
+async fn store_bad<T: BatchTx>(
+    tx: &mut T,
+    p: &Prepared,
+    now_ms: i64,
+) -> Result<Stored, StoreError> {
+    let Prepared::Bad {
+        id,
+        topic,
+        error,
+        payload,
+    } = p
+    else {
+        return Err(StoreError::Task("not a bad message".into()));
+    };
+    tx.insert_bad(id, topic, error, payload, now_ms).await?;
+    Ok(Stored::Bad(error.clone()))
+}
+
+/// Stores and evaluates one batch in `tx` (the caller commits on `Ok`): the readings, the symptom
+/// reports, the events, the bad messages; then each patient's new readings and reports through one
+/// engine, against the state locked at the start; then the alerts and the new states. One [`Stored`]
+/// per message, in order.
+pub(crate) async fn ingest<T: BatchTx>(
+    tx: &mut T,
+    batch: &[Inbound],
+    prepared: &[Prepared],
+    ev: &Evaluator,
+    instance: &str,
+    now_ms: i64,
+) -> Result<Vec<Stored>, StoreError> {
+    let patients: Vec<&str> = prepared
+        .iter()
+        .filter_map(|p| match p {
+            Prepared::Reading { msg, .. } => Some(msg.patient.as_str()),
+            Prepared::Symptoms { msg, .. } => Some(msg.patient.as_str()),
+            _ => None,
+        })
+        .collect::<BTreeSet<&str>>()
+        .into_iter()
+        .collect();
+    let mut cols = ReadingColumns::default();
+    for p in prepared {
+        if let Prepared::Reading {
+            msg,
+            payload,
+            time_utc,
+            received_utc,
+            engine,
+        } = p
+        {
+            cols.id.push(&msg.id);
+            cols.patient.push(&msg.patient);
+            cols.gateway.push(&msg.gateway);
+            cols.kind.push(super::kind_name(msg));
+            cols.time_utc.push(*time_utc);
+            cols.received_utc.push(*received_utc);
+            cols.payload.push(payload);
+            cols.eval_error
+                .push(engine.as_ref().err().map(ToString::to_string));
+        }
+    }
+    // A batch without symptom reports (nearly all) reads the reports about its readings at once; one
+    // with reports reads them after storing its own (below), which the readings may need.
+    let has_reports = prepared
+        .iter()
+        .any(|p| matches!(p, Prepared::Symptoms { .. }));
+    let Begun {
+        mut states,
+        mut new_ids,
+        reports: early_reports,
+    } = tx
+        .begin(
+            &patients,
+            &cols,
+            !has_reports && !cols.id.is_empty(),
+            now_ms,
+            instance,
+        )
+        .await?;
+    // What is stored under the ids that were not new or come twice in this batch: a duplicate, or a
+    // conflict when the content differs.
+    let mut seen: HashSet<&str> = HashSet::new();
+    let old_ids: Vec<&str> = cols
+        .id
+        .iter()
+        .copied()
+        .filter(|id| !seen.insert(id) || !new_ids.contains(*id))
+        .collect();
+    let stored_payloads = if old_ids.is_empty() {
+        HashMap::new()
+    } else {
+        tx.stored_payloads(&old_ids).await?
+    };
+    let mut out: Vec<Stored> = Vec::with_capacity(prepared.len());
+    // New, evaluable readings and symptom reports by patient, in arrival order (with the position in
+    // the batch).
+    let mut by_patient: BTreeMap<&str, Vec<(usize, Item<'_>)>> = BTreeMap::new();
+    for (i, (p, m)) in prepared.iter().zip(batch).enumerate() {
+        match p {
+            Prepared::Reading {
+                msg,
+                engine,
+                payload,
+                ..
+            } => {
+                // `remove`: a second copy of the same id in this batch is a duplicate.
+                if !new_ids.remove(&msg.id) {
+                    let stored = stored_payloads.get(&msg.id).map_or("", String::as_str);
+                    if super::conflicts(stored, msg) {
+                        let record = super::conflict_record(&m.topic, payload);
+                        out.push(store_bad(tx, &record, now_ms).await?);
+                    } else {
+                        out.push(Stored::Duplicate);
+                    }
+                    continue;
+                }
+                match engine {
+                    Ok(reading) => {
+                        out.push(Stored::New { alerts: 0 });
+                        by_patient
+                            .entry(msg.patient.as_str())
+                            .or_default()
+                            .push((i, Item::Reading(msg, reading)));
+                    }
+                    Err(e) => out.push(Stored::Rejected(e.to_string())),
+                }
+            }
+            Prepared::Symptoms {
+                msg,
+                payload,
+                answered_utc,
+                symptoms,
+            } => {
+                // Reports are rare (a kiosk answer): one statement each.
+                let row = ReportRow {
+                    msg,
+                    payload,
+                    answered_utc: *answered_utc,
+                    eval_error: symptoms.as_ref().err().map(String::as_str),
+                };
+                if let Some(stored) = tx.insert_report(&row, now_ms, instance).await? {
+                    if super::report_conflicts(&stored, msg) {
+                        let record = super::report_conflict_record(&m.topic, payload);
+                        out.push(store_bad(tx, &record, now_ms).await?);
+                    } else {
+                        out.push(Stored::Duplicate);
+                    }
+                    continue;
+                }
+                match symptoms {
+                    Ok(symptoms) => {
+                        out.push(Stored::New { alerts: 0 });
+                        by_patient.entry(msg.patient.as_str()).or_default().push((
+                            i,
+                            Item::Symptoms {
+                                id: &msg.id,
+                                answered_utc: *answered_utc,
+                                symptoms: *symptoms,
+                            },
+                        ));
+                    }
+                    Err(e) => out.push(Stored::Rejected(e.clone())),
+                }
+            }
+            Prepared::Event {
+                id,
+                gateway,
+                kind,
+                payload,
+            } => {
+                tx.insert_gateway_event(id, gateway, kind, payload, now_ms)
+                    .await?;
+                out.push(Stored::Event);
+            }
+            Prepared::Bad { .. } => out.push(store_bad(tx, p, now_ms).await?),
+        }
+    }
+    // The reports stored about this batch's new readings (the patients are locked, so a report
+    // committed by another instance is either seen here or sees these readings).
+    let rows = match early_reports {
+        Some(rows) => rows,
+        None => {
+            let reading_ids: Vec<&str> = by_patient
+                .values()
+                .flatten()
+                .filter_map(|(_, item)| match item {
+                    Item::Reading(msg, _) => Some(msg.id.as_str()),
+                    Item::Symptoms { .. } => None,
+                })
+                .collect();
+            if reading_ids.is_empty() {
+                Vec::new()
+            } else {
+                tx.reports_about(&reading_ids).await?
+            }
+        }
+    };
+    let mut reports: HashMap<String, Vec<ReportAbout>> = HashMap::new();
+    for report in rows {
+        reports
+            .entry(report.patient.clone())
+            .or_default()
+            .push(report);
+    }
+    // Each patient's new readings and reports through one engine; a reading with the reports about it
+    // stored before it.
+    let mut changed: BTreeMap<String, NewState> = BTreeMap::new();
+    let mut pending: Vec<AlertWrite> = Vec::new();
+    for (patient, items) in by_patient {
+        let state = states.remove(patient).flatten();
+        let about = reports.remove(patient).unwrap_or_default();
+        let inputs = super::inputs(&items, &about);
+        let (new_state, writes) = ev.on_inputs(patient, state.as_deref(), &inputs)?;
+        changed.insert(patient.to_owned(), new_state);
+        for ((i, _), w) in items.iter().zip(writes) {
+            if let Some(slot) = out.get_mut(*i) {
+                *slot = Stored::New { alerts: w.len() };
+            }
+            pending.extend(w);
+        }
+    }
+    let saves: Vec<(&str, &NewState)> = changed.iter().map(|(p, s)| (p.as_str(), s)).collect();
+    tx.write(&pending, ev.sinks(), &saves, now_ms).await?;
+    Ok(out)
+}
+
+/// One patient's turn of a pass (a tick or the deadlines) in `tx` (the caller commits on `Ok`): the
+/// state locked, `step` at `now_utc`, the alerts and the new state written. Returns the alert events.
+pub(crate) async fn pass_patient<T: BatchTx>(
+    tx: &mut T,
+    patient: &str,
+    ev: &Evaluator,
+    now_utc: i64,
+    step: Step,
+) -> Result<usize, StoreError> {
+    let now_ms = now_utc.saturating_mul(1000);
+    let mut begun = tx
+        .begin(&[patient], &ReadingColumns::default(), false, now_ms, "")
+        .await?;
+    let state = begun.states.remove(patient).flatten();
+    let (new_state, writes) = step(ev, patient, state.as_deref(), now_utc)?;
+    tx.write(&writes, ev.sinks(), &[(patient, &new_state)], now_ms)
+        .await?;
+    Ok(writes.len())
+}
