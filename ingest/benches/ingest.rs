@@ -10,6 +10,8 @@
 //!   loaded, the rule engine run, alerts and outbox rows written, state saved, one commit per batch;
 //! - the same in backlog order (each patient's readings together, as a gateway catching up after days
 //!   offline sends them: one engine run and one state write per patient per batch);
+//! - the same with every reading in range (no alert raised): what the alert writes cost, and what is
+//!   left without them (the readings, their indexes, the engine states);
 //! - the same with one message per transaction (the worst case: a broker handing over one message at a
 //!   time);
 //! - SQLite: ingestion while the time-based rules run over every patient (the window pass): how long
@@ -18,7 +20,7 @@
 //!
 //! After each database's table: the bytes written per batch (SQLite: what this process wrote, its WAL;
 //! PostgreSQL: the server's WAL), which is what a commit waits for on a busy disk; and the headline
-//! ratios as `RATIO ingest_<db>[_backlog]_vs_raw_insert X` lines, comparable across runs and machines.
+//! ratios as `RATIO ingest_<db>[_backlog|_in_range]_vs_raw_insert X` lines, comparable across runs and machines.
 //!
 //! The readings: 200 patients, glucose and blood pressure alternating, 1 in 12 of each kind abnormal
 //! (50 mg/dL, 185 mmHg systolic), the rest within the CN pre-meal and BP targets, times a
@@ -38,8 +40,9 @@ const T0: i64 = 1_795_420_800;
 const BATCH: usize = 64;
 
 /// `catch_up`: the same readings, but each patient's together (a gateway uploading days of backlog),
-/// so a batch holds many readings of one patient.
-fn messages_in(n: usize, prefix: &str, catch_up: bool) -> Vec<Inbound> {
+/// so a batch holds many readings of one patient. `abnormal`: 1 in 12 of each kind out of range (the
+/// bench's mix); without, every reading is in range and raises nothing.
+fn messages_in(n: usize, prefix: &str, catch_up: bool, abnormal: bool) -> Vec<Inbound> {
     (0..n)
         .map(|i| {
             let patient = if catch_up {
@@ -50,14 +53,14 @@ fn messages_in(n: usize, prefix: &str, catch_up: bool) -> Vec<Inbound> {
             let t = T0 + i64::try_from(i).unwrap() * 7;
             let id = format!("{prefix}-{i}");
             let payload = if i % 2 == 0 {
-                let mg = if i % 12 == 0 {
+                let mg = if abnormal && i % 12 == 0 {
                     50
                 } else {
                     90 + (i % 20) as u32
                 };
                 glucose_message(&id, &patient, mg, t)
             } else {
-                let sys = if i % 12 == 1 {
+                let sys = if abnormal && i % 12 == 1 {
                     185
                 } else {
                     110 + (i % 30) as u32
@@ -82,7 +85,7 @@ fn messages_in(n: usize, prefix: &str, catch_up: bool) -> Vec<Inbound> {
 }
 
 fn messages(n: usize, prefix: &str) -> Vec<Inbound> {
-    messages_in(n, prefix, false)
+    messages_in(n, prefix, false, true)
 }
 
 /// Bytes this process has written (`wchar` in `/proc/self/io`; 0 where there is none): what SQLite
@@ -114,15 +117,16 @@ async fn wal_position(url: &str) -> i64 {
         .get(0)
 }
 
-/// `  written per batch of 64: …` from the bytes written by the raw run, the stored run and the stored
-/// run in backlog order over `n` readings.
-fn per_batch(what: &str, n: usize, [raw, stored, backlog]: [u64; 3]) {
+/// `  written per batch of 64: …` from the bytes written by the raw run, the stored run, the stored
+/// run in backlog order and the stored run with every reading in range, over `n` readings.
+fn per_batch(what: &str, n: usize, [raw, stored, backlog, in_range]: [u64; 4]) {
     let kb = |b: u64| b as f64 / 1024.0 / (n as f64 / BATCH as f64);
     println!(
-        "  {what} per batch of {BATCH}: raw {:.0} KB, stored {:.0} KB, backlog order {:.0} KB",
+        "  {what} per batch of {BATCH}: raw {:.0} KB, stored {:.0} KB, backlog order {:.0} KB, in range {:.0} KB",
         kb(raw),
         kb(stored),
-        kb(backlog)
+        kb(backlog),
+        kb(in_range)
     );
 }
 
@@ -268,8 +272,8 @@ async fn ingest_during_window_pass(url: &str, more: &[Inbound]) -> (Duration, us
 /// raw ceiling and the stored run batched, the same one per transaction, and the stored run in backlog
 /// order; then the headline ratios as `RATIO ingest_<key>_vs_raw_insert X` lines, comparable across runs
 /// (absolute rates depend on the machine and its load; a ratio within one run much less).
-fn report(label: &str, key: &str, (n, n1): (usize, usize), times: [Duration; 5], alerts: i64) {
-    let [raw, d, raw1, d1, dc] = times;
+fn report(label: &str, key: &str, (n, n1): (usize, usize), times: [Duration; 6], alerts: i64) {
+    let [raw, d, raw1, d1, dc, dn] = times;
     println!("{label}");
     println!("  raw INSERT ceiling, batch {BATCH:>3}: {}", rate(n, raw));
     println!(
@@ -282,10 +286,15 @@ fn report(label: &str, key: &str, (n, n1): (usize, usize), times: [Duration; 5],
         "  stored + evaluated, batch {BATCH:>3}, backlog order: {}",
         rate(n, dc)
     );
+    println!(
+        "  stored + evaluated, batch {BATCH:>3}, every reading in range (no alert): {}",
+        rate(n, dn)
+    );
     // Same n on both sides, so the ratio of rates is the inverse ratio of times.
     let ratio = |stored: Duration| raw.as_secs_f64() / stored.as_secs_f64();
     println!("RATIO ingest_{key}_vs_raw_insert {:.2}", ratio(d));
     println!("RATIO ingest_{key}_backlog_vs_raw_insert {:.2}", ratio(dc));
+    println!("RATIO ingest_{key}_in_range_vs_raw_insert {:.2}", ratio(dn));
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -293,7 +302,10 @@ async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (n, n1) = if quick { (4_000, 500) } else { (20_000, 2_000) };
     let msgs = messages(n, "r");
-    let backlog = messages_in(n, "c", true);
+    let backlog = messages_in(n, "c", true, true);
+    // The same readings, every one in range: what the alert writes cost (the difference), and what is
+    // left when nothing is raised (readings, their indexes, the engine states).
+    let in_range = messages_in(n, "n", false, false);
     let singles = messages(n1, "s");
     println!(
         "ingest bench: {n} readings in batches of {BATCH}, {n1} one per transaction; 200 patients; {} cores",
@@ -315,14 +327,18 @@ async fn main() {
     let w0 = written_bytes();
     let (dc, _) = stored(&urlc, &backlog, BATCH).await;
     let w_backlog = written_bytes() - w0;
+    let urln = format!("sqlite://{}", dir.path().join("ingestn.sqlite").display());
+    let w0 = written_bytes();
+    let (dn, _) = stored(&urln, &in_range, BATCH).await;
+    let w_in_range = written_bytes() - w0;
     report(
         "SQLite (WAL, synchronous=FULL)",
         "sqlite",
         (n, n1),
-        [raw, d, raw1, d1, dc],
+        [raw, d, raw1, d1, dc, dn],
         alerts,
     );
-    per_batch("written", n, [w_raw, w_stored, w_backlog]);
+    per_batch("written", n, [w_raw, w_stored, w_backlog, w_in_range]);
     row_sizes(&dir.path().join("ingest.sqlite"));
     let (pass, batches, slowest) = ingest_during_window_pass(&url, &messages(n, "w")).await;
     println!(
@@ -349,18 +365,27 @@ async fn main() {
             let wal0 = wal_position(&raw_url).await;
             let (dc, _) = stored(&urlc, &backlog, BATCH).await;
             let wal_backlog = wal_position(&raw_url).await - wal0;
+            let urln = pg.create_database("ingestn").await.unwrap();
+            let wal0 = wal_position(&raw_url).await;
+            let (dn, _) = stored(&urln, &in_range, BATCH).await;
+            let wal_in_range = wal_position(&raw_url).await - wal0;
             report(
                 "PostgreSQL (local server, fsync=on, synchronous_commit=on)",
                 "postgres",
                 (n, n1),
-                [raw, d, raw1, d1, dc],
+                [raw, d, raw1, d1, dc, dn],
                 alerts,
             );
             let wal = |b: i64| u64::try_from(b).unwrap_or(0);
             per_batch(
                 "WAL written",
                 n,
-                [wal(wal_raw), wal(wal_stored), wal(wal_backlog)],
+                [
+                    wal(wal_raw),
+                    wal(wal_stored),
+                    wal(wal_backlog),
+                    wal(wal_in_range),
+                ],
             );
         }
         Ok(None) => println!("PostgreSQL: {}", ingest::testing::SKIP_MESSAGE),

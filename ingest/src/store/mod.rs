@@ -1,5 +1,7 @@
 //! Storage: one [`Store`] trait, two implementations ([`SqliteStore`], embedded, the default;
-//! [`PgStore`], PostgreSQL by URL, for production and several hosts).
+//! [`PgStore`], PostgreSQL by URL, for production and several hosts). Both run one batch loop
+//! (`batch.rs`: what a batch stores, evaluates and writes, in which order, under which locks); each
+//! gives it only its SQL dialect.
 //!
 //! # Guarantees (both implementations; `ingest/tests/storage.rs` runs the same tests on each)
 //!
