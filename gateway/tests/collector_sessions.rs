@@ -161,6 +161,51 @@ async fn a_download_is_committed_in_batches_not_record_by_record() {
     );
 }
 
+/// A session that ends without its end of transfer (its deadline passed, the task was dropped) still
+/// journals what it received intact: records wait to be committed together, and the wait must not lose
+/// them (no edge alerts here: nothing else would keep the session's remainder alive).
+#[tokio::test]
+async fn records_of_a_session_dropped_before_its_end_of_transfer_are_journaled() {
+    use gateway::sources::collector::{RecordSink, SessionInfo};
+    let rig = rig(100_000);
+    let session = SessionInfo {
+        device: DeviceRef {
+            id: "cuff".into(),
+            model: None,
+            numbering: RecordNumbering::Gls,
+        },
+        clock_offset_s: Some(0),
+    };
+    let mut sink = rig.pipeline.session();
+    // Users 1 and 2 (both bound), 120/80 and 130/85 mmHg, no time stamp.
+    for value in [
+        [0x08, 120, 0x00, 80, 0x00, 93, 0x00, 1],
+        [0x08, 130, 0x00, 85, 0x00, 100, 0x00, 2],
+    ] {
+        sink.value(
+            &session,
+            gateway::sources::uuid::BP_MEASUREMENT,
+            &value,
+            unix_now(),
+        )
+        .await
+        .unwrap();
+    }
+    drop(sink);
+    let journaled = || rig.journal.lock().unwrap().depth();
+    for _ in 0..200 {
+        if journaled() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        journaled(),
+        2,
+        "both readings journaled after the session ended"
+    );
+}
+
 /// The link drops at record 150: the next session resumes at the first record not accepted.
 #[tokio::test]
 async fn a_dropped_link_resumes_at_the_cursor_without_loss_or_doubles() {
