@@ -23,9 +23,11 @@
 //!
 //! Two ways devices hand over a reading a second: a meter that syncs every 10 s (what a BLE device that
 //! keeps its records and connects now and then does: a few readings per session, committed together),
-//! the headline figure; and one reading per session (the worst case: each reading its own commit).
+//! the headline figure; the same with a rule file whose level-1 high glucose threshold is 130 mg/dL, so
+//! that the engine decides every few readings (`gateway_alerting`: what edge alerts add, measured); and
+//! one reading per session (the worst case: each reading its own commit).
 //! Lines: `BYTES_PER_READING gateway X`, `FSYNCS_PER_READING gateway Y` (headline), and the same with
-//! `gateway_one_per_session`.
+//! `gateway_alerting` and `gateway_one_per_session`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -117,14 +119,43 @@ fn count_calls(trace: &Path, from: f64, to: f64) -> (u64, u64) {
     (fsyncs, renames)
 }
 
-fn config(broker: &TestBroker, dir: &Path, connect_every_s: u64) -> String {
+/// The built-in rules with the level-1 high glucose threshold at 130 mg/dL instead of 180: about the
+/// middle of the simulated meter's values (~100–156 mg/dL), so readings cross it back and forth and the
+/// engine decides (opens, confirms, closes episodes) every few readings (17 decisions for 60 readings in
+/// one run) — far more often than a patient's alerts would, which makes it the edge alerts' worst case,
+/// measured rather than estimated.
+fn alerting_rules() -> String {
+    const LEVEL_1: &str = "[rule.threshold.value]\nop = \">\"\nmg_dl = 180\nmmol_l = 10.0\n";
+    let rules = protocol::rules::DEFAULT_RULES_TOML;
+    assert!(
+        rules.contains(LEVEL_1),
+        "the built-in rules no longer have the level-1 high threshold this bench lowers"
+    );
+    rules.replacen(
+        LEVEL_1,
+        "[rule.threshold.value]\nop = \">\"\nmg_dl = 130\nmmol_l = 7.2\n",
+        1,
+    )
+}
+
+fn config(broker: &TestBroker, dir: &Path, connect_every_s: u64, alerting: bool) -> String {
     // 3.1.1 for the embedded broker (its MQTT 5 is not reliable: gateway/src/broker.rs).
     let version = match broker.kind() {
         phg_tests::BrokerKind::Rumqttd => "version = \"3.1.1\"\n",
         phg_tests::BrokerKind::Mosquitto => "",
     };
+    let alerts = if alerting {
+        let file = dir.join("rules.toml");
+        std::fs::write(&file, alerting_rules()).expect("write the rules file");
+        format!(
+            "[alerts]\nrules_file = {:?}\n\n",
+            file.display().to_string()
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "gateway_id = \"{GW}\"\n\n[mqtt]\nbroker = \"{url}\"\n{version}\n[journal]\ndir = {journal:?}\n\n\
+        "gateway_id = \"{GW}\"\n\n[mqtt]\nbroker = \"{url}\"\n{version}\n[journal]\ndir = {journal:?}\n\n{alerts}\
          [[simulated]]\nkind = \"glucometer\"\nid = \"meter-disk\"\nstored = 0\nmeasure_every_s = 1\n\
          connect_every_s = {connect_every_s}\n\n\
          [[bindings]]\ndevice = \"meter-disk\"\npatient = \"p-disk-0001\"\n",
@@ -133,10 +164,16 @@ fn config(broker: &TestBroker, dir: &Path, connect_every_s: u64) -> String {
     )
 }
 
-async fn run(broker: &TestBroker, connect_every_s: u64, window: Duration) -> Option<Figures> {
+async fn run(
+    broker: &TestBroker,
+    connect_every_s: u64,
+    alerting: bool,
+    window: Duration,
+) -> Option<Figures> {
     let dir = tempfile::tempdir().expect("temp dir");
     let cfg = dir.path().join("gateway.toml");
-    std::fs::write(&cfg, config(broker, dir.path(), connect_every_s)).expect("write config");
+    std::fs::write(&cfg, config(broker, dir.path(), connect_every_s, alerting))
+        .expect("write config");
     let mut sub = Subscriber::connect(broker.addr(), &format!("phg/v1/{GW}/#"))
         .await
         .expect("subscriber");
@@ -245,8 +282,12 @@ fn main() {
         if strace_path().is_none() {
             println!("  strace not installed (apt-get install -y strace): fsyncs not counted");
         }
-        for (label, connect_every_s) in [("gateway", 10), ("gateway_one_per_session", 1)] {
-            match run(&broker, connect_every_s, window).await {
+        for (label, connect_every_s, alerting) in [
+            ("gateway", 10, false),
+            ("gateway_alerting", 10, true),
+            ("gateway_one_per_session", 1, false),
+        ] {
+            match run(&broker, connect_every_s, alerting, window).await {
                 Some(f) => print(label, &f),
                 None => println!("  {label}: no figures (see above)"),
             }
