@@ -107,24 +107,15 @@ pub(crate) trait BatchTx {
         instance: &str,
     ) -> Result<Option<String>, StoreError>;
 
-    /// Stores a gateway event (once per id).
-    async fn insert_gateway_event(
+    /// Stores a row once per id with one of the five-column statements [`sql::INSERT_GATEWAY_EVENT`]
+    /// (id, gateway, kind) and [`sql::INSERT_BAD`] (id, topic, error), then the received time and the
+    /// payload.
+    async fn insert_once(
         &mut self,
-        id: &str,
-        gateway: &str,
-        kind: &str,
-        payload: &str,
+        sql: &'static str,
+        keys: [&str; 3],
         now_ms: i64,
-    ) -> Result<(), StoreError>;
-
-    /// Records a message in `bad_messages` (once per id).
-    async fn insert_bad(
-        &mut self,
-        id: &str,
-        topic: &str,
-        error: &str,
         payload: &str,
-        now_ms: i64,
     ) -> Result<(), StoreError>;
 
     /// The evaluable symptom reports about `reading_ids`.
@@ -157,7 +148,8 @@ async fn store_bad<T: BatchTx>(
     else {
         return Err(StoreError::Task("not a bad message".into()));
     };
-    tx.insert_bad(id, topic, error, payload, now_ms).await?;
+    tx.insert_once(sql::INSERT_BAD, [id, topic, error], now_ms, payload)
+        .await?;
     Ok(Stored::Bad(error.clone()))
 }
 
@@ -313,8 +305,13 @@ pub(crate) async fn ingest<T: BatchTx>(
                 kind,
                 payload,
             } => {
-                tx.insert_gateway_event(id, gateway, kind, payload, now_ms)
-                    .await?;
+                tx.insert_once(
+                    sql::INSERT_GATEWAY_EVENT,
+                    [id, gateway, kind],
+                    now_ms,
+                    payload,
+                )
+                .await?;
                 out.push(Stored::Event);
             }
             Prepared::Bad { .. } => out.push(store_bad(tx, p, now_ms).await?),

@@ -485,36 +485,15 @@ impl BatchTx for PgBatch<'_, '_> {
         Ok(Some(stored))
     }
 
-    async fn insert_gateway_event(
+    async fn insert_once(
         &mut self,
-        id: &str,
-        gateway: &str,
-        kind: &str,
-        payload: &str,
+        sql: &'static str,
+        [id, a, b]: [&str; 3],
         now_ms: i64,
+        payload: &str,
     ) -> Result<(), StoreError> {
         self.tx
-            .execute(
-                batch::sql::INSERT_GATEWAY_EVENT,
-                &[&id, &gateway, &kind, &now_ms, &payload],
-            )
-            .await?;
-        Ok(())
-    }
-
-    async fn insert_bad(
-        &mut self,
-        id: &str,
-        topic: &str,
-        error: &str,
-        payload: &str,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        self.tx
-            .execute(
-                batch::sql::INSERT_BAD,
-                &[&id, &topic, &error, &now_ms, &payload],
-            )
+            .execute(sql, &[&id, &a, &b, &now_ms, &payload])
             .await?;
         Ok(())
     }

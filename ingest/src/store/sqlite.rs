@@ -329,31 +329,16 @@ impl BatchTx for SqliteBatch<'_, '_> {
         )?))
     }
 
-    async fn insert_gateway_event(
+    async fn insert_once(
         &mut self,
-        id: &str,
-        gateway: &str,
-        kind: &str,
-        payload: &str,
+        sql: &'static str,
+        [id, a, b]: [&str; 3],
         now_ms: i64,
+        payload: &str,
     ) -> Result<(), StoreError> {
         self.tx
-            .prepare_cached(batch::sql::INSERT_GATEWAY_EVENT)?
-            .execute(params![id, gateway, kind, now_ms, payload])?;
-        Ok(())
-    }
-
-    async fn insert_bad(
-        &mut self,
-        id: &str,
-        topic: &str,
-        error: &str,
-        payload: &str,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        self.tx
-            .prepare_cached(batch::sql::INSERT_BAD)?
-            .execute(params![id, topic, error, now_ms, payload])?;
+            .prepare_cached(sql)?
+            .execute(params![id, a, b, now_ms, payload])?;
         Ok(())
     }
 
