@@ -390,6 +390,7 @@ impl SessionSink {
 
     /// Hands over what is staged and waits for every outcome; then the same for the edge alerts the
     /// accepted readings raised.
+    ///
     /// Every step runs whatever an earlier one returned: a refused record must not keep the readings
     /// accepted before it from being evaluated. The first error is returned.
     async fn finish(&mut self) -> Result<(), SinkError> {

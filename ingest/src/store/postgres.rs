@@ -103,7 +103,7 @@ impl std::ops::DerefMut for Conn {
 }
 
 /// The statements of the ingest path, prepared once per connection: preparing is a round trip of its
-/// own, and a batch's statements are otherwise sent together ([`write_all`], [`PgStore::ingest`]), which
+/// own, and a batch's statements are otherwise sent together ([`write_all`], `PgBatch::begin`), which
 /// only works for prepared ones (a statement given as text is prepared first, out of turn).
 #[derive(Clone)]
 struct Statements {

@@ -173,14 +173,13 @@ fn save_state(
     Ok(())
 }
 
-/// Writes alert changes; returns how many events were new.
+/// Writes alert changes; an event id already stored (a replay) changes nothing.
 fn write_alerts(
     tx: &rusqlite::Transaction<'_>,
     writes: &[AlertWrite],
     sinks: &[Sink],
     now_ms: i64,
-) -> Result<usize, StoreError> {
-    let mut new = 0;
+) -> Result<(), StoreError> {
     for w in writes {
         let n = tx
             .prepare_cached(batch::sql::INSERT_ALERT_EVENT)?
@@ -188,7 +187,6 @@ fn write_alerts(
         if n == 0 {
             continue;
         }
-        new += 1;
         tx.prepare_cached(batch::sql::UPSERT_ALERT)?
             .execute(params![
                 w.alert.id,
@@ -206,7 +204,7 @@ fn write_alerts(
                 .execute(params![w.event_id, s.name(), w.notice, now_ms])?;
         }
     }
-    Ok(new)
+    Ok(())
 }
 
 /// Runs a future that never waits — the shared batch loop over a [`SqliteBatch`], whose statements all
@@ -263,7 +261,7 @@ impl BatchTx for SqliteBatch<'_, '_> {
                 now_ms,
                 instance,
                 r.payload.get(i),
-                r.eval_error.get(i).cloned().flatten(),
+                r.eval_error.get(i).and_then(Option::as_deref),
             ])?;
             if let (1.., Some(id)) = (n, r.id.get(i)) {
                 new_ids.insert((*id).to_owned());
