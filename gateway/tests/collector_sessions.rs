@@ -161,37 +161,51 @@ async fn a_download_is_committed_in_batches_not_record_by_record() {
     );
 }
 
-/// A session that ends without its end of transfer (its deadline passed, the task was dropped) still
-/// journals what it received intact: records wait to be committed together, and the wait must not lose
-/// them (no edge alerts here: nothing else would keep the session's remainder alive).
-#[tokio::test]
-async fn records_of_a_session_dropped_before_its_end_of_transfer_are_journaled() {
+/// Hands Blood Pressure Measurement values of `device` to `sink`, then drops it without its end of
+/// transfer: the session's deadline passed, or its task ended.
+async fn bp_values_then_drop(
+    mut sink: gateway::pipeline::SessionSink,
+    device: &str,
+    values: &[&[u8]],
+) {
     use gateway::sources::collector::{RecordSink, SessionInfo};
-    let rig = rig(100_000);
     let session = SessionInfo {
         device: DeviceRef {
-            id: "cuff".into(),
+            id: device.into(),
             model: None,
             numbering: RecordNumbering::Gls,
         },
         clock_offset_s: Some(0),
     };
-    let mut sink = rig.pipeline.session();
-    // Users 1 and 2 (both bound), 120/80 and 130/85 mmHg, no time stamp.
-    for value in [
-        [0x08, 120, 0x00, 80, 0x00, 93, 0x00, 1],
-        [0x08, 130, 0x00, 85, 0x00, 100, 0x00, 2],
-    ] {
+    for value in values {
         sink.value(
             &session,
             gateway::sources::uuid::BP_MEASUREMENT,
-            &value,
+            value,
             unix_now(),
         )
         .await
         .unwrap();
     }
     drop(sink);
+}
+
+/// A session that ends without its end of transfer (its deadline passed, the task was dropped) still
+/// journals what it received intact: records wait to be committed together, and the wait must not lose
+/// them (no edge alerts here: nothing else would keep the session's remainder alive).
+#[tokio::test]
+async fn records_of_a_session_dropped_before_its_end_of_transfer_are_journaled() {
+    let rig = rig(100_000);
+    // Users 1 and 2 (both bound), 120/80 and 130/85 mmHg, no time stamp.
+    bp_values_then_drop(
+        rig.pipeline.session(),
+        "cuff",
+        &[
+            &[0x08, 120, 0x00, 80, 0x00, 93, 0x00, 1],
+            &[0x08, 130, 0x00, 85, 0x00, 100, 0x00, 2],
+        ],
+    )
+    .await;
     let journaled = || rig.journal.lock().unwrap().depth();
     for _ in 0..200 {
         if journaled() >= 2 {
@@ -511,7 +525,6 @@ async fn a_newest_first_meter_and_a_full_journal_lose_nothing() {
 /// is not lost with the session.
 #[tokio::test]
 async fn an_edge_alert_survives_a_session_that_ends_without_its_end_of_transfer() {
-    use gateway::sources::collector::{RecordSink, SessionInfo};
     let rig = rig(100_000);
     let mut pipeline = rig.pipeline.clone();
     let rules = protocol::rules::RuleSet::default_rules().unwrap();
@@ -519,26 +532,14 @@ async fn an_edge_alert_survives_a_session_that_ends_without_its_end_of_transfer(
         gateway::alerts::EdgeAlerts::new(rules, Vec::new(), "gw", Topics::for_gateway("gw"))
             .unwrap(),
     ));
-    let session = SessionInfo {
-        device: DeviceRef {
-            id: "meter".into(), // bound to p-0001 for every user
-            model: None,
-            numbering: RecordNumbering::Gls,
-        },
-        clock_offset_s: Some(0),
-    };
-    let mut sink = pipeline.session();
-    // 185/125 mmHg, no time stamp: a hypertensive crisis (CLINICAL.md BP_CRISIS).
-    let crisis = [0x00, 185, 0x00, 125, 0x00, 145, 0x00];
-    sink.value(
-        &session,
-        gateway::sources::uuid::BP_MEASUREMENT,
-        &crisis,
-        unix_now(),
+    // "meter" is bound to p-0001 for every user. 185/125 mmHg, no time stamp: a hypertensive crisis
+    // (CLINICAL.md BP_CRISIS).
+    bp_values_then_drop(
+        pipeline.session(),
+        "meter",
+        &[&[0x00, 185, 0x00, 125, 0x00, 145, 0x00]],
     )
-    .await
-    .unwrap();
-    drop(sink); // the session's deadline passed here
+    .await;
     let topics = || -> Vec<String> {
         let j = rig.journal.lock().unwrap();
         j.pending(None, usize::MAX)
