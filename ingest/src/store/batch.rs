@@ -153,6 +153,19 @@ async fn store_bad<T: BatchTx>(
     Ok(Stored::Bad(error.clone()))
 }
 
+/// An id stored before: a duplicate, or — `conflict`, the record of another content under that id — a
+/// conflict kept in `bad_messages`.
+async fn duplicate_or_conflict<T: BatchTx>(
+    tx: &mut T,
+    conflict: Option<Prepared>,
+    now_ms: i64,
+) -> Result<Stored, StoreError> {
+    match conflict {
+        Some(record) => store_bad(tx, &record, now_ms).await,
+        None => Ok(Stored::Duplicate),
+    }
+}
+
 /// Stores and evaluates one batch in `tx` (the caller commits on `Ok`): the readings, the symptom
 /// reports, the events, the bad messages; then each patient's new readings and reports through one
 /// engine, against the state locked at the start; then the alerts and the new states. One [`Stored`]
@@ -243,12 +256,9 @@ pub(crate) async fn ingest<T: BatchTx>(
                 // `remove`: a second copy of the same id in this batch is a duplicate.
                 if !new_ids.remove(&msg.id) {
                     let stored = stored_payloads.get(&msg.id).map_or("", String::as_str);
-                    if super::conflicts(stored, msg) {
-                        let record = super::conflict_record(&m.topic, payload);
-                        out.push(store_bad(tx, &record, now_ms).await?);
-                    } else {
-                        out.push(Stored::Duplicate);
-                    }
+                    let conflict = super::conflicts(stored, msg)
+                        .then(|| super::conflict_record(&m.topic, payload));
+                    out.push(duplicate_or_conflict(tx, conflict, now_ms).await?);
                     continue;
                 }
                 match engine {
@@ -276,12 +286,9 @@ pub(crate) async fn ingest<T: BatchTx>(
                     eval_error: symptoms.as_ref().err().map(String::as_str),
                 };
                 if let Some(stored) = tx.insert_report(&row, now_ms, instance).await? {
-                    if super::report_conflicts(&stored, msg) {
-                        let record = super::report_conflict_record(&m.topic, payload);
-                        out.push(store_bad(tx, &record, now_ms).await?);
-                    } else {
-                        out.push(Stored::Duplicate);
-                    }
+                    let conflict = super::report_conflicts(&stored, msg)
+                        .then(|| super::report_conflict_record(&m.topic, payload));
+                    out.push(duplicate_or_conflict(tx, conflict, now_ms).await?);
                     continue;
                 }
                 match symptoms {
