@@ -16,14 +16,14 @@
 //! deadline (any instance's) and runs [`Evaluator::on_deadlines`] for the patients due, so those fire at
 //! their second rather than at the window-rule interval (issue 11 item 13).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError, RwLock};
 
 use tokio::sync::Notify;
 
 use protocol::rules::{
-    Alert, AlertAction, Engine, EngineState, OverrideError, PatientSettings, ReadingInput, RuleSet,
-    Severity, Symptoms,
+    Alert, AlertAction, Engine, EngineState, KeptBpReading, OverrideError, PatientSettings,
+    ReadingInput, RuleSet, Severity, Symptoms,
 };
 use protocol::wire::ReadingMessage;
 use serde::Serialize;
@@ -78,14 +78,61 @@ pub enum EvalError {
     Override(Box<OverrideError>),
 }
 
+/// A patient's engine state as stored, read under the patient's lock (the `patient_state` row).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredState {
+    /// The `state` column: the patient's engine state without the kept BP readings (`None` or empty:
+    /// none yet).
+    pub json: Option<String>,
+    /// The `history_rev` column: names the kept BP readings stored beside it (`bp_history`). Every write
+    /// sets a new random value, so a cached engine is reused only when neither its state nor its
+    /// history changed since it wrote them. `None`: a row written before the history had its own
+    /// table (schema V3), whose history is inside `json`.
+    pub history_rev: Option<i64>,
+}
+
+/// One kept BP reading as stored (a `bp_history` row). The engine keeps a patient's BP readings of the
+/// last days for its window rules; on a row each, a batch writes the readings it added and deletes the
+/// ones it pruned, instead of rewriting days of history with every state (issue 15 item 1: that
+/// rewrite was most of what ingest wrote).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRow {
+    /// The reading's id.
+    pub reading_id: String,
+    /// When it was measured (Unix s).
+    pub time_utc: i64,
+    /// The order among readings of equal time: ascending in the order they were kept.
+    pub seq: i64,
+    /// The engine's form of the entry (JSON).
+    pub entry: String,
+}
+
+/// A patient's engine, ready to evaluate: the one this instance left behind, or one rebuilt from the
+/// stored state and history ([`Evaluator::cached`], [`Evaluator::rebuild`]).
+#[derive(Debug)]
+pub struct PatientEngine {
+    engine: Engine,
+    /// The ids of the kept BP readings stored in `bp_history`: the next write adds the others and
+    /// deletes those the engine pruned.
+    stored_ids: HashSet<String>,
+    /// The largest `seq` stored for the patient.
+    max_seq: i64,
+}
+
 /// A patient's engine state after an evaluation, to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewState {
-    /// The state (the `patient_state.state` column).
+    /// The state without the kept BP readings (the `patient_state.state` column).
     pub json: String,
     /// When time alone next changes it (Unix s; the `patient_state.next_deadline_utc` column): a
     /// pending confirmation's timeout or an acknowledgement deadline. `None` when nothing waits.
     pub next_deadline_utc: Option<i64>,
+    /// The new `patient_state.history_rev`.
+    pub history_rev: i64,
+    /// Kept BP readings to add to `bp_history`.
+    pub history_added: Vec<HistoryRow>,
+    /// Reading ids to delete from `bp_history` (pruned by the engine).
+    pub history_removed: Vec<String>,
 }
 
 /// One alert change to write: the alert row, its event, the outbox rows.
@@ -151,10 +198,10 @@ pub struct Evaluator {
     sinks: Vec<Sink>,
     notify_from: Severity,
     /// The engine last used per patient, with the state it left behind. Reused only when the stored
-    /// state is exactly that string (so another instance's change, or a rolled-back transaction, is
-    /// never missed); it saves rebuilding the rules and parsing the state for every reading. A `std`
-    /// lock, held only to take or put an entry.
-    cache: Mutex<HashMap<String, (String, Engine)>>,
+    /// state is exactly that (the same text and history revision: another instance's change, or a
+    /// rolled-back transaction, is never missed); it saves reading the history and parsing the state
+    /// for every batch. A `std` lock, held only to take or put an entry.
+    cache: Mutex<HashMap<String, (StoredState, PatientEngine)>>,
     /// The earliest deadline this instance's evaluations set since the clock last looked
     /// ([`Evaluator::take_deadline_hint`]), and a signal to wake the clock for it. A hint, not the truth:
     /// the transaction that set it may still be open or roll back; the clock runs whatever the
@@ -194,8 +241,44 @@ impl Evaluator {
         self.changed.notified().await;
     }
 
-    fn new_state(&self, engine: Engine, patient: &str) -> Result<NewState, EvalError> {
-        let json = Self::state_of(&engine, patient)?;
+    fn new_state(&self, pe: PatientEngine, patient: &str) -> Result<NewState, EvalError> {
+        let PatientEngine {
+            mut engine,
+            mut stored_ids,
+            mut max_seq,
+        } = pe;
+        let err = |e| EvalError::State {
+            patient: patient.into(),
+            source: e,
+        };
+        // The state is stored without the history, which changes by rows of its own.
+        let history = engine.take_bp_history(patient);
+        let json = Self::state_of(&engine, patient);
+        let kept: HashSet<&str> = history.iter().map(KeptBpReading::reading_id).collect();
+        let history_removed: Vec<String> = stored_ids
+            .iter()
+            .filter(|id| !kept.contains(id.as_str()))
+            .cloned()
+            .collect();
+        let mut history_added = Vec::new();
+        for k in history
+            .iter()
+            .filter(|k| !stored_ids.contains(k.reading_id()))
+        {
+            max_seq += 1;
+            history_added.push(HistoryRow {
+                reading_id: k.reading_id().to_owned(),
+                time_utc: k.time_utc(),
+                seq: max_seq,
+                entry: serde_json::to_string(k).map_err(err)?,
+            });
+        }
+        drop(kept);
+        stored_ids.retain(|id| !history_removed.contains(id));
+        stored_ids.extend(history_added.iter().map(|r| r.reading_id.clone()));
+        engine.put_bp_history(patient, history);
+        let json = json?;
+        let history_rev: i64 = rand::random();
         let next_deadline_utc = engine.next_deadline();
         if let Some(d) = next_deadline_utc {
             let mut hint = self.hint.lock().unwrap_or_else(PoisonError::into_inner);
@@ -206,10 +289,22 @@ impl Evaluator {
                 self.changed.notify_one();
             }
         }
-        self.keep(patient, &json, engine);
+        let stored = StoredState {
+            json: Some(json.clone()),
+            history_rev: Some(history_rev),
+        };
+        let pe = PatientEngine {
+            engine,
+            stored_ids,
+            max_seq,
+        };
+        self.keep(patient, stored, pe);
         Ok(NewState {
             json,
             next_deadline_utc,
+            history_rev,
+            history_added,
+            history_removed,
         })
     }
 
@@ -264,32 +359,42 @@ impl Evaluator {
         map.keys().cloned().collect()
     }
 
-    fn keep(&self, patient: &str, state: &str, engine: Engine) {
+    fn keep(&self, patient: &str, stored: StoredState, engine: PatientEngine) {
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         if cache.len() >= CACHE_MAX {
             cache.clear();
         }
-        cache.insert(patient.to_owned(), (state.to_owned(), engine));
+        cache.insert(patient.to_owned(), (stored, engine));
     }
 
-    fn engine(&self, patient: &str, state: Option<&str>) -> Result<Engine, EvalError> {
-        let cached = self
-            .cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(patient);
-        if let Some((s, e)) = cached
-            && state == Some(s.as_str())
-        {
-            return Ok(e);
+    /// The engine this instance left behind for `patient`, taken from the cache, when `stored` is
+    /// exactly what it wrote; `None` otherwise: read the patient's history and [`Self::rebuild`] it.
+    pub fn cached(&self, patient: &str, stored: &StoredState) -> Option<PatientEngine> {
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        match cache.remove(patient) {
+            Some((s, e)) if s == *stored => Some(e),
+            _ => None,
         }
-        let state = match state.filter(|s| !s.is_empty()) {
+    }
+
+    /// The patient's engine from its stored state and its `bp_history` rows (any order).
+    ///
+    /// # Errors
+    /// [`EvalError::State`] when the state or a history row is unreadable; [`EvalError::Override`]
+    /// when the patient's settings are invalid.
+    pub fn rebuild(
+        &self,
+        patient: &str,
+        stored: &StoredState,
+        mut history: Vec<HistoryRow>,
+    ) -> Result<PatientEngine, EvalError> {
+        let err = |e| EvalError::State {
+            patient: patient.into(),
+            source: e,
+        };
+        let state = match stored.json.as_deref().filter(|s| !s.is_empty()) {
             None => EngineState::default(),
             Some(s) => {
-                let err = |e| EvalError::State {
-                    patient: patient.into(),
-                    source: e,
-                };
                 // The row must be one JSON value (checked first: the text is spliced into the engine's
                 // serde form below, parsed in one pass rather than through a `Value` tree).
                 if json_value_end(s) != Some(s.trim_end().len()) {
@@ -300,8 +405,28 @@ impl Evaluator {
                 serde_json::from_str(&format!("{}{s}}}}}", state_prefix(patient)?)).map_err(err)?
             }
         };
-        Engine::with_state(self.rules.clone(), self.settings(patient), state)
-            .map_err(|e| EvalError::Override(Box::new(e)))
+        let mut engine = Engine::with_state(self.rules.clone(), self.settings(patient), state)
+            .map_err(|e| EvalError::Override(Box::new(e)))?;
+        let stored_ids: HashSet<String> = history.iter().map(|r| r.reading_id.clone()).collect();
+        let max_seq = history.iter().map(|r| r.seq).max().unwrap_or(0);
+        // A state written before V3 holds its history itself; the first write moves it to rows.
+        let inline = engine.take_bp_history(patient);
+        let kept = if inline.is_empty() && stored.history_rev.is_some() {
+            history.sort_by_key(|r| (r.time_utc, r.seq));
+            history
+                .iter()
+                .map(|r| serde_json::from_str(&r.entry))
+                .collect::<Result<Vec<KeptBpReading>, _>>()
+                .map_err(err)?
+        } else {
+            inline
+        };
+        engine.put_bp_history(patient, kept);
+        Ok(PatientEngine {
+            engine,
+            stored_ids,
+            max_seq,
+        })
     }
 
     fn state_of(engine: &Engine, patient: &str) -> Result<String, EvalError> {
@@ -332,57 +457,20 @@ impl Evaluator {
         serde_json::to_string(&part).map_err(err)
     }
 
-    /// Evaluates one stored reading against the patient's `state` (JSON, `None` for a new patient).
-    /// Returns the new state and the alert changes.
+    /// Evaluates one patient's stored readings and symptom reports, in arrival order, with the patient's
+    /// engine (one engine, one state serialisation: a gateway catching up after days offline sends a
+    /// patient's readings together). Returns the new state and the alert changes per input.
     ///
     /// # Errors
-    /// [`EvalError`] when the state is unreadable or the settings invalid.
-    pub fn on_reading(
-        &self,
-        state: Option<&str>,
-        msg: &ReadingMessage,
-        reading: &EngineReading,
-    ) -> Result<(NewState, Vec<AlertWrite>), EvalError> {
-        let (state, mut writes) = self.on_readings(&msg.patient, state, &[(msg, reading)])?;
-        Ok((state, writes.pop().unwrap_or_default()))
-    }
-
-    /// Evaluates several stored readings of one patient, in order, against the patient's `state`: one
-    /// engine, one state serialisation (a gateway catching up after days offline sends a patient's
-    /// readings together). Returns the new state and the alert changes per reading.
-    ///
-    /// # Errors
-    /// As [`Self::on_reading`].
-    pub fn on_readings(
-        &self,
-        patient: &str,
-        state: Option<&str>,
-        readings: &[(&ReadingMessage, &EngineReading)],
-    ) -> Result<(NewState, Vec<Vec<AlertWrite>>), EvalError> {
-        let inputs: Vec<Input<'_>> = readings
-            .iter()
-            .map(|(msg, reading)| Input::Reading {
-                msg,
-                reading,
-                symptoms: Symptoms::NONE,
-            })
-            .collect();
-        self.on_inputs(patient, state, &inputs)
-    }
-
-    /// Evaluates one patient's stored readings and symptom reports, in arrival order, against the
-    /// patient's `state` (one engine, one state serialisation). Returns the new state and the alert
-    /// changes per input.
-    ///
-    /// # Errors
-    /// As [`Self::on_reading`].
+    /// [`EvalError::State`] when the new state cannot be serialised.
     pub fn on_inputs(
         &self,
         patient: &str,
-        state: Option<&str>,
+        pe: PatientEngine,
         inputs: &[Input<'_>],
     ) -> Result<(NewState, Vec<Vec<AlertWrite>>), EvalError> {
-        let mut engine = self.engine(patient, state)?;
+        let mut pe = pe;
+        let engine = &mut pe.engine;
         let mut out = Vec::with_capacity(inputs.len());
         for input in inputs {
             let actions = match input {
@@ -410,50 +498,49 @@ impl Evaluator {
             };
             out.push(writes(&actions, self.notify_from)?);
         }
-        Ok((self.new_state(engine, patient)?, out))
+        Ok((self.new_state(pe, patient)?, out))
     }
 
     /// Time passes for one patient (confirmation timeouts, escalation, window rules, adherence).
     ///
     /// # Errors
-    /// As [`Self::on_reading`].
+    /// As [`Self::on_inputs`].
     pub fn on_tick(
         &self,
         patient: &str,
-        state: Option<&str>,
+        pe: PatientEngine,
         now_utc: i64,
     ) -> Result<(NewState, Vec<AlertWrite>), EvalError> {
-        self.advance(patient, state, now_utc, Engine::on_tick)
+        self.advance(patient, pe, now_utc, Engine::on_tick)
     }
 
     /// A patient's deadlines due at `now_utc` (confirmation timeouts, unacknowledged escalation),
     /// without the window rules.
     ///
     /// # Errors
-    /// As [`Self::on_reading`].
+    /// As [`Self::on_inputs`].
     pub fn on_deadlines(
         &self,
         patient: &str,
-        state: Option<&str>,
+        pe: PatientEngine,
         now_utc: i64,
     ) -> Result<(NewState, Vec<AlertWrite>), EvalError> {
-        self.advance(patient, state, now_utc, Engine::on_deadlines)
+        self.advance(patient, pe, now_utc, Engine::on_deadlines)
     }
 
     fn advance(
         &self,
         patient: &str,
-        state: Option<&str>,
+        mut pe: PatientEngine,
         now_utc: i64,
         step: impl FnOnce(&mut Engine, i64) -> Vec<AlertAction>,
     ) -> Result<(NewState, Vec<AlertWrite>), EvalError> {
-        let mut engine = self.engine(patient, state)?;
-        let actions: Vec<AlertAction> = step(&mut engine, now_utc)
+        let actions: Vec<AlertAction> = step(&mut pe.engine, now_utc)
             .into_iter()
             .filter(|a| a.alert().patient == patient)
             .collect();
         Ok((
-            self.new_state(engine, patient)?,
+            self.new_state(pe, patient)?,
             writes(&actions, self.notify_from)?,
         ))
     }
@@ -462,16 +549,15 @@ impl Evaluator {
     /// Returns the new state; `false` when the alert is not open in the state.
     ///
     /// # Errors
-    /// As [`Self::on_reading`].
+    /// As [`Self::on_inputs`].
     pub fn acknowledge(
         &self,
         patient: &str,
-        state: Option<&str>,
+        mut pe: PatientEngine,
         alert_id: &str,
     ) -> Result<(NewState, bool), EvalError> {
-        let mut engine = self.engine(patient, state)?;
-        let open = engine.acknowledge(patient, alert_id);
-        Ok((self.new_state(engine, patient)?, open))
+        let open = pe.engine.acknowledge(patient, alert_id);
+        Ok((self.new_state(pe, patient)?, open))
     }
 }
 
@@ -669,6 +755,8 @@ pub fn last_digest_period(now_utc: i64, every_s: i64) -> (i64, i64) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
     use super::*;
     use crate::store::{Channel, Inbound, Prepared, prepare};
     use crate::testing::{TEST_GATEWAY, bp_message};
@@ -679,8 +767,53 @@ mod tests {
         Evaluator::new(RuleSet::default_rules().expect("rules"), vec![Sink::Mqtt])
     }
 
-    /// Evaluates a blood-pressure reading of `patient` at `t` against `state`.
-    fn bp(ev: &Evaluator, patient: &str, state: Option<&str>, t: i64, sys: u32) -> NewState {
+    /// A patient's rows as a store keeps them: the state row and the `bp_history` rows.
+    #[derive(Debug, Default, Clone)]
+    struct Rows {
+        state: StoredState,
+        history: BTreeMap<String, HistoryRow>,
+    }
+
+    impl Rows {
+        /// What a store does with a new state: the row replaced, pruned history rows deleted, new ones
+        /// inserted.
+        fn write(&mut self, new: &NewState) {
+            self.state = StoredState {
+                json: Some(new.json.clone()),
+                history_rev: Some(new.history_rev),
+            };
+            for id in &new.history_removed {
+                assert!(self.history.remove(id).is_some(), "{id} was not stored");
+            }
+            for r in &new.history_added {
+                assert!(
+                    self.history
+                        .insert(r.reading_id.clone(), r.clone())
+                        .is_none(),
+                    "{} stored twice",
+                    r.reading_id
+                );
+            }
+        }
+
+        /// The engine as a batch gets it: `ev`'s cached one, or rebuilt from the rows.
+        fn engine(&self, ev: &Evaluator, patient: &str) -> PatientEngine {
+            ev.cached(patient, &self.state).unwrap_or_else(|| {
+                let rows = self.history.values().rev().cloned().collect();
+                ev.rebuild(patient, &self.state, rows).expect("rebuilt")
+            })
+        }
+    }
+
+    /// Evaluates a blood-pressure reading of `patient` at `t` as a batch would, and stores the result
+    /// in `rows`. Returns the new state and the alert changes.
+    fn bp(
+        ev: &Evaluator,
+        patient: &str,
+        rows: &mut Rows,
+        t: i64,
+        sys: u32,
+    ) -> (NewState, Vec<AlertWrite>) {
         let m = Inbound {
             topic: format!("phg/v1/{TEST_GATEWAY}/readings"),
             channel: Channel::Readings,
@@ -696,7 +829,24 @@ mod tests {
             reading: &reading,
             symptoms: Symptoms::NONE,
         };
-        ev.on_inputs(patient, state, &[input]).expect("evaluated").0
+        let pe = rows.engine(ev, patient);
+        let (new, mut writes) = ev.on_inputs(patient, pe, &[input]).expect("evaluated");
+        rows.write(&new);
+        (new, writes.pop().unwrap_or_default())
+    }
+
+    /// What two evaluations must agree on (the revision is random).
+    fn same(a: &(NewState, Vec<AlertWrite>), b: &(NewState, Vec<AlertWrite>)) {
+        let key = |(n, w): &(NewState, Vec<AlertWrite>)| {
+            (
+                n.json.clone(),
+                n.next_deadline_utc,
+                n.history_added.clone(),
+                n.history_removed.clone(),
+                w.iter().map(|w| w.notice.clone()).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(key(a), key(b));
     }
 
     #[test]
@@ -710,44 +860,155 @@ mod tests {
         assert_eq!(json_value_end("}"), None);
     }
 
-    /// The state row is the patient's part of the engine state, written without a `Value` tree and read
-    /// back by an instance that never saw the patient: both continue alike.
+    /// The state row is the patient's part of the engine state without its BP history, which is stored
+    /// a row per kept reading; an instance that never saw the patient rebuilds the same engine from them.
     #[test]
-    fn a_stored_state_is_the_patients_part_and_reads_back() {
+    fn a_stored_state_and_its_history_rows_read_back_as_the_same_engine() {
         let (a, b) = (evaluator(), evaluator());
-        let mut state = bp(&a, "p-0001", None, T0, 185);
-        for i in 1..5 {
-            state = bp(
-                &a,
-                "p-0001",
-                Some(&state.json),
-                T0 + i * 600,
-                120 + i as u32,
-            );
+        let mut rows = Rows::default();
+        for i in 0..5 {
+            bp(&a, "p-0001", &mut rows, T0 + i * 600, 120 + i as u32);
         }
-        let part: Value = serde_json::from_str(&state.json).expect("one JSON value");
-        assert!(part.get("bp").is_some_and(Value::is_array), "{part}");
-        assert!(!state.json.contains("patients"));
-        // `a` continues from its cached engine, `b` parses the row: the same next state.
-        let t = T0 + 3_000;
-        assert_eq!(
-            bp(&a, "p-0001", Some(&state.json), t, 190),
-            bp(&b, "p-0001", Some(&state.json), t, 190)
+        let part: Value =
+            serde_json::from_str(&rows.state.json.clone().unwrap()).expect("one value");
+        assert_eq!(part.get("bp"), Some(&Value::Array(Vec::new())), "{part}");
+        assert!(
+            !rows
+                .state
+                .json
+                .as_deref()
+                .unwrap_or("")
+                .contains("patients")
         );
+        assert_eq!(rows.history.len(), 5, "a row per kept reading");
+        let seqs: BTreeSet<i64> = rows.history.values().map(|r| r.seq).collect();
+        assert_eq!(seqs.len(), 5, "distinct seqs");
+        // `a` continues from its cached engine, `b` rebuilds from the rows: the same next state and
+        // alert (a crisis value, raised against the history).
+        let t = T0 + 3_000;
+        let mut rows_b = rows.clone();
+        let from_cache = bp(&a, "p-0001", &mut rows, t, 190);
+        let rebuilt = bp(&b, "p-0001", &mut rows_b, t, 190);
+        assert!(!from_cache.1.is_empty(), "190 mmHg raises an alert");
+        same(&from_cache, &rebuilt);
+        assert_eq!(
+            from_cache.0.history_added.len(),
+            1,
+            "only the new reading is written"
+        );
+    }
+
+    /// A cached engine is reused only when the row is exactly what it wrote: another instance's write
+    /// with the same state text but another history revision (a reading that changed the history
+    /// alone) makes it rebuild.
+    #[test]
+    fn a_cached_engine_is_not_used_when_the_history_revision_changed() {
+        let ev = evaluator();
+        let mut rows = Rows::default();
+        bp(&ev, "p-0001", &mut rows, T0, 120);
+        let mut other = rows.state.clone();
+        other.history_rev = other.history_rev.map(|r| r.wrapping_add(1));
+        assert!(ev.cached("p-0001", &other).is_none());
+        bp(&ev, "p-0001", &mut rows, T0 + 600, 121);
+        assert!(ev.cached("p-0001", &rows.state).is_some());
+    }
+
+    /// A state written before V3 holds its history inside; it continues exactly as one stored in rows,
+    /// and its first write moves the whole history to rows.
+    #[test]
+    fn a_state_with_its_history_inside_continues_and_moves_it_to_rows() {
+        let ev = evaluator();
+        let mut rows = Rows::default();
+        for i in 0..4 {
+            bp(&ev, "p-0001", &mut rows, T0 + i * 600, 150 + i as u32);
+        }
+        // The same state as the previous version wrote it: the entries inside, no revision, no rows.
+        let mut part: Value = serde_json::from_str(rows.state.json.as_deref().unwrap()).unwrap();
+        let entries: Vec<Value> = rows
+            .history
+            .values()
+            .map(|r| serde_json::from_str(&r.entry).unwrap())
+            .collect();
+        part["bp"] = Value::Array(entries);
+        let mut legacy = Rows {
+            state: StoredState {
+                json: Some(part.to_string()),
+                history_rev: None,
+            },
+            history: BTreeMap::new(),
+        };
+        let t = T0 + 4 * 600;
+        let split = bp(&evaluator(), "p-0001", &mut rows, t, 185);
+        let moved = bp(&evaluator(), "p-0001", &mut legacy, t, 185);
+        assert_eq!(split.0.json, moved.0.json);
+        assert_eq!(
+            split.1.iter().map(|w| &w.notice).collect::<Vec<_>>(),
+            moved.1.iter().map(|w| &w.notice).collect::<Vec<_>>()
+        );
+        assert_eq!(moved.0.history_added.len(), 5, "four moved, one new");
+        assert_eq!(
+            legacy.history.keys().collect::<Vec<_>>(),
+            rows.history.keys().collect::<Vec<_>>()
+        );
+    }
+
+    /// Readings older than the engine keeps are deleted from the rows, not left behind.
+    #[test]
+    fn pruned_history_rows_are_deleted() {
+        let ev = evaluator();
+        let mut rows = Rows::default();
+        // More old readings than any `of_last` rule keeps regardless of age.
+        let early = T0 - ev.rules().history_s() - 86_400;
+        for i in 0..30 {
+            bp(&ev, "p-0001", &mut rows, early + i * 600, 120);
+        }
+        let (new, _) = bp(&ev, "p-0001", &mut rows, T0, 122);
+        assert!(!new.history_removed.is_empty(), "{new:?}");
+        assert_eq!(
+            rows.history.len(),
+            31 - new.history_removed.len(),
+            "the rows are what the engine keeps"
+        );
+        let rebuilt = ev
+            .rebuild(
+                "p-0001",
+                &rows.state,
+                rows.history.values().cloned().collect(),
+            )
+            .expect("rebuilt");
+        assert_eq!(rebuilt.stored_ids.len(), rows.history.len());
+        assert!(rows.history.contains_key(&new.history_added[0].reading_id));
     }
 
     #[test]
     fn a_state_row_that_is_not_one_value_is_an_error() {
         for bad in ["{} {}", "{\"bp\":[]},{}", "[", "null", "7"] {
-            let ev = evaluator();
+            let stored = StoredState {
+                json: Some(bad.into()),
+                history_rev: None,
+            };
             assert!(
                 matches!(
-                    ev.on_tick("p-0001", Some(bad), T0),
+                    evaluator().rebuild("p-0001", &stored, Vec::new()),
                     Err(EvalError::State { .. })
                 ),
                 "{bad}"
             );
         }
-        assert!(evaluator().on_tick("p-0001", Some(" {} "), T0).is_ok());
+        let fine = StoredState {
+            json: Some(" {} ".into()),
+            history_rev: Some(1),
+        };
+        assert!(evaluator().rebuild("p-0001", &fine, Vec::new()).is_ok());
+        let row = HistoryRow {
+            reading_id: "r-1".into(),
+            time_utc: T0,
+            seq: 1,
+            entry: "{".into(),
+        };
+        assert!(matches!(
+            evaluator().rebuild("p-0001", &fine, vec![row]),
+            Err(EvalError::State { .. })
+        ));
     }
 }

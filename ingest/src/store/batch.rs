@@ -8,8 +8,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use protocol::wire::SymptomsMessage;
 
-use super::{Inbound, Item, Prepared, ReportAbout, Step, StoreError, Stored};
-use crate::evaluate::{AlertWrite, Evaluator, NewState, Sink};
+use super::{Inbound, Item, Prepared, ReportAbout, StoreError, Stored};
+use crate::evaluate::EvalError;
+use crate::evaluate::{
+    AlertWrite, Evaluator, HistoryRow, NewState, PatientEngine, Sink, StoredState,
+};
 
 /// Statements both dialects run as they are: `$1` … is PostgreSQL's placeholder and one of SQLite's
 /// (a named parameter; numbered by first appearance, which is their order here).
@@ -60,8 +63,8 @@ pub(crate) struct ReadingColumns<'a> {
 /// What [`BatchTx::begin`] found and did.
 #[derive(Debug, Default)]
 pub(crate) struct Begun {
-    /// Each locked patient's engine state (`None`: none yet).
-    pub states: HashMap<String, Option<String>>,
+    /// Each locked patient's stored engine state.
+    pub states: HashMap<String, StoredState>,
     /// The reading ids this batch stored (not stored before).
     pub new_ids: HashSet<String>,
     /// The evaluable symptom reports about the batch's readings, when asked for.
@@ -118,12 +121,19 @@ pub(crate) trait BatchTx {
         payload: &str,
     ) -> Result<(), StoreError>;
 
+    /// The kept BP readings stored for `patients` (`bp_history`), by patient.
+    async fn bp_history(
+        &mut self,
+        patients: &[&str],
+    ) -> Result<HashMap<String, Vec<HistoryRow>>, StoreError>;
+
     /// The evaluable symptom reports about `reading_ids`.
     async fn reports_about(&mut self, reading_ids: &[&str])
     -> Result<Vec<ReportAbout>, StoreError>;
 
     /// Writes alert changes (events, alerts, outbox rows for the pushed ones; a replayed event id
-    /// changes nothing) and the patients' new engine states, in that order.
+    /// changes nothing) and the patients' new engine states (the state row and the history rows
+    /// added and removed), in that order.
     async fn write(
         &mut self,
         writes: &[AlertWrite],
@@ -355,11 +365,15 @@ pub(crate) async fn ingest<T: BatchTx>(
     // stored before it.
     let mut changed: BTreeMap<String, NewState> = BTreeMap::new();
     let mut pending: Vec<AlertWrite> = Vec::new();
+    let patients: Vec<&str> = by_patient.keys().copied().collect();
+    let mut engines = engines(tx, ev, &patients, &mut states).await?;
     for (patient, items) in by_patient {
-        let state = states.remove(patient).flatten();
+        let Some(engine) = engines.remove(patient) else {
+            return Err(StoreError::Task("a patient's engine was not built".into()));
+        };
         let about = reports.remove(patient).unwrap_or_default();
         let inputs = super::inputs(&items, &about);
-        let (new_state, writes) = ev.on_inputs(patient, state.as_deref(), &inputs)?;
+        let (new_state, writes) = ev.on_inputs(patient, engine, &inputs)?;
         changed.insert(patient.to_owned(), new_state);
         for ((i, _), w) in items.iter().zip(writes) {
             if let Some(slot) = out.get_mut(*i) {
@@ -373,21 +387,62 @@ pub(crate) async fn ingest<T: BatchTx>(
     Ok(out)
 }
 
-/// One patient's turn of a pass (a tick or the deadlines) in `tx` (the caller commits on `Ok`): the
-/// state locked, `step` at `now_utc`, the alerts and the new state written. Returns the alert events.
+/// The engines of `patients` with their `states` (taken out of the map): the cached ones where the
+/// stored state is what this instance left, the others rebuilt from the state and the history rows,
+/// read in one statement.
+async fn engines<T: BatchTx>(
+    tx: &mut T,
+    ev: &Evaluator,
+    patients: &[&str],
+    states: &mut HashMap<String, StoredState>,
+) -> Result<HashMap<String, PatientEngine>, StoreError> {
+    let mut out = HashMap::with_capacity(patients.len());
+    let mut missing = Vec::new();
+    for &p in patients {
+        let stored = states.remove(p).unwrap_or_default();
+        match ev.cached(p, &stored) {
+            Some(engine) => {
+                out.insert(p.to_owned(), engine);
+            }
+            None => missing.push((p, stored)),
+        }
+    }
+    // A row from before V3 (no revision) has no history rows to read.
+    let read: Vec<&str> = missing
+        .iter()
+        .filter(|(_, s)| s.history_rev.is_some())
+        .map(|(p, _)| *p)
+        .collect();
+    let mut rows = if read.is_empty() {
+        HashMap::new()
+    } else {
+        tx.bp_history(&read).await?
+    };
+    for (p, stored) in missing {
+        let history = rows.remove(p).unwrap_or_default();
+        out.insert(p.to_owned(), ev.rebuild(p, &stored, history)?);
+    }
+    Ok(out)
+}
+
+/// One patient's turn of a pass (a tick, the deadlines, an acknowledgement) in `tx` (the caller
+/// commits on `Ok`): the state locked, `step` run on the patient's engine, the alerts and the new
+/// state written. Returns the alert events.
 pub(crate) async fn pass_patient<T: BatchTx>(
     tx: &mut T,
     patient: &str,
     ev: &Evaluator,
-    now_utc: i64,
-    step: Step,
+    now_ms: i64,
+    step: impl FnOnce(&Evaluator, &str, PatientEngine) -> Result<(NewState, Vec<AlertWrite>), EvalError>,
 ) -> Result<usize, StoreError> {
-    let now_ms = now_utc.saturating_mul(1000);
     let mut begun = tx
         .begin(&[patient], &ReadingColumns::default(), false, now_ms, "")
         .await?;
-    let state = begun.states.remove(patient).flatten();
-    let (new_state, writes) = step(ev, patient, state.as_deref(), now_utc)?;
+    let mut engines = engines(tx, ev, &[patient], &mut begun.states).await?;
+    let Some(engine) = engines.remove(patient) else {
+        return Err(StoreError::Task("a patient's engine was not built".into()));
+    };
+    let (new_state, writes) = step(ev, patient, engine)?;
     tx.write(&writes, ev.sinks(), &[(patient, &new_state)], now_ms)
         .await?;
     Ok(writes.len())

@@ -969,7 +969,7 @@ pub(crate) type Step =
     fn(
         &Evaluator,
         &str,
-        Option<&str>,
+        crate::evaluate::PatientEngine,
         i64,
     ) -> Result<(crate::evaluate::NewState, Vec<crate::evaluate::AlertWrite>), EvalError>;
 

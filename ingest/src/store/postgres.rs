@@ -25,7 +25,7 @@ use super::{
     AckResult, AlertRow, BadRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, ReportAbout,
     Step, Store, StoreError, Stored, digests, prepare, severities_below,
 };
-use crate::evaluate::{AlertWrite, DigestItem, Evaluator, NewState, Sink};
+use crate::evaluate::{AlertWrite, DigestItem, Evaluator, HistoryRow, NewState, Sink, StoredState};
 use protocol::rules::Severity;
 
 /// The PostgreSQL store (cheap to clone).
@@ -74,6 +74,12 @@ impl Conn {
                 c.prepare(SAVE_STATE),
             )
             .await?;
+        let (insert_history, delete_history, history) = futures_util::future::try_join3(
+            c.prepare(INSERT_HISTORY),
+            c.prepare(DELETE_HISTORY),
+            c.prepare(HISTORY),
+        )
+        .await?;
         let s = Statements {
             seed_states,
             lock_states,
@@ -83,6 +89,9 @@ impl Conn {
             upsert_alert,
             insert_outbox,
             save_state,
+            insert_history,
+            delete_history,
+            history,
         };
         self.statements = Some(s.clone());
         Ok(s)
@@ -115,6 +124,9 @@ struct Statements {
     upsert_alert: Statement,
     insert_outbox: Statement,
     save_state: Statement,
+    insert_history: Statement,
+    delete_history: Statement,
+    history: Statement,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -240,9 +252,14 @@ impl PgStore {
         let mut events = 0;
         for p in patients {
             let tx = client.transaction().await?;
-            events +=
-                batch::pass_patient(&mut PgBatch { tx: &tx, st: &st }, &p, &ev, now_utc, step)
-                    .await?;
+            events += batch::pass_patient(
+                &mut PgBatch { tx: &tx, st: &st },
+                &p,
+                &ev,
+                now_utc.saturating_mul(1000),
+                |ev, p, engine| step(ev, p, engine, now_utc),
+            )
+            .await?;
             tx.commit().await?;
         }
         Ok(events)
@@ -268,7 +285,7 @@ async fn lock_states(
     st: &Statements,
     patients: &[&str],
     now_ms: i64,
-) -> Result<HashMap<String, Option<String>>, StoreError> {
+) -> Result<HashMap<String, StoredState>, StoreError> {
     let (_, rows) = futures_util::future::try_join(
         tx.execute(&st.seed_states, &[&patients, &now_ms]),
         tx.query(&st.lock_states, &[&patients]),
@@ -277,15 +294,20 @@ async fn lock_states(
     Ok(rows
         .into_iter()
         .map(|r| {
-            let s: String = r.get(1);
-            (r.get(0), Some(s).filter(|s| !s.is_empty()))
+            let json: String = r.get(1);
+            let stored = StoredState {
+                json: Some(json).filter(|s| !s.is_empty()),
+                history_rev: r.get(2),
+            };
+            (r.get(0), stored)
         })
         .collect())
 }
 
 const SEED_STATES: &str = "INSERT INTO patient_state (patient, state, updated_ms)
      SELECT p, '', $2 FROM unnest($1::text[]) AS p ORDER BY p ON CONFLICT (patient) DO NOTHING";
-const LOCK_STATES: &str = "SELECT patient, state FROM patient_state WHERE patient = ANY($1)
+const LOCK_STATES: &str =
+    "SELECT patient, state, history_rev FROM patient_state WHERE patient = ANY($1)
      ORDER BY patient FOR UPDATE";
 /// All of a batch's readings in one statement; the ids it returns are the new ones.
 const INSERT_READINGS: &str =
@@ -299,9 +321,19 @@ const INSERT_READINGS: &str =
 /// The evaluable reports stored about the readings `$1`.
 const REPORTS_ABOUT: &str = "SELECT reading_id, id, patient, symptoms FROM symptom_reports
      WHERE reading_id = ANY($1::text[]) AND eval_error IS NULL";
-const SAVE_STATE: &str =
-    "UPDATE patient_state SET state = $2, updated_ms = $3, next_deadline_utc = $4
-     WHERE patient = $1";
+const SAVE_STATE: &str = "UPDATE patient_state
+     SET state = $2, updated_ms = $3, next_deadline_utc = $4, history_rev = $5 WHERE patient = $1";
+/// A batch's kept BP readings, all patients in one statement (columns as [`batch::sql::INSERT_HISTORY`]).
+const INSERT_HISTORY: &str = "INSERT INTO bp_history (patient, reading_id, time_utc, seq, entry)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[])
+     ON CONFLICT (patient, reading_id) DO NOTHING";
+/// The kept BP readings a batch's engines pruned, in one statement (`$1`, `$2`: patients, reading ids).
+const DELETE_HISTORY: &str = "DELETE FROM bp_history h
+     USING unnest($1::text[], $2::text[]) AS d(patient, reading_id)
+     WHERE h.patient = d.patient AND h.reading_id = d.reading_id";
+/// The kept BP readings of the patients `$1`.
+const HISTORY: &str =
+    "SELECT patient, reading_id, time_utc, seq, entry FROM bp_history WHERE patient = ANY($1)";
 
 /// Writes alert changes and patient states, pipelined: every statement is sent before the first answer
 /// is awaited (tokio-postgres sends in polling order, and the server runs them in that order, so two
@@ -329,6 +361,22 @@ async fn write_all(
         .collect();
     let severities: Vec<&'static str> = writes.iter().map(|w| w.alert.severity.name()).collect();
     let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
+    // The history rows of every patient in two statements: pruned ones out, new ones in.
+    let (mut gone_patients, mut gone_ids) = (Vec::new(), Vec::new());
+    let mut new = HistoryColumns::default();
+    for (patient, state) in states {
+        for id in &state.history_removed {
+            gone_patients.push(*patient);
+            gone_ids.push(id.as_str());
+        }
+        for r in &state.history_added {
+            new.patient.push(*patient);
+            new.reading_id.push(&r.reading_id);
+            new.time_utc.push(r.time_utc);
+            new.seq.push(r.seq);
+            new.entry.push(&r.entry);
+        }
+    }
     let mut futs = Vec::new();
     for ((w, status), severity) in writes.iter().zip(&statuses).zip(&severities) {
         let p: Vec<&P<'_>> = vec![&w.event_id, &w.alert.id, &w.action, &now_ms, &w.notice];
@@ -351,11 +399,41 @@ async fn write_all(
         }
     }
     for (patient, state) in states {
-        let p: Vec<&P<'_>> = vec![patient, &state.json, &now_ms, &state.next_deadline_utc];
+        let p: Vec<&P<'_>> = vec![
+            patient,
+            &state.json,
+            &now_ms,
+            &state.next_deadline_utc,
+            &state.history_rev,
+        ];
         futs.push(tx.execute_raw(save, p));
+    }
+    if !gone_ids.is_empty() {
+        let p: Vec<&P<'_>> = vec![&gone_patients, &gone_ids];
+        futs.push(tx.execute_raw(&st.delete_history, p));
+    }
+    if !new.patient.is_empty() {
+        let p: Vec<&P<'_>> = vec![
+            &new.patient,
+            &new.reading_id,
+            &new.time_utc,
+            &new.seq,
+            &new.entry,
+        ];
+        futs.push(tx.execute_raw(&st.insert_history, p));
     }
     futures_util::future::try_join_all(futs).await?;
     Ok(())
+}
+
+/// History rows to insert, column by column (one `unnest`).
+#[derive(Default)]
+struct HistoryColumns<'a> {
+    patient: Vec<&'a str>,
+    reading_id: Vec<&'a str>,
+    time_utc: Vec<i64>,
+    seq: Vec<i64>,
+    entry: Vec<&'a str>,
 }
 
 fn reading_row(r: &Row) -> ReadingRow {
@@ -504,6 +582,23 @@ impl BatchTx for PgBatch<'_, '_> {
     ) -> Result<Vec<ReportAbout>, StoreError> {
         let rows = self.tx.query(&self.st.reports, &[&reading_ids]).await?;
         Ok(rows.iter().map(report_about).collect())
+    }
+
+    async fn bp_history(
+        &mut self,
+        patients: &[&str],
+    ) -> Result<HashMap<String, Vec<HistoryRow>>, StoreError> {
+        let rows = self.tx.query(&self.st.history, &[&patients]).await?;
+        let mut out: HashMap<String, Vec<HistoryRow>> = HashMap::with_capacity(patients.len());
+        for r in rows {
+            out.entry(r.get(0)).or_default().push(HistoryRow {
+                reading_id: r.get(1),
+                time_utc: r.get(2),
+                seq: r.get(3),
+                entry: r.get(4),
+            });
+        }
+        Ok(out)
     }
 
     async fn write(
@@ -817,10 +912,14 @@ impl Store for PgStore {
             &[&alert_id, &by, &now_ms],
         )
         .await?;
-        let states = lock_states(&tx, &st, &[patient.as_str()], now_ms).await?;
-        let state = states.get(&patient).cloned().flatten();
-        let (new_state, _open) = ev.acknowledge(&patient, state.as_deref(), alert_id)?;
-        write_all(&tx, &st, &[], &[], &[(&patient, &new_state)], now_ms).await?;
+        batch::pass_patient(
+            &mut PgBatch { tx: &tx, st: &st },
+            &patient,
+            &ev,
+            now_ms,
+            |ev, p, engine| Ok((ev.acknowledge(p, engine, alert_id)?.0, Vec::new())),
+        )
+        .await?;
         tx.commit().await?;
         Ok(AckResult::Acknowledged)
     }

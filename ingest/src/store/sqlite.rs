@@ -18,7 +18,7 @@ use super::{
     AckResult, AlertRow, BadRow, Counts, Inbound, OutboxItem, Prepared, ReadingRow, ReportAbout,
     Step, Store, StoreError, Stored, digests, prepare, severities_below,
 };
-use crate::evaluate::{AlertWrite, DigestItem, Evaluator, NewState, Sink};
+use crate::evaluate::{AlertWrite, DigestItem, Evaluator, HistoryRow, NewState, Sink, StoredState};
 use protocol::rules::Severity;
 
 /// The SQLite store (cheap to clone: the connections are shared).
@@ -134,8 +134,8 @@ impl SqliteStore {
                     &mut SqliteBatch { tx: &tx },
                     &p,
                     &ev,
-                    now_utc,
-                    step,
+                    now_utc.saturating_mul(1000),
+                    |ev, p, engine| step(ev, p, engine, now_utc),
                 ))?;
                 tx.commit()?;
                 Ok(events)
@@ -152,11 +152,17 @@ const DIGEST_SELECT_SQLITE: &str =
      WHERE updated_utc >= ?1 AND updated_utc < ?2 AND severity IN (SELECT value FROM json_each(?3))
      GROUP BY patient, rule_id, severity ORDER BY patient, rule_id, severity";
 
-fn load_state(tx: &rusqlite::Transaction<'_>, patient: &str) -> Result<Option<String>, StoreError> {
+fn load_state(tx: &rusqlite::Transaction<'_>, patient: &str) -> Result<StoredState, StoreError> {
     Ok(tx
-        .prepare_cached("SELECT state FROM patient_state WHERE patient = ?1")?
-        .query_row([patient], |r| r.get(0))
-        .optional()?)
+        .prepare_cached("SELECT state, history_rev FROM patient_state WHERE patient = ?1")?
+        .query_row([patient], |r| {
+            Ok(StoredState {
+                json: r.get(0)?,
+                history_rev: r.get(1)?,
+            })
+        })
+        .optional()?
+        .unwrap_or_default())
 }
 
 fn save_state(
@@ -165,13 +171,35 @@ fn save_state(
     state: &NewState,
     now_ms: i64,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached("INSERT INTO patient_state (patient, state, updated_ms, next_deadline_utc)
-         VALUES (?1, ?2, ?3, ?4)
+    tx.prepare_cached(
+        "INSERT INTO patient_state (patient, state, updated_ms, next_deadline_utc, history_rev)
+         VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (patient) DO UPDATE SET state = excluded.state, updated_ms = excluded.updated_ms,
-           next_deadline_utc = excluded.next_deadline_utc")?.execute(params![patient, state.json, now_ms, state.next_deadline_utc],
-    )?;
+           next_deadline_utc = excluded.next_deadline_utc, history_rev = excluded.history_rev",
+    )?
+    .execute(params![
+        patient,
+        state.json,
+        now_ms,
+        state.next_deadline_utc,
+        state.history_rev
+    ])?;
+    let mut delete = tx.prepare_cached(DELETE_HISTORY)?;
+    for id in &state.history_removed {
+        delete.execute(params![patient, id])?;
+    }
+    let mut insert = tx.prepare_cached(INSERT_HISTORY)?;
+    for r in &state.history_added {
+        insert.execute(params![patient, r.reading_id, r.time_utc, r.seq, r.entry])?;
+    }
     Ok(())
 }
+
+/// A kept BP reading (PostgreSQL inserts a batch's in one statement).
+const INSERT_HISTORY: &str = "INSERT INTO bp_history (patient, reading_id, time_utc, seq, entry)
+     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (patient, reading_id) DO NOTHING";
+/// A kept BP reading the engine pruned.
+const DELETE_HISTORY: &str = "DELETE FROM bp_history WHERE patient = ?1 AND reading_id = ?2";
 
 /// Writes alert changes; an event id already stored (a replay) changes nothing.
 fn write_alerts(
@@ -361,6 +389,28 @@ impl BatchTx for SqliteBatch<'_, '_> {
             for row in rows {
                 out.push(row?);
             }
+        }
+        Ok(out)
+    }
+
+    async fn bp_history(
+        &mut self,
+        patients: &[&str],
+    ) -> Result<HashMap<String, Vec<HistoryRow>>, StoreError> {
+        let mut st = self.tx.prepare_cached(
+            "SELECT reading_id, time_utc, seq, entry FROM bp_history WHERE patient = ?1",
+        )?;
+        let mut out = HashMap::with_capacity(patients.len());
+        for &p in patients {
+            let rows = st.query_map([p], |r| {
+                Ok(HistoryRow {
+                    reading_id: r.get(0)?,
+                    time_utc: r.get(1)?,
+                    seq: r.get(2)?,
+                    entry: r.get(3)?,
+                })
+            })?;
+            out.insert(p.to_owned(), rows.collect::<Result<Vec<_>, _>>()?);
         }
         Ok(out)
     }
@@ -688,9 +738,13 @@ impl Store for SqliteStore {
                 "UPDATE alerts SET acknowledged_by = ?2, acknowledged_ms = ?3 WHERE id = ?1",
             )?
             .execute(params![alert_id, by, now_ms])?;
-            let state = load_state(&tx, &patient)?;
-            let (new_state, _open) = ev.acknowledge(&patient, state.as_deref(), &alert_id)?;
-            save_state(&tx, &patient, &new_state, now_ms)?;
+            run_ready(batch::pass_patient(
+                &mut SqliteBatch { tx: &tx },
+                &patient,
+                &ev,
+                now_ms,
+                |ev, p, engine| Ok((ev.acknowledge(p, engine, &alert_id)?.0, Vec::new())),
+            ))?;
             tx.commit()?;
             Ok(AckResult::Acknowledged)
         })

@@ -325,6 +325,28 @@ impl EngineState {
     }
 }
 
+/// One BP reading the engine keeps for its window and pattern rules, in the engine's own serde form.
+/// For a service that stores this history apart from the rest of the state: ingest keeps a row per
+/// kept reading, so a batch writes the readings it added instead of the whole history again
+/// ([`Engine::take_bp_history`], [`Engine::put_bp_history`]). Entries never change once kept; they are
+/// added and pruned.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(transparent))]
+pub struct KeptBpReading(BpEntry);
+
+impl KeptBpReading {
+    /// The reading's id.
+    pub fn reading_id(&self) -> &str {
+        &self.0.reading_id
+    }
+
+    /// When it was measured (Unix s).
+    pub fn time_utc(&self) -> i64 {
+        self.0.time_utc
+    }
+}
+
 /// The rule engine: rules, validated patient settings, state.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -1539,6 +1561,31 @@ impl Engine {
     /// The state to persist.
     pub fn state(&self) -> &EngineState {
         &self.state
+    }
+
+    /// Moves a patient's kept BP readings out of the state, oldest first (equal times in the order
+    /// they were kept). The engine evaluates without them until [`Engine::put_bp_history`] puts them
+    /// back: take them only to persist the rest of the state.
+    pub fn take_bp_history(&mut self, patient: &str) -> Vec<KeptBpReading> {
+        self.state
+            .patients
+            .get_mut(patient)
+            .map(|st| core::mem::take(&mut st.bp))
+            .unwrap_or_default()
+            .into_iter()
+            .map(KeptBpReading)
+            .collect()
+    }
+
+    /// Replaces a patient's kept BP readings with `history`, which must be in the order
+    /// [`Engine::take_bp_history`] gave (it is sorted by time again, keeping the order of equal times).
+    pub fn put_bp_history(&mut self, patient: &str, history: Vec<KeptBpReading>) {
+        if history.is_empty() && !self.state.patients.contains_key(patient) {
+            return;
+        }
+        let mut bp: Vec<BpEntry> = history.into_iter().map(|k| k.0).collect();
+        bp.sort_by_key(|e| e.time_utc);
+        self.state.patients.entry(patient.into()).or_default().bp = bp;
     }
 
     /// Marks an active alert acknowledged (stops the unacknowledged escalation). `false` when the

@@ -43,7 +43,7 @@ mod tests;
 pub use decimal::{Dec, DecError, Op};
 pub use engine::{
     Alert, AlertAction, AlertStatus, CloseReason, ConfirmedBy, Engine, EngineState, Escalation,
-    ObservedValue, ReadingInput, ThresholdRef,
+    KeptBpReading, ObservedValue, ReadingInput, ThresholdRef,
 };
 #[cfg(feature = "serde")]
 pub use file::DEFAULT_RULES_TOML;
