@@ -10,7 +10,9 @@
 //! (the unique reading id) evaluates it.
 //!
 //! The engine's [`EngineState`] is one map over patients; each patient's part is stored on its own row as
-//! JSON (the `patients.{id}` member of the state's serde form), beside the patient's next deadline
+//! JSON (the `patients.{id}` member of the state's serde form) without the BP readings the engine keeps
+//! for its window rules, which are rows of their own ([`HistoryRow`]: a batch adds and prunes a few
+//! instead of rewriting days of them), beside the patient's next deadline
 //! ([`NewState::next_deadline_utc`]): the time a pending confirmation is raised anyway or an
 //! unacknowledged alert moves to the next tier. The service's clock sleeps until the earliest stored
 //! deadline (any instance's) and runs [`Evaluator::on_deadlines`] for the patients due, so those fire at

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use ingest::evaluate::{Evaluator, Sink};
 use ingest::store::{AnyStore, Channel, Inbound, Store, Stored};
-use ingest::testing::{SKIP_MESSAGE, TempPostgres, glucose_message};
+use ingest::testing::{SKIP_MESSAGE, TempPostgres, bp_message, glucose_message};
 use protocol::rules::RuleSet;
 
 /// 2026-01-01 08:00:00 UTC.
@@ -226,4 +226,94 @@ async fn postgres_database_of_the_previous_version_is_upgraded() {
     };
     let msg = refused_message(e);
     assert!(msg.contains("9999") || msg.contains("missing"), "{msg}");
+}
+
+/// Schema V3 moved the BP readings each patient's engine keeps out of the state row into `bp_history`. A
+/// state the previous version wrote still holds them inside: after the upgrade, an instance that never
+/// saw the patient reads them from there — the 7-day average is raised from readings stored before the
+/// upgrade — and its write moves them to rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_with_its_bp_history_inside_keeps_raising_window_alerts_after_the_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    // A state with 28 uncontrolled home readings over two weeks, as this version stores it …
+    let made = dir.path().join("made.sqlite");
+    let store = AnyStore::open(&format!("sqlite://{}", made.display()))
+        .await
+        .unwrap();
+    let batch: Vec<Inbound> = (0..28)
+        .map(|i| {
+            let t = T0 + (i / 2) * 86_400 + (i % 2) * 12 * 3600;
+            reading(bp_message(&format!("bp-{i}"), "p-bp-1", 150, 95, 70, t))
+        })
+        .collect();
+    store.ingest(batch, ev(), "a", 1).await.unwrap();
+    drop(store);
+    let c = rusqlite::Connection::open(&made).unwrap();
+    let json: String = c
+        .query_row(
+            "SELECT state FROM patient_state WHERE patient = 'p-bp-1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let entries: Vec<serde_json::Value> = c
+        .prepare("SELECT entry FROM bp_history WHERE patient = 'p-bp-1' ORDER BY time_utc, seq")
+        .unwrap()
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|e| serde_json::from_str(&e.unwrap()).unwrap())
+        .collect();
+    assert_eq!(entries.len(), 28);
+    // … written the way the previous version did: the history inside the state, in a v1 database.
+    let mut legacy: serde_json::Value = serde_json::from_str(&json).unwrap();
+    legacy["bp"] = serde_json::Value::Array(entries);
+    let path = dir.path().join("v1.sqlite");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(&v1("INTEGER PRIMARY KEY AUTOINCREMENT"))
+            .unwrap();
+        c.execute(
+            "INSERT INTO patient_state (patient, state, updated_ms) VALUES ('p-bp-1', ?1, 1)",
+            [legacy.to_string()],
+        )
+        .unwrap();
+    }
+    let store = AnyStore::open(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let now = T0 + 14 * 86_400;
+    assert!(
+        store.tick(ev(), now).await.unwrap() >= 1,
+        "tick raised nothing"
+    );
+    let rules: Vec<String> = store
+        .alerts_of("p-bp-1", 50)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.rule_id)
+        .collect();
+    assert!(
+        rules.contains(&"BP_AVG_UNCONTROLLED".to_owned()),
+        "{rules:?}"
+    );
+    drop(store);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let (rows, rev): (i64, Option<i64>) = c
+        .query_row(
+            "SELECT (SELECT count(*) FROM bp_history WHERE patient = 'p-bp-1'),
+                    (SELECT history_rev FROM patient_state WHERE patient = 'p-bp-1')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(rows, 28, "the history moved to rows");
+    assert!(rev.is_some());
+}
+
+fn ev() -> Arc<Evaluator> {
+    Arc::new(Evaluator::new(
+        RuleSet::default_rules().unwrap(),
+        vec![Sink::Mqtt],
+    ))
 }

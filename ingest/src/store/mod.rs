@@ -22,8 +22,9 @@
 //! # Tables
 //!
 //! `readings` (id, patient, gateway, kind, time_utc, received_utc, stored_ms, instance, payload,
-//! eval_error), `patient_state` (the engine state per patient, JSON, and its next deadline: see
-//! [`crate::evaluate`]), `patient_settings` (profile and
+//! eval_error), `patient_state` (the engine state per patient, JSON, without its BP history; its next
+//! deadline; the revision of its history: see [`crate::evaluate`]), `bp_history` (the BP readings each
+//! patient's engine keeps for its window rules, a row each), `patient_settings` (profile and
 //! overrides, JSON), `alerts` (one row per episode, latest state), `alert_events` (every transition),
 //! `outbox` (event × sink, with attempts, next attempt, lease, delivered time), `gateway_events` (the
 //! gateways' `…/events` messages), `bad_messages` (payloads that did not parse, kept for inspection),
