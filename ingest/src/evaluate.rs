@@ -66,9 +66,10 @@ impl Sink {
 /// An evaluation failure (the transaction is rolled back and the messages are not acknowledged).
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    /// A stored state row is not the engine's state (written by an incompatible version). The message
-    /// leaves the patient out: it is logged at ERROR (issue 11 item 9).
-    #[error("a patient's stored alert state is unreadable: {source}")]
+    /// The engine's state or a kept reading could not be written as JSON (not expected: it is the
+    /// engine's own serde form). The message leaves the patient out: it is logged at ERROR (issue 11
+    /// item 9). A stored row that cannot be read is not an error: see [`Evaluator::rebuild`].
+    #[error("a patient's alert state could not be serialised: {source}")]
     State {
         /// The patient.
         patient: String,
@@ -119,6 +120,17 @@ pub struct PatientEngine {
     stored_ids: HashSet<String>,
     /// The largest `seq` stored for the patient.
     max_seq: i64,
+}
+
+/// A stored row [`Evaluator::rebuild`] could not read and left out.
+#[derive(Debug)]
+pub struct Unreadable {
+    /// `patient_state` or `bp_history`.
+    pub table: &'static str,
+    /// Why (it may quote the row: for the database, not for logs).
+    pub error: serde_json::Error,
+    /// The row's text, kept for inspection.
+    pub text: String,
 }
 
 /// A patient's engine state after an evaluation, to store.
@@ -379,33 +391,35 @@ impl Evaluator {
         }
     }
 
-    /// The patient's engine from its stored state and its `bp_history` rows (any order).
+    /// The patient's engine from its stored state and its `bp_history` rows (any order), and what of
+    /// them it could not read. An unreadable state or history row is left out, not fatal: the engine
+    /// goes on without it (a fresh state, or the history without that reading) and its next write
+    /// replaces the state and deletes the row. Refusing it instead would leave the batch unacknowledged
+    /// and redelivered for ever, and every other patient's readings in it unstored — one damaged row
+    /// would stop ingest — while a fresh state still raises every single-reading alert.
     ///
     /// # Errors
-    /// [`EvalError::State`] when the state or a history row is unreadable; [`EvalError::Override`]
-    /// when the patient's settings are invalid.
+    /// [`EvalError::Override`] when the patient's settings are invalid.
     pub fn rebuild(
         &self,
         patient: &str,
         stored: &StoredState,
         mut history: Vec<HistoryRow>,
-    ) -> Result<PatientEngine, EvalError> {
-        let err = |e| EvalError::State {
-            patient: patient.into(),
-            source: e,
-        };
+    ) -> Result<(PatientEngine, Vec<Unreadable>), EvalError> {
+        let mut unreadable = Vec::new();
         let state = match stored.json.as_deref().filter(|s| !s.is_empty()) {
             None => EngineState::default(),
-            Some(s) => {
-                // The row must be one JSON value (checked first: the text is spliced into the engine's
-                // serde form below, parsed in one pass rather than through a `Value` tree).
-                if json_value_end(s) != Some(s.trim_end().len()) {
-                    return Err(err(serde_json::from_str::<Value>(s)
-                        .err()
-                        .unwrap_or_else(|| serde::de::Error::custom("not one JSON value"))));
+            Some(s) => match parse_state(patient, s) {
+                Ok(state) => state,
+                Err(error) => {
+                    unreadable.push(Unreadable {
+                        table: "patient_state",
+                        error,
+                        text: s.to_owned(),
+                    });
+                    EngineState::default()
                 }
-                serde_json::from_str(&format!("{}{s}}}}}", state_prefix(patient)?)).map_err(err)?
-            }
+            },
         };
         let mut engine = Engine::with_state(self.rules.clone(), self.settings(patient), state)
             .map_err(|e| EvalError::Override(Box::new(e)))?;
@@ -415,20 +429,28 @@ impl Evaluator {
         let inline = engine.take_bp_history(patient);
         let kept = if inline.is_empty() && stored.history_rev.is_some() {
             history.sort_by_key(|r| (r.time_utc, r.seq));
-            history
-                .iter()
-                .map(|r| serde_json::from_str(&r.entry))
-                .collect::<Result<Vec<KeptBpReading>, _>>()
-                .map_err(err)?
+            let mut kept = Vec::with_capacity(history.len());
+            for r in history {
+                match serde_json::from_str::<KeptBpReading>(&r.entry) {
+                    Ok(k) => kept.push(k),
+                    Err(error) => unreadable.push(Unreadable {
+                        table: "bp_history",
+                        error,
+                        text: r.entry,
+                    }),
+                }
+            }
+            kept
         } else {
             inline
         };
         engine.put_bp_history(patient, kept);
-        Ok(PatientEngine {
+        let engine = PatientEngine {
             engine,
             stored_ids,
             max_seq,
-        })
+        };
+        Ok((engine, unreadable))
     }
 
     fn state_of(engine: &Engine, patient: &str) -> Result<String, EvalError> {
@@ -439,7 +461,7 @@ impl Evaluator {
         // Straight to text (a `Value` tree first costs twice the time): the engine holds this patient
         // only, so the text is `{"patients":{"<patient>":<part>}}`; anything else takes the general way.
         let text = serde_json::to_string(engine.state()).map_err(err)?;
-        let prefix = state_prefix(patient)?;
+        let prefix = state_prefix(patient).map_err(err)?;
         if let Some(part) = text
             .strip_prefix(prefix.as_str())
             .and_then(|t| t.strip_suffix("}}"))
@@ -563,12 +585,21 @@ impl Evaluator {
     }
 }
 
+/// A patient's stored state row (its part of the engine's serde form) as the engine's state.
+fn parse_state(patient: &str, s: &str) -> Result<EngineState, serde_json::Error> {
+    // The row must be one JSON value (checked first: the text is spliced into the engine's serde form
+    // below, parsed in one pass rather than through a `Value` tree).
+    if json_value_end(s) != Some(s.trim_end().len()) {
+        return Err(serde_json::from_str::<Value>(s)
+            .err()
+            .unwrap_or_else(|| serde::de::Error::custom("not one JSON value")));
+    }
+    serde_json::from_str(&format!("{}{s}}}}}", state_prefix(patient)?))
+}
+
 /// `{"patients":{"<patient>":`, the start of the engine state's serde form for one patient.
-fn state_prefix(patient: &str) -> Result<String, EvalError> {
-    let key = serde_json::to_string(patient).map_err(|e| EvalError::State {
-        patient: patient.into(),
-        source: e,
-    })?;
+fn state_prefix(patient: &str) -> Result<String, serde_json::Error> {
+    let key = serde_json::to_string(patient)?;
     Ok(format!(r#"{{"patients":{{{key}:"#))
 }
 
@@ -802,7 +833,7 @@ mod tests {
         fn engine(&self, ev: &Evaluator, patient: &str) -> PatientEngine {
             ev.cached(patient, &self.state).unwrap_or_else(|| {
                 let rows = self.history.values().rev().cloned().collect();
-                ev.rebuild(patient, &self.state, rows).expect("rebuilt")
+                ev.rebuild(patient, &self.state, rows).expect("rebuilt").0
             })
         }
     }
@@ -978,39 +1009,64 @@ mod tests {
                 rows.history.values().cloned().collect(),
             )
             .expect("rebuilt");
-        assert_eq!(rebuilt.stored_ids.len(), rows.history.len());
+        assert_eq!(rebuilt.0.stored_ids.len(), rows.history.len());
         assert!(rows.history.contains_key(&new.history_added[0].reading_id));
     }
 
+    /// An unreadable state row or history row is left out and reported, never fatal: the engine
+    /// evaluates without it (a fresh state; the history without that reading).
     #[test]
-    fn a_state_row_that_is_not_one_value_is_an_error() {
-        for bad in ["{} {}", "{\"bp\":[]},{}", "[", "null", "7"] {
+    fn unreadable_rows_are_left_out_and_reported() {
+        for bad in [
+            "{} {}",
+            "{\"bp\":[]},{}",
+            "[",
+            "null",
+            "7",
+            "{\"episodes\":7}",
+        ] {
             let stored = StoredState {
                 json: Some(bad.into()),
                 history_rev: None,
             };
-            assert!(
-                matches!(
-                    evaluator().rebuild("p-0001", &stored, Vec::new()),
-                    Err(EvalError::State { .. })
-                ),
-                "{bad}"
-            );
+            let (_, unreadable) = evaluator()
+                .rebuild("p-0001", &stored, Vec::new())
+                .expect("rebuilt");
+            let tables: Vec<&str> = unreadable.iter().map(|u| u.table).collect();
+            assert_eq!(tables, ["patient_state"], "{bad}");
+            assert_eq!(unreadable[0].text, bad);
         }
+        // A history with one damaged row: the others are kept, and the damaged one is deleted by the
+        // next write (its id is among the stored ones, not among the kept).
+        let ev = evaluator();
+        let mut rows = Rows::default();
+        for i in 0..3 {
+            bp(&ev, "p-0001", &mut rows, T0 + i * 600, 120);
+        }
+        let damaged = rows.history.keys().next().cloned().expect("a row");
+        if let Some(r) = rows.history.get_mut(&damaged) {
+            r.entry = "{".into();
+        }
+        let fresh = evaluator();
+        let (engine, unreadable) = fresh
+            .rebuild(
+                "p-0001",
+                &rows.state,
+                rows.history.values().cloned().collect(),
+            )
+            .expect("rebuilt");
+        assert_eq!(unreadable.len(), 1);
+        assert_eq!(unreadable[0].table, "bp_history");
+        let (new, _) = fresh.on_inputs("p-0001", engine, &[]).expect("evaluated");
+        assert_eq!(new.history_removed, vec![damaged]);
+        assert!(new.history_added.is_empty());
         let fine = StoredState {
             json: Some(" {} ".into()),
             history_rev: Some(1),
         };
-        assert!(evaluator().rebuild("p-0001", &fine, Vec::new()).is_ok());
-        let row = HistoryRow {
-            reading_id: "r-1".into(),
-            time_utc: T0,
-            seq: 1,
-            entry: "{".into(),
-        };
-        assert!(matches!(
-            evaluator().rebuild("p-0001", &fine, vec![row]),
-            Err(EvalError::State { .. })
-        ));
+        let (_, none) = evaluator()
+            .rebuild("p-0001", &fine, Vec::new())
+            .expect("rebuilt");
+        assert!(none.is_empty());
     }
 }

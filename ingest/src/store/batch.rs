@@ -11,7 +11,7 @@ use protocol::wire::SymptomsMessage;
 use super::{Inbound, Item, Prepared, ReportAbout, StoreError, Stored};
 use crate::evaluate::EvalError;
 use crate::evaluate::{
-    AlertWrite, Evaluator, HistoryRow, NewState, PatientEngine, Sink, StoredState,
+    AlertWrite, Evaluator, HistoryRow, NewState, PatientEngine, Sink, StoredState, Unreadable,
 };
 
 /// Statements both dialects run as they are: `$1` … is PostgreSQL's placeholder and one of SQLite's
@@ -366,7 +366,7 @@ pub(crate) async fn ingest<T: BatchTx>(
     let mut changed: BTreeMap<String, NewState> = BTreeMap::new();
     let mut pending: Vec<AlertWrite> = Vec::new();
     let patients: Vec<&str> = by_patient.keys().copied().collect();
-    let mut engines = engines(tx, ev, &patients, &mut states).await?;
+    let mut engines = engines(tx, ev, &patients, &mut states, now_ms).await?;
     for (patient, items) in by_patient {
         let Some(engine) = engines.remove(patient) else {
             return Err(StoreError::Task("a patient's engine was not built".into()));
@@ -395,6 +395,7 @@ async fn engines<T: BatchTx>(
     ev: &Evaluator,
     patients: &[&str],
     states: &mut HashMap<String, StoredState>,
+    now_ms: i64,
 ) -> Result<HashMap<String, PatientEngine>, StoreError> {
     let mut out = HashMap::with_capacity(patients.len());
     let mut missing = Vec::new();
@@ -420,9 +421,41 @@ async fn engines<T: BatchTx>(
     };
     for (p, stored) in missing {
         let history = rows.remove(p).unwrap_or_default();
-        out.insert(p.to_owned(), ev.rebuild(p, &stored, history)?);
+        let (engine, unreadable) = ev.rebuild(p, &stored, history)?;
+        for u in unreadable {
+            set_aside(tx, p, &u, now_ms).await?;
+        }
+        out.insert(p.to_owned(), engine);
     }
     Ok(out)
+}
+
+/// Keeps a stored row the engine could not read in `bad_messages` (its table as the topic; the id from
+/// its content, so a retried batch keeps it once) and says so at ERROR — without the patient or a
+/// value: the operator finds both in the database.
+async fn set_aside<T: BatchTx>(
+    tx: &mut T,
+    patient: &str,
+    u: &Unreadable,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let what = super::json_error(&u.error);
+    tracing::error!(
+        table = u.table,
+        error = %what,
+        "a patient's stored alert state is unreadable: evaluating without it (a fresh state, or the \
+         history without that reading) and keeping it in bad_messages"
+    );
+    let id = format!(
+        "unreadable/{}",
+        super::digest_hex(&[u.table.as_bytes(), patient.as_bytes(), u.text.as_bytes()])
+    );
+    let error = format!(
+        "unreadable {} row of patient {patient}, left out of the evaluation: {what}",
+        u.table
+    );
+    tx.insert_once(sql::INSERT_BAD, [&id, u.table, &error], now_ms, &u.text)
+        .await
 }
 
 /// One patient's turn of a pass (a tick, the deadlines, an acknowledgement) in `tx` (the caller
@@ -438,7 +471,7 @@ pub(crate) async fn pass_patient<T: BatchTx>(
     let mut begun = tx
         .begin(&[patient], &ReadingColumns::default(), false, now_ms, "")
         .await?;
-    let mut engines = engines(tx, ev, &[patient], &mut begun.states).await?;
+    let mut engines = engines(tx, ev, &[patient], &mut begun.states, now_ms).await?;
     let Some(engine) = engines.remove(patient) else {
         return Err(StoreError::Task("a patient's engine was not built".into()));
     };
