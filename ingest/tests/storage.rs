@@ -435,6 +435,51 @@ async fn window_rules_run_on_tick(url: &str) {
     );
 }
 
+/// Two instances take turns with one patient's BP readings: each one's cached engine must give way to
+/// what the other stored. Instance B stores readings older than A's latest, all below the single-reading
+/// thresholds, so the state row's text is as A left it and only the history changed: A must still see
+/// B's readings (the history revision, not the text, tells it). 14 readings over 7 days at 138/88 raise
+/// the 7-day average; either instance's 7 alone do not (fewer than 12).
+async fn an_instance_sees_the_history_another_instance_stored(url: &str) {
+    let store = AnyStore::open(url).await.unwrap();
+    let (ev_a, ev_b) = (ev(), ev());
+    let day = |d: i64, hour: i64| T0 - 8 * 3600 + d * 86_400 + hour * 3600;
+    let readings = |who: &str, hour: i64| -> Vec<Inbound> {
+        (7..14)
+            .map(|d| {
+                reading(bp_message(
+                    &format!("{who}-{d}"),
+                    "p-0701",
+                    138,
+                    88,
+                    70,
+                    day(d, hour),
+                ))
+            })
+            .collect()
+    };
+    store
+        .ingest(readings("a", 20), Arc::clone(&ev_a), "a", 1)
+        .await
+        .unwrap();
+    store
+        .ingest(readings("b", 8), Arc::clone(&ev_b), "b", 2)
+        .await
+        .unwrap();
+    store.tick(Arc::clone(&ev_a), day(14, 9)).await.unwrap();
+    let rules: Vec<String> = store
+        .alerts_of("p-0701", 50)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.rule_id)
+        .collect();
+    assert!(
+        rules.contains(&"BP_AVG_UNCONTROLLED".to_owned()),
+        "A's tick saw only its own readings: {rules:?}"
+    );
+}
+
 /// Runs `sql` on the database behind `url` (to damage rows as a bug, a bad restore or a hand edit
 /// would).
 async fn exec_sql(url: &str, sql: &str) {
@@ -828,6 +873,7 @@ sqlite_tests!(
     symptom_reports_raise_critical_once_in_either_order,
     bad_symptom_reports_are_recorded_not_misread,
     an_unreadable_state_is_set_aside_and_the_batch_goes_on,
+    an_instance_sees_the_history_another_instance_stored,
 );
 
 // ------------------------------------------------------------------------------------------------------
@@ -868,5 +914,7 @@ async fn postgres_runs_the_same_storage_scenarios() {
         &pg.create_database(&db()).await.unwrap(),
     )
     .await;
-    println!("postgres: 10 storage scenarios passed in {:?}", t.elapsed());
+    an_instance_sees_the_history_another_instance_stored(&pg.create_database(&db()).await.unwrap())
+        .await;
+    println!("postgres: 11 storage scenarios passed in {:?}", t.elapsed());
 }
