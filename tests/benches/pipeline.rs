@@ -1306,6 +1306,44 @@ fn machine() -> String {
     format!("{cores} × {cpu}, Linux {}", kernel.trim())
 }
 
+/// CPU time (user + system) of this process and of the broker's, read from `/proc/<pid>/stat`.
+#[derive(Debug, Clone, Copy)]
+struct CpuTime {
+    this: u64,
+    broker: u64,
+}
+
+impl CpuTime {
+    /// Linux's USER_HZ: `/proc` counts CPU time in 1/100 s on every architecture (a fixed ABI value).
+    const TICKS_PER_S: f64 = 100.0;
+
+    fn ticks(pid: &str) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces, so split after its closing paren):
+        // state is field 3, utime 14 and stime 15.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    }
+
+    fn now(broker: Option<u32>) -> Option<CpuTime> {
+        Some(CpuTime {
+            this: Self::ticks("self")?,
+            broker: Self::ticks(&broker?.to_string())?,
+        })
+    }
+
+    /// µs of CPU per message since `self`: (this process, the broker).
+    fn per_message(self, broker: Option<u32>, messages: usize) -> Option<(f64, f64)> {
+        let now = CpuTime::now(broker)?;
+        let us = |ticks: u64| ticks as f64 / Self::TICKS_PER_S * 1e6 / messages.max(1) as f64;
+        Some((
+            us(now.this.saturating_sub(self.this)),
+            us(now.broker.saturating_sub(self.broker)),
+        ))
+    }
+}
+
 fn mosquitto_version() -> Option<String> {
     let out = Command::new(mosquitto_path()?).arg("-h").output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -1419,7 +1457,9 @@ async fn run(sizes: Sizes) -> Result<(), String> {
     // (a)
     println!("## (a) ceiling: raw rumqttc QoS 1, window {WINDOW}, all PUBACKs awaited");
     let mut raws = Vec::new();
+    let mut raw_cpu = None;
     if v5_ok {
+        let before = CpuTime::now(broker.pid());
         raws.push(
             raw_throughput(
                 &broker,
@@ -1430,6 +1470,7 @@ async fn run(sizes: Sizes) -> Result<(), String> {
             )
             .await?,
         );
+        raw_cpu = before.and_then(|b| b.per_message(broker.pid(), sizes.raw_messages));
     }
     raws.push(
         raw_throughput(
@@ -1558,7 +1599,9 @@ async fn run(sizes: Sizes) -> Result<(), String> {
         sizes.devices,
         thousands(sizes.per_device as f64)
     );
+    let before = CpuTime::now(broker.pid());
     let tp = gateway_throughput(&broker, gw_version, &sizes).await?;
+    let path_cpu = before.and_then(|b| b.per_message(broker.pid(), tp.readings));
     let tp_rate = tp.rate();
     match (tp.elapsed, tp_rate) {
         (Some(e), Some(rate)) => println!(
@@ -1630,6 +1673,21 @@ async fn run(sizes: Sizes) -> Result<(), String> {
     );
     if let Some(r) = ratio {
         println!("RATIO gateway_durable_path_vs_raw_qos1 {r:.2}");
+    }
+    // Both runs keep the two cores busy (client or gateway, and the broker), so the CPU time a message
+    // costs bounds the ratio: (b) cannot reach more of (a) than (a)'s CPU per message over (b)'s.
+    if let (Some((ra, rb)), Some((pa, pb))) = (raw_cpu, path_cpu) {
+        println!(
+            "CPU per message: (a) {ra:.1} µs this process + {rb:.1} µs broker = {:.1} µs; (b) {pa:.1} µs \
+             + {pb:.1} µs = {:.1} µs → CPU-bound, (b) can reach {} of (a)",
+            ra + rb,
+            pa + pb,
+            percent(Some((ra + rb) / (pa + pb)))
+        );
+        println!(
+            "RATIO gateway_cpu_per_reading_raw_over_path {:.2}",
+            (ra + rb) / (pa + pb)
+        );
     }
     println!();
 

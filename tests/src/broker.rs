@@ -163,6 +163,15 @@ impl TestBroker {
         self.addr
     }
 
+    /// The Mosquitto process's id (`None` for the embedded rumqttd, or while stopped): for a bench that
+    /// reads its CPU time.
+    pub fn pid(&self) -> Option<u32> {
+        self.mosquitto
+            .as_ref()
+            .and_then(|m| m.child.as_ref())
+            .map(Child::id)
+    }
+
     /// `mqtt://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("mqtt://{}", self.addr)

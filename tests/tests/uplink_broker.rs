@@ -636,3 +636,49 @@ fn test_readings_are_self_describing() {
     );
     assert_eq!(r.reading_id, "gls-0a01:7");
 }
+
+/// A delivered reading's journal ack is written without an `fdatasync` of its own (the next append's
+/// carries it). When no append comes — one reading, then silence — the uplink syncs it by itself within
+/// 25 s, so a power cut makes the gateway resend at most that much (same reading ids; ingest drops
+/// them). The embedded broker serves: the promise is the uplink's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_ack_is_synced_within_25_s_without_another_append() {
+    phg_tests::init_tracing();
+    let broker = TestBroker::start_embedded().unwrap();
+    let mut sub = Subscriber::connect(broker.addr(), READINGS_TOPIC)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let journal = open_journal(dir.path()).unwrap();
+    let up = RunningUplink::spawn(
+        uplink_config(&broker.url(), MqttVersion::V311),
+        Arc::clone(&journal),
+    );
+    append_readings(&journal, &DEVICES[..1], 0, 1).unwrap();
+    up.wake.wake();
+    assert_eq!(sub.wait_for(1, Duration::from_secs(10)).await.len(), 1);
+    assert!(wait_for_depth(&journal, 0, Duration::from_secs(5)).await);
+    let acked = Instant::now();
+    let unsynced = || journal.lock().unwrap().has_unsynced_acks();
+    assert!(unsynced(), "the ack waits for the next append's fdatasync");
+    let fsyncs = journal.lock().unwrap().fsyncs();
+    while unsynced() && acked.elapsed() < Duration::from_secs(35) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let waited = acked.elapsed();
+    assert!(
+        !unsynced(),
+        "the ack was still unsynced {waited:?} after it was written"
+    );
+    assert!(
+        waited <= Duration::from_secs(26),
+        "synced only after {waited:?}"
+    );
+    assert_eq!(
+        journal.lock().unwrap().fsyncs(),
+        fsyncs + 1,
+        "one fdatasync"
+    );
+    eprintln!("the lone ack was synced {waited:?} after it was written");
+    up.stop().await.unwrap().unwrap();
+}
