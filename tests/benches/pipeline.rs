@@ -1674,14 +1674,19 @@ async fn run(sizes: Sizes) -> Result<(), String> {
     if let Some(r) = ratio {
         println!("RATIO gateway_durable_path_vs_raw_qos1 {r:.2}");
     }
-    // Both runs keep the two cores busy (client or gateway, and the broker), so the CPU time a message
-    // costs bounds the ratio: (b) cannot reach more of (a) than (a)'s CPU per message over (b)'s.
+    // Both runs keep most of the two cores busy (client or gateway, and the broker), so the CPU time a
+    // message costs bounds the ratio: with the same cores, (b) cannot reach more of (a) than (a)'s CPU
+    // per message over (b)'s.
     if let (Some((ra, rb)), Some((pa, pb))) = (raw_cpu, path_cpu) {
+        let busy = |us: f64, rate: f64| us * rate / 1e6;
         println!(
-            "CPU per message: (a) {ra:.1} µs this process + {rb:.1} µs broker = {:.1} µs; (b) {pa:.1} µs \
-             + {pb:.1} µs = {:.1} µs → CPU-bound, (b) can reach {} of (a)",
+            "CPU per message: (a) {ra:.1} µs this process + {rb:.1} µs broker = {:.1} µs ({:.2} cores busy); \
+             (b) {pa:.1} µs + {pb:.1} µs = {:.1} µs ({:.2} cores busy) → with the same cores, (b) can reach at \
+             most {} of (a)",
             ra + rb,
+            busy(ra + rb, ceiling.rate()),
             pa + pb,
+            busy(pa + pb, tp_rate.unwrap_or(0.0)),
             percent(Some((ra + rb) / (pa + pb)))
         );
         println!(
