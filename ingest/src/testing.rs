@@ -338,3 +338,20 @@ pub fn symptoms_message(
     .expect("a valid test report");
     serde_json::to_string(&m).expect("a report serialises")
 }
+
+/// The rule ids of `patient`'s alerts (up to 50), as the API lists them.
+///
+/// # Errors
+/// The store's.
+pub async fn alert_rules_of(
+    store: &crate::store::AnyStore,
+    patient: &str,
+) -> Result<Vec<String>, crate::store::StoreError> {
+    use crate::store::Store;
+    Ok(store
+        .alerts_of(patient, 50)
+        .await?
+        .into_iter()
+        .map(|a| a.rule_id)
+        .collect())
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use ingest::evaluate::{Evaluator, Sink};
 use ingest::store::{AnyStore, Channel, Inbound, Store, Stored};
-use ingest::testing::{SKIP_MESSAGE, TempPostgres, bp_message, glucose_message};
+use ingest::testing::{SKIP_MESSAGE, TempPostgres, alert_rules_of, bp_message, glucose_message};
 use protocol::rules::RuleSet;
 
 /// 2026-01-01 08:00:00 UTC.
@@ -286,13 +286,7 @@ async fn a_state_with_its_bp_history_inside_keeps_raising_window_alerts_after_th
         store.tick(ev(), now).await.unwrap() >= 1,
         "tick raised nothing"
     );
-    let rules: Vec<String> = store
-        .alerts_of("p-bp-1", 50)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|a| a.rule_id)
-        .collect();
+    let rules = alert_rules_of(&store, "p-bp-1").await.unwrap();
     assert!(
         rules.contains(&"BP_AVG_UNCONTROLLED".to_owned()),
         "{rules:?}"

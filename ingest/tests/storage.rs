@@ -12,7 +12,8 @@ use std::sync::Arc;
 use ingest::evaluate::{Evaluator, Sink};
 use ingest::store::{AckResult, AnyStore, Channel, Inbound, Store, Stored};
 use ingest::testing::{
-    SKIP_MESSAGE, TempPostgres, bp_message, glucose_message, reading_uuid, symptoms_message,
+    SKIP_MESSAGE, TempPostgres, alert_rules_of, bp_message, glucose_message, reading_uuid,
+    symptoms_message,
 };
 use protocol::rules::{RuleSet, Symptom};
 
@@ -400,13 +401,7 @@ async fn window_rules_run_on_tick(url: &str) {
         }
     }
     store.ingest(batch, Arc::clone(&ev), "a", 1).await.unwrap();
-    let before: Vec<String> = store
-        .alerts_of("p-bp-1", 50)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|a| a.rule_id)
-        .collect();
+    let before = alert_rules_of(&store, "p-bp-1").await.unwrap();
     assert!(
         !before.contains(&"BP_AVG_UNCONTROLLED".to_owned()),
         "{before:?}"
@@ -417,13 +412,7 @@ async fn window_rules_run_on_tick(url: &str) {
     let ev = self::ev();
     let n = store.tick(Arc::clone(&ev), now).await.unwrap();
     assert!(n >= 1, "tick raised nothing");
-    let after: Vec<String> = store
-        .alerts_of("p-bp-1", 50)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|a| a.rule_id)
-        .collect();
+    let after = alert_rules_of(&store, "p-bp-1").await.unwrap();
     assert!(
         after.contains(&"BP_AVG_UNCONTROLLED".to_owned()),
         "{after:?}"
@@ -467,13 +456,7 @@ async fn an_instance_sees_the_history_another_instance_stored(url: &str) {
         .await
         .unwrap();
     store.tick(Arc::clone(&ev_a), day(14, 9)).await.unwrap();
-    let rules: Vec<String> = store
-        .alerts_of("p-0701", 50)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|a| a.rule_id)
-        .collect();
+    let rules = alert_rules_of(&store, "p-0701").await.unwrap();
     assert!(
         rules.contains(&"BP_AVG_UNCONTROLLED".to_owned()),
         "A's tick saw only its own readings: {rules:?}"
