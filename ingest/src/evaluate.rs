@@ -287,8 +287,9 @@ impl Evaluator {
                 entry: serde_json::to_string(k).map_err(err)?,
             });
         }
+        // After this write the rows are the kept readings.
+        stored_ids.retain(|id| kept.contains(id.as_str()));
         drop(kept);
-        stored_ids.retain(|id| !history_removed.contains(id));
         stored_ids.extend(history_added.iter().map(|r| r.reading_id.clone()));
         engine.put_bp_history(patient, history);
         let json = json?;
@@ -490,10 +491,9 @@ impl Evaluator {
     pub fn on_inputs(
         &self,
         patient: &str,
-        pe: PatientEngine,
+        mut pe: PatientEngine,
         inputs: &[Input<'_>],
     ) -> Result<(NewState, Vec<Vec<AlertWrite>>), EvalError> {
-        let mut pe = pe;
         let engine = &mut pe.engine;
         let mut out = Vec::with_capacity(inputs.len());
         for input in inputs {

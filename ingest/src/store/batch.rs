@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use protocol::wire::SymptomsMessage;
 
 use super::{Inbound, Item, Prepared, ReportAbout, StoreError, Stored};
-use crate::evaluate::EvalError;
 use crate::evaluate::{
-    AlertWrite, Evaluator, HistoryRow, NewState, PatientEngine, Sink, StoredState, Unreadable,
+    AlertWrite, EvalError, Evaluator, HistoryRow, NewState, PatientEngine, Sink, StoredState,
+    Unreadable,
 };
 
 /// Statements both dialects run as they are: `$1` … is PostgreSQL's placeholder and one of SQLite's
