@@ -31,16 +31,6 @@ pub(crate) mod sql {
     /// A bad message (`$1`…`$5`: id, topic, error, received, payload).
     pub const INSERT_BAD: &str = "INSERT INTO bad_messages (id, topic, error, received_ms, payload)
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING";
-    /// An alert event (`$1`…`$5`: id, alert id, action, created, notice).
-    pub const INSERT_ALERT_EVENT: &str =
-        "INSERT INTO alert_events (id, alert_id, action, created_ms, notice)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING";
-    /// An alert's latest state (`$1`…`$8`: id, patient, rule, severity, status, opened, updated, body).
-    pub const UPSERT_ALERT: &str =
-        "INSERT INTO alerts (id, patient, rule_id, severity, status, opened_utc, updated_utc, body)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (id) DO UPDATE SET rule_id = excluded.rule_id, severity = excluded.severity,
-           status = excluded.status, updated_utc = excluded.updated_utc, body = excluded.body";
     /// An outbox row (`$1`…`$4`: event id, sink, payload, next attempt).
     pub const INSERT_OUTBOX: &str =
         "INSERT INTO outbox (event_id, sink, payload, next_attempt_ms) VALUES ($1, $2, $3, $4)

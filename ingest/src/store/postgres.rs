@@ -66,28 +66,21 @@ impl Conn {
             c.prepare(REPORTS_ABOUT),
         )
         .await?;
-        let (insert_event, upsert_alert, insert_outbox, save_state) =
+        let (write_alert, save_state, insert_history, delete_history) =
             futures_util::future::try_join4(
-                c.prepare(batch::sql::INSERT_ALERT_EVENT),
-                c.prepare(batch::sql::UPSERT_ALERT),
-                c.prepare(batch::sql::INSERT_OUTBOX),
+                c.prepare(WRITE_ALERT),
                 c.prepare(SAVE_STATE),
+                c.prepare(INSERT_HISTORY),
+                c.prepare(DELETE_HISTORY),
             )
             .await?;
-        let (insert_history, delete_history, history) = futures_util::future::try_join3(
-            c.prepare(INSERT_HISTORY),
-            c.prepare(DELETE_HISTORY),
-            c.prepare(HISTORY),
-        )
-        .await?;
+        let history = c.prepare(HISTORY).await?;
         let s = Statements {
             seed_states,
             lock_states,
             insert_readings,
             reports,
-            insert_event,
-            upsert_alert,
-            insert_outbox,
+            write_alert,
             save_state,
             insert_history,
             delete_history,
@@ -120,9 +113,7 @@ struct Statements {
     lock_states: Statement,
     insert_readings: Statement,
     reports: Statement,
-    insert_event: Statement,
-    upsert_alert: Statement,
-    insert_outbox: Statement,
+    write_alert: Statement,
     save_state: Statement,
     insert_history: Statement,
     delete_history: Statement,
@@ -321,6 +312,21 @@ const INSERT_READINGS: &str =
 /// The evaluable reports stored about the readings `$1`.
 const REPORTS_ABOUT: &str = "SELECT reading_id, id, patient, symptoms FROM symptom_reports
      WHERE reading_id = ANY($1::text[]) AND eval_error IS NULL";
+/// One alert change in one statement: its event, then — only when the event is new, so a replayed one
+/// changes nothing, as on SQLite — the alert's row and an outbox row per sink (`$1`…`$13`: event id,
+/// alert id, action, now, notice, patient, rule, severity, status, opened, updated, body, sinks).
+const WRITE_ALERT: &str = "WITH event AS (
+       INSERT INTO alert_events (id, alert_id, action, created_ms, notice)
+       VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING RETURNING id
+     ), alert AS (
+       INSERT INTO alerts (id, patient, rule_id, severity, status, opened_utc, updated_utc, body)
+       SELECT $2, $6, $7, $8, $9, $10, $11, $12 FROM event
+       ON CONFLICT (id) DO UPDATE SET rule_id = excluded.rule_id, severity = excluded.severity,
+         status = excluded.status, updated_utc = excluded.updated_utc, body = excluded.body
+     )
+     INSERT INTO outbox (event_id, sink, payload, next_attempt_ms)
+     SELECT event.id, sink, $5, $4 FROM event CROSS JOIN unnest($13::text[]) AS sink
+     ON CONFLICT (event_id, sink) DO NOTHING";
 const SAVE_STATE: &str = "UPDATE patient_state
      SET state = $2, updated_ms = $3, next_deadline_utc = $4, history_rev = $5 WHERE patient = $1";
 /// A batch's kept BP readings, all patients in one statement (columns as [`batch::sql::INSERT_HISTORY`]).
@@ -349,18 +355,14 @@ async fn write_all(
     if writes.is_empty() && states.is_empty() {
         return Ok(());
     }
-    let (ev, al, ob, save) = (
-        &st.insert_event,
-        &st.upsert_alert,
-        &st.insert_outbox,
-        &st.save_state,
-    );
+    let save = &st.save_state;
     let statuses: Vec<String> = writes
         .iter()
         .map(|w| format!("{:?}", w.alert.status).to_lowercase())
         .collect();
     let severities: Vec<&'static str> = writes.iter().map(|w| w.alert.severity.name()).collect();
     let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
+    let no_sinks: Vec<&'static str> = Vec::new();
     // The history rows of every patient in two statements: pruned ones out, new ones in.
     let (mut gone_patients, mut gone_ids) = (Vec::new(), Vec::new());
     let mut new = HistoryColumns::default();
@@ -379,10 +381,14 @@ async fn write_all(
     }
     let mut futs = Vec::new();
     for ((w, status), severity) in writes.iter().zip(&statuses).zip(&severities) {
-        let p: Vec<&P<'_>> = vec![&w.event_id, &w.alert.id, &w.action, &now_ms, &w.notice];
-        futs.push(tx.execute_raw(ev, p));
+        // Below the push threshold: stored, and summarised in the patient's digest instead.
+        let sinks = if w.notify { &sink_names } else { &no_sinks };
         let p: Vec<&P<'_>> = vec![
+            &w.event_id,
             &w.alert.id,
+            &w.action,
+            &now_ms,
+            &w.notice,
             &w.alert.patient,
             &w.alert.rule_id,
             severity,
@@ -390,13 +396,9 @@ async fn write_all(
             &w.alert.opened_utc,
             &w.alert.updated_utc,
             &w.alert_json,
+            sinks,
         ];
-        futs.push(tx.execute_raw(al, p));
-        // Below the push threshold: stored, and summarised in the patient's digest instead.
-        for s in sink_names.iter().filter(|_| w.notify) {
-            let p: Vec<&P<'_>> = vec![&w.event_id, s, &w.notice, &now_ms];
-            futs.push(tx.execute_raw(ob, p));
-        }
+        futs.push(tx.execute_raw(&st.write_alert, p));
     }
     for (patient, state) in states {
         let p: Vec<&P<'_>> = vec![

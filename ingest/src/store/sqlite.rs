@@ -195,6 +195,18 @@ fn save_state(
     Ok(())
 }
 
+/// An alert event (`?1`…`?5`: id, alert id, action, created, notice). PostgreSQL writes an alert
+/// change in one statement instead (`WRITE_ALERT` in postgres.rs), which SQLite cannot: its `WITH` takes
+/// no `INSERT`.
+const INSERT_ALERT_EVENT: &str =
+    "INSERT INTO alert_events (id, alert_id, action, created_ms, notice)
+     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING";
+/// An alert's latest state (`?1`…`?8`: id, patient, rule, severity, status, opened, updated, body).
+const UPSERT_ALERT: &str =
+    "INSERT INTO alerts (id, patient, rule_id, severity, status, opened_utc, updated_utc, body)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+     ON CONFLICT (id) DO UPDATE SET rule_id = excluded.rule_id, severity = excluded.severity,
+       status = excluded.status, updated_utc = excluded.updated_utc, body = excluded.body";
 /// A kept BP reading (PostgreSQL inserts a batch's in one statement).
 const INSERT_HISTORY: &str = "INSERT INTO bp_history (patient, reading_id, time_utc, seq, entry)
      VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (patient, reading_id) DO NOTHING";
@@ -210,22 +222,21 @@ fn write_alerts(
 ) -> Result<(), StoreError> {
     for w in writes {
         let n = tx
-            .prepare_cached(batch::sql::INSERT_ALERT_EVENT)?
+            .prepare_cached(INSERT_ALERT_EVENT)?
             .execute(params![w.event_id, w.alert.id, w.action, now_ms, w.notice])?;
         if n == 0 {
             continue;
         }
-        tx.prepare_cached(batch::sql::UPSERT_ALERT)?
-            .execute(params![
-                w.alert.id,
-                w.alert.patient,
-                w.alert.rule_id,
-                w.alert.severity.name(),
-                format!("{:?}", w.alert.status).to_lowercase(),
-                w.alert.opened_utc,
-                w.alert.updated_utc,
-                w.alert_json
-            ])?;
+        tx.prepare_cached(UPSERT_ALERT)?.execute(params![
+            w.alert.id,
+            w.alert.patient,
+            w.alert.rule_id,
+            w.alert.severity.name(),
+            format!("{:?}", w.alert.status).to_lowercase(),
+            w.alert.opened_utc,
+            w.alert.updated_utc,
+            w.alert_json
+        ])?;
         // Below the push threshold: stored, and summarised in the patient's digest instead.
         for s in sinks.iter().filter(|_| w.notify) {
             tx.prepare_cached(batch::sql::INSERT_OUTBOX)?
