@@ -66,15 +66,15 @@ impl Conn {
             c.prepare(REPORTS_ABOUT),
         )
         .await?;
-        let (write_alert, save_state, insert_history, delete_history) =
-            futures_util::future::try_join4(
+        let (write_alert, save_state, insert_history, delete_history, history) =
+            futures_util::future::try_join5(
                 c.prepare(WRITE_ALERT),
                 c.prepare(SAVE_STATE),
                 c.prepare(INSERT_HISTORY),
                 c.prepare(DELETE_HISTORY),
+                c.prepare(HISTORY),
             )
             .await?;
-        let history = c.prepare(HISTORY).await?;
         let s = Statements {
             seed_states,
             lock_states,
