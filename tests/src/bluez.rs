@@ -1063,10 +1063,45 @@ async fn set_disconnected(conn: &Connection, address: &str) {
 // The service
 // -------------------------------------------------------------------------------------------------------
 
+/// Takes `org.bluez` on `conn`, waiting for the previous owner (the last test's, a hung one) to let go.
+async fn own_bluez_name(conn: &Connection) -> zbus::Result<()> {
+    let mut tries = 0;
+    loop {
+        match conn.request_name("org.bluez").await {
+            Ok(()) => return Ok(()),
+            Err(_) if tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A hung bluetoothd ([`FakeBluez::hang`]).
+#[derive(Debug)]
+pub struct Hung<'a> {
+    fake: &'a FakeBluez,
+    silent: Connection,
+}
+
+impl Hung<'_> {
+    /// bluetoothd answers again: the silent owner goes and the fake takes the name back.
+    ///
+    /// # Errors
+    /// A zbus error.
+    pub async fn resume(self) -> zbus::Result<()> {
+        self.silent.release_name("org.bluez").await?;
+        drop(self.silent);
+        own_bluez_name(&self.fake.conn).await
+    }
+}
+
 /// The fake `org.bluez`. Dropping it releases the name and stops its tasks.
 #[derive(Debug)]
 pub struct FakeBluez {
     conn: Connection,
+    conn_address: String,
     inner: Arc<Inner>,
     advertiser: tokio::task::JoinHandle<()>,
 }
@@ -1098,27 +1133,32 @@ impl FakeBluez {
                 },
             )
             .await?;
-        // The previous test's owner may still be letting go of the name.
-        let mut tries = 0;
-        loop {
-            match conn.request_name("org.bluez").await {
-                Ok(()) => break,
-                Err(e) if tries < 50 => {
-                    tries += 1;
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        own_bluez_name(&conn).await?;
         let advertiser = tokio::spawn(advertise(conn.clone(), inner.clone()));
         let fake = FakeBluez {
             conn,
+            conn_address: address.to_owned(),
             inner,
             advertiser,
         };
         fake.add_adapter().await?;
         Ok(fake)
+    }
+
+    /// bluetoothd hangs: `org.bluez` stays owned, but by a connection that answers nothing, so every call
+    /// waits for its caller's time-out. The fake's objects stay as they were; [`Hung::resume`] gives the
+    /// name back to them.
+    ///
+    /// # Errors
+    /// A zbus error.
+    pub async fn hang(&self) -> zbus::Result<Hung<'_>> {
+        self.conn.release_name("org.bluez").await?;
+        let silent = zbus::connection::Builder::address(self.conn_address.as_str())?
+            .build()
+            .await?;
+        // No object server is ever set up on `silent`: zbus leaves method calls to it unanswered.
+        own_bluez_name(&silent).await?;
+        Ok(Hung { fake: self, silent })
     }
 
     /// The adapter appears (plugged in, or bluetoothd restarted), with every device it knew.

@@ -149,6 +149,10 @@ pub enum BleError {
     /// The D-Bus system bus or bluetoothd is unreachable.
     #[error("BlueZ unreachable on the system bus: {0}")]
     Bus(String),
+    /// BlueZ holds its name on the bus but gave no answer in time: bluetoothd hung, or a reply lost on
+    /// the way. Looked for again, on a new bus connection the first time (see `run`).
+    #[error("BlueZ did not answer within {0:?}")]
+    NotAnswering(Duration),
     /// BlueZ has no adapter at all.
     #[error("no Bluetooth adapter (is the dongle plugged in and bluetoothd running?)")]
     NoAdapter,
@@ -725,8 +729,12 @@ pub async fn run(
     // number of losses. A new connection (`manager` replaced) starts afresh.
     let mut kept: HashMap<String, Arc<feeds::Feeds>> = HashMap::new();
     let mut reported: Option<String> = None;
+    let mut replaced_for_silence = false;
     while !shutdown.is_cancelled() {
-        let outcome = async {
+        // bluez-async waits 30 s for a reply; the watchdog counts this loop stale after `WatchdogSec`
+        // (30 s as packaged) without a check-in, so a hung bluetoothd would get the gateway restarted
+        // over and over. One GATT operation's time-out bounds the whole lookup instead.
+        let lookup = async {
             if manager.is_none() {
                 manager = Some(
                     Manager::new()
@@ -738,8 +746,10 @@ pub async fn run(
                 return Err(BleError::NoAdapter);
             };
             select_adapter(m, shared.cfg.adapter.as_deref()).await
-        }
-        .await;
+        };
+        let outcome = tokio::time::timeout(shared.cfg.op_timeout, lookup)
+            .await
+            .unwrap_or(Err(BleError::NotAnswering(shared.cfg.op_timeout)));
         let adapter = match outcome {
             Ok(a) => a,
             Err(e) => {
@@ -748,7 +758,19 @@ pub async fn run(
                 if first {
                     tracing::error!(error = %cause, "Bluetooth unavailable; looking again every {:?}", shared.cfg.adapter_poll);
                 }
-                if matches!(e, BleError::Bus(_)) {
+                // A broken bus connection is replaced. A silent one once per spell of silence: on this
+                // stack (bluez-async → dbus-tokio) a connection can leave replies unread for tens of
+                // seconds (seen in the BLE tests: the fake had sent them), and a fresh one answers at
+                // once; but while bluetoothd itself is hung each new connection would be one more left
+                // behind (bluez-async's I/O task holds it for good), so later silences keep this one.
+                let replace = match e {
+                    BleError::Bus(_) => true,
+                    BleError::NotAnswering(_) => {
+                        !std::mem::replace(&mut replaced_for_silence, true)
+                    }
+                    _ => false,
+                };
+                if replace {
                     manager = None;
                     kept.clear();
                 }
@@ -776,6 +798,7 @@ pub async fn run(
                 continue;
             }
         };
+        replaced_for_silence = false;
         let adapter = match kept.get(&adapter.name) {
             Some(feeds) => SelectedAdapter {
                 feeds: Arc::clone(feeds),
@@ -826,15 +849,21 @@ async fn scan(
     shutdown: &CancellationToken,
 ) -> Result<(), BleError> {
     let a = &adapter.adapter;
-    let mut events = adapter.feeds.events().await.map_err(BleError::Scan)?;
+    let bound = shared.cfg.op_timeout;
+    let not_answering = || BleError::Scan("adapter not answering".into());
+    let mut events = tokio::time::timeout(bound, adapter.feeds.events())
+        .await
+        .map_err(|_| not_answering())?
+        .map_err(BleError::Scan)?;
     let filter = ScanFilter {
         services: vec![
             btleplug::api::bleuuid::uuid_from_u16(GLUCOSE_SERVICE),
             btleplug::api::bleuuid::uuid_from_u16(BLOOD_PRESSURE_SERVICE),
         ],
     };
-    a.start_scan(filter)
+    tokio::time::timeout(bound, a.start_scan(filter))
         .await
+        .map_err(|_| not_answering())?
         .map_err(|e| BleError::Scan(e.to_string()))?;
     let mut allow = shared.store.devices().unwrap_or_else(|e| {
         tracing::error!(error = %e, "cannot read the paired-device store; no device will be connected");
@@ -852,10 +881,10 @@ async fn scan(
             }
             _ = check.tick() => {
                 // Still there? (bluetoothd removes the adapter object when the dongle goes.)
-                match tokio::time::timeout(shared.cfg.op_timeout, a.adapter_info()).await {
+                match tokio::time::timeout(bound, a.adapter_info()).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return Err(BleError::Scan(format!("adapter gone: {e}"))),
-                    Err(_) => return Err(BleError::Scan("adapter not answering".into())),
+                    Err(_) => return Err(not_answering()),
                 }
                 // `gateway pair` / `devices unpair` change the allow-list while the daemon runs.
                 match shared.store.devices() {
@@ -888,10 +917,14 @@ async fn consider(
     allow: &BTreeMap<String, PairedDevice>,
     id: PeripheralId,
 ) {
-    let Ok(peripheral) = adapter.adapter.peripheral(&id).await else {
+    // Awaited on the scanner's loop: bounded like every BlueZ call there (see `run`). A device skipped
+    // for want of an answer is considered again at its next advertisement.
+    let bound = shared.cfg.op_timeout;
+    let Ok(Ok(peripheral)) = tokio::time::timeout(bound, adapter.adapter.peripheral(&id)).await
+    else {
         return;
     };
-    let Ok(Some(props)) = peripheral.properties().await else {
+    let Ok(Ok(Some(props))) = tokio::time::timeout(bound, peripheral.properties()).await else {
         return;
     };
     let address = props.address.to_string().to_ascii_uppercase();
