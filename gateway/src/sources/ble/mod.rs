@@ -733,7 +733,8 @@ pub async fn run(
     while !shutdown.is_cancelled() {
         // bluez-async waits 30 s for a reply; the watchdog counts this loop stale after `WatchdogSec`
         // (30 s as packaged) without a check-in, so a hung bluetoothd would get the gateway restarted
-        // over and over. One GATT operation's time-out bounds the whole lookup instead.
+        // over and over. One GATT operation's time-out bounds the whole lookup instead (bleak's users
+        // met the same: Bluetooth-Devices/bleak-retry-connector#78 bounds its BlueZ set-up at 8.5 s).
         let lookup = async {
             if manager.is_none() {
                 manager = Some(
