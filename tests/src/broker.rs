@@ -158,6 +158,23 @@ impl TestBroker {
         self.kind
     }
 
+    /// The MQTT version to speak to it: the gateway's default (5) to Mosquitto, 3.1.1 to the embedded
+    /// rumqttd (its MQTT 5 support is partial; its 3.1.1 listener is what it offers).
+    pub fn mqtt_version(&self) -> gateway::uplink::MqttVersion {
+        match self.kind {
+            BrokerKind::Mosquitto => gateway::uplink::MqttVersion::V5,
+            BrokerKind::Rumqttd => gateway::uplink::MqttVersion::V311,
+        }
+    }
+
+    /// [`mqtt_version`](Self::mqtt_version) as the configuration file spells it (`[mqtt] version`).
+    pub fn mqtt_version_setting(&self) -> &'static str {
+        match self.mqtt_version() {
+            gateway::uplink::MqttVersion::V5 => "5",
+            gateway::uplink::MqttVersion::V311 => "3.1.1",
+        }
+    }
+
     /// Its listen address.
     pub fn addr(&self) -> SocketAddr {
         self.addr

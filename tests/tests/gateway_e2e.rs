@@ -54,10 +54,11 @@ fn config(
 
 /// The MQTT version the broker speaks: the default (5) for Mosquitto, 3.1.1 for the embedded rumqttd.
 fn for_broker(broker: &TestBroker, config: String) -> String {
-    match broker.kind() {
-        BrokerKind::Rumqttd => config.replacen("[journal]", "version = \"3.1.1\"\n\n[journal]", 1),
-        BrokerKind::Mosquitto => config,
-    }
+    let version = format!(
+        "version = \"{}\"\n\n[journal]",
+        broker.mqtt_version_setting()
+    );
+    config.replacen("[journal]", &version, 1)
 }
 
 fn glucometer(id: &str, stored: usize, extra: &str) -> String {

@@ -204,7 +204,7 @@ impl Setup {
     /// `Some`, the simulated kiosk cuff with `stored` readings in its memory.
     fn config(
         &self,
-        broker: &str,
+        broker: &TestBroker,
         reader: Option<&Path>,
         idle_timeout_s: u64,
         cuff: Option<(usize, u64)>,
@@ -214,7 +214,8 @@ impl Setup {
 gateway_id = "{gw}"
 
 [mqtt]
-broker = "{broker}"
+broker = "{url}"
+version = "{version}"
 
 [journal]
 dir = "{dir}/journal"
@@ -227,6 +228,8 @@ hold_file = "{hold}"
 card_key = "{KEY}"
 "#,
             gw = self.gateway_id,
+            url = broker.url(),
+            version = broker.mqtt_version_setting(),
             dir = self.dir.path().display(),
             hold = self.hold_file().display(),
         );
@@ -342,7 +345,7 @@ async fn a_card_tap_checks_in_and_readings_measured_in_the_session_go_to_that_pa
         .unwrap();
     let (master, pty_path) = pty();
     let board = BoardThread::start(master);
-    let gw = setup.start(&setup.config(&broker.url(), Some(&pty_path), 120, Some((3, 2))));
+    let gw = setup.start(&setup.config(&broker, Some(&pty_path), 120, Some((3, 2))));
 
     // Nobody is checked in: the cuff's memory and what it measures now are held, not guessed.
     wait_until(&mut sub, "three unattributed readings", |s| {
@@ -448,7 +451,7 @@ async fn held_readings_survive_sigkill_and_staff_assign_or_discard_them_with_an_
     let mut sub = Subscriber::connect(broker.addr(), &format!("{}/#", setup.root()))
         .await
         .unwrap();
-    let gw = setup.start(&setup.config(&broker.url(), None, 120, Some((3, 0))));
+    let gw = setup.start(&setup.config(&broker, None, 120, Some((3, 0))));
     wait_until(&mut sub, "three unattributed readings", |s| {
         events(s, "unattributed").len() >= 3
     })
@@ -471,7 +474,7 @@ async fn held_readings_survive_sigkill_and_staff_assign_or_discard_them_with_an_
     // The gateway again (in this process, to drive the staff side as the staff page does), without the
     // simulated cuff: what staff see is what the hold kept.
     let config = gateway::config::Config::parse(
-        &setup.config(&broker.url(), None, 120, None),
+        &setup.config(&broker, None, 120, None),
         Path::new("(test)"),
     )
     .unwrap();
@@ -575,7 +578,7 @@ async fn a_session_that_timed_out_attributes_nothing_measured_afterwards() {
     let (master, pty_path) = pty();
     let board = BoardThread::start(master);
     // A 2 s idle timeout and a measurement every 5 s.
-    let gw = setup.start(&setup.config(&broker.url(), Some(&pty_path), 2, Some((0, 5))));
+    let gw = setup.start(&setup.config(&broker, Some(&pty_path), 2, Some((0, 5))));
     board.wait_showing(&[Indication::Ready], "ready").await;
     // Wait for the gateway's link to the board and for the CRM's card map before tapping (a card
     // tapped before the map arrives is unknown, as it should be).
@@ -588,7 +591,8 @@ async fn a_session_that_timed_out_attributes_nothing_measured_afterwards() {
                 .wait_for(line, 0, Duration::from_secs(20))
                 .await
                 .is_some(),
-            "never logged {line:?}"
+            "never logged {line:?}; log:\n{}",
+            gw.stderr().text()
         );
     }
     board.tap(&CARD).await;

@@ -333,7 +333,7 @@ async fn status_is_retained_online_and_the_will_says_offline_when_the_uplink_die
     let broker = TestBroker::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let journal = open_journal(dir.path()).unwrap();
-    let cfg = uplink_config(&broker.url(), version_for(&broker));
+    let cfg = uplink_config(&broker.url(), broker.mqtt_version());
     let client_id = cfg.client_id.clone();
     let up = RunningUplink::spawn(cfg, Arc::clone(&journal));
     prove_session(&journal, &up).await;
@@ -378,7 +378,7 @@ async fn clean_shutdown_publishes_retained_offline() {
     let broker = TestBroker::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let journal = open_journal(dir.path()).unwrap();
-    let cfg = uplink_config(&broker.url(), version_for(&broker));
+    let cfg = uplink_config(&broker.url(), broker.mqtt_version());
     let client_id = cfg.client_id.clone();
     let up = RunningUplink::spawn(cfg, Arc::clone(&journal));
     prove_session(&journal, &up).await;
@@ -550,7 +550,7 @@ async fn a_record_with_an_invalid_topic_stays_in_the_journal_and_blocks_nothing(
     journal.lock().unwrap().append(&[bad]).unwrap();
     append_readings(&journal, &DEVICES, 0, 3).unwrap();
     let up = RunningUplink::spawn(
-        uplink_config(&broker.url(), version_for(&broker)),
+        uplink_config(&broker.url(), broker.mqtt_version()),
         Arc::clone(&journal),
     );
     assert_eq!(sub.wait_for(9, Duration::from_secs(10)).await.len(), 9);
@@ -619,13 +619,6 @@ async fn uplink_metrics_are_exported() {
 }
 
 /// The embedded rumqttd gets MQTT 3.1.1; Mosquitto the default (MQTT 5).
-fn version_for(broker: &TestBroker) -> MqttVersion {
-    match broker.kind() {
-        BrokerKind::Mosquitto => MqttVersion::V5,
-        BrokerKind::Rumqttd => MqttVersion::V311,
-    }
-}
-
 #[test]
 fn test_readings_are_self_describing() {
     let r = readings::reading("gls-0a01", 7);
