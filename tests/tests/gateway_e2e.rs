@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use phg_tests::process::{Exit, GatewayProcess, log_field};
-use phg_tests::{BrokerKind, Received, Subscriber, TestBroker};
+use phg_tests::{Received, Subscriber, TestBroker};
 use serde_json::Value;
 
 // ------------------------------------------------------------------------------------------------------
