@@ -139,11 +139,7 @@ fn alerting_rules() -> String {
 }
 
 fn config(broker: &TestBroker, dir: &Path, connect_every_s: u64, alerting: bool) -> String {
-    // 3.1.1 for the embedded broker (its MQTT 5 is not reliable: gateway/src/broker.rs).
-    let version = match broker.kind() {
-        phg_tests::BrokerKind::Rumqttd => "version = \"3.1.1\"\n",
-        phg_tests::BrokerKind::Mosquitto => "",
-    };
+    let version = format!("version = \"{}\"\n", broker.mqtt_version_setting());
     let alerts = if alerting {
         let file = dir.join("rules.toml");
         std::fs::write(&file, alerting_rules()).expect("write the rules file");

@@ -55,11 +55,7 @@ fn status_kb(pid: u32, field: &str) -> Option<u64> {
 }
 
 fn config(broker: &TestBroker, dir: &std::path::Path, stored: u64, measure: bool) -> String {
-    // 3.1.1 for the embedded broker (its MQTT 5 is not reliable: gateway/src/broker.rs).
-    let version = match broker.kind() {
-        phg_tests::BrokerKind::Rumqttd => "version = \"3.1.1\"\n",
-        phg_tests::BrokerKind::Mosquitto => "",
-    };
+    let version = format!("version = \"{}\"\n", broker.mqtt_version_setting());
     let measure_every_s = u64::from(measure);
     let mut c = format!(
         "gateway_id = \"{GW}\"\n\n[mqtt]\nbroker = \"{url}\"\n{version}\n[journal]\ndir = {journal:?}\n\n",

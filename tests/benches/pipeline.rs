@@ -1932,10 +1932,7 @@ async fn run(sizes: Sizes) -> Result<(), String> {
 /// (f): the share of one core an idle `gateway run` uses over `over` (see the module doc).
 async fn idle_cpu(broker: &TestBroker, over: Duration) -> Result<f64, String> {
     let dir = tempfile::tempdir().map_err(|e| format!("idle: temp dir: {e}"))?;
-    let version = match broker.kind() {
-        BrokerKind::Mosquitto => "5",
-        BrokerKind::Rumqttd => "3.1.1",
-    };
+    let version = broker.mqtt_version_setting();
     let cfg = format!(
         "gateway_id = \"gw-bench-idle\"\n[mqtt]\nbroker = \"mqtt://{}\"\nversion = \"{version}\"\n\
          [journal]\ndir = {:?}\n",
