@@ -1085,7 +1085,8 @@ async fn a_hung_bluetoothd_is_reported_and_the_watchdog_stays_fed() {
     let mut cfg = rig.cfg();
     cfg.op_timeout = Duration::from_secs(1);
     cfg.heartbeat = Some(liveness.register("ble"));
-    let connections_before = bus_stat("ActiveConnections").await;
+    let stats = stats_connection().await;
+    let connections_before = bus_stat_on(&stats, "ActiveConnections").await;
     let (source, status, stop) = start_source(cfg, rig.pipeline());
     let hung_for = std::time::Instant::now();
     while hung_for.elapsed() < Duration::from_secs(8) {
@@ -1097,7 +1098,7 @@ async fn a_hung_bluetoothd_is_reported_and_the_watchdog_stays_fed() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // About six lookups went unanswered: the source's connection and one replacement, not one each.
-    let connections = bus_stat("ActiveConnections").await;
+    let connections = bus_stat_on(&stats, "ActiveConnections").await;
     assert!(
         connections <= connections_before + 2,
         "bus connections {connections_before} -> {connections} while BlueZ was silent"
@@ -2046,16 +2047,21 @@ async fn repeated_sessions_leave_the_bus_match_rules_bounded() {
 
 /// Match rules registered on the private bus, all connections (`org.freedesktop.DBus.Debug.Stats`).
 async fn bus_match_rules() -> u64 {
-    bus_stat("MatchRules").await
+    bus_stat_on(&stats_connection().await, "MatchRules").await
 }
 
-/// One of the private bus's `org.freedesktop.DBus.Debug.Stats` counters.
-async fn bus_stat(name: &str) -> u64 {
-    let conn = zbus::connection::Builder::address(system_bus().unwrap())
+/// A connection of the test's own to the private bus, for [`bus_stat_on`].
+async fn stats_connection() -> zbus::Connection {
+    zbus::connection::Builder::address(system_bus().unwrap())
         .unwrap()
         .build()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// One of the private bus's `org.freedesktop.DBus.Debug.Stats` counters, asked over `conn` (a test that
+/// counts connections keeps one open across its counts).
+async fn bus_stat_on(conn: &zbus::Connection, name: &str) -> u64 {
     let reply = conn
         .call_method(
             Some("org.freedesktop.DBus"),
