@@ -327,6 +327,8 @@ struct State {
     adapter_present: bool,
     discovering: bool,
     agent: Option<(String, OwnedObjectPath)>,
+    /// `RegisterAgent` calls still to leave unanswered ([`FakeBluez::leave_register_agent_unanswered`]).
+    unanswered_register_agent: usize,
     calls: Vec<Call>,
 }
 
@@ -374,7 +376,20 @@ impl AgentManager {
             .ok_or_else(|| BluezError::Failed("no sender".into()))?;
         self.inner
             .log("agent", format!("RegisterAgent {capability}"));
-        self.inner.lock().agent = Some((sender, agent.into()));
+        let unanswered = {
+            let mut st = self.inner.lock();
+            let silent = st.unanswered_register_agent > 0;
+            if silent {
+                st.unanswered_register_agent -= 1;
+            } else {
+                st.agent = Some((sender, agent.into()));
+            }
+            silent
+        };
+        if unanswered {
+            // The caller sees what a reply lost on its side looks like: none, ever.
+            std::future::pending::<()>().await;
+        }
         Ok(())
     }
 
@@ -1143,6 +1158,12 @@ impl FakeBluez {
         };
         fake.add_adapter().await?;
         Ok(fake)
+    }
+
+    /// The next `n` `RegisterAgent` calls get no answer (as when the caller's connection loses the
+    /// reply); the agent is not registered by them.
+    pub fn leave_register_agent_unanswered(&self, n: usize) {
+        self.inner.lock().unanswered_register_agent = n;
     }
 
     /// bluetoothd hangs: `org.bluez` stays owned, but by a connection that answers nothing, so every call

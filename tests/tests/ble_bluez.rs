@@ -412,6 +412,49 @@ async fn pair_with_passkey_then_download_300_records_with_contexts() {
     );
 }
 
+/// bluetoothd's answer to `RegisterAgent` never arrives (on this stack a connection has been seen to
+/// leave a reply unread until its time-out, which failed `gateway pair` after 50 s): the pairing is made
+/// again on a new connection, asks for the passkey once, and pairs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_register_agent_reply_is_retried_on_a_new_connection() {
+    let Some(rig) = rig().await else { return };
+    rig.fake
+        .add_device(FakeDevice::new(METER, "Meter 1", meter(3, true)).with_passkey(492_731))
+        .await
+        .unwrap();
+    rig.fake.leave_register_agent_unanswered(1);
+    let a = adapter().await;
+    let asked = Arc::new(Mutex::new(0));
+    let asked2 = asked.clone();
+    let req = PairRequest {
+        address: METER.to_lowercase(),
+        patient: Some("p-0001".into()),
+        users: BTreeMap::new(),
+    };
+    let paired = commands::pair_and_store(
+        &rig.cfg(),
+        &a,
+        &rig.store,
+        &req,
+        Some(Arc::new(move |_: &str| {
+            *asked2.lock().unwrap() += 1;
+            Some(492_731)
+        })),
+    )
+    .await
+    .expect("paired on the second connection");
+    assert_eq!(paired.address, METER);
+    assert!(rig.fake.is_paired(METER));
+    assert_eq!(*asked.lock().unwrap(), 1, "the passkey was asked once");
+    let registrations = rig
+        .fake
+        .calls_to("agent")
+        .into_iter()
+        .filter(|c| c.starts_with("RegisterAgent"))
+        .count();
+    assert_eq!(registrations, 2);
+}
+
 /// The link drops after record 150: the next session asks for records ≥ 150 (the first not accepted) and
 /// the journal ends with every record exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

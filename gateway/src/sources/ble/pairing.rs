@@ -25,6 +25,10 @@ const AGENT_PATH: &str = "/org/phg/agent";
 const AGENT_INTERFACE: &str = "org.bluez.Agent1";
 /// How long a plain call to bluetoothd may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(25);
+/// How long `RegisterAgent` and `UnregisterAgent` may take. bluetoothd answers them at once, so silence
+/// means the reply was lost: this stack (dbus-tokio) has been seen to leave a reply unread on one
+/// connection for tens of seconds while a new connection is answered at once (docs/ble.md).
+const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why pairing failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,6 +115,107 @@ fn bus_error(e: &dbus::Error) -> PairError {
     }
 }
 
+/// How one pairing attempt on one connection ended, when it did not pair.
+enum Attempt {
+    /// `RegisterAgent` got no answer in [`AGENT_CALL_TIMEOUT`]: worth once more on a new connection.
+    AgentUnanswered,
+    /// Anything else: the caller's answer.
+    Failed(PairError),
+}
+
+/// [`Pairing::pair`] on `bus`: the agent registered on it for the `Pair` call, then `Trusted`.
+async fn pair_on(
+    bus: &Bus,
+    adapter: &str,
+    address: &str,
+    passkey: Option<PasskeyProvider>,
+    timeout: Duration,
+) -> Result<(), Attempt> {
+    let capability = if passkey.is_some() {
+        "KeyboardOnly"
+    } else {
+        "NoInputNoOutput"
+    };
+    let conn = Arc::clone(bus.conn());
+    let serving = bus.conn().start_receive(
+        MatchRule::new_method_call()
+            .with_path(AGENT_PATH)
+            .with_interface(AGENT_INTERFACE),
+        Box::new(move |call, _| {
+            if let Some(reply) = answer(&call, passkey.as_ref(), &conn) {
+                let _ = conn.send(reply);
+            }
+            true
+        }),
+    );
+    let agent = dbus::Path::from(AGENT_PATH);
+    // libdbus's own reply timeouts a little later than ours, so ours are the ones that fire.
+    let manager = bus.bluez("/org/bluez", AGENT_CALL_TIMEOUT + Duration::from_secs(5));
+    let registered = tokio::time::timeout(
+        AGENT_CALL_TIMEOUT,
+        manager.method_call::<(), _, _, _>(
+            "org.bluez.AgentManager1",
+            "RegisterAgent",
+            (agent.clone(), capability),
+        ),
+    )
+    .await;
+    let result = match registered {
+        Err(_) => Err(Attempt::AgentUnanswered),
+        Ok(Err(e)) => Err(Attempt::Failed(bus_error(&e))),
+        Ok(Ok(())) => {
+            let path = device_path(adapter, address);
+            let device = bus.bluez(&path, timeout + Duration::from_secs(5));
+            let paired = tokio::time::timeout(
+                timeout,
+                device.method_call::<(), _, _, _>("org.bluez.Device1", "Pair", ()),
+            )
+            .await;
+            match paired {
+                Err(_) => Err(PairError::Timeout),
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) if e.name() == Some("org.bluez.Error.AlreadyExists") => Ok(()),
+                Ok(Err(e)) => Err(bus_error(&e)),
+            }
+            .map_err(Attempt::Failed)
+        }
+    };
+    if result.is_ok() {
+        set_trusted_on(bus, adapter, address, true)
+            .await
+            .map_err(Attempt::Failed)?;
+    }
+    // Best effort, and bounded: bluetoothd also drops an agent when its connection closes. Not over a
+    // connection that just left a reply unread (it would wait out its time-out again).
+    if !matches!(result, Err(Attempt::AgentUnanswered)) {
+        let _ = tokio::time::timeout(
+            AGENT_CALL_TIMEOUT,
+            manager.method_call::<(), _, _, _>(
+                "org.bluez.AgentManager1",
+                "UnregisterAgent",
+                (agent,),
+            ),
+        )
+        .await;
+    }
+    bus.conn().stop_receive(serving);
+    result
+}
+
+/// Sets `Device1.Trusted` over `bus`.
+async fn set_trusted_on(
+    bus: &Bus,
+    adapter: &str,
+    address: &str,
+    trusted: bool,
+) -> Result<(), PairError> {
+    let path = device_path(adapter, address);
+    bus.bluez(&path, CALL_TIMEOUT)
+        .set("org.bluez.Device1", "Trusted", trusted)
+        .await
+        .map_err(|e| bus_error(&e))
+}
+
 /// The BlueZ object path of a device on an adapter (`/org/bluez/hci0/dev_AA_BB_…`).
 pub fn device_path(adapter: &str, address: &str) -> String {
     format!(
@@ -137,10 +242,11 @@ impl Pairing {
 
     /// Pairs (bonds) with the device at `address` on `adapter` (`hci0`) and marks it trusted. With a
     /// `passkey` provider the agent offers keyboard entry; without one, only "just works" pairing can
-    /// succeed. An already paired device is only marked trusted.
+    /// succeed. An already paired device is only marked trusted. When bluetoothd leaves `RegisterAgent`
+    /// unanswered, the whole attempt is made once more on a new connection of its own.
     ///
     /// # Errors
-    /// [`PairError`]; the agent is unregistered in every case.
+    /// [`PairError`]; the agent is unregistered (or its connection closed) in every case.
     pub async fn pair(
         &self,
         adapter: &str,
@@ -148,56 +254,23 @@ impl Pairing {
         passkey: Option<PasskeyProvider>,
         timeout: Duration,
     ) -> Result<(), PairError> {
-        let capability = if passkey.is_some() {
-            "KeyboardOnly"
-        } else {
-            "NoInputNoOutput"
-        };
-        let conn = Arc::clone(self.bus.conn());
-        let serving = self.bus.conn().start_receive(
-            MatchRule::new_method_call()
-                .with_path(AGENT_PATH)
-                .with_interface(AGENT_INTERFACE),
-            Box::new(move |call, _| {
-                if let Some(reply) = answer(&call, passkey.as_ref(), &conn) {
-                    let _ = conn.send(reply);
+        match pair_on(&self.bus, adapter, address, passkey.clone(), timeout).await {
+            Err(Attempt::AgentUnanswered) => {
+                tracing::warn!(
+                    "bluetoothd did not answer RegisterAgent; pairing again on a new D-Bus connection"
+                );
+                let fresh = Bus::system().map_err(PairError::Bus)?;
+                match pair_on(&fresh, adapter, address, passkey, timeout).await {
+                    Ok(()) => Ok(()),
+                    Err(Attempt::AgentUnanswered) => Err(PairError::Bus(format!(
+                        "bluetoothd did not answer RegisterAgent within {AGENT_CALL_TIMEOUT:?}"
+                    ))),
+                    Err(Attempt::Failed(e)) => Err(e),
                 }
-                true
-            }),
-        );
-        let agent = dbus::Path::from(AGENT_PATH);
-        let manager = self.bus.bluez("/org/bluez", CALL_TIMEOUT);
-        let result = async {
-            manager
-                .method_call::<(), _, _, _>(
-                    "org.bluez.AgentManager1",
-                    "RegisterAgent",
-                    (agent.clone(), capability),
-                )
-                .await
-                .map_err(|e| bus_error(&e))?;
-            let path = device_path(adapter, address);
-            // libdbus's own reply timeout a little later than ours, so ours is the one that fires.
-            let device = self.bus.bluez(&path, timeout + Duration::from_secs(5));
-            let paired = tokio::time::timeout(
-                timeout,
-                device.method_call::<(), _, _, _>("org.bluez.Device1", "Pair", ()),
-            )
-            .await;
-            match paired {
-                Err(_) => return Err(PairError::Timeout),
-                Ok(Ok(())) => {}
-                Ok(Err(e)) if e.name() == Some("org.bluez.Error.AlreadyExists") => {}
-                Ok(Err(e)) => return Err(bus_error(&e)),
             }
-            self.set_trusted(adapter, address, true).await
+            Err(Attempt::Failed(e)) => Err(e),
+            Ok(()) => Ok(()),
         }
-        .await;
-        let _ = manager
-            .method_call::<(), _, _, _>("org.bluez.AgentManager1", "UnregisterAgent", (agent,))
-            .await;
-        self.bus.conn().stop_receive(serving);
-        result
     }
 
     /// Sets `Device1.Trusted`.
@@ -210,12 +283,7 @@ impl Pairing {
         address: &str,
         trusted: bool,
     ) -> Result<(), PairError> {
-        let path = device_path(adapter, address);
-        self.bus
-            .bluez(&path, CALL_TIMEOUT)
-            .set("org.bluez.Device1", "Trusted", trusted)
-            .await
-            .map_err(|e| bus_error(&e))
+        set_trusted_on(&self.bus, adapter, address, trusted).await
     }
 
     /// Unpairs: `Adapter1.RemoveDevice` (bluetoothd forgets the bond).
