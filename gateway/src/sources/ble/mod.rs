@@ -150,7 +150,7 @@ pub enum BleError {
     #[error("BlueZ unreachable on the system bus: {0}")]
     Bus(String),
     /// BlueZ holds its name on the bus but gave no answer in time: bluetoothd hung, or a reply lost on
-    /// the way. Looked for again, on a new bus connection the first time (see `run`).
+    /// the way. Looked for again, on a new bus connection the first time (see `Silence`).
     #[error("BlueZ did not answer within {0:?}")]
     NotAnswering(Duration),
     /// BlueZ has no adapter at all.
@@ -729,7 +729,7 @@ pub async fn run(
     // number of losses. A new connection (`manager` replaced) starts afresh.
     let mut kept: HashMap<String, Arc<feeds::Feeds>> = HashMap::new();
     let mut reported: Option<String> = None;
-    let mut replaced_for_silence = false;
+    let mut silence = Silence::default();
     while !shutdown.is_cancelled() {
         // bluez-async waits 30 s for a reply; the watchdog counts this loop stale after `WatchdogSec`
         // (30 s as packaged) without a check-in, so a hung bluetoothd would get the gateway restarted
@@ -759,16 +759,9 @@ pub async fn run(
                 if first {
                     tracing::error!(error = %cause, "Bluetooth unavailable; looking again every {:?}", shared.cfg.adapter_poll);
                 }
-                // A broken bus connection is replaced. A silent one once per spell of silence: on this
-                // stack (bluez-async → dbus-tokio) a connection can leave replies unread for tens of
-                // seconds (seen in the BLE tests: the fake had sent them), and a fresh one answers at
-                // once; but while bluetoothd itself is hung each new connection would be one more left
-                // behind (bluez-async's I/O task holds it for good), so later silences keep this one.
                 let replace = match e {
                     BleError::Bus(_) => true,
-                    BleError::NotAnswering(_) => {
-                        !std::mem::replace(&mut replaced_for_silence, true)
-                    }
+                    BleError::NotAnswering(_) => silence.replace_now(Instant::now()),
                     _ => false,
                 };
                 if replace {
@@ -799,7 +792,7 @@ pub async fn run(
                 continue;
             }
         };
-        replaced_for_silence = false;
+        silence = Silence::default();
         let adapter = match kept.get(&adapter.name) {
             Some(feeds) => SelectedAdapter {
                 feeds: Arc::clone(feeds),
@@ -841,6 +834,34 @@ pub async fn run(
     }
     shared.tracker.close();
     shared.tracker.wait().await;
+}
+
+/// When a BlueZ that does not answer gets a new bus connection. On this stack (bluez-async → dbus-tokio)
+/// a connection can leave replies unread for tens of seconds — seen in the BLE tests, where the fake had
+/// sent them, in about one run in fifteen under load — and a new connection is answered at once: so the
+/// first silence replaces it. But while bluetoothd itself hangs, every new connection is one more left
+/// behind (bluez-async's I/O task keeps a dropped one for good): later silences replace it only after
+/// 1, 2, 4 … minutes, at most hourly — a second lost reply is still cured, a long hang costs little.
+#[derive(Debug, Default)]
+struct Silence {
+    /// When the next replacement is allowed, and the wait after it; `None` before the first.
+    next: Option<(Instant, Duration)>,
+}
+
+impl Silence {
+    const FIRST_WAIT: Duration = Duration::from_secs(60);
+    const LONGEST_WAIT: Duration = Duration::from_secs(3600);
+
+    /// Another lookup went unanswered at `now`: whether to replace the connection.
+    fn replace_now(&mut self, now: Instant) -> bool {
+        let wait = match self.next {
+            None => Self::FIRST_WAIT,
+            Some((at, _)) if now < at => return false,
+            Some((_, wait)) => (wait * 2).min(Self::LONGEST_WAIT),
+        };
+        self.next = Some((now + wait, wait));
+        true
+    }
 }
 
 /// Scans on `adapter` and starts sessions until shutdown (`Ok`) or until the adapter is gone (`Err`).
@@ -1107,6 +1128,25 @@ async fn supervised_session(
 mod tests {
     use super::*;
     use crate::sources::{LinkError, Notification};
+
+    #[test]
+    fn a_silent_bluez_gets_a_new_connection_at_once_then_after_growing_waits() {
+        let t0 = Instant::now();
+        let mut s = Silence::default();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let replaced: Vec<u64> = (0..=4000)
+            .step_by(5)
+            .filter(|&secs| s.replace_now(at(secs)))
+            .collect();
+        // 0, then waits of 60, 120, 240, 480, 960, 1920 s, then hourly.
+        assert_eq!(replaced, [0, 60, 180, 420, 900, 1860, 3780]);
+        // An answer ends the spell: the next silence replaces at once.
+        let mut s = Silence::default();
+        assert!(s.replace_now(at(0)));
+        assert!(!s.replace_now(at(5)));
+        s = Silence::default();
+        assert!(s.replace_now(at(10)));
+    }
 
     /// A link whose only characteristic worth reading is Battery Level: `None` — the device has none.
     struct BatteryLink(Option<Result<Vec<u8>, LinkError>>);
