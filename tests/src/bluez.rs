@@ -1093,21 +1093,23 @@ async fn own_bluez_name(conn: &Connection) -> zbus::Result<()> {
     }
 }
 
-/// A hung bluetoothd ([`FakeBluez::hang`]).
+/// bluetoothd hung ([`FakeBluez::hang`]) or stopped ([`FakeBluez::stop`]).
 #[derive(Debug)]
-pub struct Hung<'a> {
+pub struct Outage<'a> {
     fake: &'a FakeBluez,
-    silent: Connection,
+    /// The owner of `org.bluez` that answers nothing, while hung.
+    silent: Option<Connection>,
 }
 
-impl Hung<'_> {
-    /// bluetoothd answers again: the silent owner goes and the fake takes the name back.
+impl Outage<'_> {
+    /// bluetoothd answers again: the silent owner (if any) goes and the fake takes the name back.
     ///
     /// # Errors
     /// A zbus error.
     pub async fn resume(self) -> zbus::Result<()> {
-        self.silent.release_name("org.bluez").await?;
-        drop(self.silent);
+        if let Some(silent) = self.silent {
+            silent.release_name("org.bluez").await?;
+        }
         own_bluez_name(&self.fake.conn).await
     }
 }
@@ -1172,14 +1174,30 @@ impl FakeBluez {
     ///
     /// # Errors
     /// A zbus error.
-    pub async fn hang(&self) -> zbus::Result<Hung<'_>> {
+    pub async fn hang(&self) -> zbus::Result<Outage<'_>> {
         self.conn.release_name("org.bluez").await?;
         let silent = zbus::connection::Builder::address(self.conn_address.as_str())?
             .build()
             .await?;
         // No object server is ever set up on `silent`: zbus leaves method calls to it unanswered.
         own_bluez_name(&silent).await?;
-        Ok(Hung { fake: self, silent })
+        Ok(Outage {
+            fake: self,
+            silent: Some(silent),
+        })
+    }
+
+    /// bluetoothd stops (or was never started): nobody owns `org.bluez`, and the bus answers every call
+    /// to it with `ServiceUnknown`. [`Outage::resume`] starts it again, with the objects it had.
+    ///
+    /// # Errors
+    /// A zbus error.
+    pub async fn stop(&self) -> zbus::Result<Outage<'_>> {
+        self.conn.release_name("org.bluez").await?;
+        Ok(Outage {
+            fake: self,
+            silent: None,
+        })
     }
 
     /// The adapter appears (plugged in, or bluetoothd restarted), with every device it knew.

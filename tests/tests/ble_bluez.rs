@@ -1174,6 +1174,43 @@ async fn a_hung_bluetoothd_is_reported_and_the_watchdog_stays_fed() {
     );
 }
 
+/// bluetoothd is not running (stopped, or never started on this box): nobody owns `org.bluez`. The
+/// gateway says so and keeps looking every `adapter_poll`, but on the bus connection it has: replacing
+/// it at every poll left one connection and one file descriptor behind each time (bluez-async keeps a
+/// dropped one), which would exhaust the process's descriptors and the bus's connections per user
+/// within hours of bluetoothd being down. Once bluetoothd runs, the meter's records arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bluetoothd_not_running_does_not_pile_up_bus_connections() {
+    let Some(rig) = rig().await else { return };
+    add_paired_meter(&rig, "Meter 1", meter(5, false)).await;
+    let stopped = rig.fake.stop().await.unwrap();
+    let stats = stats_connection().await;
+    let connections_before = bus_stat_on(&stats, "ActiveConnections").await;
+    let (source, status, stop) = start_source(rig.cfg(), rig.pipeline());
+    // 25 polls at the rig's 200 ms.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let connections = bus_stat_on(&stats, "ActiveConnections").await;
+    let AdapterState::Missing { cause } = status.snapshot().adapter else {
+        panic!("adapter state {:?}", status.snapshot().adapter);
+    };
+    assert!(cause.contains("BlueZ unreachable"), "{cause}");
+    assert!(
+        connections <= connections_before + 2,
+        "bus connections {connections_before} -> {connections} while bluetoothd was not running"
+    );
+
+    stopped.resume().await.unwrap();
+    wait_until(
+        "5 records once bluetoothd runs",
+        Duration::from_secs(20),
+        || sequences(&rig.journaled()).len() == 5,
+    )
+    .await;
+    stop.cancel();
+    source.await.unwrap();
+    assert_eq!(sequences(&rig.journaled()), (0..5).collect::<Vec<_>>());
+}
+
 /// The adapter lost and back again, five times, with a record measured during each loss: every record is
 /// downloaded after each return through the streams the gateway kept across the loss (`sources::ble::run`
 /// keeps each adapter's feeds: dropping them can leave their D-Bus match rules registered for good, see

@@ -150,7 +150,7 @@ pub enum BleError {
     #[error("BlueZ unreachable on the system bus: {0}")]
     Bus(String),
     /// BlueZ holds its name on the bus but gave no answer in time: bluetoothd hung, or a reply lost on
-    /// the way. Looked for again, on a new bus connection the first time (see `Silence`).
+    /// the way. Looked for again, on a new bus connection the first time (see `Reconnects`).
     #[error("BlueZ did not answer within {0:?}")]
     NotAnswering(Duration),
     /// BlueZ has no adapter at all.
@@ -729,7 +729,7 @@ pub async fn run(
     // number of losses. A new connection (`manager` replaced) starts afresh.
     let mut kept: HashMap<String, Arc<feeds::Feeds>> = HashMap::new();
     let mut reported: Option<String> = None;
-    let mut silence = Silence::default();
+    let mut reconnects = Reconnects::default();
     while !shutdown.is_cancelled() {
         // bluez-async waits 30 s for a reply; the watchdog counts this loop stale after `WatchdogSec`
         // (30 s as packaged) without a check-in, so a hung bluetoothd would get the gateway restarted
@@ -760,8 +760,7 @@ pub async fn run(
                     tracing::error!(error = %cause, "Bluetooth unavailable; looking again every {:?}", shared.cfg.adapter_poll);
                 }
                 let replace = match e {
-                    BleError::Bus(_) => true,
-                    BleError::NotAnswering(_) => silence.replace_now(Instant::now()),
+                    BleError::Bus(_) | BleError::NotAnswering(_) => reconnects.due(Instant::now()),
                     _ => false,
                 };
                 if replace {
@@ -792,7 +791,7 @@ pub async fn run(
                 continue;
             }
         };
-        silence = Silence::default();
+        reconnects = Reconnects::default();
         let adapter = match kept.get(&adapter.name) {
             Some(feeds) => SelectedAdapter {
                 feeds: Arc::clone(feeds),
@@ -836,24 +835,27 @@ pub async fn run(
     shared.tracker.wait().await;
 }
 
-/// When a BlueZ that does not answer gets a new bus connection. On this stack (bluez-async → dbus-tokio)
-/// a connection can leave replies unread for tens of seconds — seen in the BLE tests, where the fake had
-/// sent them, in about one run in fifteen under load — and a new connection is answered at once: so the
-/// first silence replaces it. But while bluetoothd itself hangs, every new connection is one more left
-/// behind (bluez-async's I/O task keeps a dropped one for good): later silences replace it only after
-/// 1, 2, 4 … minutes, at most hourly — a second lost reply is still cured, a long hang costs little.
+/// When a failed adapter lookup gets a new bus connection. A new connection cures two failures: a bus
+/// connection that died (dbus-daemon restarted), and one that left a reply unread — this stack
+/// (bluez-async → dbus-tokio) has been seen to do so for tens of seconds, in about one BLE test run in
+/// fifteen under load, while a new connection is answered at once. But bluez-async's I/O task keeps every
+/// dropped connection for good, and most failures are not the connection's: bluetoothd not running (the
+/// name has no owner) or hung. Replacing at every poll piled up a connection and a file descriptor every
+/// 5 s while bluetoothd was down — the process's descriptors, and the bus's connections per user, would
+/// run out within hours. So: at the first failure, then after 1, 2, 4 … minutes, at most hourly, until a
+/// lookup succeeds.
 #[derive(Debug, Default)]
-struct Silence {
+struct Reconnects {
     /// When the next replacement is allowed, and the wait after it; `None` before the first.
     next: Option<(Instant, Duration)>,
 }
 
-impl Silence {
+impl Reconnects {
     const FIRST_WAIT: Duration = Duration::from_secs(60);
     const LONGEST_WAIT: Duration = Duration::from_secs(3600);
 
-    /// Another lookup went unanswered at `now`: whether to replace the connection.
-    fn replace_now(&mut self, now: Instant) -> bool {
+    /// Another lookup failed at `now`: whether to replace the connection.
+    fn due(&mut self, now: Instant) -> bool {
         let wait = match self.next {
             None => Self::FIRST_WAIT,
             Some((at, _)) if now < at => return false,
@@ -1130,22 +1132,23 @@ mod tests {
     use crate::sources::{LinkError, Notification};
 
     #[test]
-    fn a_silent_bluez_gets_a_new_connection_at_once_then_after_growing_waits() {
+    fn a_failing_lookup_gets_a_new_connection_at_once_then_after_growing_waits() {
         let t0 = Instant::now();
-        let mut s = Silence::default();
+        let mut r = Reconnects::default();
         let at = |secs: u64| t0 + Duration::from_secs(secs);
+        // A lookup failing every 5 s (the default adapter poll) for over an hour.
         let replaced: Vec<u64> = (0..=4000)
             .step_by(5)
-            .filter(|&secs| s.replace_now(at(secs)))
+            .filter(|&secs| r.due(at(secs)))
             .collect();
         // 0, then waits of 60, 120, 240, 480, 960, 1920 s, then hourly.
         assert_eq!(replaced, [0, 60, 180, 420, 900, 1860, 3780]);
-        // An answer ends the spell: the next silence replaces at once.
-        let mut s = Silence::default();
-        assert!(s.replace_now(at(0)));
-        assert!(!s.replace_now(at(5)));
-        s = Silence::default();
-        assert!(s.replace_now(at(10)));
+        // A lookup that succeeds ends the spell (`run` starts afresh): the next failure replaces at once.
+        let mut r = Reconnects::default();
+        assert!(r.due(at(0)));
+        assert!(!r.due(at(5)));
+        r = Reconnects::default();
+        assert!(r.due(at(10)));
     }
 
     /// A link whose only characteristic worth reading is Battery Level: `None` — the device has none.
