@@ -631,22 +631,28 @@ fn test_readings_are_self_describing() {
 }
 
 /// A delivered reading's journal ack is written without an `fdatasync` of its own (the next append's
-/// carries it). When no append comes — one reading, then silence — the uplink syncs it by itself within
-/// 25 s, so a power cut makes the gateway resend at most that much (same reading ids; ingest drops
-/// them). The embedded broker serves: the promise is the uplink's.
+/// carries it). When no append comes — one reading, then silence — the uplink syncs it by itself after
+/// `ack_sync_after` (25 s by default; 3 s here, so CI does not sit through the default), so a power cut
+/// makes the gateway resend at most that much (same reading ids; ingest drops them). The embedded broker
+/// serves: the promise is the uplink's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lone_ack_is_synced_within_25_s_without_another_append() {
+async fn a_lone_ack_is_synced_after_ack_sync_after_without_another_append() {
+    const SYNC_AFTER: Duration = Duration::from_secs(3);
     phg_tests::init_tracing();
+    assert_eq!(
+        uplink_config("mqtt://127.0.0.1:1", MqttVersion::V311).ack_sync_after,
+        Duration::from_secs(25),
+        "the default the docs promise"
+    );
     let broker = TestBroker::start_embedded().unwrap();
     let mut sub = Subscriber::connect(broker.addr(), READINGS_TOPIC)
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let journal = open_journal(dir.path()).unwrap();
-    let up = RunningUplink::spawn(
-        uplink_config(&broker.url(), MqttVersion::V311),
-        Arc::clone(&journal),
-    );
+    let mut cfg = uplink_config(&broker.url(), MqttVersion::V311);
+    cfg.ack_sync_after = SYNC_AFTER;
+    let up = RunningUplink::spawn(cfg, Arc::clone(&journal));
     append_readings(&journal, &DEVICES[..1], 0, 1).unwrap();
     up.wake.wake();
     assert_eq!(sub.wait_for(1, Duration::from_secs(10)).await.len(), 1);
@@ -655,8 +661,8 @@ async fn a_lone_ack_is_synced_within_25_s_without_another_append() {
     let unsynced = || journal.lock().unwrap().has_unsynced_acks();
     assert!(unsynced(), "the ack waits for the next append's fdatasync");
     let fsyncs = journal.lock().unwrap().fsyncs();
-    while unsynced() && acked.elapsed() < Duration::from_secs(35) {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    while unsynced() && acked.elapsed() < SYNC_AFTER * 4 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let waited = acked.elapsed();
     assert!(
@@ -664,7 +670,7 @@ async fn a_lone_ack_is_synced_within_25_s_without_another_append() {
         "the ack was still unsynced {waited:?} after it was written"
     );
     assert!(
-        waited <= Duration::from_secs(26),
+        waited <= SYNC_AFTER + Duration::from_secs(1),
         "synced only after {waited:?}"
     );
     assert_eq!(

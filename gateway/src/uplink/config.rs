@@ -115,6 +115,9 @@ pub struct UplinkConfig {
     /// legitimate message the gateway subscribes to — the CRM's configuration — with room for its topic
     /// and headers. At least [`MIN_MAX_PACKET_BYTES`].
     pub max_packet_bytes: u32,
+    /// How long acks written without their own `fdatasync` may wait for one when no append brings it
+    /// (default 25 s: why, at `uplink::ACK_SYNC_AFTER`).
+    pub ack_sync_after: Duration,
     /// Renders the online status afresh (journal depth, devices, adapter) for every CONNACK and every
     /// `status_every`; `None`: `online_payload` as it is.
     pub status_source: Option<StatusSource>,
@@ -187,6 +190,7 @@ impl UplinkConfig {
             config_topic: None,
             inbound: None,
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
+            ack_sync_after: super::ACK_SYNC_AFTER,
             status_source: None,
             status_every: Duration::from_secs(60),
             heartbeat: None,
@@ -276,6 +280,7 @@ impl UplinkConfig {
             inbound: self.inbound.clone(),
             connected_flag: None,
             max_packet_bytes: self.max_packet_bytes,
+            ack_sync_after: self.ack_sync_after,
             status_source: self.status_source.clone(),
             status_every: self.status_every.max(Duration::from_secs(1)),
             heartbeat: self.heartbeat.clone(),
@@ -414,6 +419,7 @@ pub struct CheckedUplinkConfig {
     /// Kept `true` while connected (the kiosk's staff page shows it).
     pub(crate) connected_flag: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     pub(crate) max_packet_bytes: u32,
+    pub(crate) ack_sync_after: Duration,
     pub(crate) status_source: Option<StatusSource>,
     pub(crate) status_every: Duration,
     pub(crate) heartbeat: Option<crate::liveness::Heartbeat>,

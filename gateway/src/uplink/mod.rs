@@ -98,7 +98,7 @@ const ACK_LINGER: Duration = Duration::from_millis(10);
 /// per sync: issue 14 item 6, `tests/benches/disk_writes.rs`). Not longer: the kernel writes a dirty
 /// page back 30 s after it was dirtied anyway (`vm.dirty_expire_centisecs`), so waiting longer would
 /// save no write and only widen what a power cut makes us resend.
-const ACK_SYNC_AFTER: Duration = Duration::from_secs(25);
+pub(crate) const ACK_SYNC_AFTER: Duration = Duration::from_secs(25);
 /// Records read from the journal per background read; the next read starts when half are used.
 const READ_AHEAD: usize = 512;
 /// After a failed journal read, the next one waits this long.
@@ -263,7 +263,7 @@ enum Flow {
 /// A journal ack running on a blocking thread, and the seqs it covers (kept to retry them on failure).
 struct AckJob {
     seqs: Vec<u64>,
-    /// When the acks the job left unsynced are due ([`ACK_SYNC_AFTER`]), if any.
+    /// When the acks the job left unsynced are due (`ack_sync_after`), if any.
     handle: JoinHandle<Result<Option<std::time::Instant>, UplinkError>>,
 }
 
@@ -893,7 +893,7 @@ impl Uplink {
         self.spawn_ack_job(seqs, false);
     }
 
-    /// Starts the `fdatasync` of acks written without one — those [`ACK_SYNC_AFTER`] old, or all of them
+    /// Starts the `fdatasync` of acks written without one — those `ack_sync_after` old, or all of them
     /// (`all`: at exit) — unless an ack job is running.
     fn start_sync_job(&mut self, all: bool) {
         if self.ack_job.is_some() {
@@ -907,6 +907,7 @@ impl Uplink {
     fn spawn_ack_job(&mut self, seqs: Vec<u64>, all: bool) {
         let batch = seqs.clone();
         let journal = Arc::clone(&self.journal);
+        let sync_after = self.cfg.ack_sync_after;
         let handle = tokio::task::spawn_blocking(move || {
             let mut guard = journal
                 .lock()
@@ -914,11 +915,11 @@ impl Uplink {
             let result = if !batch.is_empty() {
                 guard
                     .ack_unsynced(&batch)
-                    .map(|()| guard.acks_due(ACK_SYNC_AFTER))
+                    .map(|()| guard.acks_due(sync_after))
             } else if all {
                 guard.sync().map(|()| None)
             } else {
-                guard.sync_acks_older_than(ACK_SYNC_AFTER)
+                guard.sync_acks_older_than(sync_after)
             };
             result.map_err(UplinkError::Journal)
         });
