@@ -417,6 +417,23 @@ fn start_ingest(config: &Path) -> GatewayProcess {
     .unwrap()
 }
 
+/// The `ingest` binary on the configuration `text` (written to `config`), its store in `data_dir`, and a
+/// publisher, once it has stored the probe reading `probe` (so it is subscribed).
+async fn start_subscribed(
+    broker: &TestBroker,
+    config: &Path,
+    text: &str,
+    data_dir: &Path,
+    probe: &str,
+) -> (GatewayProcess, AnyStore, Publisher) {
+    std::fs::write(config, text).unwrap();
+    let ingest = start_ingest(config);
+    let store = open_store(data_dir).await;
+    let mut publisher = Publisher::connect(broker.addr());
+    wait_until_subscribed(&mut publisher, &store, probe).await;
+    (ingest, store, publisher)
+}
+
 async fn open_store(data_dir: &Path) -> AnyStore {
     let url = format!("sqlite://{}", data_dir.join("ingest.sqlite").display());
     let store = until(Duration::from_secs(10), async || {
@@ -450,11 +467,7 @@ async fn killed_ingest(
     let config = dir.path().join("ingest.toml");
     // default_config ends in its [mqtt] table: mqtt_extra adds keys to it.
     let text = default_config(&broker, &data, None) + mqtt_extra;
-    std::fs::write(&config, text).unwrap();
-    let first = start_ingest(&config);
-    let store = open_store(&data).await;
-    let mut publisher = Publisher::connect(broker.addr());
-    wait_until_subscribed(&mut publisher, &store, probe).await;
+    let (first, store, publisher) = start_subscribed(&broker, &config, &text, &data, probe).await;
     first.kill9().unwrap();
     Some(KilledIngest {
         broker,
@@ -544,11 +557,9 @@ async fn sigkill_loop_during_batches_loses_nothing_and_alerts_once() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = dir.path().join("ingest.toml");
-    std::fs::write(&config, default_config(&broker, &data, Some(&hook_url))).unwrap();
-    let mut ingest = start_ingest(&config);
-    let store = open_store(&data).await;
-    let mut publisher = Publisher::connect(broker.addr());
-    wait_until_subscribed(&mut publisher, &store, "probe").await;
+    let text = default_config(&broker, &data, Some(&hook_url));
+    let (mut ingest, store, mut publisher) =
+        start_subscribed(&broker, &config, &text, &data, "probe").await;
 
     let t0 = Instant::now();
     let t = now_s() - 3000;
@@ -637,11 +648,9 @@ async fn sigkill_during_bp_batches_keeps_every_reading_in_the_history() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = dir.path().join("ingest.toml");
-    std::fs::write(&config, default_config(&broker, &data, None)).unwrap();
-    let mut ingest = start_ingest(&config);
-    let store = open_store(&data).await;
-    let mut publisher = Publisher::connect(broker.addr());
-    wait_until_subscribed(&mut publisher, &store, "probe").await;
+    let text = default_config(&broker, &data, None);
+    let (mut ingest, store, mut publisher) =
+        start_subscribed(&broker, &config, &text, &data, "probe").await;
 
     // Seven whole days ending yesterday (UTC), at 08:00 and 20:00.
     const DAY: i64 = 86_400;
@@ -723,11 +732,9 @@ async fn a_full_disk_stops_acknowledging_and_recovers() {
     let _unmount = Unmount(mount.clone());
     let data = mount.join("data");
     let config = dir.path().join("ingest.toml");
-    std::fs::write(&config, default_config(&broker, &data, None)).unwrap();
-    let mut ingest = start_ingest(&config);
-    let store = open_store(&data).await;
-    let mut publisher = Publisher::connect(broker.addr());
-    wait_until_subscribed(&mut publisher, &store, "probe").await;
+    let text = default_config(&broker, &data, None);
+    let (mut ingest, store, mut publisher) =
+        start_subscribed(&broker, &config, &text, &data, "probe").await;
 
     // Fill the filesystem.
     let filler = mount.join("filler");
