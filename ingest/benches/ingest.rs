@@ -157,27 +157,70 @@ fn rate(n: usize, d: Duration) -> String {
     format!("{:>9.0} readings/s", n as f64 / d.as_secs_f64())
 }
 
-fn raw_sqlite(path: &std::path::Path, msgs: &[Inbound], batch: usize) -> Duration {
+/// The raw ceiling's table: `Bare` is `(id PRIMARY KEY, payload)`; `ByPatient` adds the patient and the
+/// reading's time with an index on them — the least a store must write for the CRM to read a patient's
+/// readings (ingest's `readings` table has that index), before any evaluation.
+#[derive(Clone, Copy, PartialEq)]
+enum RawTable {
+    Bare,
+    ByPatient,
+}
+
+impl RawTable {
+    const fn create(self) -> &'static str {
+        match self {
+            RawTable::Bare => {
+                "CREATE TABLE IF NOT EXISTS raw (id TEXT PRIMARY KEY, payload TEXT NOT NULL)"
+            }
+            RawTable::ByPatient => {
+                "CREATE TABLE IF NOT EXISTS raw (id TEXT PRIMARY KEY, payload TEXT NOT NULL,
+                   patient TEXT NOT NULL, time TEXT NOT NULL);
+                 CREATE INDEX IF NOT EXISTS raw_by_patient ON raw (patient, time)"
+            }
+        }
+    }
+}
+
+/// A message's id, and its patient and time (RFC 3339, which sorts as the time does).
+fn raw_keys(m: &Inbound) -> (String, String, String) {
+    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    let text = |f: &serde_json::Value| f.as_str().unwrap().to_owned();
+    (
+        text(&v["id"]),
+        text(&v["patient"]),
+        text(&v["time"]["corrected"]),
+    )
+}
+
+fn raw_sqlite(path: &std::path::Path, msgs: &[Inbound], batch: usize, table: RawTable) -> Duration {
     let mut c = rusqlite::Connection::open(path).unwrap();
     c.pragma_update(None, "journal_mode", "WAL").unwrap();
     c.pragma_update(None, "synchronous", "FULL").unwrap();
-    c.execute_batch("CREATE TABLE IF NOT EXISTS raw (id TEXT PRIMARY KEY, payload TEXT NOT NULL)")
-        .unwrap();
+    c.execute_batch(table.create()).unwrap();
     let t = Instant::now();
     for chunk in msgs.chunks(batch) {
         let tx = c.transaction().unwrap();
         {
             let mut st = tx
-                .prepare_cached(
-                    "INSERT INTO raw (id, payload) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
-                )
+                .prepare_cached(match table {
+                    RawTable::Bare => {
+                        "INSERT INTO raw (id, payload) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING"
+                    }
+                    RawTable::ByPatient => {
+                        "INSERT INTO raw (id, payload, patient, time) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (id) DO NOTHING"
+                    }
+                })
                 .unwrap();
             for m in chunk {
-                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-                st.execute(rusqlite::params![
-                    v["id"].as_str().unwrap(),
-                    std::str::from_utf8(&m.payload).unwrap()
-                ])
+                let (id, patient, time) = raw_keys(m);
+                let payload = std::str::from_utf8(&m.payload).unwrap();
+                match table {
+                    RawTable::Bare => st.execute(rusqlite::params![id, payload]),
+                    RawTable::ByPatient => {
+                        st.execute(rusqlite::params![id, payload, patient, time])
+                    }
+                }
                 .unwrap();
             }
         }
@@ -186,37 +229,43 @@ fn raw_sqlite(path: &std::path::Path, msgs: &[Inbound], batch: usize) -> Duratio
     t.elapsed()
 }
 
-async fn raw_pg(url: &str, msgs: &[Inbound], batch: usize) -> Duration {
+async fn raw_pg(url: &str, msgs: &[Inbound], batch: usize, table: RawTable) -> Duration {
     let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS raw (id TEXT PRIMARY KEY, payload TEXT NOT NULL)",
-        )
-        .await
-        .unwrap();
+    client.batch_execute(table.create()).await.unwrap();
     let t = Instant::now();
     for chunk in msgs.chunks(batch) {
-        let (ids, payloads): (Vec<String>, Vec<&str>) = chunk
-            .iter()
-            .map(|m| {
-                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-                (
-                    v["id"].as_str().unwrap().to_owned(),
-                    std::str::from_utf8(&m.payload).unwrap(),
-                )
-            })
-            .unzip();
+        let (mut ids, mut patients, mut times) = (Vec::new(), Vec::new(), Vec::new());
+        let mut payloads: Vec<&str> = Vec::new();
+        for m in chunk {
+            let (id, patient, time) = raw_keys(m);
+            ids.push(id);
+            patients.push(patient);
+            times.push(time);
+            payloads.push(std::str::from_utf8(&m.payload).unwrap());
+        }
         let tx = client.transaction().await.unwrap();
-        tx.execute(
-            "INSERT INTO raw (id, payload) SELECT * FROM unnest($1::text[], $2::text[])
-             ON CONFLICT (id) DO NOTHING",
-            &[&ids, &payloads],
-        )
-        .await
-        .unwrap();
+        match table {
+            RawTable::Bare => tx
+                .execute(
+                    "INSERT INTO raw (id, payload) SELECT * FROM unnest($1::text[], $2::text[])
+                     ON CONFLICT (id) DO NOTHING",
+                    &[&ids, &payloads],
+                )
+                .await
+                .unwrap(),
+            RawTable::ByPatient => tx
+                .execute(
+                    "INSERT INTO raw (id, payload, patient, time)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                     ON CONFLICT (id) DO NOTHING",
+                    &[&ids, &payloads, &patients, &times],
+                )
+                .await
+                .unwrap(),
+        };
         tx.commit().await.unwrap();
     }
     t.elapsed()
@@ -270,13 +319,17 @@ async fn ingest_during_window_pass(url: &str, more: &[Inbound]) -> (Duration, us
 }
 
 /// Prints one database's figures: `(n, n1)` readings batched and one per transaction; the times of the
-/// raw ceiling and the stored run batched, the same one per transaction, and the stored run in backlog
-/// order; then the headline ratios as `RATIO ingest_<key>_vs_raw_insert X` lines, comparable across runs
+/// raw ceiling and the stored run batched, the same one per transaction, the stored run in backlog
+/// order, in range, and the raw ceiling with the patient index; then the headline ratios as `RATIO ingest_<key>_vs_raw_insert X` lines, comparable across runs
 /// (absolute rates depend on the machine and its load; a ratio within one run much less).
-fn report(label: &str, key: &str, (n, n1): (usize, usize), times: [Duration; 6], alerts: i64) {
-    let [raw, d, raw1, d1, dc, dn] = times;
+fn report(label: &str, key: &str, (n, n1): (usize, usize), times: [Duration; 7], alerts: i64) {
+    let [raw, d, raw1, d1, dc, dn, raw_indexed] = times;
     println!("{label}");
     println!("  raw INSERT ceiling, batch {BATCH:>3}: {}", rate(n, raw));
+    println!(
+        "  raw INSERT + a (patient, time) index, batch {BATCH:>3}: {}",
+        rate(n, raw_indexed)
+    );
     println!(
         "  stored + evaluated, batch {BATCH:>3}: {}  ({alerts} alert events)",
         rate(n, d)
@@ -296,6 +349,11 @@ fn report(label: &str, key: &str, (n, n1): (usize, usize), times: [Duration; 6],
     println!("RATIO ingest_{key}_vs_raw_insert {:.2}", ratio(d));
     println!("RATIO ingest_{key}_backlog_vs_raw_insert {:.2}", ratio(dc));
     println!("RATIO ingest_{key}_in_range_vs_raw_insert {:.2}", ratio(dn));
+    // Not ingest: the bound that any store readable by patient starts from.
+    println!(
+        "RATIO {key}_insert_with_patient_index_vs_raw_insert {:.2}",
+        ratio(raw_indexed)
+    );
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -315,9 +373,15 @@ async fn main() {
 
     let dir = tempfile::tempdir().unwrap();
     let w0 = written_bytes();
-    let raw = raw_sqlite(&dir.path().join("raw.sqlite"), &msgs, BATCH);
+    let raw = raw_sqlite(&dir.path().join("raw.sqlite"), &msgs, BATCH, RawTable::Bare);
     let w_raw = written_bytes() - w0;
-    let raw1 = raw_sqlite(&dir.path().join("raw1.sqlite"), &singles, 1);
+    let raw1 = raw_sqlite(&dir.path().join("raw1.sqlite"), &singles, 1, RawTable::Bare);
+    let raw_indexed = raw_sqlite(
+        &dir.path().join("raw_indexed.sqlite"),
+        &msgs,
+        BATCH,
+        RawTable::ByPatient,
+    );
     let url = format!("sqlite://{}", dir.path().join("ingest.sqlite").display());
     let w0 = written_bytes();
     let (d, alerts) = stored(&url, &msgs, BATCH).await;
@@ -336,7 +400,7 @@ async fn main() {
         "SQLite (WAL, synchronous=FULL)",
         "sqlite",
         (n, n1),
-        [raw, d, raw1, d1, dc, dn],
+        [raw, d, raw1, d1, dc, dn, raw_indexed],
         alerts,
     );
     per_batch("written", n, [w_raw, w_stored, w_backlog, w_in_range]);
@@ -352,10 +416,12 @@ async fn main() {
         Ok(Some(pg)) => {
             let raw_url = pg.create_database("raw").await.unwrap();
             let wal0 = wal_position(&raw_url).await;
-            let raw = raw_pg(&raw_url, &msgs, BATCH).await;
+            let raw = raw_pg(&raw_url, &msgs, BATCH, RawTable::Bare).await;
             let wal_raw = wal_position(&raw_url).await - wal0;
             let raw1_url = pg.create_database("raw1").await.unwrap();
-            let raw1 = raw_pg(&raw1_url, &singles, 1).await;
+            let raw1 = raw_pg(&raw1_url, &singles, 1, RawTable::Bare).await;
+            let indexed_url = pg.create_database("raw_indexed").await.unwrap();
+            let raw_indexed = raw_pg(&indexed_url, &msgs, BATCH, RawTable::ByPatient).await;
             let url = pg.create_database("ingest").await.unwrap();
             let wal0 = wal_position(&raw_url).await;
             let (d, alerts) = stored(&url, &msgs, BATCH).await;
@@ -374,7 +440,7 @@ async fn main() {
                 "PostgreSQL (local server, fsync=on, synchronous_commit=on)",
                 "postgres",
                 (n, n1),
-                [raw, d, raw1, d1, dc, dn],
+                [raw, d, raw1, d1, dc, dn, raw_indexed],
                 alerts,
             );
             let wal = |b: i64| u64::try_from(b).unwrap_or(0);

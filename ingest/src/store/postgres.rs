@@ -66,10 +66,10 @@ impl Conn {
             c.prepare(REPORTS_ABOUT),
         )
         .await?;
-        let (write_alert, save_state, insert_history, delete_history, history) =
+        let (write_alert, save_states, insert_history, delete_history, history) =
             futures_util::future::try_join5(
                 c.prepare(WRITE_ALERT),
-                c.prepare(SAVE_STATE),
+                c.prepare(SAVE_STATES),
                 c.prepare(INSERT_HISTORY),
                 c.prepare(DELETE_HISTORY),
                 c.prepare(HISTORY),
@@ -81,7 +81,7 @@ impl Conn {
             insert_readings,
             reports,
             write_alert,
-            save_state,
+            save_states,
             insert_history,
             delete_history,
             history,
@@ -114,7 +114,7 @@ struct Statements {
     insert_readings: Statement,
     reports: Statement,
     write_alert: Statement,
-    save_state: Statement,
+    save_states: Statement,
     insert_history: Statement,
     delete_history: Statement,
     history: Statement,
@@ -327,8 +327,14 @@ const WRITE_ALERT: &str = "WITH event AS (
      INSERT INTO outbox (event_id, sink, payload, next_attempt_ms)
      SELECT event.id, sink, $5, $4 FROM event CROSS JOIN unnest($13::text[]) AS sink
      ON CONFLICT (event_id, sink) DO NOTHING";
-const SAVE_STATE: &str = "UPDATE patient_state
-     SET state = $2, updated_ms = $3, next_deadline_utc = $4, history_rev = $5 WHERE patient = $1";
+/// A batch's new engine states, all patients in one statement (`$1`…`$4`: patients, states, next
+/// deadlines, history revisions; `$5`: now). One statement instead of one per patient: the server's
+/// cost per statement (executor start, snapshot, lock) was most of a batch's time with 64 patients.
+/// The rows exist and are locked: `begin` seeded and locked them.
+const SAVE_STATES: &str = "UPDATE patient_state s
+     SET state = n.state, updated_ms = $5, next_deadline_utc = n.deadline, history_rev = n.rev
+     FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS n(patient, state, deadline, rev)
+     WHERE s.patient = n.patient";
 /// A batch's kept BP readings, all patients in one statement (columns as [`batch::sql::INSERT_HISTORY`]).
 const INSERT_HISTORY: &str = "INSERT INTO bp_history (patient, reading_id, time_utc, seq, entry)
      SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[])
@@ -355,7 +361,6 @@ async fn write_all(
     if writes.is_empty() && states.is_empty() {
         return Ok(());
     }
-    let save = &st.save_state;
     let statuses: Vec<String> = writes
         .iter()
         .map(|w| format!("{:?}", w.alert.status).to_lowercase())
@@ -379,6 +384,11 @@ async fn write_all(
             new.entry.push(&r.entry);
         }
     }
+    // The states, column by column (one `unnest`).
+    let patients: Vec<&str> = states.iter().map(|(p, _)| *p).collect();
+    let jsons: Vec<&str> = states.iter().map(|(_, s)| s.json.as_str()).collect();
+    let deadlines: Vec<Option<i64>> = states.iter().map(|(_, s)| s.next_deadline_utc).collect();
+    let revs: Vec<i64> = states.iter().map(|(_, s)| s.history_rev).collect();
     let mut futs = Vec::new();
     for ((w, status), severity) in writes.iter().zip(&statuses).zip(&severities) {
         // Below the push threshold: stored, and summarised in the patient's digest instead.
@@ -400,15 +410,9 @@ async fn write_all(
         ];
         futs.push(tx.execute_raw(&st.write_alert, p));
     }
-    for (patient, state) in states {
-        let p: Vec<&P<'_>> = vec![
-            patient,
-            &state.json,
-            &now_ms,
-            &state.next_deadline_utc,
-            &state.history_rev,
-        ];
-        futs.push(tx.execute_raw(save, p));
+    if !patients.is_empty() {
+        let p: Vec<&P<'_>> = vec![&patients, &jsons, &deadlines, &revs, &now_ms];
+        futs.push(tx.execute_raw(&st.save_states, p));
     }
     if !gone_ids.is_empty() {
         let p: Vec<&P<'_>> = vec![&gone_patients, &gone_ids];
