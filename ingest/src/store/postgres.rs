@@ -66,9 +66,9 @@ impl Conn {
             c.prepare(REPORTS_ABOUT),
         )
         .await?;
-        let (write_alert, save_states, insert_history, delete_history, history) =
+        let (write_alerts, save_states, insert_history, delete_history, history) =
             futures_util::future::try_join5(
-                c.prepare(WRITE_ALERT),
+                c.prepare(WRITE_ALERTS),
                 c.prepare(SAVE_STATES),
                 c.prepare(INSERT_HISTORY),
                 c.prepare(DELETE_HISTORY),
@@ -80,7 +80,7 @@ impl Conn {
             lock_states,
             insert_readings,
             reports,
-            write_alert,
+            write_alerts,
             save_states,
             insert_history,
             delete_history,
@@ -113,7 +113,7 @@ struct Statements {
     lock_states: Statement,
     insert_readings: Statement,
     reports: Statement,
-    write_alert: Statement,
+    write_alerts: Statement,
     save_states: Statement,
     insert_history: Statement,
     delete_history: Statement,
@@ -312,20 +312,34 @@ const INSERT_READINGS: &str =
 /// The evaluable reports stored about the readings `$1`.
 const REPORTS_ABOUT: &str = "SELECT reading_id, id, patient, symptoms FROM symptom_reports
      WHERE reading_id = ANY($1::text[]) AND eval_error IS NULL";
-/// One alert change in one statement: its event, then — only when the event is new, so a replayed one
-/// changes nothing, as on SQLite — the alert's row and an outbox row per sink (`$1`…`$13`: event id,
-/// alert id, action, now, notice, patient, rule, severity, status, opened, updated, body, sinks).
-const WRITE_ALERT: &str = "WITH event AS (
+/// A batch's alert changes in one statement (`$1`…`$12`, one element per change in order: event id,
+/// alert id, action, notice, patient, rule, severity, status, opened, updated, body, pushed; `$13` now,
+/// `$14` the sinks): the events, then — only for the events that are new, so a replayed one changes
+/// nothing, as on SQLite — each alert's row from its last new change, and an outbox row per sink for the
+/// pushed ones, in the changes' order. One statement instead of one per change: the server's cost per
+/// statement was most of a batch's write time.
+const WRITE_ALERTS: &str = "WITH w AS (
+       SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                            $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::text[], $12::bool[])
+         WITH ORDINALITY AS w(event_id, alert_id, action, notice, patient, rule_id, severity, status,
+                              opened_utc, updated_utc, body, pushed, ord)
+     ), event AS (
        INSERT INTO alert_events (id, alert_id, action, created_ms, notice)
-       VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING RETURNING id
+       SELECT event_id, alert_id, action, $13, notice FROM w ORDER BY ord
+       ON CONFLICT (id) DO NOTHING RETURNING id
+     ), new AS (
+       SELECT w.* FROM w WHERE w.event_id IN (SELECT id FROM event)
      ), alert AS (
        INSERT INTO alerts (id, patient, rule_id, severity, status, opened_utc, updated_utc, body)
-       SELECT $2, $6, $7, $8, $9, $10, $11, $12 FROM event
+       SELECT DISTINCT ON (alert_id) alert_id, patient, rule_id, severity, status, opened_utc,
+         updated_utc, body
+       FROM new ORDER BY alert_id, ord DESC
        ON CONFLICT (id) DO UPDATE SET rule_id = excluded.rule_id, severity = excluded.severity,
          status = excluded.status, updated_utc = excluded.updated_utc, body = excluded.body
      )
      INSERT INTO outbox (event_id, sink, payload, next_attempt_ms)
-     SELECT event.id, sink, $5, $4 FROM event CROSS JOIN unnest($13::text[]) AS sink
+     SELECT new.event_id, sink, new.notice, $13 FROM new CROSS JOIN unnest($14::text[]) AS sink
+     WHERE new.pushed ORDER BY new.ord, sink
      ON CONFLICT (event_id, sink) DO NOTHING";
 /// A batch's new engine states, all patients in one statement (`$1`…`$4`: patients, states, next
 /// deadlines, history revisions; `$5`: now). One statement instead of one per patient: the server's
@@ -348,8 +362,9 @@ const HISTORY: &str =
     "SELECT patient, reading_id, time_utc, seq, entry FROM bp_history WHERE patient = ANY($1)";
 
 /// Writes alert changes and patient states, pipelined: every statement is sent before the first answer
-/// is awaited (tokio-postgres sends in polling order, and the server runs them in that order, so two
-/// changes of one alert apply in order). A replayed event id changes nothing (`ON CONFLICT`).
+/// is awaited (tokio-postgres sends in polling order, and the server runs them in that order). The alert
+/// changes are one statement, applied in their order; a replayed event id changes nothing
+/// (`ON CONFLICT`).
 async fn write_all(
     tx: &Transaction<'_>,
     st: &Statements,
@@ -361,13 +376,25 @@ async fn write_all(
     if writes.is_empty() && states.is_empty() {
         return Ok(());
     }
-    let statuses: Vec<String> = writes
-        .iter()
-        .map(|w| format!("{:?}", w.alert.status).to_lowercase())
-        .collect();
-    let severities: Vec<&'static str> = writes.iter().map(|w| w.alert.severity.name()).collect();
+    // The alert changes, column by column (one `unnest`).
+    let mut a = AlertColumns::default();
+    for w in writes {
+        a.event_id.push(&w.event_id);
+        a.alert_id.push(&w.alert.id);
+        a.action.push(&w.action);
+        a.notice.push(&w.notice);
+        a.patient.push(&w.alert.patient);
+        a.rule_id.push(&w.alert.rule_id);
+        a.severity.push(w.alert.severity.name());
+        a.status
+            .push(format!("{:?}", w.alert.status).to_lowercase());
+        a.opened_utc.push(w.alert.opened_utc);
+        a.updated_utc.push(w.alert.updated_utc);
+        a.body.push(&w.alert_json);
+        // Below the push threshold: stored, and summarised in the patient's digest instead.
+        a.pushed.push(w.notify);
+    }
     let sink_names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
-    let no_sinks: Vec<&'static str> = Vec::new();
     // The history rows of every patient in two statements: pruned ones out, new ones in.
     let (mut gone_patients, mut gone_ids) = (Vec::new(), Vec::new());
     let mut new = HistoryColumns::default();
@@ -390,25 +417,24 @@ async fn write_all(
     let deadlines: Vec<Option<i64>> = states.iter().map(|(_, s)| s.next_deadline_utc).collect();
     let revs: Vec<i64> = states.iter().map(|(_, s)| s.history_rev).collect();
     let mut futs = Vec::new();
-    for ((w, status), severity) in writes.iter().zip(&statuses).zip(&severities) {
-        // Below the push threshold: stored, and summarised in the patient's digest instead.
-        let sinks = if w.notify { &sink_names } else { &no_sinks };
+    if !writes.is_empty() {
         let p: Vec<&P<'_>> = vec![
-            &w.event_id,
-            &w.alert.id,
-            &w.action,
+            &a.event_id,
+            &a.alert_id,
+            &a.action,
+            &a.notice,
+            &a.patient,
+            &a.rule_id,
+            &a.severity,
+            &a.status,
+            &a.opened_utc,
+            &a.updated_utc,
+            &a.body,
+            &a.pushed,
             &now_ms,
-            &w.notice,
-            &w.alert.patient,
-            &w.alert.rule_id,
-            severity,
-            status,
-            &w.alert.opened_utc,
-            &w.alert.updated_utc,
-            &w.alert_json,
-            sinks,
+            &sink_names,
         ];
-        futs.push(tx.execute_raw(&st.write_alert, p));
+        futs.push(tx.execute_raw(&st.write_alerts, p));
     }
     if !patients.is_empty() {
         let p: Vec<&P<'_>> = vec![&patients, &jsons, &deadlines, &revs, &now_ms];
@@ -430,6 +456,23 @@ async fn write_all(
     }
     futures_util::future::try_join_all(futs).await?;
     Ok(())
+}
+
+/// Alert changes to write, column by column (one `unnest`).
+#[derive(Default)]
+struct AlertColumns<'a> {
+    event_id: Vec<&'a str>,
+    alert_id: Vec<&'a str>,
+    action: Vec<&'a str>,
+    notice: Vec<&'a str>,
+    patient: Vec<&'a str>,
+    rule_id: Vec<&'a str>,
+    severity: Vec<&'static str>,
+    status: Vec<String>,
+    opened_utc: Vec<i64>,
+    updated_utc: Vec<i64>,
+    body: Vec<&'a str>,
+    pushed: Vec<bool>,
 }
 
 /// History rows to insert, column by column (one `unnest`).
