@@ -381,7 +381,7 @@ async fn write_all(
     for w in writes {
         a.event_id.push(&w.event_id);
         a.alert_id.push(&w.alert.id);
-        a.action.push(&w.action);
+        a.action.push(w.action);
         a.notice.push(&w.notice);
         a.patient.push(&w.alert.patient);
         a.rule_id.push(&w.alert.rule_id);
