@@ -138,6 +138,8 @@ fn row_sizes(path: &std::path::Path) {
         ("readings", "payload"),
         ("patient_state", "state"),
         ("alert_events", "notice"),
+        ("alerts", "body"),
+        ("outbox", "payload"),
         ("bp_history", "entry"),
     ] {
         let (rows, mean, max): (i64, f64, i64) = c
