@@ -386,8 +386,7 @@ async fn write_all(
         a.patient.push(&w.alert.patient);
         a.rule_id.push(&w.alert.rule_id);
         a.severity.push(w.alert.severity.name());
-        a.status
-            .push(format!("{:?}", w.alert.status).to_lowercase());
+        a.status.push(w.alert.status.name());
         a.opened_utc.push(w.alert.opened_utc);
         a.updated_utc.push(w.alert.updated_utc);
         a.body.push(&w.alert_json);
@@ -468,7 +467,7 @@ struct AlertColumns<'a> {
     patient: Vec<&'a str>,
     rule_id: Vec<&'a str>,
     severity: Vec<&'static str>,
-    status: Vec<String>,
+    status: Vec<&'static str>,
     opened_utc: Vec<i64>,
     updated_utc: Vec<i64>,
     body: Vec<&'a str>,

@@ -242,7 +242,7 @@ fn write_alerts(
             w.alert.patient,
             w.alert.rule_id,
             w.alert.severity.name(),
-            format!("{:?}", w.alert.status).to_lowercase(),
+            w.alert.status.name(),
             w.alert.opened_utc,
             w.alert.updated_utc,
             w.alert_json

@@ -86,6 +86,18 @@ pub enum AlertStatus {
     Closed,
 }
 
+impl AlertStatus {
+    /// The name as in the JSON form and the stores' `status` column (`"pending"`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            AlertStatus::Pending => "pending",
+            AlertStatus::Active => "active",
+            AlertStatus::Downgraded => "downgraded",
+            AlertStatus::Closed => "closed",
+        }
+    }
+}
+
 /// The threshold an alert crossed, in the unit it was compared in.
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]

@@ -1696,3 +1696,21 @@ impl H {
         self.e.state()
     }
 }
+
+/// The stores' `status` column holds [`AlertStatus::name`]; the alert's JSON (its `body`) holds the serde
+/// name. The CRM reads both: they must be the same word for every status.
+#[cfg(feature = "serde")]
+#[test]
+fn alert_status_name_is_its_json_name() {
+    for s in [
+        AlertStatus::Pending,
+        AlertStatus::Active,
+        AlertStatus::Downgraded,
+        AlertStatus::Closed,
+    ] {
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            format!("\"{}\"", s.name())
+        );
+    }
+}
