@@ -12,7 +12,9 @@
 //!
 //! [mqtt]
 //! broker = "mqtt://127.0.0.1:1883"
-//! group = "phg-ingest"                   # the shared-subscription group: instances share the stream
+//! group = "phg-ingest"                   # the shared-subscription group: instances share the stream;
+//!                                        # "" = plain subscriptions, for one instance on a broker that does
+//!                                        # not keep shared subscriptions over its restart (Mosquitto 2.0)
 //! topic_root = "phg/v1"                  # subscribes $share/{group}/{topic_root}/+/readings (events, symptoms)
 //! alerts_topic = "phg/ingest/alerts"     # where alert notices are published (QoS 1)
 //! keep_alive_s = 30
@@ -385,13 +387,18 @@ impl MqttConfig {
 }
 
 impl MqttConfig {
-    /// The subscriptions: `$share/{group}/{root}/+/readings`, `…/events` and `…/symptoms`.
+    /// The subscriptions: `$share/{group}/{root}/+/readings`, `…/events` and `…/symptoms`; with an empty
+    /// group, the same without `$share/{group}/`. Mosquitto 2.0 keeps a persistent session's plain
+    /// subscriptions over its own restart but not its shared ones: what gateways publish between the
+    /// broker's restart and ingest's next connection is PUBACKed to them and dropped (tried from outside,
+    /// docs/ingest.md). One instance loses nothing that way with plain subscriptions.
     pub fn filters(&self) -> [String; 3] {
-        [
-            format!("$share/{}/{}/+/readings", self.group, self.topic_root),
-            format!("$share/{}/{}/+/events", self.group, self.topic_root),
-            format!("$share/{}/{}/+/symptoms", self.group, self.topic_root),
-        ]
+        let prefix = if self.group.is_empty() {
+            String::new()
+        } else {
+            format!("$share/{}/", self.group)
+        };
+        ["readings", "events", "symptoms"].map(|t| format!("{prefix}{}/+/{t}", self.topic_root))
     }
 }
 
@@ -689,6 +696,10 @@ impl Config {
             ("mqtt.topic_root", &raw.mqtt.topic_root),
             ("mqtt.alerts_topic", &raw.mqtt.alerts_topic),
         ] {
+            // An empty group is allowed: plain subscriptions (`MqttConfig::filters`).
+            if key == "mqtt.group" && v.is_empty() {
+                continue;
+            }
             if v.is_empty() || v.contains(['+', '#']) || v.starts_with('/') || v.ends_with('/') {
                 return Err(invalid(
                     key,
@@ -893,6 +904,25 @@ mod tests {
         assert_eq!((c.notify_from, c.digest_interval), (Severity::Info, None));
         let e = parse("[rules]\nnotify_from = \"loud\"\n").expect_err("not a severity");
         assert!(e.contains("line 2"), "{e}");
+    }
+
+    /// `group = ""`: one instance subscribing without `$share/`, which Mosquitto 2.0 keeps over its own
+    /// restart; a group with '/' or a wildcard is still refused.
+    #[test]
+    fn an_empty_group_subscribes_plainly() {
+        let c = parse("[mqtt]\ngroup = \"\"\n").expect("an empty group is valid");
+        assert_eq!(
+            c.mqtt.filters(),
+            [
+                "phg/v1/+/readings".to_owned(),
+                "phg/v1/+/events".to_owned(),
+                "phg/v1/+/symptoms".to_owned()
+            ]
+        );
+        for bad in ["a/b", "a+", "#"] {
+            let e = parse(&format!("[mqtt]\ngroup = \"{bad}\"\n")).expect_err(bad);
+            assert!(e.contains("mqtt.group"), "{e}");
+        }
     }
 
     #[test]
