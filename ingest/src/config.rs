@@ -925,6 +925,18 @@ mod tests {
         }
     }
 
+    /// The packaged /etc/phg/ingest.toml: one instance beside a local Mosquitto, so plain subscriptions
+    /// (a broker restart must not drop what gateways publish before ingest reconnects).
+    #[test]
+    fn the_packaged_configuration_subscribes_plainly() {
+        let c = parse(include_str!("../../packaging/ingest/ingest.toml")).expect("packaged file");
+        assert!(
+            c.mqtt.filters().iter().all(|f| !f.starts_with("$share/")),
+            "{:?}",
+            c.mqtt.filters()
+        );
+    }
+
     #[test]
     fn empty_file_runs_on_defaults() {
         let c = parse("").expect("defaults");
