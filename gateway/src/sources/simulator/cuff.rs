@@ -29,6 +29,7 @@
 //! previous exchange (PR #729). The second needs times, which the model does not read itself: transports
 //! pass them with [`SimCuff::connect_at`], [`SimCuff::request_at`] and [`SimCuff::subscribe_at`].
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use protocol::gatt::Codec;
@@ -43,8 +44,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::{
-    ClockCharacteristic, ClockWrite, DeviceOutput, Effect, GattServer, SimError, apportion,
-    att_error, date_time_at, read_clock, read_dis, sfloat_at, write_clock,
+    ClockCharacteristic, ClockWrite, DeviceOutput, Effect, GattServer, Queued, RunStep, SimError,
+    apportion, att_error, date_time_at, read_clock, read_dis, sfloat_at, write_clock,
 };
 use crate::sources::{LinkError, att, uuid};
 
@@ -233,6 +234,17 @@ pub struct SimCuff {
     last_exchange: Option<Instant>,
     /// CCCD enables ignored for coming too soon ([`CuffConfig::ignores_cccd_within`]), over all connections.
     ignored_cccd_enables: usize,
+    /// The dumps of stored readings being sent, oldest first; each has its place in the outbox as an
+    /// [`Entry::Run`](super::Entry::Run).
+    dumps: VecDeque<Dump>,
+}
+
+/// A dump of the stored readings under way: those with keys in `next_key..end_key` (the memory at the
+/// subscribe; keys rise with the memory's order) are still to be indicated.
+#[derive(Debug, Clone, Copy)]
+struct Dump {
+    next_key: u64,
+    end_key: u64,
 }
 
 impl SimCuff {
@@ -247,6 +259,7 @@ impl SimCuff {
             server: GattServer::default(),
             last_exchange: None,
             ignored_cccd_enables: 0,
+            dumps: VecDeque::new(),
         }
     }
 
@@ -473,13 +486,8 @@ impl SimCuff {
     }
 
     fn indicate(&mut self, reading: StoredBpReading) {
-        let value = if self.config.beurer_layout {
-            reading.beurer_value()
-        } else {
-            reading.measurement().to_vec()
-        };
-        self.server
-            .notify(uuid::BP_MEASUREMENT, value, Effect::Delivered(reading.key));
+        let q = indication(&self.config, reading);
+        self.server.notify(uuid::BP_MEASUREMENT, q.0, q.1);
     }
 
     // ----- GATT server --------------------------------------------------------------------------------
@@ -509,12 +517,14 @@ impl SimCuff {
     /// [`CuffConfig::ignores_cccd_within`] applies only once a request has given one.
     pub fn connect(&mut self) -> u64 {
         self.last_exchange = None;
+        self.dumps.clear();
         self.server.connect()
     }
 
     /// A central connects at `at`; returns the connection id. A CCCD enable given to
     /// [`SimCuff::subscribe_at`] is measured from here, or from a later request.
     pub fn connect_at(&mut self, at: Instant) -> u64 {
+        self.dumps.clear();
         let connection = self.server.connect();
         self.last_exchange = Some(at);
         connection
@@ -532,6 +542,7 @@ impl SimCuff {
     /// The connection ends; readings not yet indicated stay stored.
     pub fn disconnect(&mut self) {
         self.last_exchange = None;
+        self.dumps.clear();
         self.server.disconnect();
     }
 
@@ -648,17 +659,23 @@ impl SimCuff {
             return Ok(());
         }
         self.server.cccds.insert(uuid);
-        if uuid == uuid::BP_MEASUREMENT && self.config.dump_on_subscribe {
-            for r in self.readings.clone() {
-                self.indicate(r);
-            }
+        if uuid == uuid::BP_MEASUREMENT
+            && self.config.dump_on_subscribe
+            && !self.readings.is_empty()
+        {
+            self.dumps.push_back(Dump {
+                next_key: 0,
+                end_key: self.next_key,
+            });
+            self.server.push_run();
         }
         Ok(())
     }
 
     /// Takes the next output.
     pub fn poll_output(&mut self) -> Option<DeviceOutput> {
-        let q = self.server.pop()?;
+        let (readings, config, dumps) = (&self.readings, &self.config, &mut self.dumps);
+        let q = self.server.pop(|| next_of_dump(readings, config, dumps))?;
         if let Effect::Delivered(key) = q.effect
             && self.config.delete_after_transfer
         {
@@ -672,7 +689,51 @@ impl SimCuff {
 
     /// Whether an output is waiting.
     pub fn has_output(&self) -> bool {
-        !self.server.outbox.is_empty()
+        self.server.has_output()
+    }
+
+    /// Entries in the outbox (outputs, and a run not yet encoded counts one).
+    #[cfg(test)]
+    pub(super) fn queued_outputs(&self) -> usize {
+        self.server.outbox.len()
+    }
+}
+
+/// A stored reading's 2A35 indication (value and effect), in the cuff's layout.
+fn indication(config: &CuffConfig, reading: StoredBpReading) -> (Vec<u8>, Effect) {
+    let value = if config.beurer_layout {
+        reading.beurer_value()
+    } else {
+        reading.measurement().to_vec()
+    };
+    (value, Effect::Delivered(reading.key))
+}
+
+/// The next reading of the oldest dump under way, as its indication.
+fn next_of_dump(
+    readings: &[StoredBpReading],
+    config: &CuffConfig,
+    dumps: &mut VecDeque<Dump>,
+) -> RunStep {
+    let Some(dump) = dumps.front_mut() else {
+        return RunStep::default();
+    };
+    // Oldest first, so the keys rise along the memory.
+    let at = readings.partition_point(|r| r.key < dump.next_key);
+    let in_dump = |i: usize| readings.get(i).filter(|r| r.key < dump.end_key).copied();
+    let Some(reading) = in_dump(at) else {
+        dumps.pop_front();
+        return RunStep::default();
+    };
+    let more = in_dump(at + 1).is_some();
+    dump.next_key = reading.key + 1;
+    if !more {
+        dumps.pop_front();
+    }
+    let (value, effect) = indication(config, reading);
+    RunStep {
+        outputs: vec![Queued::notify(uuid::BP_MEASUREMENT, value, effect)],
+        more,
     }
 }
 

@@ -58,8 +58,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::{
-    ClockCharacteristic, ClockWrite, DeviceOutput, Effect, GattServer, SimError, apportion,
-    att_error, date_time_at, read_clock, read_dis, sfloat_at, write_clock,
+    ClockCharacteristic, ClockWrite, DeviceOutput, Effect, GattServer, Queued, RunStep, SimError,
+    apportion, att_error, date_time_at, read_clock, read_dis, sfloat_at, write_clock,
 };
 use crate::sources::{LinkError, att, uuid};
 
@@ -322,6 +322,21 @@ pub struct SimGlucometer {
     server: GattServer,
     /// The RACP procedure in progress (GLS: at most one).
     procedure: Option<OpCode>,
+    /// The Report Stored Records transfer being sent, if any (its place in the outbox is an
+    /// [`Entry::Run`]).
+    transfer: Option<Transfer>,
+}
+
+/// A Report Stored Records transfer under way, encoded a record at a time as the transport takes it.
+#[derive(Debug)]
+struct Transfer {
+    /// Memory indices of the selected records, in the order they go out.
+    order: Vec<usize>,
+    /// How many of them are sent.
+    sent: usize,
+    /// The memory's size at the request: a newest-first meter numbers the transfer as its memory was then
+    /// (GLS: a transfer is a copy taken at the write, whatever is measured meanwhile).
+    memory_len: usize,
 }
 
 impl SimGlucometer {
@@ -336,6 +351,7 @@ impl SimGlucometer {
             adjust_reason: 0,
             server: GattServer::default(),
             procedure: None,
+            transfer: None,
         }
     }
 
@@ -646,6 +662,7 @@ impl SimGlucometer {
     /// A central connects; returns the connection id. A procedure of an earlier connection is gone.
     pub fn connect(&mut self) -> u64 {
         self.procedure = None;
+        self.transfer = None;
         self.server.connect()
     }
 
@@ -653,6 +670,7 @@ impl SimGlucometer {
     /// stay; a transfer is a copy).
     pub fn disconnect(&mut self) {
         self.procedure = None;
+        self.transfer = None;
         self.server.disconnect();
     }
 
@@ -747,7 +765,10 @@ impl SimGlucometer {
 
     /// Takes the next output (a notification, an indication or an injected disconnect).
     pub fn poll_output(&mut self) -> Option<DeviceOutput> {
-        let q = self.server.pop()?;
+        let (records, config, transfer) = (&self.records, &self.config, &mut self.transfer);
+        let q = self
+            .server
+            .pop(|| next_of_transfer(records, config, transfer))?;
         if q.effect == Effect::EndProcedure {
             self.procedure = None;
         }
@@ -759,7 +780,13 @@ impl SimGlucometer {
 
     /// Whether an output is waiting.
     pub fn has_output(&self) -> bool {
-        !self.server.outbox.is_empty()
+        self.server.has_output()
+    }
+
+    /// Entries in the outbox (outputs, and a run not yet encoded counts one).
+    #[cfg(test)]
+    pub(super) fn queued_outputs(&self) -> usize {
+        self.server.outbox.len()
     }
 
     // ----- RACP ---------------------------------------------------------------------------------------
@@ -821,6 +848,7 @@ impl SimGlucometer {
             OpCode::ABORT_OPERATION => {
                 // GLS: stop the running procedure, send nothing more of it, then answer success.
                 self.server.outbox.clear();
+                self.transfer = None;
                 self.start(op_code);
                 self.respond(Racp::success(op_code));
             }
@@ -912,42 +940,22 @@ impl SimGlucometer {
             // In sequence order, which on this meter is newest first.
             selected.reverse();
         }
-        let faults = self.config.faults;
-        for (sent, &i) in selected.iter().enumerate() {
-            if faults.drop_link_after_records == Some(sent) {
-                self.server.push(DeviceOutput::Disconnect, Effect::None);
-                return;
-            }
-            let Some(r) = self.wire_record(i) else {
-                continue;
-            };
-            self.server.notify(
-                uuid::GLUCOSE_MEASUREMENT,
-                r.measurement().to_vec(),
-                Effect::None,
-            );
-            if let Some(c) = &r.context {
-                self.server.notify(
-                    uuid::GLUCOSE_CONTEXT,
-                    c.to_gatt(r.sequence_number).to_vec(),
-                    Effect::None,
-                );
-            }
-        }
-        if faults.drop_link_after_records == Some(selected.len()) {
-            self.server.push(DeviceOutput::Disconnect, Effect::None);
-        } else if !faults.skip_response {
-            self.respond(Racp::success(op_code));
-        }
+        self.transfer = Some(Transfer {
+            order: selected,
+            sent: 0,
+            memory_len: self.records.len(),
+        });
+        self.server.push_run();
     }
 
-    /// The record at memory index `i` as it goes on the wire: renumbered newest-first on such a meter.
+    /// The record at memory index `i` as it goes on the wire (see [`wire_record`]).
     fn wire_record(&self, i: usize) -> Option<StoredGlucoseRecord> {
-        let mut r = self.records.get(i).copied()?;
-        if self.config.newest_first {
-            r.sequence_number = u16::try_from(self.records.len() - 1 - i).unwrap_or(u16::MAX);
-        }
-        Some(r)
+        wire_record(
+            &self.records,
+            self.config.newest_first,
+            self.records.len(),
+            i,
+        )
     }
 
     /// Indices of the records an operator and operand select, ascending (GLS v1.0 §3.4.2: both bounds
@@ -986,6 +994,78 @@ impl SimGlucometer {
             _ => Vec::new(),
         }
     }
+}
+
+/// The next record of a Report Stored Records transfer — its 2A18 and, if any, its 2A34 — and after the
+/// last one the response code; or the injected fault instead.
+fn next_of_transfer(
+    records: &[StoredGlucoseRecord],
+    config: &GlucometerConfig,
+    transfer: &mut Option<Transfer>,
+) -> RunStep {
+    let Some(t) = transfer else {
+        return RunStep::default();
+    };
+    let faults = config.faults;
+    let mut outputs = Vec::with_capacity(2);
+    while t.sent < t.order.len() && outputs.is_empty() {
+        if faults.drop_link_after_records == Some(t.sent) {
+            break;
+        }
+        let record = t
+            .order
+            .get(t.sent)
+            .and_then(|&i| wire_record(records, config.newest_first, t.memory_len, i));
+        t.sent += 1;
+        let Some(r) = record else {
+            continue;
+        };
+        outputs.push(Queued::notify(
+            uuid::GLUCOSE_MEASUREMENT,
+            r.measurement().to_vec(),
+            Effect::None,
+        ));
+        if let Some(c) = &r.context {
+            outputs.push(Queued::notify(
+                uuid::GLUCOSE_CONTEXT,
+                c.to_gatt(r.sequence_number).to_vec(),
+                Effect::None,
+            ));
+        }
+    }
+    let dropped = faults.drop_link_after_records == Some(t.sent);
+    let more = t.sent < t.order.len() && !dropped;
+    if !more {
+        *transfer = None;
+        if dropped {
+            outputs.push(Queued {
+                output: DeviceOutput::Disconnect,
+                effect: Effect::None,
+            });
+        } else if !faults.skip_response {
+            outputs.push(Queued::notify(
+                uuid::RACP,
+                Racp::success(OpCode::REPORT_STORED_RECORDS).to_vec(),
+                Effect::EndProcedure,
+            ));
+        }
+    }
+    RunStep { outputs, more }
+}
+
+/// The record at memory index `i` of a memory of `memory_len` records as it goes on the wire: renumbered
+/// newest-first on such a meter.
+fn wire_record(
+    records: &[StoredGlucoseRecord],
+    newest_first: bool,
+    memory_len: usize,
+    i: usize,
+) -> Option<StoredGlucoseRecord> {
+    let mut r = records.get(i).copied()?;
+    if newest_first {
+        r.sequence_number = u16::try_from(memory_len.checked_sub(1 + i)?).unwrap_or(u16::MAX);
+    }
+    Some(r)
 }
 
 /// `n` testing times before `now` (real time, oldest first) with the meal each slot implies.

@@ -245,6 +245,35 @@ struct Queued {
     effect: Effect,
 }
 
+impl Queued {
+    fn notify(uuid: u16, value: Vec<u8>, effect: Effect) -> Queued {
+        Queued {
+            output: DeviceOutput::Notify(Notification { uuid, value }),
+            effect,
+        }
+    }
+}
+
+/// A place in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    /// An output, encoded.
+    Ready(Queued),
+    /// A run of stored records the model has not encoded yet — a RACP transfer, a cuff's dump. The model
+    /// keeps the run's cursor and turns it into outputs one record at a time as the transport takes them
+    /// ([`GattServer::pop`]): a real device paces a transfer over the air, and a gateway process that runs
+    /// simulated devices must not hold every device's whole memory twice, encoded, at once.
+    Run,
+}
+
+/// What a model's run gives when the outbox reaches it: the outputs of its next record (and, after the
+/// last, whatever ends it), and whether the run goes on.
+#[derive(Debug, Default)]
+struct RunStep {
+    outputs: Vec<Queued>,
+    more: bool,
+}
+
 /// Outputs a drained outbox keeps room for (a session's usual few).
 const OUTBOX_KEPT: usize = 16;
 
@@ -260,8 +289,8 @@ struct GattServer {
     bonded: bool,
     /// Characteristics whose notifications / indications are enabled.
     cccds: BTreeSet<u16>,
-    /// Outputs not yet taken by the transport.
-    outbox: VecDeque<Queued>,
+    /// Outputs not yet taken by the transport, and the runs of records not yet encoded.
+    outbox: VecDeque<Entry>,
 }
 
 impl GattServer {
@@ -296,32 +325,51 @@ impl GattServer {
         self.cccds.contains(&uuid)
     }
 
-    fn push(&mut self, output: DeviceOutput, effect: Effect) {
-        self.outbox.push_back(Queued { output, effect });
+    /// Queues a run of records behind what is queued; the model keeps its cursor (see [`Entry::Run`]).
+    fn push_run(&mut self) {
+        self.outbox.push_back(Entry::Run);
     }
 
-    /// The next output for the transport. A whole memory's transfer is queued at once (a real device
-    /// paces it over the air); once it is taken, the queue gives that room back, or the gateway process
-    /// that runs simulated devices would hold every device's largest transfer for good (2 MB after a
-    /// catch-up of 20 000 records over 10 devices: tests/benches/gateway_memory.rs).
-    fn pop(&mut self) -> Option<Queued> {
-        let q = self.outbox.pop_front();
-        if self.outbox.is_empty() && self.outbox.capacity() > OUTBOX_KEPT {
-            self.outbox.shrink_to(OUTBOX_KEPT);
+    /// Whether an output is waiting. A run in the outbox always has a record left: a model's
+    /// `next_of_run` says `more: false` with the last one.
+    fn has_output(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+
+    /// The next output for the transport. A run at the front is expanded first, one record at a time,
+    /// by `next_of_run` (the model's cursor of its oldest run). A burst of outputs gives its room back
+    /// once taken, so a session's queue stays small.
+    fn pop(&mut self, mut next_of_run: impl FnMut() -> RunStep) -> Option<Queued> {
+        loop {
+            match self.outbox.pop_front()? {
+                Entry::Ready(q) => {
+                    if self.outbox.is_empty() && self.outbox.capacity() > OUTBOX_KEPT {
+                        self.outbox.shrink_to(OUTBOX_KEPT);
+                    }
+                    return Some(q);
+                }
+                Entry::Run => {
+                    let step = next_of_run();
+                    if step.more {
+                        self.outbox.push_front(Entry::Run);
+                    }
+                    for q in step.outputs.into_iter().rev() {
+                        self.outbox.push_front(Entry::Ready(q));
+                    }
+                }
+            }
         }
-        q
     }
 
     fn notify(&mut self, uuid: u16, value: Vec<u8>, effect: Effect) {
-        self.push(DeviceOutput::Notify(Notification { uuid, value }), effect);
+        self.outbox
+            .push_back(Entry::Ready(Queued::notify(uuid, value, effect)));
     }
 
     /// Queues a notification ahead of everything else.
     fn notify_first(&mut self, uuid: u16, value: Vec<u8>, effect: Effect) {
-        self.outbox.push_front(Queued {
-            output: DeviceOutput::Notify(Notification { uuid, value }),
-            effect,
-        });
+        self.outbox
+            .push_front(Entry::Ready(Queued::notify(uuid, value, effect)));
     }
 }
 

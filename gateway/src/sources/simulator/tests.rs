@@ -358,6 +358,53 @@ fn racp_malformed_abort_mid_transfer_leaves_the_transfer_running() {
     assert_eq!(rest[4], notified(uuid::RACP, "06000101"));
 }
 
+/// A transfer is encoded a record at a time as the transport takes it, so a whole memory's report never
+/// sits in the outbox (the gateway process that runs ten simulated meters would hold every transfer at
+/// once: tests/benches/gateway_memory.rs). What goes out is what a copy taken at the write would send: a
+/// record taken meanwhile is not in it, and a newest-first meter keeps the numbering it had at the write.
+#[test]
+fn a_transfer_is_encoded_as_it_is_taken_and_stays_a_copy_of_the_write() {
+    let mut g = meter_with(
+        300,
+        GlucometerConfig {
+            newest_first: true,
+            ..GlucometerConfig::new("g")
+        },
+    );
+    g.write_racp(&Racp::report_all().to_vec()).unwrap();
+    let mut most_queued = g.queued_outputs();
+    let mut seqs = Vec::new();
+    let mut outputs = 0;
+    while let Some(o) = g.poll_output() {
+        outputs += 1;
+        most_queued = most_queued.max(g.queued_outputs());
+        if outputs == 10 {
+            g.add_record(NOW, 150.0, None).unwrap();
+        }
+        if let DeviceOutput::Notify(n) = o {
+            decode(n.uuid, &n.value);
+            if n.uuid == uuid::GLUCOSE_MEASUREMENT {
+                seqs.push(GlucoseMeasurement::parse(&n.value).unwrap().sequence_number);
+            }
+        }
+    }
+    assert_eq!(
+        outputs,
+        300 * 2 + 1,
+        "each record and its context, then the response"
+    );
+    assert!(
+        most_queued <= 3,
+        "at most one record's outputs and the rest of the run: {most_queued}"
+    );
+    assert_eq!(
+        seqs,
+        (0..300).collect::<Vec<u16>>(),
+        "numbered as at the write"
+    );
+    assert_eq!(g.records().len(), 301);
+}
+
 // ----- RACP: errors ----------------------------------------------------------------------------------------
 
 /// GLS.TS SPE/BI-01…06: malformed requests are answered with the response code, not an ATT error.
@@ -1173,6 +1220,37 @@ fn cuff_delete_after_transfer() {
     c.subscribe(uuid::BP_MEASUREMENT).unwrap();
     assert_eq!(drain_cuff(&mut c).len(), 2);
     assert!(c.readings().is_empty());
+}
+
+/// A dump is indicated a reading at a time as the transport takes it, and a reading measured during the
+/// dump comes after it, as it would behind a copy of the memory taken at the subscribe.
+#[test]
+fn cuff_dump_is_encoded_as_it_is_taken_and_a_new_reading_comes_after_it() {
+    let mut c = SimCuff::new(CuffConfig::new("c"));
+    c.generate(200, NOW - 86_400, 3).unwrap();
+    c.connect();
+    c.subscribe(uuid::BP_MEASUREMENT).unwrap();
+    let mut got = Vec::new();
+    let mut most_queued = c.queued_outputs();
+    while let Some(o) = c.poll_output() {
+        most_queued = most_queued.max(c.queued_outputs());
+        if got.len() == 5 {
+            c.measure(255, 121, 79, 64, MeasurementStatus::default(), NOW)
+                .unwrap();
+        }
+        let DeviceOutput::Notify(n) = o else {
+            panic!("a cuff injects no disconnect");
+        };
+        decode(n.uuid, &n.value);
+        got.push(bp(&n).systolic.value());
+    }
+    assert_eq!(got.len(), 201);
+    assert!(
+        most_queued <= 2,
+        "one reading and the rest of the dump: {most_queued}"
+    );
+    assert_eq!(got[200], Some(121.0), "the new reading after the dump");
+    assert!(!got[..200].contains(&None));
 }
 
 /// BLS: a measurement taken while connected — intermediate cuff pressures (2A36) first, then the 2A35
