@@ -32,7 +32,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use phg_tests::process::gateway_bin;
+use phg_tests::process::{gateway_bin, service_environment};
 use phg_tests::{Subscriber, TestBroker};
 
 const GW: &str = "gw-mem";
@@ -78,20 +78,6 @@ fn config(broker: &TestBroker, dir: &std::path::Path, stored: u64, measure: bool
         );
     }
     c
-}
-
-/// The `Environment=` settings of the packaged service: what the gateway runs with on a Pi.
-fn service_environment() -> Vec<(String, String)> {
-    let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../packaging/gateway/phg-gateway.service");
-    std::fs::read_to_string(&unit)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.strip_prefix("Environment="))
-        .flat_map(str::split_whitespace)
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
 }
 
 /// The peak VmRSS seen while `until` runs, sampling every 50 ms.
@@ -158,12 +144,16 @@ async fn run(
     let catch_up = started.elapsed();
     let delivered = sub.received().len();
     let hwm_catch_up = status_kb(pid, "VmHWM").unwrap_or(0);
-    println!(
-        "  catch-up: {delivered} readings delivered in {:.1} s; peak VmRSS {}, VmHWM {}",
-        catch_up.as_secs_f64(),
-        mb(catch_up_peak),
-        mb(hwm_catch_up)
-    );
+    if backlog == 0 {
+        println!("  catch-up: none (no stored records)");
+    } else {
+        println!(
+            "  catch-up: {delivered} readings delivered in {:.1} s; peak VmRSS {}, VmHWM {}",
+            catch_up.as_secs_f64(),
+            mb(catch_up_peak),
+            mb(hwm_catch_up)
+        );
+    }
     let before = sub.received().len();
     let (steady_peak, _) = sample_while(pid, sub.collect_for(steady)).await;
     let steady_readings = sub.received().len() - before;

@@ -42,6 +42,7 @@ use gateway::pipeline::{Bindings, Counters, Pipeline, writer};
 use gateway::sources::collector::{DeviceRef, RecordSink, SessionInfo};
 use gateway::sources::uuid::GLUCOSE_MEASUREMENT;
 use gateway::uplink::{self, MqttVersion, UplinkConfig, UplinkError, UplinkStats};
+use phg_tests::process::service_environment;
 use phg_tests::{BrokerKind, TestBroker, mosquitto_path, unique_id};
 use protocol::gatt::Codec;
 use protocol::gatt::glucose::{
@@ -1959,7 +1960,50 @@ async fn idle_cpu(broker: &TestBroker, over: Duration) -> Result<f64, String> {
     Ok((after - before).as_secs_f64() / over.as_secs_f64())
 }
 
+/// The gateway path runs inside this process, so this process runs with the packaged service's
+/// environment (`Environment=` of `packaging/gateway/phg-gateway.service`, as the gateway on a Pi; glibc
+/// reads `MALLOC_ARENA_MAX` only at start-up): when it is not set, the bench starts itself again with it
+/// and returns that run's status. `PHG_BENCH_NO_SERVICE_ENV=1` runs with the caller's environment.
+fn rerun_with_service_environment() -> Option<ExitCode> {
+    let opted_out =
+        std::env::var("PHG_BENCH_NO_SERVICE_ENV").is_ok_and(|v| !v.is_empty() && v != "0");
+    let unset: Vec<(String, String)> = service_environment()
+        .into_iter()
+        .filter(|(k, v)| std::env::var(k).ok().as_deref() != Some(v.as_str()))
+        .collect();
+    if opted_out || unset.is_empty() {
+        let env: Vec<String> = service_environment()
+            .iter()
+            .map(|(k, _)| {
+                format!(
+                    "{k}={}",
+                    std::env::var(k).unwrap_or_else(|_| "(unset)".into())
+                )
+            })
+            .collect();
+        println!(
+            "environment: {} (the packaged service sets it; PHG_BENCH_NO_SERVICE_ENV=1 leaves the caller's)",
+            env.join(" ")
+        );
+        return None;
+    }
+    let exe = std::env::current_exe().expect("bench setup: this executable's path");
+    let status = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .envs(unset)
+        .status()
+        .expect("bench setup: start the bench again with the service's environment");
+    Some(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn main() -> ExitCode {
+    if let Some(code) = rerun_with_service_environment() {
+        return code;
+    }
     let sizes = Sizes::from_args();
     capture::install();
     let rt = tokio::runtime::Builder::new_multi_thread()

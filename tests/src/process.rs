@@ -25,6 +25,21 @@ pub fn gateway_bin() -> PathBuf {
         .clone()
 }
 
+/// The `Environment=` settings of the packaged gateway service (`packaging/gateway/phg-gateway.service`):
+/// what the gateway runs with on a Pi, so what its benchmarks measure it with.
+pub fn service_environment() -> Vec<(String, String)> {
+    let unit =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/gateway/phg-gateway.service");
+    std::fs::read_to_string(&unit)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .flat_map(str::split_whitespace)
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
 /// The `ingest` binary of this build, found and built as [`gateway_bin`] does (`PHG_INGEST_BIN`
 /// overrides).
 ///
