@@ -247,12 +247,17 @@ fn commit(journal: &Mutex<Journal>, batch: &mut Vec<Item>) -> Vec<Record> {
 }
 
 fn committed_record(r: NewRecord, seq: u64) -> Record {
+    // serde_json grows its buffer by doubling, so a reading's ~520-byte payload sits in a 1 KiB
+    // allocation; the handoff keeps up to 512 committed records while the uplink catches up after a
+    // burst. Shrinking gives the rest back in place (glibc splits the chunk; nothing is copied).
+    let mut payload = r.payload;
+    payload.shrink_to_fit();
     Record {
         seq,
         device: r.device,
         device_seq: r.device_seq,
         reading_id: r.reading_id,
         topic: r.topic,
-        payload: r.payload,
+        payload,
     }
 }
