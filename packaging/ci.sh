@@ -36,6 +36,10 @@ step "build the packages"
 amd64_dir=${AMD64_TARGET_DIR:-target}
 CARGO_TARGET_DIR=$amd64_dir cargo build --release -p gateway -p ingest --no-default-features
 cargo build --profile dist -p gateway -p ingest --no-default-features --target "$ARM"
+# The gateway binaries relinked with the code a running gateway uses first in .text (less of it resident:
+# docs/performance.md). After the builds, which put the plain link back; seconds when .ci/run did it.
+CARGO_TARGET_DIR=$amd64_dir packaging/order-text.sh release
+packaging/order-text.sh dist "$ARM"
 CARGO_TARGET_DIR=$amd64_dir cargo deb -p gateway --no-build
 CARGO_TARGET_DIR=$amd64_dir cargo deb -p ingest --no-build
 cargo deb -p gateway --target "$ARM" --profile dist --no-build

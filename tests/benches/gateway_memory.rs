@@ -25,8 +25,8 @@
 //! The gateway runs with the environment the packaged service gives it (the `Environment=` lines of
 //! `packaging/gateway/phg-gateway.service`: `MALLOC_ARENA_MAX`), and then once more without it, for
 //! comparison. The binary is this build's (`target/release/gateway`, with the embedded broker `demo`
-//! needs); the packaged one is smaller and so is its resident text:
-//! `cargo build --profile dist -p gateway --no-default-features` and
+//! needs); the packaged one is smaller and so is its resident text, more so with its hot functions first:
+//! `cargo build --profile dist -p gateway --no-default-features`, `packaging/order-text.sh dist` and
 //! `PHG_GATEWAY_BIN=target/dist/gateway cargo bench -p phg-tests --bench gateway_memory`.
 
 use std::process::{Command, Stdio};
