@@ -323,7 +323,7 @@ pub struct SimGlucometer {
     /// The RACP procedure in progress (GLS: at most one).
     procedure: Option<OpCode>,
     /// The Report Stored Records transfer being sent, if any (its place in the outbox is an
-    /// [`Entry::Run`]).
+    /// [`Entry::Run`](super::Entry::Run)).
     transfer: Option<Transfer>,
 }
 
