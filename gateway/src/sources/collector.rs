@@ -669,9 +669,10 @@ impl RecordSink for Held {
 /// oldest first (promise 2: in order per device).
 ///
 /// The last accepted record is found by the device time its cursor carries ([`crate::pipeline`] documents
-/// that cursor): the records numbered below it (newer) are new. When it is no longer in the meter's memory (memory cleared or
-/// wrapped), every record is handed over — the time-and-value reading ids make any that were delivered
-/// before harmless duplicates (promise 3) — which is the safe direction: nothing is skipped.
+/// that cursor): the records numbered below it (newer) are new. When it is no longer in the meter's
+/// memory (memory cleared or wrapped), every record is handed over — the time-and-value reading ids make
+/// any that were delivered before harmless duplicates (promise 3) — which is the safe direction: nothing
+/// is skipped.
 async fn hand_over_newer<S: RecordSink>(
     sink: &mut S,
     session: &SessionInfo,
