@@ -7,7 +7,7 @@
 #   (HOT_FUNCTIONS_TARGET_DIR: where its unstripped build goes, default target/hot-functions)
 #
 # The run: the packaged build (`dist`, no embedded broker) with its symbols, under callgrind (which sees
-# every function called, not a sample), the unit's MALLOC_ARENA_MAX, a local Mosquitto, 5 glucometers and
+# every function called, not a sample), the unit's environment, a local Mosquitto, 5 glucometers and
 # 5 two-user cuffs with 300 stored records each (a catch-up) measuring every second, edge alerts on: the
 # bench's devices (tests/benches/gateway_memory.rs). Not in it: the Bluetooth path (btleplug, D-Bus),
 # the kiosk and TLS; their code stays where the linker puts it.
@@ -38,7 +38,9 @@ trap 'kill $broker 2>/dev/null; rm -rf "$work"' EXIT
   done
 } >"$work/gateway.toml"
 
-(cd "$work" && MALLOC_ARENA_MAX=1 timeout -s INT "$seconds" valgrind --tool=callgrind --demangle=no \
+# The unit's Environment= (MALLOC_ARENA_MAX), as the bench and the Pi run it.
+read -ra unit_env <<<"$(sed -n 's/^Environment=//p' packaging/gateway/phg-gateway.service | tr '\n' ' ')"
+(cd "$work" && env "${unit_env[@]}" timeout -s INT "$seconds" valgrind --tool=callgrind --demangle=no \
   --callgrind-out-file="$work/callgrind.out" "$dir/dist/gateway" run --config gateway.toml \
   >"$work/gateway.log" 2>&1) || true
 grep -q "stopped accepted=" "$work/gateway.log" || { cat "$work/gateway.log" >&2; exit 1; }

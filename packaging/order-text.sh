@@ -6,7 +6,7 @@
 #
 # Why: the kernel maps 64 KB of a binary around every page it faults in, so code that runs spread over the
 # whole .text brings nearly all of it into memory. A running gateway executes ~1.7 MB of its 6.6 MB of
-# text, and 6.2 MB of it was resident (docs/performance.md, "Where the text goes"). lld lays the sections
+# text, and 6.2 MB of it was resident (docs/performance.md, "One arena, a paced simulator, the hot functions first"). lld lays the sections
 # of the symbols named in --symbol-ordering-file first, in that order.
 #
 # The names are packaging/gateway/hot-functions.txt (made by packaging/hot-functions.sh), demangled and

@@ -1967,12 +1967,13 @@ async fn idle_cpu(broker: &TestBroker, over: Duration) -> Result<f64, String> {
 fn rerun_with_service_environment() -> Option<ExitCode> {
     let opted_out =
         std::env::var("PHG_BENCH_NO_SERVICE_ENV").is_ok_and(|v| !v.is_empty() && v != "0");
-    let unset: Vec<(String, String)> = service_environment()
-        .into_iter()
+    let wanted = service_environment();
+    let unset: Vec<&(String, String)> = wanted
+        .iter()
         .filter(|(k, v)| std::env::var(k).ok().as_deref() != Some(v.as_str()))
         .collect();
     if opted_out || unset.is_empty() {
-        let env: Vec<String> = service_environment()
+        let env: Vec<String> = wanted
             .iter()
             .map(|(k, _)| {
                 format!(
@@ -1990,7 +1991,7 @@ fn rerun_with_service_environment() -> Option<ExitCode> {
     let exe = std::env::current_exe().expect("bench setup: this executable's path");
     let status = std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
-        .envs(unset)
+        .envs(unset.iter().map(|(k, v)| (k, v)))
         .status()
         .expect("bench setup: start the bench again with the service's environment");
     Some(if status.success() {

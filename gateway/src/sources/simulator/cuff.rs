@@ -486,8 +486,7 @@ impl SimCuff {
     }
 
     fn indicate(&mut self, reading: StoredBpReading) {
-        let q = indication(&self.config, reading);
-        self.server.notify(uuid::BP_MEASUREMENT, q.0, q.1);
+        self.server.push(indication(&self.config, reading));
     }
 
     // ----- GATT server --------------------------------------------------------------------------------
@@ -699,14 +698,14 @@ impl SimCuff {
     }
 }
 
-/// A stored reading's 2A35 indication (value and effect), in the cuff's layout.
-fn indication(config: &CuffConfig, reading: StoredBpReading) -> (Vec<u8>, Effect) {
+/// A stored reading's 2A35 indication, in the cuff's layout; taking it delivers the reading.
+fn indication(config: &CuffConfig, reading: StoredBpReading) -> Queued {
     let value = if config.beurer_layout {
         reading.beurer_value()
     } else {
         reading.measurement().to_vec()
     };
-    (value, Effect::Delivered(reading.key))
+    Queued::notify(uuid::BP_MEASUREMENT, value, Effect::Delivered(reading.key))
 }
 
 /// The next reading of the oldest dump under way, as its indication.
@@ -730,9 +729,8 @@ fn next_of_dump(
     if !more {
         dumps.pop_front();
     }
-    let (value, effect) = indication(config, reading);
     RunStep {
-        outputs: vec![Queued::notify(uuid::BP_MEASUREMENT, value, effect)],
+        outputs: vec![indication(config, reading)],
         more,
     }
 }

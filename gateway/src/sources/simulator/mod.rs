@@ -274,9 +274,6 @@ struct RunStep {
     more: bool,
 }
 
-/// Outputs a drained outbox keeps room for (a session's usual few).
-const OUTBOX_KEPT: usize = 16;
-
 /// The connection-scoped part of a GATT server, the same for every model: which connection is current,
 /// the bond, the CCCDs and the outbox.
 #[derive(Debug, Default)]
@@ -307,7 +304,6 @@ impl GattServer {
     fn disconnect(&mut self) {
         self.connection = None;
         self.outbox.clear();
-        self.outbox.shrink_to(OUTBOX_KEPT);
         if !self.bonded {
             self.cccds.clear();
         }
@@ -325,6 +321,10 @@ impl GattServer {
         self.cccds.contains(&uuid)
     }
 
+    fn push(&mut self, q: Queued) {
+        self.outbox.push_back(Entry::Ready(q));
+    }
+
     /// Queues a run of records behind what is queued; the model keeps its cursor (see [`Entry::Run`]).
     fn push_run(&mut self) {
         self.outbox.push_back(Entry::Run);
@@ -337,17 +337,12 @@ impl GattServer {
     }
 
     /// The next output for the transport. A run at the front is expanded first, one record at a time,
-    /// by `next_of_run` (the model's cursor of its oldest run). A burst of outputs gives its room back
-    /// once taken, so a session's queue stays small.
+    /// by `next_of_run` (the model's cursor of its oldest run), so the queue holds a few outputs at most:
+    /// a record's, a measurement's pressures.
     fn pop(&mut self, mut next_of_run: impl FnMut() -> RunStep) -> Option<Queued> {
         loop {
             match self.outbox.pop_front()? {
-                Entry::Ready(q) => {
-                    if self.outbox.is_empty() && self.outbox.capacity() > OUTBOX_KEPT {
-                        self.outbox.shrink_to(OUTBOX_KEPT);
-                    }
-                    return Some(q);
-                }
+                Entry::Ready(q) => return Some(q),
                 Entry::Run => {
                     let step = next_of_run();
                     if step.more {
@@ -362,8 +357,7 @@ impl GattServer {
     }
 
     fn notify(&mut self, uuid: u16, value: Vec<u8>, effect: Effect) {
-        self.outbox
-            .push_back(Entry::Ready(Queued::notify(uuid, value, effect)));
+        self.push(Queued::notify(uuid, value, effect));
     }
 
     /// Queues a notification ahead of everything else.

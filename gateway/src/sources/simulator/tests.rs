@@ -405,6 +405,25 @@ fn a_transfer_is_encoded_as_it_is_taken_and_stays_a_copy_of_the_write() {
     assert_eq!(g.records().len(), 301);
 }
 
+/// A connection that ends in the middle of a paced transfer takes the rest of it along: the next
+/// connection's report sends only what it asks for, nothing left over from the old one.
+#[test]
+fn a_transfer_cut_by_a_disconnect_leaves_nothing_for_the_next_connection() {
+    let mut g = meter_with(5, GlucometerConfig::new("g"));
+    g.write_racp(&Racp::report_all().to_vec()).unwrap();
+    assert!(g.poll_output().is_some());
+    assert!(g.poll_output().is_some());
+    g.disconnect();
+    assert!(!g.has_output());
+    g.connect();
+    g.subscribe(uuid::GLUCOSE_MEASUREMENT).unwrap();
+    g.subscribe(uuid::GLUCOSE_CONTEXT).unwrap();
+    g.subscribe(uuid::RACP).unwrap();
+    let (seqs, last) = run(&mut g, &Racp::report_last().to_vec());
+    assert_eq!(seqs, vec![4]);
+    assert_eq!(last, hex("06000101"));
+}
+
 // ----- RACP: errors ----------------------------------------------------------------------------------------
 
 /// GLS.TS SPE/BI-01…06: malformed requests are answered with the response code, not an ATT error.
@@ -1251,6 +1270,23 @@ fn cuff_dump_is_encoded_as_it_is_taken_and_a_new_reading_comes_after_it() {
     );
     assert_eq!(got[200], Some(121.0), "the new reading after the dump");
     assert!(!got[..200].contains(&None));
+}
+
+/// A dump cut by a disconnect is gone with the connection: the next subscribe dumps the whole memory
+/// again (this cuff keeps its readings), not the rest of the old dump.
+#[test]
+fn a_dump_cut_by_a_disconnect_starts_over_on_the_next_connection() {
+    let mut c = SimCuff::new(CuffConfig::new("c"));
+    c.generate(5, NOW, 4).unwrap();
+    c.connect();
+    c.subscribe(uuid::BP_MEASUREMENT).unwrap();
+    assert!(c.poll_output().is_some());
+    assert!(c.poll_output().is_some());
+    c.disconnect();
+    assert!(!c.has_output());
+    c.connect();
+    c.subscribe(uuid::BP_MEASUREMENT).unwrap();
+    assert_eq!(drain_cuff(&mut c).len(), 5);
 }
 
 /// BLS: a measurement taken while connected — intermediate cuff pressures (2A36) first, then the 2A35
