@@ -561,21 +561,21 @@ async fn hand_over_new_bp<S: RecordSink>(
         descending: usize,
     }
 
-    let identity: Vec<Option<(String, Option<i64>)>> = held
+    // Each value's user (which names its cursor key, [`bp_cursor_key`]) and device time. The user, not
+    // the key: a dump holds thousands of values of a few users.
+    let identity: Vec<Option<(Option<u8>, Option<i64>)>> = held
         .iter()
         .map(|v| {
             let m = BloodPressureMeasurement::parse(&v.bytes).ok()?;
-            Some((
-                bp_cursor_key(&session.device.id, m.user_id),
-                m.timestamp.and_then(|t| t.to_epoch_seconds()),
-            ))
+            Some((m.user_id, m.timestamp.and_then(|t| t.to_epoch_seconds())))
         })
         .collect();
-    let mut series: std::collections::HashMap<&str, Series> = std::collections::HashMap::new();
+    let mut series: std::collections::HashMap<Option<u8>, Series> =
+        std::collections::HashMap::new();
     for (i, id) in identity.iter().enumerate() {
-        let Some((key, time)) = id else { continue };
-        let s = series.entry(key.as_str()).or_insert_with(|| Series {
-            mark: cursor_mark(sink.cursor(key)),
+        let Some((user, time)) = id else { continue };
+        let s = series.entry(*user).or_insert_with(|| Series {
+            mark: cursor_mark(sink.cursor(&bp_cursor_key(&session.device.id, *user))),
             ..Series::default()
         });
         if s.mark.is_some() && *time == s.mark {
@@ -594,7 +594,7 @@ async fn hand_over_new_bp<S: RecordSink>(
         let new = match identity.get(i).and_then(Option::as_ref) {
             // Undecodable: the pipeline reports it.
             None => true,
-            Some((key, _)) => match series.get(key.as_str()) {
+            Some((user, _)) => match series.get(user) {
                 Some(Series {
                     found: Some((first, last)),
                     ascending,
@@ -632,7 +632,9 @@ async fn hand_over_new_bp<S: RecordSink>(
 /// A Blood Pressure Measurement as the BP collector received it.
 #[derive(Debug, Clone)]
 struct BpValue {
-    bytes: Vec<u8>,
+    /// A Blood Pressure Measurement is at most 19 octets (BLS 1.1 §3.1); a longer value, which a
+    /// device may still send, goes to the heap.
+    bytes: smallvec::SmallVec<[u8; 19]>,
     received_utc: i64,
     /// The first measurement after Intermediate Cuff Pressure: see [`RecordSink::live_value`].
     live: bool,
@@ -838,7 +840,7 @@ pub async fn blood_pressure_session<L: GattLink, S: RecordSink>(
         // Only the first measurement after the pressures: a cuff that sends its stored ones after the new
         // one must not have them taken as live.
         held.push(BpValue {
-            bytes: next.value,
+            bytes: smallvec::SmallVec::from_slice(&next.value),
             received_utc: now_utc(),
             live: std::mem::take(&mut measuring),
         });
@@ -907,7 +909,7 @@ mod tests {
             ..BloodPressureMeasurement::new(PressureUnit::MmHg, p(sys), p(80), p(95))
         };
         BpValue {
-            bytes: m.to_vec(),
+            bytes: m.to_vec().into(),
             received_utc: t,
             live: false,
         }

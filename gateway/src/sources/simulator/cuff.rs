@@ -145,31 +145,47 @@ pub struct StoredBpReading {
     pub user_id: Option<u8>,
     /// The unit of the three pressures.
     pub unit: PressureUnit,
-    /// Systolic.
-    pub systolic: SFloat,
-    /// Diastolic.
-    pub diastolic: SFloat,
-    /// Mean arterial pressure.
-    pub mean_arterial_pressure: SFloat,
-    /// Pulse rate, bpm.
-    pub pulse_rate: SFloat,
+    /// Systolic, diastolic, mean arterial pressure and pulse rate (bpm), as their SFLOAT words: a
+    /// decoded [`SFloat`] takes four times the room, and a simulated cuff holds thousands of readings
+    /// in the gateway's memory (tests/benches/gateway_memory.rs).
+    values: [u16; 4],
     /// Measurement Status (BLS 1.1 §3.1.1.6).
     pub status: MeasurementStatus,
 }
 
 impl StoredBpReading {
+    /// Systolic.
+    pub fn systolic(&self) -> SFloat {
+        SFloat::from_raw(self.values[0])
+    }
+
+    /// Diastolic.
+    pub fn diastolic(&self) -> SFloat {
+        SFloat::from_raw(self.values[1])
+    }
+
+    /// Mean arterial pressure.
+    pub fn mean_arterial_pressure(&self) -> SFloat {
+        SFloat::from_raw(self.values[2])
+    }
+
+    /// Pulse rate, bpm.
+    pub fn pulse_rate(&self) -> SFloat {
+        SFloat::from_raw(self.values[3])
+    }
+
     /// The 2A35 value.
     pub fn measurement(&self) -> BloodPressureMeasurement<'static> {
         BloodPressureMeasurement {
             timestamp: Some(self.timestamp),
-            pulse_rate: Some(self.pulse_rate),
+            pulse_rate: Some(self.pulse_rate()),
             user_id: self.user_id,
             measurement_status: Some(self.status),
             ..BloodPressureMeasurement::new(
                 self.unit,
-                self.systolic,
-                self.diastolic,
-                self.mean_arterial_pressure,
+                self.systolic(),
+                self.diastolic(),
+                self.mean_arterial_pressure(),
             )
         }
     }
@@ -192,12 +208,12 @@ impl StoredBpReading {
         const RFU_B6: u8 = 0x40;
         let mut v = Vec::with_capacity(1 + 3 * SFloat::LEN + DateTime::LEN + SFloat::LEN + 1 + 2);
         v.push(self.unit.flag_bit() | TIME_STAMP | PULSE_RATE | MEASUREMENT_STATUS | RFU_B6);
-        v.extend(self.systolic.to_le_bytes());
-        v.extend(self.diastolic.to_le_bytes());
+        v.extend(self.values[0].to_le_bytes());
+        v.extend(self.values[1].to_le_bytes());
         // Beurer cuffs send no mean arterial pressure: MAP 0.
         v.extend([0, 0]);
         v.extend(self.timestamp.to_vec());
-        v.extend(self.pulse_rate.to_raw().to_be_bytes());
+        v.extend(self.values[3].to_be_bytes());
         v.push(self.user_id.unwrap_or(USER_ID_UNKNOWN));
         v.extend(self.status.0.to_be_bytes());
         v
@@ -467,10 +483,12 @@ impl SimCuff {
             timestamp,
             user_id,
             unit: self.config.unit,
-            systolic: self.pressure(sys)?,
-            diastolic: self.pressure(dia)?,
-            mean_arterial_pressure: self.pressure(map)?,
-            pulse_rate: sfloat_at(f64::from(pulse), 1.0, 0)?,
+            values: [
+                self.pressure(sys)?.to_raw(),
+                self.pressure(dia)?.to_raw(),
+                self.pressure(map)?.to_raw(),
+                sfloat_at(f64::from(pulse), 1.0, 0)?.to_raw(),
+            ],
             status,
         };
         self.next_key += 1;

@@ -232,8 +232,8 @@ pub struct StoredGlucoseRecord {
     pub base_time: DateTime,
     /// The Time Offset in force at measurement (GLS v1.0 §3.1.1.4).
     pub time_offset_min: i16,
-    /// The concentration in the wire unit.
-    pub concentration: SFloat,
+    /// The concentration in the wire unit, as its SFLOAT word (see [`PackedContext`] for why).
+    concentration: u16,
     /// kg/L or mol/L.
     pub unit: ConcentrationUnit,
     /// Sample type.
@@ -243,22 +243,78 @@ pub struct StoredGlucoseRecord {
     /// Sensor status (sent when not empty).
     pub sensor_status: SensorStatus,
     /// The context, if the record has one.
-    pub context: Option<RecordContext>,
+    context: PackedContext,
+}
+
+/// A record's context as its 2A34 value (sequence number 0; the transfer numbers it), or none. A
+/// [`RecordContext`] in the protocol's decoded types takes more than twice the room, and a simulated
+/// meter holds thousands of records in the gateway's memory (tests/benches/gateway_memory.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PackedContext {
+    /// 0: no context.
+    len: u8,
+    value: [u8; GlucoseContext::MAX_LEN],
+}
+
+impl PackedContext {
+    const NONE: PackedContext = PackedContext {
+        len: 0,
+        value: [0; GlucoseContext::MAX_LEN],
+    };
+
+    /// `None` for a context the 2A34 encoder refuses.
+    fn pack(context: Option<&RecordContext>) -> Option<PackedContext> {
+        let Some(c) = context else {
+            return Some(Self::NONE);
+        };
+        let mut value = [0; GlucoseContext::MAX_LEN];
+        let len = c.to_gatt(0).emit(&mut value).ok()?;
+        Some(PackedContext {
+            len: u8::try_from(len).ok()?,
+            value,
+        })
+    }
+
+    fn unpack(&self) -> Option<RecordContext> {
+        let value = self
+            .value
+            .get(..usize::from(self.len))
+            .filter(|v| !v.is_empty())?;
+        let c = GlucoseContext::parse(value).ok()?;
+        Some(RecordContext {
+            carbohydrate: c.carbohydrate,
+            meal: c.meal,
+            tester_health: c.tester_health,
+            exercise: c.exercise,
+            medication: c.medication,
+            hba1c: c.hba1c,
+        })
+    }
 }
 
 impl StoredGlucoseRecord {
+    /// The concentration in the wire unit.
+    pub fn concentration(&self) -> SFloat {
+        SFloat::from_raw(self.concentration)
+    }
+
+    /// The context, if the record has one.
+    pub fn context(&self) -> Option<RecordContext> {
+        self.context.unpack()
+    }
+
     /// The 2A18 value (flag b4 set when a context follows).
     pub fn measurement(&self) -> GlucoseMeasurement<'static> {
         GlucoseMeasurement {
             time_offset_min: Some(self.time_offset_min),
             concentration: Some(Concentration {
-                value: self.concentration,
+                value: self.concentration(),
                 unit: self.unit,
                 sample_type: self.sample_type,
                 sample_location: self.sample_location,
             }),
             sensor_status: (!self.sensor_status.is_empty()).then_some(self.sensor_status),
-            context_follows: self.context.is_some(),
+            context_follows: self.context.len > 0,
             ..GlucoseMeasurement::new(self.sequence_number, self.base_time)
         }
     }
@@ -437,27 +493,25 @@ impl SimGlucometer {
             (GlucoseUnit::MgPerDl, None) => (ConcentrationUnit::KgPerL, SFloat::NAN),
             (GlucoseUnit::MmolPerL, None) => (ConcentrationUnit::MolPerL, SFloat::NAN),
         };
+        let context = sample.context.filter(|_| self.config.with_context);
         let record = StoredGlucoseRecord {
             sequence_number,
             base_time,
             time_offset_min: self.time_offset_min,
-            concentration,
+            concentration: concentration.to_raw(),
             unit,
             sample_type: sample.sample_type,
             sample_location: sample.sample_location,
             sensor_status: sample.sensor_status,
-            context: sample.context.filter(|_| self.config.with_context),
+            // Encoding fails only for a value out of its field's range; refuse it here rather than at
+            // transfer time.
+            context: PackedContext::pack(context.as_ref()).ok_or(SimError::Unrepresentable)?,
         };
-        // Encoding fails only for a type/location above 15; refuse it here rather than at transfer time.
+        // As above: a type/location above 15.
         record
             .measurement()
             .emit(&mut [0u8; GlucoseMeasurement::MAX_LEN])
             .map_err(|_| SimError::Unrepresentable)?;
-        if let Some(c) = &record.context {
-            c.to_gatt(sequence_number)
-                .emit(&mut [0u8; GlucoseContext::MAX_LEN])
-                .map_err(|_| SimError::Unrepresentable)?;
-        }
         self.records.push(record);
         self.next_sequence += 1;
         Ok(sequence_number)
@@ -1025,7 +1079,7 @@ fn next_of_transfer(
             r.measurement().to_vec(),
             Effect::None,
         ));
-        if let Some(c) = &r.context {
+        if let Some(c) = r.context() {
             outputs.push(Queued::notify(
                 uuid::GLUCOSE_CONTEXT,
                 c.to_gatt(r.sequence_number).to_vec(),

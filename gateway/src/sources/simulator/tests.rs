@@ -978,6 +978,65 @@ fn glucose_outcomes(g: &mut SimGlucometer) -> Vec<Outcome> {
         .collect()
 }
 
+/// A stored record keeps its context as the 2A34 value: every field comes back as it was measured, in
+/// the memory and on the wire (numbered by the transfer), and a record stays small — a simulated meter
+/// holds thousands (tests/benches/gateway_memory.rs).
+#[test]
+fn a_stored_context_keeps_every_field_and_the_record_stays_small() {
+    use protocol::gatt::glucose::{
+        Carbohydrate, CarbohydrateId, Exercise, Health, Medication, MedicationId, MedicationUnit,
+        Tester, TesterHealth,
+    };
+    let sf = |m, e| protocol::ieee11073::SFloat::new(m, e).unwrap();
+    let full = RecordContext {
+        carbohydrate: Some(Carbohydrate {
+            id: CarbohydrateId::DINNER,
+            value: sf(75, -3),
+        }),
+        meal: Some(Meal::POSTPRANDIAL),
+        tester_health: Some(TesterHealth {
+            tester: Tester::HEALTH_CARE_PROFESSIONAL,
+            health: Health::MINOR_HEALTH_ISSUES,
+        }),
+        exercise: Some(Exercise {
+            duration_s: 1800,
+            intensity_pct: 60,
+        }),
+        medication: Some(Medication {
+            id: MedicationId::LONG_ACTING_INSULIN,
+            value: sf(12, -3),
+            unit: MedicationUnit::L,
+        }),
+        hba1c: Some(sf(68, -1)),
+    };
+    let mut g = ready(GlucometerConfig::new("g"));
+    for context in [Some(full), Some(RecordContext::meal(Meal::FASTING)), None] {
+        let sample = GlucoseSample {
+            context,
+            ..GlucoseSample::new(104.0)
+        };
+        g.add_sample(NOW, sample).unwrap();
+    }
+    let kept: Vec<_> = g
+        .records()
+        .iter()
+        .map(StoredGlucoseRecord::context)
+        .collect();
+    assert_eq!(
+        kept,
+        [Some(full), Some(RecordContext::meal(Meal::FASTING)), None]
+    );
+    assert!(g.records()[0].measurement().context_follows);
+    assert!(!g.records()[2].measurement().context_follows);
+    let wire = g.records()[0]
+        .context()
+        .map(|c| c.to_gatt(g.records()[0].sequence_number).to_vec());
+    let parsed = wire.as_deref().map(GlucoseContext::parse);
+    assert!(matches!(parsed, Some(Ok(c)) if c.hba1c == full.hba1c && c.sequence_number == 0));
+    assert!(std::mem::size_of::<StoredGlucoseRecord>() <= 40);
+    assert!(std::mem::size_of::<StoredBpReading>() <= 32);
+}
+
 /// The default mix is all normal: mostly 70–180 mg/dL, times before now and ascending, a meal context
 /// each, and every one a valid reading for the protocol's validator.
 #[test]
@@ -1014,7 +1073,7 @@ fn generate_defaults_to_normal_readings() {
     assert!(
         records
             .iter()
-            .all(|r| r.context.and_then(|c| c.meal).is_some())
+            .all(|r| r.context().and_then(|c| c.meal).is_some())
     );
     assert!(
         glucose_outcomes(&mut g)
@@ -1084,7 +1143,7 @@ fn generate_mix_exercises_rejection_paths() {
             .records()
             .iter()
             .filter(|r| r.sample_type == SampleType::CONTROL_SOLUTION)
-            .all(|r| r.context.is_none());
+            .all(|r| r.context().is_none());
         assert!(control, "a control test has no meal");
         let statuses = g
             .records()
@@ -1801,7 +1860,7 @@ fn measure_random_takes_one_reading_now() {
     let r = g.records()[0];
     assert_eq!(r.base_time.to_epoch_seconds(), Some(NOW));
     assert_eq!(
-        r.context.and_then(|c| c.meal),
+        r.context().and_then(|c| c.meal),
         Some(Meal::POSTPRANDIAL),
         "17:17"
     );
