@@ -71,7 +71,8 @@ mv "$work/order" "$order"
 echo "order-text: $(wc -l <"$order") of $(wc -l <"$work/mangled") functions first in .text ($hot: $(wc -l <"$hot") names)"
 # A list that has drifted from the code would leave the binary unordered without a word: refuse it.
 if [ "$(wc -l <"$order")" -lt "$(($(wc -l <"$hot") / 2))" ]; then
-  echo "packaging/order-text.sh: fewer functions found than half the list: rerun packaging/hot-functions.sh" >&2
+  echo "packaging/order-text.sh: fewer functions found than half the list: rerun packaging/hot-functions.sh" \
+    "(or, if RUSTFLAGS is set, add -Csymbol-mangling-version=v0: it replaces .cargo/config.toml's flags)" >&2
   exit 1
 fi
 relink -C link-arg=-Wl,--symbol-ordering-file="$order" -C link-arg=-Wl,--no-warn-symbol-ordering
