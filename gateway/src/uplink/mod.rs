@@ -102,8 +102,9 @@ pub(crate) const ACK_SYNC_AFTER: Duration = Duration::from_secs(25);
 /// Records read from the journal per background read; the next read starts when half are used. 256, not
 /// the 512 it was: decoded records are most of what a catch-up holds besides the journal's index (a
 /// 20 000-reading catch-up peaked 0.4 MB lower: tests/benches/gateway_memory.rs), and the default window
-/// (`inflight`, 100) still has more than its worth ready at every refill (`--bench pipeline` (b): 0.84 of raw
-/// QoS 1, within the 0.82–0.89 of 512).
+/// (`inflight`, 100) still has more than its worth ready at every refill. `--bench pipeline` (b) cannot tell
+/// the two apart: 0.84 and 0.71 of raw QoS 1 at 256, 0.77 at 512 in the same session (0.82–0.89 in five
+/// runs at 512 the session before).
 const READ_AHEAD: usize = 256;
 /// After a failed journal read, the next one waits this long.
 const READ_RETRY_AFTER: Duration = Duration::from_secs(1);
