@@ -275,6 +275,15 @@ impl PackedContext {
         })
     }
 
+    /// The 2A34 value numbered `sequence_number` (GLS v1.0 §3.2: the Flags octet, then the Sequence
+    /// Number, little-endian), from the stored octets as they are: what the 2A18 announced is what goes.
+    fn value(&self, sequence_number: u16) -> Option<Vec<u8>> {
+        let mut v = self.value.get(..usize::from(self.len))?.to_vec();
+        v.get_mut(1..3)?
+            .copy_from_slice(&sequence_number.to_le_bytes());
+        Some(v)
+    }
+
     fn unpack(&self) -> Option<RecordContext> {
         let value = self
             .value
@@ -1079,12 +1088,8 @@ fn next_of_transfer(
             r.measurement().to_vec(),
             Effect::None,
         ));
-        if let Some(c) = r.context() {
-            outputs.push(Queued::notify(
-                uuid::GLUCOSE_CONTEXT,
-                c.to_gatt(r.sequence_number).to_vec(),
-                Effect::None,
-            ));
+        if let Some(value) = r.context.value(r.sequence_number) {
+            outputs.push(Queued::notify(uuid::GLUCOSE_CONTEXT, value, Effect::None));
         }
     }
     let dropped = faults.drop_link_after_records == Some(t.sent);

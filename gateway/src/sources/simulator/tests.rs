@@ -1028,11 +1028,28 @@ fn a_stored_context_keeps_every_field_and_the_record_stays_small() {
     );
     assert!(g.records()[0].measurement().context_follows);
     assert!(!g.records()[2].measurement().context_follows);
-    let wire = g.records()[0]
-        .context()
-        .map(|c| c.to_gatt(g.records()[0].sequence_number).to_vec());
-    let parsed = wire.as_deref().map(GlucoseContext::parse);
-    assert!(matches!(parsed, Some(Ok(c)) if c.hba1c == full.hba1c && c.sequence_number == 0));
+    // On the wire, each context follows its measurement with the record's number, as if encoded anew.
+    g.write_racp(&[0x01, 0x01]).unwrap(); // Report Stored Records, all
+    let sent: Vec<(u16, Vec<u8>)> = drain_glucometer(&mut g)
+        .into_iter()
+        .filter_map(|o| match o {
+            DeviceOutput::Notify(n) if n.uuid != uuid::RACP => Some((n.uuid, n.value)),
+            _ => None,
+        })
+        .collect();
+    let contexts: Vec<&[u8]> = sent
+        .iter()
+        .filter(|(u, _)| *u == uuid::GLUCOSE_CONTEXT)
+        .map(|(_, v)| v.as_slice())
+        .collect();
+    assert_eq!(
+        contexts,
+        [
+            full.to_gatt(0).to_vec(),
+            RecordContext::meal(Meal::FASTING).to_gatt(1).to_vec()
+        ]
+    );
+    assert_eq!(sent.len(), 5, "3 measurements, 2 contexts");
     assert!(std::mem::size_of::<StoredGlucoseRecord>() <= 40);
     assert!(std::mem::size_of::<StoredBpReading>() <= 32);
 }
