@@ -284,6 +284,7 @@ impl PackedContext {
         Some(v)
     }
 
+    /// The context in the protocol's types ([`StoredGlucoseRecord::context`]).
     fn unpack(&self) -> Option<RecordContext> {
         let value = self
             .value
