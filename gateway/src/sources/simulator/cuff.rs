@@ -208,12 +208,12 @@ impl StoredBpReading {
         const RFU_B6: u8 = 0x40;
         let mut v = Vec::with_capacity(1 + 3 * SFloat::LEN + DateTime::LEN + SFloat::LEN + 1 + 2);
         v.push(self.unit.flag_bit() | TIME_STAMP | PULSE_RATE | MEASUREMENT_STATUS | RFU_B6);
-        v.extend(self.values[0].to_le_bytes());
-        v.extend(self.values[1].to_le_bytes());
+        v.extend(self.systolic().to_le_bytes());
+        v.extend(self.diastolic().to_le_bytes());
         // Beurer cuffs send no mean arterial pressure: MAP 0.
         v.extend([0, 0]);
         v.extend(self.timestamp.to_vec());
-        v.extend(self.values[3].to_be_bytes());
+        v.extend(self.pulse_rate().to_raw().to_be_bytes());
         v.push(self.user_id.unwrap_or(USER_ID_UNKNOWN));
         v.extend(self.status.0.to_be_bytes());
         v

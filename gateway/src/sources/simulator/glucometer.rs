@@ -275,10 +275,17 @@ impl PackedContext {
         })
     }
 
+    /// The stored octets; `None` without a context.
+    fn octets(&self) -> Option<&[u8]> {
+        self.value
+            .get(..usize::from(self.len))
+            .filter(|v| !v.is_empty())
+    }
+
     /// The 2A34 value numbered `sequence_number` (GLS v1.0 §3.2: the Flags octet, then the Sequence
     /// Number, little-endian), from the stored octets as they are: what the 2A18 announced is what goes.
     fn value(&self, sequence_number: u16) -> Option<Vec<u8>> {
-        let mut v = self.value.get(..usize::from(self.len))?.to_vec();
+        let mut v = self.octets()?.to_vec();
         v.get_mut(1..3)?
             .copy_from_slice(&sequence_number.to_le_bytes());
         Some(v)
@@ -286,11 +293,7 @@ impl PackedContext {
 
     /// The context in the protocol's types ([`StoredGlucoseRecord::context`]).
     fn unpack(&self) -> Option<RecordContext> {
-        let value = self
-            .value
-            .get(..usize::from(self.len))
-            .filter(|v| !v.is_empty())?;
-        let c = GlucoseContext::parse(value).ok()?;
+        let c = GlucoseContext::parse(self.octets()?).ok()?;
         Some(RecordContext {
             carbohydrate: c.carbohydrate,
             meal: c.meal,
@@ -324,7 +327,7 @@ impl StoredGlucoseRecord {
                 sample_location: self.sample_location,
             }),
             sensor_status: (!self.sensor_status.is_empty()).then_some(self.sensor_status),
-            context_follows: self.context.len > 0,
+            context_follows: self.context.octets().is_some(),
             ..GlucoseMeasurement::new(self.sequence_number, self.base_time)
         }
     }

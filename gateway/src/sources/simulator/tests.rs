@@ -87,15 +87,19 @@ fn drain_cuff(c: &mut SimCuff) -> Vec<Notification> {
 
 /// A connected meter with every CCCD a RACP write needs.
 fn ready(config: GlucometerConfig) -> SimGlucometer {
-    let with_context = config.with_context;
     let mut g = SimGlucometer::new(config);
+    connect_ready(&mut g);
+    g
+}
+
+/// Connects `g` and enables every CCCD a RACP write needs.
+fn connect_ready(g: &mut SimGlucometer) {
     g.connect();
     g.subscribe(uuid::GLUCOSE_MEASUREMENT).unwrap();
-    if with_context {
+    if g.config().with_context {
         g.subscribe(uuid::GLUCOSE_CONTEXT).unwrap();
     }
     g.subscribe(uuid::RACP).unwrap();
-    g
 }
 
 /// A ready meter holding `n` records one hour apart before `NOW`, each with a meal context.
@@ -415,10 +419,7 @@ fn a_transfer_cut_by_a_disconnect_leaves_nothing_for_the_next_connection() {
     assert!(g.poll_output().is_some());
     g.disconnect();
     assert!(!g.has_output());
-    g.connect();
-    g.subscribe(uuid::GLUCOSE_MEASUREMENT).unwrap();
-    g.subscribe(uuid::GLUCOSE_CONTEXT).unwrap();
-    g.subscribe(uuid::RACP).unwrap();
+    connect_ready(&mut g);
     let (seqs, last) = run(&mut g, &Racp::report_last().to_vec());
     assert_eq!(seqs, vec![4]);
     assert_eq!(last, hex("06000101"));
