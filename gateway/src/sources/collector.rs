@@ -873,6 +873,8 @@ mod tests {
     struct Recorder {
         cursors: std::collections::HashMap<String, u64>,
         got: Vec<u16>,
+        /// The values as handed over.
+        values: Vec<Vec<u8>>,
     }
 
     impl RecordSink for Recorder {
@@ -887,6 +889,7 @@ mod tests {
             bytes: &[u8],
             _received_utc: i64,
         ) -> Result<(), SinkError> {
+            self.values.push(bytes.to_vec());
             let m = BloodPressureMeasurement::parse(bytes)
                 .map_err(|e| SinkError::Unavailable(format!("test values decode: {e}")))?;
             let sys = m.systolic.value().unwrap_or_default();
@@ -957,6 +960,36 @@ mod tests {
         assert_eq!(handed(Some((2, T0 + 600)), set_back.clone()).await, [144]);
         // And once it is accepted, nothing is sent again.
         assert!(handed(Some((3, T0 - 2400)), set_back).await.is_empty());
+    }
+
+    /// A held value is kept inline up to 19 octets (the longest BLS measurement); one that is longer — a
+    /// device's extra octets after the fields — is handed over whole all the same.
+    #[tokio::test]
+    async fn held_values_of_any_length_are_handed_over_unchanged() {
+        let p = |v| SFloat::new(v, 0).unwrap_or(SFloat::NAN);
+        let longest = BloodPressureMeasurement {
+            timestamp: DateTime::from_epoch_seconds(T0),
+            pulse_rate: Some(p(70)),
+            user_id: Some(1),
+            measurement_status: Some(protocol::gatt::bp::MeasurementStatus(0)),
+            ..BloodPressureMeasurement::new(PressureUnit::MmHg, p(121), p(80), p(95))
+        }
+        .to_vec();
+        assert_eq!(longest.len(), 19);
+        let mut longer = bp(122, T0 + 600).bytes.to_vec();
+        longer.extend([0xAA; 12]);
+        let dump: Vec<BpValue> = [longest.clone(), longer.clone()]
+            .into_iter()
+            .map(|bytes| BpValue {
+                bytes: bytes.into(),
+                received_utc: T0,
+                live: false,
+            })
+            .collect();
+        let mut sink = Recorder::default();
+        let completion = hand_over_new_bp(&mut sink, &session(), dump).await;
+        assert_eq!(completion, Ok(Completion::Complete));
+        assert_eq!(sink.values, [longest, longer]);
     }
 
     #[test]
