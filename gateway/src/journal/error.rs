@@ -144,6 +144,15 @@ pub enum JournalError {
         reason: String,
     },
 
+    /// Another append is written and waiting for its `fdatasync` outside the journal's lock
+    /// ([`begin_append`](super::Journal::begin_append)); appends are one at a time, so that seqs become
+    /// pending in order.
+    ///
+    /// *State:* nothing of the batch was written. *Recoverable:* yes — retry once the append in flight
+    /// has finished (milliseconds).
+    #[error("journal: another append is waiting for its fdatasync; retry")]
+    Busy,
+
     /// The journal has issued every seq a `u64` can hold (not reachable in practice).
     ///
     /// *State:* nothing of the batch was written. *Recoverable:* no.

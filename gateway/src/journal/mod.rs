@@ -35,6 +35,9 @@
 //! - **Synchronous.** Every call does at most one `write` and one `fdatasync` (plus a segment roll); the
 //!   pipeline runs it on a blocking task and batches whatever is queued into one `append` (group commit,
 //!   up to 64 records; one when idle) — fdatasync latency is the journal's cost, and batching divides it.
+//!   The pipeline's writer splits its append in two ([`Journal::begin_append`] /
+//!   [`Journal::finish_append`]) and `fdatasync`s between them with the journal's lock released, so the
+//!   uplink's reads and acks do not queue behind every fsync.
 //! - **Private.** The directory is created `0700` and every file `0600` (tightened, with a warning, if
 //!   found wider): journal data is readable by the service user alone (promise 8).
 //!
@@ -224,7 +227,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 pub use error::JournalError;
 use index::{IdKey, PendingSet, Slot};
@@ -436,12 +439,42 @@ pub enum DamageKind {
     },
 }
 
+/// An append whose frames are written but not yet `fdatasync`ed: from [`Journal::begin_append`] to
+/// [`Journal::finish_append`]. Nothing of it is accepted until `finish_append` returns `Ok`.
+#[derive(Debug)]
+#[must_use = "an append in flight blocks every other append until it is finished"]
+pub struct AppendInFlight {
+    /// Each record's seq, in batch order (a record already pending keeps its own).
+    seqs: Vec<u64>,
+    /// Each new record's frame: (batch index, seq, offset in the segment, frame length).
+    frames: Vec<(usize, u64, u64, u32)>,
+    /// The journal's next seq once these are accepted.
+    next_seq: u64,
+    segment: u64,
+    /// The segment the frames went to; `None` when nothing new was written.
+    file: Option<Arc<dyn SegmentWriter>>,
+    path: PathBuf,
+    /// [`Journal::unsynced_ack_writes`] when the frames were written.
+    ack_writes: u64,
+}
+
+impl AppendInFlight {
+    /// `fdatasync`s the frames: call it without holding the journal's lock.
+    ///
+    /// # Errors
+    /// The OS error; pass it to [`Journal::finish_append`], which poisons the journal.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.as_ref().map_or(Ok(()), |f| f.sync_data())
+    }
+}
+
 /// The segment being appended to.
 #[derive(Debug)]
 struct Active {
     id: u64,
     path: PathBuf,
-    file: Box<dyn SegmentWriter>,
+    /// Shared with an append in flight, which `fdatasync`s through it outside the journal's lock.
+    file: Arc<dyn SegmentWriter>,
     /// End of the data written so far (the file may be longer: preallocation).
     len: u64,
     /// End of its checkpoint.
@@ -500,6 +533,12 @@ pub struct Journal {
     /// When the first Ack frame written without `fdatasync` since the active segment was last synced
     /// was written (`None`: nothing unsynced).
     unsynced_since: Option<std::time::Instant>,
+    /// Ack frames written without `fdatasync` since the journal was opened: an append in flight
+    /// clears `unsynced_since` only if none was written after its frames (its sync may have missed them).
+    unsynced_ack_writes: u64,
+    /// An append is written but not yet synced ([`Journal::begin_append`]): no other append may start
+    /// (seqs are published in order, and the active segment must not roll under it).
+    append_in_flight: bool,
     poisoned: Option<String>,
     /// Per segment, the highest seq it holds an Append of.
     last_seq: BTreeMap<u64, u64>,
@@ -599,8 +638,9 @@ fn create_segment(
         path: path.to_owned(),
         source,
     };
-    let mut file = storage
+    let file: Arc<dyn SegmentWriter> = storage
         .create(&tmp)
+        .map(Arc::from)
         .map_err(|e| CreateFailure::Clean(io_err("create segment", &tmp, e)))?;
     let result = (|| {
         match file.preallocate(preallocate) {
@@ -813,6 +853,8 @@ impl Journal {
             fsyncs: 0,
             active,
             unsynced_since: None,
+            unsynced_ack_writes: 0,
+            append_in_flight: false,
             poisoned: None,
             last_seq,
             keep_after,
@@ -864,7 +906,98 @@ impl Journal {
         extra_bytes: u64,
         extra_records: u64,
     ) -> Result<Vec<u64>, JournalError> {
+        let written = self.begin_within(batch, extra_bytes, extra_records)?;
+        let synced = written.sync();
+        self.finish_append(batch, written, synced)
+    }
+
+    /// The first half of [`append`](Self::append), for a caller that `fdatasync`s without holding the
+    /// journal's lock (the pipeline's writer thread): checks the batch, assigns seqs and writes the
+    /// frames, but accepts nothing. Call [`AppendInFlight::sync`] with the lock released — the uplink's
+    /// reads and acks need not wait out the fsync — then [`finish_append`](Self::finish_append) with
+    /// the same batch, under the lock again. Until then no other append may start
+    /// ([`JournalError::Busy`]), [`last_seq`](Self::last_seq) does not count the new seqs and
+    /// [`pending`](Self::pending) does not show them: a reader can never see a record before it is
+    /// durable, nor a later seq before an earlier one.
+    ///
+    /// # Errors
+    /// As [`append`](Self::append), and [`JournalError::Busy`] while another append is in flight.
+    pub fn begin_append(&mut self, batch: &[NewRecord]) -> Result<AppendInFlight, JournalError> {
+        self.begin_within(batch, 0, 0)
+    }
+
+    /// The second half of [`append`](Self::append): `synced` is what [`AppendInFlight::sync`] returned.
+    /// On success the records are accepted — indexed, the device cursors advanced — and their seqs are
+    /// returned in batch order; a failed `fdatasync` poisons the journal, as in `append`.
+    ///
+    /// # Errors
+    /// [`JournalError::Io`] (the `fdatasync` failed; nothing is accepted), or
+    /// [`JournalError::Poisoned`] when another failure poisoned the journal meanwhile.
+    pub fn finish_append(
+        &mut self,
+        batch: &[NewRecord],
+        written: AppendInFlight,
+        synced: io::Result<()>,
+    ) -> Result<Vec<u64>, JournalError> {
+        let Some(file) = written.file else {
+            // Nothing new was written: every record was already pending.
+            return Ok(written.seqs);
+        };
+        drop(file);
+        self.append_in_flight = false;
+        self.fsyncs += 1;
+        if let Err(source) = synced {
+            let err = JournalError::Io {
+                op: "fdatasync",
+                path: written.path,
+                source,
+            };
+            self.poison(&err);
+            return Err(err);
+        }
+        // Something else failed while the lock was free: this process can no longer vouch for the disk.
         self.check_poisoned()?;
+        if self.unsynced_ack_writes == written.ack_writes {
+            // Every Ack frame written without a sync came before these frames: the fsync covered it.
+            self.unsynced_since = None;
+        }
+
+        // Durable: now, and only now, the records are accepted. Memory keeps where each frame is, not
+        // the record: `pending` reads it back from the segment.
+        let segment = written.segment;
+        for &(i, seq, offset, len) in &written.frames {
+            let Some(r) = batch.get(i) else { continue };
+            if let Some(ds) = r.device_seq {
+                let c = self.cursors.entry(r.device.clone()).or_insert(ds);
+                *c = (*c).max(ds);
+            }
+            let slot = Slot {
+                seq,
+                segment,
+                offset,
+                len,
+                key: IdKey::of(&r.reading_id),
+            };
+            if self.pending.insert(slot, &r.reading_id) {
+                *self.segments.entry(segment).or_insert(0) += 1;
+            }
+            let last = self.last_seq.entry(segment).or_insert(seq);
+            *last = (*last).max(seq);
+        }
+        self.next_seq = written.next_seq;
+        Ok(written.seqs)
+    }
+
+    fn begin_within(
+        &mut self,
+        batch: &[NewRecord],
+        extra_bytes: u64,
+        extra_records: u64,
+    ) -> Result<AppendInFlight, JournalError> {
+        self.check_poisoned()?;
+        if self.append_in_flight {
+            return Err(JournalError::Busy);
+        }
         let record_cap = (frame::MAX_RECORD_FRAME as u64).min(self.cfg.max_bytes);
         let mut sizes = Vec::with_capacity(batch.len());
         for (index, r) in batch.iter().enumerate() {
@@ -923,7 +1056,15 @@ impl Journal {
             new_count += 1;
         }
         if new.is_empty() {
-            return Ok(seqs);
+            return Ok(AppendInFlight {
+                seqs,
+                frames: Vec::new(),
+                next_seq: self.next_seq,
+                segment: self.active.id,
+                file: None,
+                path: self.active.path.clone(),
+                ack_writes: self.unsynced_ack_writes,
+            });
         }
         let depth = self.depth();
         if self.pending.bytes().saturating_add(new_bytes)
@@ -964,32 +1105,21 @@ impl Journal {
             debug_assert_eq!(sizes.get(i).copied(), Some(u64::from(len)));
             frames.push((i, seq, at, len));
         }
-        let start = self.write_frames(&buf, true, true)?;
-
-        // Durable: now, and only now, the records are accepted. Memory keeps where each frame is, not
-        // the record: `pending` reads it back from the segment.
-        let segment = self.active.id;
-        for &(i, seq, at, len) in &frames {
-            let Some(r) = batch.get(i) else { continue };
-            if let Some(ds) = r.device_seq {
-                let c = self.cursors.entry(r.device.clone()).or_insert(ds);
-                *c = (*c).max(ds);
-            }
-            let slot = Slot {
-                seq,
-                segment,
-                offset: start + at,
-                len,
-                key: IdKey::of(&r.reading_id),
-            };
-            if self.pending.insert(slot, &r.reading_id) {
-                *self.segments.entry(segment).or_insert(0) += 1;
-            }
-            let last = self.last_seq.entry(segment).or_insert(seq);
-            *last = (*last).max(seq);
+        // Not synced here: the caller syncs, with the journal's lock released (see `begin_append`).
+        let start = self.write_frames(&buf, true, false)?;
+        for frame in &mut frames {
+            frame.2 += start;
         }
-        self.next_seq = next;
-        Ok(seqs)
+        self.append_in_flight = true;
+        Ok(AppendInFlight {
+            seqs,
+            frames,
+            next_seq: next,
+            segment: self.active.id,
+            file: Some(Arc::clone(&self.active.file)),
+            path: self.active.path.clone(),
+            ack_writes: self.unsynced_ack_writes,
+        })
     }
 
     /// Pending records in seq order, starting after seq `after` (`None`: from the oldest), at most
@@ -1211,6 +1341,11 @@ impl Journal {
             }
         })?;
         let _ = self.write_frames(&buf, false, sync)?;
+        if !sync {
+            self.unsynced_since
+                .get_or_insert_with(std::time::Instant::now);
+            self.unsynced_ack_writes += 1;
+        }
 
         for seq in to_ack {
             let Some(slot) = self.pending.remove(seq) else {
@@ -1327,14 +1462,11 @@ impl Journal {
             }
             return Err(err);
         }
-        if sync {
-            self.sync_active()?;
-        } else {
-            self.unsynced_since
-                .get_or_insert_with(std::time::Instant::now);
-        }
         self.active.len += size;
         self.bytes_written += size;
+        if sync {
+            self.sync_active()?;
+        }
         Ok(offset)
     }
 

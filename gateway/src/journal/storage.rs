@@ -16,15 +16,18 @@ pub(super) const DIR_MODE: u32 = 0o700;
 pub(super) const FILE_MODE: u32 = 0o600;
 
 /// A segment file being written. Positional writes: a failed write leaves no file cursor to repair.
-pub(super) trait SegmentWriter: Send + fmt::Debug {
+///
+/// Shared (`&self`, `Sync`): the journal writer `fdatasync`s its group commit through its own handle
+/// while the journal's lock is free for the uplink's reads and acks (see `Journal::begin_append`).
+pub(super) trait SegmentWriter: Send + Sync + fmt::Debug {
     /// Writes all of `buf` at `offset` (or fails, possibly after writing a prefix).
-    fn write_all_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()>;
+    fn write_all_at(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
     /// `fdatasync`.
-    fn sync_data(&mut self) -> io::Result<()>;
+    fn sync_data(&self) -> io::Result<()>;
     /// Cuts the file to `len` bytes (rolls back a failed write). Not synced.
-    fn set_len(&mut self, len: u64) -> io::Result<()>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
     /// Reserves `len` bytes of disk for the file (best effort; `StorageFull` when the disk is full).
-    fn preallocate(&mut self, len: u64) -> io::Result<()>;
+    fn preallocate(&self, len: u64) -> io::Result<()>;
 }
 
 /// A segment file opened for positioned reads of pending records' frames. Shared reads (`&self`): no
@@ -163,19 +166,19 @@ impl Storage for OsStorage {
 struct OsSegment(File);
 
 impl SegmentWriter for OsSegment {
-    fn write_all_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+    fn write_all_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.0.write_all_at(buf, offset)
     }
 
-    fn sync_data(&mut self) -> io::Result<()> {
+    fn sync_data(&self) -> io::Result<()> {
         self.0.sync_data()
     }
 
-    fn set_len(&mut self, len: u64) -> io::Result<()> {
+    fn set_len(&self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
     }
 
-    fn preallocate(&mut self, len: u64) -> io::Result<()> {
+    fn preallocate(&self, len: u64) -> io::Result<()> {
         // Mode 0: allocate and extend the size, so that later fdatasyncs need not persist a size change.
         rustix::fs::fallocate(&self.0, rustix::fs::FallocateFlags::empty(), 0, len)
             .map_err(io::Error::from)
@@ -284,26 +287,26 @@ pub(super) mod faulty {
     }
 
     impl SegmentWriter for FaultySegment {
-        fn write_all_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        fn write_all_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
             if let Some(n) = self.faults.lock().unwrap().write_fails_after.take() {
                 self.inner.write_all_at(offset, &buf[..n.min(buf.len())])?;
                 return Err(enospc());
             }
             self.inner.write_all_at(offset, buf)
         }
-        fn sync_data(&mut self) -> io::Result<()> {
+        fn sync_data(&self) -> io::Result<()> {
             if std::mem::take(&mut self.faults.lock().unwrap().sync_fails) {
                 return Err(io::Error::other("injected EIO on fdatasync"));
             }
             self.inner.sync_data()
         }
-        fn set_len(&mut self, len: u64) -> io::Result<()> {
+        fn set_len(&self, len: u64) -> io::Result<()> {
             if std::mem::take(&mut self.faults.lock().unwrap().set_len_fails) {
                 return Err(io::Error::other("injected EIO on ftruncate"));
             }
             self.inner.set_len(len)
         }
-        fn preallocate(&mut self, len: u64) -> io::Result<()> {
+        fn preallocate(&self, len: u64) -> io::Result<()> {
             self.inner.preallocate(len)
         }
     }

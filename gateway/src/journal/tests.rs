@@ -862,6 +862,93 @@ fn failed_fdatasync_poisons_and_a_reopen_recovers() {
     assert_eq!(ids(&j.pending(None, 10).unwrap()), ["a", "b"]);
 }
 
+/// The writer thread's commit: frames written under the lock, `fdatasync` outside it, accepted under it
+/// again. Between the halves a reader sees nothing of the batch, acks go on, and no other append starts.
+#[test]
+fn an_append_in_flight_is_invisible_until_finished_and_acks_go_on_meanwhile() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cfg(tmp.path());
+    let (mut j, _) = open(&c);
+    let hour = Duration::from_secs(3600);
+    j.append(&[rec("m", 1, "a"), rec("m", 2, "b")]).unwrap();
+    j.ack_unsynced(&[1]).unwrap();
+
+    let batch = [rec("m", 3, "c"), rec("m", 4, "d"), rec("m", 2, "b")];
+    let written = j.begin_append(&batch).unwrap();
+    // Written, not accepted: invisible to readers, the cursor and last_seq where they were.
+    assert_eq!(ids(&j.pending(None, 10).unwrap()), ["b"]);
+    assert_eq!(j.last_seq(), 2);
+    assert_eq!(j.cursor("m"), Some(2));
+    assert_eq!(j.depth(), 1);
+    // One append at a time: seqs become pending in order.
+    assert!(matches!(
+        j.append_notice(&[rec("m", 9, "notice")]),
+        Err(JournalError::Busy)
+    ));
+    // The uplink's acks do not wait: this one lands after the frames, so the fsync may miss it.
+    j.ack_unsynced(&[2]).unwrap();
+
+    let synced = written.sync();
+    assert_eq!(
+        j.finish_append(&batch, written, synced).unwrap(),
+        vec![3, 4, 2]
+    );
+    assert_eq!(ids(&j.pending(None, 10).unwrap()), ["c", "d"]);
+    assert_eq!((j.last_seq(), j.cursor("m")), (4, Some(4)));
+    assert!(
+        j.acks_due(hour).is_some(),
+        "an ack written while the fsync ran stays due for its own sync"
+    );
+
+    // With no ack after its frames, the append's fsync carries the acks written before (one fsync).
+    j.sync().unwrap();
+    j.ack_unsynced(&[3]).unwrap();
+    let before = j.fsyncs();
+    let batch = [rec("m", 5, "e")];
+    let written = j.begin_append(&batch).unwrap();
+    let synced = written.sync();
+    assert_eq!(j.finish_append(&batch, written, synced).unwrap(), vec![5]);
+    assert_eq!(j.fsyncs(), before + 1);
+    assert!(!j.has_unsynced_acks());
+    assert_eq!(j.append_notice(&[rec("m", 9, "notice")]).unwrap(), vec![6]);
+    drop(j);
+
+    let (j, _) = open(&c);
+    assert_eq!(ids(&j.pending(None, 10).unwrap()), ["d", "e", "notice"]);
+}
+
+/// A failed `fdatasync` outside the lock poisons the journal as one inside it does: nothing of the batch
+/// is accepted, and the next append (no longer blocked) is refused until a reopen.
+#[test]
+fn a_failed_fdatasync_outside_the_lock_poisons_and_accepts_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cfg(tmp.path());
+    let (mut j, _, faults) = open_faulty(&c);
+    j.append(&[rec("m", 1, "a")]).unwrap();
+    let batch = [rec("m", 2, "b")];
+    let written = j.begin_append(&batch).unwrap();
+    faults.lock().unwrap().sync_fails = true;
+    let synced = written.sync();
+    let err = j.finish_append(&batch, written, synced).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            JournalError::Io {
+                op: "fdatasync",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(j.is_poisoned());
+    assert_eq!((j.cursor("m"), j.last_seq()), (Some(1), 1), "not accepted");
+    assert_eq!(ids(&j.pending(None, 10).unwrap()), ["a"]);
+    assert!(matches!(
+        j.append(&[rec("m", 3, "c")]),
+        Err(JournalError::Poisoned { .. })
+    ));
+}
+
 #[test]
 fn failed_cut_off_poisons() {
     let tmp = tempfile::tempdir().unwrap();

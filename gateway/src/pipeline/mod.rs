@@ -202,7 +202,12 @@ impl Pipeline {
         match j.append_notice(std::slice::from_ref(&record)) {
             Ok(_) => wake.wake(),
             Err(e) => {
-                tracing::error!(error = %e, device, "journal full: even its notice did not fit; it is journaled when there is room");
+                if matches!(e, crate::journal::JournalError::Busy) {
+                    // The writer's commit is between its write and its fdatasync: try again shortly.
+                    tracing::debug!(device, "journal full notice waits for the commit in flight");
+                } else {
+                    tracing::error!(error = %e, device, "journal full: even its notice did not fit; it is journaled when there is room");
+                }
                 let mut unwritten = self
                     .counters
                     .unwritten_notices

@@ -3,6 +3,10 @@
 //! what was handed over is committed at once: one record, or the batch a session handed over together
 //! ([`WriterHandle::submit_batch`]: a download's records, one write and one fdatasync for all).
 //!
+//! The `fdatasync` runs with the journal's lock released ([`Journal::begin_append`]): the uplink reads
+//! and acks while a commit waits for the disk, and none of the commit's records is visible to it before
+//! they are durable.
+//!
 //! A session hands records over through a bounded channel (backpressure reaches the device: a glucometer
 //! keeps its records) and learns each record's outcome through a oneshot. Once a record of a session is refused
 //! (journal full), every later record of that session is refused too, without trying: otherwise a later
@@ -185,7 +189,7 @@ fn next_request(
 fn commit(journal: &Mutex<Journal>, batch: &mut Vec<Item>) -> Vec<Record> {
     // A poisoned lock means a thread panicked mid-append; the journal's own recovery rules (CRC framing)
     // keep the file consistent, so carrying on with the inner value is safe.
-    let mut j = journal.lock().unwrap_or_else(|p| p.into_inner());
+    let lock = || journal.lock().unwrap_or_else(|p| p.into_inner());
     let mut live: Vec<Item> = Vec::with_capacity(batch.len());
     for r in batch.drain(..) {
         if r.session_refused.load(Ordering::Acquire) {
@@ -203,7 +207,14 @@ fn commit(journal: &Mutex<Journal>, batch: &mut Vec<Item>) -> Vec<Record> {
         .into_iter()
         .map(|r| (r.record, (r.session_refused, r.reply)))
         .unzip();
-    match j.append(&records) {
+    // The write under the journal's lock, the fdatasync outside it — the uplink's reads and acks go on
+    // meanwhile — and the records accepted under it again (`Journal::begin_append`).
+    let begun = lock().begin_append(&records);
+    let appended = begun.and_then(|written| {
+        let synced = written.sync();
+        lock().finish_append(&records, written, synced)
+    });
+    match appended {
         Ok(seqs) => {
             for ((record, (_, reply)), seq) in records.into_iter().zip(waiting).zip(seqs) {
                 let _ = reply.send(Ok(seq));
@@ -211,6 +222,7 @@ fn commit(journal: &Mutex<Journal>, batch: &mut Vec<Item>) -> Vec<Record> {
             }
         }
         Err(e) if e.is_full() => {
+            let mut j = lock();
             for (record, (session_refused, reply)) in records.into_iter().zip(waiting) {
                 if session_refused.load(Ordering::Acquire) {
                     let _ = reply.send(Err(Refusal::Full));
