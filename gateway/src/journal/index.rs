@@ -73,6 +73,17 @@ pub(super) struct Slot {
 }
 
 impl Slot {
+    /// The slot of record `reading_id`'s Append frame: `len` bytes at `offset` of `segment`.
+    pub fn of_frame(seq: u64, segment: u64, offset: u64, len: u32, reading_id: &str) -> Slot {
+        Slot {
+            seq,
+            segment,
+            offset,
+            len,
+            key: IdKey::of(reading_id),
+        }
+    }
+
     fn is_live(&self) -> bool {
         self.len != 0
     }

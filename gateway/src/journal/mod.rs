@@ -230,7 +230,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 pub use error::JournalError;
-use index::{IdKey, PendingSet, Slot};
+use index::{PendingSet, Slot};
 use storage::{OsStorage, SegmentReader, SegmentWriter, Storage};
 
 /// Default [`JournalConfig::segment_bytes`]: 4 MiB.
@@ -971,13 +971,7 @@ impl Journal {
                 let c = self.cursors.entry(r.device.clone()).or_insert(ds);
                 *c = (*c).max(ds);
             }
-            let slot = Slot {
-                seq,
-                segment,
-                offset,
-                len,
-                key: IdKey::of(&r.reading_id),
-            };
+            let slot = Slot::of_frame(seq, segment, offset, len, &r.reading_id);
             if self.pending.insert(slot, &r.reading_id) {
                 *self.segments.entry(segment).or_insert(0) += 1;
             }

@@ -10,7 +10,7 @@ use std::io::{self, Read};
 use std::path::Path;
 
 use super::frame::{self, Checkpoint, DecodeError, Frame, HEADER_LEN, MAX_FRAME_LEN};
-use super::index::{IdKey, PendingSet, Slot};
+use super::index::{PendingSet, Slot};
 use super::ranges::RangeSet;
 use super::storage::Storage;
 use super::{Damage, DamageKind, JournalError, Recovery, segment_path};
@@ -347,13 +347,7 @@ fn apply(
                 });
                 return Ok(());
             };
-            let slot = Slot {
-                seq,
-                segment,
-                offset,
-                len,
-                key: IdKey::of(&record.reading_id),
-            };
+            let slot = Slot::of_frame(seq, segment, offset, len, &record.reading_id);
             if !st.pending.insert(slot, &record.reading_id) {
                 tracing::warn!(segment = %path.display(), seq, "journal: a second Append of one seq; keeping the first");
             }
