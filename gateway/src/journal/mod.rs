@@ -446,13 +446,19 @@ pub enum DamageKind {
 pub struct AppendInFlight {
     /// Each record's seq, in batch order (a record already pending keeps its own).
     seqs: Vec<u64>,
+    /// What was written; `None` when every record was already pending (nothing to sync or accept).
+    written: Option<Written>,
+}
+
+/// The frames an [`AppendInFlight`] wrote.
+#[derive(Debug)]
+struct Written {
     /// Each new record's frame: (batch index, seq, offset in the segment, frame length).
     frames: Vec<(usize, u64, u64, u32)>,
     /// The journal's next seq once these are accepted.
     next_seq: u64,
     segment: u64,
-    /// The segment the frames went to; `None` when nothing new was written.
-    file: Option<Arc<dyn SegmentWriter>>,
+    file: Arc<dyn SegmentWriter>,
     path: PathBuf,
     /// [`Journal::unsynced_ack_writes`] when the frames were written.
     ack_writes: u64,
@@ -464,7 +470,7 @@ impl AppendInFlight {
     /// # Errors
     /// The OS error; pass it to [`Journal::finish_append`], which poisons the journal.
     pub fn sync(&self) -> io::Result<()> {
-        self.file.as_ref().map_or(Ok(()), |f| f.sync_data())
+        self.written.as_ref().map_or(Ok(()), |w| w.file.sync_data())
     }
 }
 
@@ -936,14 +942,13 @@ impl Journal {
     pub fn finish_append(
         &mut self,
         batch: &[NewRecord],
-        written: AppendInFlight,
+        append: AppendInFlight,
         synced: io::Result<()>,
     ) -> Result<Vec<u64>, JournalError> {
-        let Some(file) = written.file else {
+        let Some(written) = append.written else {
             // Nothing new was written: every record was already pending.
-            return Ok(written.seqs);
+            return Ok(append.seqs);
         };
-        drop(file);
         self.append_in_flight = false;
         self.fsyncs += 1;
         if let Err(source) = synced {
@@ -979,7 +984,7 @@ impl Journal {
             *last = (*last).max(seq);
         }
         self.next_seq = written.next_seq;
-        Ok(written.seqs)
+        Ok(append.seqs)
     }
 
     fn begin_within(
@@ -1052,12 +1057,7 @@ impl Journal {
         if new.is_empty() {
             return Ok(AppendInFlight {
                 seqs,
-                frames: Vec::new(),
-                next_seq: self.next_seq,
-                segment: self.active.id,
-                file: None,
-                path: self.active.path.clone(),
-                ack_writes: self.unsynced_ack_writes,
+                written: None,
             });
         }
         let depth = self.depth();
@@ -1107,12 +1107,14 @@ impl Journal {
         self.append_in_flight = true;
         Ok(AppendInFlight {
             seqs,
-            frames,
-            next_seq: next,
-            segment: self.active.id,
-            file: Some(Arc::clone(&self.active.file)),
-            path: self.active.path.clone(),
-            ack_writes: self.unsynced_ack_writes,
+            written: Some(Written {
+                frames,
+                next_seq: next,
+                segment: self.active.id,
+                file: Arc::clone(&self.active.file),
+                path: self.active.path.clone(),
+                ack_writes: self.unsynced_ack_writes,
+            }),
         })
     }
 
