@@ -137,14 +137,11 @@ pub fn simulated_device(s: &SimulatedSection, now: i64, seed: u64) -> Result<Sim
 }
 
 /// One simulated device's life: a new measurement now and then, a session every `connect_every_s`.
-// Each argument is a separate shared handle the task needs; a struct of them would only rename them.
-#[allow(clippy::too_many_arguments)]
 async fn simulated_device_task(
     s: SimulatedSection,
     device: SimDevice,
     pipeline: Pipeline,
     collector_cfg: CollectorConfig,
-    appended: Arc<Handoff>,
     heartbeat: Heartbeat,
     live: Arc<crate::status::Live>,
     shutdown: CancellationToken,
@@ -192,7 +189,7 @@ async fn simulated_device_task(
                 match session.await {
                     Ok(report) if report.completion == collector::Completion::JournalFull => {
                         tracing::warn!(device = %s.id, "journal full: download stopped; the device keeps its records");
-                        pipeline.journal_full_notice(&s.id, unix_now(), &appended);
+                        pipeline.journal_full_notice(&s.id, unix_now()).await;
                         live.record_session(&s.id, "stopped: journal full");
                     }
                     Ok(report) => {
@@ -843,7 +840,6 @@ pub async fn run_with(
             device,
             pipeline.clone(),
             collector_cfg,
-            appended.clone(),
             heartbeat,
             live.clone(),
             shutdown.clone(),

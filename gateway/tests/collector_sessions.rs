@@ -325,6 +325,106 @@ async fn a_full_journal_stops_the_download_and_the_meter_keeps_the_rest() {
     assert!(delivered.values().all(|&n| n == 1));
 }
 
+/// The `journal_full` events in the journal, as (seq, device), in journal order.
+fn journal_full_events(journal: &Mutex<Journal>) -> Vec<(u64, String)> {
+    let j = journal.lock().unwrap();
+    j.pending(None, usize::MAX)
+        .unwrap()
+        .iter()
+        .filter_map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).ok()?;
+            (v["event"]["type"] == "journal_full")
+                .then(|| (r.seq, v["event"]["device"].as_str().unwrap().to_owned()))
+        })
+        .collect()
+}
+
+/// Polls `f` (the writer commits on its own thread) for up to 10 s.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not within 10 s: {what}");
+}
+
+/// A full journal still takes the `journal_full` event (into its notice reserve), so the CRM learns why
+/// downloading stopped. A notice that finds no room even in the reserve is not dropped: the writer keeps
+/// it and journals it at its next commit once the uplink has made room, ahead of that commit's readings.
+#[tokio::test]
+async fn journal_full_events_get_into_a_full_journal_or_wait_for_room() {
+    use gateway::journal::NOTICE_RESERVE_RECORDS;
+    let rig = rig(40);
+    let device = meter(70);
+    assert_eq!(glucose(&rig, &device).await, Completion::JournalFull);
+    let t = unix_now();
+    rig.pipeline.journal_full_notice("meter", t).await;
+    eventually("the meter's journal_full event is journaled", || {
+        journal_full_events(&rig.journal)
+            .iter()
+            .any(|(_, d)| d == "meter")
+    })
+    .await;
+    // Other devices stopped too, until the reserve is full (each waited for: one commit each).
+    for i in 1..NOTICE_RESERVE_RECORDS {
+        rig.pipeline
+            .journal_full_notice(&format!("meter-{i}"), t)
+            .await;
+        let n = usize::try_from(i).unwrap() + 1;
+        eventually("the notice is journaled", || {
+            journal_full_events(&rig.journal).len() == n
+        })
+        .await;
+    }
+    rig.pipeline.journal_full_notice("late", t).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = journal_full_events(&rig.journal);
+    assert!(
+        !before.iter().any(|(_, d)| d == "late"),
+        "the reserve was full, yet the notice was journaled"
+    );
+
+    // The uplink delivers everything; the meter's next session brings the rest of its records, and the
+    // waiting notice goes in first.
+    {
+        let mut j = rig.journal.lock().unwrap();
+        let seqs: Vec<u64> = j
+            .pending(None, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        j.ack(&seqs).unwrap();
+    }
+    assert_eq!(glucose(&rig, &device).await, Completion::Complete);
+    let after = journal_full_events(&rig.journal);
+    let late = after.iter().find(|(_, d)| d == "late").map(|(seq, _)| *seq);
+    let first_reading = rig
+        .journal
+        .lock()
+        .unwrap()
+        .pending(None, usize::MAX)
+        .unwrap()
+        .iter()
+        .find(|r| r.device_seq.is_some())
+        .map(|r| r.seq);
+    assert!(
+        late.is_some(),
+        "the waiting notice was journaled once there was room"
+    );
+    assert!(
+        late < first_reading,
+        "ahead of the readings that came after the stop"
+    );
+    assert_eq!(
+        journaled_sequences(&rig.journal).len(),
+        30,
+        "the meter's other 30 records"
+    );
+}
+
 /// A cuff with two users that dumps its memory on every subscribe: each reading lands on its user's
 /// patient once, across sessions.
 #[tokio::test]

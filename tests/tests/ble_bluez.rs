@@ -1986,6 +1986,50 @@ async fn a_full_journal_aborts_the_transfer_and_the_rest_comes_later() {
     assert_eq!(delivered, (0..300).collect::<Vec<_>>());
 }
 
+/// The daemon's BLE source with a journal that fills mid-download: the CRM is told why downloading
+/// stopped — a `journal_full` event naming the meter, journaled into the journal's notice reserve (a
+/// `device_error` would be a reading-sized record the full journal refuses, and the CRM would never
+/// learn) — and nothing else beyond the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ble_source_tells_the_crm_when_a_full_journal_stops_a_download() {
+    let Some(rig) = rig_with(|dir| {
+        let mut c = JournalConfig::new(dir);
+        c.max_records = 10;
+        c
+    })
+    .await
+    else {
+        return;
+    };
+    add_paired_meter(&rig, "Meter", meter(300, false)).await;
+    let (source, _status, stop) = start_source(rig.cfg(), rig.pipeline());
+    let journal_full = |records: &[(String, Option<u64>, serde_json::Value)]| {
+        records
+            .iter()
+            .filter(|(_, _, b)| b["event"]["type"] == "journal_full")
+            .map(|(_, _, b)| b["event"]["device"].as_str().unwrap_or_default().to_owned())
+            .collect::<Vec<_>>()
+    };
+    wait_until("the journal_full event", Duration::from_secs(20), || {
+        !journal_full(&rig.journaled()).is_empty()
+    })
+    .await;
+    stop.cancel();
+    source.await.unwrap();
+    let records = rig.journaled();
+    assert_eq!(journal_full(&records)[0], METER);
+    assert_eq!(
+        sequences(&records),
+        (0..10).collect::<Vec<_>>(),
+        "the readings that fit"
+    );
+    assert!(
+        device_errors(&records).is_empty(),
+        "{:?}",
+        device_errors(&records)
+    );
+}
+
 /// Issue 11, defect 12: bluez-async's `MessageStream` drop panics ("No match with that id found",
 /// messagestream.rs:40) when a signal its match covers arrives before its clean-up task runs (the cause
 /// is in `gateway::sources::ble::upstream`). Streams opened and dropped while the device's properties

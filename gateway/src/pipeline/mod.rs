@@ -152,10 +152,6 @@ pub struct Counters {
     pub refused: AtomicU64,
     /// Edge alert decisions journaled for `…/alerts`.
     pub alerts: AtomicU64,
-    /// `journal_full` notices that found no room either (a full file system: even the journal's notice
-    /// reserve needs a new segment). Kept here and journaled at the next session's start, so the CRM
-    /// learns of the stop once space has returned, instead of never.
-    pub unwritten_notices: Mutex<Vec<NewRecord>>,
 }
 
 /// What every session of a gateway shares.
@@ -178,82 +174,36 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Journals (into the journal's notice reserve) and wakes the uplink with a `journal_full` event: the
-    /// download from `device` stopped and the device keeps its records. One event per device and minute
-    /// while it stays pending, so a stuck journal does not flood the CRM.
-    pub fn journal_full_notice(&self, device: &str, now_utc: i64, wake: &handoff::Handoff) {
-        let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        let event = Event::JournalFull {
-            depth: j.depth(),
-            max: j.config().max_records,
-            device: Some(device.to_owned()),
+    /// Journals a `journal_full` event (into the journal's notice reserve, through the writer; see
+    /// [`writer::WriterHandle::submit_notice`]): the download from `device` stopped and the device keeps
+    /// its records. One event per device and minute (its id), so a stuck journal does not flood the CRM.
+    pub async fn journal_full_notice(&self, device: &str, now_utc: i64) {
+        let event = {
+            let j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+            Event::JournalFull {
+                depth: j.depth(),
+                max: j.config().max_records,
+                device: Some(device.to_owned()),
+            }
         };
         let payload = match event_json(&self.gateway_id, now_utc, event) {
             Ok(p) => p,
             Err(e) => return tracing::error!(error = %e, "cannot build the journal_full event"),
         };
-        let record = NewRecord {
+        let notice = NewRecord {
             device: device.to_owned(),
             device_seq: None,
             reading_id: format!("journal-full:{device}:{}", now_utc.div_euclid(60)),
             topic: self.topics.events(),
             payload,
         };
-        match j.append_notice(std::slice::from_ref(&record)) {
-            Ok(_) => wake.wake(),
-            Err(e) => {
-                if matches!(e, crate::journal::JournalError::Busy) {
-                    // The writer's commit is between its write and its fdatasync: try again shortly.
-                    tracing::debug!(device, "journal full notice waits for the commit in flight");
-                } else {
-                    tracing::error!(error = %e, device, "journal full: even its notice did not fit; it is journaled when there is room");
-                }
-                let mut unwritten = self
-                    .counters
-                    .unwritten_notices
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                // One per device and minute, as the reading id says.
-                if !unwritten.iter().any(|r| r.reading_id == record.reading_id) {
-                    unwritten.push(record);
-                }
-            }
-        }
-    }
-
-    /// Journals the notices that found no room before (see [`Counters::unwritten_notices`]); what still
-    /// does not fit is kept for the next try. The uplink finds them at its next journal look (within
-    /// seconds).
-    fn write_unwritten_notices(&self) {
-        let pending = std::mem::take(
-            &mut *self
-                .counters
-                .unwritten_notices
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        if pending.is_empty() {
-            return;
-        }
-        let result = self
-            .journal
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .append_notice(&pending);
-        if let Err(e) = result {
-            tracing::debug!(error = %e, notices = pending.len(), "journal_full notices still find no room");
-            let mut unwritten = self
-                .counters
-                .unwritten_notices
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            unwritten.extend(pending);
+        if let Err(e) = self.writer.submit_notice(notice).await {
+            tracing::warn!(error = %e, device, "journal_full event not journaled");
         }
     }
 
     /// A sink for one device session.
     pub fn session(&self) -> SessionSink {
-        self.write_unwritten_notices();
         SessionSink {
             pipeline: self.clone(),
             joiner: ContextJoiner::new(),

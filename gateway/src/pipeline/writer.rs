@@ -38,8 +38,17 @@ pub enum Refusal {
     Failed(String),
 }
 
-/// What a submitter hands over at once: committed together (unless the journal is full, below).
-type Request = Vec<Item>;
+/// What a submitter hands over at once.
+enum Request {
+    /// Records committed together (unless the journal is full, below).
+    Records(Vec<Item>),
+    /// A notice about the journal itself (`journal_full`): journaled into the journal's notice reserve,
+    /// so that it fits when readings no longer do ([`Journal::append_notice`]), ahead of the records of
+    /// the same commit. One that finds no room even there (a full file system) is kept by the writer and
+    /// tried again at every later commit and, while idle, at every check-in: the CRM learns of the stop
+    /// once there is room, instead of never.
+    Notice(NewRecord),
+}
 
 struct Item {
     record: NewRecord,
@@ -101,15 +110,28 @@ impl WriterHandle {
                     reply,
                 }
             })
-            .collect::<Request>();
+            .collect::<Vec<Item>>();
         if items.is_empty() {
             return Ok(receivers);
         }
         self.tx
-            .send(items)
+            .send(Request::Records(items))
             .await
             .map_err(|_| Refusal::Failed("journal writer stopped".into()))?;
         Ok(receivers)
+    }
+
+    /// Hands a notice about the journal itself to the writer (see [`Request::Notice`]); it is journaled
+    /// into the notice reserve at the writer's next commit, or kept by the writer until there is room.
+    /// The uplink is woken with it, as with any commit. Waits while the writer's queue is full.
+    ///
+    /// # Errors
+    /// [`Refusal::Failed`] when the writer has stopped (shutdown).
+    pub async fn submit_notice(&self, notice: NewRecord) -> Result<(), Refusal> {
+        self.tx
+            .send(Request::Notice(notice))
+            .await
+            .map_err(|_| Refusal::Failed("journal writer stopped".into()))
     }
 }
 
@@ -146,16 +168,28 @@ pub fn spawn_with_heartbeat(
         .name("journal-writer".into())
         .spawn(move || {
             let mut batch: Vec<Item> = Vec::with_capacity(MAX_BATCH);
-            while let Some(first) = next_request(&mut rx, heartbeat.as_ref(), runtime.as_ref()) {
+            let mut notices = Notices::default();
+            loop {
+                let first =
+                    match next_request(&mut rx, heartbeat.as_ref(), runtime.as_ref(), &notices) {
+                        Next::Request(r) => Some(r),
+                        Next::RetryNotices => None,
+                        Next::Closed => break,
+                    };
                 // A request is never split: a session's batch is one commit even past MAX_BATCH.
-                batch.extend(first);
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(r) => batch.extend(r),
-                        Err(_) => break,
+                let mut request = first;
+                while let Some(r) = request.take() {
+                    match r {
+                        Request::Records(items) => batch.extend(items),
+                        Request::Notice(n) => notices.add(n),
+                    }
+                    if batch.len() < MAX_BATCH {
+                        request = rx.try_recv().ok();
                     }
                 }
-                let committed = commit(&journal, &mut batch);
+                // The notices first: they tell of a stop that came before the records now arriving.
+                let mut committed = notices.journal(&journal);
+                committed.extend(commit(&journal, &mut batch));
                 // Outside the journal lock: the uplink may be waiting for it.
                 handoff.push(committed);
             }
@@ -163,22 +197,84 @@ pub fn spawn_with_heartbeat(
     Ok((WriterHandle { tx }, thread))
 }
 
-/// The next request, `None` once every handle is dropped. With a heartbeat the thread still wakes every
-/// check-in period while idle: a writer stuck in an fdatasync (a dying SD card) stops checking in, and
-/// the watchdog restarts the gateway.
+/// What the writer thread does next.
+enum Next {
+    Request(Request),
+    /// Idle, with notices waiting for room: try them again.
+    RetryNotices,
+    /// Every handle is dropped.
+    Closed,
+}
+
+/// The next request. With a heartbeat the thread still wakes every check-in period while idle: a writer
+/// stuck in an fdatasync (a dying SD card) stops checking in, and the watchdog restarts the gateway; and
+/// notices waiting for room are tried again then.
 fn next_request(
     rx: &mut mpsc::Receiver<Request>,
     heartbeat: Option<&crate::liveness::Heartbeat>,
     runtime: Option<&tokio::runtime::Handle>,
-) -> Option<Request> {
+    notices: &Notices,
+) -> Next {
     let (Some(hb), Some(rt)) = (heartbeat, runtime) else {
-        return rx.blocking_recv();
+        return rx.blocking_recv().map_or(Next::Closed, Next::Request);
     };
     loop {
         hb.check_in();
         // The timer is made inside `block_on`: it needs the runtime's time driver.
-        if let Ok(r) = rt.block_on(async { tokio::time::timeout(hb.every(), rx.recv()).await }) {
-            return r;
+        match rt.block_on(async { tokio::time::timeout(hb.every(), rx.recv()).await }) {
+            Ok(r) => return r.map_or(Next::Closed, Next::Request),
+            Err(_) if !notices.waiting.is_empty() => return Next::RetryNotices,
+            Err(_) => {}
+        }
+    }
+}
+
+/// Notices about the journal itself that have not been journaled yet (see [`Request::Notice`]).
+#[derive(Default)]
+struct Notices {
+    waiting: Vec<NewRecord>,
+    /// How many of `waiting` have been reported as finding no room (each is reported once).
+    reported: usize,
+}
+
+impl Notices {
+    fn add(&mut self, notice: NewRecord) {
+        // One per device, the newest: it says what the older said, with the journal's depth now. So what
+        // waits stays bounded by the number of devices however long the journal stays full.
+        match self.waiting.iter_mut().find(|n| n.device == notice.device) {
+            Some(older) => *older = notice,
+            None => self.waiting.push(notice),
+        }
+    }
+
+    /// Journals the waiting notices into the notice reserve, together; returns them as committed, or
+    /// keeps them for the next try. Rare (a journal at its bound), so the fdatasync runs under the lock.
+    fn journal(&mut self, journal: &Mutex<Journal>) -> Vec<Record> {
+        if self.waiting.is_empty() {
+            return Vec::new();
+        }
+        let result = journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append_notice(&self.waiting);
+        match result {
+            Ok(seqs) => {
+                self.reported = 0;
+                std::mem::take(&mut self.waiting)
+                    .into_iter()
+                    .zip(seqs)
+                    .map(|(n, seq)| committed_record(n, seq))
+                    .collect()
+            }
+            Err(e) => {
+                if self.waiting.len() > self.reported {
+                    self.reported = self.waiting.len();
+                    tracing::error!(error = %e, notices = self.waiting.len(), "journal full: even its notice did not fit; it is journaled when there is room");
+                } else {
+                    tracing::debug!(error = %e, notices = self.waiting.len(), "journal notices still find no room");
+                }
+                Vec::new()
+            }
         }
     }
 }

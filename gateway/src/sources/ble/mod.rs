@@ -1049,6 +1049,7 @@ async fn supervised_session(
         ),
     )
     .await;
+    let journal_full = matches!(&outcome, Ok(Ok(r)) if r.completion == Completion::JournalFull);
     let failure = match outcome {
         Err(_) => {
             // The deadline cut the session: make sure the link is released.
@@ -1098,7 +1099,11 @@ async fn supervised_session(
         }
         (entry, previous_stage)
     };
-    if let Some(f) = &failure {
+    if journal_full {
+        // Not a `device_error`: that would be a reading-sized record the full journal refuses. The
+        // `journal_full` event goes into the journal's notice reserve, so the CRM learns of the stop.
+        shared.pipeline.journal_full_notice(&address, now).await;
+    } else if let Some(f) = &failure {
         let new_stage = previous_stage.as_deref() != Some(f.stage);
         if status.consecutive_failures == 1 || new_stage {
             super::notice::report_device_error(&shared.pipeline, &address, f.stage, &f.cause).await;
