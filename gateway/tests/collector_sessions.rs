@@ -388,16 +388,7 @@ async fn journal_full_events_get_into_a_full_journal_or_wait_for_room() {
 
     // The uplink delivers everything; the meter's next session brings the rest of its records, and the
     // waiting notice goes in first.
-    {
-        let mut j = rig.journal.lock().unwrap();
-        let seqs: Vec<u64> = j
-            .pending(None, usize::MAX)
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
-        j.ack(&seqs).unwrap();
-    }
+    ack_all(&rig.journal);
     assert_eq!(glucose(&rig, &device).await, Completion::Complete);
     let after = journal_full_events(&rig.journal);
     let late = after.iter().find(|(_, d)| d == "late").map(|(seq, _)| *seq);
@@ -466,10 +457,17 @@ type Delivered = (String, String, f64, Option<serde_json::Value>);
 
 /// What the uplink would publish now: the journaled readings in journal order, then acked (as after
 /// their PUBACKs), so the journal's own de-duplication of pending ids cannot hide a re-sent reading.
-fn deliver(journal: &Mutex<Journal>) -> Vec<Delivered> {
+/// Everything pending, acked as the uplink does after the PUBACKs.
+fn ack_all(journal: &Mutex<Journal>) -> Vec<gateway::journal::Record> {
     let mut j = journal.lock().unwrap();
     let pending = j.pending(None, usize::MAX).unwrap();
-    let out = pending
+    j.ack(&pending.iter().map(|r| r.seq).collect::<Vec<_>>())
+        .unwrap();
+    pending
+}
+
+fn deliver(journal: &Mutex<Journal>) -> Vec<Delivered> {
+    ack_all(journal)
         .iter()
         .map(|r| {
             let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
@@ -480,10 +478,7 @@ fn deliver(journal: &Mutex<Journal>) -> Vec<Delivered> {
                 v.get("sequence_number").cloned(),
             )
         })
-        .collect();
-    j.ack(&pending.iter().map(|r| r.seq).collect::<Vec<_>>())
-        .unwrap();
-    out
+        .collect()
 }
 
 fn values(d: &[Delivered]) -> Vec<f64> {
@@ -659,9 +654,7 @@ async fn an_edge_alert_survives_a_session_that_ends_without_its_end_of_transfer(
 
 /// Cuff readings as delivered (acked after reading, like the uplink): (user, systolic, device time).
 fn deliver_bp(journal: &Mutex<Journal>) -> Vec<(u64, f64, String)> {
-    let mut j = journal.lock().unwrap();
-    let pending = j.pending(None, usize::MAX).unwrap();
-    let out = pending
+    ack_all(journal)
         .iter()
         .map(|r| {
             let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
@@ -671,10 +664,7 @@ fn deliver_bp(journal: &Mutex<Journal>) -> Vec<(u64, f64, String)> {
                 v["time"]["device"].as_str().unwrap().to_owned(),
             )
         })
-        .collect();
-    j.ack(&pending.iter().map(|r| r.seq).collect::<Vec<_>>())
-        .unwrap();
-    out
+        .collect()
 }
 
 /// A two-user cuff that resends its whole memory on every subscribe (SBM69, Beurer): across sessions each

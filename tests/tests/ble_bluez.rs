@@ -100,6 +100,16 @@ async fn rig() -> Option<Rig> {
     rig_with(JournalConfig::new).await
 }
 
+/// [`rig`] with a journal bounded at `records`.
+async fn rig_with_room_for(records: u64) -> Option<Rig> {
+    rig_with(|dir| {
+        let mut c = JournalConfig::new(dir);
+        c.max_records = records;
+        c
+    })
+    .await
+}
+
 /// [`rig`] with a journal configured by `journal` (given the journal's directory).
 async fn rig_with(journal: impl FnOnce(std::path::PathBuf) -> JournalConfig) -> Option<Rig> {
     phg_tests::init_tracing();
@@ -1951,13 +1961,7 @@ async fn a_racp_error_response_is_reported_with_its_code() {
 /// the journal, the next sessions fetch the rest from the cursor: every record once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_journal_aborts_the_transfer_and_the_rest_comes_later() {
-    let Some(rig) = rig_with(|dir| {
-        let mut c = JournalConfig::new(dir);
-        c.max_records = 10;
-        c
-    })
-    .await
-    else {
+    let Some(rig) = rig_with_room_for(10).await else {
         return;
     };
     // 300 records against room for 10: the refusal comes while the meter is still sending (the
@@ -1992,13 +1996,7 @@ async fn a_full_journal_aborts_the_transfer_and_the_rest_comes_later() {
 /// learn) — and nothing else beyond the bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ble_source_tells_the_crm_when_a_full_journal_stops_a_download() {
-    let Some(rig) = rig_with(|dir| {
-        let mut c = JournalConfig::new(dir);
-        c.max_records = 10;
-        c
-    })
-    .await
-    else {
+    let Some(rig) = rig_with_room_for(10).await else {
         return;
     };
     add_paired_meter(&rig, "Meter", meter(300, false)).await;
