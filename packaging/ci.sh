@@ -34,10 +34,14 @@ step "build the packages"
 # AMD64_TARGET_DIR: where the amd64 build goes (default target/). .ci/run builds it apart, beside the tests,
 # whose own cargo calls need target/release (the firmware images' build scripts) and would wait for it.
 amd64_dir=${AMD64_TARGET_DIR:-target}
-CARGO_TARGET_DIR=$amd64_dir cargo build --release -p gateway -p ingest --no-default-features
-cargo build --profile dist -p gateway -p ingest --no-default-features --target "$ARM"
-# The gateway binaries relinked with the code a running gateway uses first in .text (less of it resident:
-# docs/performance.md). After the builds, which put the plain link back; seconds when .ci/run did it.
+# ingest by cargo build; the gateway by packaging/order-text.sh, which builds it with the code a running
+# gateway uses first in .text (less of it resident: docs/performance.md). Not both in one `cargo build`:
+# that unifies the two programs' dependency features, so order-text's `cargo rustc -p gateway` (the
+# gateway's features alone) rebuilt the gateway library and the dependencies whose features differ, and
+# the gateway was linked three times (fat LTO on arm64: minutes each) where two serve. Seconds when .ci/run
+# did it already.
+CARGO_TARGET_DIR=$amd64_dir cargo build --release -p ingest --no-default-features
+cargo build --profile dist -p ingest --no-default-features --target "$ARM"
 CARGO_TARGET_DIR=$amd64_dir packaging/order-text.sh release
 packaging/order-text.sh dist "$ARM"
 CARGO_TARGET_DIR=$amd64_dir cargo deb -p gateway --no-build

@@ -11,9 +11,9 @@
 #
 # The names are packaging/gateway/hot-functions.txt (made by packaging/hot-functions.sh), demangled and
 # without the crate hashes, so that one list serves every target and survives rebuilds; a name that no
-# longer exists is simply not found. Two links of the binary alone (cargo rustc; the dependencies are not
-# rebuilt): one unstripped, to read its symbols, and the final one with the order, stripped as the
-# profile says. A cross build links through lld (Debian's `lld` package): GNU ld has no ordering file.
+# longer exists is simply not found. Two links of the binary (cargo rustc, which builds what is missing
+# first, with the gateway's own dependency features): one unstripped, to read its symbols, and the final one
+# with the order, stripped as the profile says; the second reuses everything but the binary's own crate. A cross build links through lld (Debian's `lld` package): GNU ld has no ordering file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,7 +65,7 @@ paste -d '\t' "$work/mangled" "$work/demangled" \
   | awk -F '\t' 'NR == FNR { hot[$0] = 1; next } ($2 in hot) { print $1 }' "$hot" - >"$work/order"
 # Named by its content: cargo tells link variants apart by their arguments, not by the files they name, so
 # an unchanged order finds its link fresh (a rerun after `cargo build` costs seconds) and a new one relinks.
-# (A later `cargo build` puts the unordered binary back in place; packaging runs this after it.)
+# (A later `cargo build -p gateway` puts the unordered binary back in place; packaging builds only ingest so.)
 order=$(realpath "$out")/gateway-order-$(sha256sum "$work/order" | cut -c1-16).txt
 mv "$work/order" "$order"
 echo "order-text: $(wc -l <"$order") of $(wc -l <"$work/mangled") functions first in .text ($hot: $(wc -l <"$hot") names)"
