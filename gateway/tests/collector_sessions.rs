@@ -32,13 +32,22 @@ struct Rig {
 }
 
 fn rig(max_records: u64) -> Rig {
+    rig_with_writer_heartbeat(max_records, None)
+}
+
+/// [`rig`], its journal writer checking in to `heartbeat` (as the daemon's does; needs a runtime).
+fn rig_with_writer_heartbeat(
+    max_records: u64,
+    heartbeat: Option<gateway::liveness::Heartbeat>,
+) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = JournalConfig::new(dir.path().join("journal"));
     cfg.max_records = max_records;
     let (journal, _) = Journal::open(cfg).unwrap();
     let journal = Arc::new(Mutex::new(journal));
     let (writer, _thread) =
-        writer::spawn(journal.clone(), Arc::new(Handoff::default()), 64).unwrap();
+        writer::spawn_with_heartbeat(journal.clone(), Arc::new(Handoff::default()), 64, heartbeat)
+            .unwrap();
     let mut bindings = Bindings::default();
     bindings.bind("meter", None, "p-0001");
     bindings.bind("cuff", Some(1), "p-0001");
@@ -350,41 +359,44 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     panic!("not within 10 s: {what}");
 }
 
-/// A full journal still takes the `journal_full` event (into its notice reserve), so the CRM learns why
-/// downloading stopped. A notice that finds no room even in the reserve is not dropped: the writer keeps
-/// it and journals it at its next commit once the uplink has made room, ahead of that commit's readings.
-#[tokio::test]
-async fn journal_full_events_get_into_a_full_journal_or_wait_for_room() {
+/// Fills `rig`'s full journal's notice reserve with `journal_full` events (the meter's first, each one
+/// waited for: a commit each), then hands over one more, "late", and checks that it found no room.
+async fn fill_the_notice_reserve_then_one_more(rig: &Rig) {
     use gateway::journal::NOTICE_RESERVE_RECORDS;
-    let rig = rig(40);
-    let device = meter(70);
-    assert_eq!(glucose(&rig, &device).await, Completion::JournalFull);
     let t = unix_now();
-    rig.pipeline.journal_full_notice("meter", t).await;
-    eventually("the meter's journal_full event is journaled", || {
-        journal_full_events(&rig.journal)
-            .iter()
-            .any(|(_, d)| d == "meter")
-    })
-    .await;
-    // Other devices stopped too, until the reserve is full (each waited for: one commit each).
-    for i in 1..NOTICE_RESERVE_RECORDS {
-        rig.pipeline
-            .journal_full_notice(&format!("meter-{i}"), t)
-            .await;
-        let n = usize::try_from(i).unwrap() + 1;
-        eventually("the notice is journaled", || {
-            journal_full_events(&rig.journal).len() == n
+    for i in 0..NOTICE_RESERVE_RECORDS {
+        let device = if i == 0 {
+            "meter".to_owned()
+        } else {
+            format!("meter-{i}")
+        };
+        rig.pipeline.journal_full_notice(&device, t).await;
+        eventually("the journal_full event is journaled", || {
+            journal_full_events(&rig.journal)
+                .iter()
+                .any(|(_, d)| *d == device)
         })
         .await;
     }
     rig.pipeline.journal_full_notice("late", t).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = journal_full_events(&rig.journal);
     assert!(
-        !before.iter().any(|(_, d)| d == "late"),
+        !journal_full_events(&rig.journal)
+            .iter()
+            .any(|(_, d)| d == "late"),
         "the reserve was full, yet the notice was journaled"
     );
+}
+
+/// A full journal still takes the `journal_full` event (into its notice reserve), so the CRM learns why
+/// downloading stopped. A notice that finds no room even in the reserve is not dropped: the writer keeps
+/// it and journals it at its next commit once the uplink has made room, ahead of that commit's readings.
+#[tokio::test]
+async fn journal_full_events_get_into_a_full_journal_or_wait_for_room() {
+    let rig = rig(40);
+    let device = meter(70);
+    assert_eq!(glucose(&rig, &device).await, Completion::JournalFull);
+    fill_the_notice_reserve_then_one_more(&rig).await;
 
     // The uplink delivers everything; the meter's next session brings the rest of its records, and the
     // waiting notice goes in first.
@@ -414,6 +426,24 @@ async fn journal_full_events_get_into_a_full_journal_or_wait_for_room() {
         30,
         "the meter's other 30 records"
     );
+}
+
+/// A waiting `journal_full` event does not wait for a device: while the writer is idle it is tried again
+/// at every watchdog check-in, so once the uplink has made room it is journaled with nothing else
+/// handed over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_journal_full_event_goes_in_while_the_writer_is_idle() {
+    let liveness = gateway::liveness::Liveness::new(Some(Duration::from_millis(200)));
+    let rig = rig_with_writer_heartbeat(10, Some(liveness.register("journal writer")));
+    assert_eq!(glucose(&rig, &meter(20)).await, Completion::JournalFull);
+    fill_the_notice_reserve_then_one_more(&rig).await;
+    ack_all(&rig.journal);
+    eventually("the waiting notice is journaled", || {
+        journal_full_events(&rig.journal)
+            .iter()
+            .any(|(_, d)| d == "late")
+    })
+    .await;
 }
 
 /// A cuff with two users that dumps its memory on every subscribe: each reading lands on its user's
