@@ -247,35 +247,40 @@ impl Notices {
         }
     }
 
-    /// Journals the waiting notices into the notice reserve, together; returns them as committed, or
-    /// keeps them for the next try. Rare (a journal at its bound), so the fdatasync runs under the lock.
+    /// Journals the waiting notices into the notice reserve, one at a time (so that those that fit go in
+    /// when the reserve has room for some only); returns those committed and keeps the rest for the next
+    /// try. Rare (a journal at its bound), so each fdatasync runs under the lock.
     fn journal(&mut self, journal: &Mutex<Journal>) -> Vec<Record> {
         if self.waiting.is_empty() {
             return Vec::new();
         }
-        let result = journal
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .append_notice(&self.waiting);
-        match result {
-            Ok(seqs) => {
-                self.reported = 0;
-                std::mem::take(&mut self.waiting)
-                    .into_iter()
-                    .zip(seqs)
-                    .map(|(n, seq)| committed_record(n, seq))
-                    .collect()
-            }
-            Err(e) => {
-                if self.waiting.len() > self.reported {
-                    self.reported = self.waiting.len();
-                    tracing::error!(error = %e, notices = self.waiting.len(), "journal full: even its notice did not fit; it is journaled when there is room");
-                } else {
-                    tracing::debug!(error = %e, notices = self.waiting.len(), "journal notices still find no room");
+        let mut j = journal.lock().unwrap_or_else(|p| p.into_inner());
+        let mut committed = Vec::new();
+        let mut refusal = None;
+        for notice in std::mem::take(&mut self.waiting) {
+            match j.append_notice(std::slice::from_ref(&notice)) {
+                Ok(seqs) => {
+                    committed.extend(seqs.first().map(|&seq| committed_record(notice, seq)))
                 }
-                Vec::new()
+                Err(e) => {
+                    refusal = Some(e);
+                    self.waiting.push(notice);
+                }
             }
         }
+        // Those that went in are no longer among the reported.
+        self.reported = self.reported.min(self.waiting.len());
+        match refusal {
+            None => self.reported = 0,
+            Some(e) if self.waiting.len() > self.reported => {
+                self.reported = self.waiting.len();
+                tracing::error!(error = %e, notices = self.waiting.len(), "journal full: even its notice did not fit; it is journaled when there is room");
+            }
+            Some(e) => {
+                tracing::debug!(error = %e, notices = self.waiting.len(), "journal notices still find no room");
+            }
+        }
+        committed
     }
 }
 
