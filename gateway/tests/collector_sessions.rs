@@ -428,6 +428,37 @@ async fn journal_full_events_get_into_a_full_journal_or_wait_for_room() {
     );
 }
 
+/// One `journal_full` event per device and minute, also once the uplink delivers them: a full journal
+/// that the uplink drains fills again at the device's next session, seconds later, and the CRM must not
+/// get an event for every one of those sessions.
+#[tokio::test]
+async fn a_journal_full_event_is_journaled_once_per_device_and_minute_though_delivered() {
+    let rig = rig(10);
+    let device = meter(30);
+    assert_eq!(glucose(&rig, &device).await, Completion::JournalFull);
+    // Early in a minute, so that both notices fall within it.
+    let t = unix_now().div_euclid(60) * 60 + 1;
+    rig.pipeline.journal_full_notice("meter", t).await;
+    eventually("the journal_full event is journaled", || {
+        journal_full_events(&rig.journal).len() == 1
+    })
+    .await;
+    ack_all(&rig.journal);
+    assert_eq!(glucose(&rig, &device).await, Completion::JournalFull);
+    rig.pipeline.journal_full_notice("meter", t + 30).await;
+    // The next minute's is journaled (and shows that the writer has handled the one before).
+    rig.pipeline.journal_full_notice("meter", t + 60).await;
+    eventually("the next minute's event is journaled", || {
+        !journal_full_events(&rig.journal).is_empty()
+    })
+    .await;
+    assert_eq!(
+        journal_full_events(&rig.journal).len(),
+        1,
+        "only the next minute's: the same minute's second event was dropped"
+    );
+}
+
 /// A waiting `journal_full` event does not wait for a device: while the writer is idle it is tried again
 /// at every watchdog check-in, so once the uplink has made room it is journaled with nothing else
 /// handed over.

@@ -13,6 +13,7 @@
 //! record could be accepted and advance the device's cursor past the refused one, which would then never be
 //! downloaded again (DESIGN.md promise 4).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -235,10 +236,18 @@ struct Notices {
     waiting: Vec<NewRecord>,
     /// How many of `waiting` have been reported as finding no room (each is reported once).
     reported: usize,
+    /// Per device, the id of the notice journaled last. A notice's id names its device and minute; the
+    /// journal itself refuses an id twice only while the first is pending, and once the uplink drains a
+    /// full journal each new session fills it again within seconds. Without this the CRM got a
+    /// `journal_full` per device and session, not per minute.
+    journaled: HashMap<String, String>,
 }
 
 impl Notices {
     fn add(&mut self, notice: NewRecord) {
+        if self.journaled.get(&notice.device) == Some(&notice.reading_id) {
+            return;
+        }
         // One per device, the newest: it says what the older said, with the journal's depth now. So what
         // waits stays bounded by the number of devices however long the journal stays full.
         match self.waiting.iter_mut().find(|n| n.device == notice.device) {
@@ -260,7 +269,9 @@ impl Notices {
         for notice in std::mem::take(&mut self.waiting) {
             match j.append_notice(std::slice::from_ref(&notice)) {
                 Ok(seqs) => {
-                    committed.extend(seqs.first().map(|&seq| committed_record(notice, seq)))
+                    self.journaled
+                        .insert(notice.device.clone(), notice.reading_id.clone());
+                    committed.extend(seqs.first().map(|&seq| committed_record(notice, seq)));
                 }
                 Err(e) => {
                     refusal = Some(e);
