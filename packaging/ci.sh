@@ -30,22 +30,24 @@ step "build the packages"
 # the packages ship them: no embedded broker. The arm64 one (the Raspberry Pi's) uses the `dist` profile,
 # smaller at the cost of a longer build (docs/raspberry-pi.md: 9.7 MB instead of 14.2), and is .ci/run's
 # Pi build, reused. The amd64 packages (a CRM host, a test machine) keep `release`: size matters little
-# there, and CI's time does.
+# there, and CI's time does. AMD64_PROFILE: the amd64 build's profile (default release); .ci/run sets
+# `ci-package`, an unoptimised build that checks the same packaging in a quarter of the CPU (Cargo.toml).
 # AMD64_TARGET_DIR: where the amd64 build goes (default target/). .ci/run builds it apart, beside the tests,
 # whose own cargo calls need target/release (the firmware images' build scripts) and would wait for it.
 amd64_dir=${AMD64_TARGET_DIR:-target}
+amd64_profile=${AMD64_PROFILE:-release}
 # ingest by cargo build; the gateway by packaging/order-text.sh, which builds it with the code a running
 # gateway uses first in .text (less of it resident: docs/performance.md). Not both in one `cargo build`:
 # that unifies the two programs' dependency features, so order-text's `cargo rustc -p gateway` (the
 # gateway's features alone) rebuilt the gateway library and the dependencies whose features differ, and
 # the gateway was linked three times (fat LTO on arm64: minutes each) where two serve. Seconds when .ci/run
 # did it already.
-CARGO_TARGET_DIR=$amd64_dir cargo build --release -p ingest --no-default-features
+CARGO_TARGET_DIR=$amd64_dir cargo build --profile "$amd64_profile" -p ingest --no-default-features
 cargo build --profile dist -p ingest --no-default-features --target "$ARM"
-CARGO_TARGET_DIR=$amd64_dir packaging/order-text.sh release
+CARGO_TARGET_DIR=$amd64_dir packaging/order-text.sh "$amd64_profile"
 packaging/order-text.sh dist "$ARM"
-CARGO_TARGET_DIR=$amd64_dir cargo deb -p gateway --no-build
-CARGO_TARGET_DIR=$amd64_dir cargo deb -p ingest --no-build
+CARGO_TARGET_DIR=$amd64_dir cargo deb -p gateway --profile "$amd64_profile" --no-build
+CARGO_TARGET_DIR=$amd64_dir cargo deb -p ingest --profile "$amd64_profile" --no-build
 cargo deb -p gateway --target "$ARM" --profile dist --no-build
 cargo deb -p ingest --target "$ARM" --profile dist --no-build
 version=$(cargo metadata --no-deps --format-version 1 \
@@ -64,7 +66,7 @@ lintian --fail-on error --tag-display-limit 0 "$gw_amd64" "$in_amd64" "$gw_arm64
 step "units, offline"
 # ExecStart pointed at the amd64 build (verify wants the binary; nothing is installed yet).
 export PHG_BIN_DIR
-PHG_BIN_DIR=$(realpath "$amd64_dir/release")
+PHG_BIN_DIR=$(realpath "$amd64_dir/$amd64_profile")
 packaging/check-units.sh
 
 step "dpkg -i $gw_amd64"
