@@ -477,6 +477,44 @@ async fn a_waiting_journal_full_event_goes_in_while_the_writer_is_idle() {
     .await;
 }
 
+/// Two `journal_full` events waiting while the notice reserve has room for one only: that one goes in at
+/// the writer's next try, and the other waits for the next room, not for room for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_journal_full_events_go_in_as_room_for_each_frees() {
+    let liveness = gateway::liveness::Liveness::new(Some(Duration::from_millis(200)));
+    let rig = rig_with_writer_heartbeat(10, Some(liveness.register("journal writer")));
+    assert_eq!(glucose(&rig, &meter(20)).await, Completion::JournalFull);
+    fill_the_notice_reserve_then_one_more(&rig).await;
+    rig.pipeline.journal_full_notice("later", unix_now()).await;
+    let ack_one_notice = || {
+        let seq = journal_full_events(&rig.journal)[0].0;
+        rig.journal.lock().unwrap().ack(&[seq]).unwrap();
+    };
+    let journaled = |device: &str| {
+        journal_full_events(&rig.journal)
+            .iter()
+            .any(|(_, d)| d == device)
+    };
+
+    ack_one_notice();
+    eventually("one of the two waiting events is journaled", || {
+        journaled("late") || journaled("later")
+    })
+    .await;
+    // Several of the idle writer's check-ins (200 ms apart): the other still finds no room.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !(journaled("late") && journaled("later")),
+        "the reserve had room for one only, yet both were journaled"
+    );
+
+    ack_one_notice();
+    eventually("the other is journaled at the next room", || {
+        journaled("late") && journaled("later")
+    })
+    .await;
+}
+
 /// A cuff with two users that dumps its memory on every subscribe: each reading lands on its user's
 /// patient once, across sessions.
 #[tokio::test]
