@@ -20,6 +20,8 @@ pub struct TempPostgres {
     bin: PathBuf,
     run_as: Option<String>,
     port: u16,
+    /// The server's options (`pg_ctl -o`), kept for [`TempPostgres::start_again`].
+    opts: String,
 }
 
 fn has_initdb(dir: &Path) -> bool {
@@ -125,6 +127,7 @@ impl TempPostgres {
             bin,
             run_as,
             port: 0,
+            opts: String::new(),
         };
         let data = pg.dir.path().join("data");
         pg.run(
@@ -167,27 +170,39 @@ impl TempPostgres {
                 pg.dir.path().display(),
                 if fsync { "on" } else { "off" }
             );
-            let log = pg.dir.path().join("server.log").display().to_string();
-            match pg.run(
-                "pg_ctl",
-                &[
-                    "-D",
-                    &data.display().to_string(),
-                    "-l",
-                    &log,
-                    "-o",
-                    &opts,
-                    "-w",
-                    "-t",
-                    "30",
-                    "start",
-                ],
-            ) {
+            pg.opts = opts;
+            match pg.start_again() {
                 Ok(()) => return Ok(Some(pg)),
                 Err(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or_else(|| std::io::Error::other("pg_ctl start failed")))
+    }
+
+    /// Stops the server the way a crash or a power cut does (`pg_ctl stop -m immediate`: no checkpoint,
+    /// every client cut off); [`TempPostgres::start_again`] brings it back on the same port with the same
+    /// data, recovering from its WAL.
+    ///
+    /// # Errors
+    /// When `pg_ctl` fails.
+    pub fn crash(&self) -> std::io::Result<()> {
+        let data = self.dir.path().join("data").display().to_string();
+        self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"])
+    }
+
+    /// Starts the server (again, after [`TempPostgres::crash`]) on its port.
+    ///
+    /// # Errors
+    /// When `pg_ctl` fails (the message has the server's log).
+    pub fn start_again(&self) -> std::io::Result<()> {
+        let data = self.dir.path().join("data").display().to_string();
+        let log = self.dir.path().join("server.log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D", &data, "-l", &log, "-o", &self.opts, "-w", "-t", "30", "start",
+            ],
+        )
     }
 
     fn run(&self, tool: &str, args: &[&str]) -> std::io::Result<()> {

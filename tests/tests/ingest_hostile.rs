@@ -848,3 +848,88 @@ async fn a_backlog_released_at_once_after_a_restart_is_stored_whole() {
     );
     drop(second);
 }
+
+/// Its PostgreSQL server crashing in the middle of a stream (`pg_ctl stop -m immediate`, down for 3 s,
+/// then recovering from its WAL): ingest acknowledges nothing it has not stored, so what the broker
+/// delivered meanwhile comes again; it reconnects, and every reading ends stored (once: the id is the
+/// key), the alert of one published while the server was down raised once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_crash_mid_stream_loses_nothing_and_raises_once() {
+    let label = "database crash";
+    let Some(pg) = ingest::testing::TempPostgres::start(true)
+        .expect("PostgreSQL is installed but did not start")
+    else {
+        println!("{label}: {}", ingest::testing::SKIP_MESSAGE);
+        return;
+    };
+    let Some(broker) = mosquitto("", label) else {
+        return;
+    };
+    let url = pg.create_database("crash").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ingest.toml");
+    let text = format!(
+        "data_dir = {:?}\n[mqtt]\nbroker = \"{}\"\nkeep_alive_s = 5\n[database]\nurl = \"{url}\"\n",
+        dir.path().join("data").display().to_string(),
+        broker.url()
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut ingest = start_ingest(&config);
+    let store = AnyStore::open(&url).await.unwrap();
+    let mut publisher = Publisher::connect(broker.addr());
+    wait_until_subscribed(&mut publisher, &store, "probe-crash").await;
+
+    let patient = "p-crash-1";
+    let n = 300;
+    let t = now_s() - 3600;
+    // 40 mg/dL (a hypoglycaemia alert) for the one published while the server is down.
+    let message = |i: u32| {
+        let mg = if i == 150 { 40 } else { 100 };
+        glucose_message(&format!("crash-{i}"), patient, mg, t + i64::from(i) * 10)
+    };
+    publisher
+        .publish_all(READINGS, (0..100).map(message), ACK)
+        .await
+        .unwrap();
+    pg.crash().unwrap();
+    publisher
+        .publish_all(READINGS, (100..200).map(message), ACK)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pg.start_again().unwrap();
+    publisher
+        .publish_all(READINGS, (200..n).map(message), ACK)
+        .await
+        .unwrap();
+    let stored = async || {
+        store
+            .readings_of(patient, 1000)
+            .await
+            .map_or(0, |r| r.len())
+    };
+    let all = until(Duration::from_secs(60), async || {
+        stored().await == n as usize
+    })
+    .await;
+    let got = stored().await;
+    println!("{label}: {got} of {n} readings stored across the crash");
+    assert!(all, "{got} of {n}; ingest log:\n{}", ingest.stderr().text());
+    let alerts = until(Duration::from_secs(10), async || {
+        ingest::testing::alert_rules_of(&store, patient)
+            .await
+            .is_ok_and(|a| !a.is_empty())
+    })
+    .await;
+    let rules = ingest::testing::alert_rules_of(&store, patient)
+        .await
+        .unwrap();
+    println!("{label}: alerts {rules:?}");
+    assert!(alerts && rules.len() == 1, "one alert, got {rules:?}");
+    assert!(
+        ingest.is_running().unwrap(),
+        "ingest died: {}",
+        ingest.stderr().text()
+    );
+    drop(ingest);
+}
