@@ -459,15 +459,23 @@ async fn a_journal_full_event_is_journaled_once_per_device_and_minute_though_del
     );
 }
 
+/// A rig whose writer checks in every 200 ms (and retries waiting notices then, while idle), its journal
+/// full and its notice reserve too, with the notice "late" waiting ([`fill_the_notice_reserve_then_one_more`]).
+/// The [`Liveness`](gateway::liveness::Liveness) is the writer's watchdog: keep it.
+async fn full_reserve_and_an_idle_writer() -> (Rig, gateway::liveness::Liveness) {
+    let liveness = gateway::liveness::Liveness::new(Some(Duration::from_millis(200)));
+    let rig = rig_with_writer_heartbeat(10, Some(liveness.register("journal writer")));
+    assert_eq!(glucose(&rig, &meter(20)).await, Completion::JournalFull);
+    fill_the_notice_reserve_then_one_more(&rig).await;
+    (rig, liveness)
+}
+
 /// A waiting `journal_full` event does not wait for a device: while the writer is idle it is tried again
 /// at every watchdog check-in, so once the uplink has made room it is journaled with nothing else
 /// handed over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_journal_full_event_goes_in_while_the_writer_is_idle() {
-    let liveness = gateway::liveness::Liveness::new(Some(Duration::from_millis(200)));
-    let rig = rig_with_writer_heartbeat(10, Some(liveness.register("journal writer")));
-    assert_eq!(glucose(&rig, &meter(20)).await, Completion::JournalFull);
-    fill_the_notice_reserve_then_one_more(&rig).await;
+    let (rig, _liveness) = full_reserve_and_an_idle_writer().await;
     ack_all(&rig.journal);
     eventually("the waiting notice is journaled", || {
         journal_full_events(&rig.journal)
@@ -481,10 +489,7 @@ async fn a_waiting_journal_full_event_goes_in_while_the_writer_is_idle() {
 /// the writer's next try, and the other waits for the next room, not for room for both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_journal_full_events_go_in_as_room_for_each_frees() {
-    let liveness = gateway::liveness::Liveness::new(Some(Duration::from_millis(200)));
-    let rig = rig_with_writer_heartbeat(10, Some(liveness.register("journal writer")));
-    assert_eq!(glucose(&rig, &meter(20)).await, Completion::JournalFull);
-    fill_the_notice_reserve_then_one_more(&rig).await;
+    let (rig, _liveness) = full_reserve_and_an_idle_writer().await;
     rig.pipeline.journal_full_notice("later", unix_now()).await;
     let ack_one_notice = || {
         let seq = journal_full_events(&rig.journal)[0].0;
